@@ -1,0 +1,73 @@
+"""The registry of layer cache types: name → table, bucket, key strategy, backfillable.
+
+Every other part looks a cache up here instead of dispatching on its name. The CLI names are the
+upstream ones (singular, e.g. ``workspace_snapshot``); tables and bucket names follow the table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+
+
+class KeyStrategy(StrEnum):
+    """How a row key becomes the object key's base before prefixing."""
+
+    PASSTHROUGH = "passthrough"
+    REVERSE_KEY = "reverse_key"
+
+
+class CacheType(StrEnum):
+    """Every layer cache, by the name operators use on the command line."""
+
+    CAS = "cas"
+    WORKSPACE_SNAPSHOT = "workspace_snapshot"
+    ENCRYPTED_SECRET = "encrypted_secret"
+    REBASE_BATCH = "rebase_batch"
+    CHANGE_BATCH = "change_batch"
+    SPLIT_SNAPSHOT_SUBGRAPH = "split_snapshot_subgraph"
+    SPLIT_SNAPSHOT_SUPERGRAPH = "split_snapshot_supergraph"
+    SPLIT_SNAPSHOT_REBASE_BATCH = "split_snapshot_rebase_batch"
+    FUNC_RUN = "func_run"
+    FUNC_RUN_LOG = "func_run_log"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSpec:
+    """Where one cache type lives in Postgres and S3."""
+
+    cache_type: CacheType
+    table: str
+    key_strategy: KeyStrategy
+    backfillable: bool
+
+
+def _spec(cache_type: CacheType, table: str, *, backfillable: bool = True) -> CacheSpec:
+    strategy = KeyStrategy.PASSTHROUGH if backfillable else KeyStrategy.REVERSE_KEY
+    return CacheSpec(cache_type, table, strategy, backfillable)
+
+
+CACHE_SPECS: Mapping[CacheType, CacheSpec] = MappingProxyType(
+    {
+        spec.cache_type: spec
+        for spec in (
+            _spec(CacheType.CAS, "cas"),
+            _spec(CacheType.WORKSPACE_SNAPSHOT, "workspace_snapshots"),
+            _spec(CacheType.ENCRYPTED_SECRET, "encrypted_secrets"),
+            _spec(CacheType.REBASE_BATCH, "rebase_batches"),
+            _spec(CacheType.CHANGE_BATCH, "change_batches"),
+            _spec(CacheType.SPLIT_SNAPSHOT_SUBGRAPH, "split_snapshot_subgraphs"),
+            _spec(CacheType.SPLIT_SNAPSHOT_SUPERGRAPH, "split_snapshot_supergraphs"),
+            _spec(CacheType.SPLIT_SNAPSHOT_REBASE_BATCH, "split_snapshot_rebase_batches"),
+            # func runs are moving out of the layer cache: never backfilled.
+            _spec(CacheType.FUNC_RUN, "func_runs", backfillable=False),
+            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", backfillable=False),
+        )
+    }
+)
+
+BACKFILLABLE_CACHE_TYPES: tuple[CacheType, ...] = tuple(
+    spec.cache_type for spec in CACHE_SPECS.values() if spec.backfillable
+)

@@ -1,0 +1,255 @@
+"""One error tree for the layer cache, and the only place library errors are translated.
+
+``LayerCacheError`` is the root. Storage failures become ``PgLayerError`` or ``S3LayerError``
+carrying an ``ErrorKind``; callers decide what to do (retry, skip, stop) from the kind alone.
+Classification reads error codes, SQLSTATEs and HTTP statuses, never message text: messages are
+localizable and change between servers, codes do not.
+
+``map_s3_errors()`` and ``map_pg_errors()`` are the boundary: the storage layers wrap every call
+in them, so no botocore or asyncpg exception escapes this package.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from contextlib import contextmanager
+from enum import StrEnum
+
+import asyncpg
+import botocore.exceptions
+
+try:  # aiohttp is aiobotocore's transport; its connection errors surface unwrapped at times.
+    import aiohttp
+
+    _TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+        aiohttp.ClientConnectionError,
+        aiohttp.ClientPayloadError,
+    )
+except ImportError:  # pragma: no cover - aiohttp ships with aiobotocore
+    _TRANSPORT_ERRORS = ()
+
+
+class ErrorKind(StrEnum):
+    """What went wrong, as far as deciding the next step is concerned."""
+
+    THROTTLED = "throttled"
+    TRANSIENT = "transient"
+    NOT_FOUND = "not_found"
+    ACCESS_DENIED = "access_denied"
+    INVALID_CREDENTIALS = "invalid_credentials"
+    MISSING_BUCKET = "missing_bucket"
+    MISSING_TABLE = "missing_table"
+    MISSING_DATABASE = "missing_database"
+    OTHER = "other"
+
+    @property
+    def retryable(self) -> bool:
+        """Throttling and transient faults are worth another attempt; nothing else is."""
+        return self in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT)
+
+
+class LayerCacheError(Exception):
+    """Root of every error this project raises on purpose."""
+
+
+class StorageError(LayerCacheError):
+    """A storage call failed; ``kind`` says how."""
+
+    def __init__(self, message: str, *, kind: ErrorKind) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+class PgLayerError(StorageError):
+    """A Postgres call failed."""
+
+    def __init__(self, message: str, *, kind: ErrorKind, sqlstate: str | None = None) -> None:
+        super().__init__(message, kind=kind)
+        self.sqlstate = sqlstate
+
+
+class S3LayerError(StorageError):
+    """An S3 call failed for one operation on one bucket (and key, when there is one)."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        kind: ErrorKind,
+        operation: str,
+        bucket: str,
+        key: str | None = None,
+        code: str | None = None,
+        status: int | None = None,
+    ) -> None:
+        super().__init__(message, kind=kind)
+        self.operation = operation
+        self.bucket = bucket
+        self.key = key
+        self.code = code
+        self.status = status
+
+
+_S3_CODE_KINDS: dict[str, ErrorKind] = {
+    "SlowDown": ErrorKind.THROTTLED,
+    "RequestLimitExceeded": ErrorKind.THROTTLED,
+    "Throttling": ErrorKind.THROTTLED,
+    "ThrottlingException": ErrorKind.THROTTLED,
+    "TooManyRequests": ErrorKind.THROTTLED,
+    "RequestThrottled": ErrorKind.THROTTLED,
+    "ServiceUnavailable": ErrorKind.THROTTLED,
+    "InternalError": ErrorKind.TRANSIENT,
+    "RequestTimeout": ErrorKind.TRANSIENT,
+    "BadDigest": ErrorKind.TRANSIENT,  # the body was damaged on the way: send it again
+    "IncompleteBody": ErrorKind.TRANSIENT,
+    "NoSuchKey": ErrorKind.NOT_FOUND,
+    "NotFound": ErrorKind.NOT_FOUND,
+    "NoSuchBucket": ErrorKind.MISSING_BUCKET,
+    "AccessDenied": ErrorKind.ACCESS_DENIED,
+    "AllAccessDisabled": ErrorKind.ACCESS_DENIED,
+    "AccountProblem": ErrorKind.ACCESS_DENIED,
+    "InvalidAccessKeyId": ErrorKind.INVALID_CREDENTIALS,
+    "SignatureDoesNotMatch": ErrorKind.INVALID_CREDENTIALS,
+    "ExpiredToken": ErrorKind.INVALID_CREDENTIALS,
+    "InvalidToken": ErrorKind.INVALID_CREDENTIALS,
+    "InvalidClientTokenId": ErrorKind.INVALID_CREDENTIALS,
+}
+
+_S3_STATUS_KINDS: dict[int, ErrorKind] = {
+    429: ErrorKind.THROTTLED,
+    503: ErrorKind.THROTTLED,
+    500: ErrorKind.TRANSIENT,
+    502: ErrorKind.TRANSIENT,
+    504: ErrorKind.TRANSIENT,
+    404: ErrorKind.NOT_FOUND,
+    403: ErrorKind.ACCESS_DENIED,
+}
+
+
+def classify_s3_error(code: str | None, status: int | None) -> ErrorKind:
+    """Classify an S3 error response by its code, then by its HTTP status.
+
+    HEAD responses have no body, so their code is the status as a string (``"404"``).
+    """
+    if code and code in _S3_CODE_KINDS:
+        return _S3_CODE_KINDS[code]
+    if status is None and code and code.isdigit():
+        status = int(code)
+    if status is not None:
+        return _S3_STATUS_KINDS.get(status, ErrorKind.OTHER)
+    return ErrorKind.OTHER
+
+
+_PG_SQLSTATE_KINDS: dict[str, ErrorKind] = {
+    "40001": ErrorKind.TRANSIENT,  # serialization_failure
+    "40P01": ErrorKind.TRANSIENT,  # deadlock_detected
+    "53300": ErrorKind.TRANSIENT,  # too_many_connections
+    "57P01": ErrorKind.TRANSIENT,  # admin_shutdown (pg_terminate_backend, restart)
+    "57P02": ErrorKind.TRANSIENT,  # crash_shutdown
+    "57P03": ErrorKind.TRANSIENT,  # cannot_connect_now (starting up, failing over)
+    "42P01": ErrorKind.MISSING_TABLE,  # undefined_table
+    "3D000": ErrorKind.MISSING_DATABASE,  # invalid_catalog_name
+    "42501": ErrorKind.ACCESS_DENIED,  # insufficient_privilege
+    "25006": ErrorKind.ACCESS_DENIED,  # read_only_sql_transaction
+    "28P01": ErrorKind.INVALID_CREDENTIALS,  # invalid_password
+    "28000": ErrorKind.INVALID_CREDENTIALS,  # invalid_authorization_specification
+}
+
+
+def classify_pg_sqlstate(sqlstate: str | None) -> ErrorKind:
+    """Classify a Postgres error by SQLSTATE; class 08 (connection exception) is transient."""
+    if sqlstate is None:
+        return ErrorKind.OTHER
+    if sqlstate in _PG_SQLSTATE_KINDS:
+        return _PG_SQLSTATE_KINDS[sqlstate]
+    if sqlstate.startswith("08"):
+        return ErrorKind.TRANSIENT
+    return ErrorKind.OTHER
+
+
+_S3_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ResponseStreamingError,
+    botocore.exceptions.IncompleteReadError,
+    ConnectionError,
+    TimeoutError,
+    asyncio.TimeoutError,
+    *_TRANSPORT_ERRORS,
+)
+
+_S3_CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
+    botocore.exceptions.NoCredentialsError,
+    botocore.exceptions.PartialCredentialsError,
+    botocore.exceptions.CredentialRetrievalError,
+)
+
+
+@contextmanager
+def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterator[None]:
+    """Translate botocore/aiohttp failures raised inside the block into ``S3LayerError``."""
+    where = f"{operation} s3://{bucket}/{key}" if key else f"{operation} s3://{bucket}"
+    try:
+        yield
+    except botocore.exceptions.ClientError as exc:
+        error = exc.response.get("Error", {})
+        code = error.get("Code")
+        status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        kind = classify_s3_error(code, status)
+        raise S3LayerError(
+            f"{where} failed: {code or status} ({kind})",
+            kind=kind,
+            operation=operation,
+            bucket=bucket,
+            key=key,
+            code=code,
+            status=status,
+        ) from exc
+    except _S3_CREDENTIAL_ERRORS as exc:
+        raise S3LayerError(
+            f"{where} failed: no usable S3 credentials ({type(exc).__name__})",
+            kind=ErrorKind.INVALID_CREDENTIALS,
+            operation=operation,
+            bucket=bucket,
+            key=key,
+        ) from exc
+    except _S3_TRANSPORT_ERRORS as exc:
+        raise S3LayerError(
+            f"{where} failed: {type(exc).__name__} talking to the S3 endpoint",
+            kind=ErrorKind.TRANSIENT,
+            operation=operation,
+            bucket=bucket,
+            key=key,
+        ) from exc
+
+
+_PG_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InterfaceError,  # "connection is closed" and friends: the socket went away
+    ConnectionError,
+    OSError,
+    TimeoutError,
+    asyncio.TimeoutError,
+)
+
+
+@contextmanager
+def map_pg_errors(what: str) -> Iterator[None]:
+    """Translate asyncpg/socket failures raised inside the block into ``PgLayerError``."""
+    try:
+        yield
+    except asyncpg.PostgresError as exc:
+        sqlstate = getattr(exc, "sqlstate", None)
+        kind = classify_pg_sqlstate(sqlstate)
+        raise PgLayerError(
+            f"{what} failed: {exc} (SQLSTATE {sqlstate}, {kind})",
+            kind=kind,
+            sqlstate=sqlstate,
+        ) from exc
+    except _PG_CONNECTION_ERRORS as exc:
+        raise PgLayerError(
+            f"{what} failed: {type(exc).__name__}: lost or could not open the connection",
+            kind=ErrorKind.TRANSIENT,
+        ) from exc

@@ -1,0 +1,100 @@
+"""S3Layer: HEAD/GET/PUT/LIST for one cache's bucket over a shared aioboto3 client.
+
+The layer owns the naming (bucket and object key from the registry and ``keys``) so callers speak
+in row keys. Every call goes through ``map_s3_errors``; no botocore type leaves this module. The
+client itself is opened and closed by the services context, never here.
+
+Every PUT carries ``Content-MD5``: the server recomputes it and refuses a damaged body
+(``BadDigest``), so a successful PUT means the stored bytes are the ones we sent.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+from typing import TYPE_CHECKING
+
+from layer_cache.cache_types import CacheSpec
+from layer_cache.errors import ErrorKind, S3LayerError, map_s3_errors
+from layer_cache.keys import object_key
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+
+def content_md5(body: bytes) -> str:
+    """The base64 MD5 digest S3 expects in ``Content-MD5``."""
+    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+
+
+class S3Layer:
+    """One cache type's bucket."""
+
+    def __init__(
+        self,
+        client: S3Client,
+        spec: CacheSpec,
+        *,
+        bucket: str,
+        key_prefix: str | None = None,
+    ) -> None:
+        self.client = client
+        self.spec = spec
+        self.bucket = bucket
+        self.key_prefix = key_prefix
+
+    def object_key(self, key: str) -> str:
+        """Where a row key lives in this bucket."""
+        return object_key(key, key_strategy=self.spec.key_strategy, key_prefix=self.key_prefix)
+
+    async def check_bucket(self) -> None:
+        """Raise ``S3LayerError`` unless the bucket exists and may be listed.
+
+        A one-key listing rather than HeadBucket: its error body carries a code, so a bad key
+        (``InvalidAccessKeyId``) is told apart from a missing permission (``AccessDenied``).
+        """
+        try:
+            with map_s3_errors("ListObjectsV2", self.bucket):
+                await self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
+        except S3LayerError as exc:
+            if exc.kind is ErrorKind.NOT_FOUND:
+                exc.kind = ErrorKind.MISSING_BUCKET
+            raise
+
+    async def head(self, key: str) -> int | None:
+        """The stored object's size in bytes, or None when there is no object."""
+        try:
+            with map_s3_errors("HeadObject", self.bucket, key):
+                response = await self.client.head_object(
+                    Bucket=self.bucket, Key=self.object_key(key)
+                )
+        except S3LayerError as exc:
+            if exc.kind is ErrorKind.NOT_FOUND:
+                return None
+            raise
+        return int(response["ContentLength"])
+
+    async def get(self, key: str) -> bytes | None:
+        """The stored object's bytes, or None when there is no object."""
+        try:
+            with map_s3_errors("GetObject", self.bucket, key):
+                response = await self.client.get_object(
+                    Bucket=self.bucket, Key=self.object_key(key)
+                )
+                async with response["Body"] as stream:
+                    body: bytes = await stream.read()
+        except S3LayerError as exc:
+            if exc.kind is ErrorKind.NOT_FOUND:
+                return None
+            raise
+        return body
+
+    async def put(self, key: str, body: bytes) -> None:
+        """Store ``body`` at the key's object, verified by the server against its MD5."""
+        with map_s3_errors("PutObject", self.bucket, key):
+            await self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.object_key(key),
+                Body=body,
+                ContentMD5=content_md5(body),
+            )

@@ -1,0 +1,135 @@
+"""Backfill options: raw flags and ``SI_BACKFILL_*`` env vars in, a validated config out.
+
+``load_backfill_config`` runs before any connection is opened. Every problem becomes one
+``BackfillConfigError`` line naming the flag, its env var and what is allowed. The cutoff takes
+RFC 3339 (any offset) and the form the checkpoint log prints (``2026-01-13 17:30:26.445817 UTC``),
+so a logged checkpoint can be pasted straight back.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from migrations_mode.errors import BackfillConfigError
+from services.settings import describe_validation_error
+
+BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
+
+_TIMESTAMP = re.compile(
+    r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<fraction>\d+))?"
+    r"\s*(?P<zone>[Zz]|UTC|[+-]\d{2}:?\d{2})$"
+)
+
+
+def parse_cutoff(text: str) -> datetime:
+    """An aware UTC datetime from RFC 3339 or the checkpoint log's ``… UTC`` form."""
+    match = _TIMESTAMP.match(text.strip())
+    if match is None:
+        raise ValueError(
+            f"{text!r} is not a timestamp with a zone; use RFC 3339 "
+            "(2026-01-13T17:30:26.445817Z) or the logged form (2026-01-13 17:30:26.445817 UTC)"
+        )
+    # Postgres keeps microseconds: finer digits cannot select a different row, so drop them.
+    fraction = (match["fraction"] or "0")[:6].ljust(6, "0")
+    zone = match["zone"].upper()
+    offset = "+00:00" if zone in ("Z", "UTC") else f"{zone[:3]}:{zone[-2:]}"
+    try:
+        parsed = datetime.fromisoformat(f"{match['date']}T{match['time']}.{fraction}{offset}")
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a valid timestamp: {exc}") from None
+    return parsed.astimezone(UTC)
+
+
+def format_checkpoint(timestamp: datetime) -> str:
+    """The logged form of a cutoff, which ``parse_cutoff`` reads back exactly."""
+    return timestamp.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S.%f UTC")
+
+
+def parse_cache_types(text: str) -> frozenset[CacheType]:
+    """Comma-separated backfillable cache names; blanks dropped, duplicates collapsed."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    if not names:
+        raise ValueError(f"must name at least one of: {', '.join(BACKFILLABLE_CACHE_TYPES)}")
+    selected = set()
+    for name in names:
+        try:
+            cache_type = CacheType(name)
+        except ValueError:
+            raise ValueError(
+                f"unknown cache type {name!r}; allowed: {', '.join(BACKFILLABLE_CACHE_TYPES)}"
+            ) from None
+        if not CACHE_SPECS[cache_type].backfillable:
+            raise ValueError(
+                f"cache type {name!r} is not backfillable; allowed: "
+                f"{', '.join(BACKFILLABLE_CACHE_TYPES)}"
+            )
+        selected.add(cache_type)
+    return frozenset(selected)
+
+
+def _cutoff(value: Any) -> Any:
+    return parse_cutoff(value) if isinstance(value, str) else value
+
+
+def _cache_types(value: Any) -> Any:
+    return parse_cache_types(value) if isinstance(value, str) else value
+
+
+class BackfillSettings(BaseSettings):
+    """The backfill's options; flags come in as init values and win over env."""
+
+    model_config = SettingsConfigDict(env_prefix=BACKFILL_ENV_PREFIX, extra="ignore", frozen=True)
+
+    cutoff_timestamp: Annotated[datetime, BeforeValidator(_cutoff)]
+    cache_types: Annotated[frozenset[CacheType], NoDecode, BeforeValidator(_cache_types)]
+    key_batch_size: int = Field(1000, ge=1, le=100_000)
+    checkpoint_interval_secs: float = Field(30, gt=0)
+    max_concurrent_uploads: int = Field(5, ge=1, le=1024)
+    grace_period_secs: float = Field(20, ge=0)
+
+
+@dataclass(frozen=True, slots=True)
+class BackfillConfig:
+    """A validated backfill: what to copy, in what pieces, how fast."""
+
+    cutoff: datetime
+    cache_types: tuple[CacheType, ...]  # in registry order, each once
+    key_batch_size: int
+    checkpoint_interval: timedelta
+    max_concurrent_uploads: int
+    grace_period: timedelta
+
+
+def flag_for(field: str) -> str:
+    """The CLI flag for a backfill option field."""
+    return "--backfill-" + field.replace("_", "-")
+
+
+def _flag_and_env(loc: tuple[int | str, ...]) -> str:
+    field = str(loc[0])
+    return f"{flag_for(field)} ({BACKFILL_ENV_PREFIX}{field.upper()})"
+
+
+def load_backfill_config(flags: Mapping[str, Any]) -> BackfillConfig:
+    """Validate flags (None = not given) over ``SI_BACKFILL_*`` env into a ``BackfillConfig``."""
+    given = {name: value for name, value in flags.items() if value is not None}
+    try:
+        options = BackfillSettings(**given)
+    except ValidationError as exc:
+        raise BackfillConfigError(describe_validation_error(exc, _flag_and_env)) from None
+    return BackfillConfig(
+        cutoff=options.cutoff_timestamp,
+        cache_types=tuple(c for c in BACKFILLABLE_CACHE_TYPES if c in options.cache_types),
+        key_batch_size=options.key_batch_size,
+        checkpoint_interval=timedelta(seconds=options.checkpoint_interval_secs),
+        max_concurrent_uploads=options.max_concurrent_uploads,
+        grace_period=timedelta(seconds=options.grace_period_secs),
+    )

@@ -1,0 +1,133 @@
+"""The coordinator: one task per selected cache, sharing one services context, failing fast.
+
+It builds a ``CacheBackfill`` per cache type, checks every table and bucket (preflight), then runs
+the caches in one ``asyncio.TaskGroup``: the first cache to fail cancels the others at once and
+its ``CacheBackfillFailed`` is raised. On a stop request the caches stop dispatching and drain;
+after ``grace_period`` whatever is still running is cancelled. The summary (per cache and total)
+is logged in every case, and ``BackfillReport`` says which caches completed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+
+from migrations_mode.cache_backfill import CacheBackfill, resume_flag
+from migrations_mode.config import BackfillConfig, format_checkpoint
+from migrations_mode.errors import CacheBackfillFailed
+from migrations_mode.preflight import run_preflight
+from migrations_mode.progress import BackfillMetrics
+from migrations_mode.summary import CacheOutcome, total_fields
+from services.context import ServicesContext
+from services.signals import StopRequest
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class BackfillReport:
+    """The outcome of a run, one entry per selected cache."""
+
+    outcomes: list[CacheOutcome]
+    failure: CacheBackfillFailed | None = None
+
+    @property
+    def complete(self) -> bool:
+        """True only when every selected cache copied everything."""
+        return all(outcome.status == "completed" for outcome in self.outcomes)
+
+
+def _status(cache: CacheBackfill, stop: StopRequest, failed: CacheBackfillFailed | None) -> str:
+    if cache.completed:
+        return "completed"
+    if failed is not None and failed.cache_type is cache.cache_type:
+        return "failed"
+    return "interrupted" if stop.event.is_set() else "cancelled"
+
+
+async def _cancel_after_grace(
+    stop: StopRequest, grace_period: timedelta, tasks: list[asyncio.Task[object]]
+) -> None:
+    await stop.event.wait()
+    log.info("stop requested, draining in-flight uploads", grace_period_s=grace_period.seconds)
+    await asyncio.sleep(grace_period.total_seconds())
+    for task in tasks:
+        task.cancel()
+
+
+async def run_backfill(
+    context: ServicesContext,
+    config: BackfillConfig,
+    stop: StopRequest,
+) -> BackfillReport:
+    """Backfill every selected cache; a failed cache is reported in ``BackfillReport.failure``."""
+    metrics = BackfillMetrics(context.telemetry.meter)
+    caches = [
+        CacheBackfill(
+            cache_type,
+            pg=context.pg_layer(cache_type),
+            s3=context.s3_layer(cache_type),
+            config=config,
+            stop=stop.event,
+            metrics=metrics,
+        )
+        for cache_type in config.cache_types
+    ]
+    await run_preflight([(cache.pg, cache.s3) for cache in caches])
+    log.info(
+        "starting backfill for all cache types",
+        cache_count=len(caches),
+        cache_types=[cache.cache_type.value for cache in caches],
+        cutoff_timestamp=format_checkpoint(config.cutoff),
+    )
+    failure: CacheBackfillFailed | None = None
+    tasks: list[asyncio.Task[object]] = []
+    watchdog: asyncio.Task[None] | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks.extend(group.create_task(cache.run()) for cache in caches)
+            watchdog = asyncio.create_task(_cancel_after_grace(stop, config.grace_period, tasks))
+    except* CacheBackfillFailed as failures:
+        failure = _first_failure(failures)
+    finally:
+        if watchdog is not None:
+            watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await watchdog
+        report = BackfillReport(
+            [CacheOutcome(cache.stats, _status(cache, stop, failure)) for cache in caches],
+            failure,
+        )
+        _log_report(report, caches)
+    return report
+
+
+def _first_failure(group: BaseExceptionGroup[CacheBackfillFailed]) -> CacheBackfillFailed:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    assert isinstance(first, CacheBackfillFailed)
+    return first
+
+
+def _log_report(report: BackfillReport, caches: list[CacheBackfill]) -> None:
+    for outcome in report.outcomes:
+        log.info("backfill summary", **outcome.as_fields())
+    log.info("backfill summary", **total_fields(report.outcomes))
+    if report.complete:
+        log.info("completed backfill for all cache types")
+        return
+    done = [cache.cache_type.value for cache in caches if cache.completed]
+    unfinished = [cache for cache in caches if not cache.completed]
+    resume = min(cache.checkpoint_timestamp for cache in unfinished)
+    log.info(
+        "backfill incomplete",
+        completed_caches=done,
+        incomplete_caches=[cache.cache_type.value for cache in unfinished],
+        resume_with=f"{resume_flag(resume)} --backfill-cache-types "
+        + ",".join(cache.cache_type.value for cache in unfinished),
+    )

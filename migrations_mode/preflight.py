@@ -1,0 +1,93 @@
+"""Checks run after connecting and before copying: tables readable, buckets reachable.
+
+Every failure becomes one ``PreflightError`` line that says what is wrong and what to change.
+``explain_storage_error`` is also used by the entrypoint for failures while connecting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from layer_cache.errors import ErrorKind, PgLayerError, S3LayerError, StorageError
+from layer_cache.pg import PgLayer
+from layer_cache.s3 import S3Layer
+from migrations_mode.errors import PreflightError
+
+_S3_ADVICE: dict[ErrorKind, str] = {
+    ErrorKind.MISSING_BUCKET: (
+        "bucket {bucket} does not exist; create it or check "
+        "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__BUCKET_PREFIX/__BUCKET_SUFFIX"
+    ),
+    ErrorKind.ACCESS_DENIED: (
+        "access denied on bucket {bucket}: the credentials need s3:ListBucket, s3:GetObject and "
+        "s3:PutObject on it (without s3:ListBucket, S3 answers 403 instead of 404 for a missing "
+        "object)"
+    ),
+    ErrorKind.INVALID_CREDENTIALS: (
+        "S3 rejected the credentials ({code}) for bucket {bucket}; check "
+        "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__AUTH__STATIC_CREDENTIALS__ACCESS_KEY and "
+        "__SECRET_KEY"
+    ),
+    ErrorKind.TRANSIENT: (
+        "cannot reach the S3 endpoint for bucket {bucket}; check "
+        "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
+    ),
+    ErrorKind.THROTTLED: "S3 is throttling requests to bucket {bucket}; try again later",
+}
+
+_PG_ADVICE: dict[ErrorKind, str] = {
+    ErrorKind.INVALID_CREDENTIALS: (
+        "Postgres rejected the login; check SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__USER and "
+        "__PASSWORD"
+    ),
+    ErrorKind.MISSING_DATABASE: (
+        "the layer database does not exist; check SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__DBNAME"
+    ),
+    ErrorKind.TRANSIENT: (
+        "cannot reach Postgres; check SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__HOSTNAME and __PORT"
+    ),
+    ErrorKind.ACCESS_DENIED: "the Postgres role lacks a privilege the backfill needs",
+}
+
+
+def explain_storage_error(exc: StorageError) -> str:
+    """One actionable line for a storage failure outside the copy loop."""
+    if isinstance(exc, S3LayerError) and exc.kind in _S3_ADVICE:
+        return _S3_ADVICE[exc.kind].format(bucket=exc.bucket, code=exc.code or exc.status)
+    if isinstance(exc, PgLayerError) and exc.kind in _PG_ADVICE:
+        return f"{_PG_ADVICE[exc.kind]} ({exc})"
+    return str(exc)
+
+
+async def check_table(pg: PgLayer) -> None:
+    """The cache's table exists and the role may read it."""
+    try:
+        exists, readable = await pg.check_readable()
+    except StorageError as exc:
+        raise PreflightError(explain_storage_error(exc)) from exc
+    if not exists:
+        raise PreflightError(
+            f"table {pg.spec.table} does not exist in the layer database; create the schema with "
+            "--migration-mode runAndQuit or check SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__DBNAME"
+        )
+    if not readable:
+        raise PreflightError(
+            f"the Postgres role may not read table {pg.spec.table}; "
+            f"GRANT SELECT ON {pg.spec.table} TO the backfill's role"
+        )
+
+
+async def check_bucket(s3: S3Layer) -> None:
+    """The cache's bucket exists and the credentials may list it."""
+    try:
+        await s3.check_bucket()
+    except StorageError as exc:
+        raise PreflightError(explain_storage_error(exc)) from exc
+
+
+async def run_preflight(pairs: list[tuple[PgLayer, S3Layer]]) -> None:
+    """Check every selected cache's table and bucket, concurrently; the first failure raises."""
+    async with asyncio.TaskGroup() as checks:
+        for pg, s3 in pairs:
+            checks.create_task(check_table(pg))
+            checks.create_task(check_bucket(s3))

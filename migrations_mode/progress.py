@@ -1,0 +1,134 @@
+"""Per-cache counts, kept once and reported twice: as the run summary and as OTel metrics.
+
+``CacheProgress`` is the only thing the per-cache loop calls to count; each call updates the
+in-memory ``CacheStats`` (for the summary and log lines) and the matching OTel instrument, so
+the two can never disagree.
+
+Metrics (attribute ``cache_type``, the CLI name, as upstream so dashboards carry over):
+``layer_cache.backfill.items_processed``, ``…items_uploaded``, ``…items_skipped``,
+``…bytes_uploaded`` (upstream's four), plus ``…items_repaired``, ``…items_vanished``,
+``…retries`` (attribute ``error_class``) and ``…errors`` (attribute ``error_class``).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from opentelemetry.metrics import Meter
+
+from layer_cache.cache_types import CacheType
+
+_PREFIX = "layer_cache.backfill."
+
+
+@dataclass
+class CacheStats:
+    """What one cache's backfill did."""
+
+    cache_type: CacheType
+    processed: int = 0
+    uploaded: int = 0
+    skipped: int = 0
+    repaired: int = 0
+    vanished: int = 0
+    bytes_uploaded: int = 0
+    retries: Counter[str] = field(default_factory=Counter)
+    started_at: float = field(default_factory=time.monotonic)
+    finished_at: float | None = None
+
+    @property
+    def elapsed_s(self) -> float:
+        """Seconds from start to finish (or to now while running)."""
+        end = self.finished_at if self.finished_at is not None else time.monotonic()
+        return end - self.started_at
+
+    @property
+    def rows_per_s(self) -> float:
+        """Processed rows per second over the elapsed time."""
+        elapsed = self.elapsed_s
+        return self.processed / elapsed if elapsed > 0 else 0.0
+
+
+class BackfillMetrics:
+    """The OTel instruments of the backfill, created once per run."""
+
+    def __init__(self, meter: Meter) -> None:
+        self.items_processed = meter.create_counter(
+            _PREFIX + "items_processed", unit="{item}", description="Rows finished"
+        )
+        self.items_uploaded = meter.create_counter(
+            _PREFIX + "items_uploaded", unit="{item}", description="Rows PUT to S3"
+        )
+        self.items_skipped = meter.create_counter(
+            _PREFIX + "items_skipped", unit="{item}", description="Rows already in S3"
+        )
+        self.bytes_uploaded = meter.create_counter(
+            _PREFIX + "bytes_uploaded", unit="By", description="Value bytes PUT to S3"
+        )
+        self.items_repaired = meter.create_counter(
+            _PREFIX + "items_repaired",
+            unit="{item}",
+            description="Rows re-uploaded because the stored object had the wrong size",
+        )
+        self.items_vanished = meter.create_counter(
+            _PREFIX + "items_vanished",
+            unit="{item}",
+            description="Rows deleted between listing and reading",
+        )
+        self.retries = meter.create_counter(
+            _PREFIX + "retries", unit="{attempt}", description="Retried calls by error class"
+        )
+        self.errors = meter.create_counter(
+            _PREFIX + "errors", unit="{error}", description="Failed calls by error class"
+        )
+
+
+class CacheProgress:
+    """Counts for one cache: updates its stats and the metrics together."""
+
+    def __init__(self, cache_type: CacheType, metrics: BackfillMetrics) -> None:
+        self.stats = CacheStats(cache_type)
+        self._metrics = metrics
+        self._attributes = {"cache_type": cache_type.value}
+
+    def uploaded(self, size: int, *, repaired: bool) -> None:
+        """A row was PUT (``repaired`` when it replaced a wrong-sized object)."""
+        self.stats.uploaded += 1
+        self.stats.bytes_uploaded += size
+        self._metrics.items_uploaded.add(1, self._attributes)
+        self._metrics.bytes_uploaded.add(size, self._attributes)
+        if repaired:
+            self.stats.repaired += 1
+            self._metrics.items_repaired.add(1, self._attributes)
+        self._processed()
+
+    def skipped(self) -> None:
+        """A row was already in S3 with the right size."""
+        self.stats.skipped += 1
+        self._metrics.items_skipped.add(1, self._attributes)
+        self._processed()
+
+    def vanished(self) -> None:
+        """A listed row was gone by the time its value was read."""
+        self.stats.vanished += 1
+        self._metrics.items_vanished.add(1, self._attributes)
+        self._processed()
+
+    def retried(self, error_class: str) -> None:
+        """A call failed with a retryable error and will be tried again."""
+        self.stats.retries[error_class] += 1
+        self._metrics.retries.add(1, self._attributes | {"error_class": error_class})
+
+    def failed(self, error_class: str) -> None:
+        """A call failed for good."""
+        self._metrics.errors.add(1, self._attributes | {"error_class": error_class})
+
+    def finish(self) -> None:
+        """Stop the clock."""
+        self.stats.finished_at = time.monotonic()
+
+    def _processed(self) -> None:
+        self.stats.processed += 1
+        self._metrics.items_processed.add(1, self._attributes)

@@ -1,0 +1,218 @@
+"""The command line: flags (each with its env var and default), mode dispatch, exit statuses.
+
+Exit statuses, decided here and only here:
+  0   the mode finished (a backfill: every selected cache copied everything)
+  1   the run failed part-way (a cache failed; the log names cache, key and cause)
+  2   invalid input: a flag or setting is missing, unknown or malformed; nothing was opened
+  3   the environment is not ready: cannot connect, bad credentials, missing table or bucket
+  130 / 143  stopped by SIGINT / SIGTERM after draining; the log says how to resume
+Errors are one log line; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Callable, Sequence
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, NoReturn
+
+import structlog
+
+from layer_cache.errors import LayerCacheError, StorageError
+from layer_cache.pg import apply_schema
+from migrations_mode.config import BACKFILL_ENV_PREFIX, BackfillSettings, load_backfill_config
+from migrations_mode.coordinator import run_backfill
+from migrations_mode.errors import BackfillConfigError, PreflightError
+from migrations_mode.preflight import explain_storage_error
+from migrations_mode.summary import format_summary_table
+from services.context import open_services_context
+from services.logging import configure_logging
+from services.settings import (
+    CONFIG_FILE_ENV,
+    ENV_PREFIX,
+    MigrationMode,
+    Settings,
+    SettingsError,
+    load_settings,
+)
+from services.signals import StopRequest, capture_signals
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_INVALID_INPUT = 2
+EXIT_ENVIRONMENT = 3
+
+PROGRAM = "si-layer-cache"
+log = structlog.get_logger("services")
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a usage error as one line and exits 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_INVALID_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def _env_help(text: str, env: str, default: object = None) -> str:
+    shown = "" if default is None else f"; default {default}"
+    return f"{text} [env {env}{shown}]"
+
+
+def _package_version() -> str:
+    try:
+        return version("si-layer-cache")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+_BACKFILL_FLAGS: dict[str, str] = {
+    "cutoff_timestamp": "copy rows with created_at strictly before this instant (RFC 3339, or a "
+    "logged checkpoint such as '2026-01-13 17:30:26.445817 UTC'); required",
+    "cache_types": "comma-separated cache types to copy; required",
+    "key_batch_size": "rows listed per Postgres query",
+    "checkpoint_interval_secs": "seconds between 'backfill checkpoint' log events",
+    "max_concurrent_uploads": "uploads in flight per cache type",
+    "grace_period_secs": "seconds to let in-flight uploads finish after SIGTERM/SIGINT",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI, grouped; every option shows its env var and default."""
+    parser = OneLineParser(
+        prog=PROGRAM,
+        description="The SI layer cache service and its migration modes.",
+        epilog="Settings also come from SI_SDF__… env vars (e.g. "
+        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE) and a TOML config file; flags win over env, "
+        "env over the file. Exit status: 0 done, 1 failed, 2 invalid input, 3 environment not "
+        "ready, 130/143 interrupted.",
+    )
+    general = parser.add_argument_group("general")
+    general.add_argument(
+        "--migration-mode",
+        choices=[mode.value for mode in MigrationMode],
+        help=_env_help("what to do", f"{ENV_PREFIX}MIGRATION_MODE", MigrationMode.RUN.value),
+    )
+    general.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get(CONFIG_FILE_ENV) or None,
+        help=_env_help("TOML config file", CONFIG_FILE_ENV, "none"),
+    )
+    general.add_argument(
+        "--log-json",
+        action="store_true",
+        default=os.environ.get("SI_LOG_JSON", "").lower() in ("1", "true", "yes"),
+        help=_env_help("log JSON lines instead of console text", "SI_LOG_JSON", "false"),
+    )
+    general.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more logs (-v debug, -vv libraries)"
+    )
+    general.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+
+    backfill = parser.add_argument_group("backfill (--migration-mode backfillLayerCache)")
+    for field, text in _BACKFILL_FLAGS.items():
+        default = BackfillSettings.model_fields[field].default
+        backfill.add_argument(
+            "--backfill-" + field.replace("_", "-"),
+            dest=f"backfill_{field}",
+            metavar=field.upper(),
+            help=_env_help(
+                text,
+                f"{BACKFILL_ENV_PREFIX}{field.upper()}",
+                None if "required" in text else default,
+            ),
+        )
+    return parser
+
+
+def backfill_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The backfill flags as given (None when absent, so env and defaults apply)."""
+    return {field: getattr(args, f"backfill_{field}") for field in _BACKFILL_FLAGS}
+
+
+async def _run_and_quit(settings: Settings, _args: argparse.Namespace) -> int:
+    async with open_services_context(settings, with_s3=False) as context:
+        await apply_schema(context.pg_pool)
+    log.info("applied layer-db schema", dbname=settings.layer_db_config.pg_pool_config.dbname)
+    return EXIT_OK
+
+
+async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
+    config = load_backfill_config(backfill_flags(args))
+    if not settings.layer_db_config.persister_mode.uses_s3:
+        raise BackfillConfigError(
+            "persister mode PostgresOnly has no S3 to fill; set "
+            f"{ENV_PREFIX}LAYER_DB_CONFIG__PERSISTER_MODE to DualWrite, S3Primary or S3Only"
+        )
+    stop = StopRequest()
+    with capture_signals(stop):
+        connections = len(config.cache_types) * config.max_concurrent_uploads + 8
+        async with open_services_context(
+            settings, with_s3=True, s3_max_connections=connections
+        ) as context:
+            report = await run_backfill(context, config, stop)
+    if not args.log_json:
+        print(format_summary_table(report.outcomes), flush=True)
+    if report.failure is not None:
+        failure = report.failure
+        log.error(
+            "backfill failed",
+            failed_cache_type=failure.cache_type.value,
+            key=failure.key,
+            error_class=failure.cause.kind.value,
+            cause=str(failure.cause),
+        )
+        return EXIT_FAILED
+    if stop.exit_status is not None:
+        return stop.exit_status
+    return EXIT_OK if report.complete else EXIT_FAILED
+
+
+async def _server_not_built(settings: Settings, _args: argparse.Namespace) -> int:
+    raise SettingsError(
+        f"migration mode {settings.migration_mode} starts the layer cache server, which this "
+        "build does not include; use runAndQuit or backfillLayerCache"
+    )
+
+
+ModeHandler = Callable[[Settings, argparse.Namespace], Any]
+
+MODE_HANDLERS: dict[MigrationMode, ModeHandler] = {
+    MigrationMode.RUN_AND_QUIT: _run_and_quit,
+    MigrationMode.BACKFILL_LAYER_CACHE: _backfill,
+    MigrationMode.RUN: _server_not_built,
+    MigrationMode.SKIP: _server_not_built,
+}
+
+
+def _fail(message: str, status: int, exc: BaseException, verbose: int) -> int:
+    log.error(message, exc_info=exc if verbose else None)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    configure_logging(json=args.log_json, verbosity=args.verbose)
+    overrides = {"migration_mode": args.migration_mode} if args.migration_mode else {}
+    try:
+        settings = load_settings(overrides, config_file=args.config)
+        status: int = asyncio.run(MODE_HANDLERS[settings.migration_mode](settings, args))
+    except (SettingsError, BackfillConfigError) as exc:
+        return _fail(str(exc), EXIT_INVALID_INPUT, exc, args.verbose)
+    except PreflightError as exc:
+        return _fail(str(exc), EXIT_ENVIRONMENT, exc, args.verbose)
+    except StorageError as exc:
+        return _fail(explain_storage_error(exc), EXIT_ENVIRONMENT, exc, args.verbose)
+    except LayerCacheError as exc:
+        return _fail(str(exc), EXIT_FAILED, exc, args.verbose)
+    return status
+
+
+def run() -> NoReturn:
+    """Console-script entry point."""
+    sys.exit(main())

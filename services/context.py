@@ -1,0 +1,143 @@
+"""The services context: every shared resource, opened in one place and closed in reverse.
+
+``open_services_context(settings)`` enters, on one ``AsyncExitStack``: telemetry, the asyncpg pool
+for the layer db and (when the persister mode uses S3, or a caller asks) one aiobotocore S3
+client. It yields a frozen ``ServicesContext``; leaving the block closes the S3 client, then the
+pool (waiting for connections to be released), then flushes telemetry. The entrypoint and the
+tests use this same function, so what the tests exercise is what production opens.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator, Sequence
+from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Literal
+
+import aioboto3
+import asyncpg
+from aiobotocore.config import AioConfig
+from opentelemetry.sdk.metrics.export import MetricReader
+
+from layer_cache.cache_types import CACHE_SPECS, CacheType
+from layer_cache.errors import map_pg_errors
+from layer_cache.keys import bucket_name
+from layer_cache.pg import PgLayer
+from layer_cache.s3 import S3Layer
+from services.settings import PgPoolConfig, PgSslMode, Settings, StaticCredentialsAuth
+from services.telemetry import Telemetry, start_telemetry
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+
+SslModeName = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
+
+
+def pg_ssl_option(config: PgPoolConfig) -> ssl.SSLContext | SslModeName:
+    """asyncpg's ``ssl`` argument: a verifying context when a CA is given, else the mode name."""
+    verifying = config.sslmode in (PgSslMode.VERIFY_CA, PgSslMode.VERIFY_FULL)
+    if config.ssl_ca_cert is None or not verifying:
+        return config.sslmode.value
+    context = ssl.create_default_context(cafile=str(config.ssl_ca_cert))
+    context.check_hostname = config.sslmode is PgSslMode.VERIFY_FULL
+    return context
+
+
+async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
+    """A pool to the layer db; fails now (not on first use) if the database is unreachable."""
+    with map_pg_errors(f"connecting to Postgres at {config.hostname}:{config.port}"):
+        pool: asyncpg.Pool = await asyncpg.create_pool(
+            host=config.hostname,
+            port=config.port,
+            user=config.user,
+            password=config.password.get_secret_value(),
+            database=config.dbname,
+            ssl=pg_ssl_option(config),
+            min_size=1,
+            max_size=config.pool_max_size,
+            timeout=config.connect_timeout_secs,
+            server_settings={"application_name": config.application_name},
+        )
+    return pool
+
+
+def s3_client_arguments(settings: Settings, *, max_connections: int) -> dict[str, Any]:
+    """Keyword arguments for ``session.client("s3", …)`` from the object storage settings."""
+    storage = settings.layer_db_config.object_storage_config
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "max_attempts": 3},
+        max_pool_connections=max_connections,
+        connect_timeout=10,
+        read_timeout=120,
+        # Content-MD5 is set explicitly on every PUT; it works on every S3-compatible server.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    arguments: dict[str, Any] = {"config": config}
+    if not isinstance(storage.auth, StaticCredentialsAuth):
+        return arguments  # iam_role: the standard AWS chain decides credentials and region
+    credentials = storage.auth.static_credentials
+    arguments |= {
+        "endpoint_url": storage.endpoint,
+        "region_name": storage.region,
+        "aws_access_key_id": credentials.access_key,
+        "aws_secret_access_key": credentials.secret_key.get_secret_value(),
+    }
+    return arguments
+
+
+@dataclass(frozen=True)
+class ServicesContext:
+    """Handles to the shared resources; build per-cache layers from it."""
+
+    settings: Settings
+    pg_pool: asyncpg.Pool
+    s3_client: S3Client | None
+    telemetry: Telemetry
+
+    def pg_layer(self, cache_type: CacheType) -> PgLayer:
+        """The Postgres layer for one cache type."""
+        return PgLayer(self.pg_pool, CACHE_SPECS[cache_type])
+
+    def s3_layer(self, cache_type: CacheType) -> S3Layer:
+        """The S3 layer for one cache type (the context must have been opened with S3)."""
+        if self.s3_client is None:
+            raise RuntimeError("the services context was opened without S3")
+        storage = self.settings.layer_db_config.object_storage_config
+        spec = CACHE_SPECS[cache_type]
+        return S3Layer(
+            self.s3_client,
+            spec,
+            bucket=bucket_name(spec.table, storage.bucket_prefix, storage.bucket_suffix),
+            key_prefix=storage.key_prefix,
+        )
+
+
+@asynccontextmanager
+async def open_services_context(
+    settings: Settings,
+    *,
+    with_s3: bool | None = None,
+    s3_max_connections: int = 64,
+    metric_readers: Sequence[MetricReader] = (),
+) -> AsyncIterator[ServicesContext]:
+    """Open telemetry, the Postgres pool and the S3 client; close them in reverse on exit."""
+    if with_s3 is None:
+        with_s3 = settings.layer_db_config.persister_mode.uses_s3
+    async with AsyncExitStack() as stack:
+        telemetry = start_telemetry(metric_readers)
+        stack.callback(telemetry.shutdown)
+        pool = await open_pg_pool(settings.layer_db_config.pg_pool_config)
+        stack.push_async_callback(pool.close)
+        s3_client: S3Client | None = None
+        if with_s3:
+            session = aioboto3.Session()
+            s3_client = await stack.enter_async_context(
+                session.client(
+                    "s3", **s3_client_arguments(settings, max_connections=s3_max_connections)
+                )
+            )
+        yield ServicesContext(settings, pool, s3_client, telemetry)

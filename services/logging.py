@@ -1,0 +1,62 @@
+"""structlog set-up: JSON lines (``--log-json`` / ``SI_LOG_JSON``) or a human console, on stderr.
+
+Levels: ``info`` for the events operators follow (start, ``backfill checkpoint``, summaries,
+shutdown), ``warning`` for retried faults, ``error`` for what stops a run, ``debug`` per row
+(``-v``). Events carry data as fields; ``bind_contextvars(cache_type=…)`` in each cache task adds
+the cache to every line it logs. A last processor redacts any field whose name says it holds a
+secret, as a second line of defence behind ``SecretStr``.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_SECRET_FIELD_MARKERS = ("password", "secret", "token", "credential")
+REDACTED = "**********"
+
+
+def redact_secrets(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """Replace the value of any field whose name marks it as a secret."""
+    for name in event_dict:
+        if any(marker in name.lower() for marker in _SECRET_FIELD_MARKERS):
+            event_dict[name] = REDACTED
+    return event_dict
+
+
+def level_for_verbosity(verbosity: int) -> int:
+    """0 → info, 1 (-v) → debug; -vv also keeps library debug logs."""
+    return logging.DEBUG if verbosity >= 1 else logging.INFO
+
+
+def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None = None) -> None:
+    """Configure structlog once for the process."""
+    renderer: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer()
+        if json
+        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            redact_secrets,
+            structlog.processors.dict_tracebacks if json else structlog.dev.set_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
+        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+    logging.basicConfig(
+        level=logging.DEBUG if verbosity >= 2 else logging.WARNING,
+        stream=stream or sys.stderr,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
