@@ -32,7 +32,7 @@ from layer_cache.pg import PgLayer, RowRef
 from layer_cache.s3 import S3Layer
 from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.config import BackfillConfig, format_checkpoint
-from migrations_mode.errors import CacheBackfillFailed
+from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.progress import BackfillMetrics, CacheProgress, CacheStats
 
 log = structlog.get_logger(__name__)
@@ -93,7 +93,7 @@ class CacheBackfill:
             outcome = "completed" if self.completed else "stopped"
         except ExceptionGroup as group:
             outcome = "failed"
-            raise _first_leaf(group) from None
+            raise first_exception(group) from None
         finally:
             checkpoints.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -186,9 +186,3 @@ class CacheBackfill:
             resume_with=resume_flag(checkpoint),
             **fields,
         )
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The first non-group exception in a (possibly nested) exception group."""
-    first = group.exceptions[0]
-    return _first_leaf(first) if isinstance(first, BaseExceptionGroup) else first

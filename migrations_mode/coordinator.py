@@ -18,7 +18,7 @@ import structlog
 
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
 from migrations_mode.config import BackfillConfig, format_checkpoint
-from migrations_mode.errors import CacheBackfillFailed
+from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.preflight import run_preflight
 from migrations_mode.progress import BackfillMetrics
 from migrations_mode.summary import CacheOutcome, total_fields
@@ -92,7 +92,9 @@ async def run_backfill(
             tasks.extend(group.create_task(cache.run()) for cache in caches)
             watchdog = asyncio.create_task(_cancel_after_grace(stop, config.grace_period, tasks))
     except* CacheBackfillFailed as failures:
-        failure = _first_failure(failures)
+        first = first_exception(failures)
+        assert isinstance(first, CacheBackfillFailed)
+        failure = first
     finally:
         if watchdog is not None:
             watchdog.cancel()
@@ -104,14 +106,6 @@ async def run_backfill(
         )
         _log_report(report, caches)
     return report
-
-
-def _first_failure(group: BaseExceptionGroup[CacheBackfillFailed]) -> CacheBackfillFailed:
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    assert isinstance(first, CacheBackfillFailed)
-    return first
 
 
 def _log_report(report: BackfillReport, caches: list[CacheBackfill]) -> None:

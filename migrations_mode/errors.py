@@ -27,3 +27,11 @@ class CacheBackfillFailed(BackfillError):
         self.cache_type = cache_type
         self.key = key
         self.cause = cause
+
+
+def first_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of a (possibly nested) exception group, which task groups raise."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first

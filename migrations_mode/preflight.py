@@ -11,7 +11,7 @@ import asyncio
 from layer_cache.errors import ErrorKind, PgLayerError, S3LayerError, StorageError
 from layer_cache.pg import PgLayer
 from layer_cache.s3 import S3Layer
-from migrations_mode.errors import PreflightError
+from migrations_mode.errors import PreflightError, first_exception
 
 _S3_ADVICE: dict[ErrorKind, str] = {
     ErrorKind.MISSING_BUCKET: (
@@ -87,7 +87,10 @@ async def check_bucket(s3: S3Layer) -> None:
 
 async def run_preflight(pairs: list[tuple[PgLayer, S3Layer]]) -> None:
     """Check every selected cache's table and bucket, concurrently; the first failure raises."""
-    async with asyncio.TaskGroup() as checks:
-        for pg, s3 in pairs:
-            checks.create_task(check_table(pg))
-            checks.create_task(check_bucket(s3))
+    try:
+        async with asyncio.TaskGroup() as checks:
+            for pg, s3 in pairs:
+                checks.create_task(check_table(pg))
+                checks.create_task(check_bucket(s3))
+    except ExceptionGroup as group:
+        raise first_exception(group) from None

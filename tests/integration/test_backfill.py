@@ -1,0 +1,220 @@
+"""The backfill against a real Postgres and a real S3 server, run in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import pytest
+
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
+from layer_cache.errors import ErrorKind
+from migrations_mode.config import BackfillConfig
+from migrations_mode.coordinator import BackfillReport, run_backfill
+from migrations_mode.errors import PreflightError
+from services.context import open_services_context
+from services.settings import Settings
+from services.signals import StopRequest
+from tests.conftest import LayerDb
+from tests.support import (
+    SeedRow,
+    bucket_objects,
+    cache_bucket,
+    expected_objects,
+    insert_rows,
+    random_key,
+    rows_below,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
+
+
+def backfill_config(
+    cache_types: tuple[CacheType, ...] = BACKFILLABLE_CACHE_TYPES,
+    *,
+    key_batch_size: int = 1000,
+    max_concurrent_uploads: int = 5,
+) -> BackfillConfig:
+    return BackfillConfig(
+        cutoff=CUTOFF,
+        cache_types=cache_types,
+        key_batch_size=key_batch_size,
+        checkpoint_interval=timedelta(seconds=30),
+        max_concurrent_uploads=max_concurrent_uploads,
+        grace_period=timedelta(seconds=5),
+    )
+
+
+async def backfill(settings: Settings, config: BackfillConfig) -> BackfillReport:
+    async with open_services_context(settings, with_s3=True) as context:
+        return await run_backfill(context, config, StopRequest())
+
+
+def seed_rows(rng: random.Random, count: int, *, tie_every: int = 1) -> list[SeedRow]:
+    """Rows below, at and after the cutoff; ``tie_every`` rows share each timestamp."""
+    rows = []
+    for index in range(count):
+        offset = timedelta(milliseconds=index // tie_every - count // (2 * tie_every))
+        rows.append(
+            SeedRow(
+                random_key(rng, rng.choice((32, 64))),
+                rng.randbytes(rng.randint(1, 4096)),
+                CUTOFF + offset,
+            )
+        )
+    return rows
+
+
+async def assert_bucket_matches_rows(
+    db: LayerDb, s3_client: S3Client, bucket_prefix: str, cache_type: CacheType
+) -> dict[str, bytes]:
+    expected = expected_objects(await rows_below(db.pool, cache_type, CUTOFF))
+    stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+    assert stored.keys() == expected.keys(), f"{cache_type}: wrong set of objects"
+    assert stored == expected, f"{cache_type}: object bytes differ from the rows"
+    return stored
+
+
+async def test_all_eight_caches_are_copied_byte_for_byte_and_nothing_else(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(3)
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        await insert_rows(layer_db.pool, cache_type, seed_rows(rng, 60))
+    edge_rows = [
+        SeedRow("a", b"one-char key", CUTOFF - timedelta(seconds=5)),
+        SeedRow("ab", b"two", CUTOFF - timedelta(seconds=5)),
+        SeedRow("abc", b"three", CUTOFF - timedelta(seconds=5)),
+        SeedRow("abcd", b"four", CUTOFF - timedelta(seconds=5)),
+        SeedRow("abcde", b"five", CUTOFF - timedelta(seconds=5)),
+        SeedRow(random_key(rng), b"", CUTOFF - timedelta(seconds=4)),  # empty value
+        SeedRow(
+            random_key(rng), rng.randbytes(5 * 1024 * 1024 + 17), CUTOFF - timedelta(seconds=3)
+        ),
+        SeedRow(random_key(rng), b"exactly at the cutoff", CUTOFF),
+        SeedRow(random_key(rng), b"one tick before", CUTOFF - timedelta(microseconds=1)),
+    ]
+    await insert_rows(layer_db.pool, CacheType.CAS, edge_rows)
+
+    report = await backfill(settings, backfill_config())
+
+    assert report.complete
+    assert report.failure is None
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, cache_type)
+    cas = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    assert cas["a"] == b"one-char key"
+    assert cas["ab/cd/abcde"] == b"five"
+    assert b"exactly at the cutoff" not in cas.values()
+    assert b"one tick before" in cas.values()
+    for excluded in (CacheType.FUNC_RUN, CacheType.FUNC_RUN_LOG):
+        assert await bucket_objects(s3_client, cache_bucket(excluded, bucket_prefix)) == {}
+    expected_total = 0
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        expected_total += len(await rows_below(layer_db.pool, cache_type, CUTOFF))
+    assert sum(outcome.stats.uploaded for outcome in report.outcomes) == expected_total
+
+
+async def test_rows_sharing_created_at_across_batch_boundaries_are_all_copied(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(7)
+    # 23 rows per timestamp with batches of 7: every page boundary falls inside a tie.
+    await insert_rows(
+        layer_db.pool, CacheType.WORKSPACE_SNAPSHOT, seed_rows(rng, 230, tie_every=23)
+    )
+
+    report = await backfill(
+        settings,
+        backfill_config(
+            (CacheType.WORKSPACE_SNAPSHOT,), key_batch_size=7, max_concurrent_uploads=3
+        ),
+    )
+
+    assert report.complete
+    stored = await assert_bucket_matches_rows(
+        layer_db, s3_client, bucket_prefix, CacheType.WORKSPACE_SNAPSHOT
+    )
+    assert len(stored) == 115
+
+
+async def test_rerun_over_a_copied_bucket_uploads_nothing(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(11)
+    await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, seed_rows(rng, 80))
+    config = backfill_config((CacheType.CHANGE_BATCH,), key_batch_size=9)
+    first = await backfill(settings, config)
+
+    second = await backfill(settings, config)
+
+    [outcome] = second.outcomes
+    assert first.outcomes[0].stats.uploaded == 40
+    assert (outcome.stats.uploaded, outcome.stats.skipped, outcome.stats.processed) == (0, 40, 40)
+    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CHANGE_BATCH)
+
+
+async def test_object_of_the_wrong_size_is_reuploaded_and_counted_as_repaired(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(13)
+    rows = seed_rows(rng, 20)
+    await insert_rows(layer_db.pool, CacheType.REBASE_BATCH, rows)
+    victim = next(row for row in rows if row.created_at < CUTOFF and len(row.value) > 1)
+    bucket = cache_bucket(CacheType.REBASE_BATCH, bucket_prefix)
+    truncated_key = next(iter(expected_objects({victim.key: b""})))
+    await s3_client.put_object(Bucket=bucket, Key=truncated_key, Body=victim.value[:-1])
+
+    report = await backfill(settings, backfill_config((CacheType.REBASE_BATCH,)))
+
+    assert report.outcomes[0].stats.repaired == 1
+    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.REBASE_BATCH)
+
+
+async def test_a_failing_cache_cancels_the_others_promptly(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(17)
+    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(rng, 4000))
+    doomed = SeedRow(random_key(rng), b"its bucket is deleted mid-run", CUTOFF - timedelta(hours=1))
+    await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, [doomed])
+    config = backfill_config((CacheType.CAS, CacheType.CHANGE_BATCH), max_concurrent_uploads=1)
+    # Hold change_batches' listing behind a table lock until its bucket has been deleted.
+    blocker = await layer_db.pool.acquire()
+    transaction = blocker.transaction()
+    await transaction.start()
+    await blocker.execute("LOCK TABLE change_batches IN ACCESS EXCLUSIVE MODE")
+    try:
+        run = asyncio.create_task(backfill(settings, config))
+        await asyncio.sleep(1.0)  # cas is copying by now
+        await s3_client.delete_bucket(Bucket=cache_bucket(CacheType.CHANGE_BATCH, bucket_prefix))
+    finally:
+        await transaction.rollback()
+        await layer_db.pool.release(blocker)
+    report = await asyncio.wait_for(run, timeout=60)
+
+    assert report.failure is not None
+    assert report.failure.cache_type is CacheType.CHANGE_BATCH
+    assert report.failure.key == doomed.key
+    assert report.failure.cause.kind is ErrorKind.MISSING_BUCKET
+    statuses = {outcome.stats.cache_type: outcome.status for outcome in report.outcomes}
+    assert statuses == {CacheType.CAS: "cancelled", CacheType.CHANGE_BATCH: "failed"}
+    cas = next(o for o in report.outcomes if o.stats.cache_type is CacheType.CAS)
+    assert cas.stats.processed < 2000, "the other cache ran on after the failure"
+
+
+async def test_missing_bucket_is_a_preflight_error_that_writes_nothing(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(random.Random(19), 10))
+    await s3_client.delete_bucket(Bucket=cache_bucket(CacheType.ENCRYPTED_SECRET, bucket_prefix))
+
+    with pytest.raises(PreflightError, match="does not exist"):
+        await backfill(settings, backfill_config((CacheType.CAS, CacheType.ENCRYPTED_SECRET)))
+
+    assert await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix)) == {}

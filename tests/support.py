@@ -1,0 +1,120 @@
+"""Helpers shared by the integration tests: seeding rows, reading buckets, running the CLI."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import asyncpg
+
+from layer_cache.cache_types import CACHE_SPECS, CacheType
+from layer_cache.keys import bucket_name, object_key
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class SeedRow:
+    """A layer-cache row to insert, with an explicit created_at."""
+
+    key: str
+    value: bytes
+    created_at: datetime
+
+
+def random_key(rng: random.Random, length: int = 64) -> str:
+    """A lowercase hex key like the content hashes in production."""
+    return "".join(rng.choice("0123456789abcdef") for _ in range(length))
+
+
+async def insert_rows(pool: asyncpg.Pool, cache_type: CacheType, rows: Sequence[SeedRow]) -> None:
+    """Insert rows with their created_at, as a restore or bulk copy would."""
+    table = CACHE_SPECS[cache_type].table
+    await pool.executemany(
+        f"INSERT INTO {table} (key, sort_key, created_at, value) VALUES ($1, $1, $2, $3)"
+        " ON CONFLICT DO NOTHING",
+        [(row.key, row.created_at, row.value) for row in rows],
+    )
+
+
+async def rows_below(
+    pool: asyncpg.Pool, cache_type: CacheType, cutoff: datetime
+) -> dict[str, bytes]:
+    """What the backfill must copy: key → value for rows with created_at < cutoff."""
+    table = CACHE_SPECS[cache_type].table
+    records = await pool.fetch(f"SELECT key, value FROM {table} WHERE created_at < $1", cutoff)
+    return {record["key"]: bytes(record["value"]) for record in records}
+
+
+def cache_bucket(cache_type: CacheType, bucket_prefix: str) -> str:
+    """The bucket a cache type's objects go to."""
+    return bucket_name(CACHE_SPECS[cache_type].table, bucket_prefix)
+
+
+async def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
+    """Every object in a bucket: object key → bytes."""
+    keys: list[str] = []
+    paginator = client.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket):
+        keys.extend(item["Key"] for item in page.get("Contents", []))
+
+    async def read(key: str) -> bytes:
+        response = await client.get_object(Bucket=bucket, Key=key)
+        async with response["Body"] as stream:
+            return await stream.read()
+
+    bodies = await asyncio.gather(*(read(key) for key in keys))
+    return dict(zip(keys, bodies, strict=True))
+
+
+def expected_objects(rows: Mapping[str, bytes], key_prefix: str | None = None) -> dict[str, bytes]:
+    """The objects a complete backfill of ``rows`` leaves: object key → bytes."""
+    return {object_key(key, key_prefix=key_prefix): value for key, value in rows.items()}
+
+
+def run_cli(
+    args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run ``python -m services`` with exactly ``env`` (plus PATH) and capture its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "services", *args],
+        env=cli_environment(env),
+        cwd=REPO_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def start_cli(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
+    """Start ``python -m services`` in the background, output captured."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "services", *args],
+        env=cli_environment(env),
+        cwd=REPO_ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
+    """A clean environment for the CLI: no inherited SI_ settings, only the given ones."""
+    base = {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SI_", "OTEL_", "AWS_"))
+    }
+    return base | dict(env)

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from layer_cache.cache_types import CacheType
+from migrations_mode.config import (
+    format_checkpoint,
+    load_backfill_config,
+    parse_cache_types,
+    parse_cutoff,
+)
+from migrations_mode.errors import BackfillConfigError
+
+CUTOFF = "2026-01-13T17:30:26.445817Z"
+
+
+@pytest.fixture(autouse=True)
+def _no_backfill_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in (
+        "SI_BACKFILL_CUTOFF_TIMESTAMP",
+        "SI_BACKFILL_CACHE_TYPES",
+        "SI_BACKFILL_KEY_BATCH_SIZE",
+        "SI_BACKFILL_MAX_CONCURRENT_UPLOADS",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (CUTOFF, datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)),
+        ("2026-01-13 17:30:26.445817 UTC", datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)),
+        ("2026-01-13T19:30:26+02:00", datetime(2026, 1, 13, 17, 30, 26, tzinfo=UTC)),
+        ("2026-01-13t17:30:26.5z", datetime(2026, 1, 13, 17, 30, 26, 500000, tzinfo=UTC)),
+        ("2026-01-13T17:30:26.123456789Z", datetime(2026, 1, 13, 17, 30, 26, 123456, tzinfo=UTC)),
+        ("2026-01-13T12:30:26-0500", datetime(2026, 1, 13, 17, 30, 26, tzinfo=UTC)),
+    ],
+)
+def test_cutoff_accepts_rfc3339_and_the_logged_form(text: str, expected: datetime) -> None:
+    assert parse_cutoff(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text", ["", "yesterday", "2026-01-13", "2026-01-13T17:30:26", "2026-02-30T00:00:00Z"]
+)
+def test_cutoff_without_zone_or_invalid_is_rejected(text: str) -> None:
+    with pytest.raises(ValueError, match="timestamp"):
+        parse_cutoff(text)
+
+
+def test_logged_checkpoint_reads_back_exactly() -> None:
+    instant = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
+    assert format_checkpoint(instant) == "2026-01-13 17:30:26.445817 UTC"
+    assert parse_cutoff(format_checkpoint(instant)) == instant
+
+
+def test_cache_types_are_trimmed_and_deduplicated() -> None:
+    assert parse_cache_types(" cas, workspace_snapshot,,cas ") == {
+        CacheType.CAS,
+        CacheType.WORKSPACE_SNAPSHOT,
+    }
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        ({}, "--backfill-cutoff-timestamp (SI_BACKFILL_CUTOFF_TIMESTAMP) is required"),
+        (
+            {"cutoff_timestamp": CUTOFF},
+            "--backfill-cache-types (SI_BACKFILL_CACHE_TYPES) is required",
+        ),
+        ({"cutoff_timestamp": "soon", "cache_types": "cas"}, "invalid --backfill-cutoff-timestamp"),
+        ({"cutoff_timestamp": CUTOFF, "cache_types": " , "}, "must name at least one of: cas"),
+        ({"cutoff_timestamp": CUTOFF, "cache_types": "cas,nope"}, "unknown cache type 'nope'"),
+        ({"cutoff_timestamp": CUTOFF, "cache_types": "func_run"}, "'func_run' is not backfillable"),
+        ({"cutoff_timestamp": CUTOFF, "cache_types": "all"}, "unknown cache type 'all'"),
+        (
+            {"cutoff_timestamp": CUTOFF, "cache_types": "cas", "key_batch_size": "0"},
+            "invalid --backfill-key-batch-size (SI_BACKFILL_KEY_BATCH_SIZE)",
+        ),
+        (
+            {"cutoff_timestamp": CUTOFF, "cache_types": "cas", "max_concurrent_uploads": "0"},
+            "invalid --backfill-max-concurrent-uploads (SI_BACKFILL_MAX_CONCURRENT_UPLOADS)",
+        ),
+        (
+            {"cutoff_timestamp": CUTOFF, "cache_types": "cas", "key_batch_size": "ten"},
+            "invalid --backfill-key-batch-size",
+        ),
+    ],
+)
+def test_invalid_backfill_options_name_the_flag(flags: dict[str, str], message: str) -> None:
+    with pytest.raises(BackfillConfigError) as caught:
+        load_backfill_config(flags)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SI_BACKFILL_CUTOFF_TIMESTAMP", CUTOFF)
+    monkeypatch.setenv("SI_BACKFILL_CACHE_TYPES", "cas")
+    monkeypatch.setenv("SI_BACKFILL_KEY_BATCH_SIZE", "50")
+    config = load_backfill_config({"key_batch_size": "7", "max_concurrent_uploads": None})
+    assert config.key_batch_size == 7
+    assert config.max_concurrent_uploads == 5
+    assert config.cache_types == (CacheType.CAS,)
+    assert config.checkpoint_interval == timedelta(seconds=30)
+
+
+def test_cache_types_run_in_registry_order_once() -> None:
+    config = load_backfill_config(
+        {"cutoff_timestamp": CUTOFF, "cache_types": "workspace_snapshot,cas,workspace_snapshot"}
+    )
+    assert config.cache_types == (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT)
