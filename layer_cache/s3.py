@@ -76,11 +76,17 @@ class S3Layer:
 
     async def get(self, key: str) -> bytes | None:
         """The stored object's bytes, or None when there is no object."""
+        return await self.get_raw(self.object_key(key))
+
+    async def put(self, key: str, body: bytes) -> None:
+        """Store ``body`` at the key's object, verified by the server against its MD5."""
+        await self.put_raw(self.object_key(key), body)
+
+    async def get_raw(self, object_key: str) -> bytes | None:
+        """An object by its full object key (not a row key), or None when it does not exist."""
         try:
-            with map_s3_errors("GetObject", self.bucket, key):
-                response = await self.client.get_object(
-                    Bucket=self.bucket, Key=self.object_key(key)
-                )
+            with map_s3_errors("GetObject", self.bucket, object_key):
+                response = await self.client.get_object(Bucket=self.bucket, Key=object_key)
                 async with response["Body"] as stream:
                     body: bytes = await stream.read()
         except S3LayerError as exc:
@@ -89,12 +95,9 @@ class S3Layer:
             raise
         return body
 
-    async def put(self, key: str, body: bytes) -> None:
-        """Store ``body`` at the key's object, verified by the server against its MD5."""
-        with map_s3_errors("PutObject", self.bucket, key):
+    async def put_raw(self, object_key: str, body: bytes) -> None:
+        """Store an object by its full object key, with ``Content-MD5``."""
+        with map_s3_errors("PutObject", self.bucket, object_key):
             await self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.object_key(key),
-                Body=body,
-                ContentMD5=content_md5(body),
+                Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=content_md5(body)
             )

@@ -39,13 +39,13 @@ def resume_cutoff(cutoff: datetime, low_water: Position | None) -> datetime:
 class CheckpointTracker:
     """Tracks dispatched and finished rows; all methods are O(1) amortized and synchronous."""
 
-    def __init__(self, cutoff: datetime) -> None:
+    def __init__(self, cutoff: datetime, *, low_water: Position | None = None) -> None:
         self.cutoff = cutoff
         self._positions: dict[int, Position] = {}
         self._finished: set[int] = set()
         self._next_sequence = 0
         self._low_sequence = 0  # the first sequence number not yet known finished
-        self._low_water: Position | None = None
+        self._low_water = low_water  # a resumed run starts from the saved position
 
     def dispatch(self, position: Position) -> int:
         """Record a row handed to an upload; returns its sequence number."""

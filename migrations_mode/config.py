@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any
 
@@ -18,7 +18,9 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.retry import RetryPolicy
 from migrations_mode.errors import BackfillConfigError
+from migrations_mode.progress_store import ProgressStoreKind
 from services.settings import describe_validation_error
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
@@ -94,6 +96,10 @@ class BackfillSettings(BaseSettings):
     checkpoint_interval_secs: float = Field(30, gt=0)
     max_concurrent_uploads: int = Field(5, ge=1, le=1024)
     grace_period_secs: float = Field(20, ge=0)
+    restart: bool = False
+    progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
+    retry_max_attempts: int = Field(8, ge=1, le=100)
+    retry_max_secs: float = Field(120, gt=0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,6 +112,9 @@ class BackfillConfig:
     checkpoint_interval: timedelta
     max_concurrent_uploads: int
     grace_period: timedelta
+    restart: bool = False
+    progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
+    retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
 
 
 def flag_for(field: str) -> str:
@@ -132,4 +141,9 @@ def load_backfill_config(flags: Mapping[str, Any]) -> BackfillConfig:
         checkpoint_interval=timedelta(seconds=options.checkpoint_interval_secs),
         max_concurrent_uploads=options.max_concurrent_uploads,
         grace_period=timedelta(seconds=options.grace_period_secs),
+        restart=options.restart,
+        progress_store=options.progress_store,
+        retry_policy=RetryPolicy(
+            max_attempts=options.retry_max_attempts, max_elapsed_s=options.retry_max_secs
+        ),
     )

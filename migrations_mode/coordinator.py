@@ -18,9 +18,11 @@ import structlog
 
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
 from migrations_mode.config import BackfillConfig, format_checkpoint
-from migrations_mode.errors import CacheBackfillFailed, first_exception
+from layer_cache.errors import StorageError
+from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import run_preflight
 from migrations_mode.progress import BackfillMetrics
+from migrations_mode.progress_store import open_progress_store
 from migrations_mode.summary import CacheOutcome, total_fields
 from services.context import ServicesContext
 from services.signals import StopRequest
@@ -66,23 +68,34 @@ async def run_backfill(
 ) -> BackfillReport:
     """Backfill every selected cache; a failed cache is reported in ``BackfillReport.failure``."""
     metrics = BackfillMetrics(context.telemetry.meter)
+    s3_layers = {cache_type: context.s3_layer(cache_type) for cache_type in config.cache_types}
+    pg_layers = {cache_type: context.pg_layer(cache_type) for cache_type in config.cache_types}
+    await run_preflight([(pg_layers[c], s3_layers[c]) for c in config.cache_types])
+    try:
+        store = await open_progress_store(config.progress_store, context.pg_pool, s3_layers)
+    except StorageError as exc:
+        raise PreflightError(
+            f"cannot keep progress in Postgres ({exc}); grant the role CREATE on the schema, "
+            "or use --backfill-progress-store s3 (or auto)"
+        ) from exc
     caches = [
         CacheBackfill(
             cache_type,
-            pg=context.pg_layer(cache_type),
-            s3=context.s3_layer(cache_type),
+            pg=pg_layers[cache_type],
+            s3=s3_layers[cache_type],
             config=config,
             stop=stop.event,
             metrics=metrics,
+            progress_store=store,
         )
         for cache_type in config.cache_types
     ]
-    await run_preflight([(cache.pg, cache.s3) for cache in caches])
     log.info(
         "starting backfill for all cache types",
         cache_count=len(caches),
         cache_types=[cache.cache_type.value for cache in caches],
         cutoff_timestamp=format_checkpoint(config.cutoff),
+        progress_store=store.kind,
     )
     failure: CacheBackfillFailed | None = None
     tasks: list[asyncio.Task[object]] = []
@@ -122,6 +135,7 @@ def _log_report(report: BackfillReport, caches: list[CacheBackfill]) -> None:
         "backfill incomplete",
         completed_caches=done,
         incomplete_caches=[cache.cache_type.value for cache in unfinished],
-        resume_with=f"{resume_flag(resume)} --backfill-cache-types "
+        resume="re-run with the same arguments: saved progress continues each cache",
+        manual_resume_with=f"{resume_flag(resume)} --backfill-cache-types "
         + ",".join(cache.cache_type.value for cache in unfinished),
     )

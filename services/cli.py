@@ -77,6 +77,10 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "checkpoint_interval_secs": "seconds between 'backfill checkpoint' log events",
     "max_concurrent_uploads": "uploads in flight per cache type",
     "grace_period_secs": "seconds to let in-flight uploads finish after SIGTERM/SIGINT",
+    "restart": "ignore saved progress and start from the cutoff",
+    "progress_store": "where progress is saved: auto, postgres or s3",
+    "retry_max_attempts": "attempts per storage call before the cache fails",
+    "retry_max_secs": "seconds of retrying per storage call before the cache fails",
 }
 
 
@@ -116,10 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     backfill = parser.add_argument_group("backfill (--migration-mode backfillLayerCache)")
     for field, text in _BACKFILL_FLAGS.items():
         default = BackfillSettings.model_fields[field].default
+        switch = isinstance(default, bool)
         backfill.add_argument(
             "--backfill-" + field.replace("_", "-"),
             dest=f"backfill_{field}",
-            metavar=field.upper(),
+            **({"action": "store_const", "const": True} if switch else {"metavar": field.upper()}),
             help=_env_help(
                 text,
                 f"{BACKFILL_ENV_PREFIX}{field.upper()}",

@@ -17,6 +17,7 @@ import asyncpg
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
+from migrations_mode.progress_store import S3_PROGRESS_PREFIX
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -63,11 +64,15 @@ def cache_bucket(cache_type: CacheType, bucket_prefix: str) -> str:
 
 
 async def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
-    """Every object in a bucket: object key → bytes."""
+    """Every cache object in a bucket (not the backfill's own progress records): key → bytes."""
     keys: list[str] = []
     paginator = client.get_paginator("list_objects_v2")
     async for page in paginator.paginate(Bucket=bucket):
-        keys.extend(item["Key"] for item in page.get("Contents", []))
+        keys.extend(
+            item["Key"]
+            for item in page.get("Contents", [])
+            if not item["Key"].startswith(S3_PROGRESS_PREFIX + "/")
+        )
 
     async def read(key: str) -> bytes:
         response = await client.get_object(Bucket=bucket, Key=key)

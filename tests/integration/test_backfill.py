@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -151,11 +152,15 @@ async def test_rerun_over_a_copied_bucket_uploads_nothing(
     config = backfill_config((CacheType.CHANGE_BATCH,), key_batch_size=9)
     first = await backfill(settings, config)
 
-    second = await backfill(settings, config)
+    again = await backfill(settings, config)  # saved progress says complete: nothing to walk
+    restarted = await backfill(settings, replace(config, restart=True))  # walks, skips all
 
-    [outcome] = second.outcomes
     assert first.outcomes[0].stats.uploaded == 40
-    assert (outcome.stats.uploaded, outcome.stats.skipped, outcome.stats.processed) == (0, 40, 40)
+    assert again.complete
+    assert again.outcomes[0].stats.processed == 0
+    stats = restarted.outcomes[0].stats
+    assert restarted.complete
+    assert (stats.uploaded, stats.skipped, stats.processed) == (0, 40, 40)
     await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CHANGE_BATCH)
 
 

@@ -1,0 +1,138 @@
+"""Retrying storage calls: exponential backoff with full jitter, within a budget, and AIMD.
+
+``RetryPolicy`` is pure: ``delay_s(attempt)`` draws from [0, min(cap, base · 2^attempt)] ("full
+jitter", which spreads clients out instead of synchronising their retries) and ``allows`` says
+whether another attempt fits the budget of attempts and total seconds.
+
+``call_with_retries`` runs one storage call under a policy. Only errors whose ``ErrorKind`` is
+retryable (throttling, transient network/server faults, lost Postgres connections) are retried;
+everything else is raised at once. ``on_retry`` hears about each retry (for counting and
+throttle feedback).
+
+``AdaptiveLimit`` is the concurrency cap for one cache's uploads: additive increase after a run
+of successes, multiplicative decrease on throttling, so a job settles at the rate S3 allows. It
+is also the slot pool: ``acquire`` waits until fewer than ``limit`` slots are held.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import TypeVar
+
+from layer_cache.errors import StorageError
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how long to retry one call."""
+
+    max_attempts: int = 8
+    max_elapsed_s: float = 120.0
+    base_delay_s: float = 0.1
+    max_delay_s: float = 10.0
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def delay_s(self, attempt: int) -> float:
+        """Full-jitter delay before retry number ``attempt`` (1 for the first retry)."""
+        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
+        return self.rng.uniform(0.0, ceiling)
+
+    def allows(self, attempts_made: int, elapsed_s: float, next_delay_s: float) -> bool:
+        """True if one more attempt after ``next_delay_s`` stays within the budget."""
+        return attempts_made < self.max_attempts and elapsed_s + next_delay_s <= self.max_elapsed_s
+
+
+async def call_with_retries(
+    call: Callable[[], Awaitable[T]],
+    policy: RetryPolicy,
+    *,
+    on_retry: Callable[[StorageError, int, float], None] | None = None,
+) -> T:
+    """Run ``call``; retry retryable ``StorageError``s within the policy's budget."""
+    started = time.monotonic()
+    attempt = 0
+    while True:
+        attempt += 1
+        try:
+            return await call()
+        except StorageError as exc:
+            if not exc.kind.retryable:
+                raise
+            delay = policy.delay_s(attempt)
+            if not policy.allows(attempt, time.monotonic() - started, delay):
+                raise
+            if on_retry is not None:
+                on_retry(exc, attempt, delay)
+            await asyncio.sleep(delay)
+
+
+class AdaptiveLimit:
+    """An AIMD-adjusted limit on concurrent slots, between 1 and ``maximum``.
+
+    Waiters are served first come, first served. After a decrease, the throttle signals of calls
+    that were already in flight (sent at the old rate) are ignored, so one burst of 503s halves
+    the limit once rather than collapsing it to 1.
+    """
+
+    def __init__(self, maximum: int) -> None:
+        if maximum < 1:
+            raise ValueError("maximum must be at least 1")
+        self.maximum = maximum
+        self.limit = maximum
+        self.in_use = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._successes = 0
+        self._stale_signals = 0
+
+    async def acquire(self) -> None:
+        """Wait for a free slot under the current limit and take it."""
+        if self.in_use < self.limit and not self._waiters:
+            self.in_use += 1
+            return
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter  # the slot is handed over (in_use counted) when the waiter is woken
+        except asyncio.CancelledError:
+            if waiter.done() and not waiter.cancelled():
+                self.release()
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        """Give a slot back (synchronous, so it is safe in ``finally``)."""
+        self.in_use -= 1
+        self._wake()
+
+    def record_success(self) -> None:
+        """A call succeeded; after ``limit`` successes in a row, raise the limit by one."""
+        self._stale_signals = max(0, self._stale_signals - 1)
+        self._successes += 1
+        if self._successes >= self.limit and self.limit < self.maximum:
+            self.limit += 1
+            self._successes = 0
+            self._wake()
+
+    def record_throttle(self) -> None:
+        """S3 asked us to slow down: halve the limit, once per burst."""
+        self._successes = 0
+        if self._stale_signals > 0:
+            self._stale_signals -= 1
+            return
+        self.limit = max(1, self.limit // 2)
+        self._stale_signals = max(0, self.in_use - 1)
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_use < self.limit:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                self.in_use += 1
