@@ -16,9 +16,9 @@ from datetime import timedelta
 
 import structlog
 
+from layer_cache.errors import StorageError
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
 from migrations_mode.config import BackfillConfig, format_checkpoint
-from layer_cache.errors import StorageError
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import run_preflight
 from migrations_mode.progress import BackfillMetrics

@@ -68,7 +68,8 @@ def s3_client_arguments(settings: Settings, *, max_connections: int) -> dict[str
     storage = settings.layer_db_config.object_storage_config
     config = AioConfig(
         s3={"addressing_style": "path"},
-        retries={"mode": "standard", "max_attempts": 3},
+        # One attempt per call: the backfill retries itself, classified and counted.
+        retries={"mode": "standard", "total_max_attempts": 1},
         max_pool_connections=max_connections,
         connect_timeout=10,
         read_timeout=120,

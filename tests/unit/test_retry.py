@@ -1,0 +1,132 @@
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.retry import AdaptiveLimit, RetryPolicy, call_with_retries
+
+
+def test_full_jitter_delays_stay_under_the_exponential_ceiling() -> None:
+    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0, rng=random.Random(1))
+    for attempt in range(1, 12):
+        ceiling = min(1.0, 0.1 * 2 ** (attempt - 1))
+        assert all(0 <= policy.delay_s(attempt) <= ceiling for _ in range(50))
+
+
+def test_budget_limits_attempts_and_total_time() -> None:
+    policy = RetryPolicy(max_attempts=3, max_elapsed_s=10)
+    assert policy.allows(2, 1.0, 1.0)
+    assert not policy.allows(3, 1.0, 1.0)
+    assert not policy.allows(1, 9.5, 1.0)
+
+
+def fast_policy(attempts: int = 5) -> RetryPolicy:
+    return RetryPolicy(max_attempts=attempts, base_delay_s=0.001, max_delay_s=0.002)
+
+
+async def test_retryable_errors_are_retried_and_reported() -> None:
+    failures = [
+        StorageError("503", kind=ErrorKind.THROTTLED),
+        StorageError("reset", kind=ErrorKind.TRANSIENT),
+    ]
+    retried: list[ErrorKind] = []
+
+    async def flaky() -> str:
+        if failures:
+            raise failures.pop(0)
+        return "ok"
+
+    result = await call_with_retries(
+        flaky, fast_policy(), on_retry=lambda exc, _attempt, _delay: retried.append(exc.kind)
+    )
+    assert result == "ok"
+    assert retried == [ErrorKind.THROTTLED, ErrorKind.TRANSIENT]
+
+
+async def test_fatal_errors_are_raised_at_once() -> None:
+    calls = 0
+
+    async def denied() -> None:
+        nonlocal calls
+        calls += 1
+        raise StorageError("403", kind=ErrorKind.ACCESS_DENIED)
+
+    with pytest.raises(StorageError):
+        await call_with_retries(denied, fast_policy())
+    assert calls == 1
+
+
+async def test_retryable_error_past_the_budget_is_raised() -> None:
+    calls = 0
+
+    async def always_throttled() -> None:
+        nonlocal calls
+        calls += 1
+        raise StorageError("503", kind=ErrorKind.THROTTLED)
+
+    with pytest.raises(StorageError):
+        await call_with_retries(always_throttled, fast_policy(attempts=4))
+    assert calls == 4
+
+
+def test_throttling_halves_the_limit_once_per_burst_and_successes_raise_it() -> None:
+    limit = AdaptiveLimit(16)
+    limit.in_use = 16
+    limit.record_throttle()
+    assert limit.limit == 8
+    for _ in range(15):  # the other 15 in flight were sent at the old rate: ignored
+        limit.record_throttle()
+    assert limit.limit == 8
+    limit.record_throttle()  # a fresh throttle after the burst has drained
+    assert limit.limit == 4
+    for _ in range(4 + 5):  # limit successes in a row add one, then limit+1 more add another
+        limit.record_success()
+    assert limit.limit == 6
+    assert AdaptiveLimit(1).limit == 1
+
+
+def test_limit_never_drops_below_one() -> None:
+    limit = AdaptiveLimit(2)
+    for _ in range(5):
+        limit.record_throttle()
+    assert limit.limit == 1
+
+
+async def test_acquire_waits_under_the_current_limit_first_come_first_served() -> None:
+    limit = AdaptiveLimit(2)
+    await limit.acquire()
+    await limit.acquire()
+    order: list[int] = []
+
+    async def waiter(number: int) -> None:
+        await limit.acquire()
+        order.append(number)
+
+    tasks = [asyncio.create_task(waiter(n)) for n in range(3)]
+    await asyncio.sleep(0)
+    assert order == []
+    limit.release()
+    limit.release()
+    await asyncio.sleep(0)
+    assert order == [0, 1]
+    limit.release()
+    await asyncio.sleep(0)
+    assert order == [0, 1, 2]
+    await asyncio.gather(*tasks)
+    assert limit.in_use == 2
+
+
+async def test_cancelled_waiter_does_not_leak_a_slot() -> None:
+    limit = AdaptiveLimit(1)
+    await limit.acquire()
+    waiting = asyncio.create_task(limit.acquire())
+    await asyncio.sleep(0)
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    limit.release()
+    assert limit.in_use == 0
+    await asyncio.wait_for(limit.acquire(), timeout=1)
