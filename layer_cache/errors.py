@@ -244,7 +244,8 @@ def map_pg_errors(what: str) -> Iterator[None]:
         sqlstate = getattr(exc, "sqlstate", None)
         kind = classify_pg_sqlstate(sqlstate)
         raise PgLayerError(
-            f"{what} failed: {exc} (SQLSTATE {sqlstate}, {kind})",
+            f"{what} failed: {getattr(exc, 'message', type(exc).__name__)}"
+            f" (SQLSTATE {sqlstate}, {kind})",
             kind=kind,
             sqlstate=sqlstate,
         ) from exc

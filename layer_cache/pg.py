@@ -77,6 +77,9 @@ async def apply_schema(pool: asyncpg.Pool) -> None:
                 await connection.execute(statement)
 
 
+_COLUMNS = "key, created_at, octet_length(value) AS size"
+
+
 class PgLayer:
     """Reads rows of one layer-cache table."""
 
@@ -84,42 +87,126 @@ class PgLayer:
         self.pool = pool
         self.spec = spec
         table = spec.table
-        self._sql_first_page_newest = (
-            f"SELECT key, created_at, octet_length(value) AS size FROM {table}"
-            " WHERE created_at < $1 ORDER BY created_at DESC, key DESC LIMIT $2"
-        )
-        self._sql_next_page_newest = (
-            f"SELECT key, created_at, octet_length(value) AS size FROM {table}"
-            " WHERE created_at < $1 AND (created_at, key) < ($2, $3)"
-            " ORDER BY created_at DESC, key DESC LIMIT $4"
-        )
         self._sql_value = f"SELECT value FROM {table} WHERE key = $1"
+        self._sql_values = f"SELECT key, value FROM {table} WHERE key = ANY($1::text[])"
+        # A key range keeps the planner on the primary key index (a bare ``= ANY`` may not).
+        self._sql_values_in_range = (
+            f"SELECT key, value FROM {table}"
+            " WHERE key >= $2 AND key <= $3 AND key = ANY($1::text[])"
+        )
+        self._sql_existing_keys = f"SELECT key FROM {table} WHERE key = ANY($1::text[])"
+        # The live write path: first write wins, and RETURNING says whether this one did.
+        self._sql_insert = (
+            f"INSERT INTO {table} (key, sort_key, value) VALUES ($1, $1, $2)"
+            " ON CONFLICT DO NOTHING RETURNING true"
+        )
+        self._sql_size = f"SELECT octet_length(value) FROM {table} WHERE key = $1"
         self._sql_table_exists = "SELECT to_regclass($1) IS NOT NULL"
         self._sql_can_select = "SELECT has_table_privilege($1, 'SELECT')"
+
+    async def list_by_key(
+        self,
+        *,
+        cutoff: datetime,
+        after: str | None,
+        low: str | None,
+        high: str | None,
+        limit: int,
+    ) -> list[RowRef]:
+        """Rows with ``created_at < cutoff`` in key order: after ``after`` (exclusive) or from
+        ``low`` (inclusive), below ``high``; one primary-key range scan per page."""
+        conditions: list[str] = ["created_at < $1"]
+        arguments: list[object] = [cutoff]
+        if after is not None:
+            conditions.append(f"key > ${len(arguments) + 1}")
+            arguments.append(after)
+        elif low is not None:
+            conditions.append(f"key >= ${len(arguments) + 1}")
+            arguments.append(low)
+        if high is not None:
+            conditions.append(f"key < ${len(arguments) + 1}")
+            arguments.append(high)
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self.spec.table} WHERE {' AND '.join(conditions)}"
+            f" ORDER BY key LIMIT ${len(arguments) + 1}"
+        )
+        with map_pg_errors(f"listing rows of {self.spec.table}"):
+            records = await self.pool.fetch(sql, *arguments, limit)
+        return [RowRef(r["key"], r["created_at"], r["size"]) for r in records]
 
     async def list_newest_first(
         self,
         *,
         cutoff: datetime,
         after: tuple[datetime, str] | None,
+        low: str | None = None,
+        high: str | None = None,
         limit: int,
     ) -> list[RowRef]:
         """Rows with ``created_at < cutoff``, newest first, strictly after a (created_at, key)."""
+        conditions: list[str] = ["created_at < $1"]
+        arguments: list[object] = [cutoff]
+        if after is not None:
+            n = len(arguments)
+            conditions.append(f"(created_at, key) < (${n + 1}, ${n + 2})")
+            arguments.extend(after)
+        for operator, bound in ((">=", low), ("<", high)):
+            if bound is not None:
+                conditions.append(f"key {operator} ${len(arguments) + 1}")
+                arguments.append(bound)
+        sql = (
+            f"SELECT {_COLUMNS} FROM {self.spec.table} WHERE {' AND '.join(conditions)}"
+            f" ORDER BY created_at DESC, key DESC LIMIT ${len(arguments) + 1}"
+        )
         with map_pg_errors(f"listing rows of {self.spec.table}"):
-            if after is None:
-                records = await self.pool.fetch(self._sql_first_page_newest, cutoff, limit)
-            else:
-                created_at, key = after
-                records = await self.pool.fetch(
-                    self._sql_next_page_newest, cutoff, created_at, key, limit
-                )
+            records = await self.pool.fetch(sql, *arguments, limit)
         return [RowRef(r["key"], r["created_at"], r["size"]) for r in records]
+
+    async def fetch_values(
+        self, keys: Sequence[str], *, key_range: tuple[str, str] | None = None
+    ) -> dict[str, bytes]:
+        """Values of many rows in one round trip; rows that no longer exist are absent.
+
+        ``key_range`` (first, last) must come from Postgres' own ordering (a page listed in key
+        order), never from Python's, since the database collation decides what ``<=`` means.
+        """
+        if not keys:
+            return {}
+        with map_pg_errors(f"reading {len(keys)} values of {self.spec.table}"):
+            if key_range is None:
+                records = await self.pool.fetch(self._sql_values, list(keys))
+            else:
+                records = await self.pool.fetch(self._sql_values_in_range, list(keys), *key_range)
+        return {record["key"]: record["value"] for record in records}
+
+    async def existing_keys(self, keys: Sequence[str]) -> set[str]:
+        """Which of ``keys`` have a row (any created_at)."""
+        with map_pg_errors(f"looking up keys of {self.spec.table}"):
+            records = await self.pool.fetch(self._sql_existing_keys, list(keys))
+        return {record["key"] for record in records}
 
     async def fetch_value(self, key: str) -> bytes | None:
         """The value of one row, or None when the row no longer exists."""
         with map_pg_errors(f"reading {self.spec.table} key {key}"):
             value: bytes | None = await self.pool.fetchval(self._sql_value, key)
         return value
+
+    async def fetch_size(self, key: str) -> int | None:
+        """The size in bytes of one row's value, or None when there is no row."""
+        with map_pg_errors(f"sizing {self.spec.table} key {key}"):
+            size: int | None = await self.pool.fetchval(self._sql_size, key)
+        return size
+
+    async def insert(self, key: str, value: bytes) -> bool:
+        """Insert one row (sort_key = key); True if stored, False if the key already existed."""
+        with map_pg_errors(f"inserting into {self.spec.table} key {key}"):
+            inserted: bool | None = await self.pool.fetchval(self._sql_insert, key, value)
+        return bool(inserted)
+
+    async def ping(self) -> None:
+        """Raise ``PgLayerError`` unless the database answers ``SELECT 1``."""
+        with map_pg_errors("checking the layer-db connection"):
+            await self.pool.fetchval("SELECT 1")
 
     async def check_readable(self) -> tuple[bool, bool]:
         """(table exists, current role may SELECT from it)."""

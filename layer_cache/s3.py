@@ -22,6 +22,9 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 
+_PRECONDITION_FAILED = 412
+
+
 def content_md5(body: bytes) -> str:
     """The base64 MD5 digest S3 expects in ``Content-MD5``."""
     return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
@@ -81,6 +84,49 @@ class S3Layer:
     async def put(self, key: str, body: bytes) -> None:
         """Store ``body`` at the key's object, verified by the server against its MD5."""
         await self.put_raw(self.object_key(key), body)
+
+    async def list_page(
+        self, start_after: str | None, continuation_token: str | None
+    ) -> tuple[list[tuple[str, int]], str | None]:
+        """One ListObjectsV2 page in key order: (object key, size) entries and the token for
+        the next page (None when this was the last). Limited to ``key_prefix`` when set."""
+        arguments: dict[str, str] = {"Bucket": self.bucket}
+        if self.key_prefix:
+            arguments["Prefix"] = f"{self.key_prefix}/"
+        if continuation_token:
+            arguments["ContinuationToken"] = continuation_token
+        elif start_after:
+            arguments["StartAfter"] = start_after
+        with map_s3_errors("ListObjectsV2", self.bucket):
+            response = await self.client.list_objects_v2(**arguments)  # type: ignore[arg-type]
+        entries = [(item["Key"], int(item["Size"])) for item in response.get("Contents", [])]
+        token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
+        return entries, token
+
+    async def put_if_absent(self, key: str, body: bytes) -> bool:
+        """Store ``body`` unless the key's object exists (``If-None-Match: *``): first write
+        wins. True if stored, False if an object was already there.
+
+        A server that ignores the condition overwrites instead, which is harmless for
+        content-addressed keys; a conflict with a concurrent conditional PUT is transient.
+        """
+        object_key = self.object_key(key)
+        try:
+            with map_s3_errors("PutObject", self.bucket, object_key):
+                await self.client.put_object(
+                    Bucket=self.bucket,
+                    Key=object_key,
+                    Body=body,
+                    ContentMD5=content_md5(body),
+                    IfNoneMatch="*",
+                )
+        except S3LayerError as exc:
+            if exc.code == "PreconditionFailed" or exc.status == _PRECONDITION_FAILED:
+                return False
+            if exc.code == "ConditionalRequestConflict":
+                exc.kind = ErrorKind.TRANSIENT
+            raise
+        return True
 
     async def get_raw(self, object_key: str) -> bytes | None:
         """An object by its full object key (not a row key), or None when it does not exist."""

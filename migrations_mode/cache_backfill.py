@@ -1,22 +1,30 @@
-"""The per-cache loop: list rows newest first, copy each with bounded, adaptive concurrency.
+"""The per-cache loop: walk the table in pages, copy what S3 lacks, with bounded concurrency.
 
-How it works: rows with ``created_at < cutoff`` are listed in pages of ``key_batch_size`` by the
-unique cursor ``(created_at, key)`` descending, so rows sharing a timestamp are never skipped at
-a page boundary. For each row an upload slot is acquired *before* its task is created; the task
-HEADs the object, skips it when the stored size equals the row's ``octet_length(value)``,
-otherwise reads the value and PUTs it with ``Content-MD5`` (re-uploading a wrong-sized object
-counts as *repaired*; a row deleted in between counts as *vanished*). Every finished row is
-reported to the ``CheckpointTracker``.
+How it works, per page of ``key_batch_size`` rows (``created_at < cutoff``, within this shard):
+1. List the page. In ``key`` order (default) that is one primary-key range scan from where the
+   last page ended; in ``newest-first`` order the unique cursor ``(created_at, key)`` descending.
+   Either way the cursor is unique, so rows sharing a timestamp are never skipped.
+2. Learn which objects exist and their sizes. In key order the bucket listing is walked alongside
+   the table (``BucketIndex``): no HEAD per row. Rows the listing cannot vouch for (newest-first
+   order, short keys) are HEADed one by one.
+3. Skip rows whose object has the row's size (``octet_length(value)``). Read the values of the
+   others in chunks (one ``= ANY`` query per chunk, bounded by ``--backfill-max-inflight-bytes``)
+   and PUT each with ``Content-MD5``. Replacing a wrong-sized object counts as *repaired*; a row
+   gone by the time it is read counts as *vanished*.
+An upload slot is acquired *before* each upload task is created; slots adapt to throttling
+(``AdaptiveLimit``). Every row is reported to the ``CheckpointTracker`` when done.
+
+With ``--backfill-verify`` the same walk compares instead of copying (size, or content with
+``--backfill-verify-content``) and counts missing, mismatched and extra objects; nothing is
+written, not even progress.
 
 Faults: each storage call runs under the retry policy (backoff with full jitter, bounded by
-attempts and seconds); retries are counted per error class. Throttling halves this cache's
-upload limit and a run of successes raises it again (``AdaptiveLimit``). A lost Postgres
-connection is replaced by the pool and the call re-run. A non-retryable error, or a retryable
-one past its budget, fails the cache.
+attempts and seconds); retries are counted per error class, and throttling lowers the upload
+limit. A non-retryable error, or a retryable one past its budget, fails the cache.
 
-Progress: the low-water position is saved to the progress store before each new page is listed
-and when the cache stops; a re-run with the same arguments starts after the saved position
-(``--backfill-restart`` ignores it). A completed cache is recorded as such and not walked again.
+Progress: the low-water position is saved to the progress store after each page and when the
+cache stops; a re-run with the same arguments starts after it (``--backfill-restart`` ignores
+it). A completed cache is recorded as such and not walked again.
 
 Shutdown: when the stop event is set the loop stops dispatching and lets in-flight uploads
 finish; if the coordinator cancels it (grace period over, or another cache failed) the in-flight
@@ -36,16 +44,25 @@ from typing import TypeVar
 
 import structlog
 
+from layer_cache.budget import ByteBudget
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
 from layer_cache.retry import AdaptiveLimit, call_with_retries
 from layer_cache.s3 import S3Layer
+from migrations_mode.bucket_index import UNKNOWN, BucketIndex
 from migrations_mode.checkpoint import CheckpointTracker, Position
-from migrations_mode.config import BackfillConfig, format_checkpoint
+from migrations_mode.config import BackfillConfig, VerifyMode, format_checkpoint
 from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.progress import BackfillMetrics, CacheProgress, CacheStats
-from migrations_mode.progress_store import ProgressKey, ProgressStore, SavedProgress
+from migrations_mode.progress_store import (
+    S3_PROGRESS_PREFIX,
+    ProgressKey,
+    ProgressStore,
+    SavedProgress,
+)
+from migrations_mode.walk import WalkOrder, plan_chunks
 
 log = structlog.get_logger(__name__)
 
@@ -78,10 +95,12 @@ class CacheBackfill:
         self.tracker = CheckpointTracker(config.cutoff)
         self.progress = CacheProgress(cache_type, metrics)
         self.upload_limit = AdaptiveLimit(config.max_concurrent_uploads)
+        self.bytes_budget = ByteBudget(config.max_inflight_bytes)
         self.completed = False
         self._stop = stop
         self._store = progress_store
-        self._progress_key = ProgressKey(cache_type, config.cutoff)
+        self._progress_key = ProgressKey(cache_type, config.cutoff, config.shard.label)
+        self._writes = config.verify is VerifyMode.OFF
         self._rows_done_before = 0
         self._saved_position: Position | None = None
 
@@ -134,6 +153,8 @@ class CacheBackfill:
         return self.stats
 
     async def _load_progress(self) -> Position | None:
+        if not self._writes:
+            return None  # a verification walks everything and records nothing
         if self.config.restart:
             log.info("ignoring saved progress (--backfill-restart)")
             return None
@@ -154,6 +175,8 @@ class CacheBackfill:
         return saved.position
 
     async def _save_progress(self) -> None:
+        if not self._writes:
+            return
         position = self.tracker.low_water
         if position == self._saved_position and not self.completed:
             return
@@ -170,50 +193,228 @@ class CacheBackfill:
 
     async def _copy_all(self, resume_after: Position | None) -> None:
         listing_done = False
-        after = (resume_after.created_at, resume_after.key) if resume_after else None
-        async with asyncio.TaskGroup() as uploads:
+        cursor = resume_after
+        bucket_index = self._bucket_index(resume_after) if self._in_key_order else None
+        async with asyncio.TaskGroup() as tasks:
             while not listing_done and not self._stop.is_set():
-                batch = await self._list_page(after)
-                log.debug("fetched key batch", rows=len(batch))
-                for row in batch:
-                    await self.upload_limit.acquire()
-                    if self._stop.is_set():
-                        self.upload_limit.release()
-                        return  # in-flight uploads drain as the task group exits
-                    sequence = self.tracker.dispatch(Position(row.created_at, row.key))
-                    uploads.create_task(self._copy_row(row, sequence))
-                listing_done = len(batch) < self.config.key_batch_size
-                if batch:
-                    after = (batch[-1].created_at, batch[-1].key)
+                page = await self._list_page(cursor)
+                log.debug("fetched key batch", rows=len(page))
+                listing_done = len(page) < self.config.key_batch_size
+                if page:
+                    cursor = Position(page[-1].created_at, page[-1].key)
+                if not await self._handle_page(tasks, page, bucket_index):
+                    return  # stopping: in-flight uploads drain as the task group exits
                 await self._save_progress()
         self.completed = listing_done and self.tracker.in_flight == 0
 
-    async def _list_page(self, after: tuple[datetime, str] | None) -> list[RowRef]:
+    @property
+    def _in_key_order(self) -> bool:
+        return self.config.order is WalkOrder.KEY
+
+    def _bucket_index(self, resume_after: Position | None) -> BucketIndex:
+        key_range = self.config.shard.key_range
+        if resume_after is not None:
+            start_after: str | None = self.s3.object_key(resume_after.key)
+        else:
+            start_after = self._level_prefix(key_range.low)
+        return BucketIndex(
+            self.s3.list_page,
+            start_after=start_after,
+            stop_at=self._level_prefix(key_range.high),
+        )
+
+    def _level_prefix(self, key: str | None) -> str | None:
+        """The object-key prefix every key starting with ``key`` sorts after (or None)."""
+        if key is None:
+            return None
+        levels = "/".join(key_levels(key))
+        return f"{self.s3.key_prefix}/{levels}" if self.s3.key_prefix else levels
+
+    async def _list_page(self, cursor: Position | None) -> list[RowRef]:
+        key_range = self.config.shard.key_range
+        limit = self.config.key_batch_size
+        cutoff = self.config.cutoff
+        if self._in_key_order:
+            after_key = cursor.key if cursor else None
+            return await self._storage_call(
+                lambda: self.pg.list_by_key(
+                    cutoff=cutoff,
+                    after=after_key,
+                    low=key_range.low,
+                    high=key_range.high,
+                    limit=limit,
+                ),
+                None,
+            )
+        after = (cursor.created_at, cursor.key) if cursor else None
         return await self._storage_call(
             lambda: self.pg.list_newest_first(
-                cutoff=self.config.cutoff, after=after, limit=self.config.key_batch_size
+                cutoff=cutoff, after=after, low=key_range.low, high=key_range.high, limit=limit
             ),
             None,
         )
 
-    async def _copy_row(self, row: RowRef, sequence: int) -> None:
-        try:
-            stored_size = await self._storage_call(lambda: self.s3.head(row.key), row.key)
-            if stored_size == row.size:
-                log.debug("skipping key already in S3", key=row.key, size=row.size)
+    async def _stored_sizes(
+        self, bucket_index: BucketIndex | None, page: list[RowRef]
+    ) -> list[int | None]:
+        if bucket_index is None:
+            return [UNKNOWN] * len(page)
+        object_keys = [self.s3.object_key(row.key) for row in page]
+        sizes, unmatched = await self._storage_call(
+            lambda: bucket_index.sizes_for(object_keys), None
+        )
+        if self.config.verify is not VerifyMode.OFF and unmatched:
+            await self._count_extra(unmatched)
+        return sizes
+
+    async def _handle_page(
+        self, tasks: asyncio.TaskGroup, page: list[RowRef], bucket_index: BucketIndex | None
+    ) -> bool:
+        """Dispatch a page's rows; False when a stop request interrupted it."""
+        sequences = [self.tracker.dispatch(Position(row.created_at, row.key)) for row in page]
+        stored_sizes = await self._stored_sizes(bucket_index, page)
+        needs_value: list[tuple[RowRef, int, int | None]] = []
+        for row, sequence, stored in zip(page, sequences, stored_sizes, strict=True):
+            if stored == UNKNOWN:
+                if not await self._acquire_upload_slot():
+                    return False
+                tasks.create_task(self._check_row(row, sequence))
+            elif self.config.verify is VerifyMode.SIZE:
+                self._record_verification(row, stored)
+                self.tracker.finish(sequence)
+            elif stored == row.size and self.config.verify is VerifyMode.OFF:
                 self.progress.skipped()
+                self.tracker.finish(sequence)
             else:
-                value = await self._storage_call(lambda: self.pg.fetch_value(row.key), row.key)
+                needs_value.append((row, sequence, stored))
+        key_range = (page[0].key, page[-1].key) if page and self._in_key_order else None
+        chunks = plan_chunks(
+            [row for row, _, _ in needs_value],
+            max_bytes=self.config.value_chunk_bytes,
+            max_rows=self.config.key_batch_size,
+        )
+        position = 0
+        for chunk in chunks:
+            entries = needs_value[position : position + len(chunk)]
+            position += len(chunk)
+            if not await self._dispatch_chunk(tasks, entries, key_range):
+                return False
+        return True
+
+    async def _dispatch_chunk(
+        self,
+        tasks: asyncio.TaskGroup,
+        entries: list[tuple[RowRef, int, int | None]],
+        key_range: tuple[str, str] | None,
+    ) -> bool:
+        """Read a chunk's values in one query and start an upload (or comparison) per row."""
+        held = sum(row.size for row, _, _ in entries)
+        await self.bytes_budget.acquire(held)
+        try:
+            keys = [row.key for row, _, _ in entries]
+            values = await self._storage_call(
+                lambda: self.pg.fetch_values(keys, key_range=key_range), None
+            )
+            for row, sequence, stored in entries:
+                value = values.get(row.key)
+                if value is None:  # gone, or outside the range by this database's collation
+                    value = await self._fetch_one(row.key)
                 if value is None:
                     log.info("row vanished before it was read", key=row.key)
                     self.progress.vanished()
+                    self.tracker.finish(sequence)
+                elif not await self._acquire_upload_slot():
+                    return False
                 else:
-                    await self._storage_call(lambda: self.s3.put(row.key, value), row.key)
-                    log.debug("uploaded to S3", key=row.key, size=len(value))
-                    self.progress.uploaded(len(value), repaired=stored_size is not None)
+                    tasks.create_task(self._value_task(row, sequence, value, stored))
+                    held -= row.size  # the task releases this row's bytes
+                    continue
+                held -= row.size
+                self.bytes_budget.release(row.size)
+        finally:
+            self.bytes_budget.release(held)
+        return True
+
+    async def _acquire_upload_slot(self) -> bool:
+        await self.upload_limit.acquire()
+        if self._stop.is_set():
+            self.upload_limit.release()
+            return False
+        return True
+
+    async def _value_task(
+        self, row: RowRef, sequence: int, value: bytes, stored: int | None
+    ) -> None:
+        """Runs with an upload slot and the row's bytes held; gives both back."""
+        try:
+            await self._finish_with_value(row, sequence, value, stored)
+        finally:
+            self.upload_limit.release()
+            self.bytes_budget.release(row.size)
+
+    async def _finish_with_value(
+        self, row: RowRef, sequence: int, value: bytes, stored: int | None
+    ) -> None:
+        """PUT the value (or, verifying content, compare it with the object)."""
+        if self.config.verify is VerifyMode.OFF:
+            await self._storage_call(lambda: self.s3.put(row.key, value), row.key)
+            log.debug("uploaded to S3", key=row.key, size=len(value))
+            self.progress.uploaded(len(value), repaired=stored is not None)
+        else:
+            body = await self._storage_call(lambda: self.s3.get(row.key), row.key)
+            stored_size = None if body is None else len(body)
+            self._record_verification(row, stored_size, matches=body == value)
+        self.tracker.finish(sequence)
+
+    async def _check_row(self, row: RowRef, sequence: int) -> None:
+        """The one-row path (runs with an upload slot held): HEAD, then skip, compare, or read
+        the value and PUT it."""
+        try:
+            stored = await self._storage_call(lambda: self.s3.head(row.key), row.key)
+            if self.config.verify is VerifyMode.SIZE:
+                self._record_verification(row, stored)
+            elif stored == row.size and self.config.verify is VerifyMode.OFF:
+                self.progress.skipped()
+            else:
+                value = await self._fetch_one(row.key)
+                if value is not None:
+                    await self._finish_with_value(row, sequence, value, stored)
+                    return
+                log.info("row vanished before it was read", key=row.key)
+                self.progress.vanished()
             self.tracker.finish(sequence)
         finally:
             self.upload_limit.release()
+
+    async def _fetch_one(self, key: str) -> bytes | None:
+        return await self._storage_call(lambda: self.pg.fetch_value(key), key)
+
+    def _record_verification(
+        self, row: RowRef, stored: int | None, *, matches: bool | None = None
+    ) -> None:
+        if stored is None:
+            log.warning("verify: object missing", key=row.key)
+            self.progress.verified("missing")
+        elif stored != row.size or matches is False:
+            log.warning("verify: object differs", key=row.key, row_size=row.size, size=stored)
+            self.progress.verified("mismatched")
+        else:
+            self.progress.verified("ok")
+
+    async def _count_extra(self, object_keys: list[str]) -> None:
+        """Objects in the walked range that no row of the table accounts for."""
+        row_keys = {
+            object_key.rsplit("/", 1)[-1]: object_key
+            for object_key in object_keys
+            if S3_PROGRESS_PREFIX not in object_key
+        }
+        if not row_keys:
+            return
+        existing = await self._storage_call(lambda: self.pg.existing_keys(list(row_keys)), None)
+        extra = [object_key for key, object_key in row_keys.items() if key not in existing]
+        for object_key in extra[:100]:
+            log.warning("verify: object has no row", object_key=object_key)
+        self.progress.extra(len(extra))
 
     async def _storage_call(self, call: Callable[[], Awaitable[T]], key: str | None) -> T:
         """One storage call under the retry policy, with retries counted and throttling fed back."""
@@ -247,7 +448,7 @@ class CacheBackfill:
             log.info(
                 "backfill checkpoint",
                 checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
-                active_uploads=self.tracker.in_flight,
+                active_uploads=self.upload_limit.in_use,
                 upload_limit=self.upload_limit.limit,
                 processed=self.stats.processed,
                 uploaded=self.stats.uploaded,

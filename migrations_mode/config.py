@@ -8,10 +8,12 @@ so a logged checkpoint can be pasted straight back.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError
@@ -21,6 +23,7 @@ from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, Cache
 from layer_cache.retry import RetryPolicy
 from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
+from migrations_mode.walk import Shard, WalkOrder
 from services.settings import describe_validation_error
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
@@ -100,6 +103,20 @@ class BackfillSettings(BaseSettings):
     progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
     retry_max_attempts: int = Field(8, ge=1, le=100)
     retry_max_secs: float = Field(120, gt=0)
+    order: WalkOrder = WalkOrder.KEY
+    shard_index: int | None = Field(None, ge=0)
+    shard_count: int = Field(1, ge=1, le=65536)
+    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    verify: bool = False
+    verify_content: bool = False
+
+
+class VerifyMode(StrEnum):
+    """Copy (off), or compare S3 with Postgres by size or by content, writing nothing."""
+
+    OFF = "off"
+    SIZE = "size"
+    CONTENT = "content"
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +132,15 @@ class BackfillConfig:
     restart: bool = False
     progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
+    order: WalkOrder = WalkOrder.KEY
+    shard: Shard = field(default_factory=Shard)
+    max_inflight_bytes: int = 256 * 1024 * 1024
+    verify: VerifyMode = VerifyMode.OFF
+
+    @property
+    def value_chunk_bytes(self) -> int:
+        """Bytes of values read per Postgres round trip: a quarter of the in-flight budget."""
+        return max(1, self.max_inflight_bytes // 4)
 
 
 def flag_for(field: str) -> str:
@@ -146,4 +172,28 @@ def load_backfill_config(flags: Mapping[str, Any]) -> BackfillConfig:
         retry_policy=RetryPolicy(
             max_attempts=options.retry_max_attempts, max_elapsed_s=options.retry_max_secs
         ),
+        order=options.order,
+        shard=_shard(options),
+        max_inflight_bytes=options.max_inflight_bytes,
+        verify=(
+            VerifyMode.CONTENT
+            if options.verify_content
+            else VerifyMode.SIZE
+            if options.verify
+            else VerifyMode.OFF
+        ),
     )
+
+
+def _shard(options: BackfillSettings) -> Shard:
+    """The shard from the flags, or Kubernetes' ``JOB_COMPLETION_INDEX`` in an Indexed Job."""
+    index = options.shard_index
+    if index is None:
+        completion_index = os.environ.get("JOB_COMPLETION_INDEX", "").strip()
+        index = int(completion_index) if completion_index.isdigit() else 0
+    if index >= options.shard_count:
+        raise BackfillConfigError(
+            f"invalid --backfill-shard-index (SI_BACKFILL_SHARD_INDEX or JOB_COMPLETION_INDEX): "
+            f"{index} is not below --backfill-shard-count {options.shard_count}"
+        )
+    return Shard(index, options.shard_count)

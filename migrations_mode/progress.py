@@ -34,6 +34,10 @@ class CacheStats:
     repaired: int = 0
     vanished: int = 0
     bytes_uploaded: int = 0
+    verified: int = 0
+    missing: int = 0
+    mismatched: int = 0
+    extra: int = 0
     retries: Counter[str] = field(default_factory=Counter)
     started_at: float = field(default_factory=time.monotonic)
     finished_at: float | None = None
@@ -115,6 +119,20 @@ class CacheProgress:
         self.stats.vanished += 1
         self._metrics.items_vanished.add(1, self._attributes)
         self._processed()
+
+    def verified(self, outcome: str) -> None:
+        """A row was compared with its object: ``ok``, ``missing`` or ``mismatched``."""
+        if outcome == "missing":
+            self.stats.missing += 1
+        elif outcome == "mismatched":
+            self.stats.mismatched += 1
+        else:
+            self.stats.verified += 1
+        self._processed()
+
+    def extra(self, count: int) -> None:
+        """Objects in the walked range with no row in the table."""
+        self.stats.extra += count
 
     def retried(self, error_class: str) -> None:
         """A call failed with a retryable error and will be tried again."""

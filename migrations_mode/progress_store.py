@@ -100,6 +100,16 @@ def progress_from_json(data: dict[str, object]) -> SavedProgress:
     return SavedProgress(position, bool(data["completed"]), int(str(data["rows_done"])))
 
 
+_CREATE_PROGRESS_TABLE = (
+    f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} ("
+    " cache_type text NOT NULL, cutoff timestamptz NOT NULL, shard text NOT NULL,"
+    " position_created_at timestamptz, position_key text,"
+    " completed boolean NOT NULL DEFAULT false, rows_done bigint NOT NULL DEFAULT 0,"
+    " updated_at timestamptz NOT NULL DEFAULT now(),"
+    " PRIMARY KEY (cache_type, cutoff, shard))"
+)
+
+
 class PgProgressStore:
     """Progress rows in the layer database."""
 
@@ -111,15 +121,10 @@ class PgProgressStore:
     async def prepare(self) -> None:
         """Create the table if needed and prove the role may write it (raises if not)."""
         with map_pg_errors(f"preparing {PROGRESS_TABLE}"):
-            await self.pool.execute(
-                f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} ("
-                " cache_type text NOT NULL, cutoff timestamptz NOT NULL, shard text NOT NULL,"
-                " position_created_at timestamptz, position_key text,"
-                " completed boolean NOT NULL DEFAULT false, rows_done bigint NOT NULL DEFAULT 0,"
-                " updated_at timestamptz NOT NULL DEFAULT now(),"
-                " PRIMARY KEY (cache_type, cutoff, shard))"
-            )
             async with self.pool.acquire() as connection, connection.transaction():
+                # Shards start together; CREATE TABLE IF NOT EXISTS alone races on the catalog.
+                await connection.execute("SELECT pg_advisory_xact_lock(5157)")
+                await connection.execute(_CREATE_PROGRESS_TABLE)
                 await connection.execute(
                     f"UPDATE {PROGRESS_TABLE} SET updated_at = updated_at WHERE false"
                 )

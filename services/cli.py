@@ -81,6 +81,12 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "progress_store": "where progress is saved: auto, postgres or s3",
     "retry_max_attempts": "attempts per storage call before the cache fails",
     "retry_max_secs": "seconds of retrying per storage call before the cache fails",
+    "order": "walk order: key (linear on the upstream schema) or newest-first",
+    "shard_index": "this process's shard, 0-based (default: JOB_COMPLETION_INDEX, else 0)",
+    "shard_count": "number of shards the key space is split into",
+    "max_inflight_bytes": "cap on value bytes held in memory at once per cache",
+    "verify": "compare S3 with Postgres by size instead of copying; writes nothing",
+    "verify_content": "like --backfill-verify, but compare full content",
 }
 
 

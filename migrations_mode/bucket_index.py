@@ -1,0 +1,102 @@
+"""What is already in the bucket, from one ordered listing instead of a HEAD per row.
+
+In key order, rows and their object keys (``ab/cd/ef/<key>``) sort the same way, so the job walks
+the bucket's listing alongside the table, like a merge join: ``BucketIndex.sizes_for(page)``
+extends the listing until it has passed the page's largest object key and answers, for every row
+of the page, the stored object's size (or None when absent). On an empty bucket the first listing
+comes back empty and not truncated, and no further request is ever needed; on a fully copied
+bucket it costs one request per 1,000 rows.
+
+Correctness never depends on the order matching: a row whose object key lies before what the
+listing has already passed (short keys, a database collation that sorts differently) is reported
+as *unknown*, and the caller HEADs it. An object written behind the listing (the live path, in
+DualWrite) is reported absent and simply PUT again with the same bytes.
+
+``ListingWindow`` is the pure part (entries in, answers out); ``BucketIndex`` adds the paging.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+
+UNKNOWN = -1  # a size that means "the listing cannot tell: HEAD it"
+
+ListPage = Callable[[str | None, str | None], Awaitable[tuple[list[tuple[str, int]], str | None]]]
+
+
+@dataclass
+class ListingWindow:
+    """Listed (object key, size) entries not yet matched, and how far the listing has got."""
+
+    start_after: str | None = None
+    entries: dict[str, int] = field(default_factory=dict)
+    listed_up_to: str | None = None  # the last object key listed so far
+    exhausted: bool = False
+    consumed_up_to: str | None = None  # entries at or before this were dropped
+
+    def covers(self, object_key: str) -> bool:
+        """True once the listing has passed ``object_key`` (or has nothing more)."""
+        return self.exhausted or (self.listed_up_to is not None and self.listed_up_to >= object_key)
+
+    def add(self, entries: Sequence[tuple[str, int]], *, exhausted: bool) -> None:
+        """Take in one listing page."""
+        for key, size in entries:
+            self.entries[key] = size
+        if entries:
+            self.listed_up_to = entries[-1][0]
+        self.exhausted = exhausted
+
+    def size_of(self, object_key: str) -> int | None:
+        """The stored size, None when absent, ``UNKNOWN`` when the window cannot tell."""
+        if self.consumed_up_to is not None and object_key <= self.consumed_up_to:
+            return UNKNOWN
+        if object_key in self.entries:
+            return self.entries[object_key]
+        return None if self.covers(object_key) else UNKNOWN
+
+    def drop_through(self, object_key: str) -> list[str]:
+        """Forget entries up to ``object_key``; returns the dropped keys that matched no row."""
+        dropped = sorted(key for key in self.entries if key <= object_key)
+        for key in dropped:
+            del self.entries[key]
+        if self.consumed_up_to is None or object_key > self.consumed_up_to:
+            self.consumed_up_to = object_key
+        return dropped
+
+
+class BucketIndex:
+    """Pages through a bucket in key order on demand, for pages of rows in the same order."""
+
+    def __init__(
+        self, list_page: ListPage, *, start_after: str | None, stop_at: str | None
+    ) -> None:
+        self._list_page = list_page
+        self._window = ListingWindow(start_after=start_after)
+        self._token: str | None = None
+        self._stop_at = stop_at  # listing beyond this object key is not needed (shard end)
+        self.requests = 0
+
+    async def sizes_for(self, object_keys: Sequence[str]) -> tuple[list[int | None], list[str]]:
+        """Stored sizes for a page's object keys (None absent, ``UNKNOWN`` unknown), and the
+        listed keys within the page's span that matched no row (candidates for *extra*)."""
+        if not object_keys:
+            return [], []
+        highest = max(object_keys)
+        while not self._window.covers(highest):
+            await self._fetch_next()
+        sizes = [self._window.size_of(key) for key in object_keys]
+        matched = set(object_keys)
+        unmatched = [key for key in self._window.drop_through(highest) if key not in matched]
+        return sizes, unmatched
+
+    async def _fetch_next(self) -> None:
+        start_after = self._window.listed_up_to or self._window.start_after
+        entries, self._token = await self._list_page(
+            None if self._token else start_after, self._token
+        )
+        self.requests += 1
+        beyond_stop = (
+            self._stop_at is not None and bool(entries) and entries[-1][0] >= self._stop_at
+        )
+        self._window.add(entries, exhausted=self._token is None or beyond_stop)

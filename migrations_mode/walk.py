@@ -1,0 +1,93 @@
+"""Pure planning for the walk over a cache table: order, shard key ranges, value chunks.
+
+Orders:
+  ``key``           (default) the primary key ascending: each page is an index range scan that
+                    starts where the last one stopped, so Postgres reads each row about once over
+                    a whole run on the upstream schema (no ``created_at`` index needed), and rows
+                    come in the same order as their S3 object keys, which lets one ordered bucket
+                    listing replace a HEAD per row.
+  ``newest-first``  upstream's order, ``(created_at, key)`` descending. Without an index on
+                    ``created_at`` every page is a full scan plus a top-N sort (quadratic over a
+                    run); use it when recency matters more than cost, or after creating
+                    ``(created_at, key)`` indexes.
+
+Shards split the key space into ``count`` disjoint ranges on the first four hex digits; keys are
+uniformly distributed hashes, so the ranges hold equal shares, and every string falls in exactly
+one range (the first is open below, the last open above).
+
+Chunks group the rows of a page that need their values into reads of at most ``max_bytes``
+(by ``octet_length``) or ``max_rows`` rows, so value reads are few and memory is bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+from layer_cache.pg import RowRef
+
+_SHARD_SPACE = 16**4
+
+
+class WalkOrder(StrEnum):
+    """The order rows are walked in."""
+
+    KEY = "key"
+    NEWEST_FIRST = "newest-first"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRange:
+    """Keys ``low <= key < high``; None means unbounded on that side."""
+
+    low: str | None = None
+    high: str | None = None
+
+    def contains(self, key: str) -> bool:
+        """Whether a key falls in the range (bytewise comparison, as Python orders str)."""
+        return (self.low is None or key >= self.low) and (self.high is None or key < self.high)
+
+
+@dataclass(frozen=True, slots=True)
+class Shard:
+    """Shard ``index`` of ``count`` (0-based)."""
+
+    index: int = 0
+    count: int = 1
+
+    def __post_init__(self) -> None:
+        if not (self.count >= 1 and 0 <= self.index < self.count):
+            raise ValueError(f"shard index must be in 0..{self.count - 1}, got {self.index}")
+
+    @property
+    def label(self) -> str:
+        """A stable name for progress records, e.g. ``2-of-4``."""
+        return f"{self.index}-of-{self.count}"
+
+    @property
+    def key_range(self) -> KeyRange:
+        """This shard's keys."""
+        return KeyRange(
+            None if self.index == 0 else _boundary(self.index, self.count),
+            None if self.index == self.count - 1 else _boundary(self.index + 1, self.count),
+        )
+
+
+def _boundary(index: int, count: int) -> str:
+    return format(index * _SHARD_SPACE // count, "04x")
+
+
+def plan_chunks(rows: Sequence[RowRef], *, max_bytes: int, max_rows: int) -> Iterator[list[RowRef]]:
+    """Consecutive groups of rows whose summed sizes stay within ``max_bytes`` (a larger single
+    row forms a chunk of its own) and that hold at most ``max_rows`` rows."""
+    chunk: list[RowRef] = []
+    chunk_bytes = 0
+    for row in rows:
+        if chunk and (chunk_bytes + row.size > max_bytes or len(chunk) >= max_rows):
+            yield chunk
+            chunk, chunk_bytes = [], 0
+        chunk.append(row)
+        chunk_bytes += row.size
+    if chunk:
+        yield chunk
