@@ -1,0 +1,415 @@
+"""A fault-injecting HTTP proxy that sits between an S3 client and a real S3 test server.
+
+How it works
+    ``FaultProxy`` is an aiohttp web server on ``127.0.0.1:<free port>`` with one catch-all
+    route. Point an S3 client at ``proxy.url`` instead of the server (path-style addressing,
+    plain http). For every request the proxy reads the whole request body, then consults the
+    current ``FaultPlan`` (``proxy.plan`` is read per request, so a test may replace it at any
+    time, e.g. to switch faults off) and does one of:
+
+    * ``slowdown``: answers ``503`` with an S3 XML error body, code ``SlowDown``;
+    * ``internal_error``: answers ``500`` with code ``InternalError``;
+    * ``reset``: forwards the request, then sends the upstream status line, headers (with the
+      full ``Content-Length``) and half of the body and aborts the client connection. When
+      there is no body to cut (HEAD, 204/304, an empty body) the connection is aborted before
+      anything is sent;
+    * ``forwarded``: forwards the request and relays the response.
+
+    A client built on aiohttp (aiobotocore, so aioboto3) re-sends an idempotent request
+    (GET, HEAD, PUT, DELETE) once on its own when the connection drops before any response byte
+    arrives, even with botocore retries off: a before-response reset reaches the caller only if
+    the re-sent request is reset too, and it is counted once per attempt.
+
+    Neither error fault reaches the upstream server. Forwarded requests (including ``reset``
+    ones) may first wait ``uniform(*plan.latency_s)`` seconds.
+
+    Forwarding keeps the request intact: method, raw path and query string (not re-quoted),
+    every header except hop-by-hop ones and ``Expect`` (the proxy already answered
+    ``100-continue`` and holds the whole body), and the body bytes unchanged (an ``aws-chunked``
+    body stays encoded; aiohttp sets ``Content-Length`` from the bytes, which is the value the
+    client sent). ``Host`` is kept exactly as the client sent it: SigV4 signs it, and a server
+    that checks signatures would otherwise answer ``SignatureDoesNotMatch``. aiohttp adds no
+    headers of its own (no ``Accept-Encoding``, ``User-Agent``, ``Content-Type``) and does not
+    decompress, so the response body is relayed byte for byte with the upstream status, reason
+    and headers (minus hop-by-hop ones; ``Content-Length`` is set to the body length, except for
+    HEAD where the upstream value, the object size, is kept). If the upstream request itself
+    fails, the client gets ``502`` (code ``BadGateway``) and the count ``upstream_error``.
+
+What it guarantees
+    * Reproducible faults: the draws come from ``random.Random(plan.seed)``, re-seeded whenever
+      ``proxy.plan`` is assigned. Each request whose method the plan covers (``plan.methods``,
+      ``None`` = all) takes exactly two draws, the fault roll and then the latency, whatever
+      the shares and latency are, so the same seed and the same request order give the same
+      fault sequence (concurrent requests may reach the proxy in any order). Requests of other
+      methods are always forwarded, without latency, and take no draws.
+    * ``proxy.counts`` is updated before the client sees the outcome, once per request, with
+      the outcome (``forwarded``, ``slowdown``, ``internal_error``, ``reset``,
+      ``upstream_error``) and ``"<METHOD>:<outcome>"``. ``cancelled`` (and
+      ``"<METHOD>:cancelled"``) counts requests that ``stop()`` had to cancel; one cancelled
+      while it waited out its latency or its upstream answer has no other outcome.
+
+Shutting down
+    ``stop()`` (or leaving ``async with``) closes the listening socket first, waits up to
+    ``stop_timeout_s`` for requests in progress to finish, then closes idle keep-alive
+    connections and the upstream ``aiohttp.ClientSession``. A request still running after the
+    grace period is cancelled by aiohttp; the proxy logs a warning for it and counts it as
+    ``cancelled``, so nothing is cancelled silently. ``stop()`` is idempotent and safe after a
+    failed ``start()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import math
+import random
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, Self
+from xml.sax.saxutils import escape
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+__all__ = [
+    "BAD_GATEWAY",
+    "CANCELLED",
+    "FORWARDED",
+    "INTERNAL_ERROR",
+    "RESET",
+    "SLOWDOWN",
+    "UPSTREAM_ERROR",
+    "FaultPlan",
+    "FaultProxy",
+]
+
+logger = logging.getLogger(__name__)
+
+FORWARDED: Final = "forwarded"
+SLOWDOWN: Final = "slowdown"
+INTERNAL_ERROR: Final = "internal_error"
+RESET: Final = "reset"
+UPSTREAM_ERROR: Final = "upstream_error"
+CANCELLED: Final = "cancelled"
+BAD_GATEWAY: Final = "BadGateway"
+
+# RFC 9110 section 7.6.1, plus the non-standard Proxy-Connection. Headers named in a Connection
+# header are hop-by-hop too. Expect is answered by the proxy itself (100-continue).
+_HOP_BY_HOP: Final = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "trailers",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+_NOT_FORWARDED: Final = _HOP_BY_HOP | {"content-length", "expect"}
+_NOT_RELAYED: Final = _HOP_BY_HOP | {"content-length"}
+# Headers aiohttp's client would add on its own; the upstream must see only the client's.
+_NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "Content-Type", "User-Agent")
+
+_SLOWDOWN_MESSAGE: Final = "Please reduce your request rate."
+_INTERNAL_ERROR_MESSAGE: Final = "We encountered an internal error. Please try again."
+
+DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+DEFAULT_UPSTREAM_TIMEOUT_S: Final = 60.0
+DEFAULT_STOP_TIMEOUT_S: Final = 5.0
+_FLUSH_TIMEOUT_S: Final = 5.0
+
+
+@dataclass
+class FaultPlan:
+    """Which faults the proxy injects, and how often; validated when constructed."""
+
+    slowdown_share: float = 0.0
+    """Share of requests answered 503 SlowDown, never forwarded upstream."""
+    internal_error_share: float = 0.0
+    """Share of requests answered 500 InternalError, never forwarded upstream."""
+    reset_share: float = 0.0
+    """Share of requests forwarded, then cut off mid-body (before the response if bodiless)."""
+    latency_s: tuple[float, float] = (0.0, 0.0)
+    """Bounds of the uniform delay added before forwarding a request."""
+    methods: frozenset[str] | None = None
+    """HTTP methods the faults and latency apply to (upper-cased); ``None`` means all."""
+    seed: int = 0
+    """Seed of the ``random.Random`` the faults and delays are drawn from."""
+
+    def __post_init__(self) -> None:
+        shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
+        if any(not (0.0 <= share <= 1.0) for share in shares):
+            raise ValueError(f"fault shares must lie in [0, 1], got {shares}")
+        if math.fsum(shares) > 1.0 + 1e-9:
+            raise ValueError(f"fault shares must add up to at most 1, got {shares}")
+        low, high = self.latency_s
+        if not (0.0 <= low <= high) or math.isinf(high):
+            raise ValueError(f"latency_s must be finite (low, high), 0 <= low <= high: {low, high}")
+        if self.methods is not None:
+            self.methods = frozenset(method.upper() for method in self.methods)
+
+
+class FaultProxy:
+    """A fault-injecting HTTP proxy in front of ``upstream_url``; an async context manager.
+
+    It listens on ``127.0.0.1:<free port>`` once started; see the module docstring.
+    """
+
+    def __init__(
+        self,
+        upstream_url: str,
+        plan: FaultPlan,
+        *,
+        max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+        upstream_timeout_s: float = DEFAULT_UPSTREAM_TIMEOUT_S,
+        stop_timeout_s: float = DEFAULT_STOP_TIMEOUT_S,
+    ) -> None:
+        upstream = URL(upstream_url)
+        if upstream.scheme not in {"http", "https"} or not upstream.host:
+            raise ValueError(f"upstream_url must be an http(s) URL, got {upstream_url!r}")
+        if upstream.path not in {"", "/"} or upstream.query_string or upstream.fragment:
+            raise ValueError(f"upstream_url must have no path or query, got {upstream_url!r}")
+        self.upstream_url = str(upstream.origin())
+        self.counts: Counter[str] = Counter()
+        self._plan = plan
+        self._rng = random.Random(plan.seed)
+        self._max_body_bytes = max_body_bytes
+        self._upstream_timeout_s = upstream_timeout_s
+        self._stop_timeout_s = stop_timeout_s
+        self._runner: web.AppRunner | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._url: str | None = None
+
+    @property
+    def plan(self) -> FaultPlan:
+        """The plan applied to the next request; assigning one re-seeds the fault draws."""
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: FaultPlan) -> None:
+        self._plan = plan
+        self._rng = random.Random(plan.seed)
+
+    @property
+    def url(self) -> str:
+        """``http://127.0.0.1:PORT``; RuntimeError unless the proxy runs."""
+        if self._url is None:
+            raise RuntimeError("FaultProxy is not running")
+        return self._url
+
+    @property
+    def running(self) -> bool:
+        return self._url is not None
+
+    async def start(self) -> None:
+        """Open the upstream session and listen on a free loopback port; no-op if running."""
+        if self._runner is not None:
+            return
+        try:
+            self._session = aiohttp.ClientSession(
+                auto_decompress=False,
+                skip_auto_headers=_NO_AUTO_HEADERS,
+                timeout=aiohttp.ClientTimeout(total=self._upstream_timeout_s),
+            )
+            app = web.Application(client_max_size=self._max_body_bytes)
+            app.router.add_route("*", "/{path:.*}", self._handle)
+            self._runner = web.AppRunner(app, shutdown_timeout=self._stop_timeout_s)
+            await self._runner.setup()
+            site = web.TCPSite(self._runner, "127.0.0.1", 0)
+            await site.start()
+            host, port = self._runner.addresses[0][:2]
+            self._url = f"http://{host}:{port}"
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Stop listening, let requests in progress finish, close everything; idempotent."""
+        self._url = None
+        runner, self._runner = self._runner, None
+        try:
+            if runner is not None:
+                await runner.cleanup()  # requests finishing in the grace period need the session
+        finally:
+            session, self._session = self._session, None
+            if session is not None:
+                await session.close()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    # ----------------------------------------------------------------------------------------
+
+    def _count(self, method: str, outcome: str) -> None:
+        self.counts[outcome] += 1
+        self.counts[f"{method}:{outcome}"] += 1
+
+    def _draw(self, method: str) -> tuple[str, float]:
+        """The outcome planned for a request, and the delay before forwarding it."""
+        plan = self._plan
+        if plan.methods is not None and method not in plan.methods:
+            return FORWARDED, 0.0
+        roll = self._rng.random()
+        delay = self._rng.uniform(*plan.latency_s)
+        threshold = plan.slowdown_share
+        if roll < threshold:
+            return SLOWDOWN, delay
+        threshold += plan.internal_error_share
+        if roll < threshold:
+            return INTERNAL_ERROR, delay
+        threshold += plan.reset_share
+        if roll < threshold:
+            return RESET, delay
+        return FORWARDED, delay
+
+    async def _handle(self, request: web.Request) -> web.StreamResponse:
+        method = request.method
+        try:
+            body = await request.read()
+            planned, delay = self._draw(method)
+            if planned == SLOWDOWN:
+                self._count(method, SLOWDOWN)
+                return _s3_error(request, 503, "SlowDown", _SLOWDOWN_MESSAGE)
+            if planned == INTERNAL_ERROR:
+                self._count(method, INTERNAL_ERROR)
+                return _s3_error(
+                    request,
+                    500,
+                    "InternalError",
+                    "We encountered an internal error. Please try again.",
+                )
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                upstream = await self._forward(request, body)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                logger.warning("fault proxy: %s %s upstream failed: %r", method, request.path, exc)
+                self._count(method, UPSTREAM_ERROR)
+                return _s3_error(request, 502, BAD_GATEWAY, f"Upstream request failed: {exc!r}")
+            self._count(method, planned)
+            if planned == RESET:
+                return await _reset(request, upstream)
+            return await _relay(request, upstream)
+        except asyncio.CancelledError:
+            logger.warning("fault proxy: %s %s cancelled (proxy stopping)", method, request.path)
+            self._count(method, CANCELLED)
+            raise
+
+    async def _forward(self, request: web.Request, body: bytes) -> _Upstream:
+        assert self._session is not None
+        headers = _without(request.headers, _NOT_FORWARDED)
+        has_body = bool(body) or request.content_length is not None or _is_chunked(request)
+        url = URL(self.upstream_url + request.raw_path, encoded=True)
+        async with self._session.request(
+            request.method,
+            url,
+            headers=headers,
+            # BytesIO, not bytes: aiohttp warns (ResourceWarning) about large raw bytes bodies.
+            data=io.BytesIO(body) if has_body else None,
+            allow_redirects=False,
+        ) as response:
+            payload = await response.read()
+            return _Upstream(response.status, response.reason, response.headers, payload)
+
+
+@dataclass(frozen=True)
+class _Upstream:
+    status: int
+    reason: str | None
+    headers: CIMultiDictProxy[str]
+    body: bytes
+
+
+def _is_chunked(request: web.Request) -> bool:
+    return "chunked" in request.headers.get("Transfer-Encoding", "").lower()
+
+
+def _without(headers: CIMultiDictProxy[str], dropped: frozenset[str]) -> CIMultiDict[str]:
+    """``headers`` minus ``dropped`` and the headers the Connection header names."""
+    named = {
+        token.strip().lower()
+        for value in headers.getall("Connection", [])
+        for token in value.split(",")
+    }
+    return CIMultiDict(
+        (name, value)
+        for name, value in headers.items()
+        if name.lower() not in dropped and name.lower() not in named
+    )
+
+
+def _response_head(request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+    """A response with the upstream status and headers, Content-Length set for ``request``."""
+    headers = _without(upstream.headers, _NOT_RELAYED)
+    if request.method == "HEAD" and "Content-Length" in upstream.headers:
+        headers["Content-Length"] = upstream.headers["Content-Length"]
+    else:
+        headers["Content-Length"] = str(len(upstream.body))
+    return web.StreamResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+
+
+async def _relay(request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+    response = _response_head(request, upstream)
+    await response.prepare(request)
+    if upstream.body and request.method != "HEAD":
+        await response.write(upstream.body)
+    await response.write_eof()
+    return response
+
+
+async def _reset(request: web.Request, upstream: _Upstream) -> web.StreamResponse:
+    """Send the head and half the body (if there is a body), then abort the connection."""
+    transport = request.transport
+    response = _response_head(request, upstream)
+    if transport is None:  # the client is gone already
+        return response
+    bodiless = request.method == "HEAD" or upstream.status in {204, 304} or not upstream.body
+    if not bodiless:
+        # abort() drops whatever the transport still buffers, so hand the partial body to the
+        # kernel first: with a zero high-water mark the writer's drain() returns only once the
+        # transport's buffer is empty (or the client has stopped reading for too long).
+        transport.set_write_buffer_limits(high=0)
+        writer = await response.prepare(request)
+        await response.write(upstream.body[: len(upstream.body) // 2])
+        if writer is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(writer.drain(), _FLUSH_TIMEOUT_S)
+    transport.abort()
+    # aiohttp's finish_response() now fails to write to the closed transport, treats that as a
+    # client disconnect (a ConnectionError it swallows) and ends the connection.
+    return response
+
+
+def _s3_error(request: web.Request, status: int, code: str, message: str) -> web.Response:
+    """An S3-style error response; HEAD gets the status and headers only, as S3 does."""
+    request_id = uuid.uuid4().hex[:16].upper()
+    headers = {"x-amz-request-id": request_id}
+    if request.method == "HEAD":
+        return web.Response(status=status, headers=headers)
+    body = (
+        '<?xml version="1.0" encoding="UTF-8"?>'
+        f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>"
+        f"<RequestId>{request_id}</RequestId></Error>"
+    )
+    return web.Response(
+        status=status, headers=headers, body=body.encode(), content_type="application/xml"
+    )
