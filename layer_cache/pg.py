@@ -208,6 +208,15 @@ class PgLayer:
         with map_pg_errors("checking the layer-db connection"):
             await self.pool.fetchval("SELECT 1")
 
+    async def estimated_rows(self) -> int | None:
+        """The planner's row estimate for the table (None when never analyzed)."""
+        with map_pg_errors(f"estimating rows of {self.spec.table}"):
+            estimate = await self.pool.fetchval(
+                "SELECT reltuples::bigint FROM pg_class WHERE oid = to_regclass($1)",
+                self.spec.table,
+            )
+        return None if estimate is None or estimate < 0 else int(estimate)
+
     async def check_readable(self) -> tuple[bool, bool]:
         """(table exists, current role may SELECT from it)."""
         with map_pg_errors(f"checking table {self.spec.table}"):

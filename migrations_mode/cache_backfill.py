@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TypeVar
@@ -103,6 +104,7 @@ class CacheBackfill:
         self._writes = config.verify is VerifyMode.OFF
         self._rows_done_before = 0
         self._saved_position: Position | None = None
+        self._table_estimate: int | None = None
 
     @property
     def stats(self) -> CacheStats:
@@ -114,10 +116,54 @@ class CacheBackfill:
         """The cutoff that resumes this cache without loss."""
         return self.tracker.checkpoint_timestamp
 
+    @property
+    def rows_done(self) -> int:
+        """Rows finished, this run and the runs it resumed."""
+        return self._rows_done_before + self.stats.processed
+
+    def keyspace_done_ratio(self) -> float | None:
+        """How far through this shard's key space the walk is (key order, hex keys only)."""
+        if self.completed:
+            return 1.0
+        low_water = self.tracker.low_water
+        if not self._in_key_order or low_water is None:
+            return None if not self._in_key_order else 0.0
+        return self.config.shard.done_ratio(low_water.key)
+
+    def rows_total_estimate(self) -> int | None:
+        """Rows this cache walks: exact once complete, else the planner's share for the shard."""
+        if self.completed:
+            return self.rows_done
+        if self._table_estimate is None:
+            return None
+        return max(self._table_estimate // self.config.shard.count, self.rows_done)
+
+    def gauge_values(self) -> dict[str, float]:
+        """The gauges' current values (see ``migrations_mode.progress``)."""
+        values: dict[str, float] = {
+            "uploads_in_flight": self.upload_limit.in_use,
+            "upload_concurrency_limit": self.upload_limit.limit,
+        }
+        if not self._in_key_order:
+            lag = self.config.cutoff - self.checkpoint_timestamp
+            values["checkpoint_lag_seconds"] = lag.total_seconds()
+        ratio = self.keyspace_done_ratio()
+        if ratio is not None:
+            values["keyspace_done_ratio"] = ratio
+        total = self.rows_total_estimate()
+        if total is not None:
+            values["rows_total_estimate"] = total
+            if ratio is not None:
+                values["rows_remaining_estimate"] = round(total * (1 - ratio))
+            else:
+                values["rows_remaining_estimate"] = max(total - self.rows_done, 0)
+        return values
+
     async def run(self) -> CacheStats:
         """Copy every row; returns the stats, raises ``CacheBackfillFailed`` on failure."""
         structlog.contextvars.bind_contextvars(cache_type=self.cache_type.value)
         resume_after = await self._load_progress()
+        self._table_estimate = await self._storage_call(self.pg.estimated_rows, None)
         if self.completed:
             self.progress.finish()
             log.info("completed backfill", already_complete=True, progress_store=self._store.kind)
@@ -357,7 +403,9 @@ class CacheBackfill:
     ) -> None:
         """PUT the value (or, verifying content, compare it with the object)."""
         if self.config.verify is VerifyMode.OFF:
+            started = time.monotonic()
             await self._storage_call(lambda: self.s3.put(row.key, value), row.key)
+            self.progress.upload_took(time.monotonic() - started)
             log.debug("uploaded to S3", key=row.key, size=len(value))
             self.progress.uploaded(len(value), repaired=stored is not None)
         else:

@@ -90,6 +90,8 @@ async def run_backfill(
         )
         for cache_type in config.cache_types
     ]
+    for cache in caches:
+        metrics.watch(cache)
     log.info(
         "starting backfill for all cache types",
         cache_count=len(caches),

@@ -7,18 +7,28 @@ the two can never disagree.
 Metrics (attribute ``cache_type``, the CLI name, as upstream so dashboards carry over):
 ``layer_cache.backfill.items_processed``, ``…items_uploaded``, ``…items_skipped``,
 ``…bytes_uploaded`` (upstream's four), plus ``…items_repaired``, ``…items_vanished``,
-``…retries`` (attribute ``error_class``) and ``…errors`` (attribute ``error_class``).
+``…retries`` (attribute ``error_class``) and ``…errors`` (attribute ``error_class``); the
+histogram ``…upload_duration_seconds``; and gauges read from each running cache when metrics are
+collected (``GaugeSource``): ``…uploads_in_flight``, ``…upload_concurrency_limit``,
+``…checkpoint_lag_seconds`` (cutoff minus checkpoint, newest-first order),
+``…keyspace_done_ratio`` (key order), ``…rows_total_estimate`` and ``…rows_remaining_estimate``.
+No instrument has a unit, so Prometheus names stay exactly upstream's
+(``layer_cache_backfill_items_processed_total``); units are in the names instead.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import Protocol
 
-from opentelemetry.metrics import Meter
+from opentelemetry.metrics import CallbackOptions, Meter, Observation
+from opentelemetry.metrics import Counter as Counter_
 
 from layer_cache.cache_types import CacheType
+from layer_cache.errors import ErrorKind
 
 _PREFIX = "layer_cache.backfill."
 
@@ -55,38 +65,90 @@ class CacheStats:
         return self.processed / elapsed if elapsed > 0 else 0.0
 
 
+UPLOAD_DURATION_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+GAUGES = {
+    "uploads_in_flight": "Uploads in flight",
+    "upload_concurrency_limit": "Current upload concurrency limit (lowered when throttled)",
+    "checkpoint_lag_seconds": "Cutoff minus the resumable checkpoint (newest-first order)",
+    "keyspace_done_ratio": "Share of this shard's key space walked (key order)",
+    "rows_total_estimate": "Rows to walk, from planner statistics until counted",
+    "rows_remaining_estimate": "Rows left to walk, estimated",
+}
+
+
+class GaugeSource(Protocol):
+    """A running cache whose state the gauges read."""
+
+    cache_type: CacheType
+
+    def gauge_values(self) -> dict[str, float]:
+        """Current values, keyed by the names in ``GAUGES`` (absent = unknown)."""
+
+
 class BackfillMetrics:
     """The OTel instruments of the backfill, created once per run."""
 
     def __init__(self, meter: Meter) -> None:
+        self._sources: list[GaugeSource] = []
+        self.upload_duration = meter.create_histogram(
+            _PREFIX + "upload_duration_seconds",
+            description="Seconds per PUT, retries included",
+            explicit_bucket_boundaries_advisory=list(UPLOAD_DURATION_BUCKETS_S),
+        )
+        for name, description in GAUGES.items():
+            meter.create_observable_gauge(
+                _PREFIX + name, callbacks=[self._observer(name)], description=description
+            )
         self.items_processed = meter.create_counter(
-            _PREFIX + "items_processed", unit="{item}", description="Rows finished"
+            _PREFIX + "items_processed", description="Rows finished"
         )
         self.items_uploaded = meter.create_counter(
-            _PREFIX + "items_uploaded", unit="{item}", description="Rows PUT to S3"
+            _PREFIX + "items_uploaded", description="Rows PUT to S3"
         )
         self.items_skipped = meter.create_counter(
-            _PREFIX + "items_skipped", unit="{item}", description="Rows already in S3"
+            _PREFIX + "items_skipped", description="Rows already in S3"
         )
         self.bytes_uploaded = meter.create_counter(
-            _PREFIX + "bytes_uploaded", unit="By", description="Value bytes PUT to S3"
+            _PREFIX + "bytes_uploaded", description="Value bytes PUT to S3"
         )
         self.items_repaired = meter.create_counter(
             _PREFIX + "items_repaired",
-            unit="{item}",
             description="Rows re-uploaded because the stored object had the wrong size",
         )
         self.items_vanished = meter.create_counter(
             _PREFIX + "items_vanished",
-            unit="{item}",
             description="Rows deleted between listing and reading",
         )
         self.retries = meter.create_counter(
-            _PREFIX + "retries", unit="{attempt}", description="Retried calls by error class"
+            _PREFIX + "retries", description="Retried calls by error class"
         )
         self.errors = meter.create_counter(
-            _PREFIX + "errors", unit="{error}", description="Failed calls by error class"
+            _PREFIX + "errors", description="Failed calls by error class"
         )
+
+    def per_cache_counters(self) -> tuple[Counter_, ...]:
+        """The counters with only a ``cache_type`` attribute."""
+        return (
+            self.items_processed,
+            self.items_uploaded,
+            self.items_skipped,
+            self.bytes_uploaded,
+            self.items_repaired,
+            self.items_vanished,
+        )
+
+    def watch(self, source: GaugeSource) -> None:
+        """Report a cache's gauges from now on."""
+        self._sources.append(source)
+
+    def _observer(self, name: str) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(_options: CallbackOptions) -> Iterable[Observation]:
+            for source in self._sources:
+                value = source.gauge_values().get(name)
+                if value is not None:
+                    yield Observation(value, {"cache_type": source.cache_type.value})
+
+        return observe
 
 
 class CacheProgress:
@@ -96,6 +158,18 @@ class CacheProgress:
         self.stats = CacheStats(cache_type)
         self._metrics = metrics
         self._attributes = {"cache_type": cache_type.value}
+        # Start every series at zero, so rates and alerts work before the first event.
+        for counter in metrics.per_cache_counters():
+            counter.add(0, self._attributes)
+        for kind in ErrorKind:
+            labelled = self._attributes | {"error_class": kind.value}
+            metrics.errors.add(0, labelled)
+            if kind.retryable:
+                metrics.retries.add(0, labelled)
+
+    def upload_took(self, seconds: float) -> None:
+        """How long one PUT took, retries included."""
+        self._metrics.upload_duration.record(seconds, self._attributes)
 
     def uploaded(self, size: int, *, repaired: bool) -> None:
         """A row was PUT (``repaired`` when it replaced a wrong-sized object)."""

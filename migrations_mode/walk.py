@@ -73,6 +73,16 @@ class Shard:
             None if self.index == self.count - 1 else _boundary(self.index + 1, self.count),
         )
 
+    def done_ratio(self, key: str) -> float | None:
+        """How far ``key`` is through this shard's share of the key space (None if not hex)."""
+        try:
+            point = int(key[:4].ljust(4, "0"), 16)
+        except ValueError:
+            return None
+        low = self.index * _SHARD_SPACE // self.count
+        high = (self.index + 1) * _SHARD_SPACE // self.count
+        return min(max((point - low) / (high - low), 0.0), 1.0)
+
 
 def _boundary(index: int, count: int) -> str:
     return format(index * _SHARD_SPACE // count, "04x")

@@ -5,7 +5,9 @@ Exit statuses, decided here and only here:
   1   the run failed part-way (a cache failed; the log names cache, key and cause)
   2   invalid input: a flag or setting is missing, unknown or malformed; nothing was opened
   3   the environment is not ready: cannot connect, bad credentials, missing table or bucket
-  130 / 143  stopped by SIGINT / SIGTERM after draining; the log says how to resume
+      (the server: also when it cannot listen on --socket-addr)
+  130 / 143  stopped by SIGINT / SIGTERM after draining; the log says how to resume (the server,
+      run/skip, only ever stops this way: 143 after a clean SIGTERM shutdown, like the backfill)
 Errors are one log line; ``-v`` adds the traceback.
 """
 
@@ -16,6 +18,7 @@ import asyncio
 import os
 import sys
 from collections.abc import Callable, Sequence
+from functools import partial
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
@@ -31,6 +34,12 @@ from migrations_mode.preflight import explain_storage_error
 from migrations_mode.summary import format_summary_table
 from services.context import open_services_context
 from services.logging import configure_logging
+from services.server import (
+    SERVER_ENV_PREFIX,
+    ListenError,
+    load_server_config,
+    serve_layer_cache,
+)
 from services.settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
@@ -119,6 +128,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=_env_help("log JSON lines instead of console text", "SI_LOG_JSON", "false"),
     )
     general.add_argument(
+        "--metrics-port",
+        type=int,
+        help=_env_help(
+            "serve Prometheus /metrics on this port (0 picks one)",
+            f"{ENV_PREFIX}METRICS_PORT",
+            "off",
+        ),
+    )
+    general.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logs (-v debug, -vv libraries)"
     )
     general.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
@@ -137,6 +155,20 @@ def build_parser() -> argparse.ArgumentParser:
                 None if "required" in text else default,
             ),
         )
+
+    server = parser.add_argument_group(
+        "server (--migration-mode run or skip; other settings: "
+        f"{SERVER_ENV_PREFIX}… env vars, see docs/server.md)"
+    )
+    server.add_argument(
+        "--socket-addr",
+        metavar="HOST:PORT",
+        help=_env_help(
+            "address the layer cache API listens on; port 0 picks a free port (logged)",
+            f"{ENV_PREFIX}SOCKET_ADDR",
+            Settings.model_fields["socket_addr"].default,
+        ),
+    )
     return parser
 
 
@@ -183,11 +215,18 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if report.complete else EXIT_FAILED
 
 
-async def _server_not_built(settings: Settings, _args: argparse.Namespace) -> int:
-    raise SettingsError(
-        f"migration mode {settings.migration_mode} starts the layer cache server, which this "
-        "build does not include; use runAndQuit or backfillLayerCache"
-    )
+async def _serve(settings: Settings, args: argparse.Namespace, *, apply_schema_first: bool) -> int:
+    """run (schema first) and skip: serve the layer cache API until SIGTERM/SIGINT."""
+    if args.socket_addr is not None:
+        settings = settings.model_copy(update={"socket_addr": args.socket_addr})
+    config = load_server_config()
+    stop = StopRequest()
+    with capture_signals(stop):
+        try:
+            await serve_layer_cache(settings, config, stop, apply_schema_first=apply_schema_first)
+        except ListenError as exc:
+            return _fail(str(exc), EXIT_ENVIRONMENT, exc, args.verbose)
+    return stop.exit_status if stop.exit_status is not None else EXIT_OK
 
 
 ModeHandler = Callable[[Settings, argparse.Namespace], Any]
@@ -195,8 +234,8 @@ ModeHandler = Callable[[Settings, argparse.Namespace], Any]
 MODE_HANDLERS: dict[MigrationMode, ModeHandler] = {
     MigrationMode.RUN_AND_QUIT: _run_and_quit,
     MigrationMode.BACKFILL_LAYER_CACHE: _backfill,
-    MigrationMode.RUN: _server_not_built,
-    MigrationMode.SKIP: _server_not_built,
+    MigrationMode.RUN: partial(_serve, apply_schema_first=True),
+    MigrationMode.SKIP: partial(_serve, apply_schema_first=False),
 }
 
 
@@ -209,7 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
     args = build_parser().parse_args(argv)
     configure_logging(json=args.log_json, verbosity=args.verbose)
-    overrides = {"migration_mode": args.migration_mode} if args.migration_mode else {}
+    overrides = {
+        name: value
+        for name, value in (
+            ("migration_mode", args.migration_mode),
+            ("metrics_port", args.metrics_port),
+        )
+        if value is not None
+    }
     try:
         settings = load_settings(overrides, config_file=args.config)
         status: int = asyncio.run(MODE_HANDLERS[settings.migration_mode](settings, args))

@@ -129,7 +129,7 @@ async def open_services_context(
     if with_s3 is None:
         with_s3 = settings.layer_db_config.persister_mode.uses_s3
     async with AsyncExitStack() as stack:
-        telemetry = start_telemetry(metric_readers)
+        telemetry = start_telemetry(metric_readers, prometheus_port=settings.metrics_port)
         stack.callback(telemetry.shutdown)
         pool = await open_pg_pool(settings.layer_db_config.pg_pool_config)
         stack.push_async_callback(pool.close)

@@ -176,6 +176,7 @@ class Settings(BaseSettings):
     migration_mode: MigrationMode = MigrationMode.RUN
     layer_db_config: LayerDbConfig = LayerDbConfig()
     socket_addr: str = "0.0.0.0:5156"
+    metrics_port: int | None = Field(None, ge=0, le=65535)
 
     @classmethod
     def settings_customise_sources(

@@ -13,11 +13,14 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
+from wsgiref.simple_server import WSGIServer
 
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
+from prometheus_client import CollectorRegistry, start_http_server
 
 DEFAULT_SERVICE_NAME = "sdf"
 SERVICE_NAMESPACE = "si"
@@ -31,11 +34,20 @@ class Telemetry:
 
     provider: MeterProvider
     meter: Meter
+    scrape_server: WSGIServer | None = None
+
+    @property
+    def scrape_port(self) -> int | None:
+        """The port the Prometheus endpoint listens on (useful with port 0)."""
+        return None if self.scrape_server is None else int(self.scrape_server.server_port)
 
     def shutdown(self) -> None:
-        """Flush and stop every reader; safe to call once at exit."""
+        """Flush and stop every reader, then close the scrape endpoint; call once at exit."""
         self.provider.force_flush(timeout_millis=5_000)
         self.provider.shutdown(timeout_millis=5_000)
+        if self.scrape_server is not None:
+            self.scrape_server.shutdown()
+            self.scrape_server.server_close()
 
 
 def otlp_configured() -> bool:
@@ -43,9 +55,21 @@ def otlp_configured() -> bool:
     return any(os.environ.get(name) for name in _OTLP_ENDPOINT_VARS)
 
 
-def start_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
-    """Build the MeterProvider (OTLP exporter only when configured)."""
+def start_telemetry(
+    extra_readers: Sequence[MetricReader] = (),
+    *,
+    prometheus_port: int | None = None,
+    prometheus_host: str = "0.0.0.0",
+) -> Telemetry:
+    """Build the MeterProvider (OTLP exporter and scrape endpoint only when configured)."""
     readers = list(extra_readers)
+    scrape_server: WSGIServer | None = None
+    if prometheus_port is not None:
+        registry = CollectorRegistry(auto_describe=True)
+        readers.append(PrometheusMetricReader(registry=registry))
+        scrape_server, _thread = start_http_server(
+            prometheus_port, addr=prometheus_host, registry=registry
+        )
     if otlp_configured():
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
 
@@ -57,4 +81,4 @@ def start_telemetry(extra_readers: Sequence[MetricReader] = ()) -> Telemetry:
         }
     )
     provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(provider=provider, meter=provider.get_meter(METER_NAME))
+    return Telemetry(provider, provider.get_meter(METER_NAME), scrape_server)
