@@ -68,6 +68,7 @@ async def seed_all(pg: PostgresEndpoint, rows_per_cache: int, cutoff: datetime) 
     try:
         for cache_type in BACKFILLABLE_CACHE_TYPES:
             await seed(pool, cache_type, rows_per_cache, cutoff=cutoff)
+        await pool.execute("ANALYZE")  # planner statistics give the progress display its totals
     finally:
         await pool.close()
 

@@ -55,6 +55,7 @@ from layer_cache.s3 import S3Layer
 from migrations_mode.bucket_index import UNKNOWN, BucketIndex
 from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.config import BackfillConfig, VerifyMode, format_checkpoint
+from migrations_mode.display import RateMeter, progress_report
 from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.progress import BackfillMetrics, CacheProgress, CacheStats
 from migrations_mode.progress_store import (
@@ -68,6 +69,9 @@ from migrations_mode.walk import WalkOrder, plan_chunks
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# Below this share of the key space walked, an extrapolated total is too noisy to show.
+_EXTRAPOLATE_FROM_RATIO = 0.02
 
 
 def resume_flag(checkpoint: datetime) -> str:
@@ -98,6 +102,7 @@ class CacheBackfill:
         self.upload_limit = AdaptiveLimit(config.max_concurrent_uploads)
         self.bytes_budget = ByteBudget(config.max_inflight_bytes)
         self.completed = False
+        self.log_progress = True  # off while a live display shows the same on a terminal
         self._stop = stop
         self._store = progress_store
         self._progress_key = ProgressKey(cache_type, config.cutoff, config.shard.label)
@@ -131,9 +136,14 @@ class CacheBackfill:
         return self.config.shard.done_ratio(low_water.key)
 
     def rows_total_estimate(self) -> int | None:
-        """Rows this cache walks: exact once complete, else the planner's share for the shard."""
+        """Rows this cache walks: exact once complete; in key order, extrapolated from the share
+        of the key space walked (hashes are uniform) once that share says something; else the
+        planner's estimate for the table, split across shards."""
         if self.completed:
             return self.rows_done
+        ratio = self.keyspace_done_ratio()
+        if ratio is not None and ratio >= _EXTRAPOLATE_FROM_RATIO:
+            return max(round(self.rows_done / ratio), self.rows_done)
         if self._table_estimate is None:
             return None
         return max(self._table_estimate // self.config.shard.count, self.rows_done)
@@ -491,8 +501,13 @@ class CacheBackfill:
 
     async def _log_checkpoints(self) -> None:
         interval = self.config.checkpoint_interval.total_seconds()
+        meter = RateMeter()
+        meter.add(time.monotonic(), self.rows_done)
         while True:
             await asyncio.sleep(interval)
+            meter.add(time.monotonic(), self.rows_done)
+            if self.log_progress:
+                log.info("backfill progress", **progress_report(self, meter.rate).as_fields())
             log.info(
                 "backfill checkpoint",
                 checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),

@@ -15,10 +15,12 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
+from rich.console import Console
 
 from layer_cache.errors import StorageError
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
 from migrations_mode.config import BackfillConfig, format_checkpoint
+from migrations_mode.display import LiveProgress
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import run_preflight
 from migrations_mode.progress import BackfillMetrics
@@ -65,6 +67,8 @@ async def run_backfill(
     context: ServicesContext,
     config: BackfillConfig,
     stop: StopRequest,
+    *,
+    live_console: Console | None = None,
 ) -> BackfillReport:
     """Backfill every selected cache; a failed cache is reported in ``BackfillReport.failure``."""
     metrics = BackfillMetrics(context.telemetry.meter)
@@ -92,6 +96,7 @@ async def run_backfill(
     ]
     for cache in caches:
         metrics.watch(cache)
+        cache.log_progress = live_console is None
     log.info(
         "starting backfill for all cache types",
         cache_count=len(caches),
@@ -102,6 +107,11 @@ async def run_backfill(
     failure: CacheBackfillFailed | None = None
     tasks: list[asyncio.Task[object]] = []
     watchdog: asyncio.Task[None] | None = None
+    display = (
+        asyncio.create_task(LiveProgress(caches, live_console).run())
+        if live_console is not None
+        else None
+    )
     try:
         async with asyncio.TaskGroup() as group:
             tasks.extend(group.create_task(cache.run()) for cache in caches)
@@ -111,10 +121,11 @@ async def run_backfill(
         assert isinstance(first, CacheBackfillFailed)
         failure = first
     finally:
-        if watchdog is not None:
-            watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await watchdog
+        for helper in (watchdog, display):
+            if helper is not None:
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
         report = BackfillReport(
             [CacheOutcome(cache.stats, _status(cache, stop, failure)) for cache in caches],
             failure,

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import structlog
+from rich.console import Console
 
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.pg import apply_schema
@@ -197,7 +198,9 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         async with open_services_context(
             settings, with_s3=True, s3_max_connections=connections
         ) as context:
-            report = await run_backfill(context, config, stop)
+            live = not args.log_json and sys.stderr.isatty()
+            console = Console(stderr=True) if live else None
+            report = await run_backfill(context, config, stop, live_console=console)
     if not args.log_json:
         print(format_summary_table(report.outcomes), flush=True)
     if report.failure is not None:

@@ -35,6 +35,20 @@ def level_for_verbosity(verbosity: int) -> int:
     return logging.DEBUG if verbosity >= 1 else logging.INFO
 
 
+class _CurrentStderr:
+    """Writes to whatever ``sys.stderr`` is now, so a live progress display that redirects it
+    (rich) keeps log lines above the display instead of under it."""
+
+    def write(self, text: str) -> int:
+        return sys.stderr.write(text)
+
+    def flush(self) -> None:
+        sys.stderr.flush()
+
+    def isatty(self) -> bool:
+        return sys.stderr.isatty()
+
+
 def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None = None) -> None:
     """Configure structlog once for the process."""
     renderer: structlog.typing.Processor = (
@@ -52,7 +66,7 @@ def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None =
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
-        logger_factory=structlog.PrintLoggerFactory(stream or sys.stderr),
+        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=False,
     )
     logging.basicConfig(

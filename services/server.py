@@ -1,0 +1,492 @@
+"""The layer cache server: an aiohttp HTTP API over the persister of the configured mode.
+
+API (raw bytes in and out, JSON errors ``{"error": {"code": …, "message": …}}``):
+
+* ``GET /v1/{cache_type}/{key}``: the value (``application/octet-stream``), or 404 ``not_found``.
+* ``HEAD /v1/{cache_type}/{key}``: 200 with the value's ``Content-Length``, or 404.
+* ``PUT /v1/{cache_type}/{key}``: store the body; 201 when stored, 200 when the key already
+  existed (first write wins; the stored value is not changed).
+* ``POST /v1/{cache_type}/get-bulk``: body ``{"keys": [...]}``; answers
+  ``{"values": {key: base64 value}, "missing": [key, ...]}``.
+* ``GET /healthz``: 200 while the process runs. ``GET /readyz``: 200 when every backend the
+  persister mode uses answers (Postgres ``SELECT 1``, S3 a one-key listing of one bucket);
+  503 ``not_ready`` before the server is listening, once it is shutting down, or when a backend
+  fails or takes longer than ``readiness_timeout_secs``.
+
+Cache types are the eight backfillable ones of the registry. ``func_run`` and ``func_run_log``
+are not served: their tables carry columns a key → bytes API cannot fill, and they are never
+backfilled, so moving to ``S3Only`` would lose them. Keys must match ``[0-9A-Za-z]{1,128}``:
+every key form upstream uses (32 or 64 lowercase hex characters for content hashes and blake3
+addresses, 26-character ULIDs) and nothing that could change an object key's path (no ``/``,
+``.``, ``%``). Error codes: ``unknown_cache_type`` (404), ``malformed_key`` (400),
+``malformed_body`` (400), ``too_many_keys`` (400), ``body_too_large`` (413), ``not_found``
+(404), ``method_not_allowed`` (405), ``not_ready`` (503), ``storage_unavailable`` (503, a
+retryable storage fault; ``Retry-After: 1``), ``storage_error`` (500, a storage fault retrying
+cannot fix: missing bucket or table, access denied), ``internal_error`` (500).
+
+Server settings beyond ``SI_SDF__SOCKET_ADDR`` are ``SI_SERVER_*`` env vars (``ServerConfig``).
+
+Shutdown, on the first SIGTERM/SIGINT (``capture_signals`` sets the stop event; a second signal
+exits at once), within one grace period (``SI_SERVER_GRACE_PERIOD_SECS``, default 25 s, under
+Kubernetes' default 30 s termination grace):
+
+1. ``/readyz`` answers 503 and the listening socket is closed: no new connections.
+2. Requests in flight run to completion, reading their bodies and writing their responses,
+   until the grace period ends. A request arriving meanwhile on an open keep-alive connection
+   is still answered, with ``Connection: close``.
+3. Idle connections are closed; requests still running at the end of the grace period are
+   cancelled (they get ``CANCEL_WAIT_S`` to unwind; a cancelled PUT may have stored its value
+   on some targets, which a retry completes).
+4. The fallback write-back queue is drained with what is left of the grace period; jobs still
+   unfinished are abandoned and counted (they are written back on their next read).
+5. The caller leaves the services context: S3 client, Postgres pool, telemetry flush.
+The CLI then exits 143 (SIGTERM) or 130 (SIGINT).
+
+Logs: ``info`` for ``layer cache server listening`` (``host``, ``port``), ``layer cache server
+shutting down`` and ``layer cache server stopped``; ``warning`` for storage faults answered with
+5xx and for write-back drops; ``debug`` per request (``-v``). Metrics: the write-back counters
+of ``layer_cache.writeback``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import re
+import time
+from collections.abc import Callable, Mapping
+from typing import Any, NoReturn
+
+import structlog
+from aiohttp import web
+from aiohttp.typedefs import Handler
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.errors import LayerCacheError, StorageError
+from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
+from layer_cache.pg import apply_schema
+from layer_cache.retry import RetryPolicy
+from layer_cache.writeback import FallbackWriteBack
+from services.context import ServicesContext, open_services_context
+from services.settings import ENV_PREFIX, Settings, SettingsError, describe_validation_error
+from services.signals import StopRequest
+
+log = structlog.get_logger(__name__)
+
+SERVER_ENV_PREFIX = "SI_SERVER_"
+SOCKET_ADDR_ENV = f"{ENV_PREFIX}SOCKET_ADDR"
+KEY_PATTERN = re.compile(r"[0-9A-Za-z]{1,128}")
+SERVED_CACHE_TYPES: tuple[CacheType, ...] = BACKFILLABLE_CACHE_TYPES
+OCTET_STREAM = "application/octet-stream"
+CANCEL_WAIT_S = 0.25
+"""After the grace period: how long a cancelled request gets to unwind."""
+WRITE_BACK_RETRY_POLICY = RetryPolicy(max_attempts=5, max_elapsed_s=30.0)
+
+
+class ListenError(LayerCacheError):
+    """The server could not bind its socket (address in use, not permitted…)."""
+
+
+class ServerConfig(BaseSettings):
+    """Server tunables, from ``SI_SERVER_*`` env vars (or keyword arguments in tests)."""
+
+    model_config = SettingsConfigDict(env_prefix=SERVER_ENV_PREFIX, extra="ignore", frozen=True)
+
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_bulk_keys: int = Field(1000, ge=1, le=100_000)
+    grace_period_secs: float = Field(25.0, ge=0)
+    readiness_timeout_secs: float = Field(2.0, gt=0)
+    writeback_queue_size: int = Field(10_000, ge=1)
+    writeback_queue_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    writeback_workers: int = Field(4, ge=1, le=256)
+
+
+def load_server_config() -> ServerConfig:
+    """The server's settings from the environment; one ``SettingsError`` line if invalid."""
+    try:
+        return ServerConfig()
+    except ValidationError as exc:
+
+        def env_name(loc: tuple[int | str, ...]) -> str:
+            return SERVER_ENV_PREFIX + str(loc[0]).upper()
+
+        raise SettingsError(describe_validation_error(exc, env_name)) from None
+
+
+def parse_socket_addr(text: str) -> tuple[str, int]:
+    """``host:port`` or ``[ipv6]:port`` → (host, port); port 0 asks for a free one."""
+    host, separator, port_text = text.strip().rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not separator or not host or not port_text.isdigit() or int(port_text) > 65535:
+        raise SettingsError(
+            f"invalid {SOCKET_ADDR_ENV} (--socket-addr): {text!r} is not host:port "
+            "(e.g. 0.0.0.0:5156, [::]:5156, 127.0.0.1:0)"
+        )
+    return host, int(port_text)
+
+
+class ApiError(Exception):
+    """A request the API refuses, answered as a JSON error."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def error_response(
+    status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    """The JSON error body every failure uses."""
+    return web.json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+_HTTP_ERROR_CODES: Mapping[int, str] = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+}
+
+_STORE_FACTORIES: Mapping[Backend, Callable[[ServicesContext, CacheType], Store]] = {
+    Backend.POSTGRES: lambda context, cache_type: PgStore(context.pg_layer(cache_type)),
+    Backend.S3: lambda context, cache_type: S3Store(context.s3_layer(cache_type)),
+}
+
+
+class LayerCacheServer:
+    """The HTTP application and its persisters; ``run`` serves until asked to stop."""
+
+    def __init__(self, context: ServicesContext, config: ServerConfig) -> None:
+        self.context = context
+        self.config = config
+        self.mode = context.settings.layer_db_config.persister_mode
+        self.route = ROUTES[self.mode]
+        self.write_back = FallbackWriteBack(
+            context.telemetry.meter,
+            capacity=config.writeback_queue_size,
+            max_bytes=config.writeback_queue_bytes,
+            workers=config.writeback_workers,
+            policy=WRITE_BACK_RETRY_POLICY,
+        )
+        self.persisters: dict[CacheType, CachePersister] = {
+            cache_type: CachePersister(
+                self.route,
+                {b: _STORE_FACTORIES[b](context, cache_type) for b in self.route.backends},
+                self.write_back,
+            )
+            for cache_type in SERVED_CACHE_TYPES
+        }
+        # Readiness asks each backend once, through the first served cache's store.
+        first = self.persisters[SERVED_CACHE_TYPES[0]]
+        self._probes = {backend: first.stores[backend] for backend in sorted(self.route.backends)}
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._ready = False
+        self._stopping = False
+        self.app = self._build_app()
+
+    def _build_app(self) -> web.Application:
+        app = web.Application(
+            client_max_size=self.config.max_body_bytes, middlewares=[self._middleware]
+        )
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        app.router.add_post("/v1/{cache_type}/get-bulk", self._get_bulk)
+        app.router.add_get("/v1/{cache_type}/{key}", self._get, allow_head=False)
+        app.router.add_route("HEAD", "/v1/{cache_type}/{key}", self._head)
+        app.router.add_put("/v1/{cache_type}/{key}", self._put)
+        return app
+
+    # ---------------------------------------------------------------------------------------
+    # Serving and shutting down
+
+    async def run(
+        self,
+        stop: StopRequest,
+        *,
+        socket_addr: str,
+        on_listening: Callable[[str, int], None] | None = None,
+    ) -> None:
+        """Listen on ``socket_addr`` until ``stop`` is set, then shut down gracefully."""
+        host, port = parse_socket_addr(socket_addr)
+        grace = self.config.grace_period_secs
+        # aiohttp's own graceful shutdown stops reading request bodies at once (aio-libs/aiohttp
+        # #2298), which would fail every upload in flight: this server waits for its requests
+        # itself and leaves aiohttp only the idle connections and the cancelling.
+        runner = web.AppRunner(
+            self.app, handle_signals=False, access_log=None, shutdown_timeout=CANCEL_WAIT_S
+        )
+        await runner.setup()
+        self.write_back.start()
+        loop = asyncio.get_running_loop()
+        try:
+            try:
+                await web.TCPSite(runner, host, port).start()
+            except OSError as exc:
+                raise ListenError(
+                    f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
+                    f"choose another {SOCKET_ADDR_ENV} (--socket-addr)"
+                ) from exc
+            bound_host, bound_port = runner.addresses[0][:2]
+            self._ready = True
+            log.info(
+                "layer cache server listening",
+                host=bound_host,
+                port=bound_port,
+                persister_mode=self.mode.value,
+                cache_types=[cache_type.value for cache_type in SERVED_CACHE_TYPES],
+            )
+            if on_listening is not None:
+                on_listening(bound_host, bound_port)
+            await stop.event.wait()
+            log.info(
+                "layer cache server shutting down",
+                signal=stop.signal.name if stop.signal else None,
+                in_flight_requests=self.in_flight,
+                queued_write_backs=self.write_back.pending,
+                grace_period_s=grace,
+            )
+        finally:
+            self._ready = False
+            self._stopping = True
+            deadline = loop.time() + grace
+            for site in list(runner.sites):
+                await site.stop()  # no new connections
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout_at(deadline):
+                    await self._idle.wait()
+            cancelled = self.in_flight
+            await runner.cleanup()  # close idle connections, cancel what still runs
+            abandoned = await self.write_back.drain(deadline - loop.time())
+            log.info(
+                "layer cache server stopped",
+                cancelled_requests=cancelled,
+                abandoned_write_backs=abandoned,
+            )
+
+    @web.middleware
+    async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        self.in_flight += 1
+        self._idle.clear()
+        started = time.perf_counter()
+        try:
+            response = await self._answer(request, handler)
+            if self._stopping:
+                response.force_close()  # answer, then close: the connection takes no more
+            # Sent here, so a request stays "in flight" (and shutdown waits) until its body is
+            # written; aiohttp sees a prepared response and only finishes it.
+            await response.prepare(request)
+            await response.write_eof()
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+        log.debug(
+            "request",
+            method=request.method,
+            path=request.path,
+            status=response.status,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+        )
+        return response
+
+    async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return error_response(exc.status, exc.code, exc.message)
+        except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too big
+            if exc.status == web.HTTPRequestEntityTooLarge.status_code:
+                message = f"request body exceeds {self.config.max_body_bytes} bytes"
+            else:
+                message = exc.reason
+            allow = {"Allow": exc.headers["Allow"]} if "Allow" in exc.headers else None
+            code = _HTTP_ERROR_CODES.get(exc.status, "http_error")
+            return error_response(exc.status, code, message, headers=allow)
+        except StorageError as exc:
+            log.warning(
+                "storage call failed",
+                method=request.method,
+                path=request.path,
+                error_class=exc.kind.value,
+                cause=str(exc),
+            )
+            if exc.kind.retryable:
+                return error_response(
+                    503, "storage_unavailable", str(exc), headers={"Retry-After": "1"}
+                )
+            return error_response(500, "storage_error", str(exc))
+        except Exception:
+            log.exception("request failed", method=request.method, path=request.path)
+            return error_response(500, "internal_error", "internal error; see the server log")
+
+    # ---------------------------------------------------------------------------------------
+    # Handlers
+
+    async def _healthz(self, _request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, _request: web.Request) -> web.Response:
+        if not self._ready:
+            raise ApiError(503, "not_ready", "the server is starting or shutting down")
+        problems = await asyncio.gather(*(self._probe(store) for store in self._probes.values()))
+        checks = {
+            backend.value: problem or "ok"
+            for backend, problem in zip(self._probes, problems, strict=True)
+        }
+        if any(problems):
+            failing = ", ".join(name for name, state in checks.items() if state != "ok")
+            return web.json_response(
+                {
+                    "error": {"code": "not_ready", "message": f"backend not answering: {failing}"},
+                    "checks": checks,
+                },
+                status=503,
+            )
+        return web.json_response({"status": "ready", "checks": checks})
+
+    async def _probe(self, store: Store) -> str | None:
+        try:
+            async with asyncio.timeout(self.config.readiness_timeout_secs):
+                await store.check()
+        except StorageError as exc:
+            return f"{exc.kind.value}: {exc}"
+        except TimeoutError:
+            return f"no answer within {self.config.readiness_timeout_secs} s"
+        return None
+
+    async def _get(self, request: web.Request) -> web.Response:
+        persister, key = self._target(request)
+        value = await persister.get(key)
+        if value is None:
+            _not_found(request, key)
+        return web.Response(body=value, content_type=OCTET_STREAM)
+
+    async def _head(self, request: web.Request) -> web.Response:
+        persister, key = self._target(request)
+        size = await persister.size(key)
+        if size is None:
+            _not_found(request, key)
+        # A body-less response keeps an explicit Content-Length: the size of what GET returns.
+        return web.Response(content_type=OCTET_STREAM, headers={"Content-Length": str(size)})
+
+    async def _put(self, request: web.Request) -> web.Response:
+        persister, key = self._target(request)
+        self._check_declared_length(request)
+        value = await request.read()
+        created = await persister.put(key, value)
+        return web.Response(status=201 if created else 200)
+
+    async def _get_bulk(self, request: web.Request) -> web.Response:
+        persister = self._persister(request)
+        self._check_declared_length(request)
+        keys = self._bulk_keys(await request.read())
+        found = await persister.get_many(keys)
+        return web.json_response(
+            {
+                "values": {
+                    key: base64.b64encode(value).decode("ascii") for key, value in found.items()
+                },
+                "missing": [key for key in keys if key not in found],
+            }
+        )
+
+    # ---------------------------------------------------------------------------------------
+    # Input checks
+
+    def _persister(self, request: web.Request) -> CachePersister:
+        name = request.match_info["cache_type"]
+        try:
+            cache_type = CacheType(name)
+        except ValueError:
+            raise ApiError(
+                404,
+                "unknown_cache_type",
+                f"unknown cache type {name!r}; served: {', '.join(SERVED_CACHE_TYPES)}",
+            ) from None
+        if cache_type not in self.persisters:
+            raise ApiError(
+                404,
+                "unknown_cache_type",
+                f"cache type {name!r} ({CACHE_SPECS[cache_type].table}) is not served: func "
+                "runs are moving out of the layer cache",
+            )
+        return self.persisters[cache_type]
+
+    def _target(self, request: web.Request) -> tuple[CachePersister, str]:
+        persister = self._persister(request)
+        key = request.match_info["key"]
+        _check_key(key)
+        return persister, key
+
+    def _check_declared_length(self, request: web.Request) -> None:
+        length = request.content_length
+        if length is not None and length > self.config.max_body_bytes:
+            raise ApiError(
+                413, "body_too_large", f"request body exceeds {self.config.max_body_bytes} bytes"
+            )
+
+    def _bulk_keys(self, body: bytes) -> list[str]:
+        try:
+            document: Any = json.loads(body)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ApiError(400, "malformed_body", "the body is not JSON") from None
+        keys = document.get("keys") if isinstance(document, dict) else None
+        if not isinstance(keys, list) or not all(isinstance(key, str) for key in keys):
+            raise ApiError(
+                400, "malformed_body", 'the body must be {"keys": [...]} with string keys'
+            )
+        if len(keys) > self.config.max_bulk_keys:
+            raise ApiError(
+                400,
+                "too_many_keys",
+                f"{len(keys)} keys asked for; at most {self.config.max_bulk_keys} per request",
+            )
+        for key in keys:
+            _check_key(key)
+        return list(dict.fromkeys(keys))
+
+
+def _check_key(key: str) -> None:
+    if KEY_PATTERN.fullmatch(key) is None:
+        raise ApiError(
+            400,
+            "malformed_key",
+            f"malformed key {key[:140]!r}: keys are 1 to 128 ASCII letters and digits",
+        )
+
+
+def _not_found(request: web.Request, key: str) -> NoReturn:
+    raise ApiError(404, "not_found", f"no {request.match_info['cache_type']} value for key {key}")
+
+
+async def serve_layer_cache(
+    settings: Settings,
+    config: ServerConfig,
+    stop: StopRequest,
+    *,
+    apply_schema_first: bool,
+    on_listening: Callable[[str, int], None] | None = None,
+) -> None:
+    """Open the services, optionally apply the layer-db schema, serve until ``stop``."""
+    parse_socket_addr(settings.socket_addr)  # refuse a bad address before connecting
+    async with open_services_context(settings) as context:
+        if apply_schema_first:
+            await apply_schema(context.pg_pool)
+            log.info(
+                "applied layer-db schema", dbname=settings.layer_db_config.pg_pool_config.dbname
+            )
+        if stop.event.is_set():
+            return
+        server = LayerCacheServer(context, config)
+        await server.run(stop, socket_addr=settings.socket_addr, on_listening=on_listening)
