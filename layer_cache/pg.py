@@ -208,6 +208,25 @@ class PgLayer:
         with map_pg_errors("checking the layer-db connection"):
             await self.pool.fetchval("SELECT 1")
 
+    async def count_below(
+        self, *, cutoff: datetime, low: str | None, high: str | None
+    ) -> tuple[int, int]:
+        """Exact (rows, value bytes) with ``created_at < cutoff`` in a key range: a full scan."""
+        conditions: list[str] = ["created_at < $1"]
+        arguments: list[object] = [cutoff]
+        for operator, bound in ((">=", low), ("<", high)):
+            if bound is not None:
+                conditions.append(f"key {operator} ${len(arguments) + 1}")
+                arguments.append(bound)
+        sql = (
+            f"SELECT count(*) AS rows, coalesce(sum(octet_length(value)), 0) AS bytes"
+            f" FROM {self.spec.table} WHERE {' AND '.join(conditions)}"
+        )
+        with map_pg_errors(f"counting rows of {self.spec.table}"):
+            record = await self.pool.fetchrow(sql, *arguments)
+        assert record is not None
+        return int(record["rows"]), int(record["bytes"])
+
     async def estimated_rows(self) -> int | None:
         """The planner's row estimate for the table (None when never analyzed)."""
         with map_pg_errors(f"estimating rows of {self.spec.table}"):

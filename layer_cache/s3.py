@@ -4,14 +4,18 @@ The layer owns the naming (bucket and object key from the registry and ``keys``)
 in row keys. Every call goes through ``map_s3_errors``; no botocore type leaves this module. The
 client itself is opened and closed by the services context, never here.
 
-Every PUT carries ``Content-MD5``: the server recomputes it and refuses a damaged body
-(``BadDigest``), so a successful PUT means the stored bytes are the ones we sent.
+Every PUT carries ``Content-MD5``: a server that verifies it (AWS, MinIO) refuses a damaged body
+(``BadDigest``). Not every S3-compatible server does (moto and s3rver accept any digest), so the
+PUT's ``ETag`` is checked too: for a single-part, non-KMS upload it is the hex MD5 of the stored
+bytes, and a mismatch is raised as a transient ``BadDigest`` so the upload is retried. ETags that
+are not plain MD5s (SSE-KMS, SSE-C) are left alone.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import re
 from typing import TYPE_CHECKING
 
 from layer_cache.cache_types import CacheSpec
@@ -25,9 +29,22 @@ if TYPE_CHECKING:
 _PRECONDITION_FAILED = 412
 
 
+_PLAIN_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+
+
 def content_md5(body: bytes) -> str:
     """The base64 MD5 digest S3 expects in ``Content-MD5``."""
     return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+
+
+def etag_contradicts(etag: str | None, body: bytes) -> bool:
+    """True when an ETag is a plain MD5 and it is not the MD5 of ``body``."""
+    if etag is None:
+        return False
+    value = etag.strip('"').lower()
+    if not _PLAIN_MD5_ETAG.fullmatch(value):
+        return False
+    return value != hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
 class S3Layer:
@@ -108,12 +125,14 @@ class S3Layer:
         wins. True if stored, False if an object was already there.
 
         A server that ignores the condition overwrites instead, which is harmless for
-        content-addressed keys; a conflict with a concurrent conditional PUT is transient.
+        content-addressed keys; a conflict with a concurrent conditional PUT is transient. An
+        object whose ETag contradicts the body was created by this call, damaged: it is deleted
+        (or the condition would keep it forever) and a transient ``BadDigest`` is raised.
         """
         object_key = self.object_key(key)
         try:
             with map_s3_errors("PutObject", self.bucket, object_key):
-                await self.client.put_object(
+                response = await self.client.put_object(
                     Bucket=self.bucket,
                     Key=object_key,
                     Body=body,
@@ -126,6 +145,18 @@ class S3Layer:
             if exc.code == "ConditionalRequestConflict":
                 exc.kind = ErrorKind.TRANSIENT
             raise
+        if etag_contradicts(response.get("ETag"), body):
+            with map_s3_errors("DeleteObject", self.bucket, object_key):
+                await self.client.delete_object(Bucket=self.bucket, Key=object_key)
+            raise S3LayerError(
+                f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
+                " MD5 of the bytes sent; deleted it",
+                kind=ErrorKind.TRANSIENT,
+                operation="PutObject",
+                bucket=self.bucket,
+                key=object_key,
+                code="BadDigest",
+            )
         return True
 
     async def get_raw(self, object_key: str) -> bytes | None:
@@ -142,8 +173,40 @@ class S3Layer:
         return body
 
     async def put_raw(self, object_key: str, body: bytes) -> None:
-        """Store an object by its full object key, with ``Content-MD5``."""
+        """Store an object by its full object key, with ``Content-MD5``, checked by ETag."""
         with map_s3_errors("PutObject", self.bucket, object_key):
-            await self.client.put_object(
+            response = await self.client.put_object(
                 Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=content_md5(body)
             )
+        if etag_contradicts(response.get("ETag"), body):
+            raise S3LayerError(
+                f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
+                " MD5 of the bytes sent",
+                kind=ErrorKind.TRANSIENT,
+                operation="PutObject",
+                bucket=self.bucket,
+                key=object_key,
+                code="BadDigest",
+            )
+
+    async def probe_write_permission(self, object_key: str) -> bool:
+        """Check PutObject permission, storing nothing where the server allows it.
+
+        Sends a PUT whose ``Content-MD5`` cannot match: a server that verifies digests answers
+        ``BadDigest``/``InvalidDigest`` (authorised, nothing stored) or ``AccessDenied`` (raised).
+        A server that does not verify digests stores the probe, which is deleted at once.
+        Returns True when nothing was stored, False when the probe had to be deleted.
+        """
+        wrong_digest = content_md5(b"not the body")
+        try:
+            with map_s3_errors("PutObject", self.bucket, object_key):
+                await self.client.put_object(
+                    Bucket=self.bucket, Key=object_key, Body=b"probe", ContentMD5=wrong_digest
+                )
+        except S3LayerError as exc:
+            if exc.code in ("BadDigest", "InvalidDigest"):
+                return True
+            raise
+        with map_s3_errors("DeleteObject", self.bucket, object_key):
+            await self.client.delete_object(Bucket=self.bucket, Key=object_key)
+        return False

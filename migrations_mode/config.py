@@ -109,6 +109,7 @@ class BackfillSettings(BaseSettings):
     max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
     verify: bool = False
     verify_content: bool = False
+    dry_run: bool = False
 
 
 class VerifyMode(StrEnum):
@@ -136,6 +137,7 @@ class BackfillConfig:
     shard: Shard = field(default_factory=Shard)
     max_inflight_bytes: int = 256 * 1024 * 1024
     verify: VerifyMode = VerifyMode.OFF
+    dry_run: bool = False
 
     @property
     def value_chunk_bytes(self) -> int:
@@ -175,6 +177,7 @@ def load_backfill_config(flags: Mapping[str, Any]) -> BackfillConfig:
         order=options.order,
         shard=_shard(options),
         max_inflight_bytes=options.max_inflight_bytes,
+        dry_run=options.dry_run,
         verify=(
             VerifyMode.CONTENT
             if options.verify_content

@@ -30,6 +30,7 @@ from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.pg import apply_schema
 from migrations_mode.config import BACKFILL_ENV_PREFIX, BackfillSettings, load_backfill_config
 from migrations_mode.coordinator import run_backfill
+from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
 from migrations_mode.summary import format_summary_table
@@ -97,6 +98,7 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "max_inflight_bytes": "cap on value bytes held in memory at once per cache",
     "verify": "compare S3 with Postgres by size instead of copying; writes nothing",
     "verify_content": "like --backfill-verify, but compare full content",
+    "dry_run": "validate everything, count rows and bytes, estimate the run time; write nothing",
 }
 
 
@@ -198,6 +200,10 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         async with open_services_context(
             settings, with_s3=True, s3_max_connections=connections
         ) as context:
+            if config.dry_run:
+                estimates = await run_dry_run(context, config)
+                print(format_estimate_table(estimates), flush=True)
+                return EXIT_OK
             live = not args.log_json and sys.stderr.isatty()
             console = Console(stderr=True) if live else None
             report = await run_backfill(context, config, stop, live_console=console)

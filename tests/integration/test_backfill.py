@@ -14,6 +14,7 @@ from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.errors import ErrorKind
 from migrations_mode.config import BackfillConfig, VerifyMode
 from migrations_mode.coordinator import BackfillReport, run_backfill
+from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import PreflightError
 from migrations_mode.walk import Shard, WalkOrder
 from services.context import open_services_context
@@ -290,3 +291,30 @@ async def test_verify_reports_missing_mismatched_and_extra_objects_and_writes_no
     assert (content_stats.missing, content_stats.mismatched, content_stats.extra) == (1, 2, 1)
     assert content_stats.verified == len(rows) - 3
     assert await bucket_objects(s3_client, bucket) == before
+
+
+async def test_dry_run_counts_match_the_real_run_and_it_writes_nothing(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(31)
+    for cache_type in (CacheType.CAS, CacheType.REBASE_BATCH):
+        await insert_rows(layer_db.pool, cache_type, seed_rows(rng, 150))
+    config = backfill_config((CacheType.CAS, CacheType.REBASE_BATCH), key_batch_size=40)
+
+    async with open_services_context(settings, with_s3=True) as context:
+        estimates = await run_dry_run(context, config)
+    for cache_type in config.cache_types:
+        assert await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix)) == {}
+    progress_rows = await layer_db.pool.fetchval(
+        "SELECT count(*) FROM pg_tables WHERE tablename = 'layer_cache_backfill_progress'"
+    )
+    assert progress_rows == 0
+    report = await backfill(settings, config)
+
+    table = format_estimate_table(estimates)
+    for estimate, outcome in zip(estimates, report.outcomes, strict=True):
+        assert estimate.cache_type == outcome.stats.cache_type.value
+        assert estimate.rows == outcome.stats.processed
+        assert estimate.bytes == outcome.stats.bytes_uploaded
+        assert estimate.sampled_in_s3 == 0
+        assert f"{estimate.rows:,}" in table
