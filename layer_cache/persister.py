@@ -1,0 +1,288 @@
+"""Persister modes: where the layer cache writes and reads, composed from the two storage layers.
+
+There is one write path per backend (``PgStore.put``: ``INSERT … ON CONFLICT DO NOTHING``;
+``S3Store.put``: a conditional PUT, ``If-None-Match: *``) and one read path per backend. A
+persister mode is only a ``Route``: which backends a write goes to (concurrently) and in which
+order reads try them. ``ROUTES`` is the whole table:
+
+================  ===============  ============================================
+mode              writes           reads
+================  ===============  ============================================
+``PostgresOnly``  Postgres         Postgres
+``DualWrite``     Postgres, S3     Postgres
+``S3Primary``     Postgres, S3     S3, then Postgres (a hit there is written back)
+``S3Only``        S3               S3
+================  ===============  ============================================
+
+``ROUTES`` is keyed by the mode's upstream name (``services.settings.PersisterMode`` is a
+``StrEnum`` of exactly these), because this package never imports ``services``.
+
+Guarantees:
+
+* PUT is idempotent and the first write wins on every backend. ``CachePersister.put`` returns
+  True ("created") only when the key was new to every write target; a write that fails on one
+  target raises after the others have finished, so a retry completes the write.
+* A read returns the first hit in read order. It reports a miss only when every backend said
+  "no such key": a backend that failed makes the read fail unless a later backend has the key.
+* Fill on read: a value found on a later backend is offered to the write-back queue for each
+  earlier backend that *missed* it (not one that failed) and is a write target. Only
+  ``S3Primary`` has two read backends, so only there does a Postgres hit fill S3.
+* Every storage call runs under ``call_with_retries`` with the persister's (short) policy, so a
+  transient fault costs a client latency, not an error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from functools import partial
+from types import MappingProxyType
+from typing import Protocol, TypeVar
+
+from layer_cache.cache_types import CacheType
+from layer_cache.errors import StorageError
+from layer_cache.pg import PgLayer
+from layer_cache.retry import RetryPolicy, call_with_retries
+from layer_cache.s3 import S3Layer
+
+T = TypeVar("T")
+
+S3_BULK_READ_CONCURRENCY = 16
+"""GETs in flight per bulk read on S3, which has no multi-get."""
+
+REQUEST_RETRY_POLICY = RetryPolicy(
+    max_attempts=3, max_elapsed_s=2.0, base_delay_s=0.05, max_delay_s=0.5
+)
+"""Retries on the request path: short, a client is waiting."""
+
+
+class Backend(StrEnum):
+    """A storage backend, as named in metric attributes (``backend="s3"``)."""
+
+    POSTGRES = "postgres"
+    S3 = "s3"
+
+
+class Store(Protocol):
+    """One cache type's rows on one backend."""
+
+    @property
+    def backend(self) -> Backend: ...
+
+    @property
+    def cache_type(self) -> CacheType: ...
+
+    @property
+    def cache_name(self) -> str:
+        """The table name, upstream's ``cache_name`` metric attribute."""
+        ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]: ...
+
+    async def size(self, key: str) -> int | None: ...
+
+    async def put(self, key: str, value: bytes) -> bool:
+        """Store unless present; True if this call stored it."""
+        ...
+
+    async def check(self) -> None:
+        """Raise ``StorageError`` unless the backend answers a cheap request."""
+        ...
+
+
+class PgStore:
+    """A cache table in Postgres."""
+
+    backend = Backend.POSTGRES
+
+    def __init__(self, layer: PgLayer) -> None:
+        self.layer = layer
+        self.cache_type = layer.spec.cache_type
+        self.cache_name = layer.spec.table
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.layer.fetch_value(key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        return await self.layer.fetch_values(keys)
+
+    async def size(self, key: str) -> int | None:
+        return await self.layer.fetch_size(key)
+
+    async def put(self, key: str, value: bytes) -> bool:
+        return await self.layer.insert(key, value)
+
+    async def check(self) -> None:
+        await self.layer.ping()
+
+
+class S3Store:
+    """A cache bucket in S3."""
+
+    backend = Backend.S3
+
+    def __init__(self, layer: S3Layer) -> None:
+        self.layer = layer
+        self.cache_type = layer.spec.cache_type
+        self.cache_name = layer.spec.table
+
+    async def get(self, key: str) -> bytes | None:
+        return await self.layer.get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        found: dict[str, bytes] = {}
+        pending = iter(keys)
+
+        async def reader() -> None:
+            for key in pending:  # the readers share one iterator: each key is read once
+                value = await self.layer.get(key)
+                if value is not None:
+                    found[key] = value
+
+        async with asyncio.TaskGroup() as group:
+            for _ in range(min(len(keys), S3_BULK_READ_CONCURRENCY)):
+                group.create_task(reader())
+        return found
+
+    async def size(self, key: str) -> int | None:
+        return await self.layer.head(key)
+
+    async def put(self, key: str, value: bytes) -> bool:
+        return await self.layer.put_if_absent(key, value)
+
+    async def check(self) -> None:
+        await self.layer.check_bucket()
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where one persister mode writes (all, concurrently) and reads (in order)."""
+
+    writes: frozenset[Backend]
+    reads: tuple[Backend, ...]
+
+    @property
+    def backends(self) -> frozenset[Backend]:
+        """Every backend the mode touches (what readiness must check)."""
+        return self.writes | frozenset(self.reads)
+
+
+_PG, _S3 = Backend.POSTGRES, Backend.S3
+
+ROUTES: Mapping[str, Route] = MappingProxyType(
+    {
+        "PostgresOnly": Route(writes=frozenset({_PG}), reads=(_PG,)),
+        "DualWrite": Route(writes=frozenset({_PG, _S3}), reads=(_PG,)),
+        "S3Primary": Route(writes=frozenset({_PG, _S3}), reads=(_S3, _PG)),
+        "S3Only": Route(writes=frozenset({_S3}), reads=(_S3,)),
+    }
+)
+
+
+class WriteBackSink(Protocol):
+    """Takes values to copy into a backend that missed them (see ``writeback``)."""
+
+    def offer(self, store: Store, key: str, value: bytes) -> None: ...
+
+
+class CachePersister:
+    """One cache type's reads and writes, routed over its stores."""
+
+    def __init__(
+        self,
+        route: Route,
+        stores: Mapping[Backend, Store],
+        write_back: WriteBackSink,
+        *,
+        policy: RetryPolicy = REQUEST_RETRY_POLICY,
+    ) -> None:
+        missing = route.backends - stores.keys()
+        if missing:
+            raise ValueError(f"no store for {', '.join(sorted(missing))}")
+        self.route = route
+        self.stores = stores
+        self.write_back = write_back
+        self.policy = policy
+
+    async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
+        return await call_with_retries(call, self.policy)
+
+    async def put(self, key: str, value: bytes) -> bool:
+        """Write to every target concurrently; True if the key was new to all of them."""
+        targets = [self.stores[backend] for backend in sorted(self.route.writes)]
+        results = await asyncio.gather(
+            *(self._call(partial(store.put, key, value)) for store in targets),
+            return_exceptions=True,
+        )
+        for result in results:  # let every target finish before failing, so a retry heals
+            if isinstance(result, BaseException):
+                raise result
+        return all(results)
+
+    async def get(self, key: str) -> bytes | None:
+        """The first hit in read order; None only if every backend missed."""
+        missed: list[Backend] = []
+        failure: StorageError | None = None
+        for backend in self.route.reads:
+            store = self.stores[backend]
+            try:
+                value = await self._call(partial(store.get, key))
+            except StorageError as exc:
+                failure = failure or exc
+                continue
+            if value is not None:
+                self._fill(missed, {key: value})
+                return value
+            missed.append(backend)
+        if failure is not None:
+            raise failure
+        return None
+
+    async def size(self, key: str) -> int | None:
+        """The value's size from the first backend that has it (HEAD; nothing is filled)."""
+        failure: StorageError | None = None
+        for backend in self.route.reads:
+            store = self.stores[backend]
+            try:
+                size = await self._call(partial(store.size, key))
+            except StorageError as exc:
+                failure = failure or exc
+                continue
+            if size is not None:
+                return size
+        if failure is not None:
+            raise failure
+        return None
+
+    async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
+        """Every key found, each from the first backend in read order that has it."""
+        remaining = list(dict.fromkeys(keys))
+        found: dict[str, bytes] = {}
+        missed: list[Backend] = []
+        failure: StorageError | None = None
+        for backend in self.route.reads:
+            if not remaining:
+                break
+            store = self.stores[backend]
+            try:
+                hits = await self._call(partial(store.get_many, remaining))
+            except StorageError as exc:
+                failure = failure or exc
+                continue
+            self._fill(missed, hits)
+            found |= hits
+            remaining = [key for key in remaining if key not in hits]
+            missed.append(backend)
+        if remaining and failure is not None:
+            raise failure
+        return found
+
+    def _fill(self, missed: Sequence[Backend], values: Mapping[str, bytes]) -> None:
+        for backend in missed:
+            if backend in self.route.writes:
+                for key, value in values.items():
+                    self.write_back.offer(self.stores[backend], key, value)
