@@ -53,6 +53,10 @@ def summary_fields(name: str, status: str, stats: Sequence[CacheStats]) -> dict[
         "retried": sum(retries.values()),
         "retries_by_class": dict(retries),
         "bytes_uploaded": sum(item.bytes_uploaded for item in stats),
+        "verified": sum(item.verified for item in stats),
+        "missing": sum(item.missing for item in stats),
+        "mismatched": sum(item.mismatched for item in stats),
+        "extra": sum(item.extra for item in stats),
         "elapsed_s": round(elapsed, 3),
         "rows_per_s": round(processed / elapsed, 1) if elapsed > 0 else 0.0,
     }
@@ -80,11 +84,29 @@ def _row(fields: dict[str, object]) -> list[str]:
     ]
 
 
-def format_summary_table(outcomes: Sequence[CacheOutcome]) -> str:
-    """A plain-text table: one line per cache and a total."""
-    rows = [_row(outcome.as_fields()) for outcome in outcomes]
-    rows.append(_row(total_fields(outcomes)))
-    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(_COLUMNS)]
+_VERIFY_COLUMNS = ("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "retried")
+
+
+def _verify_row(fields: dict[str, object]) -> list[str]:
+    names = ("processed", "verified", "missing", "mismatched", "extra", "retried")
+    return [str(fields["cache_type"]), str(fields["status"]), *(str(fields[n]) for n in names)]
+
+
+def differences_found(outcomes: Sequence[CacheOutcome]) -> int:
+    """Missing, mismatched and extra objects a verification found, in total."""
+    return sum(o.stats.missing + o.stats.mismatched + o.stats.extra for o in outcomes)
+
+
+def format_summary_table(outcomes: Sequence[CacheOutcome], *, verifying: bool = False) -> str:
+    """A plain-text table: one line per cache and a total (verification columns if verifying)."""
+    columns, make_row = (_VERIFY_COLUMNS, _verify_row) if verifying else (_COLUMNS, _row)
+    rows = [make_row(outcome.as_fields()) for outcome in outcomes]
+    rows.append(make_row(total_fields(outcomes)))
+    return _render(columns, rows)
+
+
+def _render(columns: Sequence[str], rows: list[list[str]]) -> str:
+    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
 
     def line(cells: Sequence[str]) -> str:
         return "  ".join(

@@ -28,12 +28,17 @@ from rich.console import Console
 
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.pg import apply_schema
-from migrations_mode.config import BACKFILL_ENV_PREFIX, BackfillSettings, load_backfill_config
+from migrations_mode.config import (
+    BACKFILL_ENV_PREFIX,
+    BackfillSettings,
+    VerifyMode,
+    load_backfill_config,
+)
 from migrations_mode.coordinator import run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
-from migrations_mode.summary import format_summary_table
+from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
 from services.logging import configure_logging
 from services.server import (
@@ -207,8 +212,9 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             live = not args.log_json and sys.stderr.isatty()
             console = Console(stderr=True) if live else None
             report = await run_backfill(context, config, stop, live_console=console)
+    verifying = config.verify is not VerifyMode.OFF
     if not args.log_json:
-        print(format_summary_table(report.outcomes), flush=True)
+        print(format_summary_table(report.outcomes, verifying=verifying), flush=True)
     if report.failure is not None:
         failure = report.failure
         log.error(
@@ -221,6 +227,9 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if stop.exit_status is not None:
         return stop.exit_status
+    if verifying and differences_found(report.outcomes):
+        log.error("verification found differences", differences=differences_found(report.outcomes))
+        return EXIT_FAILED
     return EXIT_OK if report.complete else EXIT_FAILED
 
 
