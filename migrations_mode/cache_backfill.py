@@ -118,7 +118,14 @@ class CacheBackfill:
 
     @property
     def checkpoint_timestamp(self) -> datetime:
-        """The cutoff that resumes this cache without loss."""
+        """The cutoff that, passed back in, resumes this cache without loss.
+
+        Only newest-first order finishes rows in ``created_at`` order, so only there can the
+        checkpoint move below the cutoff. In key order any row may still be pending whatever its
+        timestamp, so the checkpoint stays the cutoff (the saved key position is what resumes).
+        """
+        if self._in_key_order:
+            return self.config.cutoff
         return self.tracker.checkpoint_timestamp
 
     @property
@@ -225,7 +232,7 @@ class CacheBackfill:
             log.info(
                 "resuming from saved progress",
                 progress_store=self._store.kind,
-                checkpoint_timestamp=format_checkpoint(self.tracker.checkpoint_timestamp),
+                checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
                 rows_done_before=saved.rows_done,
             )
         return saved.position

@@ -9,10 +9,11 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
+from structlog.testing import capture_logs
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.errors import ErrorKind
-from migrations_mode.config import BackfillConfig, VerifyMode
+from migrations_mode.config import BackfillConfig, VerifyMode, parse_cutoff
 from migrations_mode.coordinator import BackfillReport, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import PreflightError
@@ -318,3 +319,36 @@ async def test_dry_run_counts_match_the_real_run_and_it_writes_nothing(
         assert estimate.bytes == outcome.stats.bytes_uploaded
         assert estimate.sampled_in_s3 == 0
         assert f"{estimate.rows:,}" in table
+
+
+@pytest.mark.parametrize("order", list(WalkOrder))
+async def test_manual_resume_from_the_logged_checkpoint_loses_nothing(
+    layer_db: LayerDb,
+    settings: Settings,
+    s3_client: S3Client,
+    bucket_prefix: str,
+    order: WalkOrder,
+) -> None:
+    rng = random.Random(37)
+    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(rng, 900, tie_every=9))
+    config = backfill_config(
+        (CacheType.CAS,), key_batch_size=20, max_concurrent_uploads=2, order=order
+    )
+    stop = StopRequest()
+    with capture_logs() as events:
+        async with open_services_context(settings, with_s3=True) as context:
+            run = asyncio.create_task(run_backfill(context, config, stop))
+            await asyncio.sleep(1.0)
+            stop.event.set()
+            interrupted = await run
+    [shutdown] = [e for e in events if e["event"] == "backfill shutting down gracefully"]
+    assert not interrupted.complete
+    assert shutdown["resume_with"].startswith("--backfill-cutoff-timestamp")
+
+    # The operator pastes the logged checkpoint back; --backfill-restart so that only the
+    # checkpoint, not the saved progress, decides where the walk starts.
+    resumed = replace(config, cutoff=parse_cutoff(shutdown["checkpoint_timestamp"]), restart=True)
+    report = await backfill(settings, resumed)
+
+    assert report.complete
+    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CAS)
