@@ -3,8 +3,9 @@
 Levels: ``info`` for the events operators follow (start, ``backfill checkpoint``, summaries,
 shutdown), ``warning`` for retried faults, ``error`` for what stops a run, ``debug`` per row
 (``-v``). Events carry data as fields; ``bind_contextvars(cache_type=…)`` in each cache task adds
-the cache to every line it logs. A last processor redacts any field whose name says it holds a
-secret, as a second line of defence behind ``SecretStr``.
+the cache to every line it logs. A processor redacts any field whose name says it holds a
+secret, as a second line of defence behind ``SecretStr``, and tracebacks (``-v``) never include
+frame locals, which would hold connection passwords.
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+import structlog.tracebacks
 
 _SECRET_FIELD_MARKERS = ("password", "secret", "token", "credential")
 REDACTED = "**********"
+
+
+_JSON_TRACEBACKS = structlog.processors.ExceptionRenderer(
+    structlog.tracebacks.ExceptionDictTransformer(show_locals=False)
+)
 
 
 def redact_secrets(
@@ -54,7 +61,11 @@ def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None =
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=(stream or sys.stderr).isatty())
+        else structlog.dev.ConsoleRenderer(
+            colors=(stream or sys.stderr).isatty(),
+            # Never show frame locals: they hold passwords and keys (e.g. connection arguments).
+            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
+        )
     )
     structlog.configure(
         processors=[
@@ -62,7 +73,7 @@ def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None =
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             redact_secrets,
-            structlog.processors.dict_tracebacks if json else structlog.dev.set_exc_info,
+            _JSON_TRACEBACKS if json else structlog.dev.set_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
