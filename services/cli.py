@@ -42,9 +42,7 @@ from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
 from services.logging import configure_logging
 from services.server import (
-    SERVER_ENV_PREFIX,
     ListenError,
-    load_server_config,
     serve_layer_cache,
 )
 from services.settings import (
@@ -166,7 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     server = parser.add_argument_group(
         "server (--migration-mode run or skip; other settings: "
-        f"{SERVER_ENV_PREFIX}… env vars, see docs/server.md)"
+        f"{ENV_PREFIX}SERVER__… env vars, see docs/server.md)"
     )
     server.add_argument(
         "--socket-addr",
@@ -235,9 +233,7 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _serve(settings: Settings, args: argparse.Namespace, *, apply_schema_first: bool) -> int:
     """run (schema first) and skip: serve the layer cache API until SIGTERM/SIGINT."""
-    if args.socket_addr is not None:
-        settings = settings.model_copy(update={"socket_addr": args.socket_addr})
-    config = load_server_config()
+    config = settings.server
     stop = StopRequest()
     with capture_signals(stop):
         try:
@@ -271,6 +267,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name, value in (
             ("migration_mode", args.migration_mode),
             ("metrics_port", args.metrics_port),
+            ("socket_addr", args.socket_addr),
         )
         if value is not None
     }

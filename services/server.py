@@ -24,10 +24,13 @@ addresses, 26-character ULIDs) and nothing that could change an object key's pat
 retryable storage fault; ``Retry-After: 1``), ``storage_error`` (500, a storage fault retrying
 cannot fix: missing bucket or table, access denied), ``internal_error`` (500).
 
-Server settings beyond ``SI_SDF__SOCKET_ADDR`` are ``SI_SERVER_*`` env vars (``ServerConfig``).
+Settings: ``SI_SDF__SOCKET_ADDR`` (``--socket-addr``) and the ``server`` section of the one
+settings tree (``ServerConfig``: ``SI_SDF__SERVER__MAX_BODY_BYTES``, ``…__GRACE_PERIOD_SECS``,
+``…__MAX_BULK_KEYS``, ``…__READINESS_TIMEOUT_SECS``, ``…__WRITEBACK_QUEUE_SIZE``,
+``…__WRITEBACK_QUEUE_BYTES``, ``…__WRITEBACK_WORKERS``).
 
 Shutdown, on the first SIGTERM/SIGINT (``capture_signals`` sets the stop event; a second signal
-exits at once), within one grace period (``SI_SERVER_GRACE_PERIOD_SECS``, default 25 s, under
+exits at once), within one grace period (``SI_SDF__SERVER__GRACE_PERIOD_SECS``, default 25 s, under
 Kubernetes' default 30 s termination grace):
 
 1. ``/readyz`` answers 503 and the listening socket is closed: no new connections.
@@ -62,8 +65,6 @@ from typing import Any, NoReturn
 import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.errors import LayerCacheError, StorageError
@@ -72,12 +73,11 @@ from layer_cache.pg import apply_schema
 from layer_cache.retry import RetryPolicy
 from layer_cache.writeback import FallbackWriteBack
 from services.context import ServicesContext, open_services_context
-from services.settings import ENV_PREFIX, Settings, SettingsError, describe_validation_error
+from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
 from services.signals import StopRequest
 
 log = structlog.get_logger(__name__)
 
-SERVER_ENV_PREFIX = "SI_SERVER_"
 SOCKET_ADDR_ENV = f"{ENV_PREFIX}SOCKET_ADDR"
 KEY_PATTERN = re.compile(r"[0-9A-Za-z]{1,128}")
 SERVED_CACHE_TYPES: tuple[CacheType, ...] = BACKFILLABLE_CACHE_TYPES
@@ -89,32 +89,6 @@ WRITE_BACK_RETRY_POLICY = RetryPolicy(max_attempts=5, max_elapsed_s=30.0)
 
 class ListenError(LayerCacheError):
     """The server could not bind its socket (address in use, not permitted…)."""
-
-
-class ServerConfig(BaseSettings):
-    """Server tunables, from ``SI_SERVER_*`` env vars (or keyword arguments in tests)."""
-
-    model_config = SettingsConfigDict(env_prefix=SERVER_ENV_PREFIX, extra="ignore", frozen=True)
-
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
-    max_bulk_keys: int = Field(1000, ge=1, le=100_000)
-    grace_period_secs: float = Field(25.0, ge=0)
-    readiness_timeout_secs: float = Field(2.0, gt=0)
-    writeback_queue_size: int = Field(10_000, ge=1)
-    writeback_queue_bytes: int = Field(256 * 1024 * 1024, ge=1)
-    writeback_workers: int = Field(4, ge=1, le=256)
-
-
-def load_server_config() -> ServerConfig:
-    """The server's settings from the environment; one ``SettingsError`` line if invalid."""
-    try:
-        return ServerConfig()
-    except ValidationError as exc:
-
-        def env_name(loc: tuple[int | str, ...]) -> str:
-            return SERVER_ENV_PREFIX + str(loc[0]).upper()
-
-        raise SettingsError(describe_validation_error(exc, env_name)) from None
 
 
 def parse_socket_addr(text: str) -> tuple[str, int]:

@@ -162,6 +162,18 @@ class _TomlFileSource(PydanticBaseSettingsSource):
             raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
+class ServerConfig(_Section):
+    """The layer cache server's tunables (``SI_SDF__SERVER__…``)."""
+
+    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_bulk_keys: int = Field(1000, ge=1, le=100_000)
+    grace_period_secs: float = Field(25.0, ge=0)
+    readiness_timeout_secs: float = Field(2.0, gt=0)
+    writeback_queue_size: int = Field(10_000, ge=1)
+    writeback_queue_bytes: int = Field(256 * 1024 * 1024, ge=1)
+    writeback_workers: int = Field(4, ge=1, le=256)
+
+
 class Settings(BaseSettings):
     """The root of every service setting."""
 
@@ -177,6 +189,7 @@ class Settings(BaseSettings):
     layer_db_config: LayerDbConfig = LayerDbConfig()
     socket_addr: str = "0.0.0.0:5156"
     metrics_port: int | None = Field(None, ge=0, le=65535)
+    server: ServerConfig = ServerConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -1,0 +1,827 @@
+"""The layer cache server against the suite's real Postgres and S3 servers.
+
+Servers run in-process on ``127.0.0.1:0`` inside the test's event loop (one test runs the real
+``python -m services`` instead); requests go over real HTTP through ``aiohttp.ClientSession``.
+Where a value went is read directly from the Postgres table and the S3 bucket, never through the
+server, so every mode's routing is observed, not inferred.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import queue
+import random
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+import aiohttp
+import asyncpg
+import pytest
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+
+from devenv.servers import PostgresServer, S3Server, free_port
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.keys import object_key
+from migrations_mode.config import BackfillConfig
+from migrations_mode.coordinator import run_backfill
+from services.context import ServicesContext, open_services_context
+from services.server import LayerCacheServer, serve_layer_cache
+from services.settings import ServerConfig, Settings, load_settings
+from services.signals import StopRequest
+from services.telemetry import start_telemetry
+from tests.conftest import LayerDb, service_env
+from tests.support import (
+    SeedRow,
+    bucket_objects,
+    cache_bucket,
+    expected_objects,
+    insert_rows,
+    random_key,
+    rows_below,
+    run_cli,
+    start_cli,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+T = TypeVar("T")
+MODES = ("PostgresOnly", "DualWrite", "S3Primary", "S3Only")
+DEADLINE_S = 10.0
+
+
+# --------------------------------------------------------------------------------------------
+# Running servers in-process
+
+
+@dataclass
+class RunningServer:
+    """A server serving in a task of the test's loop."""
+
+    url: str
+    server: LayerCacheServer
+    stop: StopRequest
+    task: asyncio.Task[None]
+    metrics: InMemoryMetricReader
+
+    def v1(self, cache_type: CacheType | str, key: str) -> str:
+        return f"{self.url}/v1/{cache_type}/{key}"
+
+    async def shut_down(self) -> None:
+        """What SIGTERM does: set the stop event, wait for the graceful shutdown."""
+        self.stop.event.set()
+        async with asyncio.timeout(DEADLINE_S * 3):
+            await self.task
+
+
+StartServer = Callable[..., Awaitable[RunningServer]]
+
+
+def settings_for(
+    db: LayerDb, s3_server: S3Server, bucket_prefix: str, mode: str, **overrides: str
+) -> Settings:
+    env = service_env(db, s3_server.endpoint, bucket_prefix, persister_mode=mode) | overrides
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return load_settings()
+
+
+async def serve_in_task(
+    context: ServicesContext, config: ServerConfig, metrics: InMemoryMetricReader
+) -> RunningServer:
+    """Start a server on a free loopback port; returns once it listens."""
+    stop = StopRequest()
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    server = LayerCacheServer(context, config)
+    task = asyncio.create_task(
+        server.run(
+            stop,
+            socket_addr="127.0.0.1:0",
+            on_listening=lambda host, port: listening.set_result((host, port)),
+        )
+    )
+    waiters: list[asyncio.Future[Any]] = [listening, task]
+    async with asyncio.timeout(DEADLINE_S):
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()  # raises what stopped it
+    host, port = listening.result()
+    return RunningServer(f"http://{host}:{port}", server, stop, task, metrics)
+
+
+@pytest.fixture
+async def start_server(
+    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+) -> AsyncIterator[StartServer]:
+    """Factory: ``await start_server(mode, config)`` → a server over this test's db and buckets."""
+    running: list[RunningServer] = []
+    async with AsyncExitStack() as stack:
+
+        async def start(
+            mode: str = "DualWrite", config: ServerConfig | None = None
+        ) -> RunningServer:
+            settings = settings_for(layer_db, s3_server, bucket_prefix, mode)
+            metrics = InMemoryMetricReader()
+            context = await stack.enter_async_context(
+                open_services_context(settings, metric_readers=[metrics])
+            )
+            server = await serve_in_task(context, config or ServerConfig(), metrics)
+            running.append(server)
+            return server
+
+        try:
+            yield start
+        finally:
+            for server in running:
+                if not server.task.done():
+                    await server.shut_down()
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
+        yield session
+
+
+# --------------------------------------------------------------------------------------------
+# Reading what is stored, directly
+
+
+async def pg_rows(db: LayerDb, cache_type: CacheType) -> dict[str, bytes]:
+    table = CACHE_SPECS[cache_type].table
+    records = await db.pool.fetch(f"SELECT key, value FROM {table}")
+    return {record["key"]: bytes(record["value"]) for record in records}
+
+
+async def s3_values(
+    s3_client: S3Client, bucket_prefix: str, cache_type: CacheType
+) -> dict[str, bytes]:
+    """Row key → object bytes for every object in the cache's bucket."""
+    objects = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+    return {name.rsplit("/", 1)[-1]: body for name, body in objects.items()}
+
+
+async def put_object(
+    s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, key: str, value: bytes
+) -> None:
+    await s3_client.put_object(
+        Bucket=cache_bucket(cache_type, bucket_prefix), Key=object_key(key), Body=value
+    )
+
+
+async def insert_row(db: LayerDb, cache_type: CacheType, key: str, value: bytes) -> None:
+    table = CACHE_SPECS[cache_type].table
+    await db.pool.execute(
+        f"INSERT INTO {table} (key, sort_key, value) VALUES ($1, $1, $2)", key, value
+    )
+
+
+def counter_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], int]:
+    """Sorted attribute items → value, for one counter."""
+    values: dict[tuple[Any, ...], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        assert isinstance(point, NumberDataPoint)
+                        attributes = tuple(sorted((point.attributes or {}).items()))
+                        values[attributes] = int(point.value)
+    return values
+
+
+async def error_of(response: aiohttp.ClientResponse) -> tuple[int, str]:
+    body = await response.json()
+    assert set(body["error"]) == {"code", "message"}, body
+    assert body["error"]["message"], body
+    return response.status, body["error"]["code"]
+
+
+def hex_key(rng: random.Random) -> str:
+    return random_key(rng, 64)
+
+
+# --------------------------------------------------------------------------------------------
+# Routing per persister mode
+
+WRITE_TARGETS = {  # mode → (Postgres written, S3 written)
+    "PostgresOnly": (True, False),
+    "DualWrite": (True, True),
+    "S3Primary": (True, True),
+    "S3Only": (False, True),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_put_stores_in_exactly_the_modes_write_targets_and_the_first_write_wins(
+    mode: str,
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    s3_client: S3Client,
+    bucket_prefix: str,
+) -> None:
+    server = await start_server(mode)
+    key, first, second = hex_key(random.Random(1)), b"\x00first value\xff", b"second value"
+
+    async with http.put(server.v1("cas", key), data=first) as response:
+        assert response.status == 201
+    async with http.put(server.v1("cas", key), data=second) as response:
+        assert response.status == 200
+
+    in_pg, in_s3 = WRITE_TARGETS[mode]
+    assert await pg_rows(layer_db, CacheType.CAS) == ({key: first} if in_pg else {})
+    assert await s3_values(s3_client, bucket_prefix, CacheType.CAS) == (
+        {key: first} if in_s3 else {}
+    )
+    objects = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    assert list(objects) == ([object_key(key)] if in_s3 else [])  # ab/cd/ef/<key>
+    async with http.get(server.v1("cas", key)) as response:
+        assert response.status == 200
+        assert response.content_type == "application/octet-stream"
+        assert await response.read() == first
+
+
+READ_SOURCES = {  # mode → what a read of (pg-only, s3-only, both) returns
+    "PostgresOnly": ("pg", None, "pg"),
+    "DualWrite": ("pg", None, "pg"),
+    "S3Primary": ("pg", "s3", "s3"),
+    "S3Only": (None, "s3", "s3"),
+}
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_get_head_and_bulk_read_the_backends_in_the_modes_order(
+    mode: str,
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    s3_client: S3Client,
+    bucket_prefix: str,
+) -> None:
+    rng = random.Random(2)
+    pg_only, s3_only, both, nowhere = (hex_key(rng) for _ in range(4))
+    stored: dict[str, dict[str, bytes]] = {"pg": {}, "s3": {}}  # source → key → value
+    for key in (pg_only, both):
+        stored["pg"][key] = f"from postgres {key[:6]}".encode()
+        await insert_row(layer_db, CacheType.WORKSPACE_SNAPSHOT, key, stored["pg"][key])
+    for key in (s3_only, both):
+        stored["s3"][key] = f"from the s3 object {key[:6]}".encode()
+        await put_object(
+            s3_client, bucket_prefix, CacheType.WORKSPACE_SNAPSHOT, key, stored["s3"][key]
+        )
+    server = await start_server(mode)
+
+    expected: dict[str, bytes | None] = {nowhere: None}
+    for key, source in zip((pg_only, s3_only, both), READ_SOURCES[mode], strict=True):
+        expected[key] = None if source is None else stored[source][key]
+    for key, value in expected.items():
+        async with http.get(server.v1("workspace_snapshot", key)) as response:
+            if value is None:
+                assert await error_of(response) == (404, "not_found")
+            else:
+                assert response.status == 200, key
+                assert await response.read() == value
+        async with http.head(server.v1("workspace_snapshot", key)) as response:
+            assert response.status == (404 if value is None else 200)
+            if value is not None:
+                assert response.content_length == len(value)
+    async with http.post(
+        server.v1("workspace_snapshot", "get-bulk"), json={"keys": list(expected)}
+    ) as response:
+        assert response.status == 200
+        bulk = await response.json()
+    assert {k: base64.b64decode(v) for k, v in bulk["values"].items()} == {
+        key: value for key, value in expected.items() if value is not None
+    }
+    assert bulk["missing"] == [key for key, value in expected.items() if value is None]
+
+
+async def test_s3_primary_writes_a_postgres_hit_back_to_s3(
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    s3_client: S3Client,
+    bucket_prefix: str,
+) -> None:
+    rng = random.Random(3)
+    by_get, by_bulk = hex_key(rng), hex_key(rng)
+    rows = {by_get: rng.randbytes(3000), by_bulk: rng.randbytes(10)}
+    for key, value in rows.items():
+        await insert_row(layer_db, CacheType.CAS, key, value)
+    server = await start_server("S3Primary")
+
+    for _ in range(3):  # repeated reads of a queued or in-flight key are not queued again
+        async with http.get(server.v1("cas", by_get)) as response:
+            assert await response.read() == rows[by_get]
+    async with http.post(server.v1("cas", "get-bulk"), json={"keys": [by_bulk]}) as response:
+        assert (await response.json())["missing"] == []
+
+    deadline = time.monotonic() + DEADLINE_S
+    while (stored := await s3_values(s3_client, bucket_prefix, CacheType.CAS)) != rows:
+        assert time.monotonic() < deadline, f"S3 not filled in time: {sorted(stored)}"
+        await asyncio.sleep(0.05)
+    attributes = (("backend", "s3"), ("cache_name", "cas"))
+    attempted = counter_values(server.metrics, "layer_cache_fallback_writeback_attempted")
+    assert attempted[attributes] in (2, 3, 4)  # 2 keys; a re-read after a finished job counts
+    assert counter_values(server.metrics, "layer_cache_fallback_writeback_failed") == {}
+
+
+async def test_bulk_answers_base64_values_and_missing_keys_in_request_order(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server("DualWrite")
+    values = {"0a1b": b"\x00\x01binary\xfe", "01HQ3Z6V8W9X0Y1Z2A3B4C5D6E": b"", "ff": b"x" * 70}
+    for key, value in values.items():
+        async with http.put(server.v1("rebase_batch", key), data=value) as response:
+            assert response.status == 201
+    asked = ["ff", "00", "0a1b", "ff", "01HQ3Z6V8W9X0Y1Z2A3B4C5D6E", "beef"]
+
+    async with http.post(server.v1("rebase_batch", "get-bulk"), json={"keys": asked}) as response:
+        assert response.status == 200
+        assert response.content_type == "application/json"
+        body = await response.json()
+
+    assert {key: base64.b64decode(value) for key, value in body["values"].items()} == values
+    assert body["missing"] == ["00", "beef"]
+    async with http.post(server.v1("rebase_batch", "get-bulk"), json={"keys": []}) as response:
+        assert await response.json() == {"values": {}, "missing": []}
+
+
+# --------------------------------------------------------------------------------------------
+# Bad requests
+
+SMALL_LIMITS = ServerConfig(max_body_bytes=1024, max_bulk_keys=3)
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+@dataclass(frozen=True)
+class BadRequest:
+    method: str
+    path: str
+    status: int
+    code: str
+    body: bytes | None = None
+
+
+BAD_REQUESTS = [
+    BadRequest("GET", f"/v1/no_such_cache/{KEY}", 404, "unknown_cache_type"),
+    BadRequest("PUT", f"/v1/widgets/{KEY}", 404, "unknown_cache_type", b"x"),
+    BadRequest("POST", "/v1/no_such_cache/get-bulk", 404, "unknown_cache_type", b'{"keys":[]}'),
+    BadRequest("GET", f"/v1/func_run/{KEY}", 404, "unknown_cache_type"),
+    BadRequest("GET", "/v1/cas/not-hex-or-ulid", 400, "malformed_key"),
+    BadRequest("GET", "/v1/cas/" + "a" * 129, 400, "malformed_key"),
+    BadRequest("PUT", "/v1/cas/..%2Fescape", 400, "malformed_key", b"x"),
+    BadRequest("PUT", "/v1/cas/k%C3%A9y", 400, "malformed_key", b"x"),
+    BadRequest("GET", f"/v1/cas/{KEY}", 404, "not_found"),
+    BadRequest("GET", "/v1/cas", 404, "not_found"),
+    BadRequest("DELETE", f"/v1/cas/{KEY}", 405, "method_not_allowed"),
+    BadRequest("PUT", f"/v1/cas/{KEY}", 413, "body_too_large", b"x" * 1025),
+    BadRequest("POST", "/v1/cas/get-bulk", 413, "body_too_large", b" " * 2000 + b'{"keys":[]}'),
+    BadRequest("POST", "/v1/cas/get-bulk", 400, "malformed_body", b"{not json"),
+    BadRequest("POST", "/v1/cas/get-bulk", 400, "malformed_body", b'{"keys": "ab"}'),
+    BadRequest("POST", "/v1/cas/get-bulk", 400, "malformed_body", b'{"keys": [1, 2]}'),
+    BadRequest("POST", "/v1/cas/get-bulk", 400, "malformed_key", b'{"keys": ["ab", "a/b"]}'),
+    BadRequest("POST", "/v1/cas/get-bulk", 400, "too_many_keys", b'{"keys": ["a","b","c","d"]}'),
+]
+
+
+async def test_bad_requests_get_json_errors_with_stable_codes_and_store_nothing(
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    s3_client: S3Client,
+    bucket_prefix: str,
+) -> None:
+    server = await start_server("DualWrite", SMALL_LIMITS)
+    for bad in BAD_REQUESTS:
+        async with http.request(
+            bad.method, server.url + bad.path, data=bad.body, skip_auto_headers=["Content-Type"]
+        ) as response:
+            assert await error_of(response) == (bad.status, bad.code), bad
+            assert response.content_type == "application/json"
+    async with http.put(server.v1("cas", KEY), data=b"x" * 1024) as response:
+        assert response.status == 201  # exactly the limit is allowed
+    assert list(await pg_rows(layer_db, CacheType.CAS)) == [KEY]
+    assert list(await s3_values(s3_client, bucket_prefix, CacheType.CAS)) == [KEY]
+
+
+async def test_an_oversized_streamed_body_without_length_is_refused_with_413(
+    start_server: StartServer, http: aiohttp.ClientSession, layer_db: LayerDb
+) -> None:
+    server = await start_server("PostgresOnly", SMALL_LIMITS)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(4):
+            yield b"y" * 512
+
+    async with http.put(server.v1("cas", KEY), data=chunks()) as response:
+        assert await error_of(response) == (413, "body_too_large")
+    assert await pg_rows(layer_db, CacheType.CAS) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Health and readiness
+
+
+async def test_readyz_checks_postgres_and_s3_and_healthz_is_alive(
+    start_server: StartServer, http: aiohttp.ClientSession
+) -> None:
+    server = await start_server("S3Primary")
+    async with http.get(server.url + "/readyz") as response:
+        assert response.status == 200
+        assert await response.json() == {
+            "status": "ready",
+            "checks": {"postgres": "ok", "s3": "ok"},
+        }
+    async with http.get(server.url + "/healthz") as response:
+        assert await response.json() == {"status": "alive"}
+
+
+async def test_readyz_is_503_while_postgres_is_unreachable(
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+) -> None:
+    healthy = await start_server("PostgresOnly")
+    settings = settings_for(layer_db, s3_server, bucket_prefix, "PostgresOnly")
+    closed_port = free_port()
+    # min_size=0: the pool connects on first use, as a pool whose database went away does.
+    pool = await asyncpg.create_pool(
+        host="127.0.0.1", port=closed_port, user="si", password="x", min_size=0, timeout=2
+    )
+    telemetry = start_telemetry()
+    try:
+        context = ServicesContext(settings, pool, None, telemetry)
+        broken = await serve_in_task(context, ServerConfig(), InMemoryMetricReader())
+        try:
+            async with http.get(broken.url + "/readyz") as response:
+                body = await response.json()
+                assert response.status == 503
+                assert body["error"]["code"] == "not_ready"
+                assert body["checks"]["postgres"].startswith("transient:"), body
+            async with http.get(broken.url + "/healthz") as response:
+                assert response.status == 200
+            async with http.get(broken.v1("cas", KEY)) as response:
+                assert await error_of(response) == (503, "storage_unavailable")
+                assert response.headers["Retry-After"] == "1"
+            async with http.get(healthy.url + "/readyz") as response:
+                assert response.status == 200
+        finally:
+            await broken.shut_down()
+    finally:
+        await pool.close()
+        telemetry.shutdown()
+
+
+# --------------------------------------------------------------------------------------------
+# Graceful shutdown
+
+
+class SlowBody:
+    """A request body sent in two halves, the second only after ``resume`` is set."""
+
+    def __init__(self, half: bytes) -> None:
+        self.half = half
+        self.resume = asyncio.Event()
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        yield self.half
+        await self.resume.wait()
+        yield self.half
+
+
+async def until(condition: Callable[[], Awaitable[bool] | bool], what: str) -> None:
+    deadline = time.monotonic() + DEADLINE_S
+    while True:
+        result = condition()
+        if result if isinstance(result, bool) else await result:
+            return
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.02)
+
+
+async def refuses_connections(url: str) -> bool:
+    async with aiohttp.ClientSession() as session:
+        try:
+            async with session.get(url + "/healthz") as response:
+                await response.read()
+        except aiohttp.ClientConnectorError:
+            return True
+    return False
+
+
+async def put_status(session: aiohttp.ClientSession, url: str, body: SlowBody) -> int:
+    async with session.put(url, data=body.chunks()) as response:
+        return response.status
+
+
+async def test_shutdown_stops_accepting_and_completes_requests_in_flight(
+    start_server: StartServer, http: aiohttp.ClientSession, layer_db: LayerDb
+) -> None:
+    server = await start_server("PostgresOnly", ServerConfig(grace_period_secs=10))
+    rng = random.Random(5)
+    bodies = {hex_key(rng): SlowBody(rng.randbytes(2048)) for _ in range(3)}
+    puts = [
+        asyncio.create_task(put_status(http, server.v1("cas", key), body))
+        for key, body in bodies.items()
+    ]
+    await until(lambda: server.server.in_flight == len(bodies), "requests in flight")
+
+    server.stop.event.set()  # what SIGTERM does
+    await until(lambda: refuses_connections(server.url), "the listener to close")
+    assert not server.task.done()
+    for body in bodies.values():
+        body.resume.set()
+
+    assert await asyncio.gather(*puts) == [201] * len(bodies)
+    async with asyncio.timeout(DEADLINE_S):
+        await server.task
+    assert await pg_rows(layer_db, CacheType.CAS) == {
+        key: body.half * 2 for key, body in bodies.items()
+    }
+
+
+async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
+    start_server: StartServer, http: aiohttp.ClientSession, layer_db: LayerDb
+) -> None:
+    grace = 1.0
+    server = await start_server("PostgresOnly", ServerConfig(grace_period_secs=grace))
+    body = SlowBody(b"z" * 2048)
+    put = asyncio.create_task(put_status(http, server.v1("cas", KEY), body))
+    await until(lambda: server.server.in_flight == 1, "the request in flight")
+
+    started = time.monotonic()
+    server.stop.event.set()
+    async with asyncio.timeout(DEADLINE_S):
+        await server.task
+    assert time.monotonic() - started < grace + 1.5
+
+    body.resume.set()
+    with pytest.raises(aiohttp.ClientError):
+        async with asyncio.timeout(DEADLINE_S):
+            await put
+    assert await pg_rows(layer_db, CacheType.CAS) == {}
+
+
+async def test_shutdown_drains_the_write_back_queue(
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    s3_client: S3Client,
+    bucket_prefix: str,
+) -> None:
+    rng = random.Random(6)
+    rows = {hex_key(rng): rng.randbytes(rng.randint(1, 5000)) for _ in range(40)}
+    for key, value in rows.items():
+        await insert_row(layer_db, CacheType.CAS, key, value)
+    server = await start_server("S3Primary", ServerConfig(writeback_workers=1))
+
+    async with http.post(server.v1("cas", "get-bulk"), json={"keys": list(rows)}) as response:
+        assert len((await response.json())["values"]) == len(rows)
+    await server.shut_down()  # at once: the queue is drained, not dropped
+
+    assert server.server.write_back.pending == 0
+    assert await s3_values(s3_client, bucket_prefix, CacheType.CAS) == rows
+    assert counter_values(server.metrics, "layer_cache_fallback_writeback_failed") == {}
+
+
+# --------------------------------------------------------------------------------------------
+# The run mode, and the real entrypoint
+
+
+async def test_run_mode_applies_the_schema_to_an_empty_database_then_serves(
+    pg_server: PostgresServer,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    http: aiohttp.ClientSession,
+) -> None:
+    endpoint = pg_server.endpoint
+    dbname = f"t_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(endpoint.dsn(dbname="postgres", superuser=True))
+    try:
+        await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
+    finally:
+        await admin.close()
+    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=2)
+    try:
+        db = LayerDb(endpoint, dbname, pool)
+        settings = settings_for(db, s3_server, bucket_prefix, "PostgresOnly")
+        stop = StopRequest()
+        listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+        task = asyncio.create_task(
+            serve_layer_cache(
+                settings.model_copy(update={"socket_addr": "127.0.0.1:0"}),
+                ServerConfig(),
+                stop,
+                apply_schema_first=True,
+                on_listening=lambda host, port: listening.set_result((host, port)),
+            )
+        )
+        try:
+            async with asyncio.timeout(DEADLINE_S):
+                host, port = await listening
+            async with http.put(f"http://{host}:{port}/v1/cas/{KEY}", data=b"v") as response:
+                assert response.status == 201
+            assert await pg_rows(db, CacheType.CAS) == {KEY: b"v"}
+        finally:
+            stop.event.set()
+            async with asyncio.timeout(DEADLINE_S):
+                await task
+    finally:
+        await pool.close()
+
+
+class LogReader:
+    """Reads a running process's JSON log lines (stderr) on a thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, event_name: str, timeout: float) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail("the process ended first:\n" + "".join(self.lines))
+            event = json.loads(line)
+            if event.get("event") == event_name:
+                assert isinstance(event, dict)
+                return event
+        pytest.fail(f"no {event_name!r} within {timeout} s:\n" + "".join(self.lines))
+
+    def events(self) -> list[dict[str, Any]]:
+        self._thread.join(DEADLINE_S)
+        return [json.loads(line) for line in self.lines if line.strip()]
+
+
+async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sigterm(
+    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, s3_client: S3Client
+) -> None:
+    grace = 5.0
+    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
+    env["SI_SERVER_GRACE_PERIOD_SECS"] = str(grace)
+    args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
+    with start_cli(args, env) as process:
+        assert process.stderr is not None
+        logs = LogReader(process.stderr)
+        try:
+            listening = await asyncio.to_thread(logs.wait_for, "layer cache server listening", 30.0)
+            assert listening["host"] == "127.0.0.1"
+            assert listening["level"] == "info"
+            url = f"http://127.0.0.1:{listening['port']}/v1/change_batch/{KEY}"
+            async with aiohttp.ClientSession() as session:
+                async with session.put(url, data=b"change batch bytes") as response:
+                    assert response.status == 201
+                async with session.get(url) as response:
+                    assert await response.read() == b"change batch bytes"
+
+            sent = time.monotonic()
+            process.send_signal(signal.SIGTERM)
+            status = await asyncio.to_thread(process.wait, grace + 10)
+            elapsed = time.monotonic() - sent
+            events = logs.events()
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    assert status == 143, "".join(logs.lines)
+    assert elapsed < grace
+    names = [event["event"] for event in events]
+    assert names.index("layer cache server shutting down") < names.index(
+        "layer cache server stopped"
+    )
+    assert await pg_rows(layer_db, CacheType.CHANGE_BATCH) == {KEY: b"change batch bytes"}
+    assert await s3_values(s3_client, bucket_prefix, CacheType.CHANGE_BATCH) == {
+        KEY: b"change batch bytes"
+    }
+
+
+async def test_cli_refuses_a_bad_address_with_2_and_a_taken_port_with_3(
+    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+) -> None:
+    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
+    args = ["--migration-mode", "skip", "--log-json", "--socket-addr"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        bad, busy = await asyncio.gather(
+            asyncio.to_thread(run_cli, [*args, "localhost"], env, timeout=60),
+            asyncio.to_thread(run_cli, [*args, f"127.0.0.1:{port}"], env, timeout=60),
+        )
+    for result, status, words in ((bad, 2, "SI_SDF__SOCKET_ADDR"), (busy, 3, "cannot listen")):
+        events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+        errors = [event for event in events if event["level"] == "error"]
+        assert result.returncode == status, result.stderr
+        assert len(errors) == 1, result.stderr
+        assert words in errors[0]["event"]
+        assert "layer cache server listening" not in {event["event"] for event in events}
+
+
+# --------------------------------------------------------------------------------------------
+# A backfill while the server takes writes
+
+
+async def test_backfill_while_serving_dual_writes_loses_and_duplicates_nothing(
+    start_server: StartServer,
+    http: aiohttp.ClientSession,
+    layer_db: LayerDb,
+    settings: Settings,
+    s3_client: S3Client,
+    bucket_prefix: str,
+) -> None:
+    rng = random.Random(8)
+    server = await start_server("DualWrite")
+    cutoff: datetime = await layer_db.pool.fetchval("SELECT clock_timestamp()")  # DualWrite on
+    caches = (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT)
+    old: dict[CacheType, dict[str, bytes]] = {}
+    for index, cache_type in enumerate(caches):
+        rows = [
+            SeedRow(hex_key(rng), rng.randbytes(rng.randint(0, 3000)), cutoff - timedelta(ms))
+            for ms in range(1, 301 - 150 * index)
+        ]
+        await insert_rows(layer_db.pool, cache_type, rows)
+        old[cache_type] = {row.key: row.value for row in rows}
+    new = {hex_key(rng): rng.randbytes(rng.randint(1, 3000)) for _ in range(150)}
+    rewritten = dict(list(old[CacheType.CAS].items())[:60])  # old keys PUT again while copying
+
+    async def write(key: str, value: bytes, expected_status: int) -> None:
+        async with http.put(server.v1("cas", key), data=value) as response:
+            assert response.status == expected_status, key
+
+    spans: dict[str, tuple[float, float]] = {}
+
+    async def timed(name: str, work: Awaitable[T]) -> T:
+        started = time.monotonic()
+        try:
+            return await work
+        finally:
+            spans[name] = (started, time.monotonic())
+
+    async def writer() -> None:
+        jobs = [(key, value, 201) for key, value in new.items()]
+        jobs += [(key, value, 200) for key, value in rewritten.items()]
+        rng.shuffle(jobs)
+        for start in range(0, len(jobs), 8):
+            await asyncio.gather(*(write(*job) for job in jobs[start : start + 8]))
+
+    config = BackfillConfig(
+        cutoff=cutoff,
+        cache_types=caches,
+        key_batch_size=25,
+        checkpoint_interval=timedelta(seconds=30),
+        max_concurrent_uploads=4,
+        grace_period=timedelta(seconds=5),
+    )
+    async with open_services_context(settings, with_s3=True) as context:
+        report, _ = await asyncio.gather(
+            timed("backfill", run_backfill(context, config, StopRequest())),
+            timed("writer", writer()),
+        )
+
+    assert report.complete
+    (backfill_start, backfill_end), (writer_start, writer_end) = spans["backfill"], spans["writer"]
+    assert writer_start < backfill_end, "the writes did not overlap the backfill"
+    assert backfill_start < writer_end, "the writes did not overlap the backfill"
+    assert await pg_rows(layer_db, CacheType.CAS) == old[CacheType.CAS] | new
+    assert await rows_below(layer_db.pool, CacheType.CAS, cutoff) == old[CacheType.CAS]
+    for cache_type in caches:
+        expected = old[cache_type] | (new if cache_type is CacheType.CAS else {})
+        stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+        assert stored == expected_objects(expected), f"{cache_type}: objects differ"
+    untouched = set(BACKFILLABLE_CACHE_TYPES) - set(caches)
+    for cache_type in untouched:
+        assert await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix)) == {}
+
+
+def test_every_mode_in_the_routing_table_is_tested() -> None:
+    from layer_cache.persister import ROUTES
+
+    assert set(MODES) == set(ROUTES) == set(WRITE_TARGETS) == set(READ_SOURCES)

@@ -1,0 +1,312 @@
+"""Persister routing and the fallback write-back queue, over in-memory stores."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+
+from layer_cache.cache_types import CacheType
+from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.persister import ROUTES, Backend, CachePersister, Store
+from layer_cache.retry import RetryPolicy
+from layer_cache.writeback import FallbackWriteBack
+from services.server import KEY_PATTERN, parse_socket_addr
+from services.settings import PersisterMode, SettingsError
+
+NO_RETRY = RetryPolicy(max_attempts=1)
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.002)
+
+
+class MemoryStore:
+    """A Store in a dict; ``failing`` makes every call raise a transient error."""
+
+    def __init__(self, backend: Backend, cache_type: CacheType = CacheType.CAS) -> None:
+        self.backend = backend
+        self.cache_type = cache_type
+        self.cache_name = "cas"
+        self.values: dict[str, bytes] = {}
+        self.failing: StorageError | None = None
+        self.fail_once = False
+        self.puts = 0
+        self.release = asyncio.Event()
+        self.release.set()
+
+    def _maybe_fail(self) -> None:
+        failing = self.failing
+        if failing is not None:
+            if self.fail_once:
+                self.failing = None
+            raise failing
+
+    async def get(self, key: str) -> bytes | None:
+        self._maybe_fail()
+        return self.values.get(key)
+
+    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+        self._maybe_fail()
+        return {key: self.values[key] for key in keys if key in self.values}
+
+    async def size(self, key: str) -> int | None:
+        self._maybe_fail()
+        return len(self.values[key]) if key in self.values else None
+
+    async def put(self, key: str, value: bytes) -> bool:
+        self.puts += 1
+        await self.release.wait()
+        self._maybe_fail()
+        if key in self.values:
+            return False
+        self.values[key] = value
+        return True
+
+    async def check(self) -> None:
+        self._maybe_fail()
+
+
+class RecordingSink:
+    def __init__(self) -> None:
+        self.offers: list[tuple[Backend, str, bytes]] = []
+
+    def offer(self, store: Store, key: str, value: bytes) -> None:
+        self.offers.append((store.backend, key, value))
+
+
+def persister(mode: str) -> tuple[CachePersister, dict[Backend, MemoryStore], RecordingSink]:
+    stores = {backend: MemoryStore(backend) for backend in Backend}
+    sink = RecordingSink()
+    return CachePersister(ROUTES[mode], stores, sink, policy=NO_RETRY), stores, sink
+
+
+def transient() -> StorageError:
+    return StorageError("connection reset", kind=ErrorKind.TRANSIENT)
+
+
+def test_the_routing_table_has_exactly_the_settings_modes() -> None:
+    assert set(ROUTES) == {mode.value for mode in PersisterMode}
+    assert all(ROUTES[mode].backends for mode in PersisterMode)
+
+
+@pytest.mark.parametrize(
+    ("mode", "written"),
+    [
+        ("PostgresOnly", {Backend.POSTGRES}),
+        ("DualWrite", {Backend.POSTGRES, Backend.S3}),
+        ("S3Primary", {Backend.POSTGRES, Backend.S3}),
+        ("S3Only", {Backend.S3}),
+    ],
+)
+async def test_put_writes_the_modes_targets_and_the_first_write_wins(
+    mode: str, written: set[Backend]
+) -> None:
+    cache, stores, _ = persister(mode)
+    assert await cache.put("ab", b"first")
+    assert not await cache.put("ab", b"second")
+    assert {backend for backend, store in stores.items() if store.values} == written
+    assert all(store.values == {"ab": b"first"} for store in stores.values() if store.values)
+
+
+async def test_put_is_created_only_when_new_to_every_target() -> None:
+    cache, stores, _ = persister("DualWrite")
+    stores[Backend.POSTGRES].values["ab"] = b"old"
+    assert not await cache.put("ab", b"old")
+    assert stores[Backend.S3].values == {"ab": b"old"}  # the missing target is filled
+
+
+async def test_put_lets_every_target_finish_before_raising() -> None:
+    cache, stores, _ = persister("DualWrite")
+    stores[Backend.S3].failing = transient()
+    with pytest.raises(StorageError):
+        await cache.put("ab", b"v")
+    assert stores[Backend.POSTGRES].values == {"ab": b"v"}
+
+
+async def test_s3_primary_reads_s3_first_and_offers_a_postgres_hit_for_s3() -> None:
+    cache, stores, sink = persister("S3Primary")
+    stores[Backend.S3].values["s3"] = b"from s3"
+    stores[Backend.POSTGRES].values |= {"s3": b"stale", "pg": b"from pg"}
+    assert await cache.get("s3") == b"from s3"
+    assert await cache.get("pg") == b"from pg"
+    assert await cache.get("none") is None
+    assert sink.offers == [(Backend.S3, "pg", b"from pg")]
+
+
+async def test_bulk_reads_fill_only_the_keys_found_on_the_later_backend() -> None:
+    cache, stores, sink = persister("S3Primary")
+    stores[Backend.S3].values["a"] = b"1"
+    stores[Backend.POSTGRES].values |= {"a": b"x", "b": b"2"}
+    assert await cache.get_many(["a", "b", "c", "b"]) == {"a": b"1", "b": b"2"}
+    assert sink.offers == [(Backend.S3, "b", b"2")]
+
+
+async def test_a_failing_first_backend_falls_back_without_a_write_back() -> None:
+    cache, stores, sink = persister("S3Primary")
+    stores[Backend.S3].failing = transient()
+    stores[Backend.POSTGRES].values["pg"] = b"v"
+    assert await cache.get("pg") == b"v"
+    assert await cache.get_many(["pg"]) == {"pg": b"v"}
+    assert sink.offers == []  # S3 did not say "missing"; it did not answer
+
+
+async def test_a_transient_fault_on_the_request_path_is_retried() -> None:
+    stores = {backend: MemoryStore(backend) for backend in Backend}
+    cache = CachePersister(ROUTES["S3Primary"], stores, RecordingSink(), policy=FAST_RETRY)
+    for store in stores.values():
+        store.failing, store.fail_once = transient(), True
+    assert await cache.put("k", b"v")
+    assert stores[Backend.S3].puts == stores[Backend.POSTGRES].puts == 2
+    stores[Backend.S3].failing, stores[Backend.S3].fail_once = transient(), True
+    assert await cache.get("k") == b"v"
+
+
+async def test_a_miss_is_reported_only_when_every_backend_answered() -> None:
+    cache, stores, _ = persister("S3Primary")
+    stores[Backend.S3].failing = transient()
+    with pytest.raises(StorageError):
+        await cache.get("nowhere")
+    with pytest.raises(StorageError):
+        await cache.size("nowhere")
+    with pytest.raises(StorageError):
+        await cache.get_many(["nowhere"])
+
+
+@pytest.mark.parametrize("mode", ["PostgresOnly", "DualWrite", "S3Only"])
+async def test_single_backend_reads_never_write_back(mode: str) -> None:
+    cache, stores, sink = persister(mode)
+    for store in stores.values():
+        store.values["k"] = b"v"
+    assert await cache.get("k") == b"v"
+    assert sink.offers == []
+
+
+# ---------------------------------------------------------------------------------------------
+# The write-back queue
+
+
+def counters(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[Any, ...]], int]:
+    found: dict[tuple[str, tuple[Any, ...]], int] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                for point in metric.data.data_points:
+                    assert isinstance(point, NumberDataPoint)
+                    attributes = tuple(sorted((point.attributes or {}).items()))
+                    found[(metric.name, attributes)] = int(point.value)
+    return found
+
+
+ATTRS = (("backend", "s3"), ("cache_name", "cas"))
+ATTEMPTED = ("layer_cache_fallback_writeback_attempted", ATTRS)
+FAILED = ("layer_cache_fallback_writeback_failed", ATTRS)
+
+
+def queue(
+    *, capacity: int = 10, max_bytes: int = 1000, workers: int = 2, policy: RetryPolicy = NO_RETRY
+) -> tuple[FallbackWriteBack, InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    write_back = FallbackWriteBack(
+        meter, capacity=capacity, max_bytes=max_bytes, workers=workers, policy=policy
+    )
+    return write_back, reader
+
+
+async def test_write_back_copies_each_key_once_however_often_it_is_offered() -> None:
+    write_back, reader = queue()
+    s3 = MemoryStore(Backend.S3)
+    s3.release.clear()  # hold the first PUT in flight
+    write_back.start()
+    for _ in range(5):
+        write_back.offer(s3, "k", b"v")
+    await asyncio.sleep(0)
+    write_back.offer(s3, "k", b"v")  # in flight now: still not queued again
+    s3.release.set()
+    assert await write_back.drain(5) == 0
+    assert s3.values == {"k": b"v"}
+    assert s3.puts == 1
+    assert counters(reader) == {ATTEMPTED: 1}
+
+
+async def test_write_back_drops_and_counts_what_does_not_fit() -> None:
+    write_back, reader = queue(capacity=2, max_bytes=10)
+    s3 = MemoryStore(Backend.S3)
+    write_back.offer(s3, "a", b"12345")
+    write_back.offer(s3, "b", b"123456")  # over the byte bound
+    write_back.offer(s3, "c", b"1")
+    write_back.offer(s3, "d", b"1")  # over the count bound
+    assert write_back.pending == 2
+    write_back.start()
+    assert await write_back.drain(5) == 0
+    assert s3.values == {"a": b"12345", "c": b"1"}
+    assert counters(reader) == {ATTEMPTED: 4, FAILED: 2}
+
+
+async def test_write_back_retries_transient_faults_and_counts_final_failures() -> None:
+    write_back, reader = queue(workers=1, policy=FAST_RETRY)
+    s3 = MemoryStore(Backend.S3)
+    s3.failing = transient()
+    write_back.start()
+    write_back.offer(s3, "k", b"v")
+    assert await write_back.drain(5) == 0
+    assert s3.puts == FAST_RETRY.max_attempts
+    assert counters(reader) == {ATTEMPTED: 1, FAILED: 1}
+
+
+async def test_drain_abandons_and_counts_what_does_not_finish_in_time() -> None:
+    write_back, reader = queue(workers=1)
+    s3 = MemoryStore(Backend.S3)
+    s3.release.clear()  # every PUT hangs
+    write_back.start()
+    write_back.offer(s3, "a", b"1")
+    write_back.offer(s3, "b", b"2")
+    assert await write_back.drain(0.05) == 2
+    write_back.offer(s3, "c", b"3")  # refused after shutdown
+    assert write_back.pending == 0
+    assert counters(reader) == {ATTEMPTED: 3, FAILED: 3}
+
+
+# ---------------------------------------------------------------------------------------------
+# Server input rules
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "0123456789abcdef0123456789abcdef",  # xxh3-128 ContentHash, EncryptedSecretKey
+        "0123456789abcdef" * 4,  # blake3 address
+        "01HQ3Z6V8W9X0Y1Z2A3B4C5D6E",  # ULID
+        "a",
+        "A" * 128,
+    ],
+)
+def test_the_key_rule_accepts_every_upstream_key_form(key: str) -> None:
+    assert KEY_PATTERN.fullmatch(key)
+
+
+@pytest.mark.parametrize("key", ["", "a" * 129, "a/b", "..", "ab-cd", "k\u00e9y", "a b", "a%2F"])
+def test_the_key_rule_refuses_anything_that_could_bend_an_object_path(key: str) -> None:
+    assert KEY_PATTERN.fullmatch(key) is None
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("0.0.0.0:5156", ("0.0.0.0", 5156)),
+        ("127.0.0.1:0", ("127.0.0.1", 0)),
+        ("[::]:5156", ("::", 5156)),
+        ("localhost:8080", ("localhost", 8080)),
+    ],
+)
+def test_socket_addresses_parse(text: str, expected: tuple[str, int]) -> None:
+    assert parse_socket_addr(text) == expected
+
+
+@pytest.mark.parametrize("text", ["5156", ":5156", "host:", "host:port", "host:70000", ""])
+def test_bad_socket_addresses_name_the_setting(text: str) -> None:
+    with pytest.raises(SettingsError, match="SI_SDF__SOCKET_ADDR"):
+        parse_socket_addr(text)
