@@ -80,6 +80,37 @@ async def apply_schema(pool: asyncpg.Pool) -> None:
 _COLUMNS = "key, created_at, octet_length(value) AS size"
 
 
+class _Where:
+    """A WHERE clause built from conditions with numbered placeholders (``{}`` in a template)."""
+
+    def __init__(self, cutoff: datetime) -> None:
+        self.conditions: list[str] = []
+        self.arguments: list[object] = []
+        self.add("created_at < {}", cutoff)
+
+    def placeholder(self) -> str:
+        """The next free ``$n``."""
+        return f"${len(self.arguments) + 1}"
+
+    def add(self, template: str, *values: object) -> None:
+        """Append ``template`` with one placeholder per value."""
+        first = len(self.arguments) + 1
+        self.conditions.append(template.format(*(f"${first + i}" for i in range(len(values)))))
+        self.arguments.extend(values)
+
+    def key_range(self, low: str | None, high: str | None) -> None:
+        """``low <= key < high``, each side only when given."""
+        if low is not None:
+            self.add("key >= {}", low)
+        if high is not None:
+            self.add("key < {}", high)
+
+    @property
+    def sql(self) -> str:
+        """The conditions joined with AND."""
+        return " AND ".join(self.conditions)
+
+
 class PgLayer:
     """Reads rows of one layer-cache table."""
 
@@ -115,24 +146,11 @@ class PgLayer:
     ) -> list[RowRef]:
         """Rows with ``created_at < cutoff`` in key order: after ``after`` (exclusive) or from
         ``low`` (inclusive), below ``high``; one primary-key range scan per page."""
-        conditions: list[str] = ["created_at < $1"]
-        arguments: list[object] = [cutoff]
+        where = _Where(cutoff)
         if after is not None:
-            conditions.append(f"key > ${len(arguments) + 1}")
-            arguments.append(after)
-        elif low is not None:
-            conditions.append(f"key >= ${len(arguments) + 1}")
-            arguments.append(low)
-        if high is not None:
-            conditions.append(f"key < ${len(arguments) + 1}")
-            arguments.append(high)
-        sql = (
-            f"SELECT {_COLUMNS} FROM {self.spec.table} WHERE {' AND '.join(conditions)}"
-            f" ORDER BY key LIMIT ${len(arguments) + 1}"
-        )
-        with map_pg_errors(f"listing rows of {self.spec.table}"):
-            records = await self.pool.fetch(sql, *arguments, limit)
-        return [RowRef(r["key"], r["created_at"], r["size"]) for r in records]
+            where.add("key > {}", after)
+        where.key_range(None if after is not None else low, high)
+        return await self._list(where, "key", limit)
 
     async def list_newest_first(
         self,
@@ -144,22 +162,19 @@ class PgLayer:
         limit: int,
     ) -> list[RowRef]:
         """Rows with ``created_at < cutoff``, newest first, strictly after a (created_at, key)."""
-        conditions: list[str] = ["created_at < $1"]
-        arguments: list[object] = [cutoff]
+        where = _Where(cutoff)
         if after is not None:
-            n = len(arguments)
-            conditions.append(f"(created_at, key) < (${n + 1}, ${n + 2})")
-            arguments.extend(after)
-        for operator, bound in ((">=", low), ("<", high)):
-            if bound is not None:
-                conditions.append(f"key {operator} ${len(arguments) + 1}")
-                arguments.append(bound)
+            where.add("(created_at, key) < ({}, {})", *after)
+        where.key_range(low, high)
+        return await self._list(where, "created_at DESC, key DESC", limit)
+
+    async def _list(self, where: _Where, order_by: str, limit: int) -> list[RowRef]:
         sql = (
-            f"SELECT {_COLUMNS} FROM {self.spec.table} WHERE {' AND '.join(conditions)}"
-            f" ORDER BY created_at DESC, key DESC LIMIT ${len(arguments) + 1}"
+            f"SELECT {_COLUMNS} FROM {self.spec.table} WHERE {where.sql}"
+            f" ORDER BY {order_by} LIMIT {where.placeholder()}"
         )
         with map_pg_errors(f"listing rows of {self.spec.table}"):
-            records = await self.pool.fetch(sql, *arguments, limit)
+            records = await self.pool.fetch(sql, *where.arguments, limit)
         return [RowRef(r["key"], r["created_at"], r["size"]) for r in records]
 
     async def fetch_values(
@@ -212,18 +227,14 @@ class PgLayer:
         self, *, cutoff: datetime, low: str | None, high: str | None
     ) -> tuple[int, int]:
         """Exact (rows, value bytes) with ``created_at < cutoff`` in a key range: a full scan."""
-        conditions: list[str] = ["created_at < $1"]
-        arguments: list[object] = [cutoff]
-        for operator, bound in ((">=", low), ("<", high)):
-            if bound is not None:
-                conditions.append(f"key {operator} ${len(arguments) + 1}")
-                arguments.append(bound)
+        where = _Where(cutoff)
+        where.key_range(low, high)
         sql = (
-            f"SELECT count(*) AS rows, coalesce(sum(octet_length(value)), 0) AS bytes"
-            f" FROM {self.spec.table} WHERE {' AND '.join(conditions)}"
+            "SELECT count(*) AS rows, coalesce(sum(octet_length(value)), 0) AS bytes"
+            f" FROM {self.spec.table} WHERE {where.sql}"
         )
         with map_pg_errors(f"counting rows of {self.spec.table}"):
-            record = await self.pool.fetchrow(sql, *arguments)
+            record = await self.pool.fetchrow(sql, *where.arguments)
         assert record is not None
         return int(record["rows"]), int(record["bytes"])
 
