@@ -36,20 +36,28 @@ from migrations_mode.config import format_checkpoint
 BUCKET_PREFIX = "si-layer-cache"
 
 
-def service_environment(pg: PostgresEndpoint, s3: S3Endpoint) -> dict[str, str]:
-    """The SI_SDF__ settings for the local servers, exactly as an operator would export them."""
+def service_environment(
+    pg: PostgresEndpoint,
+    s3: S3Endpoint,
+    *,
+    bucket_prefix: str = BUCKET_PREFIX,
+    dbname: str | None = None,
+    persister_mode: str = "DualWrite",
+) -> dict[str, str]:
+    """The SI_SDF__ settings for local servers, exactly as an operator would export them."""
     pool = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
     storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
     return {
-        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE": "DualWrite",
+        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE": persister_mode,
         pool + "HOSTNAME": pg.host,
         pool + "PORT": str(pg.port),
         pool + "USER": pg.user,
         pool + "PASSWORD": pg.password,
-        pool + "DBNAME": pg.dbname,
+        pool + "DBNAME": dbname or pg.dbname,
+        pool + "SSLMODE": "disable",  # local servers speak plain TCP on loopback
         storage + "ENDPOINT": s3.url,
         storage + "REGION": s3.region,
-        storage + "BUCKET_PREFIX": BUCKET_PREFIX,
+        storage + "BUCKET_PREFIX": bucket_prefix,
         storage + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY": s3.access_key,
         storage + "AUTH__STATIC_CREDENTIALS__SECRET_KEY": s3.secret_key,
     }

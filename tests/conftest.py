@@ -19,6 +19,7 @@ import asyncpg
 import pytest
 from aiobotocore.config import AioConfig
 
+from devenv.demo import service_environment
 from devenv.servers import (
     PostgresEndpoint,
     PostgresServer,
@@ -104,22 +105,13 @@ def service_env(
     db: LayerDb, s3: S3Endpoint, bucket_prefix: str, *, persister_mode: str = "DualWrite"
 ) -> dict[str, str]:
     """The SI_SDF__ environment an operator would set for this database and S3 server."""
-    pg = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-    storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
-    return {
-        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE": persister_mode,
-        pg + "HOSTNAME": db.endpoint.host,
-        pg + "PORT": str(db.endpoint.port),
-        pg + "USER": db.endpoint.user,
-        pg + "PASSWORD": db.endpoint.password,
-        pg + "DBNAME": db.dbname,
-        pg + "SSLMODE": "disable",
-        storage + "ENDPOINT": s3.url,
-        storage + "REGION": s3.region,
-        storage + "BUCKET_PREFIX": bucket_prefix,
-        storage + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY": s3.access_key,
-        storage + "AUTH__STATIC_CREDENTIALS__SECRET_KEY": s3.secret_key,
-    }
+    return service_environment(
+        db.endpoint,
+        s3,
+        bucket_prefix=bucket_prefix,
+        dbname=db.dbname,
+        persister_mode=persister_mode,
+    )
 
 
 @pytest.fixture
