@@ -228,6 +228,9 @@ def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterat
 
 _PG_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # "connection is closed" and friends: the socket went away
+    # A connection killed mid-protocol can leave asyncpg's state machine confused ("cannot
+    # switch to state …"); the pool discards that connection, so a retry runs on a fresh one.
+    asyncpg.InternalClientError,
     ConnectionError,
     OSError,
     TimeoutError,

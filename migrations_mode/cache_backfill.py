@@ -130,8 +130,9 @@ class CacheBackfill:
 
     @property
     def rows_done(self) -> int:
-        """Rows finished, this run and the runs it resumed."""
-        return self._rows_done_before + self.stats.processed
+        """Rows finished in walk order, this run and the runs it resumed (rows finished out of
+        order count once the rows before them are done, so a resume never counts a row twice)."""
+        return self._rows_done_before + self.tracker.finished_in_order
 
     def keyspace_done_ratio(self) -> float | None:
         """How far through this shard's key space the walk is (key order, hex keys only)."""
@@ -243,9 +244,7 @@ class CacheBackfill:
         position = self.tracker.low_water
         if position == self._saved_position and not self.completed:
             return
-        record = SavedProgress(
-            position, self.completed, self._rows_done_before + self.stats.processed
-        )
+        record = SavedProgress(position, self.completed, self.rows_done)
         try:
             await self._storage_call(lambda: self._store.save(self._progress_key, record), None)
         except CacheBackfillFailed as exc:
@@ -544,7 +543,8 @@ class CacheBackfill:
             event,
             reason=outcome,
             checkpoint_timestamp=format_checkpoint(checkpoint),
-            in_flight_uploads=self.tracker.in_flight,
+            in_flight_uploads=self.upload_limit.in_use,
+            rows_pending=self.tracker.in_flight,
             progress_store=self._store.kind,
             resume_with=resume_flag(checkpoint),
             **fields,

@@ -65,6 +65,12 @@ class CheckpointTracker:
             self._low_sequence += 1
 
     @property
+    def finished_in_order(self) -> int:
+        """Rows of this run up to and including the low-water mark: the ones a resume will not
+        walk again (rows finished beyond it are walked, and counted, again)."""
+        return self._low_sequence
+
+    @property
     def in_flight(self) -> int:
         """Rows dispatched and not finished."""
         return len(self._positions) - len(self._finished)

@@ -24,7 +24,7 @@ from layer_cache.retry import RetryPolicy
 from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
 from migrations_mode.walk import Shard, WalkOrder
-from services.settings import describe_validation_error
+from services.settings import describe_validation_error, unknown_env_var
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
 
@@ -158,6 +158,11 @@ def _flag_and_env(loc: tuple[int | str, ...]) -> str:
 def load_backfill_config(flags: Mapping[str, Any]) -> BackfillConfig:
     """Validate flags (None = not given) over ``SI_BACKFILL_*`` env into a ``BackfillConfig``."""
     given = {name: value for name, value in flags.items() if value is not None}
+    unknown = unknown_env_var(
+        os.environ, BACKFILL_ENV_PREFIX, BackfillSettings.model_fields, nested=False
+    )
+    if unknown is not None:
+        raise BackfillConfigError(f"unknown setting {unknown}")
     try:
         options = BackfillSettings(**given)
     except ValidationError as exc:

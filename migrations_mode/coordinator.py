@@ -74,7 +74,9 @@ async def run_backfill(
     metrics = BackfillMetrics(context.telemetry.meter)
     s3_layers = {cache_type: context.s3_layer(cache_type) for cache_type in config.cache_types}
     pg_layers = {cache_type: context.pg_layer(cache_type) for cache_type in config.cache_types}
-    await run_preflight([(pg_layers[c], s3_layers[c]) for c in config.cache_types])
+    await run_preflight(
+        [(pg_layers[c], s3_layers[c]) for c in config.cache_types], config.retry_policy
+    )
     try:
         store = await open_progress_store(config.progress_store, context.pg_pool, s3_layers)
     except StorageError as exc:

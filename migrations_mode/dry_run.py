@@ -139,7 +139,7 @@ async def estimate_cache(
 async def run_dry_run(context: ServicesContext, config: BackfillConfig) -> list[CacheEstimate]:
     """Validate everything a run would, then estimate each cache; writes nothing."""
     pairs = [(context.pg_layer(c), context.s3_layer(c)) for c in config.cache_types]
-    await run_preflight(pairs)
+    await run_preflight(pairs, config.retry_policy)
     rng = random.Random(0)
     estimates = []
     for pg, s3 in pairs:

@@ -10,6 +10,7 @@ import asyncio
 
 from layer_cache.errors import ErrorKind, PgLayerError, S3LayerError, StorageError
 from layer_cache.pg import PgLayer
+from layer_cache.retry import RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.errors import PreflightError, first_exception
 
@@ -59,10 +60,10 @@ def explain_storage_error(exc: StorageError) -> str:
     return str(exc)
 
 
-async def check_table(pg: PgLayer) -> None:
+async def check_table(pg: PgLayer, policy: RetryPolicy) -> None:
     """The cache's table exists and the role may read it."""
     try:
-        exists, readable = await pg.check_readable()
+        exists, readable = await call_with_retries(pg.check_readable, policy)
     except StorageError as exc:
         raise PreflightError(explain_storage_error(exc)) from exc
     if not exists:
@@ -77,20 +78,21 @@ async def check_table(pg: PgLayer) -> None:
         )
 
 
-async def check_bucket(s3: S3Layer) -> None:
+async def check_bucket(s3: S3Layer, policy: RetryPolicy) -> None:
     """The cache's bucket exists and the credentials may list it."""
     try:
-        await s3.check_bucket()
+        await call_with_retries(s3.check_bucket, policy)
     except StorageError as exc:
         raise PreflightError(explain_storage_error(exc)) from exc
 
 
-async def run_preflight(pairs: list[tuple[PgLayer, S3Layer]]) -> None:
-    """Check every selected cache's table and bucket, concurrently; the first failure raises."""
+async def run_preflight(pairs: list[tuple[PgLayer, S3Layer]], policy: RetryPolicy) -> None:
+    """Check every selected cache's table and bucket, concurrently, retrying throttling and
+    transient faults within ``policy``; the first lasting failure raises."""
     try:
         async with asyncio.TaskGroup() as checks:
             for pg, s3 in pairs:
-                checks.create_task(check_table(pg))
-                checks.create_task(check_bucket(s3))
+                checks.create_task(check_table(pg, policy))
+                checks.create_task(check_bucket(s3, policy))
     except ExceptionGroup as group:
         raise first_exception(group) from None

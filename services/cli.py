@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 from collections.abc import Callable, Sequence
@@ -65,10 +66,22 @@ log = structlog.get_logger("services")
 
 
 class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a usage error as one line and exits 2."""
+    """argparse that reports a usage error as one line (JSON under ``--log-json`` or
+    ``SI_LOG_JSON``, like every other error) and exits 2."""
+
+    json_errors = False
 
     def error(self, message: str) -> NoReturn:
-        self.exit(EXIT_INVALID_INPUT, f"{self.prog}: error: {message} (see --help)\n")
+        text = f"{message} (see --help)"
+        if self.json_errors:
+            line = json.dumps({"event": text, "level": "error", "program": self.prog})
+        else:
+            line = f"{self.prog}: error: {text}"
+        self.exit(EXIT_INVALID_INPUT, line + "\n")
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _env_help(text: str, env: str, default: object = None) -> str:
@@ -105,10 +118,11 @@ _BACKFILL_FLAGS: dict[str, str] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> OneLineParser:
     """The CLI, grouped; every option shows its env var and default."""
     parser = OneLineParser(
         prog=PROGRAM,
+        allow_abbrev=False,
         description="The SI layer cache service and its migration modes.",
         epilog="Settings also come from SI_SDF__… env vars (e.g. "
         "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE) and a TOML config file; flags win over env, "
@@ -130,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     general.add_argument(
         "--log-json",
         action="store_true",
-        default=os.environ.get("SI_LOG_JSON", "").lower() in ("1", "true", "yes"),
+        default=_env_flag("SI_LOG_JSON"),
         help=_env_help("log JSON lines instead of console text", "SI_LOG_JSON", "false"),
     )
     general.add_argument(
@@ -260,7 +274,10 @@ def _fail(message: str, status: int, exc: BaseException, verbose: int) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser.json_errors = "--log-json" in arguments or _env_flag("SI_LOG_JSON")
+    args = parser.parse_args(arguments)
     configure_logging(json=args.log_json, verbosity=args.verbose)
     overrides = {
         name: value

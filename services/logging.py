@@ -16,6 +16,7 @@ from collections.abc import MutableMapping
 from typing import Any, TextIO
 
 import structlog
+import structlog.stdlib
 import structlog.tracebacks
 
 _SECRET_FIELD_MARKERS = ("password", "secret", "token", "credential")
@@ -57,31 +58,38 @@ class _CurrentStderr:
 
 
 def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None = None) -> None:
-    """Configure structlog once for the process."""
+    """Configure structlog once for the process, and route library (stdlib) logging through the
+    same renderer, so JSON output stays one JSON object per line."""
+    output: TextIO = stream or _CurrentStderr()  # type: ignore[assignment]
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json
         else structlog.dev.ConsoleRenderer(
-            colors=(stream or sys.stderr).isatty(),
+            colors=output.isatty(),
             # Never show frame locals: they hold passwords and keys (e.g. connection arguments).
             exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
         )
     )
+    shared: list[structlog.typing.Processor] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+        _JSON_TRACEBACKS if json else structlog.dev.set_exc_info,
+    ]
     structlog.configure(
-        processors=[
-            structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
-            _JSON_TRACEBACKS if json else structlog.dev.set_exc_info,
-            renderer,
-        ],
+        processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
-        logger_factory=structlog.PrintLoggerFactory(stream or _CurrentStderr()),  # type: ignore[arg-type]
+        logger_factory=structlog.PrintLoggerFactory(output),
         cache_logger_on_first_use=False,
     )
-    logging.basicConfig(
-        level=logging.DEBUG if verbosity >= 2 else logging.WARNING,
-        stream=stream or sys.stderr,
-        format="%(levelname)s %(name)s: %(message)s",
+    handler = logging.StreamHandler(output)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
     )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)

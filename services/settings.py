@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from contextvars import ContextVar
 from enum import StrEnum
 from pathlib import Path
@@ -221,13 +221,18 @@ def describe_validation_error(exc: ValidationError, name_of: Any) -> str:
     return f"invalid {where}: {reason[:1].lower()}{reason[1:]}"
 
 
-def _unknown_top_level_env(environ: Mapping[str, str]) -> str | None:
-    """pydantic-settings ignores unknown top-level env vars; a typo there must not pass."""
+def unknown_env_var(
+    environ: Mapping[str, str], prefix: str, fields: Iterable[str], *, nested: bool = True
+) -> str | None:
+    """The first env var under ``prefix`` that names no field: pydantic-settings ignores
+    unknown top-level variables, and a typo there must not run a job on a default."""
+    known = set(fields)
     for name in environ:
         upper = name.upper()
-        if upper.startswith(ENV_PREFIX):
-            field = upper[len(ENV_PREFIX) :].split("__", 1)[0].lower()
-            if field not in Settings.model_fields:
+        if upper.startswith(prefix):
+            rest = upper[len(prefix) :]
+            field = (rest.split("__", 1)[0] if nested else rest).lower()
+            if field not in known:
                 return name
     return None
 
@@ -238,7 +243,7 @@ def load_settings(
     """Load the settings tree; flags come in as ``overrides`` and win over everything."""
     if config_file is None and os.environ.get(CONFIG_FILE_ENV):
         config_file = Path(os.environ[CONFIG_FILE_ENV])
-    unknown = _unknown_top_level_env(os.environ)
+    unknown = unknown_env_var(os.environ, ENV_PREFIX, Settings.model_fields)
     if unknown is not None:
         raise SettingsError(f"unknown setting {unknown}")
     token = _config_file.set(config_file)

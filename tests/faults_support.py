@@ -1,0 +1,460 @@
+"""Helpers for the resilience tests: the CLI as a killable job, its JSON events, S3 and progress.
+
+``Job`` runs ``python -m services`` the way the Kubernetes Job does (env + flags, ``--log-json``)
+and reads its stderr on a thread, so a test can wait for an event without blocking the event loop
+(the ``FaultProxy`` the job talks to runs on that loop) and then kill or signal the process at a
+moment of its choosing. Every stderr line must be a JSON object: anything else is kept in
+``JobResult.non_json`` and reported by the tests.
+
+The S3 checks read listings (size and ETag, the MD5 of a single-part PUT) rather than bodies, so
+they are cheap enough to run after every trial; ``tests.support.bucket_objects`` does the full
+byte-for-byte comparison where it matters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import signal
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from types import TracebackType
+from typing import TYPE_CHECKING, Any, Self
+
+import asyncpg
+import boto3  # type: ignore[import-untyped, unused-ignore]
+from botocore.config import Config as BotoConfig
+
+from devenv.servers import MotoS3, S3Endpoint, create_buckets
+from layer_cache.cache_types import CACHE_SPECS, CacheType
+from layer_cache.keys import object_key
+from migrations_mode.checkpoint import Position
+from migrations_mode.progress_store import (
+    PROGRESS_TABLE,
+    S3_PROGRESS_PREFIX,
+    ProgressKey,
+    SavedProgress,
+    progress_from_json,
+    s3_progress_object_key,
+)
+from tests.support import bucket_objects, cache_bucket, start_cli
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+Event = dict[str, Any]
+
+PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
+STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
+S3_ENDPOINT = STORAGE + "ENDPOINT"
+S3_ACCESS_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY"
+S3_SECRET_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY"
+
+
+def backfill_args(cutoff: str, cache_types: Sequence[CacheType], *extra: str) -> list[str]:
+    """A JSON-logging backfill of ``cache_types`` below ``cutoff``; ``extra`` flags appended."""
+    return [
+        "--migration-mode",
+        "backfillLayerCache",
+        "--log-json",
+        "--backfill-cutoff-timestamp",
+        cutoff,
+        "--backfill-cache-types",
+        ",".join(cache_types),
+        *extra,
+    ]
+
+
+# --------------------------------------------------------------------------------------------
+# The job and its output
+
+
+def _parse(line: str) -> Event | None:
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """A finished job: exit status, output, the events parsed from stderr and how long it ran."""
+
+    status: int
+    stdout: str
+    stderr: str
+    events: list[Event]
+    non_json: list[str]
+    elapsed_s: float
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    def named(self, name: str, cache_type: CacheType | str | None = None) -> list[Event]:
+        """Events called ``name`` (of one cache, if given), in order."""
+        return [
+            event
+            for event in self.events
+            if event.get("event") == name
+            and (cache_type is None or event.get("cache_type") == str(cache_type))
+        ]
+
+    def summary(self, cache_type: CacheType | str = "total") -> Event:
+        """The ``backfill summary`` of one cache, or the total."""
+        [found] = self.named("backfill summary", cache_type)
+        return found
+
+    def describe(self) -> str:
+        return f"exit status {self.status}\n--- stderr ---\n{self.stderr[-6000:]}"
+
+
+class Job:
+    """``python -m services`` running in the background; stderr read and parsed on a thread."""
+
+    def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
+        self.started_at = time.monotonic()
+        self.process: subprocess.Popen[str] = start_cli(args, env)
+        self.events: list[Event] = []
+        self.non_json: list[str] = []
+        self._lines: list[str] = []
+        self._ended = False
+        self._changed = threading.Condition()
+        assert self.process.stderr is not None
+        self._reader = threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True)
+        self._reader.start()
+
+    def _read(self, stream: Any) -> None:
+        for line in stream:
+            event = _parse(line) if line.strip() else None
+            with self._changed:
+                self._lines.append(line)
+                if event is not None:
+                    self.events.append(event)
+                elif line.strip():
+                    self.non_json.append(line)
+                self._changed.notify_all()
+        with self._changed:
+            self._ended = True
+            self._changed.notify_all()
+
+    def _wait_for_blocking(
+        self, matches: Callable[[Event], bool], timeout: float, since: int
+    ) -> tuple[int, Event] | None:
+        deadline = time.monotonic() + timeout
+        index = since
+        with self._changed:
+            while True:
+                while index < len(self.events):
+                    if matches(self.events[index]):
+                        return index, self.events[index]
+                    index += 1
+                remaining = deadline - time.monotonic()
+                if self._ended or remaining <= 0:
+                    return None
+                self._changed.wait(remaining)
+
+    async def wait_for(
+        self, matches: Callable[[Event], bool], within_s: float, *, since: int = 0
+    ) -> Event | None:
+        """The first event (from index ``since``) that ``matches``; None if the process ended
+        or ``within_s`` passed first. Never blocks the event loop."""
+        found = await asyncio.to_thread(self._wait_for_blocking, matches, within_s, since)
+        return None if found is None else found[1]
+
+    async def wait_for_event(self, name: str, within_s: float, **fields: object) -> Event:
+        """The first event called ``name`` with ``fields``; fails the test if none comes."""
+
+        def matches(event: Event) -> bool:
+            return event.get("event") == name and all(
+                event.get(key) == value for key, value in fields.items()
+            )
+
+        found = await self.wait_for(matches, within_s)
+        if found is None:
+            raise AssertionError(
+                f"no {name!r} event with {fields} within {within_s} s (or the job ended):\n"
+                + self.output()[-6000:]
+            )
+        return found
+
+    def output(self) -> str:
+        with self._changed:
+            return "".join(self._lines)
+
+    @property
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def kill(self) -> bool:
+        """SIGKILL; True if the process was still running."""
+        if self.process.poll() is not None:
+            return False
+        self.process.kill()
+        return True
+
+    def send(self, signum: signal.Signals) -> None:
+        self.process.send_signal(signum)
+
+    async def finish(self, within_s: float = 60.0) -> JobResult:
+        """Wait for the exit (killing the process after ``within_s``) and collect the output."""
+        try:
+            status = await asyncio.to_thread(self.process.wait, within_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            await asyncio.to_thread(self.process.wait, 10)
+            raise AssertionError(
+                f"the job did not exit within {within_s} s:\n{self.output()[-6000:]}"
+            ) from None
+        elapsed = time.monotonic() - self.started_at
+        await asyncio.to_thread(self._reader.join, 10)
+        assert self.process.stdout is not None
+        stdout = await asyncio.to_thread(self.process.stdout.read)
+        self.process.stdout.close()
+        assert self.process.stderr is not None
+        self.process.stderr.close()
+        with self._changed:
+            return JobResult(
+                status,
+                stdout,
+                "".join(self._lines),
+                list(self.events),
+                list(self.non_json),
+                elapsed,
+            )
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        traceback: TracebackType | None,
+    ) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+        await asyncio.to_thread(self.process.wait, 10)
+        for stream in (self.process.stdout, self.process.stderr):
+            if stream is not None and not stream.closed:
+                await asyncio.to_thread(stream.read)
+                stream.close()
+
+
+async def run_job(args: Sequence[str], env: Mapping[str, str], within_s: float = 60.0) -> JobResult:
+    """Run a job to its end."""
+    async with Job(args, env) as job:
+        return await job.finish(within_s)
+
+
+# --------------------------------------------------------------------------------------------
+# What S3 holds
+
+
+def md5_hex(value: bytes) -> str:
+    return hashlib.md5(value, usedforsecurity=False).hexdigest()
+
+
+@dataclass(frozen=True)
+class StoredObject:
+    size: int
+    etag: str
+
+
+async def list_objects(client: S3Client, bucket: str) -> dict[str, StoredObject]:
+    """Every cache object of a bucket (not the progress records): object key → size and ETag."""
+    listed: dict[str, StoredObject] = {}
+    paginator = client.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            if not item["Key"].startswith(S3_PROGRESS_PREFIX + "/"):
+                listed[item["Key"]] = StoredObject(item["Size"], item["ETag"].strip('"'))
+    return listed
+
+
+def object_key_of(cache_type: CacheType, key: str) -> str:
+    return object_key(key, key_strategy=CACHE_SPECS[cache_type].key_strategy)
+
+
+def wrong_objects(
+    cache_type: CacheType, stored: Mapping[str, StoredObject], rows: Mapping[str, bytes]
+) -> list[str]:
+    """Object keys whose object is not exactly one of ``rows`` (row key → value)."""
+    by_object = {object_key_of(cache_type, key): value for key, value in rows.items()}
+    wrong = []
+    for name, item in stored.items():
+        value = by_object.get(name)
+        if value is None or item.size != len(value) or item.etag != md5_hex(value):
+            wrong.append(name)
+    return sorted(wrong)
+
+
+def present_keys(
+    cache_type: CacheType, stored: Mapping[str, StoredObject], rows: Mapping[str, bytes]
+) -> set[str]:
+    """The row keys whose object is present with the row's exact bytes."""
+    present = set()
+    for key, value in rows.items():
+        item = stored.get(object_key_of(cache_type, key))
+        if item is not None and item.size == len(value) and item.etag == md5_hex(value):
+            present.add(key)
+    return present
+
+
+async def assert_s3_holds_exactly(
+    client: S3Client, bucket_prefix: str, cache_type: CacheType, rows: Mapping[str, bytes]
+) -> None:
+    """Byte for byte (GETs, not ETags): the bucket holds exactly ``rows`` and nothing else."""
+    expected = {object_key_of(cache_type, key): value for key, value in rows.items()}
+    stored = await bucket_objects(client, cache_bucket(cache_type, bucket_prefix))
+    extra = sorted(stored.keys() - expected.keys())
+    missing = sorted(expected.keys() - stored.keys())
+    assert not extra, f"{cache_type}: {len(extra)} objects without a row below the cutoff"
+    assert not missing, f"{cache_type}: {len(missing)} rows missing from S3, e.g. {missing[:3]}"
+    differ = sorted(name for name in expected if stored[name] != expected[name])
+    assert not differ, f"{cache_type}: {len(differ)} objects differ from their rows"
+
+
+# --------------------------------------------------------------------------------------------
+# Saved progress
+
+
+@dataclass
+class ProgressReader:
+    """Reads the job's saved progress from the store it uses (``postgres`` or ``s3``)."""
+
+    store: str
+    pool: asyncpg.Pool
+    client: S3Client
+    bucket_prefix: str
+    cutoff: datetime
+    shard: str = "0-of-1"
+    reads: int = field(default=0)
+
+    async def load(self, cache_type: CacheType) -> SavedProgress | None:
+        self.reads += 1
+        if self.store == "s3":
+            key = ProgressKey(cache_type, self.cutoff, self.shard)
+            bucket = cache_bucket(cache_type, self.bucket_prefix)
+            try:
+                response = await self.client.get_object(
+                    Bucket=bucket, Key=s3_progress_object_key(key, None)
+                )
+            except self.client.exceptions.NoSuchKey:
+                return None
+            async with response["Body"] as stream:
+                return progress_from_json(json.loads(await stream.read()))
+        if not await self.pool.fetchval("SELECT to_regclass($1) IS NOT NULL", PROGRESS_TABLE):
+            return None
+        record = await self.pool.fetchrow(
+            f"SELECT position_created_at, position_key, completed, rows_done FROM {PROGRESS_TABLE}"
+            " WHERE cache_type = $1 AND cutoff = $2 AND shard = $3",
+            cache_type.value,
+            self.cutoff,
+            self.shard,
+        )
+        if record is None:
+            return None
+        position = (
+            Position(record["position_created_at"], record["position_key"])
+            if record["position_key"] is not None
+            else None
+        )
+        return SavedProgress(position, record["completed"], record["rows_done"])
+
+
+async def progress_objects(client: S3Client, bucket: str) -> list[str]:
+    """The progress records the S3 store keeps in a bucket."""
+    response = await client.list_objects_v2(Bucket=bucket, Prefix=S3_PROGRESS_PREFIX + "/")
+    return [item["Key"] for item in response.get("Contents", [])]
+
+
+# --------------------------------------------------------------------------------------------
+# An S3 server that checks credentials
+
+
+class StrictMotoS3:
+    """A moto server of its own with request authentication switched on.
+
+    The session's S3 server (moto) accepts any access key and secret: it verifies no signature
+    until authentication is enabled, and enabling it there would break every other test. This
+    one is private. An IAM user's access key is created while authentication is still off, then
+    ``/moto-api/reset-auth`` turns it on: from then on an unknown access key gets
+    ``InvalidAccessKeyId`` and a wrong secret ``SignatureDoesNotMatch``, as from AWS.
+    """
+
+    def __init__(self) -> None:
+        self._server = MotoS3()
+        self.access_key = ""
+
+    @property
+    def endpoint(self) -> S3Endpoint:
+        return self._server.endpoint
+
+    def start(self) -> None:
+        self._server.start()
+        iam = boto3.client(
+            "iam",
+            endpoint_url=self.endpoint.url,
+            region_name=self.endpoint.region,
+            aws_access_key_id=self.endpoint.access_key,
+            aws_secret_access_key=self.endpoint.secret_key,
+        )
+        try:
+            iam.create_user(UserName="backfill")
+            created = iam.create_access_key(UserName="backfill")
+            self.access_key = created["AccessKey"]["AccessKeyId"]
+        finally:
+            iam.close()
+        self._set_auth(enabled=True)
+
+    def add_buckets(self, names: Sequence[str]) -> None:
+        self._set_auth(enabled=False)
+        try:
+            create_buckets(self.endpoint, names)
+        finally:
+            self._set_auth(enabled=True)
+
+    def objects(self) -> dict[str, list[str]]:
+        """The object keys of every bucket that holds any (authentication is off to look)."""
+        self._set_auth(enabled=False)
+        client = boto3.client(
+            "s3",
+            endpoint_url=self.endpoint.url,
+            region_name=self.endpoint.region,
+            aws_access_key_id=self.endpoint.access_key,
+            aws_secret_access_key=self.endpoint.secret_key,
+            config=BotoConfig(s3={"addressing_style": "path"}),
+        )
+        try:
+            found = {}
+            for bucket in client.list_buckets()["Buckets"]:
+                response = client.list_objects_v2(Bucket=bucket["Name"])
+                keys = [item["Key"] for item in response.get("Contents", [])]
+                if keys:
+                    found[bucket["Name"]] = keys
+            return found
+        finally:
+            client.close()
+            self._set_auth(enabled=True)
+
+    def _set_auth(self, *, enabled: bool) -> None:
+        # The body is the number of requests left unauthenticated ("inf": authentication off).
+        request = urllib.request.Request(
+            self.endpoint.url + "/moto-api/reset-auth",
+            data=b"0" if enabled else b"inf",
+            method="POST",
+            headers={"Content-Type": "text/plain"},
+        )
+        with urllib.request.urlopen(request, timeout=10) as response:
+            assert response.status == 200
+
+    def stop(self) -> None:
+        self._server.stop()

@@ -1,0 +1,887 @@
+"""The real entrypoint, ``python -m services``, run as a subprocess against the real servers.
+
+Every test starts the CLI the way an operator or a Kubernetes job would: settings in ``SI_SDF__…``
+and ``SI_BACKFILL_…`` env vars or flags, JSON log lines on stderr (``--log-json``), the summary
+table on stdout (console mode only), and the exit status as the verdict (0 done, 2 invalid input,
+3 environment not ready, 130/143 interrupted). What the run left in S3 is read back and compared
+byte for byte with the rows in Postgres.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import queue
+import random
+import signal
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import IO, TYPE_CHECKING, Any, Literal
+
+import asyncpg
+import pytest
+
+from devenv.servers import PostgresServer, S3Server, free_port
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from tests.conftest import LayerDb, service_env
+from tests.support import (
+    SeedRow,
+    bucket_objects,
+    cache_bucket,
+    expected_objects,
+    insert_rows,
+    random_key,
+    rows_below,
+    run_cli,
+    start_cli,
+)
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
+CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
+LOGGED_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f UTC"  # how checkpoints are logged
+CLI_TIMEOUT_S = 60.0
+
+PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
+STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
+S3_ACCESS_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY"
+S3_SECRET_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY"
+
+ALL_TABLES = {spec.table for spec in CACHE_SPECS.values()}
+BACKFILLABLE_TABLES = {CACHE_SPECS[cache_type].table for cache_type in BACKFILLABLE_CACHE_TYPES}
+BASE_COLUMNS = ["key", "sort_key", "created_at", "value", "serialization_lib"]
+
+Event = dict[str, Any]
+OutputFormat = Literal["json", "console"]
+OUTPUT_FORMATS = pytest.mark.parametrize("output", ["json", "console"])
+
+
+# --------------------------------------------------------------------------------------------
+# Running the CLI and reading what it wrote
+
+
+def parse_event(line: str) -> Event:
+    """One stderr line as a JSON log event; fails the test on anything else."""
+    try:
+        event = json.loads(line)
+    except json.JSONDecodeError:
+        event = None
+    if not isinstance(event, dict):
+        pytest.fail(f"stderr line is not a JSON object although --log-json was given: {line!r}")
+    return event
+
+
+@dataclass(frozen=True)
+class CliRun:
+    """A finished CLI process: its exit status and what it printed."""
+
+    status: int
+    stdout: str
+    stderr: str
+
+    @property
+    def stderr_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.strip()]
+
+    @property
+    def events(self) -> list[Event]:
+        return [parse_event(line) for line in self.stderr_lines]
+
+    def named(self, name: str) -> list[Event]:
+        """Every log event called ``name``, in order."""
+        return [event for event in self.events if event.get("event") == name]
+
+    def total_summary(self) -> Event:
+        [total] = [
+            event for event in self.named("backfill summary") if event["cache_type"] == "total"
+        ]
+        return total
+
+
+async def cli(args: Sequence[str], env: Mapping[str, str]) -> CliRun:
+    """Run ``python -m services`` to completion (bounded) without blocking the event loop."""
+    result = await asyncio.to_thread(run_cli, args, env, timeout=CLI_TIMEOUT_S)
+    return CliRun(result.returncode, result.stdout, result.stderr)
+
+
+def backfill_args(
+    *extra: str, cutoff: str = CUTOFF_RFC3339, cache_types: str = "cas", json_logs: bool = True
+) -> list[str]:
+    """The flags of a backfill run; ``extra`` is appended."""
+    return [
+        "--migration-mode",
+        "backfillLayerCache",
+        *(["--log-json"] if json_logs else []),
+        "--backfill-cutoff-timestamp",
+        cutoff,
+        "--backfill-cache-types",
+        cache_types,
+        *extra,
+    ]
+
+
+def the_error_line(run: CliRun, output: OutputFormat) -> str:
+    """The single error line a refused run must print; returns its message."""
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr_lines
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{run.stderr}"
+    if output == "console":
+        return lines[0]
+    event = parse_event(lines[0])
+    assert event.get("level") == "error", event
+    assert "exception" not in event, event
+    message = event.get("event")
+    assert isinstance(message, str), event
+    assert message, event
+    return message
+
+
+def with_output(args: Sequence[str], output: OutputFormat) -> list[str]:
+    """``args`` with ``--log-json`` only for the JSON format."""
+    if output == "json":
+        return [*args] if "--log-json" in args else [*args, "--log-json"]
+    return [arg for arg in args if arg != "--log-json"]
+
+
+def parse_logged_timestamp(text: str) -> datetime:
+    """A checkpoint as the log prints it, e.g. ``2026-01-13 17:30:26.445817 UTC``."""
+    return datetime.strptime(text, LOGGED_TIMESTAMP_FORMAT).replace(tzinfo=UTC)
+
+
+class StderrReader:
+    """Reads a running process's stderr on a thread, so a test can wait for an event."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, matches: Callable[[Event], bool], timeout: float) -> Event:
+        """The first event (from here on) that ``matches``; fails on timeout or end of output."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail("the process ended before the awaited event:\n" + "".join(self.lines))
+            if line.strip() and matches(event := parse_event(line)):
+                return event
+        pytest.fail(f"no awaited event within {timeout} s:\n" + "".join(self.lines))
+
+    def finish(self, timeout: float) -> str:
+        """Everything read, once the stream has ended."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stderr did not close"
+        return "".join(self.lines)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeding and reading back
+
+
+def rows_around_cutoff(rng: random.Random, count: int, *, tie_every: int = 1) -> list[SeedRow]:
+    """Half below the cutoff, half at or after it; ``tie_every`` rows share each created_at."""
+    rows = []
+    for index in range(count):
+        offset = timedelta(milliseconds=index // tie_every - count // (2 * tie_every))
+        value = rng.randbytes(rng.randint(1, 2048))
+        rows.append(SeedRow(random_key(rng, rng.choice((32, 64))), value, CUTOFF + offset))
+    return rows
+
+
+async def seed_every_cache(db: LayerDb, rng: random.Random, per_cache: int) -> None:
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        await insert_rows(db.pool, cache_type, rows_around_cutoff(rng, per_cache, tie_every=3))
+
+
+async def object_sizes(s3_client: S3Client, bucket: str) -> dict[str, int]:
+    """Every object in a bucket: object key → size, from the listing alone (no GETs)."""
+    sizes: dict[str, int] = {}
+    paginator = s3_client.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket):
+        sizes |= {item["Key"]: item["Size"] for item in page.get("Contents", [])}
+    return sizes
+
+
+async def written_objects(s3_client: S3Client, bucket_prefix: str) -> dict[str, list[str]]:
+    """The object keys in each of the prefix's ten buckets that holds any."""
+    written = {}
+    for cache_type in CacheType:
+        stored = await object_sizes(s3_client, cache_bucket(cache_type, bucket_prefix))
+        if stored:
+            written[cache_bucket(cache_type, bucket_prefix)] = sorted(stored)
+    return written
+
+
+async def assert_bucket_holds_exactly_rows_below(
+    db: LayerDb, s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, cutoff: datetime
+) -> dict[str, bytes]:
+    expected = expected_objects(await rows_below(db.pool, cache_type, cutoff))
+    stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+    assert sorted(stored.keys() - expected.keys()) == [], f"{cache_type}: objects not in the rows"
+    assert sorted(expected.keys() - stored.keys()) == [], f"{cache_type}: rows missing from S3"
+    assert stored == expected, f"{cache_type}: object bytes differ from the rows"
+    return stored
+
+
+# --------------------------------------------------------------------------------------------
+# 1. runAndQuit creates the schema
+
+
+@pytest.fixture
+async def empty_db(pg_server: PostgresServer) -> AsyncIterator[LayerDb]:
+    """A brand-new database owned by the app role, without any layer-db table."""
+    endpoint = pg_server.endpoint
+    dbname = f"e_{uuid.uuid4().hex[:12]}"
+    admin_dsn = endpoint.dsn(dbname="postgres", superuser=True)
+    admin = await asyncpg.connect(admin_dsn)
+    try:
+        await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
+    finally:
+        await admin.close()
+    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=2)
+    try:
+        yield LayerDb(endpoint, dbname, pool)
+    finally:
+        await pool.close()
+        admin = await asyncpg.connect(admin_dsn)
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
+async def table_columns(pool: asyncpg.Pool) -> dict[str, list[str]]:
+    records = await pool.fetch(
+        "SELECT table_name, column_name FROM information_schema.columns"
+        " WHERE table_schema = 'public' ORDER BY table_name, ordinal_position"
+    )
+    columns: dict[str, list[str]] = {}
+    for record in records:
+        columns.setdefault(record["table_name"], []).append(record["column_name"])
+    return columns
+
+
+async def index_columns(pool: asyncpg.Pool) -> dict[str, list[list[str]]]:
+    """Table → the column list of each of its indexes (primary key included)."""
+    records = await pool.fetch(
+        """
+        SELECT t.relname AS table_name,
+               array_agg(a.attname::text ORDER BY k.position) AS columns
+        FROM pg_index x
+        JOIN pg_class t ON t.oid = x.indrelid
+        JOIN pg_namespace n ON n.oid = t.relnamespace AND n.nspname = 'public'
+        CROSS JOIN LATERAL unnest(x.indkey::int2[]) WITH ORDINALITY AS k(attnum, position)
+        JOIN pg_attribute a ON a.attrelid = t.oid AND a.attnum = k.attnum
+        GROUP BY t.relname, x.indexrelid
+        """
+    )
+    indexes: dict[str, list[list[str]]] = {}
+    for record in records:
+        indexes.setdefault(record["table_name"], []).append(list(record["columns"]))
+    return indexes
+
+
+@pytest.mark.parametrize("selected_by", ["flag", "env"])
+async def test_run_and_quit_creates_all_ten_tables_on_an_empty_database_and_is_idempotent(
+    empty_db: LayerDb, s3_server: S3Server, selected_by: str
+) -> None:
+    env = service_env(empty_db, s3_server.endpoint, "unused")
+    args = ["--log-json"]
+    if selected_by == "flag":
+        args += ["--migration-mode", "runAndQuit"]
+    else:
+        env["SI_SDF__MIGRATION_MODE"] = "runAndQuit"
+    assert await table_columns(empty_db.pool) == {}
+
+    first = await cli(args, env)
+    second = await cli(args, env)
+
+    for run in (first, second):
+        assert run.status == 0, run.stderr
+        assert [event["dbname"] for event in run.named("applied layer-db schema")] == [
+            empty_db.dbname
+        ]
+        assert run.stdout == ""
+    columns = await table_columns(empty_db.pool)
+    assert set(columns) == ALL_TABLES
+    for table in BACKFILLABLE_TABLES:
+        assert columns[table] == BASE_COLUMNS, table
+    for table in ALL_TABLES - BACKFILLABLE_TABLES:
+        assert columns[table][: len(BASE_COLUMNS)] == BASE_COLUMNS, table
+    indexes = await index_columns(empty_db.pool)
+    for table in ALL_TABLES:
+        assert ["sort_key"] in indexes[table], f"{table} has no index on sort_key"
+        assert not [cols for cols in indexes[table] if "created_at" in cols], (
+            f"{table} has an index on created_at: {indexes[table]}"
+        )
+
+
+# --------------------------------------------------------------------------------------------
+# 2./3. A complete backfill: env-only configuration, events, summary table
+
+
+async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_rerun_skips_all(
+    layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str
+) -> None:
+    rng = random.Random(101)
+    await seed_every_cache(layer_db, rng, 36)
+    edge_rows = [
+        SeedRow(random_key(rng), b"exactly at the cutoff", CUTOFF),
+        SeedRow(random_key(rng), b"one tick before", CUTOFF - timedelta(microseconds=1)),
+        SeedRow(random_key(rng), b"", CUTOFF - timedelta(seconds=1)),  # empty value
+    ]
+    await insert_rows(layer_db.pool, CacheType.SPLIT_SNAPSHOT_SUPERGRAPH, edge_rows)
+    expected_total = 0
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        expected_total += len(await rows_below(layer_db.pool, cache_type, CUTOFF))
+    job_env = env | {
+        "SI_SDF__MIGRATION_MODE": "backfillLayerCache",
+        "SI_LOG_JSON": "true",
+        "SI_BACKFILL_CUTOFF_TIMESTAMP": CUTOFF_RFC3339,
+        "SI_BACKFILL_CACHE_TYPES": ",".join(BACKFILLABLE_CACHE_TYPES),
+        "SI_BACKFILL_KEY_BATCH_SIZE": "7",
+        "SI_BACKFILL_MAX_CONCURRENT_UPLOADS": "3",
+        "SI_BACKFILL_CHECKPOINT_INTERVAL_SECS": "0.5",
+        "SI_BACKFILL_GRACE_PERIOD_SECS": "5",
+    }
+
+    first = await cli([], job_env)
+
+    assert first.status == 0, first.stderr
+    assert first.stdout == "", "with JSON logs the summary table must not go to stdout"
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        await assert_bucket_holds_exactly_rows_below(
+            layer_db, s3_client, bucket_prefix, cache_type, CUTOFF
+        )
+    for excluded in (CacheType.FUNC_RUN, CacheType.FUNC_RUN_LOG):
+        assert await bucket_objects(s3_client, cache_bucket(excluded, bucket_prefix)) == {}
+    supergraphs = await bucket_objects(
+        s3_client, cache_bucket(CacheType.SPLIT_SNAPSHOT_SUPERGRAPH, bucket_prefix)
+    )
+    assert b"exactly at the cutoff" not in supergraphs.values()
+    assert b"one tick before" in supergraphs.values()
+    started = first.named("starting backfill")
+    assert sorted(event["cache_type"] for event in started) == sorted(BACKFILLABLE_CACHE_TYPES)
+    assert {(event["key_batch_size"], event["max_concurrent"]) for event in started} == {(7, 3)}
+    completed = first.named("completed backfill")
+    assert sorted(event["cache_type"] for event in completed) == sorted(BACKFILLABLE_CACHE_TYPES)
+    total = first.total_summary()
+    assert total["status"] == "completed"
+    assert (total["uploaded"], total["processed"]) == (expected_total, expected_total)
+    assert first.named("backfill failed") == []
+
+    # A re-run with the same env finds every cache recorded as complete and copies nothing.
+    second = await cli([], job_env)
+
+    assert second.status == 0, second.stderr
+    assert second.total_summary()["uploaded"] == 0
+    rerun = second.named("completed backfill")
+    assert sorted(event["cache_type"] for event in rerun) == sorted(BACKFILLABLE_CACHE_TYPES)
+
+    # Ignoring the saved progress, the re-run walks every row again and skips it by size.
+    third = await cli([], job_env | {"SI_BACKFILL_RESTART": "true"})
+
+    assert third.status == 0, third.stderr
+    again = third.total_summary()
+    assert (again["uploaded"], again["skipped"], again["processed"]) == (
+        0,
+        expected_total,
+        expected_total,
+    )
+    walked = third.named("completed backfill")
+    assert sorted(event["cache_type"] for event in walked) == sorted(BACKFILLABLE_CACHE_TYPES)
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        await assert_bucket_holds_exactly_rows_below(
+            layer_db, s3_client, bucket_prefix, cache_type, CUTOFF
+        )
+
+
+async def test_console_run_prints_a_summary_table_with_each_cache_and_a_total_on_stdout(
+    layer_db: LayerDb, env: dict[str, str]
+) -> None:
+    rng = random.Random(103)
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(rng, 30))
+    await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, rows_around_cutoff(rng, 14))
+
+    run = await cli(backfill_args(cache_types="change_batch,cas", json_logs=False), env)
+
+    assert run.status == 0, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].split()[:4] == ["cache", "status", "processed", "uploaded"], run.stdout
+    rows = [line.split() for line in lines if line.strip() and not set(line) <= {"-", " "}][1:]
+    assert [(row[0], row[1], row[2], row[3]) for row in rows] == [
+        ("cas", "completed", "15", "15"),
+        ("change_batch", "completed", "7", "7"),
+        ("total", "completed", "22", "22"),
+    ], run.stdout
+    assert lines[-1].startswith("total")
+    assert "starting backfill" not in run.stdout, "log lines belong on stderr"
+    assert "starting backfill" in run.stderr
+
+
+async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(
+    layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(107), 20))
+
+    run = await cli(backfill_args(cache_types="cas,cas, cas"), env)
+
+    assert run.status == 0, run.stderr
+    [starting] = run.named("starting backfill for all cache types")
+    assert starting["cache_types"] == ["cas"]
+    assert [event["cache_type"] for event in run.named("starting backfill")] == ["cas"]
+    assert [event["cache_type"] for event in run.named("completed backfill")] == ["cas"]
+    summaries = [event["cache_type"] for event in run.named("backfill summary")]
+    assert summaries == ["cas", "total"]
+    assert run.total_summary()["uploaded"] == 10
+    await assert_bucket_holds_exactly_rows_below(
+        layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 4. Invalid input: exit 2, one line naming the problem, nothing written
+
+CUTOFF_FLAG = ("--backfill-cutoff-timestamp", CUTOFF_RFC3339)
+CAS_FLAG = ("--backfill-cache-types", "cas")
+MODE_FLAG = ("--migration-mode", "backfillLayerCache")
+
+
+@dataclass(frozen=True)
+class BadInput:
+    """Flags and env that must be refused, and what the refusal must name."""
+
+    args: tuple[str, ...]
+    names: tuple[str, ...]
+    env: tuple[tuple[str, str], ...] = ()
+
+
+def in_formats(cases: Mapping[str, object], console: Collection[str]) -> list[Any]:
+    """Each case with JSON logs, and those named in ``console`` also with console logs.
+
+    The rendering is one code path for every error; the console variants cover each kind of
+    refusal (argparse, settings, backfill options, storage, preflight) once.
+    """
+    return [
+        pytest.param(case, output, id=f"{case_id}-{output}")
+        for case_id, case in cases.items()
+        for output in (("json", "console") if case_id in console else ("json",))
+    ]
+
+
+BAD_INPUTS: dict[str, BadInput] = {
+    "missing-cutoff": BadInput(
+        (*MODE_FLAG, *CAS_FLAG), ("--backfill-cutoff-timestamp", "required")
+    ),
+    "unparsable-cutoff": BadInput(
+        (*MODE_FLAG, "--backfill-cutoff-timestamp", "yesterday", *CAS_FLAG),
+        ("--backfill-cutoff-timestamp", "'yesterday'"),
+    ),
+    "empty-cache-list": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, "--backfill-cache-types", " , "), ("--backfill-cache-types",)
+    ),
+    "unknown-cache-type": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, "--backfill-cache-types", "cas,snapshots"),
+        ("--backfill-cache-types", "'snapshots'"),
+    ),
+    "non-backfillable-func-run": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, "--backfill-cache-types", "func_run"),
+        ("--backfill-cache-types", "'func_run'", "not backfillable"),
+    ),
+    "all-is-not-a-cache-type": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, "--backfill-cache-types", "all"),
+        ("--backfill-cache-types", "'all'"),
+    ),
+    "key-batch-size-zero": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-key-batch-size", "0"),
+        ("--backfill-key-batch-size",),
+    ),
+    "max-concurrent-uploads-zero": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-max-concurrent-uploads", "0"),
+        ("--backfill-max-concurrent-uploads",),
+    ),
+    "persister-mode-postgres-only": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG),
+        ("SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE", "PostgresOnly"),
+        (("SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE", "PostgresOnly"),),
+    ),
+    "invalid-persister-mode": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG),
+        ("SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE",),
+        (("SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE", "DualWrites"),),
+    ),
+    "unknown-nested-setting": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG),
+        ("unknown setting", PG + "HOSTNAM"),
+        ((PG + "HOSTNAM", "x"),),
+    ),
+    "unknown-top-level-setting": BadInput(
+        (*CUTOFF_FLAG, *CAS_FLAG),
+        ("unknown setting", "SI_SDF__MIGRATON_MODE"),
+        (("SI_SDF__MIGRATION_MODE", "backfillLayerCache"), ("SI_SDF__MIGRATON_MODE", "x")),
+    ),
+    "unknown-flag": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-no-such-option"),
+        ("--backfill-no-such-option",),
+    ),
+}
+BAD_INPUTS_WITH_CONSOLE = {
+    "missing-cutoff",
+    "persister-mode-postgres-only",
+    "unknown-nested-setting",
+    "unknown-flag",
+}
+
+
+@pytest.mark.parametrize(("bad", "output"), in_formats(BAD_INPUTS, BAD_INPUTS_WITH_CONSOLE))
+async def test_invalid_input_exits_2_with_one_line_naming_it_and_writes_nothing(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_client: S3Client,
+    bucket_prefix: str,
+    bad: BadInput,
+    output: OutputFormat,
+) -> None:
+    await seed_every_cache(layer_db, random.Random(109), 6)
+
+    run = await cli(with_output(bad.args, output), env | dict(bad.env))
+
+    assert run.status == 2, run.stderr
+    message = the_error_line(run, output)
+    for name in bad.names:
+        assert name in message, f"{name!r} not in {message!r}"
+    assert run.stdout == ""
+    assert await written_objects(s3_client, bucket_prefix) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# 5. Environment not ready: exit 3, one actionable line, nothing written
+
+Breakage = Callable[[LayerDb], Awaitable[dict[str, str]]]
+
+
+async def absent_buckets(_db: LayerDb) -> dict[str, str]:
+    return {STORAGE + "BUCKET_PREFIX": f"absent{uuid.uuid4().hex[:10]}"}
+
+
+async def wrong_pg_password(_db: LayerDb) -> dict[str, str]:
+    return {PG + "PASSWORD": "not-the-password"}
+
+
+async def absent_database(_db: LayerDb) -> dict[str, str]:
+    return {PG + "DBNAME": f"absent_{uuid.uuid4().hex[:10]}"}
+
+
+async def unreachable_pg_port(_db: LayerDb) -> dict[str, str]:
+    return {PG + "PORT": str(free_port())}
+
+
+async def dropped_cas_table(db: LayerDb) -> dict[str, str]:
+    await db.pool.execute("DROP TABLE cas")
+    return {}
+
+
+NOT_READY: dict[str, tuple[Breakage, tuple[str, ...]]] = {
+    "buckets-missing": (absent_buckets, ("does not exist", "BUCKET_PREFIX")),
+    "wrong-pg-password": (wrong_pg_password, ("rejected the login", "PASSWORD")),
+    "database-missing": (absent_database, ("does not exist", "DBNAME")),
+    "pg-unreachable": (unreachable_pg_port, ("cannot reach Postgres", "PORT")),
+    "table-missing": (dropped_cas_table, ("table cas does not exist", "runAndQuit")),
+}
+
+
+@pytest.mark.parametrize(
+    ("not_ready", "output"), in_formats(NOT_READY, {"buckets-missing", "wrong-pg-password"})
+)
+async def test_environment_not_ready_exits_3_with_one_actionable_line_and_writes_nothing(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_client: S3Client,
+    bucket_prefix: str,
+    not_ready: tuple[Breakage, tuple[str, ...]],
+    output: OutputFormat,
+) -> None:
+    breakage, names = not_ready
+    await seed_every_cache(layer_db, random.Random(113), 6)
+    broken_env = env | await breakage(layer_db)
+    buckets_before = await s3_client.list_buckets()
+
+    run = await cli(
+        with_output(backfill_args(cache_types="workspace_snapshot,cas,change_batch"), output),
+        broken_env,
+    )
+
+    assert run.status == 3, run.stderr
+    message = the_error_line(run, output)
+    for name in names:
+        assert name in message, f"{name!r} not in {message!r}"
+    assert run.stdout == ""
+    assert await written_objects(s3_client, bucket_prefix) == {}
+    buckets_after = await s3_client.list_buckets()
+    assert buckets_after["Buckets"] == buckets_before["Buckets"], "the run created a bucket"
+
+
+@pytest.mark.parametrize(
+    ("credential", "code"),
+    [(S3_SECRET_KEY, "SignatureDoesNotMatch"), (S3_ACCESS_KEY, "InvalidAccessKeyId")],
+    ids=["wrong-secret-key", "unknown-access-key"],
+)
+async def test_rejected_s3_credentials_exit_3_naming_the_credential_and_write_nothing(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_server: S3Server,
+    s3_client: S3Client,
+    bucket_prefix: str,
+    credential: str,
+    code: str,
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(127), 10))
+
+    run = await cli(backfill_args(), env | {credential: "wrong-" + uuid.uuid4().hex})
+
+    if s3_server.endpoint.kind == "moto":
+        # What really happens against moto: it does not check signatures, so the run succeeds.
+        assert run.status == 0, run.stderr
+        await assert_bucket_holds_exactly_rows_below(
+            layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        )
+        pytest.skip(
+            "moto's S3 server accepts any access key and secret (it verifies no signature), so "
+            f"{code} cannot be provoked; the run with a wrong credential exited 0 and copied"
+        )
+    assert run.status == 3, run.stderr
+    message = the_error_line(run, "json")
+    assert "rejected the credentials" in message
+    assert "SECRET_KEY" in message
+    assert await written_objects(s3_client, bucket_prefix) == {}
+
+
+# --------------------------------------------------------------------------------------------
+# 6. SIGTERM / SIGINT mid-run, then resume
+
+SIGNAL_ROWS_TOTAL = 3000
+SIGNAL_ROWS_BELOW = 600
+SIGNAL_RUN_FLAGS = (
+    *("--backfill-max-concurrent-uploads", "2"),
+    *("--backfill-checkpoint-interval-secs", "0.2"),
+    *("--backfill-key-batch-size", "50"),
+)
+
+
+@dataclass(frozen=True)
+class Interruption:
+    """How a run is stopped and then resumed."""
+
+    signum: signal.Signals
+    order: str  # --backfill-order
+    resume: Literal["logged-checkpoint", "same-arguments"]
+
+    @property
+    def expected_status(self) -> int:
+        return 128 + int(self.signum)
+
+
+INTERRUPTIONS = [
+    pytest.param(Interruption(signal.SIGTERM, "key", "logged-checkpoint"), id="SIGTERM"),
+    pytest.param(Interruption(signal.SIGINT, "key", "logged-checkpoint"), id="SIGINT"),
+    pytest.param(
+        Interruption(signal.SIGTERM, "newest-first", "logged-checkpoint"),
+        id="SIGTERM-newest-first",
+    ),
+    pytest.param(
+        Interruption(signal.SIGINT, "key", "same-arguments"), id="SIGINT-rerun-same-arguments"
+    ),
+]
+
+
+async def interrupt_backfill(
+    args: Sequence[str], env: Mapping[str, str], signum: signal.Signals, *, after_rows: int
+) -> CliRun:
+    """Start a backfill, signal it once a checkpoint shows ``after_rows`` done, let it exit."""
+    with start_cli(args, env) as process:
+        assert process.stderr is not None
+        assert process.stdout is not None
+        reader = StderrReader(process.stderr)
+        try:
+            progress = await asyncio.to_thread(
+                reader.wait_for,
+                lambda event: (
+                    event.get("event") == "backfill checkpoint" and event["processed"] >= after_rows
+                ),
+                30.0,
+            )
+            assert isinstance(progress["active_uploads"], int), progress
+            process.send_signal(signum)
+            status = await asyncio.to_thread(process.wait, 30.0)
+        finally:
+            if process.poll() is None:
+                process.kill()
+        stderr = reader.finish(10.0)
+        stdout = process.stdout.read()
+    return CliRun(status, stdout, stderr)
+
+
+@pytest.mark.parametrize("interruption", INTERRUPTIONS)
+async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothing(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_client: S3Client,
+    bucket_prefix: str,
+    interruption: Interruption,
+) -> None:
+    rng = random.Random(131)
+    # 3,000 rows in groups of 30 sharing one created_at (so 50-row pages end inside a group),
+    # 600 of them below the cutoff: copying is bounded by moto's ~200 PUTs/s.
+    rows = [
+        SeedRow(
+            random_key(rng, rng.choice((32, 64))),
+            rng.randbytes(rng.randint(1, 512)),
+            CUTOFF + timedelta(milliseconds=index // 30 - SIGNAL_ROWS_BELOW // 30),
+        )
+        for index in range(SIGNAL_ROWS_TOTAL)
+    ]
+    await insert_rows(layer_db.pool, CacheType.CAS, rows)
+    below_cutoff = await rows_below(layer_db.pool, CacheType.CAS, CUTOFF)
+    assert len(below_cutoff) == SIGNAL_ROWS_BELOW
+    expected = expected_objects(below_cutoff)
+    args = backfill_args(*SIGNAL_RUN_FLAGS, "--backfill-order", interruption.order)
+
+    # Two pages done, so a position has certainly been saved and logged.
+    interrupted = await interrupt_backfill(args, env, interruption.signum, after_rows=100)
+
+    assert interrupted.status == interruption.expected_status, interrupted.stderr
+    [graceful] = interrupted.named("backfill shutting down gracefully")
+    assert graceful["cache_type"] == "cas"
+    checkpoint_text = graceful["checkpoint_timestamp"]
+    checkpoint = parse_logged_timestamp(checkpoint_text)
+    assert checkpoint <= CUTOFF
+    if interruption.order == "newest-first":
+        assert checkpoint < CUTOFF, "newest first, the checkpoint must move below the cutoff"
+    assert "--backfill-cutoff-timestamp" in graceful["resume_with"]
+    assert checkpoint_text in graceful["resume_with"]
+    assert interrupted.named("completed backfill") == []
+    assert interrupted.total_summary()["status"] == "interrupted"
+    stored = await object_sizes(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    assert len(stored) < len(expected), "the run finished before the signal: nothing to resume"
+    assert sorted(stored.keys() - expected.keys()) == [], "objects that are not rows below cutoff"
+    assert {key: len(expected[key]) for key in stored} == stored, "objects of the wrong size"
+    # The checkpoint's promise: every row at or after it (and below the cutoff) is in S3.
+    done_by_checkpoint = (
+        expected.keys()
+        - expected_objects(await rows_below(layer_db.pool, CacheType.CAS, checkpoint)).keys()
+    )
+    missing = done_by_checkpoint - stored.keys()
+    assert not missing, (
+        f"{len(missing)} rows with created_at in [checkpoint {checkpoint_text}, cutoff) are not in "
+        f"S3 ({len(stored)} objects stored): resuming from this checkpoint would never copy them"
+    )
+
+    if interruption.resume == "logged-checkpoint":
+        resume_args = backfill_args(
+            *("--backfill-max-concurrent-uploads", "16", "--backfill-key-batch-size", "500"),
+            *("--backfill-order", interruption.order),
+            cutoff=checkpoint_text,
+        )
+    else:
+        resume_args = args
+    resumed = await cli(resume_args, env)
+
+    assert resumed.status == 0, resumed.stderr
+    assert [event["cache_type"] for event in resumed.named("completed backfill")] == ["cas"]
+    assert resumed.total_summary()["uploaded"] == len(expected) - len(stored)
+    if interruption.resume == "same-arguments":
+        assert resumed.named("resuming from saved progress"), "the re-run started over"
+        assert resumed.total_summary()["processed"] < len(expected), "the re-run started over"
+    await assert_bucket_holds_exactly_rows_below(
+        layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# 7. Secrets never reach the output
+
+PG_CANARY = "pg-canary-" + uuid.uuid4().hex
+S3_CANARY = "s3-canary-" + uuid.uuid4().hex
+
+
+async def pg_login_rejected(_db: LayerDb) -> dict[str, str]:
+    return {PG + "PASSWORD": PG_CANARY, S3_SECRET_KEY: S3_CANARY}
+
+
+async def s3_bucket_missing(_db: LayerDb) -> dict[str, str]:
+    return {S3_SECRET_KEY: S3_CANARY, STORAGE + "BUCKET_PREFIX": f"absent{uuid.uuid4().hex[:8]}"}
+
+
+async def s3_secret_only(_db: LayerDb) -> dict[str, str]:
+    return {S3_SECRET_KEY: S3_CANARY}
+
+
+def assert_no_canary(run: CliRun) -> None:
+    for stream, text in (("stdout", run.stdout), ("stderr", run.stderr)):
+        for canary in (PG_CANARY, S3_CANARY):
+            where = text.find(canary)
+            assert where < 0, (
+                f"a secret was written to {stream}: …{text[max(0, where - 300) : where + 80]}…"
+            )
+
+
+@OUTPUT_FORMATS
+@pytest.mark.parametrize(
+    "secrets",
+    [
+        pytest.param(pg_login_rejected, id="pg-login-rejected"),
+        pytest.param(s3_bucket_missing, id="s3-bucket-missing"),
+        pytest.param(s3_secret_only, id="run-with-s3-canary"),
+    ],
+)
+async def test_passwords_and_secret_keys_never_appear_in_debug_output(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_server: S3Server,
+    secrets: Breakage,
+    output: OutputFormat,
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(137), 6))
+    canary_env = env | await secrets(layer_db)
+    # Only moto accepts the canary as a secret key; a real server rejects it (exit 3).
+    succeeds = secrets is s3_secret_only and s3_server.endpoint.kind == "moto"
+
+    run = await cli(with_output(backfill_args("-v"), output), canary_env)
+
+    assert run.status == (0 if succeeds else 3), run.stderr
+    assert_no_canary(run)
+
+
+async def test_help_does_not_show_secret_settings_from_the_environment(
+    env: dict[str, str],
+) -> None:
+    canary_env = env | {PG + "PASSWORD": PG_CANARY, S3_SECRET_KEY: S3_CANARY}
+
+    run = await cli(["--help"], canary_env)
+
+    assert run.status == 0, run.stderr
+    assert "--backfill-cutoff-timestamp" in run.stdout
+    assert_no_canary(run)
+
+
+def test_cli_helpers_reject_non_json_lines() -> None:
+    """The JSON assertions above would be vacuous if a console line parsed as an event."""
+    run = CliRun(0, "", "2026-01-13T17:30:26Z [info     ] hello\n")
+    with pytest.raises(pytest.fail.Exception):
+        _ = run.events
