@@ -32,19 +32,35 @@ _PRECONDITION_FAILED = 412
 _PLAIN_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
 
 
+class BodyDigest:
+    """A body's MD5, computed once: the ``Content-MD5`` header and the expected ETag."""
+
+    __slots__ = ("digest",)
+
+    def __init__(self, body: bytes) -> None:
+        self.digest = hashlib.md5(body, usedforsecurity=False).digest()
+
+    @property
+    def content_md5(self) -> str:
+        """Base64, as ``Content-MD5`` wants it."""
+        return base64.b64encode(self.digest).decode("ascii")
+
+    def contradicted_by(self, etag: str | None) -> bool:
+        """True when an ETag is a plain MD5 and not this one (other ETags are not judged)."""
+        if etag is None:
+            return False
+        value = etag.strip('"').lower()
+        return bool(_PLAIN_MD5_ETAG.fullmatch(value)) and value != self.digest.hex()
+
+
 def content_md5(body: bytes) -> str:
     """The base64 MD5 digest S3 expects in ``Content-MD5``."""
-    return base64.b64encode(hashlib.md5(body, usedforsecurity=False).digest()).decode("ascii")
+    return BodyDigest(body).content_md5
 
 
 def etag_contradicts(etag: str | None, body: bytes) -> bool:
     """True when an ETag is a plain MD5 and it is not the MD5 of ``body``."""
-    if etag is None:
-        return False
-    value = etag.strip('"').lower()
-    if not _PLAIN_MD5_ETAG.fullmatch(value):
-        return False
-    return value != hashlib.md5(body, usedforsecurity=False).hexdigest()
+    return BodyDigest(body).contradicted_by(etag)
 
 
 class S3Layer:
@@ -130,13 +146,14 @@ class S3Layer:
         (or the condition would keep it forever) and a transient ``BadDigest`` is raised.
         """
         object_key = self.object_key(key)
+        digest = BodyDigest(body)
         try:
             with map_s3_errors("PutObject", self.bucket, object_key):
                 response = await self.client.put_object(
                     Bucket=self.bucket,
                     Key=object_key,
                     Body=body,
-                    ContentMD5=content_md5(body),
+                    ContentMD5=digest.content_md5,
                     IfNoneMatch="*",
                 )
         except S3LayerError as exc:
@@ -145,7 +162,7 @@ class S3Layer:
             if exc.code == "ConditionalRequestConflict":
                 exc.kind = ErrorKind.TRANSIENT
             raise
-        if etag_contradicts(response.get("ETag"), body):
+        if digest.contradicted_by(response.get("ETag")):
             with map_s3_errors("DeleteObject", self.bucket, object_key):
                 await self.client.delete_object(Bucket=self.bucket, Key=object_key)
             raise S3LayerError(
@@ -174,11 +191,12 @@ class S3Layer:
 
     async def put_raw(self, object_key: str, body: bytes) -> None:
         """Store an object by its full object key, with ``Content-MD5``, checked by ETag."""
+        digest = BodyDigest(body)
         with map_s3_errors("PutObject", self.bucket, object_key):
             response = await self.client.put_object(
-                Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=content_md5(body)
+                Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=digest.content_md5
             )
-        if etag_contradicts(response.get("ETag"), body):
+        if digest.contradicted_by(response.get("ETag")):
             raise S3LayerError(
                 f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
                 " MD5 of the bytes sent",
