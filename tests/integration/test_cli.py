@@ -885,3 +885,38 @@ def test_cli_helpers_reject_non_json_lines() -> None:
     run = CliRun(0, "", "2026-01-13T17:30:26Z [info     ] hello\n")
     with pytest.raises(pytest.fail.Exception):
         _ = run.events
+
+
+# --------------------------------------------------------------------------------------------
+# Sharding: K processes side by side, one Postgres, one S3
+
+
+async def test_shard_processes_side_by_side_copy_every_row_exactly_once(
+    layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(131), 600))
+    shard_env = env | {"SI_BACKFILL_SHARD_COUNT": "3"}
+    # Each way a pod can learn its shard: the flag, the SI_ variable, Kubernetes' index.
+    shards = [
+        (backfill_args("--backfill-shard-index", "0", "--backfill-key-batch-size", "40"), {}),
+        (backfill_args("--backfill-key-batch-size", "40"), {"SI_BACKFILL_SHARD_INDEX": "1"}),
+        (backfill_args("--backfill-key-batch-size", "40"), {"JOB_COMPLETION_INDEX": "2"}),
+    ]
+
+    runs = await asyncio.gather(*(cli(args, shard_env | extra) for args, extra in shards))
+
+    assert [run.status for run in runs] == [0, 0, 0], [run.stderr[-500:] for run in runs]
+    uploaded = [run.total_summary()["uploaded"] for run in runs]
+    stored = await assert_bucket_holds_exactly_rows_below(
+        layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+    )
+    assert sum(uploaded) == len(stored), f"an object was written twice: {uploaded}"
+    assert all(count > 0 for count in uploaded), uploaded
+    records = await layer_db.pool.fetch(
+        "SELECT shard, completed FROM layer_cache_backfill_progress ORDER BY shard"
+    )
+    assert [(r["shard"], r["completed"]) for r in records] == [
+        ("0-of-3", True),
+        ("1-of-3", True),
+        ("2-of-3", True),
+    ]
