@@ -119,11 +119,11 @@ class PgLayer:
         self.spec = spec
         table = spec.table
         self._sql_value = f"SELECT value FROM {table} WHERE key = $1"
-        self._sql_values = f"SELECT key, value FROM {table} WHERE key = ANY($1::text[])"
-        # A key range keeps the planner on the primary key index (a bare ``= ANY`` may not).
-        self._sql_values_in_range = (
-            f"SELECT key, value FROM {table}"
-            " WHERE key >= $2 AND key <= $3 AND key = ANY($1::text[])"
+        # One primary-key lookup per key, whatever the table's size or statistics: a plain
+        # ``key = ANY($1)`` may be planned as a sequential scan, which makes a run quadratic.
+        self._sql_values = (
+            "SELECT wanted.key, row.value FROM unnest($1::text[]) AS wanted(key)"
+            f" CROSS JOIN LATERAL (SELECT value FROM {table} WHERE key = wanted.key) AS row"
         )
         self._sql_existing_keys = f"SELECT key FROM {table} WHERE key = ANY($1::text[])"
         # The live write path: first write wins, and RETURNING says whether this one did.
@@ -177,21 +177,12 @@ class PgLayer:
             records = await self.pool.fetch(sql, *where.arguments, limit)
         return [RowRef(r["key"], r["created_at"], r["size"]) for r in records]
 
-    async def fetch_values(
-        self, keys: Sequence[str], *, key_range: tuple[str, str] | None = None
-    ) -> dict[str, bytes]:
-        """Values of many rows in one round trip; rows that no longer exist are absent.
-
-        ``key_range`` (first, last) must come from Postgres' own ordering (a page listed in key
-        order), never from Python's, since the database collation decides what ``<=`` means.
-        """
+    async def fetch_values(self, keys: Sequence[str]) -> dict[str, bytes]:
+        """Values of many rows in one round trip; rows that no longer exist are absent."""
         if not keys:
             return {}
         with map_pg_errors(f"reading {len(keys)} values of {self.spec.table}"):
-            if key_range is None:
-                records = await self.pool.fetch(self._sql_values, list(keys))
-            else:
-                records = await self.pool.fetch(self._sql_values_in_range, list(keys), *key_range)
+            records = await self.pool.fetch(self._sql_values, list(keys))
         return {record["key"]: record["value"] for record in records}
 
     async def existing_keys(self, keys: Sequence[str]) -> set[str]:

@@ -8,9 +8,12 @@ How it works, per page of ``key_batch_size`` rows (``created_at < cutoff``, with
    the table (``BucketIndex``): no HEAD per row. Rows the listing cannot vouch for (newest-first
    order, short keys) are HEADed one by one.
 3. Skip rows whose object has the row's size (``octet_length(value)``). Read the values of the
-   others in chunks (one ``= ANY`` query per chunk, bounded by ``--backfill-max-inflight-bytes``)
+   others in chunks (one query of primary-key lookups per chunk, bounded by
+   ``--backfill-max-inflight-bytes``)
    and PUT each with ``Content-MD5``. Replacing a wrong-sized object counts as *repaired*; a row
    gone by the time it is read counts as *vanished*.
+Steps 1–3 run in a producer task ahead of the uploads (values read ahead are capped by the
+byte budget, batches by a short queue), so listing and reading never leave upload slots idle.
 An upload slot is acquired *before* each upload task is created; slots adapt to throttling
 (``AdaptiveLimit``). Every row is reported to the ``CheckpointTracker`` when done.
 
@@ -40,6 +43,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime
 from typing import TypeVar
 
@@ -72,6 +76,18 @@ T = TypeVar("T")
 
 # Below this share of the key space walked, an extrapolated total is too noisy to show.
 _EXTRAPOLATE_FROM_RATIO = 0.02
+# Batches of jobs the producer may prepare ahead of the uploads (bytes are capped separately).
+_PREFETCHED_BATCHES = 2
+
+
+@dataclass(slots=True)
+class _Job:
+    """One row to finish: ``value`` None means HEAD it first (the listing could not tell)."""
+
+    row: RowRef
+    sequence: int
+    stored: int | None = UNKNOWN
+    value: bytes | None = None
 
 
 def resume_flag(checkpoint: datetime) -> str:
@@ -110,6 +126,7 @@ class CacheBackfill:
         self._rows_done_before = 0
         self._saved_position: Position | None = None
         self._table_estimate: int | None = None
+        self._listing_done = False
 
     @property
     def stats(self) -> CacheStats:
@@ -254,20 +271,47 @@ class CacheBackfill:
         self._saved_position = position
 
     async def _copy_all(self, resume_after: Position | None) -> None:
-        listing_done = False
-        cursor = resume_after
-        bucket_index = self._bucket_index(resume_after) if self._in_key_order else None
+        """Run the pipeline: a producer lists pages and reads values ahead (bounded by the byte
+        budget and a short queue) while this loop keeps every upload slot busy."""
+        jobs: asyncio.Queue[list[_Job] | None] = asyncio.Queue(maxsize=_PREFETCHED_BATCHES)
         async with asyncio.TaskGroup() as tasks:
-            while not listing_done and not self._stop.is_set():
-                page = await self._list_page(cursor)
-                log.debug("fetched key batch", rows=len(page))
-                listing_done = len(page) < self.config.key_batch_size
-                if page:
-                    cursor = Position(page[-1].created_at, page[-1].key)
-                if not await self._handle_page(tasks, page, bucket_index):
-                    return  # stopping: in-flight uploads drain as the task group exits
-                await self._save_progress()
-        self.completed = listing_done and self.tracker.in_flight == 0
+            producer = tasks.create_task(self._produce(jobs, resume_after))
+            while (batch := await jobs.get()) is not None:
+                for index, job in enumerate(batch):
+                    if not await self._acquire_upload_slot():
+                        producer.cancel()
+                        self._release_unstarted(batch[index:], jobs)
+                        return  # stopping: in-flight uploads drain as the task group exits
+                    tasks.create_task(self._run_job(job))
+        self.completed = self._listing_done and self.tracker.in_flight == 0
+
+    async def _produce(
+        self, jobs: asyncio.Queue[list[_Job] | None], start: Position | None
+    ) -> None:
+        """List pages and turn them into batches of jobs, in walk order; None marks the end."""
+        cursor = start
+        bucket_index = self._bucket_index(start) if self._in_key_order else None
+        while not self._stop.is_set():
+            page = await self._list_page(cursor)
+            log.debug("fetched key batch", rows=len(page))
+            if page:
+                cursor = Position(page[-1].created_at, page[-1].key)
+            await self._plan_page(page, bucket_index, jobs)
+            await self._save_progress()
+            if len(page) < self.config.key_batch_size:
+                self._listing_done = True
+                break
+        await jobs.put(None)
+
+    def _release_unstarted(
+        self, unstarted: list[_Job], jobs: asyncio.Queue[list[_Job] | None]
+    ) -> None:
+        """Give back the bytes of jobs that will not run (stopping)."""
+        while not jobs.empty():
+            unstarted.extend(jobs.get_nowait() or [])
+        for job in unstarted:
+            if job.value is not None:
+                self.bytes_budget.release(job.row.size)
 
     @property
     def _in_key_order(self) -> bool:
@@ -329,18 +373,20 @@ class CacheBackfill:
             await self._count_extra(unmatched)
         return sizes
 
-    async def _handle_page(
-        self, tasks: asyncio.TaskGroup, page: list[RowRef], bucket_index: BucketIndex | None
-    ) -> bool:
-        """Dispatch a page's rows; False when a stop request interrupted it."""
+    async def _plan_page(
+        self,
+        page: list[RowRef],
+        bucket_index: BucketIndex | None,
+        jobs: asyncio.Queue[list[_Job] | None],
+    ) -> None:
+        """Settle the rows S3 already has; queue the rest, values read in chunks."""
         sequences = [self.tracker.dispatch(Position(row.created_at, row.key)) for row in page]
         stored_sizes = await self._stored_sizes(bucket_index, page)
-        needs_value: list[tuple[RowRef, int, int | None]] = []
+        to_check: list[_Job] = []
+        needs_value: list[_Job] = []
         for row, sequence, stored in zip(page, sequences, stored_sizes, strict=True):
             if stored == UNKNOWN:
-                if not await self._acquire_upload_slot():
-                    return False
-                tasks.create_task(self._check_row(row, sequence))
+                to_check.append(_Job(row, sequence))
             elif self.config.verify is VerifyMode.SIZE:
                 self._record_verification(row, stored)
                 self.tracker.finish(sequence)
@@ -348,54 +394,44 @@ class CacheBackfill:
                 self.progress.skipped()
                 self.tracker.finish(sequence)
             else:
-                needs_value.append((row, sequence, stored))
-        key_range = (page[0].key, page[-1].key) if page and self._in_key_order else None
-        chunks = plan_chunks(
-            [row for row, _, _ in needs_value],
+                needs_value.append(_Job(row, sequence, stored))
+        if to_check:
+            await jobs.put(to_check)
+        by_row = {job.row.key: job for job in needs_value}
+        for chunk in plan_chunks(
+            [job.row for job in needs_value],
             max_bytes=self.config.value_chunk_bytes,
             max_rows=self.config.key_batch_size,
-        )
-        position = 0
-        for chunk in chunks:
-            entries = needs_value[position : position + len(chunk)]
-            position += len(chunk)
-            if not await self._dispatch_chunk(tasks, entries, key_range):
-                return False
-        return True
+        ):
+            await jobs.put(await self._read_values([by_row[row.key] for row in chunk]))
 
-    async def _dispatch_chunk(
-        self,
-        tasks: asyncio.TaskGroup,
-        entries: list[tuple[RowRef, int, int | None]],
-        key_range: tuple[str, str] | None,
-    ) -> bool:
-        """Read a chunk's values in one query and start an upload (or comparison) per row."""
-        held = sum(row.size for row, _, _ in entries)
-        await self.bytes_budget.acquire(held)
-        try:
-            keys = [row.key for row, _, _ in entries]
-            values = await self._storage_call(
-                lambda: self.pg.fetch_values(keys, key_range=key_range), None
-            )
-            for row, sequence, stored in entries:
-                value = values.get(row.key)
-                if value is None:  # gone, or outside the range by this database's collation
-                    value = await self._fetch_one(row.key)
-                if value is None:
-                    log.info("row vanished before it was read", key=row.key)
-                    self.progress.vanished()
-                    self.tracker.finish(sequence)
-                elif not await self._acquire_upload_slot():
-                    return False
-                else:
-                    tasks.create_task(self._value_task(row, sequence, value, stored))
-                    held -= row.size  # the task releases this row's bytes
-                    continue
-                held -= row.size
-                self.bytes_budget.release(row.size)
-        finally:
-            self.bytes_budget.release(held)
-        return True
+    async def _read_values(self, chunk: list[_Job]) -> list[_Job]:
+        """Hold the chunk's bytes in the budget, read its values in one query, settle vanished
+        rows; the returned jobs carry their values (and their share of the budget)."""
+        await self.bytes_budget.acquire(sum(job.row.size for job in chunk))
+        keys = [job.row.key for job in chunk]
+        values = await self._storage_call(lambda: self.pg.fetch_values(keys), None)
+        ready = []
+        for job in chunk:
+            value = values.get(job.row.key)
+            if value is None:
+                value = await self._fetch_one(job.row.key)  # gone, or a race: ask once more
+            if value is None:
+                log.info("row vanished before it was read", key=job.row.key)
+                self.progress.vanished()
+                self.tracker.finish(job.sequence)
+                self.bytes_budget.release(job.row.size)
+            else:
+                job.value = value
+                ready.append(job)
+        return ready
+
+    async def _run_job(self, job: _Job) -> None:
+        """One row's work, started with an upload slot held."""
+        if job.value is None:
+            await self._check_row(job.row, job.sequence)
+        else:
+            await self._value_task(job.row, job.sequence, job.value, job.stored)
 
     async def _acquire_upload_slot(self) -> bool:
         await self.upload_limit.acquire()
