@@ -12,7 +12,7 @@ How it works, per page of ``key_batch_size`` rows (``created_at < cutoff``, with
    ``--backfill-max-inflight-bytes``)
    and PUT each with ``Content-MD5``. Replacing a wrong-sized object counts as *repaired*; a row
    gone by the time it is read counts as *vanished*.
-Steps 1–3 run in a producer task ahead of the uploads (values read ahead are capped by the
+Steps 1 to 3 run in a producer task ahead of the uploads (values read ahead are capped by the
 byte budget, batches by a short queue), so listing and reading never leave upload slots idle.
 An upload slot is acquired *before* each upload task is created; slots adapt to throttling
 (``AdaptiveLimit``). Every row is reported to the ``CheckpointTracker`` when done.
