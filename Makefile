@@ -1,13 +1,14 @@
 # make demo  — run the whole backfill on this machine against local servers it starts and stops
 # make test  — install everything, run the quality gates and the whole test suite
-# make bench — the performance benchmark (prints a table, writes bench/results/)
+# make bench — the backfill benchmark (prints a table, writes bench/results/); bench-server: the
+#              layer cache server's load test
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test unit integration bench clean
+.PHONY: install demo lint test unit integration bench bench-smoke bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,15 @@ unit: install
 
 integration: install
 	$(BIN)/pytest tests/integration
+
+bench: install
+	$(BIN)/python -m bench
+
+bench-smoke: install
+	$(BIN)/python -m bench --smoke
+
+bench-server: install
+	$(BIN)/python -m bench.server_load
 
 clean:
 	rm -rf $(VENV) .devenv .pytest_cache .mypy_cache .ruff_cache

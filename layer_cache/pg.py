@@ -120,10 +120,12 @@ class PgLayer:
         table = spec.table
         self._sql_value = f"SELECT value FROM {table} WHERE key = $1"
         # One primary-key lookup per key, whatever the table's size or statistics: a plain
-        # ``key = ANY($1)`` may be planned as a sequential scan, which makes a run quadratic.
+        # ``key = ANY($1)`` (or a join the planner may flatten into a hash join) can be planned
+        # as a sequential scan. ``OFFSET 0`` keeps the lateral subquery from being flattened.
         self._sql_values = (
             "SELECT wanted.key, row.value FROM unnest($1::text[]) AS wanted(key)"
-            f" CROSS JOIN LATERAL (SELECT value FROM {table} WHERE key = wanted.key) AS row"
+            f" CROSS JOIN LATERAL (SELECT value FROM {table} WHERE key = wanted.key OFFSET 0)"
+            " AS row"
         )
         self._sql_existing_keys = f"SELECT key FROM {table} WHERE key = ANY($1::text[])"
         # The live write path: first write wins, and RETURNING says whether this one did.

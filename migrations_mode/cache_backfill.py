@@ -458,7 +458,6 @@ class CacheBackfill:
             started = time.monotonic()
             await self._storage_call(lambda: self.s3.put(row.key, value), row.key)
             self.progress.upload_took(time.monotonic() - started)
-            log.debug("uploaded to S3", key=row.key, size=len(value))
             self.progress.uploaded(len(value), repaired=stored is not None)
         else:
             body = await self._storage_call(lambda: self.s3.get(row.key), row.key)
@@ -548,6 +547,7 @@ class CacheBackfill:
         while True:
             await asyncio.sleep(interval)
             meter.add(time.monotonic(), self.rows_done)
+            self.progress.export()
             if self.log_progress:
                 log.info("backfill progress", **progress_report(self, meter.rate).as_fields())
             log.info(

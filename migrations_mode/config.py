@@ -106,7 +106,7 @@ class BackfillSettings(BaseSettings):
     order: WalkOrder = WalkOrder.KEY
     shard_index: int | None = Field(None, ge=0)
     shard_count: int = Field(1, ge=1, le=65536)
-    max_inflight_bytes: int = Field(256 * 1024 * 1024, ge=1024 * 1024)
+    max_inflight_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
     verify: bool = False
     verify_content: bool = False
     dry_run: bool = False
@@ -135,7 +135,7 @@ class BackfillConfig:
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
     order: WalkOrder = WalkOrder.KEY
     shard: Shard = field(default_factory=Shard)
-    max_inflight_bytes: int = 256 * 1024 * 1024
+    max_inflight_bytes: int = 64 * 1024 * 1024
     verify: VerifyMode = VerifyMode.OFF
     dry_run: bool = False
 

@@ -60,7 +60,7 @@ JOB = "layer-cache-backfill"
 CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 KEY_ORDER_CACHES = (CacheType.CAS, CacheType.CHANGE_BATCH)
 NEWEST_FIRST_CACHE = CacheType.WORKSPACE_SNAPSHOT
-ROWS = {CacheType.CAS: 250, CacheType.CHANGE_BATCH: 150, CacheType.WORKSPACE_SNAPSHOT: 250}
+ROWS = {CacheType.CAS: 450, CacheType.CHANGE_BATCH: 300, CacheType.WORKSPACE_SNAPSHOT: 450}
 ALREADY_COPIED = 60  # cas rows whose object is in S3 with the right size: skipped
 WRONG_SIZE = 15  # cas rows whose object has the wrong size: repaired
 # What Grafana would put in for the variables; $service is the scrape job's name.
