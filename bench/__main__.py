@@ -1,0 +1,792 @@
+"""``python -m bench``: the backfill's performance benchmark against local servers.
+
+What it does
+    Starts a throwaway PostgreSQL (``devenv.servers.start_postgres``) and an S3 server
+    (``start_s3``, s3rver by default: the fastest S3 server installable here), loads
+    ``pg_stat_statements`` into the cluster when the machine has it (ALTER SYSTEM + restart),
+    seeds ``--rows`` rows into ``cas`` in a database of their own (the devenv sample rows: 1-16
+    KiB values and 1% of 100 KiB-5 MiB; see ``bench.data``), ANALYZEs, warms the S3 server up,
+    and runs each scenario of ``bench.scenarios`` in its own subprocess, against its own bucket
+    (``<run>-<label>-cas``), one at a time:
+
+    * at ``--concurrency`` C: ``bare_put``, ``upstream`` (the baseline), ``upstream_rerun``,
+      ``backfill``, ``backfill_rerun``, ``shards`` (``--shards`` K processes, C each);
+    * the concurrency sweep (not with ``--smoke``): ``bare_put`` and ``backfill`` (and
+      ``upstream`` with ``--sweep-baseline``) at each of ``--sweep`` (default 5,20,64; the runs
+      at C above are reused);
+    * the scaling checks (not with ``--smoke``, nor ``--no-scaling``): ``backfill`` on a table
+      ``--scale-factor`` times larger (time should grow as much), and on a ``--rss-rows``-row
+      table (peak RSS should stay within 50 MiB of the ``--rows`` run).
+
+    Then it prints which machine and servers the numbers came from, one table of the scenarios
+    (rows/s, MiB/s, S3 requests/row, PG tuples/row, PG round trips/row, CPU ms/object, peak RSS,
+    ratio to the bare PUT loop and to the baseline), the sweep, the scaling checks and the issue's
+    targets (measured, never asserted), and writes everything as JSON to
+    ``<results-dir>/<UTC timestamp>.json`` and ``<results-dir>/latest.json``. The exit status is
+    0 whenever every scenario ran, whatever the targets say.
+
+Flags
+    --rows N              rows seeded into the main table (default 10000; ~90% are below the
+                          cutoff, which is what the job copies)
+    --concurrency C       uploads in flight for the main scenarios (default 20)
+    --key-batch-size B    rows per listed page, ours and the baseline's (default 1000)
+    --shards K            processes of the ``shards`` scenario (default 2)
+    --sweep LIST          concurrencies of the sweep (default 5,20,64)
+    --sweep-baseline      also run the baseline at each sweep concurrency (slow)
+    --repeat R            run the main scenarios (all but shards) R times, interleaved, each on
+                          fresh buckets, and report the median run by rows/s (default 1). The
+                          S3 server's CPU per PUT varies by +-30% between identical runs here,
+                          so single-run throughput ratios are noisy; R=3 steadies them
+    --sample-in-flight    have ``backfill`` sample its own uploads_in_flight gauge every 20 ms
+                          (mean slots in use; costs the client some CPU, so off by default)
+    --scale-factor F      the larger table of the linearity check is F x --rows (default 4)
+    --rss-rows N          rows of the memory check's table (default 200000)
+    --no-scaling          skip both scaling checks (and their seeding)
+    --no-sweep            skip the sweep
+    --smoke               a tiny run for CI: 250 rows, batches of 100, C=8, every main scenario,
+                          no sweep, no scaling; well under a minute
+    --s3 KIND             s3rver (default), moto or minio (Docker)
+    --profile             also run ``backfill`` once under cProfile (own bucket; not in the
+                          table) and print its top functions; the .prof file goes to the
+                          results dir
+    --results-dir DIR     where the JSON goes (default bench/results)
+    --keep-logs           copy each scenario's stderr (the product's JSON logs) to the
+                          results dir; on a failure the log's tail is printed anyway
+
+Time: about 11-12 minutes with the defaults on the 2-core development machine when it is quiet
+(20 minutes when other sessions load it), over 6 of them the 200,000-row memory run and the
+~6 GB of seeding it needs; ``--no-scaling`` takes about 4 minutes, ``--smoke`` about 15 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.metadata
+import io
+import json
+import os
+import platform
+import pstats
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aioboto3
+import asyncpg
+from aiobotocore.config import AioConfig
+
+from bench.common import CUTOFF, TABLE, Target, code_fingerprint
+from bench.cpu import find_process
+from bench.data import BENCH_SIZES, SeededDatabase, seed_database
+from bench.report import check_targets, cpu_table, main_table, sweep_table, targets_table
+from devenv.servers import (
+    S3RVER_VERSION,
+    PostgresEndpoint,
+    PostgresServer,
+    S3Endpoint,
+    create_buckets,
+    start_postgres,
+    start_s3,
+)
+from layer_cache.keys import bucket_name
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
+# bare_put and backfill back to back: on a shared machine, load drifts over minutes.
+MAIN_SCENARIOS = ("bare_put", "backfill", "backfill_rerun", "upstream", "upstream_rerun", "shards")
+SWEEP_SCENARIOS = ("bare_put", "backfill")
+WARMUP_OBJECTS = 1500
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The benchmark's flags (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Benchmark the layer-cache backfill against local Postgres and S3.",
+    )
+    parser.add_argument("--rows", type=int, default=10_000)
+    parser.add_argument("--concurrency", type=int, default=20)
+    parser.add_argument("--key-batch-size", type=int, default=1000)
+    parser.add_argument("--shards", type=int, default=2)
+    parser.add_argument("--sweep", default="5,20,64")
+    parser.add_argument("--sweep-baseline", action="store_true")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--sample-in-flight", action="store_true")
+    parser.add_argument("--scale-factor", type=int, default=4)
+    parser.add_argument("--rss-rows", type=int, default=200_000)
+    parser.add_argument("--no-scaling", action="store_true")
+    parser.add_argument("--no-sweep", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "minio"))
+    parser.add_argument("--profile", action="store_true")
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--keep-logs", action="store_true")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.rows = 250
+        args.key_batch_size = 100
+        args.concurrency = 8
+        args.no_scaling = True
+        args.no_sweep = True
+    return args
+
+
+# --------------------------------------------------------------------------------------------
+# the machine and the servers
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def _memory_gib() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                return round(int(line.split()[1]) / 1024 / 1024, 1)
+    except OSError:
+        pass
+    return None
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _node_version() -> str:
+    node = shutil.which("node")
+    if node is None:
+        return "none"
+    result = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
+    return result.stdout.strip()
+
+
+def code_state() -> dict[str, Any]:
+    """The commit measured, and which tracked files differed from it (others edit too)."""
+
+    def git(*arguments: str) -> str:
+        result = subprocess.run(
+            ["git", *arguments], cwd=REPO_ROOT, capture_output=True, text=True, check=False
+        )
+        return result.stdout.strip()
+
+    changed = [line[3:] for line in git("status", "--porcelain").splitlines() if line[:2] != "??"]
+    return {
+        "commit": git("rev-parse", "--short", "HEAD"),
+        "modified": changed,
+        "fingerprint_at_start": code_fingerprint(),
+    }
+
+
+def machine_info(s3: S3Endpoint, pg_version: str) -> dict[str, Any]:
+    """Where the numbers came from."""
+    os_release = Path("/etc/debian_version")
+    s3_server = {"s3rver": f"s3rver {S3RVER_VERSION} (Node {_node_version()})"}.get(
+        s3.kind, f"{s3.kind} {_version('moto') if s3.kind == 'moto' else ''}".strip()
+    )
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu_model": _cpu_model(),
+        "memory_gib": _memory_gib(),
+        "os": f"{platform.system()} {platform.release()}"
+        + (f", Debian {os_release.read_text().strip()}" if os_release.exists() else ""),
+        "python": platform.python_version(),
+        "postgres": pg_version,
+        "s3_server": s3_server,
+        "libraries": {
+            name: _version(name) for name in ("aiobotocore", "botocore", "aiohttp", "asyncpg")
+        },
+    }
+
+
+async def _pg_version(pg: PostgresEndpoint) -> str:
+    connection = await asyncpg.connect(pg.dsn(dbname="postgres", superuser=True))
+    try:
+        version = str(await connection.fetchval("SHOW server_version"))
+    finally:
+        await connection.close()
+    return f"PostgreSQL {version}"
+
+
+async def _try_load_statements(pg: PostgresEndpoint) -> bool:
+    """Ask for pg_stat_statements at the next start; False if the machine lacks it."""
+    connection = await asyncpg.connect(pg.dsn(dbname="postgres", superuser=True))
+    try:
+        available = await connection.fetchval(
+            "SELECT count(*) FROM pg_available_extensions WHERE name = 'pg_stat_statements'"
+        )
+        if not available:
+            return False
+        await connection.execute("ALTER SYSTEM SET shared_preload_libraries = 'pg_stat_statements'")
+    finally:
+        await connection.close()
+    return True
+
+
+async def _create_statements_extension(pg: PostgresEndpoint) -> bool:
+    connection = await asyncpg.connect(pg.dsn(dbname="postgres", superuser=True))
+    try:
+        await connection.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        await connection.execute("SELECT pg_stat_statements_reset()")
+    except asyncpg.PostgresError as exc:
+        print(f"  pg_stat_statements unavailable: {exc}", flush=True)
+        return False
+    finally:
+        await connection.close()
+    return True
+
+
+def enable_statements(server: PostgresServer) -> bool:
+    """Load pg_stat_statements (restarting the cluster once); False when it cannot be had."""
+    pg = server.endpoint
+    if not asyncio.run(_try_load_statements(pg)):
+        return False
+    server.restart()
+    return asyncio.run(_create_statements_extension(pg))
+
+
+async def _warm_up(s3: S3Endpoint, bucket: str, concurrency: int, objects: int) -> None:
+    """A few hundred PUTs so the S3 server's JIT and file system are warm before timing."""
+    session = aioboto3.Session()
+    async with session.client(
+        "s3",
+        endpoint_url=s3.url,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        config=AioConfig(s3={"addressing_style": "path"}, max_pool_connections=concurrency),
+    ) as client:
+        slots = asyncio.Semaphore(concurrency)
+        body = secrets.token_bytes(8 * 1024)
+
+        async def put(index: int) -> None:
+            async with slots:
+                await client.put_object(Bucket=bucket, Key=f"warm/{index:06d}", Body=body)
+
+        await asyncio.gather(*(put(index) for index in range(objects)))
+
+
+# --------------------------------------------------------------------------------------------
+# running scenarios
+
+
+class Runner:
+    """Runs scenarios in subprocesses, each against a fresh bucket set unless one is named."""
+
+    def __init__(
+        self,
+        args: argparse.Namespace,
+        pg: PostgresEndpoint,
+        s3: S3Endpoint,
+        *,
+        statements: bool,
+        logs_dir: Path,
+    ) -> None:
+        self.args = args
+        self.pg = pg
+        self.s3 = s3
+        self.statements = statements
+        self.logs_dir = logs_dir
+        self.run_id = "b" + secrets.token_hex(3)
+        self._counter = 0
+        self.s3_pid: int | None = None
+        self.pg_pid: int | None = None
+        self.fingerprints: dict[str, str] = {}  # scenario label -> product code it ran
+
+    def new_prefix(self, label: str) -> str:
+        """A bucket prefix no other scenario uses, with its ``cas`` bucket created."""
+        self._counter += 1
+        prefix = f"{self.run_id}-{self._counter:02d}-{label.replace('_', '-')}"[:40]
+        create_buckets(self.s3, [bucket_name(TABLE, prefix)])
+        return prefix
+
+    def target(self, database: SeededDatabase, prefix: str) -> Target:
+        """The ``--target`` of a scenario."""
+        return Target(
+            pg=self.pg,
+            s3=self.s3,
+            dbname=database.dbname,
+            bucket_prefix=prefix,
+            cutoff=CUTOFF,
+            statements=self.statements,
+            s3_pid=self.s3_pid,
+            pg_pid=self.pg_pid,
+        )
+
+    def run(
+        self,
+        name: str,
+        target: Target,
+        *,
+        concurrency: int,
+        rows: int,
+        extra_args: tuple[str, ...] = (),
+        label: str | None = None,
+    ) -> dict[str, Any]:
+        """Run one scenario process; its JSON summary."""
+        label = label or f"{name}-c{concurrency}-{target.dbname}"
+        command = [
+            sys.executable, "-m", "bench.scenarios", name,
+            "--target", target.to_json(),
+            "--json",
+            "--concurrency", str(concurrency),
+            "--key-batch-size", str(self.args.key_batch_size),
+            "--shards", str(self.args.shards),
+            *extra_args,
+        ]  # fmt: skip
+        log_path = self.logs_dir / f"{label}.log"
+        timeout_s = 120 + rows / 20
+        print(f"  {label:<40} ...", end="", flush=True)
+        with log_path.open("w") as log:
+            try:
+                completed = subprocess.run(
+                    command,
+                    stdout=subprocess.PIPE,
+                    stderr=log,
+                    stdin=subprocess.DEVNULL,
+                    text=True,
+                    cwd=REPO_ROOT,
+                    env=_scenario_environment(),
+                    timeout=timeout_s,
+                    check=False,
+                )
+            except subprocess.TimeoutExpired:
+                print(" timed out", flush=True)
+                raise SystemExit(
+                    f"{label} took over {timeout_s:.0f} s\n{_tail(log_path)}"
+                ) from None
+        if completed.returncode != 0:
+            print(" failed", flush=True)
+            raise SystemExit(
+                f"{label} exited with {completed.returncode}\n{completed.stdout}\n{_tail(log_path)}"
+            )
+        lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
+        summary: dict[str, Any] = json.loads(lines[-1])
+        self.fingerprints[label] = summary.get("code_fingerprint", "?")
+        print(
+            f" {summary['rows']:>7,} rows {summary['seconds']:>7.2f} s"
+            f" {summary['rows_per_s']:>8,.0f} rows/s",
+            flush=True,
+        )
+        return summary
+
+
+def _s3_server_pid(s3: S3Endpoint) -> int | None:
+    port = s3.url.rsplit(":", 1)[-1]
+    if s3.kind == "s3rver":
+        return find_process("s3rver.js", f"--port {port} ")
+    if s3.kind == "moto":
+        return find_process(f"_serve_moto({port})")
+    return None  # in a container: not visible from here
+
+
+def _scenario_environment() -> dict[str, str]:
+    """This environment minus the service's own settings, so only the target configures it."""
+    return {
+        name: value
+        for name, value in os.environ.items()
+        if not name.startswith(("SI_", "OTEL_", "PG"))
+    }
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+@contextmanager
+def _logs_dir() -> Iterator[Path]:
+    directory = Path(tempfile.mkdtemp(prefix="si-bench-logs-"))
+    try:
+        yield directory
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The run with the median rows/s (the lower middle one of an even count)."""
+    ordered = sorted(runs, key=lambda run: float(run["rows_per_s"]))
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def _seed(pg: PostgresEndpoint, dbname: str, rows: int) -> SeededDatabase:
+    started = time.monotonic()
+    print(f"  seeding {rows:,} rows into {dbname}.cas ...", end="", flush=True)
+    database = asyncio.run(seed_database(pg, dbname, rows, cutoff=CUTOFF, sizes=BENCH_SIZES))
+    print(
+        f" {database.rows_below_cutoff:,} below the cutoff,"
+        f" {database.bytes_below_cutoff / 2**20:,.0f} MiB,"
+        f" largest tie {database.largest_tie:,} rows ({time.monotonic() - started:.0f} s)",
+        flush=True,
+    )
+    return database
+
+
+def _profile_backfill(
+    runner: Runner, database: SeededDatabase, concurrency: int, results_dir: Path, stamp: str
+) -> str:
+    """Run ``backfill`` under cProfile; the top of its profile as text."""
+    profile_path = results_dir / f"{stamp}-backfill.prof"
+    target = runner.target(database, runner.new_prefix("profile"))
+    runner.run(
+        "backfill",
+        target,
+        concurrency=concurrency,
+        rows=database.rows,
+        extra_args=("--profile", str(profile_path)),
+        label=f"backfill-c{concurrency}-profiled",
+    )
+    text = io.StringIO()
+    stats = pstats.Stats(str(profile_path), stream=text)
+    stats.sort_stats("tottime").print_stats(25)
+    stats.sort_stats("cumulative").print_stats(40)
+    return text.getvalue()
+
+
+def run_all(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the servers, seed, run every scenario; the results document."""
+    started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    document: dict[str, Any] = {
+        "started_at": stamp,
+        "config": {},
+        "load_average": {"start": os.getloadavg()[0]},
+        "code": code_state(),
+    }
+    print("starting PostgreSQL and S3 ...", flush=True)
+    with (
+        start_postgres() as pg_server,
+        start_s3(kind=args.s3) as s3_server,
+        _logs_dir() as logs_dir,
+    ):
+        pg, s3 = pg_server.endpoint, s3_server.endpoint
+        statements = enable_statements(pg_server)
+        machine = machine_info(s3, asyncio.run(_pg_version(pg)))
+        document["machine"] = machine
+        document["config"] = {
+            "rows": args.rows,
+            "concurrency": args.concurrency,
+            "key_batch_size": args.key_batch_size,
+            "shards": args.shards,
+            "smoke": args.smoke,
+            "cutoff": CUTOFF.isoformat(),
+            "sizes": {
+                "small": BENCH_SIZES.small,
+                "large": BENCH_SIZES.large,
+                "large_share": BENCH_SIZES.large_share,
+            },
+            "pg_round_trips_measured_by": "pg_stat_database xact_commit + xact_rollback delta",
+            "pg_stat_statements": statements,
+        }
+        print(_machine_lines(machine, statements), flush=True)
+        main_db = _seed(pg, f"bench_{args.rows}", args.rows)
+        databases = {"main": main_db}
+        runner = Runner(args, pg, s3, statements=statements, logs_dir=logs_dir)
+        runner.pg_pid = pg_server.pid
+        runner.s3_pid = _s3_server_pid(s3)
+        warm_bucket = runner.new_prefix("warmup")
+        warm_up_objects = 50 if args.smoke else WARMUP_OBJECTS
+        asyncio.run(
+            _warm_up(s3, bucket_name(TABLE, warm_bucket), args.concurrency, warm_up_objects)
+        )
+
+        print(
+            f"scenarios at C={args.concurrency} on {main_db.rows:,} rows"
+            + (f", {args.repeat} times (median by rows/s):" if args.repeat > 1 else ":"),
+            flush=True,
+        )
+        sampling: tuple[str, ...] = ("--sample-in-flight",) if args.sample_in_flight else ()
+        scenario_flags = {"backfill": sampling}
+        concurrency = args.concurrency
+        repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in MAIN_SCENARIOS}
+        for repetition in range(1, args.repeat + 1):
+            suffix = f"-r{repetition}" if args.repeat > 1 else ""
+            prefixes = {
+                "bare_put": runner.new_prefix(f"bare{suffix}"),
+                "upstream": runner.new_prefix(f"upstream{suffix}"),
+                "backfill": runner.new_prefix(f"backfill{suffix}"),
+                "shards": runner.new_prefix(f"shards{suffix}"),
+            }
+            prefixes["upstream_rerun"] = prefixes["upstream"]
+            prefixes["backfill_rerun"] = prefixes["backfill"]
+            for name in MAIN_SCENARIOS:
+                if name == "shards" and repetition > 1:
+                    continue
+                repeats[name].append(
+                    runner.run(
+                        name,
+                        runner.target(main_db, prefixes[name]),
+                        concurrency=concurrency,
+                        rows=main_db.rows,
+                        label=f"{name}-c{concurrency}-{main_db.dbname}{suffix}",
+                        extra_args=scenario_flags.get(name, ()),
+                    )
+                )
+        main = {name: _median_run(runs) for name, runs in repeats.items()}
+        if args.repeat > 1:
+            document["repeats"] = repeats
+        document["scenarios"] = main
+
+        sweep: dict[int, dict[str, dict[str, Any]]] = {}
+        if not args.no_sweep:
+            levels = sorted({int(level) for level in args.sweep.split(",") if level.strip()})
+            print(f"concurrency sweep {levels}:", flush=True)
+            for level in levels:
+                sweep[level] = {}
+                names = (*SWEEP_SCENARIOS, "upstream") if args.sweep_baseline else SWEEP_SCENARIOS
+                for name in names:
+                    if level == concurrency:
+                        sweep[level][name] = main[name]
+                        continue
+                    target = runner.target(main_db, runner.new_prefix(f"{name}-c{level}"))
+                    sweep[level][name] = runner.run(
+                        name,
+                        target,
+                        concurrency=level,
+                        rows=main_db.rows,
+                        extra_args=scenario_flags.get(name, ()),
+                    )
+            document["sweep"] = {str(level): results for level, results in sweep.items()}
+
+        scaling: dict[str, Any] | None = None
+        if not args.no_scaling:
+            print("scaling checks:", flush=True)
+            scaled_rows = args.rows * args.scale_factor
+            scaled_db = _seed(pg, f"bench_{scaled_rows}", scaled_rows)
+            # The base run again, right before the larger one, so that both see the same load.
+            base = runner.run(
+                "backfill",
+                runner.target(main_db, runner.new_prefix(f"scale-{main_db.rows}")),
+                concurrency=concurrency,
+                rows=main_db.rows,
+                label=f"backfill-c{concurrency}-{main_db.rows}-rows",
+            )
+            scaled = runner.run(
+                "backfill",
+                runner.target(scaled_db, runner.new_prefix(f"scale-{scaled_rows}")),
+                concurrency=concurrency,
+                rows=scaled_rows,
+                label=f"backfill-c{concurrency}-{scaled_rows}-rows",
+            )
+            rss_rows = args.rss_rows
+            rss_db = (
+                scaled_db if rss_rows == scaled_rows else _seed(pg, f"bench_{rss_rows}", rss_rows)
+            )
+            rss_run = (
+                scaled
+                if rss_db is scaled_db
+                else runner.run(
+                    "backfill",
+                    runner.target(rss_db, runner.new_prefix(f"rss-{rss_rows}")),
+                    concurrency=concurrency,
+                    rows=rss_rows,
+                    label=f"backfill-c{concurrency}-{rss_rows}-rows",
+                )
+            )
+            databases |= {"scaled": scaled_db, "rss": rss_db}
+            runs = {"base": base, "scaled": scaled, "rss": rss_run}
+            scaling = {
+                "base_rows": main_db.rows,
+                "factor": args.scale_factor,
+                "scaled_rows": scaled_rows,
+                "rss_rows": rss_rows,
+                "base_seconds": base["seconds"],
+                "scaled_seconds": scaled["seconds"],
+                "time_ratio": scaled["seconds"] / base["seconds"],
+                "rows_ratio": scaled["rows"] / max(base["rows"], 1),
+                "rss_time_ratio": rss_run["seconds"] / base["seconds"],
+                "rss_rows_ratio": rss_run["rows"] / max(base["rows"], 1),
+                "ms_per_row": [
+                    {
+                        "run": name,
+                        "rows": run["rows"],
+                        "ms_per_row": round(1000 * run["seconds"] / max(run["rows"], 1), 3),
+                    }
+                    for name, run in {"main": main["backfill"], **runs}.items()
+                ],
+                "other_load_pct": {name: run.get("other_load_pct") for name, run in runs.items()},
+                "base_rss_mib": main["backfill"]["peak_rss_mib"],
+                "rss_run_rss_mib": rss_run["peak_rss_mib"],
+                "rss_delta_mib": rss_run["peak_rss_mib"] - main["backfill"]["peak_rss_mib"],
+                "base_run": base,
+                "scaled_run": scaled,
+                "rss_run": rss_run,
+            }
+            document["scaling"] = scaling
+
+        if args.profile:
+            print("profiling backfill:", flush=True)
+            document["profile_top"] = _profile_backfill(
+                runner, main_db, concurrency, results_dir, stamp
+            )
+        if args.keep_logs:
+            kept = results_dir / f"{stamp}-logs"
+            shutil.copytree(logs_dir, kept)
+            document["logs"] = str(kept)
+        document["databases"] = {name: db.as_json() for name, db in databases.items()}
+        document["code"]["fingerprints"] = runner.fingerprints
+
+    document["targets"] = [check.as_json() for check in check_targets(main, scaling=scaling)]
+    document["wall_seconds"] = round(time.monotonic() - started, 1)
+    document["load_average"]["end"] = os.getloadavg()[0]
+    _print_report(document, main, sweep, scaling)
+    text = json.dumps(document, indent=2, default=str)
+    (results_dir / f"{stamp}.json").write_text(text)
+    (results_dir / "latest.json").write_text(text)
+    print(f"\nwrote {results_dir / (stamp + '.json')} and {results_dir / 'latest.json'}")
+    return document
+
+
+def _machine_lines(machine: dict[str, Any], statements: bool) -> str:
+    libraries = ", ".join(f"{name} {version}" for name, version in machine["libraries"].items())
+    return "\n".join(
+        [
+            f"machine: {machine['nproc']} CPUs ({machine['cpu_model']}),"
+            f" {machine['memory_gib']} GiB, {machine['os']}, Python {machine['python']}",
+            f"servers: {machine['postgres']}"
+            f" (pg_stat_statements {'on' if statements else 'off'}), S3: {machine['s3_server']},"
+            " all on 127.0.0.1 sharing these CPUs with the client",
+            f"client:  {libraries}",
+        ]
+    )
+
+
+def _print_report(
+    document: dict[str, Any],
+    main: dict[str, dict[str, Any]],
+    sweep: dict[int, dict[str, dict[str, Any]]],
+    scaling: dict[str, Any] | None,
+) -> None:
+    config = document["config"]
+    print()
+    print(_machine_lines(document["machine"], config["pg_stat_statements"]))
+    main_db = document["databases"]["main"]
+    print(
+        f"data: {main_db['rows']:,} rows in cas, {main_db['rows_below_cutoff']:,} below the cutoff"
+        f" ({main_db['bytes_below_cutoff'] / 2**20:,.0f} MiB; values 1-16 KiB, 1% 100 KiB-5 MiB;"
+        f" {main_db['largest_tie']:,} rows share one created_at); key batch"
+        f" {config['key_batch_size']}"
+    )
+    code = document["code"]
+    modified = code["modified"]
+    print(
+        f"code: commit {code['commit']}"
+        + (f" with uncommitted changes to {', '.join(modified)}" if modified else "")
+        + f" (product source digest {code['fingerprint_at_start']} at start)"
+    )
+    by_code: dict[str, list[str]] = {}
+    for label, fingerprint in code.get("fingerprints", {}).items():
+        by_code.setdefault(fingerprint, []).append(label)
+    if len(by_code) > 1:
+        print("WARNING: the product source changed during the run; scenarios ran different code:")
+        for fingerprint, labels in by_code.items():
+            print(f"  {fingerprint}: {', '.join(labels)}")
+    print()
+    print(main_table(main))
+    baseline = main.get("upstream")
+    if baseline and baseline["rows_missed"]:
+        print(
+            f"(the baseline never listed {baseline['rows_missed']:,} of"
+            f" {baseline['rows_below_cutoff']:,} rows: the tied created_at at a batch boundary"
+            " with a strict '<' cursor; its rates count the rows it handled)"
+        )
+    print(
+        "PG RT = round trips (transactions in pg_stat_database; asyncpg's pool adds one reset"
+        " round trip per query); CPU = client process only, per object uploaded (per row"
+        " checked on re-runs); x bare / x baseline = rows/s ratios."
+    )
+    print()
+    print(
+        "where the CPU went during each timed section (2 CPUs = 2 CPU-seconds per second;"
+        " 'other procs' is load from outside the benchmark):"
+    )
+    print(cpu_table(main))
+    if sweep:
+        print()
+        print("concurrency sweep (empty bucket each time):")
+        print(sweep_table(sweep))
+    sampled = [
+        (level, results["backfill"])
+        for level, results in sorted(sweep.items())
+        if "in_flight_mean" in results.get("backfill", {})
+    ] or [(main["backfill"]["concurrency"], main["backfill"])]
+    if "in_flight_mean" in sampled[0][1]:
+        print()
+        print("backfill upload slots in use (its uploads_in_flight gauge, sampled every 20 ms):")
+        for level, result in sampled:
+            print(
+                f"  C={level}: mean {result['in_flight_mean']:.1f} in flight"
+                f" ({100 * result['in_flight_mean_share_of_c']:.0f}% of C); fewer than C/2 in"
+                f" {100 * result['in_flight_below_half_share']:.0f}% of"
+                f" {result['in_flight_samples']} samples"
+            )
+    if scaling:
+        print()
+        print(
+            f"scaling (back to back): {scaling['base_rows']:,} rows {scaling['base_seconds']:.1f} s"
+            f" -> {scaling['scaled_rows']:,} rows {scaling['scaled_seconds']:.1f} s"
+            f" (time x{scaling['time_ratio']:.2f} for rows x{scaling['rows_ratio']:.2f});"
+            f" {scaling['rss_rows']:,} rows: time x{scaling['rss_time_ratio']:.2f} for rows"
+            f" x{scaling['rss_rows_ratio']:.2f}"
+        )
+        per_row = ", ".join(
+            f"{entry['run']} {entry['rows']:,} rows {entry['ms_per_row']:.2f}"
+            for entry in scaling["ms_per_row"]
+        )
+        print(f"  backfill ms per row copied: {per_row}")
+        print(
+            f"  peak RSS: {scaling['base_rows']:,} rows {scaling['base_rss_mib']:.0f} MiB ->"
+            f" {scaling['rss_rows']:,} rows {scaling['rss_run_rss_mib']:.0f} MiB"
+            f" ({scaling['rss_delta_mib']:+.0f} MiB)"
+        )
+    shards = main.get("shards")
+    single = main.get("backfill")
+    if shards and single:
+        print(
+            f"shards: {shards['shards']} processes x C={shards['concurrency']}"
+            f" ({shards['total_in_flight']} in flight) {shards['rows_per_s']:,.0f} rows/s vs 1"
+            f" process at C={single['concurrency']} {single['rows_per_s']:,.0f} rows/s"
+            f" (x{shards['rows_per_s'] / single['rows_per_s']:.2f})"
+        )
+    print()
+    print("issue targets (measured, not asserted):")
+    print(targets_table(check_targets(main, scaling=scaling)))
+    if "profile_top" in document:
+        print()
+        print(document["profile_top"])
+    load = document["load_average"]
+    print(
+        f"\nwall time {document['wall_seconds']:.0f} s; 1-minute load average"
+        f" {load['start']:.1f} at start, {load['end']:.1f} at end"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of ``python -m bench``."""
+    run_all(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,640 @@
+"""One benchmark scenario per process, so CPU time and peak RSS belong to that scenario alone.
+
+Usage::
+
+    python -m bench.scenarios NAME --target JSON [--json] [--concurrency C]
+        [--key-batch-size B] [--shards K] [--profile FILE]
+
+``--target`` is ``bench.common.Target.to_json()``: the Postgres and S3 endpoints, the database
+holding the seeded ``cas`` table, the bucket prefix (the scenario uses ``<prefix>-cas``, which
+must exist) and the cutoff. ``python -m bench`` builds it; a scenario can be re-run by hand
+with the same argument while the servers are up.
+
+Scenarios (``C`` uploads in flight; the timed section excludes setup, see each one):
+  ``bare_put``        PutObject of the same objects (every row below the cutoff, values read
+                      from Postgres *before* timing) with a bounded task loop on the product's
+                      own S3 client settings; no Content-MD5. The reference for "a PUT costs".
+  ``upstream``        the baseline loop (``bench.upstream``) on an empty bucket.
+  ``upstream_rerun``  the baseline again over the bucket ``upstream`` filled.
+  ``backfill``        our job in-process, ``run_backfill`` with ``order=key``, on an empty
+                      bucket (saved progress for this cutoff and shard is deleted first).
+  ``backfill_rerun``  the same job with ``restart=True`` over the bucket ``backfill`` filled,
+                      so it walks the whole bucket again instead of stopping on saved progress.
+  ``shards``          K child processes of ``backfill`` (``Shard(i, K)``, C uploads each), set
+                      up first and then released together; time is first start to last finish,
+                      CPU the children's sum, RSS the largest child's.
+
+Each prints one JSON line (``--json``; indented without it): rows, seconds, rows/s, MiB/s,
+S3 requests/row, PG tuples/row, PG round trips/row, CPU ms/object, peak RSS MiB, and details.
+Product logs go to stderr as JSON lines at the production level (info).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import hashlib
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import aioboto3
+import asyncpg
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+from bench.common import (
+    PROGRESS_TABLE,
+    TABLE,
+    PgCounters,
+    Result,
+    S3RequestCounter,
+    StatementStats,
+    Target,
+    code_fingerprint,
+    cpu_seconds,
+    peak_rss_mib,
+    product_settings,
+    read_pg_counters,
+    read_statements,
+    reset_statements,
+    wait_for_backends_gone,
+)
+from bench.cpu import CpuSnapshot, CpuSpent
+from bench.upstream import upstream_backfill
+from layer_cache.cache_types import CacheType
+from layer_cache.keys import bucket_name, object_key
+from migrations_mode.config import BackfillConfig
+from migrations_mode.coordinator import run_backfill
+from migrations_mode.walk import Shard
+from services.context import open_services_context, s3_client_arguments
+from services.logging import configure_logging
+from services.signals import StopRequest
+
+SCENARIOS = ("bare_put", "upstream", "upstream_rerun", "backfill", "backfill_rerun", "shards")
+S3_MAX_CONNECTIONS = 64  # open_services_context's default, used by every scenario
+
+
+@dataclass
+class Options:
+    """The command line of one scenario."""
+
+    scenario: str
+    target: Target
+    concurrency: int = 20
+    key_batch_size: int = 1000
+    shards: int = 2
+    shard_index: int | None = None  # a child of ``shards`` (with --shard-count)
+    shard_count: int = 1
+    wait_for_go: bool = False
+    measure_pg: bool = True
+    profile: str | None = None
+    sample_in_flight: bool = False
+    app_name: str = field(default="")
+
+    def __post_init__(self) -> None:
+        if not self.app_name:
+            suffix = "" if self.shard_index is None else f"-{self.shard_index}"
+            self.app_name = f"bench-{self.scenario}{suffix}"
+
+    @property
+    def shard(self) -> Shard:
+        return Shard(self.shard_index or 0, self.shard_count)
+
+
+@dataclass
+class Work:
+    """What the timed section did."""
+
+    rows: int
+    uploaded: int
+    bytes_uploaded: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Timed:
+    """The timed section's outcome and cost."""
+
+    work: Work
+    started_at: float
+    finished_at: float
+    cpu_s: float
+    cpu_spent: CpuSpent | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.finished_at - self.started_at
+
+
+async def _timed(options: Options, body: Callable[[], Awaitable[Work]]) -> Timed:
+    """Run ``body`` as the timed section (after the go signal, under cProfile if asked)."""
+    if options.wait_for_go:
+        print(json.dumps({"ready": True}), flush=True)
+        sys.stdin.readline()
+    profiler = cProfile.Profile() if options.profile else None
+    target = options.target
+    machine_before = CpuSnapshot.take(target.s3_pid, target.pg_pid)
+    cpu_before = cpu_seconds()
+    started = time.monotonic()
+    if profiler is not None:
+        profiler.enable()
+    try:
+        work = await body()
+    finally:
+        if profiler is not None:
+            profiler.disable()
+    finished = time.monotonic()
+    cpu = cpu_seconds() - cpu_before
+    machine_after = CpuSnapshot.take(target.s3_pid, target.pg_pid)
+    if profiler is not None and options.profile:
+        profiler.dump_stats(options.profile)
+    spent = CpuSpent.between(machine_before, machine_after, client=cpu, wall=finished - started)
+    return Timed(work, started, finished, cpu, spent)
+
+
+async def _wait_until_quiet(target: Target, *, except_app: str | None = None) -> None:
+    """Wait until no other backend is connected to the scenario's database, so every earlier
+    backend has flushed its statistics."""
+    query = "SELECT count(*) FROM pg_stat_activity WHERE datname = $1"
+    arguments: list[str] = [target.dbname]
+    if except_app is not None:
+        query += " AND application_name <> $2"
+        arguments.append(except_app)
+    connection = await asyncpg.connect(target.dsn(superuser=True, dbname="postgres"))
+    try:
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            others = await connection.fetchval(query, *arguments)
+            if not others:
+                return
+            await asyncio.sleep(0.05)
+    finally:
+        await connection.close()
+
+
+class PgMeter:
+    """Before/after readings of the database's counters around a scenario."""
+
+    def __init__(self, options: Options) -> None:
+        self.options = options
+        self._before: PgCounters | None = None
+
+    async def start(self, *, own_app_connected: bool) -> None:
+        if not self.options.measure_pg:
+            return
+        target = self.options.target
+        await _wait_until_quiet(
+            target, except_app=self.options.app_name if own_app_connected else None
+        )
+        await reset_statements(target)
+        self._before = await read_pg_counters(target)
+
+    async def finish(self) -> tuple[PgCounters | None, StatementStats | None]:
+        """Read the deltas once the scenario's connections have closed."""
+        if self._before is None:
+            return None, None
+        target = self.options.target
+        await wait_for_backends_gone(target, self.options.app_name)
+        await _wait_until_quiet(target)
+        after = await read_pg_counters(target)
+        return after.minus(self._before), await read_statements(target)
+
+
+async def _rows_below(target: Target, shard: Shard) -> int:
+    """Rows the job must copy (below the cutoff, in the shard's key range)."""
+    key_range = shard.key_range
+    conditions: list[str] = ["created_at < $1"]
+    arguments: list[object] = [target.cutoff]
+    if key_range.low is not None:
+        arguments.append(key_range.low)
+        conditions.append(f"key >= ${len(arguments)}")
+    if key_range.high is not None:
+        arguments.append(key_range.high)
+        conditions.append(f"key < ${len(arguments)}")
+    connection = await asyncpg.connect(target.dsn())
+    try:
+        count = await connection.fetchval(
+            f"SELECT count(*) FROM {TABLE} WHERE {' AND '.join(conditions)}", *arguments
+        )
+    finally:
+        await connection.close()
+    return int(count)
+
+
+def _result(
+    options: Options,
+    timed: Timed,
+    rows_below: int,
+    requests: Counter[str],
+    pg: tuple[PgCounters | None, StatementStats | None],
+) -> Result:
+    return Result(
+        scenario=options.scenario,
+        concurrency=options.concurrency,
+        rows=timed.work.rows,
+        rows_below_cutoff=rows_below,
+        objects_uploaded=timed.work.uploaded,
+        bytes_uploaded=timed.work.bytes_uploaded,
+        seconds=timed.seconds,
+        cpu_s=timed.cpu_s,
+        peak_rss_mib=peak_rss_mib(),
+        s3_requests=dict(requests),
+        pg=pg[0],
+        statements=pg[1],
+        started_at=timed.started_at,
+        finished_at=timed.finished_at,
+        cpu_spent=timed.cpu_spent,
+        extra=timed.work.extra,
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# bare_put
+
+
+async def bare_put(options: Options) -> Result:
+    """PutObject of every row below the cutoff, values loaded before timing."""
+    target = options.target
+    settings = product_settings(target, application_name=options.app_name)
+    connection = await asyncpg.connect(target.dsn())
+    try:
+        records = await connection.fetch(
+            f"SELECT key, value FROM {TABLE} WHERE created_at < $1 ORDER BY key", target.cutoff
+        )
+    finally:
+        await connection.close()
+    objects = [(object_key(record["key"]), bytes(record["value"])) for record in records]
+    del records
+    bucket = bucket_name(TABLE, target.bucket_prefix)
+    counter = S3RequestCounter()
+    meter = PgMeter(options)
+    arguments = s3_client_arguments(settings, max_connections=S3_MAX_CONNECTIONS)
+    async with aioboto3.Session().client("s3", **arguments) as client:
+        counter.attach(client)
+        await meter.start(own_app_connected=False)
+
+        async def put_all() -> Work:
+            slots = asyncio.Semaphore(options.concurrency)
+
+            async def put(key: str, body: bytes) -> None:
+                try:
+                    await client.put_object(Bucket=bucket, Key=key, Body=body)
+                finally:
+                    slots.release()
+
+            async with asyncio.TaskGroup() as tasks:
+                for key, body in objects:
+                    await slots.acquire()
+                    tasks.create_task(put(key, body))
+            return Work(len(objects), len(objects), sum(len(body) for _, body in objects))
+
+        timed = await _timed(options, put_all)
+    pg = await meter.finish()
+    # What a Content-MD5 header (which our job sends and this loop does not) costs in CPU.
+    md5_started = cpu_seconds()
+    for _, body in objects:
+        hashlib.md5(body, usedforsecurity=False).digest()
+    md5_ms = 1000 * (cpu_seconds() - md5_started) / max(len(objects), 1)
+    timed.work.extra["md5_cpu_ms_per_object"] = round(md5_ms, 4)
+    return _result(options, timed, len(objects), counter.by_operation, pg)
+
+
+# --------------------------------------------------------------------------------------------
+# upstream, upstream_rerun
+
+
+async def upstream(options: Options) -> Result:
+    """The baseline loop on the scenario's bucket (empty, or filled by an earlier run)."""
+    target = options.target
+    rows_below = await _rows_below(target, Shard())
+    settings = product_settings(target, application_name=options.app_name)
+    counter = S3RequestCounter()
+    meter = PgMeter(options)
+    async with open_services_context(
+        settings, with_s3=True, s3_max_connections=S3_MAX_CONNECTIONS
+    ) as context:
+        assert context.s3_client is not None
+        s3_client = context.s3_client
+        counter.attach(s3_client)
+        await meter.start(own_app_connected=True)
+
+        async def run() -> Work:
+            stats = await upstream_backfill(
+                context.pg_pool,
+                s3_client,
+                table=TABLE,
+                bucket=bucket_name(TABLE, target.bucket_prefix),
+                cutoff=target.cutoff,
+                key_batch_size=options.key_batch_size,
+                max_concurrent=options.concurrency,
+            )
+            return Work(
+                stats.processed,
+                stats.uploaded,
+                stats.bytes_uploaded,
+                {"skipped": stats.skipped, "listings": stats.listings},
+            )
+
+        timed = await _timed(options, run)
+    pg = await meter.finish()
+    return _result(options, timed, rows_below, counter.by_operation, pg)
+
+
+# --------------------------------------------------------------------------------------------
+# backfill, backfill_rerun
+
+IN_FLIGHT_GAUGE = "layer_cache.backfill.uploads_in_flight"
+
+
+class InFlightSampler:
+    """Samples the job's own ``uploads_in_flight`` gauge (through an in-memory OTel reader) to
+    see whether the upload slots stay busy. Off by default: each sample collects every
+    instrument, which costs the client a little CPU."""
+
+    def __init__(self, interval_s: float = 0.02) -> None:
+        self.reader = InMemoryMetricReader()
+        self.interval_s = interval_s
+        self.samples: list[float] = []
+
+    def _sample(self) -> None:
+        data = self.reader.get_metrics_data()
+        if data is None:
+            return
+        for resource_metrics in data.resource_metrics:
+            for scope_metrics in resource_metrics.scope_metrics:
+                for metric in scope_metrics.metrics:
+                    if metric.name == IN_FLIGHT_GAUGE:
+                        for point in metric.data.data_points:
+                            self.samples.append(float(point.value))  # type: ignore[union-attr]
+
+    async def run(self) -> None:
+        """Sample until cancelled."""
+        while True:
+            await asyncio.sleep(self.interval_s)
+            self._sample()
+
+    def summary(self, concurrency: int) -> dict[str, Any]:
+        """Mean slots in use, and how often fewer than half were."""
+        if not self.samples:
+            return {}
+        mean = sum(self.samples) / len(self.samples)
+        below_half = sum(1 for value in self.samples if value < concurrency / 2)
+        return {
+            "in_flight_samples": len(self.samples),
+            "in_flight_mean": round(mean, 2),
+            "in_flight_mean_share_of_c": round(mean / concurrency, 3),
+            "in_flight_below_half_share": round(below_half / len(self.samples), 3),
+        }
+
+
+async def _forget_progress(target: Target, shard: Shard) -> None:
+    """Delete saved progress for this cutoff and shard, so the run copies from the start."""
+    connection = await asyncpg.connect(target.dsn())
+    try:
+        if await connection.fetchval("SELECT to_regclass($1) IS NOT NULL", PROGRESS_TABLE):
+            await connection.execute(
+                f"DELETE FROM {PROGRESS_TABLE} WHERE cutoff = $1 AND shard = $2",
+                target.cutoff,
+                shard.label,
+            )
+    finally:
+        await connection.close()
+
+
+async def backfill(options: Options, *, restart: bool) -> Result:
+    """Our job, in-process, through ``run_backfill``."""
+    target = options.target
+    shard = options.shard
+    rows_below = 0  # a child of ``shards``: the parent has set up and counts the rows
+    if not options.wait_for_go:
+        if not restart:
+            await _forget_progress(target, shard)
+        rows_below = await _rows_below(target, shard)
+    settings = product_settings(target, application_name=options.app_name)
+    config = BackfillConfig(
+        cutoff=target.cutoff,
+        cache_types=(CacheType.CAS,),
+        key_batch_size=options.key_batch_size,
+        checkpoint_interval=timedelta(seconds=30),
+        max_concurrent_uploads=options.concurrency,
+        grace_period=timedelta(seconds=20),
+        restart=restart,
+        shard=shard,
+    )
+    counter = S3RequestCounter()
+    meter = PgMeter(options)
+    sampler = InFlightSampler() if options.sample_in_flight else None
+    async with open_services_context(
+        settings,
+        with_s3=True,
+        s3_max_connections=S3_MAX_CONNECTIONS,
+        metric_readers=[sampler.reader] if sampler else (),
+    ) as context:
+        assert context.s3_client is not None
+        counter.attach(context.s3_client)
+        await meter.start(own_app_connected=True)
+
+        async def run() -> Work:
+            sampling = asyncio.create_task(sampler.run()) if sampler else None
+            try:
+                report = await run_backfill(context, config, StopRequest())
+            finally:
+                if sampling is not None:
+                    sampling.cancel()
+            if report.failure is not None or not report.complete:
+                raise RuntimeError(f"the backfill did not complete: {report.failure}")
+            stats = report.outcomes[0].stats
+            return Work(
+                stats.processed,
+                stats.uploaded,
+                stats.bytes_uploaded,
+                {
+                    "skipped": stats.skipped,
+                    "repaired": stats.repaired,
+                    "retries": dict(stats.retries),
+                }
+                | (sampler.summary(options.concurrency) if sampler else {}),
+            )
+
+        timed = await _timed(options, run)
+    pg = await meter.finish()
+    return _result(options, timed, rows_below, counter.by_operation, pg)
+
+
+# --------------------------------------------------------------------------------------------
+# shards
+
+
+def _child_command(options: Options, index: int) -> list[str]:
+    return [
+        sys.executable, "-m", "bench.scenarios", "backfill",
+        "--target", options.target.to_json(),
+        "--json",
+        "--concurrency", str(options.concurrency),
+        "--key-batch-size", str(options.key_batch_size),
+        "--shard-index", str(index),
+        "--shard-count", str(options.shards),
+        "--wait-for-go",
+        "--no-pg-stats",
+        "--app-name", f"{options.app_name}-{index}",
+    ]  # fmt: skip
+
+
+async def _read_json_line(process: asyncio.subprocess.Process) -> dict[str, Any]:
+    assert process.stdout is not None
+    async for raw in process.stdout:
+        line = raw.decode()
+        if line.startswith("{"):
+            data: dict[str, Any] = json.loads(line)
+            return data
+    raise RuntimeError(f"shard child {process.pid} ended without a result")
+
+
+async def shards(options: Options) -> Result:
+    """K backfill processes, one shard each, set up first and then released together."""
+    target = options.target
+    for index in range(options.shards):
+        await _forget_progress(target, Shard(index, options.shards))
+    rows_below = await _rows_below(target, Shard())
+    meter = PgMeter(options)
+    await meter.start(own_app_connected=False)
+    children = [
+        await asyncio.create_subprocess_exec(
+            *_child_command(options, index),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        for index in range(options.shards)
+    ]
+    try:
+        for child in children:
+            await _read_json_line(child)  # ready: context open, nothing timed yet
+        machine_before = CpuSnapshot.take(target.s3_pid, target.pg_pid)
+        for child in children:
+            assert child.stdin is not None
+            child.stdin.write(b"go\n")
+            await child.stdin.drain()
+        results = [await _read_json_line(child) for child in children]
+        machine_after = CpuSnapshot.take(target.s3_pid, target.pg_pid)
+        for child in children:
+            if await asyncio.wait_for(child.wait(), timeout=60) != 0:
+                raise RuntimeError(f"shard child exited with {child.returncode}")
+    finally:
+        for child in children:
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    pg = await meter.finish()
+    requests: Counter[str] = Counter()
+    for summary in results:
+        requests.update(summary["s3_requests"])
+    work = Work(
+        sum(summary["rows"] for summary in results),
+        sum(summary["objects_uploaded"] for summary in results),
+        sum(summary["bytes_uploaded"] for summary in results),
+        {
+            "shards": options.shards,
+            "total_in_flight": options.shards * options.concurrency,
+            "per_shard": [
+                {
+                    name: summary[name]
+                    for name in ("rows", "seconds", "rows_per_s", "cpu_ms_per_object")
+                }
+                | {"peak_rss_mib": summary["peak_rss_mib"]}
+                for summary in results
+            ],
+        },
+    )
+    started = min(summary["started_at"] for summary in results)
+    finished = max(summary["finished_at"] for summary in results)
+    client_cpu = sum(summary["cpu_s"] for summary in results)
+    timed = Timed(
+        work,
+        started_at=started,
+        finished_at=finished,
+        cpu_s=client_cpu,
+        cpu_spent=CpuSpent.between(
+            machine_before, machine_after, client=client_cpu, wall=finished - started
+        ),
+    )
+    result = _result(options, timed, rows_below, requests, pg)
+    result.peak_rss_mib = max(float(summary["peak_rss_mib"]) for summary in results)
+    return result
+
+
+# --------------------------------------------------------------------------------------------
+# command line
+
+
+async def run_scenario(options: Options) -> Result:
+    """Run the named scenario."""
+    name = options.scenario
+    if name == "bare_put":
+        return await bare_put(options)
+    if name in ("upstream", "upstream_rerun"):
+        return await upstream(options)
+    if name in ("backfill", "backfill_rerun"):
+        return await backfill(options, restart=name == "backfill_rerun")
+    if name == "shards":
+        return await shards(options)
+    raise ValueError(f"unknown scenario {name!r}; expected one of {', '.join(SCENARIOS)}")
+
+
+def parse_options(argv: list[str] | None = None) -> tuple[Options, bool]:
+    """The scenario's options and whether to print compact JSON."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.scenarios", description=__doc__.split("\n\n")[0]
+    )
+    parser.add_argument("scenario", choices=SCENARIOS)
+    parser.add_argument("--target", required=True, help="Target JSON (see bench.common)")
+    parser.add_argument("--json", action="store_true", help="print one compact JSON line")
+    parser.add_argument("--concurrency", type=int, default=20, help="uploads in flight")
+    parser.add_argument("--key-batch-size", type=int, default=1000)
+    parser.add_argument("--shards", type=int, default=2, help="processes for 'shards'")
+    parser.add_argument("--shard-index", type=int, default=None)
+    parser.add_argument("--shard-count", type=int, default=1)
+    parser.add_argument("--wait-for-go", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-pg-stats", action="store_true", help="skip Postgres counters")
+    parser.add_argument("--profile", default=None, help="write cProfile stats of the timed part")
+    parser.add_argument(
+        "--sample-in-flight",
+        action="store_true",
+        help="backfill: sample the uploads_in_flight gauge every 20 ms (costs some CPU)",
+    )
+    parser.add_argument("--app-name", default="", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    options = Options(
+        scenario=args.scenario,
+        target=Target.from_json(args.target),
+        concurrency=args.concurrency,
+        key_batch_size=args.key_batch_size,
+        shards=args.shards,
+        shard_index=args.shard_index,
+        shard_count=args.shard_count,
+        wait_for_go=args.wait_for_go,
+        measure_pg=not args.no_pg_stats,
+        profile=args.profile,
+        sample_in_flight=args.sample_in_flight,
+        app_name=args.app_name,
+    )
+    return options, bool(args.json)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Run one scenario and print its JSON line."""
+    options, compact = parse_options(argv)
+    fingerprint = code_fingerprint()
+    configure_logging(json=True, stream=sys.stderr)
+    result = asyncio.run(run_scenario(options))
+    summary = result.summary() | {"code_fingerprint": fingerprint}
+    print(json.dumps(summary) if compact else json.dumps(summary, indent=2), flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""``python -m bench --smoke``: every scenario runs end to end and lands in the table and JSON.
+
+The benchmark starts its own PostgreSQL and s3rver (npm, installed on first use), so this test
+needs no fixture; it takes about half a minute. Numbers are not checked: the benchmark measures
+targets, it does not assert them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import aioboto3
+import pytest
+from aiobotocore.config import AioConfig
+from botocore.exceptions import ClientError
+
+from bench.common import S3RequestCounter
+from devenv.faults import FaultPlan, FaultProxy
+from devenv.servers import S3Server
+from tests.support import REPO_ROOT
+
+SCENARIOS = ("bare_put", "upstream", "upstream_rerun", "backfill", "backfill_rerun", "shards")
+HEADLINE = (
+    "rows_per_s",
+    "mib_per_s",
+    "s3_requests_per_row",
+    "pg_tuples_per_row",
+    "pg_round_trips_per_row",
+    "cpu_ms_per_object",
+    "peak_rss_mib",
+)
+
+
+def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, f"{output[-4000:]}\n{completed.stderr[-4000:]}"
+
+    table_lines = [line for line in output.splitlines() if line.split(" ", 1)[0] in SCENARIOS]
+    assert {line.split(" ", 1)[0] for line in table_lines} == set(SCENARIOS)
+    assert "S3 req/row" in output
+    assert "issue targets" in output
+
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    assert set(latest["scenarios"]) == set(SCENARIOS)
+    for name, summary in latest["scenarios"].items():
+        assert summary["scenario"] == name
+        assert summary["rows"] > 0, name
+        assert summary["seconds"] > 0, name
+        for field in HEADLINE:
+            assert summary[field] is not None, (name, field)
+    assert latest["machine"]["nproc"] >= 1
+    assert latest["targets"]
+    stamped = [path for path in tmp_path.glob("*.json") if path.name != "latest.json"]
+    assert len(stamped) == 1
+    assert json.loads(stamped[0].read_text()) == latest
+
+
+async def test_request_counter_counts_each_http_attempt(s3_server: S3Server) -> None:
+    """The meter behind "S3 requests/row": one count per attempt, botocore retries included."""
+    endpoint = s3_server.endpoint
+    counter = S3RequestCounter()
+    config = AioConfig(
+        s3={"addressing_style": "path"},
+        retries={"mode": "standard", "total_max_attempts": 3},
+    )
+    async with (
+        FaultProxy(endpoint.url, FaultPlan(slowdown_share=1.0)) as proxy,
+        aioboto3.Session().client(
+            "s3",
+            endpoint_url=proxy.url,
+            region_name=endpoint.region,
+            aws_access_key_id=endpoint.access_key,
+            aws_secret_access_key=endpoint.secret_key,
+            config=config,
+        ) as client,
+    ):
+        counter.attach(client)
+        with pytest.raises(ClientError):
+            await client.put_object(Bucket="never-forwarded", Key="k", Body=b"x")
+    assert counter.by_operation == {"PutObject": 3}
+    assert proxy.counts["slowdown"] == 3
