@@ -50,6 +50,8 @@ Flags
                           table) and print its top functions; the .prof file goes to the
                           results dir
     --results-dir DIR     where the JSON goes (default bench/results)
+    --value-size N        every value exactly N bytes instead of the skewed mix (e.g. 4096 with
+                          --concurrency 5: the issue's own reference setting)
     --keep-logs           copy each scenario's stderr (the product's JSON logs) to the
                           results dir; on a failure the log's tail is printed anyway
 
@@ -88,6 +90,7 @@ from bench.common import CUTOFF, TABLE, Target, code_fingerprint
 from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_database
 from bench.report import check_targets, cpu_table, main_table, sweep_table, targets_table
+from devenv.seed import SizeMix
 from devenv.servers import (
     S3RVER_VERSION,
     PostgresEndpoint,
@@ -130,6 +133,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
+    parser.add_argument("--value-size", type=int, default=None)
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows = 250
@@ -429,10 +433,10 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def _seed(pg: PostgresEndpoint, dbname: str, rows: int) -> SeededDatabase:
+def _seed(pg: PostgresEndpoint, dbname: str, rows: int, sizes: SizeMix) -> SeededDatabase:
     started = time.monotonic()
     print(f"  seeding {rows:,} rows into {dbname}.cas ...", end="", flush=True)
-    database = asyncio.run(seed_database(pg, dbname, rows, cutoff=CUTOFF, sizes=BENCH_SIZES))
+    database = asyncio.run(seed_database(pg, dbname, rows, cutoff=CUTOFF, sizes=sizes))
     print(
         f" {database.rows_below_cutoff:,} below the cutoff,"
         f" {database.bytes_below_cutoff / 2**20:,.0f} MiB,"
@@ -467,6 +471,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Start the servers, seed, run every scenario; the results document."""
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    sizes = (
+        BENCH_SIZES
+        if args.value_size is None
+        else SizeMix(small=(args.value_size, args.value_size), large_share=0.0)
+    )
     results_dir: Path = args.results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
@@ -493,15 +502,15 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "smoke": args.smoke,
             "cutoff": CUTOFF.isoformat(),
             "sizes": {
-                "small": BENCH_SIZES.small,
-                "large": BENCH_SIZES.large,
-                "large_share": BENCH_SIZES.large_share,
+                "small": sizes.small,
+                "large": sizes.large,
+                "large_share": sizes.large_share,
             },
             "pg_round_trips_measured_by": "pg_stat_database xact_commit + xact_rollback delta",
             "pg_stat_statements": statements,
         }
         print(_machine_lines(machine, statements), flush=True)
-        main_db = _seed(pg, f"bench_{args.rows}", args.rows)
+        main_db = _seed(pg, f"bench_{args.rows}", args.rows, sizes)
         databases = {"main": main_db}
         runner = Runner(args, pg, s3, statements=statements, logs_dir=logs_dir)
         runner.pg_pid = pg_server.pid
@@ -574,7 +583,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_scaling:
             print("scaling checks:", flush=True)
             scaled_rows = args.rows * args.scale_factor
-            scaled_db = _seed(pg, f"bench_{scaled_rows}", scaled_rows)
+            scaled_db = _seed(pg, f"bench_{scaled_rows}", scaled_rows, sizes)
             # The base run again, right before the larger one, so that both see the same load.
             base = runner.run(
                 "backfill",
@@ -592,7 +601,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             )
             rss_rows = args.rss_rows
             rss_db = (
-                scaled_db if rss_rows == scaled_rows else _seed(pg, f"bench_{rss_rows}", rss_rows)
+                scaled_db
+                if rss_rows == scaled_rows
+                else _seed(pg, f"bench_{rss_rows}", rss_rows, sizes)
             )
             rss_run = (
                 scaled
