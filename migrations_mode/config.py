@@ -141,8 +141,9 @@ class BackfillConfig:
 
     @property
     def value_chunk_bytes(self) -> int:
-        """Bytes of values read per Postgres round trip: a quarter of the in-flight budget."""
-        return max(1, self.max_inflight_bytes // 4)
+        """Bytes of values read per Postgres round trip: half the in-flight budget, so one chunk
+        can be read while the previous one uploads."""
+        return max(1, self.max_inflight_bytes // 2)
 
 
 def flag_for(field: str) -> str:
