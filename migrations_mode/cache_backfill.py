@@ -25,9 +25,10 @@ Faults: each storage call runs under the retry policy (backoff with full jitter,
 attempts and seconds); retries are counted per error class, and throttling lowers the upload
 limit. A non-retryable error, or a retryable one past its budget, fails the cache.
 
-Progress: the low-water position is saved to the progress store after each page and when the
-cache stops; a re-run with the same arguments starts after it (``--backfill-restart`` ignores
-it). A completed cache is recorded as such and not walked again.
+Progress: the low-water position is saved to the progress store each time another page's worth
+of rows has finished in order (a saver task woken by ``_finish``) and when the cache stops; a
+re-run with the same arguments starts after it (``--backfill-restart`` ignores it). A completed
+cache is recorded as such and not walked again.
 
 Shutdown: when the stop event is set the loop stops dispatching and lets in-flight uploads
 finish; if the coordinator cancels it (grace period over, or another cache failed) the in-flight
@@ -127,6 +128,8 @@ class CacheBackfill:
         self._saved_position: Position | None = None
         self._table_estimate: int | None = None
         self._listing_done = False
+        self._save_due = asyncio.Event()
+        self._saved_at = 0  # tracker.finished_in_order at the last save
 
     @property
     def stats(self) -> CacheStats:
@@ -212,6 +215,7 @@ class CacheBackfill:
             resume_after_key=resume_after.key if resume_after else None,
         )
         checkpoints = asyncio.create_task(self._log_checkpoints())
+        saver = asyncio.create_task(self._save_when_due())
         outcome = "stopped"
         try:
             await self._copy_all(resume_after)
@@ -223,9 +227,10 @@ class CacheBackfill:
             outcome = "failed"
             raise
         finally:
-            checkpoints.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await checkpoints
+            for helper in (checkpoints, saver):
+                helper.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await helper
             self.progress.finish()
             # Runs even when this task is being cancelled: the save is its own shielded task.
             with contextlib.suppress(asyncio.CancelledError):
@@ -255,12 +260,26 @@ class CacheBackfill:
             )
         return saved.position
 
+    def _finish(self, sequence: int) -> None:
+        """A row is done; wake the saver once a batch of rows has finished in order since the
+        last save, so a kill redoes at most one batch plus the uploads in flight."""
+        self.tracker.finish(sequence)
+        if self.tracker.finished_in_order - self._saved_at >= self.config.key_batch_size:
+            self._save_due.set()
+
+    async def _save_when_due(self) -> None:
+        while True:
+            await self._save_due.wait()
+            self._save_due.clear()
+            await self._save_progress()
+
     async def _save_progress(self) -> None:
         if not self._writes:
             return
         position = self.tracker.low_water
         if position == self._saved_position and not self.completed:
             return
+        saved_at = self.tracker.finished_in_order
         record = SavedProgress(position, self.completed, self.rows_done)
         try:
             await self._storage_call(lambda: self._store.save(self._progress_key, record), None)
@@ -269,6 +288,7 @@ class CacheBackfill:
             log.warning("could not save backfill progress", error=str(exc.cause))
             return
         self._saved_position = position
+        self._saved_at = saved_at
 
     async def _copy_all(self, resume_after: Position | None) -> None:
         """Run the pipeline: a producer lists pages and reads values ahead (bounded by the byte
@@ -297,7 +317,6 @@ class CacheBackfill:
             if page:
                 cursor = Position(page[-1].created_at, page[-1].key)
             await self._plan_page(page, bucket_index, jobs)
-            await self._save_progress()
             if len(page) < self.config.key_batch_size:
                 self._listing_done = True
                 break
@@ -389,10 +408,10 @@ class CacheBackfill:
                 to_check.append(_Job(row, sequence))
             elif self.config.verify is VerifyMode.SIZE:
                 self._record_verification(row, stored)
-                self.tracker.finish(sequence)
+                self._finish(sequence)
             elif stored == row.size and self.config.verify is VerifyMode.OFF:
                 self.progress.skipped()
-                self.tracker.finish(sequence)
+                self._finish(sequence)
             else:
                 needs_value.append(_Job(row, sequence, stored))
         if to_check:
@@ -419,7 +438,7 @@ class CacheBackfill:
             if value is None:
                 log.info("row vanished before it was read", key=job.row.key)
                 self.progress.vanished()
-                self.tracker.finish(job.sequence)
+                self._finish(job.sequence)
                 self.bytes_budget.release(job.row.size)
             else:
                 job.value = value
@@ -458,12 +477,13 @@ class CacheBackfill:
             started = time.monotonic()
             await self._storage_call(lambda: self.s3.put(row.key, value), row.key)
             self.progress.upload_took(time.monotonic() - started)
+            log.debug("uploaded to S3", key=row.key, size=len(value))
             self.progress.uploaded(len(value), repaired=stored is not None)
         else:
             body = await self._storage_call(lambda: self.s3.get(row.key), row.key)
             stored_size = None if body is None else len(body)
             self._record_verification(row, stored_size, matches=body == value)
-        self.tracker.finish(sequence)
+        self._finish(sequence)
 
     async def _check_row(self, row: RowRef, sequence: int) -> None:
         """The one-row path (runs with an upload slot held): HEAD, then skip, compare, or read
@@ -481,7 +501,7 @@ class CacheBackfill:
                     return
                 log.info("row vanished before it was read", key=row.key)
                 self.progress.vanished()
-            self.tracker.finish(sequence)
+            self._finish(sequence)
         finally:
             self.upload_limit.release()
 

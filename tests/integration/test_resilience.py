@@ -692,12 +692,13 @@ async def test_rows_inserted_after_the_cutoff_or_deleted_during_the_run_never_le
     stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
     by_key = {name.rsplit("/", 1)[-1]: body for name, body in stored.items()}
     assert not by_key.keys() & live, "a row created after the cutoff was copied"
-    assert not by_key.keys() & set(never_listed), "a row deleted before it was listed was copied"
+    # The job lists and reads ahead of its uploads, so the end of page 2 may have been listed and
+    # read before its deletion: such a row may be copied, with its original bytes (checked below).
     assert not by_key.keys() & vanished_keys, "a vanished row has an object"
     survivors = await rows_below(layer_db.pool, CacheType.CAS, CUTOFF)
     copied_before_deletion = {
         key: original[key]
-        for key in [*deleted_any_time, *listed_then_deleted]
+        for key in [*deleted_any_time, *listed_then_deleted, *never_listed]
         if key in uploaded_keys
     }
     expected = {
