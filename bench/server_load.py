@@ -104,7 +104,7 @@ def server_env(
         storage + "BUCKET_PREFIX": bucket_prefix,
         storage + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY": s3.access_key,
         storage + "AUTH__STATIC_CREDENTIALS__SECRET_KEY": s3.secret_key,
-        "SI_SERVER_GRACE_PERIOD_SECS": "10",
+        "SI_SDF__SERVER__GRACE_PERIOD_SECS": "10",
     }
 
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import queue
 import random
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
+import pytest
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
@@ -123,3 +128,46 @@ def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
         if not name.startswith(("SI_", "OTEL_", "AWS_"))
     }
     return base | dict(env)
+
+
+class StderrReader:
+    """Reads a running process's JSON log lines (stderr) on a thread, so a test can wait for an
+    event while the process runs."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+            self._queue.put(line)
+        self._queue.put(None)
+
+    def wait_for(self, matches: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+        """The first event (from here on) that ``matches``; fails on timeout or end of output."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            if line is None:
+                pytest.fail("the process ended before the awaited event:\n" + "".join(self.lines))
+            if line.strip():
+                event = json.loads(line)
+                if isinstance(event, dict) and matches(event):
+                    return event
+        pytest.fail(f"no awaited event within {timeout} s:\n" + "".join(self.lines))
+
+    def finish(self, timeout: float) -> str:
+        """Everything read, once the stream has ended."""
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "stderr did not close"
+        return "".join(self.lines)
+
+    def events(self, timeout: float) -> list[dict[str, Any]]:
+        """Every JSON event read, once the stream has ended."""
+        return [json.loads(line) for line in self.finish(timeout).splitlines() if line.strip()]

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import random
 import signal
-import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import IO, TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
 import pytest
@@ -30,6 +27,7 @@ from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, Cache
 from tests.conftest import LayerDb, service_env
 from tests.support import (
     SeedRow,
+    StderrReader,
     bucket_objects,
     cache_bucket,
     expected_objects,
@@ -152,42 +150,6 @@ def with_output(args: Sequence[str], output: OutputFormat) -> list[str]:
 def parse_logged_timestamp(text: str) -> datetime:
     """A checkpoint as the log prints it, e.g. ``2026-01-13 17:30:26.445817 UTC``."""
     return datetime.strptime(text, LOGGED_TIMESTAMP_FORMAT).replace(tzinfo=UTC)
-
-
-class StderrReader:
-    """Reads a running process's stderr on a thread, so a test can wait for an event."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, matches: Callable[[Event], bool], timeout: float) -> Event:
-        """The first event (from here on) that ``matches``; fails on timeout or end of output."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail("the process ended before the awaited event:\n" + "".join(self.lines))
-            if line.strip() and matches(event := parse_event(line)):
-                return event
-        pytest.fail(f"no awaited event within {timeout} s:\n" + "".join(self.lines))
-
-    def finish(self, timeout: float) -> str:
-        """Everything read, once the stream has ended."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "stderr did not close"
-        return "".join(self.lines)
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,18 +11,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import queue
 import random
 import signal
 import socket
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import IO, TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
 import asyncpg
@@ -42,6 +40,7 @@ from services.telemetry import start_telemetry
 from tests.conftest import LayerDb, service_env
 from tests.support import (
     SeedRow,
+    StderrReader,
     bucket_objects,
     cache_bucket,
     expected_objects,
@@ -646,53 +645,20 @@ async def test_run_mode_applies_the_schema_to_an_empty_database_then_serves(
         await pool.close()
 
 
-class LogReader:
-    """Reads a running process's JSON log lines (stderr) on a thread."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, event_name: str, timeout: float) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail("the process ended first:\n" + "".join(self.lines))
-            event = json.loads(line)
-            if event.get("event") == event_name:
-                assert isinstance(event, dict)
-                return event
-        pytest.fail(f"no {event_name!r} within {timeout} s:\n" + "".join(self.lines))
-
-    def events(self) -> list[dict[str, Any]]:
-        self._thread.join(DEADLINE_S)
-        return [json.loads(line) for line in self.lines if line.strip()]
-
-
 async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sigterm(
     layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, s3_client: S3Client
 ) -> None:
     grace = 5.0
     env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
-    env["SI_SERVER_GRACE_PERIOD_SECS"] = str(grace)
+    env["SI_SDF__SERVER__GRACE_PERIOD_SECS"] = str(grace)
     args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
     with start_cli(args, env) as process:
         assert process.stderr is not None
-        logs = LogReader(process.stderr)
+        logs = StderrReader(process.stderr)
         try:
-            listening = await asyncio.to_thread(logs.wait_for, "layer cache server listening", 30.0)
+            listening = await asyncio.to_thread(
+                logs.wait_for, lambda event: event["event"] == "layer cache server listening", 30.0
+            )
             assert listening["host"] == "127.0.0.1"
             assert listening["level"] == "info"
             url = f"http://127.0.0.1:{listening['port']}/v1/change_batch/{KEY}"
@@ -706,7 +672,7 @@ async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sig
             process.send_signal(signal.SIGTERM)
             status = await asyncio.to_thread(process.wait, grace + 10)
             elapsed = time.monotonic() - sent
-            events = logs.events()
+            events = logs.events(DEADLINE_S)
         finally:
             if process.poll() is None:
                 process.kill()
