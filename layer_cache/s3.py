@@ -165,15 +165,7 @@ class S3Layer:
         if digest.contradicted_by(response.get("ETag")):
             with map_s3_errors("DeleteObject", self.bucket, object_key):
                 await self.client.delete_object(Bucket=self.bucket, Key=object_key)
-            raise S3LayerError(
-                f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
-                " MD5 of the bytes sent; deleted it",
-                kind=ErrorKind.TRANSIENT,
-                operation="PutObject",
-                bucket=self.bucket,
-                key=object_key,
-                code="BadDigest",
-            )
+            raise self._damaged_upload(object_key, "; deleted it")
         return True
 
     async def get_raw(self, object_key: str) -> bytes | None:
@@ -197,15 +189,19 @@ class S3Layer:
                 Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=digest.content_md5
             )
         if digest.contradicted_by(response.get("ETag")):
-            raise S3LayerError(
-                f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
-                " MD5 of the bytes sent",
-                kind=ErrorKind.TRANSIENT,
-                operation="PutObject",
-                bucket=self.bucket,
-                key=object_key,
-                code="BadDigest",
-            )
+            raise self._damaged_upload(object_key)
+
+    def _damaged_upload(self, object_key: str, action: str = "") -> S3LayerError:
+        """The transient error for a PUT whose stored bytes are not the ones sent."""
+        return S3LayerError(
+            f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
+            f" MD5 of the bytes sent{action}",
+            kind=ErrorKind.TRANSIENT,
+            operation="PutObject",
+            bucket=self.bucket,
+            key=object_key,
+            code="BadDigest",
+        )
 
     async def probe_write_permission(self, object_key: str) -> bool:
         """Check PutObject permission, storing nothing where the server allows it.
