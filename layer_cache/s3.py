@@ -136,6 +136,19 @@ class S3Layer:
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return entries, token
 
+    async def list_names(
+        self, prefix: str, continuation_token: str | None
+    ) -> tuple[list[str], str | None]:
+        """One ListObjectsV2 page of the object keys under a full prefix, and the next token."""
+        arguments: dict[str, str] = {"Bucket": self.bucket, "Prefix": prefix}
+        if continuation_token:
+            arguments["ContinuationToken"] = continuation_token
+        with map_s3_errors("ListObjectsV2", self.bucket):
+            response = await self.client.list_objects_v2(**arguments)  # type: ignore[arg-type]
+        names = [item["Key"] for item in response.get("Contents", [])]
+        token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
+        return names, token
+
     async def put_if_absent(self, key: str, body: bytes) -> bool:
         """Store ``body`` unless the key's object exists (``If-None-Match: *``): first write
         wins. True if stored, False if an object was already there.

@@ -68,6 +68,8 @@ from migrations_mode.progress_store import (
     ProgressKey,
     ProgressStore,
     SavedProgress,
+    progress_target,
+    unused_records,
 )
 from migrations_mode.walk import WalkOrder, plan_chunks
 
@@ -122,7 +124,13 @@ class CacheBackfill:
         self.log_progress = True  # off while a live display shows the same on a terminal
         self._stop = stop
         self._store = progress_store
-        self._progress_key = ProgressKey(cache_type, config.cutoff, config.shard.label)
+        self._progress_key = ProgressKey(
+            cache_type,
+            config.cutoff,
+            order=config.order,
+            target=progress_target(s3.client.meta.endpoint_url, s3.bucket, s3.key_prefix),
+            shard=config.shard.label,
+        )
         self._writes = config.verify is VerifyMode.OFF
         self._rows_done_before = 0
         self._saved_position: Position | None = None
@@ -246,6 +254,7 @@ class CacheBackfill:
             return None
         saved = await self._storage_call(lambda: self._store.load(self._progress_key), None)
         if saved is None:
+            await self._report_unused_records()
             return None
         self.completed = saved.completed
         self._rows_done_before = saved.rows_done
@@ -259,6 +268,28 @@ class CacheBackfill:
                 rows_done_before=saved.rows_done,
             )
         return saved.position
+
+    async def _report_unused_records(self) -> None:
+        """One log line when progress for this cache and cutoff exists only under other
+        parameters: it is not used (its position means nothing for this walk)."""
+        key = self._progress_key
+        others = await self._storage_call(lambda: self._store.others(key), None)
+        unused = unused_records(key.identity, others)
+        if not unused:
+            return
+        closest, differs = unused[0]
+        log.warning(
+            "saved progress not used: it was saved for other parameters",
+            differs=differs,
+            order=key.order.value,
+            saved_order=closest.order or "unknown (saved by an earlier version)",
+            target=key.target,
+            saved_target=closest.target or "unknown (saved by an earlier version)",
+            shard=key.shard,
+            saved_shard=closest.shard,
+            records_not_used=len(unused),
+            progress_store=self._store.kind,
+        )
 
     def _finish(self, sequence: int) -> None:
         """A row is done; wake the saver once a batch of rows has finished in order since the

@@ -1,21 +1,24 @@
 """Durable backfill progress, so a re-run with the same arguments continues where it stopped.
 
-A record per (cache type, cutoff, shard) holds the resume position (the checkpoint tracker's
-low-water mark: every row up to and including it is in S3) and whether the cache completed.
-A different cutoff is a different record, so it starts fresh; ``--backfill-restart`` ignores the
-record (and overwrites it as the new run advances).
+A record holds a resume position (the checkpoint tracker's low-water mark: every row up to and
+including it is in S3), whether the cache completed, and how many rows were done. It belongs to
+one walk: cache type, cutoff, walk order, shard (index and count) and target (endpoint, bucket,
+key prefix). A position only means something for that walk (a key-order position says nothing
+about a newest-first walk, nor about another bucket), so a record saved under other parameters
+is never used; ``unused_records`` names the difference for the one log line that says so.
 
 Two stores, chosen by ``--backfill-progress-store``:
-  ``postgres``  a small table of the job's own, ``layer_cache_backfill_progress``, in the layer db
-                (created if missing); needs CREATE and INSERT/UPDATE on it.
-  ``s3``        one JSON object per record in the cache's own bucket, under the reserved prefix
-                ``_si_backfill_progress/`` (never a row's object key: those are hex levels).
-  ``auto``      (default) ``postgres`` when the role may create and write the table, else ``s3``,
-                so a SELECT-only role still resumes.
+  ``postgres``  ``layer_cache_backfill_progress`` in the layer db (created, or upgraded from the
+                earlier layout, if needed); needs CREATE and INSERT/UPDATE on it.
+  ``s3``        one JSON object per record in the cache's own bucket, under the key prefix and the
+                reserved ``_si_backfill_progress/`` (never a row's object key: those are hex
+                levels). The object's location is its target, so only order and shard are in
+                its name.
+  ``auto``      (default) ``postgres`` when the role may create and write the table, else ``s3``.
 
-Saves happen once per listed batch and when a cache stops, so after a kill -9 the re-work is at
-most one batch plus the uploads that were in flight. A save that fails is logged and retried at
-the next batch: losing a save costs re-work, never data.
+A save that fails is logged and retried later by the caller: losing a save costs re-work, never
+data. Nothing here holds a resource of its own; the pool and the S3 layers belong to the
+services context.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError, map_pg_errors
 from layer_cache.s3 import S3Layer
 from migrations_mode.checkpoint import Position
+from migrations_mode.walk import WalkOrder
 
 log = structlog.get_logger(__name__)
 
@@ -48,13 +52,66 @@ class ProgressStoreKind(StrEnum):
     S3 = "s3"
 
 
+def progress_target(endpoint: str | None, bucket: str, key_prefix: str | None) -> str:
+    """Where a walk's objects go, as one string: endpoint, bucket and key prefix."""
+    return f"{(endpoint or 'aws').rstrip('/')}/{bucket}/{key_prefix or ''}"
+
+
+@dataclass(frozen=True, slots=True)
+class RecordIdentity:
+    """The parameters a position was saved under, besides cache type and cutoff. Records saved
+    by an earlier version, which did not keep order and target, have them empty."""
+
+    order: str
+    target: str
+    shard: str
+
+
 @dataclass(frozen=True, slots=True)
 class ProgressKey:
-    """Which run a record belongs to."""
+    """Which walk a record belongs to; only a run with an equal key uses it."""
 
     cache_type: CacheType
     cutoff: datetime
+    order: WalkOrder
+    target: str
     shard: str = "0-of-1"
+
+    @property
+    def identity(self) -> RecordIdentity:
+        """The parameters besides cache type and cutoff."""
+        return RecordIdentity(self.order.value, self.target, self.shard)
+
+
+def _shard_count(label: str) -> str:
+    return label.rpartition("-of-")[2]
+
+
+def identity_differences(ours: RecordIdentity, saved: RecordIdentity) -> list[str]:
+    """What differs between two walks of one cache and cutoff, in words for the log."""
+    differs = []
+    if saved.order != ours.order:
+        differs.append("walk order")
+    if saved.target != ours.target:
+        differs.append("target")
+    if saved.shard != ours.shard:
+        differs.append("shard")
+    return differs
+
+
+def unused_records(
+    ours: RecordIdentity, saved: list[RecordIdentity]
+) -> list[tuple[RecordIdentity, list[str]]]:
+    """The saved records (same cache and cutoff) this walk could have been mistaken for, each
+    with what differs, closest first. Sibling shards (same count, same order and target) cover
+    other keys and are not reported: they are the other pods of the same job."""
+    found = []
+    for record in saved:
+        differs = identity_differences(ours, record)
+        sibling = differs == ["shard"] and _shard_count(record.shard) == _shard_count(ours.shard)
+        if differs and not sibling:
+            found.append((record, differs))
+    return sorted(found, key=lambda item: len(item[1]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,11 +134,15 @@ class ProgressStore(Protocol):
     async def save(self, key: ProgressKey, progress: SavedProgress) -> None:
         """Replace the record."""
 
+    async def others(self, key: ProgressKey) -> list[RecordIdentity]:
+        """Records of the same cache type and cutoff saved under other parameters."""
 
-def progress_to_json(progress: SavedProgress) -> dict[str, object]:
-    """The JSON form stored in S3."""
+
+def progress_to_json(progress: SavedProgress, key: ProgressKey | None = None) -> dict[str, object]:
+    """The JSON form stored in S3 (with the walk it belongs to, for whoever reads the bucket)."""
     position = progress.position
-    return {
+    identity = {} if key is None else {"order": key.order.value, "shard": key.shard}
+    return identity | {
         "position_created_at": position.created_at.isoformat() if position else None,
         "position_key": position.key if position else None,
         "completed": progress.completed,
@@ -100,14 +161,32 @@ def progress_from_json(data: dict[str, object]) -> SavedProgress:
     return SavedProgress(position, bool(data["completed"]), int(str(data["rows_done"])))
 
 
+_IDENTITY_COLUMNS = "cache_type, cutoff, walk_order, target, shard"
 _CREATE_PROGRESS_TABLE = (
     f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} ("
     " cache_type text NOT NULL, cutoff timestamptz NOT NULL, shard text NOT NULL,"
     " position_created_at timestamptz, position_key text,"
     " completed boolean NOT NULL DEFAULT false, rows_done bigint NOT NULL DEFAULT 0,"
     " updated_at timestamptz NOT NULL DEFAULT now(),"
-    " PRIMARY KEY (cache_type, cutoff, shard))"
+    " walk_order text NOT NULL DEFAULT '', target text NOT NULL DEFAULT '',"
+    f" CONSTRAINT {PROGRESS_TABLE}_pkey PRIMARY KEY ({_IDENTITY_COLUMNS}))"
 )
+# The earlier layout keyed records by (cache_type, cutoff, shard) alone: add the identity
+# columns (its records keep '' there, so no run ever matches them) and widen the key.
+_UPGRADE_PROGRESS_TABLE = (
+    f"ALTER TABLE {PROGRESS_TABLE}"
+    " ADD COLUMN IF NOT EXISTS walk_order text NOT NULL DEFAULT '',"
+    " ADD COLUMN IF NOT EXISTS target text NOT NULL DEFAULT ''"
+)
+_PRIMARY_KEY_WIDTH = (
+    "SELECT cardinality(i.indkey) FROM pg_index i"
+    " WHERE i.indrelid = $1::regclass AND i.indisprimary"
+)
+_WIDEN_PRIMARY_KEY = (
+    f"ALTER TABLE {PROGRESS_TABLE} DROP CONSTRAINT {PROGRESS_TABLE}_pkey,"
+    f" ADD CONSTRAINT {PROGRESS_TABLE}_pkey PRIMARY KEY ({_IDENTITY_COLUMNS})"
+)
+_WHERE_KEY = "cache_type = $1 AND cutoff = $2 AND walk_order = $3 AND target = $4 AND shard = $5"
 
 
 class PgProgressStore:
@@ -125,6 +204,9 @@ class PgProgressStore:
                 # Shards start together; CREATE TABLE IF NOT EXISTS alone races on the catalog.
                 await connection.execute("SELECT pg_advisory_xact_lock(5157)")
                 await connection.execute(_CREATE_PROGRESS_TABLE)
+                await connection.execute(_UPGRADE_PROGRESS_TABLE)
+                if await connection.fetchval(_PRIMARY_KEY_WIDTH, PROGRESS_TABLE) != 5:
+                    await connection.execute(_WIDEN_PRIMARY_KEY)
                 await connection.execute(
                     f"UPDATE {PROGRESS_TABLE} SET updated_at = updated_at WHERE false"
                 )
@@ -134,10 +216,8 @@ class PgProgressStore:
         with map_pg_errors(f"reading {PROGRESS_TABLE}"):
             record = await self.pool.fetchrow(
                 f"SELECT position_created_at, position_key, completed, rows_done"
-                f" FROM {PROGRESS_TABLE} WHERE cache_type = $1 AND cutoff = $2 AND shard = $3",
-                key.cache_type.value,
-                key.cutoff,
-                key.shard,
+                f" FROM {PROGRESS_TABLE} WHERE {_WHERE_KEY}",
+                *_key_arguments(key),
             )
         if record is None:
             return None
@@ -153,27 +233,57 @@ class PgProgressStore:
         position = progress.position
         with map_pg_errors(f"writing {PROGRESS_TABLE}"):
             await self.pool.execute(
-                f"INSERT INTO {PROGRESS_TABLE} AS p (cache_type, cutoff, shard,"
+                f"INSERT INTO {PROGRESS_TABLE} AS p ({_IDENTITY_COLUMNS},"
                 " position_created_at, position_key, completed, rows_done)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7)"
-                " ON CONFLICT (cache_type, cutoff, shard) DO UPDATE SET"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                f" ON CONFLICT ({_IDENTITY_COLUMNS}) DO UPDATE SET"
                 " position_created_at = excluded.position_created_at,"
                 " position_key = excluded.position_key, completed = excluded.completed,"
                 " rows_done = excluded.rows_done, updated_at = now()",
-                key.cache_type.value,
-                key.cutoff,
-                key.shard,
+                *_key_arguments(key),
                 position.created_at if position else None,
                 position.key if position else None,
                 progress.completed,
                 progress.rows_done,
             )
 
+    async def others(self, key: ProgressKey) -> list[RecordIdentity]:
+        """Records of the same cache type and cutoff saved under other parameters."""
+        with map_pg_errors(f"reading {PROGRESS_TABLE}"):
+            records = await self.pool.fetch(
+                f"SELECT walk_order, target, shard FROM {PROGRESS_TABLE}"
+                f" WHERE cache_type = $1 AND cutoff = $2 AND NOT ({_WHERE_KEY})"
+                " ORDER BY updated_at DESC LIMIT 100",
+                *_key_arguments(key),
+            )
+        return [RecordIdentity(r["walk_order"], r["target"], r["shard"]) for r in records]
+
+
+def _key_arguments(key: ProgressKey) -> tuple[object, ...]:
+    """The identity columns' values, in ``_IDENTITY_COLUMNS`` order."""
+    return (key.cache_type.value, key.cutoff, key.order.value, key.target, key.shard)
+
+
+def _s3_cutoff_prefix(cutoff: datetime, key_prefix: str | None) -> str:
+    name = f"{S3_PROGRESS_PREFIX}/{cutoff.isoformat()}/"
+    return f"{key_prefix}/{name}" if key_prefix else name
+
 
 def s3_progress_object_key(key: ProgressKey, key_prefix: str | None) -> str:
-    """Where the S3 store keeps a record: one object per (cutoff, shard) in the cache's bucket."""
-    name = f"{S3_PROGRESS_PREFIX}/{key.cutoff.isoformat()}/{key.shard}.json"
-    return f"{key_prefix}/{name}" if key_prefix else name
+    """Where the S3 store keeps a record: one object per (cutoff, order, shard) in the cache's
+    bucket, under its key prefix (bucket and prefix are the target itself)."""
+    return f"{_s3_cutoff_prefix(key.cutoff, key_prefix)}{key.order.value}/{key.shard}.json"
+
+
+def s3_record_identity(relative_name: str, target: str) -> RecordIdentity | None:
+    """The identity of a record object from its name below the cutoff's prefix: ``order/shard
+    .json``, or ``shard.json`` as the earlier version named it (order unknown)."""
+    if not relative_name.endswith(".json"):
+        return None
+    order, _, shard = relative_name.removesuffix(".json").rpartition("/")
+    if "/" in order:
+        return None
+    return RecordIdentity(order, target, shard)
 
 
 class S3ProgressStore:
@@ -193,8 +303,27 @@ class S3ProgressStore:
     async def save(self, key: ProgressKey, progress: SavedProgress) -> None:
         """Overwrite the record object."""
         layer = self.layers[key.cache_type]
-        body = json.dumps(progress_to_json(progress)).encode()
+        body = json.dumps(progress_to_json(progress, key)).encode()
         await layer.put_raw(s3_progress_object_key(key, layer.key_prefix), body)
+
+    async def others(self, key: ProgressKey) -> list[RecordIdentity]:
+        """Records of the same cache type and cutoff saved under another order or shard (one
+        listing of the cutoff's prefix; records for other targets live in other buckets)."""
+        layer = self.layers[key.cache_type]
+        prefix = _s3_cutoff_prefix(key.cutoff, layer.key_prefix)
+        ours = s3_progress_object_key(key, layer.key_prefix)
+        found: list[RecordIdentity] = []
+        token: str | None = None
+        while True:
+            names, token = await layer.list_names(prefix, token)
+            found.extend(
+                identity
+                for name in names
+                if name != ours
+                and (identity := s3_record_identity(name.removeprefix(prefix), key.target))
+            )
+            if token is None or len(found) >= 100:
+                return found
 
 
 async def open_progress_store(

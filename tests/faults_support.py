@@ -43,6 +43,7 @@ from migrations_mode.progress_store import (
     progress_from_json,
     s3_progress_object_key,
 )
+from migrations_mode.walk import WalkOrder
 from tests.support import bucket_objects, cache_bucket, start_cli
 
 if TYPE_CHECKING:
@@ -336,13 +337,14 @@ class ProgressReader:
     bucket_prefix: str
     cutoff: datetime
     shard: str = "0-of-1"
+    order: WalkOrder = WalkOrder.KEY
     reads: int = field(default=0)
 
     async def load(self, cache_type: CacheType) -> SavedProgress | None:
         self.reads += 1
         if self.store == "s3":
-            key = ProgressKey(cache_type, self.cutoff, self.shard)
             bucket = cache_bucket(cache_type, self.bucket_prefix)
+            key = ProgressKey(cache_type, self.cutoff, self.order, bucket, self.shard)
             try:
                 response = await self.client.get_object(
                     Bucket=bucket, Key=s3_progress_object_key(key, None)
@@ -355,10 +357,11 @@ class ProgressReader:
             return None
         record = await self.pool.fetchrow(
             f"SELECT position_created_at, position_key, completed, rows_done FROM {PROGRESS_TABLE}"
-            " WHERE cache_type = $1 AND cutoff = $2 AND shard = $3",
+            " WHERE cache_type = $1 AND cutoff = $2 AND shard = $3 AND walk_order = $4",
             cache_type.value,
             self.cutoff,
             self.shard,
+            self.order.value,
         )
         if record is None:
             return None
