@@ -7,6 +7,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from migrations_mode.tables import render_table
+
 Summary = Mapping[str, Any]
 
 # Which scenario each one is compared with, for "ratio to baseline".
@@ -31,17 +33,7 @@ def _number(value: Any, digits: int) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(str(cell)) for cell in column) for column in zip(headers, *rows, strict=True)]
-
-    def line(cells: Sequence[str]) -> str:
-        parts = [
-            str(cell).ljust(width) if index == 0 else str(cell).rjust(width)
-            for index, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        ]
-        return "  ".join(parts).rstrip()
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join([line(headers), rule, *(line(row) for row in rows)])
+    return render_table(headers, rows)
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:

@@ -49,7 +49,8 @@ from devenv.servers import (
 )
 from layer_cache.cache_types import CACHE_SPECS
 from layer_cache.keys import bucket_name
-from layer_cache.pg import apply_schema
+from layer_cache.schema import migrate_layer_db
+from migrations_mode.tables import render_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS = REPO_ROOT / "bench" / "results" / "server_load.json"
@@ -240,24 +241,19 @@ async def load_mode(
 
 
 def format_table(results: Sequence[PhaseResult]) -> str:
-    """A fixed-width table of the results."""
+    """The results as a plain-text table."""
     header = ("mode", "op", "requests", "errors", "req/s", "p50 ms", "p99 ms")
     rows = [
         (r.mode, r.operation, r.requests, r.errors, r.requests_per_s, r.p50_ms, r.p99_ms)
         for r in results
     ]
-    widths = [max(len(str(row[i])) for row in [header, *rows]) for i in range(len(header))]
-
-    def line(cells: Sequence[object]) -> str:
-        return "  ".join(str(cell).rjust(width) for cell, width in zip(cells, widths, strict=True))
-
-    return "\n".join([line(header), line(["-" * width for width in widths]), *map(line, rows)])
+    return render_table(header, rows, left_columns=2)
 
 
 async def prepare_database(pg: PostgresEndpoint) -> None:
     pool = await asyncpg.create_pool(pg.dsn(), min_size=1, max_size=2)
     try:
-        await apply_schema(pool)
+        await migrate_layer_db(pool)
     finally:
         await pool.close()
 

@@ -23,6 +23,7 @@ from rich.live import Live
 from rich.table import Table
 
 from layer_cache.cache_types import CacheType
+from migrations_mode.tables import build_table
 
 if TYPE_CHECKING:
     from migrations_mode.progress import CacheStats
@@ -141,6 +142,9 @@ def progress_report(source: ProgressSource, rate: float) -> ProgressReport:
     )
 
 
+_LIVE_COLUMNS = ("cache", "done", "of ~", "%", "rows/s", "ETA", "in flight", "retries")
+
+
 class LiveProgress:
     """A live ``rich`` table of every cache's progress, for terminals."""
 
@@ -151,26 +155,26 @@ class LiveProgress:
 
     def render(self) -> Table:
         """The table for the current state."""
-        table = Table(title="Layer cache backfill", title_justify="left")
-        for column in ("cache", "done", "of ~", "%", "rows/s", "ETA", "in flight", "retries"):
-            table.add_column(column, justify="left" if column == "cache" else "right")
+        rows = []
         now = time.monotonic()
         for source in self.sources:
             meter = self._meters[source.cache_type]
             meter.add(now, source.rows_done)
             report = progress_report(source, meter.rate)
             total = report.rows_total_estimate
-            table.add_row(
-                source.cache_type.value,
-                f"{report.rows_done:,}",
-                "?" if total is None else f"{total:,}",
-                "?" if report.percent_complete is None else f"{report.percent_complete:.1f}",
-                f"{report.rows_per_s:,.0f}",
-                "done" if report.completed else format_duration(report.eta_s),
-                f"{report.uploads_in_flight}/{report.upload_limit}",
-                str(report.retried),
+            rows.append(
+                (
+                    source.cache_type.value,
+                    f"{report.rows_done:,}",
+                    "?" if total is None else f"{total:,}",
+                    "?" if report.percent_complete is None else f"{report.percent_complete:.1f}",
+                    f"{report.rows_per_s:,.0f}",
+                    "done" if report.completed else format_duration(report.eta_s),
+                    f"{report.uploads_in_flight}/{report.upload_limit}",
+                    str(report.retried),
+                )
             )
-        return table
+        return build_table(_LIVE_COLUMNS, rows, title="Layer cache backfill")
 
     async def run(self) -> None:
         """Redraw twice a second until cancelled, then draw the final frame."""

@@ -35,6 +35,7 @@ from migrations_mode.display import format_duration
 from migrations_mode.errors import PreflightError
 from migrations_mode.preflight import explain_storage_error, run_preflight
 from migrations_mode.progress_store import S3_PROGRESS_PREFIX
+from migrations_mode.tables import render_table
 from services.context import ServicesContext
 
 log = structlog.get_logger(__name__)
@@ -180,24 +181,13 @@ def format_estimate_table(estimates: Sequence[CacheEstimate]) -> str:
         )
         for e in estimates
     ]
-    lines.append(
-        (
-            "total",
-            f"{sum(e.rows for e in estimates):,}",
-            f"{sum(e.bytes for e in estimates) / 2**20:,.1f}",
-            "",
-            f"~{sum(e.rows_to_upload for e in estimates):,}",
-            "",
-            format_duration(max((e.estimated_s for e in estimates), default=0.0)),
-        )
+    total = (
+        "total",
+        f"{sum(e.rows for e in estimates):,}",
+        f"{sum(e.bytes for e in estimates) / 2**20:,.1f}",
+        "",
+        f"~{sum(e.rows_to_upload for e in estimates):,}",
+        "",
+        format_duration(max((e.estimated_s for e in estimates), default=0.0)),
     )
-    widths = [max(len(row[i]) for row in [header, *lines]) for i in range(len(header))]
-
-    def render(row: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(w) if i == 0 else cell.rjust(w)
-            for i, (cell, w) in enumerate(zip(row, widths, strict=True))
-        )
-
-    rule = "  ".join("-" * w for w in widths)
-    return "\n".join([render(header), rule, *map(render, lines[:-1]), rule, render(lines[-1])])
+    return render_table(header, lines, total=total)

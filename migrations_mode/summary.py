@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from migrations_mode.progress import CacheStats
+from migrations_mode.tables import render_table
 
 _COLUMNS = (
     "cache",
@@ -101,20 +102,4 @@ def format_summary_table(outcomes: Sequence[CacheOutcome], *, verifying: bool = 
     """A plain-text table: one line per cache and a total (verification columns if verifying)."""
     columns, make_row = (_VERIFY_COLUMNS, _verify_row) if verifying else (_COLUMNS, _row)
     rows = [make_row(outcome.as_fields()) for outcome in outcomes]
-    rows.append(make_row(total_fields(outcomes)))
-    return _render(columns, rows)
-
-
-def _render(columns: Sequence[str], rows: list[list[str]]) -> str:
-    widths = [max(len(column), *(len(row[i]) for row in rows)) for i, column in enumerate(columns)]
-
-    def line(cells: Sequence[str]) -> str:
-        return "  ".join(
-            cell.ljust(width) if i < 2 else cell.rjust(width)
-            for i, (cell, width) in enumerate(zip(cells, widths, strict=True))
-        )
-
-    rule = "  ".join("-" * width for width in widths)
-    return "\n".join(
-        [line(_COLUMNS), rule, *(line(row) for row in rows[:-1]), rule, line(rows[-1])]
-    )
+    return render_table(columns, rows, total=make_row(total_fields(outcomes)), left_columns=2)

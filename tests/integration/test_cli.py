@@ -386,7 +386,7 @@ async def test_console_run_prints_a_summary_table_with_each_cache_and_a_total_on
     assert run.status == 0, run.stderr
     lines = run.stdout.strip().splitlines()
     assert lines[0].split()[:4] == ["cache", "status", "processed", "uploaded"], run.stdout
-    rows = [line.split() for line in lines if line.strip() and not set(line) <= {"-", " "}][1:]
+    rows = table_rows(run.stdout)
     assert [(row[0], row[1], row[2], row[3]) for row in rows] == [
         ("cas", "completed", "15", "15"),
         ("change_batch", "completed", "7", "7"),
@@ -395,6 +395,36 @@ async def test_console_run_prints_a_summary_table_with_each_cache_and_a_total_on
     assert lines[-1].startswith("total")
     assert "starting backfill" not in run.stdout, "log lines belong on stderr"
     assert "starting backfill" in run.stderr
+
+
+def table_rows(stdout: str) -> list[list[str]]:
+    """The cells of a printed table's rows (not its header or rules)."""
+    lines = stdout.strip().splitlines()
+    return [line.split() for line in lines if line.strip() and not set(line) <= {"-", "─", " "}][1:]
+
+
+@pytest.mark.parametrize("flag", ["--backfill-verify", "--backfill-verify-content"])
+async def test_console_verification_prints_its_table_and_exits_1_on_differences(
+    layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str, flag: str
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(109), 20))
+    assert (await cli(backfill_args(), env)).status == 0
+    bucket = cache_bucket(CacheType.CAS, bucket_prefix)
+    first = sorted(await object_sizes(s3_client, bucket))[0]
+    await s3_client.delete_object(Bucket=bucket, Key=first)
+
+    run = await cli(backfill_args(flag, json_logs=False), env)
+
+    assert run.status == 1, run.stderr
+    lines = run.stdout.strip().splitlines()
+    assert lines[0].split() == [
+        *("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "retried")
+    ], run.stdout
+    assert table_rows(run.stdout) == [
+        ["cas", "completed", "10", "9", "1", "0", "0", "0"],
+        ["total", "completed", "10", "9", "1", "0", "0", "0"],
+    ], run.stdout
+    assert "Traceback" not in run.stderr
 
 
 async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(

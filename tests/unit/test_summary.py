@@ -40,3 +40,30 @@ def test_table_has_a_line_per_cache_and_a_total() -> None:
     assert lines[0].split()[:3] == ["cache", "status", "processed"]
     assert lines[2].split()[:5] == ["cas", "completed", "15", "10", "5"]
     assert lines[-1].split()[:3] == ["total", "completed", "15"]
+
+
+def test_verification_table_has_the_verification_columns() -> None:
+    checked = CacheStats(
+        CacheType.CAS,
+        processed=12,
+        verified=9,
+        missing=2,
+        mismatched=1,
+        extra=4,
+        started_at=0.0,
+        finished_at=1.0,
+    )
+    table = format_summary_table([CacheOutcome(checked, "completed")], verifying=True)
+    lines = table.splitlines()
+    assert lines[0].split() == [
+        "cache",
+        "status",
+        "checked",
+        "ok",
+        "missing",
+        "mismatched",
+        "extra",
+        "retried",
+    ]
+    assert lines[2].split() == ["cas", "completed", "12", "9", "2", "1", "4", "0"]
+    assert lines[-1].split()[:3] == ["total", "completed", "12"]
