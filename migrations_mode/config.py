@@ -1,5 +1,8 @@
 """Backfill options: raw flags and ``SI_BACKFILL_*`` env vars in, a validated config out.
 
+Precedence, as upstream sdf: flags > ``SI_BACKFILL_*`` > upstream's ``SI_SDF__BACKFILL_*`` names
+(and the config file's ``backfill_*`` keys, passed in as ``upstream``) > defaults. Upstream's
+``SI_BACKFILL_FUNC_RUN*_CUTOFF_ID`` are accepted and ignored (func runs are not backfilled here).
 ``load_backfill_config`` runs before any connection is opened. Every problem becomes one
 ``BackfillConfigError`` line naming the flag, its env var and what is allowed. The cutoff takes
 RFC 3339 (any offset) and the form the checkpoint log prints (``2026-01-13 17:30:26.445817 UTC``),
@@ -11,22 +14,31 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.retry import RetryPolicy
 from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
 from migrations_mode.walk import Shard, WalkOrder
-from services.settings import describe_validation_error, unknown_env_var
+from services.settings import ENV_PREFIX, describe_validation_error, unknown_env_var
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
+# Upstream sdf's SI_BACKFILL_ names for its func-run backfill: accepted, meaningless here.
+UPSTREAM_ONLY_BACKFILL_ENV = ("func_runs_cutoff_id", "func_run_logs_cutoff_id")
 
 _TIMESTAMP = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<fraction>\d+))?"
@@ -93,6 +105,18 @@ class BackfillSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix=BACKFILL_ENV_PREFIX, extra="ignore", frozen=True)
 
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        upstream = InitSettingsSource(settings_cls, init_kwargs=_upstream_options.get() or {})
+        return init_settings, env_settings, upstream
+
     cutoff_timestamp: Annotated[datetime, BeforeValidator(_cutoff)]
     cache_types: Annotated[frozenset[CacheType], NoDecode, BeforeValidator(_cache_types)]
     key_batch_size: int = Field(1000, ge=1, le=100_000)
@@ -146,6 +170,9 @@ class BackfillConfig:
         return max(1, self.max_inflight_bytes // 2)
 
 
+_upstream_options: ContextVar[dict[str, Any] | None] = ContextVar("_upstream_options", default=None)
+
+
 def flag_for(field: str) -> str:
     """The CLI flag for a backfill option field."""
     return "--backfill-" + field.replace("_", "-")
@@ -153,21 +180,34 @@ def flag_for(field: str) -> str:
 
 def _flag_and_env(loc: tuple[int | str, ...]) -> str:
     field = str(loc[0])
-    return f"{flag_for(field)} ({BACKFILL_ENV_PREFIX}{field.upper()})"
+    names = f"{BACKFILL_ENV_PREFIX}{field.upper()}"
+    if field in (_upstream_options.get() or {}):
+        names += f" or {ENV_PREFIX}BACKFILL_{field.upper()}"
+    return f"{flag_for(field)} ({names})"
 
 
-def load_backfill_config(flags: Mapping[str, Any]) -> BackfillConfig:
-    """Validate flags (None = not given) over ``SI_BACKFILL_*`` env into a ``BackfillConfig``."""
+def load_backfill_config(
+    flags: Mapping[str, Any], upstream: Mapping[str, Any] | None = None
+) -> BackfillConfig:
+    """Validate flags (None = not given) over ``SI_BACKFILL_*`` env over ``upstream`` (sdf's
+    ``backfill_*`` settings, by option name) into a ``BackfillConfig``."""
     given = {name: value for name, value in flags.items() if value is not None}
     unknown = unknown_env_var(
-        os.environ, BACKFILL_ENV_PREFIX, BackfillSettings.model_fields, nested=False
+        os.environ,
+        BACKFILL_ENV_PREFIX,
+        BackfillSettings.model_fields,
+        nested=False,
+        ignored=UPSTREAM_ONLY_BACKFILL_ENV,
     )
     if unknown is not None:
-        raise BackfillConfigError(f"unknown setting {unknown}")
+        raise BackfillConfigError(unknown)
+    token = _upstream_options.set(dict(upstream or {}))
     try:
         options = BackfillSettings(**given)
     except ValidationError as exc:
         raise BackfillConfigError(describe_validation_error(exc, _flag_and_env)) from None
+    finally:
+        _upstream_options.reset(token)
     return BackfillConfig(
         cutoff=options.cutoff_timestamp,
         cache_types=tuple(c for c in BACKFILLABLE_CACHE_TYPES if c in options.cache_types),

@@ -38,11 +38,22 @@ SslModeName = Literal["disable", "allow", "prefer", "require", "verify-ca", "ver
 def pg_ssl_option(config: PgPoolConfig) -> ssl.SSLContext | SslModeName:
     """asyncpg's ``ssl`` argument: a verifying context when a CA is given, else the mode name."""
     verifying = config.sslmode in (PgSslMode.VERIFY_CA, PgSslMode.VERIFY_FULL)
-    if config.ssl_ca_cert is None or not verifying:
+    if (config.ssl_ca_cert is None and config.ssl_ca_data is None) or not verifying:
         return config.sslmode.value
-    context = ssl.create_default_context(cafile=str(config.ssl_ca_cert))
+    cafile = None if config.ssl_ca_cert is None else str(config.ssl_ca_cert)
+    context = ssl.create_default_context(cafile=cafile, cadata=config.ssl_ca_data)
     context.check_hostname = config.sslmode is PgSslMode.VERIFY_FULL
     return context
+
+
+def pg_pool_tuning(config: PgPoolConfig) -> dict[str, Any]:
+    """asyncpg pool arguments beyond the connection: the statement cache (0 for pgbouncer in
+    transaction mode, where a prepared statement may not outlive its transaction) and the idle
+    lifetime (upstream's ``pool_idle_connection_lifetime_secs``; asyncpg's default otherwise)."""
+    tuning: dict[str, Any] = {"statement_cache_size": config.statement_cache_size}
+    if config.pool_idle_connection_lifetime_secs is not None:
+        tuning["max_inactive_connection_lifetime"] = config.pool_idle_connection_lifetime_secs
+    return tuning
 
 
 async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
@@ -59,6 +70,7 @@ async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
             max_size=config.pool_max_size,
             timeout=config.connect_timeout_secs,
             server_settings={"application_name": config.application_name},
+            **pg_pool_tuning(config),
         )
     return pool
 

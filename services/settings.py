@@ -5,25 +5,46 @@ names follow the tree with ``__`` between levels, e.g.
 ``SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__HOSTNAME``. The config file is TOML with the same
 tree (``[layer_db_config.pg_pool_config]``), found via ``--config`` or ``SI_SDF_CONFIG``.
 
-Unknown keys are errors, not silently ignored: a typo in a setting name must not run a job
-against defaults. Passwords and secret keys are ``SecretStr`` and never printed.
+Operators run this program with upstream sdf's whole environment (its ConfigMap), so every name
+is classified against one registry before anything is validated (``classify_setting``):
+*used* (a field of our tree, some under upstream's names such as the pg ``certificate``),
+*ignored* (``UPSTREAM_SDF_SETTINGS``: upstream sdf defines it and it means nothing here; accepted,
+and named, never with its value, in one debug line) or *unknown*: an error with a "did you mean"
+suggestion, so a typo in a name we read never runs a job on a default. The TOML file is
+classified the same way. Passwords and secret keys are ``SecretStr`` and never printed.
 Nothing here reads the environment until ``load_settings`` is called.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import difflib
 import os
 import tomllib
-from collections.abc import Iterable, Mapping
+import types
+import typing
+from collections.abc import Iterable, Mapping, Sequence
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+import structlog
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -77,8 +98,60 @@ class PgSslMode(StrEnum):
     VERIFY_FULL = "verify-full"
 
 
+class CertificateKind(StrEnum):
+    """Where upstream's ``certificate.source`` comes from (si-tls ``CertificateSource``)."""
+
+    PATH = "path"
+    BASE64 = "base64"
+    AS_STRING = "as_string"
+    REMOTE = "remote"
+
+
+class PgCertificate(_Section):
+    """Upstream's ``pg_pool_config.certificate``: the CA the server's certificate must chain to."""
+
+    type: CertificateKind
+    source: str
+
+    @field_validator("type")
+    @classmethod
+    def _not_remote(cls, value: CertificateKind) -> CertificateKind:
+        if value is CertificateKind.REMOTE:
+            raise ValueError(
+                "a remote CA is not fetched here: download it and use type path "
+                "(or base64 / as_string)"
+            )
+        return value
+
+    @model_validator(mode="after")
+    def _readable_source(self) -> PgCertificate:
+        if self.type is CertificateKind.BASE64:
+            try:
+                base64.b64decode(self.source, validate=True)
+            except binascii.Error:
+                raise ValueError("source is not valid base64") from None
+        return self
+
+    @property
+    def pem_or_der(self) -> str | bytes | None:
+        """The CA itself for base64 / as_string sources (``ssl`` cadata), None for a path."""
+        if self.type is CertificateKind.BASE64:
+            return base64.b64decode(self.source)
+        if self.type is CertificateKind.AS_STRING:
+            return self.source
+        return None
+
+
 class PgPoolConfig(_Section):
-    """The layer-db Postgres connection."""
+    """The layer-db Postgres connection.
+
+    Upstream names used here: ``certificate`` (a path source becomes ``ssl_ca_cert``, and without
+    an explicit ``sslmode`` the server is verified as upstream does: ``verify-full``),
+    ``pool_timeout_create_secs`` (the connect timeout unless ``connect_timeout_secs`` is set)
+    and ``pool_idle_connection_lifetime_secs`` (asyncpg's ``max_inactive_connection_lifetime``).
+    ``statement_cache_size`` 0 turns asyncpg's prepared-statement cache off (pgbouncer in
+    transaction or statement pool mode).
+    """
 
     hostname: str = "localhost"
     port: int = Field(5432, ge=1, le=65535)
@@ -90,6 +163,35 @@ class PgPoolConfig(_Section):
     sslmode: PgSslMode = PgSslMode.PREFER
     ssl_ca_cert: Path | None = None
     connect_timeout_secs: float = Field(10.0, gt=0)
+    statement_cache_size: int = Field(100, ge=0)
+    certificate: PgCertificate | None = None
+    pool_timeout_create_secs: float | None = Field(None, gt=0)
+    pool_idle_connection_lifetime_secs: float | None = Field(None, ge=0)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_upstream_names(cls, data: Any) -> Any:
+        """Upstream's certificate and create timeout fill our fields when those are not set."""
+        if not isinstance(data, Mapping):
+            return data
+        data = dict(data)
+        certificate = data.get("certificate")
+        if isinstance(certificate, PgCertificate):
+            certificate = certificate.model_dump()
+        if isinstance(certificate, Mapping) and certificate:
+            data.setdefault("sslmode", PgSslMode.VERIFY_FULL.value)
+            if certificate.get("type") == CertificateKind.PATH.value:
+                data.setdefault("ssl_ca_cert", certificate.get("source"))
+        if data.get("pool_timeout_create_secs") is not None:
+            data.setdefault("connect_timeout_secs", data["pool_timeout_create_secs"])
+        return data
+
+    @property
+    def ssl_ca_data(self) -> str | bytes | None:
+        """A CA given inline (upstream's base64 / as_string certificate), for ``cadata``."""
+        if self.certificate is None or self.ssl_ca_cert is not None:
+            return None
+        return self.certificate.pem_or_der
 
 
 class StaticCredentials(_Section):
@@ -140,26 +242,30 @@ class LayerDbConfig(_Section):
     object_storage_config: ObjectStorageConfig = ObjectStorageConfig()
 
 
-_config_file: ContextVar[Path | None] = ContextVar("_config_file", default=None)
+_config_file_tables: ContextVar[dict[str, Any] | None] = ContextVar(
+    "_config_file_tables", default=None
+)
 
 
 class _TomlFileSource(PydanticBaseSettingsSource):
-    """The optional TOML config file, the lowest-precedence source."""
+    """The optional TOML config file (read and classified by ``load_settings``), lowest."""
 
     def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
         return None, field_name, False  # unused: __call__ returns the whole file at once
 
     def __call__(self) -> dict[str, Any]:
-        path = _config_file.get()
-        if path is None:
-            return {}
-        try:
-            with path.open("rb") as handle:
-                return tomllib.load(handle)
-        except OSError as exc:
-            raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from exc
-        except tomllib.TOMLDecodeError as exc:
-            raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
+        return _config_file_tables.get() or {}
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The TOML config file's tables; an unreadable or invalid file is a SettingsError."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise SettingsError(f"cannot read config file {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
 class ServerConfig(_Section):
@@ -174,6 +280,9 @@ class ServerConfig(_Section):
     writeback_workers: int = Field(4, ge=1, le=256)
 
 
+UPSTREAM_BACKFILL_PREFIX = "backfill_"
+
+
 class Settings(BaseSettings):
     """The root of every service setting."""
 
@@ -183,6 +292,7 @@ class Settings(BaseSettings):
         case_sensitive=False,
         extra="forbid",
         frozen=True,
+        env_ignore_empty=True,  # as upstream's config crate source: an empty value is unset
     )
 
     migration_mode: MigrationMode = MigrationMode.RUN
@@ -190,6 +300,13 @@ class Settings(BaseSettings):
     socket_addr: str = "0.0.0.0:5156"
     metrics_port: int | None = Field(None, ge=0, le=65535)
     server: ServerConfig = ServerConfig()
+    # Upstream sdf's backfill settings (``SI_SDF__BACKFILL_…``): below the flags and
+    # ``SI_BACKFILL_…``, validated with them by migrations_mode.config.
+    backfill_cutoff_timestamp: str | None = None
+    backfill_cache_types: str | None = None
+    backfill_key_batch_size: int | None = None
+    backfill_checkpoint_interval_secs: float | None = None
+    backfill_max_concurrent_uploads: int | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -200,7 +317,283 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, env_settings, _TomlFileSource(settings_cls)
+        return init_settings, _UsedEnvSource(settings_cls), _TomlFileSource(settings_cls)
+
+    def upstream_backfill_options(self) -> dict[str, Any]:
+        """Upstream's backfill settings that were given, by backfill option name."""
+        return {
+            name.removeprefix(UPSTREAM_BACKFILL_PREFIX): getattr(self, name)
+            for name in type(self).model_fields
+            if name.startswith(UPSTREAM_BACKFILL_PREFIX) and getattr(self, name) is not None
+        }
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream sdf's settings, and how every name is classified
+
+
+class SettingUse(StrEnum):
+    """What a setting name means to this program."""
+
+    USED = "used"  # read here
+    IGNORED = "ignored"  # upstream sdf defines it; it means nothing here
+    UNKNOWN = "unknown"  # neither: a typo, an error
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamSetting:
+    """One name in upstream sdf's config tree (``lib/sdf-server/src/config.rs`` ConfigFile)."""
+
+    path: str  # dotted, as in the TOML file; the env var is SI_SDF__ + path with "." → "__"
+    use: SettingUse
+    note: str
+    section: bool = False  # an ignored section: every name below it is upstream's too
+
+
+def _used(path: str, note: str) -> UpstreamSetting:
+    return UpstreamSetting(path, SettingUse.USED, note)
+
+
+def _ignored(path: str, note: str, *, section: bool = False) -> UpstreamSetting:
+    return UpstreamSetting(path, SettingUse.IGNORED, note, section)
+
+
+_PG = "layer_db_config.pg_pool_config."
+_STORAGE = "layer_db_config.object_storage_config."
+_AUTH = _STORAGE + "auth"
+
+UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
+    _used("migration_mode", "what to do"),
+    _used("layer_db_config.persister_mode", "PersisterMode"),
+    *(_used(_PG + name, "the layer-db connection") for name in ("hostname", "port", "user")),
+    *(_used(_PG + name, "the layer-db connection") for name in ("password", "dbname")),
+    _used(_PG + "application_name", "the layer-db connection"),
+    _used(_PG + "pool_max_size", "asyncpg pool max_size"),
+    _used(_PG + "certificate.type", "path, base64 or as_string: the server's CA (remote refused)"),
+    _used(_PG + "certificate.source", "the CA; no SSLMODE given: verify-full"),
+    _used(_PG + "pool_timeout_create_secs", "connect timeout (CONNECT_TIMEOUT_SECS wins)"),
+    _used(_PG + "pool_idle_connection_lifetime_secs", "asyncpg max_inactive_connection_lifetime"),
+    _ignored(_PG + "pool_timeout_wait_secs", "a query waits for a free pooled connection"),
+    _ignored(_PG + "pool_timeout_recycle_secs", "asyncpg resets a connection on release"),
+    _ignored(_PG + "pool_total_connection_lifetime_secs", "asyncpg has no connection age limit"),
+    _ignored(_PG + "pool_lifetime_check_interval_secs", "asyncpg checks idle connections itself"),
+    _ignored(_PG + "recycling_method", "asyncpg resets a connection on release"),
+    _ignored(_PG + "certificate_path", "not a PgPoolConfig field: sdf drops it (use certificate)"),
+    _ignored(
+        _PG + "certificate_base64", "not a PgPoolConfig field: sdf drops it (use certificate)"
+    ),
+    *(
+        _used(_STORAGE + name, "the S3 target")
+        for name in ("endpoint", "bucket_prefix", "bucket_suffix", "region", "key_prefix")
+    ),
+    _used(_AUTH, "iam_role: the standard AWS credential chain"),
+    _used(_AUTH + ".static_credentials.access_key", "S3 access key"),
+    _used(_AUTH + ".static_credentials.secret_key", "S3 secret key"),
+    _ignored(_STORAGE + "read_retry", "the backfill retries by its own policy", section=True),
+    _ignored(_STORAGE + "num_workers", "sdf's write queue; the backfill has its own concurrency"),
+    _ignored(_STORAGE + "max_parallel_per_worker", "sdf's write queue"),
+    _ignored("layer_db_config.nats_config", "NATS: not used here", section=True),
+    _ignored("layer_db_config.cache_config", "sdf's memory/disk cache", section=True),
+    _ignored("layer_db_config.disk_path", "set by sdf's --layer-db-disk-path; not a field"),
+    *(
+        _used(UPSTREAM_BACKFILL_PREFIX + name, f"--backfill-{name.replace('_', '-')} (below it)")
+        for name in (
+            "cutoff_timestamp",
+            "cache_types",
+            "key_batch_size",
+            "checkpoint_interval_secs",
+            "max_concurrent_uploads",
+        )
+    ),
+    _ignored("backfill_func_runs_cutoff_id", "func runs are not backfilled here"),
+    _ignored("backfill_func_run_logs_cutoff_id", "func runs are not backfilled here"),
+    _ignored("instance_id", "sdf's instance id"),
+    _ignored("dev_mode", "sdf development mode"),
+    _ignored("pkgs_path", "sdf packages"),
+    _ignored("module_index_url", "sdf module index"),
+    _ignored("auth_api_url", "sdf auth API"),
+    _ignored("boot_feature_flags", "sdf feature flags"),
+    _ignored("create_workspace_permissions", "sdf workspaces"),
+    _ignored("create_workspace_allowlist", "sdf workspaces"),
+    *(
+        _ignored(name, "not used by the layer cache", section=True)
+        for name in (
+            "pg",  # sdf's main database
+            "nats",
+            "crypto",  # veritech encryption keys
+            "symmetric_crypto_service",
+            "jwt_signing_public_key",
+            "jwt_secondary_signing_public_key",
+            "posthog",
+            "spicedb",
+            "audit",  # the audit database
+            "service_endpoints",
+            "openai",  # set by sdf's --openai-* flags
+            "asset_sprayer",
+        )
+    ),
+)
+
+
+@dataclass(slots=True)
+class _Node:
+    use: SettingUse
+    children: dict[str, _Node] = field(default_factory=dict)
+    any_below: bool = False
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation admits (through Optional, unions and Annotated)."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
+        return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
+    return []
+
+
+def _add_model_fields(node: _Node, model: type[BaseModel]) -> None:
+    for name, info in model.model_fields.items():
+        child = node.children.setdefault(name, _Node(SettingUse.USED))
+        for inner in _models_in(info.annotation):
+            _add_model_fields(child, inner)
+
+
+def setting_tree(
+    model: type[BaseModel], upstream: Iterable[UpstreamSetting] = UPSTREAM_SDF_SETTINGS
+) -> _Node:
+    """Every name this program reads (the model's fields) plus upstream's ignored ones."""
+    root = _Node(SettingUse.USED)
+    _add_model_fields(root, model)
+    for setting in upstream:
+        if setting.use is not SettingUse.IGNORED:
+            continue
+        node = root
+        for part in setting.path.split("."):
+            node = node.children.setdefault(part, _Node(SettingUse.IGNORED))
+        node.any_below = setting.section
+    return root
+
+
+@dataclass(frozen=True, slots=True)
+class Classified:
+    """A setting name's verdict; for an unknown name, the closest known one if any."""
+
+    use: SettingUse
+    suggestion: tuple[str, ...] | None = None
+
+
+def classify_setting(tree: _Node, path: Sequence[str]) -> Classified:
+    """Used, ignored (upstream's) or unknown, with a suggestion for the first wrong part."""
+    node = tree
+    for depth, part in enumerate(path):
+        if node.any_below:
+            return Classified(SettingUse.IGNORED)
+        child = node.children.get(part)
+        if child is None:
+            return Classified(SettingUse.UNKNOWN, _suggest(tree, path, depth, node))
+        node = child
+    return Classified(SettingUse.IGNORED if node.any_below else node.use)
+
+
+def _suggest(tree: _Node, path: Sequence[str], depth: int, node: _Node) -> tuple[str, ...] | None:
+    for match in difflib.get_close_matches(path[depth], list(node.children), n=3, cutoff=0.6):
+        candidate = (*path[:depth], match, *path[depth + 1 :])
+        if classify_setting(tree, candidate).use is not SettingUse.UNKNOWN:
+            return candidate
+    return None
+
+
+def env_setting_path(name: str, prefix: str = ENV_PREFIX) -> tuple[str, ...]:
+    """The tree path of an env var under ``prefix``: SI_SDF__A__B_C → ("a", "b_c")."""
+    return tuple(name[len(prefix) :].lower().split("__"))
+
+
+def env_setting_name(path: Sequence[str], prefix: str = ENV_PREFIX) -> str:
+    """The env var for a tree path."""
+    return prefix + "__".join(path).upper()
+
+
+def unknown_setting_message(name: str, suggestion: str | None) -> str:
+    """The one line for an unknown setting name."""
+    hint = f"; did you mean {suggestion}?" if suggestion else ""
+    return f"unknown setting {name}{hint}"
+
+
+@dataclass(frozen=True, slots=True)
+class SourceNames:
+    """The names one source gave, split by verdict (the unknown ones with a suggestion)."""
+
+    used: tuple[str, ...] = ()
+    ignored: tuple[str, ...] = ()
+    unknown: tuple[tuple[str, str | None], ...] = ()
+
+    def raise_for_unknown(self, where: str = "") -> None:
+        """One SettingsError line for the first unknown name, if any."""
+        if self.unknown:
+            name, suggestion = self.unknown[0]
+            raise SettingsError(unknown_setting_message(name, suggestion) + where)
+
+
+def classify_environment(
+    environ: Mapping[str, str], tree: _Node, prefix: str = ENV_PREFIX
+) -> SourceNames:
+    """Every ``prefix`` env var, classified (names sorted, so errors are reproducible)."""
+    used: list[str] = []
+    ignored: list[str] = []
+    unknown: list[tuple[str, str | None]] = []
+    for name in sorted(environ):
+        if not name.upper().startswith(prefix):
+            continue
+        verdict = classify_setting(tree, env_setting_path(name, prefix))
+        if verdict.use is SettingUse.USED:
+            used.append(name)
+        elif verdict.use is SettingUse.IGNORED:
+            ignored.append(name)
+        else:
+            suggestion = verdict.suggestion
+            unknown.append((name, None if suggestion is None else env_setting_name(suggestion)))
+    return SourceNames(tuple(used), tuple(ignored), tuple(unknown))
+
+
+def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, Any], SourceNames]:
+    """The config file's tables without upstream's ignored names, and every name classified."""
+    ignored: list[str] = []
+    unknown: list[tuple[str, str | None]] = []
+
+    def walk(table: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
+        kept: dict[str, Any] = {}
+        for key, value in table.items():
+            here = (*path, key)
+            verdict = classify_setting(tree, here)
+            if verdict.use is SettingUse.IGNORED:
+                ignored.append(".".join(here))
+            elif verdict.use is SettingUse.UNKNOWN:
+                suggestion = verdict.suggestion
+                unknown.append(
+                    (".".join(here), None if suggestion is None else ".".join(suggestion))
+                )
+            elif isinstance(value, Mapping):
+                kept[key] = walk(value, here)
+            else:
+                kept[key] = value
+        return kept
+
+    kept = walk(data, ())
+    return kept, SourceNames((), tuple(ignored), tuple(unknown))
+
+
+class _UsedEnvSource(EnvSettingsSource):
+    """The ``SI_SDF__`` environment without upstream's ignored names (they are not fields)."""
+
+    def _load_env_vars(self) -> Mapping[str, str | None]:
+        tree = setting_tree(Settings)
+        prefix = ENV_PREFIX.lower()
+        return {
+            name: value
+            for name, value in super()._load_env_vars().items()
+            if not name.startswith(prefix)
+            or classify_setting(tree, env_setting_path(name.upper())).use is SettingUse.USED
+        }
 
 
 def setting_env_name(loc: tuple[int | str, ...], prefix: str = ENV_PREFIX) -> str:
@@ -222,34 +615,58 @@ def describe_validation_error(exc: ValidationError, name_of: Any) -> str:
 
 
 def unknown_env_var(
-    environ: Mapping[str, str], prefix: str, fields: Iterable[str], *, nested: bool = True
+    environ: Mapping[str, str],
+    prefix: str,
+    fields: Iterable[str],
+    *,
+    nested: bool = True,
+    ignored: Iterable[str] = (),
 ) -> str | None:
-    """The first env var under ``prefix`` that names no field: pydantic-settings ignores
-    unknown top-level variables, and a typo there must not run a job on a default."""
+    """The first env var under ``prefix`` that names no field nor an ``ignored`` name, as an
+    "unknown setting" line with a suggestion: pydantic-settings ignores unknown top-level
+    variables, and a typo there must not run a job on a default."""
     known = set(fields)
-    for name in environ:
+    allowed = known | set(ignored)
+    for name in sorted(environ):
         upper = name.upper()
         if upper.startswith(prefix):
             rest = upper[len(prefix) :]
             field = (rest.split("__", 1)[0] if nested else rest).lower()
-            if field not in known:
-                return name
+            if field not in allowed:
+                close = difflib.get_close_matches(field, sorted(known), n=1, cutoff=0.6)
+                suggestion = (prefix + close[0].upper()) if close else None
+                return unknown_setting_message(name, suggestion)
     return None
+
+
+log = structlog.get_logger("services")
 
 
 def load_settings(
     overrides: Mapping[str, Any] | None = None, *, config_file: Path | None = None
 ) -> Settings:
-    """Load the settings tree; flags come in as ``overrides`` and win over everything."""
+    """Load the settings tree; flags come in as ``overrides`` and win over everything.
+
+    Upstream sdf's names that mean nothing here are dropped and listed (names only: values may
+    be secrets) in one debug line, ``ignored upstream sdf settings``.
+    """
     if config_file is None and os.environ.get(CONFIG_FILE_ENV):
         config_file = Path(os.environ[CONFIG_FILE_ENV])
-    unknown = unknown_env_var(os.environ, ENV_PREFIX, Settings.model_fields)
-    if unknown is not None:
-        raise SettingsError(f"unknown setting {unknown}")
-    token = _config_file.set(config_file)
+    tree = setting_tree(Settings)
+    from_env = classify_environment(os.environ, tree)
+    from_env.raise_for_unknown()
+    tables: dict[str, Any] = {}
+    from_file = SourceNames()
+    if config_file is not None:
+        tables, from_file = prune_config_file(read_config_file(config_file), tree)
+        from_file.raise_for_unknown(f" in config file {config_file}")
+    ignored = [*from_env.ignored, *from_file.ignored]
+    if ignored:
+        log.debug("ignored upstream sdf settings", names=ignored)
+    token = _config_file_tables.set(tables)
     try:
         return Settings(**dict(overrides or {}))
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc, setting_env_name)) from None
     finally:
-        _config_file.reset(token)
+        _config_file_tables.reset(token)
