@@ -18,7 +18,7 @@ import asyncpg
 from devenv.seed import SizeMix, sample_rows
 from devenv.servers import PostgresEndpoint
 from layer_cache.cache_types import CacheType
-from layer_cache.pg import apply_schema
+from layer_cache.schema import migrate_layer_db
 
 MIB = 1024 * 1024
 BENCH_SIZES = SizeMix(small=(1024, 16 * 1024), large=(100 * 1024, 5 * MIB), large_share=0.01)
@@ -72,7 +72,7 @@ async def seed_database(
     await create_database(pg, dbname)
     pool = await asyncpg.create_pool(pg.dsn(dbname=dbname), min_size=1, max_size=2)
     try:
-        await apply_schema(pool)
+        await migrate_layer_db(pool)
         rng = random.Random(f"0-{CacheType.CAS}")  # as devenv.seed.seed(seed_value=0)
         async with pool.acquire() as connection:
             chunk: list[tuple[str, str, datetime, bytes]] = []

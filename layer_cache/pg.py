@@ -1,4 +1,4 @@
-"""PgLayer: the queries the layer cache runs against one cache table, and the layer-db schema.
+"""PgLayer: the queries the layer cache runs against one cache table (schema: ``schema.py``).
 
 SQL is built once per table when the layer is made; table names come only from the registry,
 never from input. Every call goes through ``map_pg_errors`` so callers see ``PgLayerError``.
@@ -14,7 +14,7 @@ from datetime import datetime
 
 import asyncpg
 
-from layer_cache.cache_types import CACHE_SPECS, CacheSpec
+from layer_cache.cache_types import CacheSpec
 from layer_cache.errors import map_pg_errors
 
 
@@ -25,56 +25,6 @@ class RowRef:
     key: str
     created_at: datetime
     size: int
-
-
-_BASE_COLUMNS = """
-    key text NOT NULL PRIMARY KEY,
-    sort_key text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    value bytea NOT NULL,
-    serialization_lib text NOT NULL DEFAULT 'postcard'"""
-
-_EXTRA_COLUMNS = {
-    "func_runs": """,
-    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    state text NOT NULL DEFAULT '',
-    function_kind text NOT NULL DEFAULT '',
-    workspace_id text NOT NULL DEFAULT '',
-    change_set_id text NOT NULL DEFAULT '',
-    actor_id text NOT NULL DEFAULT '',
-    component_id text,
-    attribute_value_id text,
-    action_id text,
-    action_originating_change_set_id text,
-    json_value jsonb""",
-    "func_run_logs": """,
-    updated_at timestamptz NOT NULL DEFAULT clock_timestamp(),
-    workspace_id text NOT NULL DEFAULT '',
-    change_set_id text NOT NULL DEFAULT '',
-    func_run_id text NOT NULL UNIQUE""",
-}
-
-
-def schema_statements() -> list[str]:
-    """The idempotent DDL for every layer-cache table: the upstream schema, no extra indexes."""
-    statements = []
-    for spec in CACHE_SPECS.values():
-        columns = _BASE_COLUMNS + _EXTRA_COLUMNS.get(spec.table, "")
-        statements.append(f"CREATE TABLE IF NOT EXISTS {spec.table} ({columns}\n)")
-        statements.append(
-            f"CREATE INDEX IF NOT EXISTS {spec.table}_sort_key ON {spec.table} (sort_key)"
-        )
-    return statements
-
-
-async def apply_schema(pool: asyncpg.Pool) -> None:
-    """Create the layer-db tables if they are missing (what ``runAndQuit`` does)."""
-    with map_pg_errors("applying the layer-db schema"):
-        async with pool.acquire() as connection, connection.transaction():
-            # Serialize concurrent schema applications; CREATE ... IF NOT EXISTS can race.
-            await connection.execute("SELECT pg_advisory_xact_lock(5156)")
-            for statement in schema_statements():
-                await connection.execute(statement)
 
 
 _COLUMNS = "key, created_at, octet_length(value) AS size"

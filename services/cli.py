@@ -4,7 +4,9 @@ Exit statuses, decided here and only here:
   0   the mode finished (a backfill: every selected cache copied everything)
   1   the run failed part-way (a cache failed; the log names cache, key and cause)
   2   invalid input: a flag or setting is missing, unknown or malformed; nothing was opened
-  3   the environment is not ready: cannot connect, bad credentials, missing table or bucket
+  3   the environment is not ready: cannot connect, bad credentials, missing table or bucket;
+      run mode: the layer-db schema is not in place; runAndQuit: the database's migration
+      history is not upstream's (an unknown or divergent migration, or tables it does not record)
       (the server: also when it cannot listen on --socket-addr)
   130 / 143  stopped by SIGINT / SIGTERM after draining; the log says how to resume (the server,
       run/skip, only ever stops this way: 143 after a clean SIGTERM shutdown, like the backfill)
@@ -28,7 +30,7 @@ import structlog
 from rich.console import Console
 
 from layer_cache.errors import LayerCacheError, StorageError
-from layer_cache.pg import apply_schema
+from layer_cache.schema import SchemaError, migrate_layer_db
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
     BackfillSettings,
@@ -198,9 +200,15 @@ def backfill_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _run_and_quit(settings: Settings, _args: argparse.Namespace) -> int:
+    """Apply upstream's layer-db migrations the database lacks (none: no DDL), then exit."""
     async with open_services_context(settings, with_s3=False) as context:
-        await apply_schema(context.pg_pool)
-    log.info("applied layer-db schema", dbname=settings.layer_db_config.pg_pool_config.dbname)
+        outcome = await migrate_layer_db(context.pg_pool)
+    log.info(
+        "layer-db schema up to date",
+        dbname=settings.layer_db_config.pg_pool_config.dbname,
+        applied=list(outcome.applied),
+        already_applied=outcome.already_applied,
+    )
     return EXIT_OK
 
 
@@ -245,13 +253,14 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
     return EXIT_OK if report.complete else EXIT_FAILED
 
 
-async def _serve(settings: Settings, args: argparse.Namespace, *, apply_schema_first: bool) -> int:
-    """run (schema first) and skip: serve the layer cache API until SIGTERM/SIGINT."""
+async def _serve(settings: Settings, args: argparse.Namespace, *, check_schema_first: bool) -> int:
+    """run (check the schema first, never change it) and skip (no check): serve the layer cache
+    API until SIGTERM/SIGINT."""
     config = settings.server
     stop = StopRequest()
     with capture_signals(stop):
         try:
-            await serve_layer_cache(settings, config, stop, apply_schema_first=apply_schema_first)
+            await serve_layer_cache(settings, config, stop, check_schema_first=check_schema_first)
         except ListenError as exc:
             return _fail(str(exc), EXIT_ENVIRONMENT, exc, args.verbose)
     return stop.exit_status if stop.exit_status is not None else EXIT_OK
@@ -262,8 +271,8 @@ ModeHandler = Callable[[Settings, argparse.Namespace], Any]
 MODE_HANDLERS: dict[MigrationMode, ModeHandler] = {
     MigrationMode.RUN_AND_QUIT: _run_and_quit,
     MigrationMode.BACKFILL_LAYER_CACHE: _backfill,
-    MigrationMode.RUN: partial(_serve, apply_schema_first=True),
-    MigrationMode.SKIP: partial(_serve, apply_schema_first=False),
+    MigrationMode.RUN: partial(_serve, check_schema_first=True),
+    MigrationMode.SKIP: partial(_serve, check_schema_first=False),
 }
 
 
@@ -293,7 +302,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = asyncio.run(MODE_HANDLERS[settings.migration_mode](settings, args))
     except (SettingsError, BackfillConfigError) as exc:
         return _fail(str(exc), EXIT_INVALID_INPUT, exc, args.verbose)
-    except PreflightError as exc:
+    except (PreflightError, SchemaError) as exc:
         return _fail(str(exc), EXIT_ENVIRONMENT, exc, args.verbose)
     except StorageError as exc:
         return _fail(explain_storage_error(exc), EXIT_ENVIRONMENT, exc, args.verbose)

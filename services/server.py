@@ -69,8 +69,8 @@ from aiohttp.typedefs import Handler
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
-from layer_cache.pg import apply_schema
 from layer_cache.retry import RetryPolicy
+from layer_cache.schema import check_layer_db_schema
 from layer_cache.writeback import FallbackWriteBack
 from services.context import ServicesContext, open_services_context
 from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
@@ -449,16 +449,18 @@ async def serve_layer_cache(
     config: ServerConfig,
     stop: StopRequest,
     *,
-    apply_schema_first: bool,
+    check_schema_first: bool,
     on_listening: Callable[[str, int], None] | None = None,
 ) -> None:
-    """Open the services, optionally apply the layer-db schema, serve until ``stop``."""
+    """Open the services, optionally check the layer-db schema (``SchemaError`` when it is not
+    in place; never DDL), serve until ``stop``."""
     parse_socket_addr(settings.socket_addr)  # refuse a bad address before connecting
     async with open_services_context(settings) as context:
-        if apply_schema_first:
-            await apply_schema(context.pg_pool)
+        if check_schema_first:
+            tables = [CACHE_SPECS[cache_type].table for cache_type in SERVED_CACHE_TYPES]
+            await check_layer_db_schema(context.pg_pool, tables)
             log.info(
-                "applied layer-db schema", dbname=settings.layer_db_config.pg_pool_config.dbname
+                "layer-db schema in place", dbname=settings.layer_db_config.pg_pool_config.dbname
             )
         if stop.event.is_set():
             return

@@ -31,7 +31,7 @@ from devenv.servers import (
 )
 from layer_cache.cache_types import CACHE_SPECS
 from layer_cache.keys import bucket_name
-from layer_cache.pg import apply_schema
+from layer_cache.schema import migrate_layer_db
 from services.settings import Settings, load_settings
 
 if TYPE_CHECKING:
@@ -71,7 +71,7 @@ async def layer_db(pg_server: PostgresServer) -> AsyncIterator[LayerDb]:
     finally:
         await admin.close()
     pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=10)
-    await apply_schema(pool)
+    await migrate_layer_db(pool)
     try:
         yield LayerDb(endpoint, dbname, pool)
     finally:

@@ -15,7 +15,6 @@ import random
 import signal
 import socket
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import asyncpg
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
-from devenv.servers import PostgresServer, S3Server, free_port
+from devenv.servers import S3Server, free_port
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from migrations_mode.config import BackfillConfig
@@ -603,46 +602,34 @@ async def test_shutdown_drains_the_write_back_queue(
 # The run mode, and the real entrypoint
 
 
-async def test_run_mode_applies_the_schema_to_an_empty_database_then_serves(
-    pg_server: PostgresServer,
+async def test_run_mode_checks_the_schema_then_serves(
+    layer_db: LayerDb,
     s3_server: S3Server,
     bucket_prefix: str,
     http: aiohttp.ClientSession,
 ) -> None:
-    endpoint = pg_server.endpoint
-    dbname = f"t_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(endpoint.dsn(dbname="postgres", superuser=True))
-    try:
-        await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
-    finally:
-        await admin.close()
-    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=2)
-    try:
-        db = LayerDb(endpoint, dbname, pool)
-        settings = settings_for(db, s3_server, bucket_prefix, "PostgresOnly")
-        stop = StopRequest()
-        listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(
-            serve_layer_cache(
-                settings.model_copy(update={"socket_addr": "127.0.0.1:0"}),
-                ServerConfig(),
-                stop,
-                apply_schema_first=True,
-                on_listening=lambda host, port: listening.set_result((host, port)),
-            )
+    settings = settings_for(layer_db, s3_server, bucket_prefix, "PostgresOnly")
+    stop = StopRequest()
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        serve_layer_cache(
+            settings.model_copy(update={"socket_addr": "127.0.0.1:0"}),
+            ServerConfig(),
+            stop,
+            check_schema_first=True,
+            on_listening=lambda host, port: listening.set_result((host, port)),
         )
-        try:
-            async with asyncio.timeout(DEADLINE_S):
-                host, port = await listening
-            async with http.put(f"http://{host}:{port}/v1/cas/{KEY}", data=b"v") as response:
-                assert response.status == 201
-            assert await pg_rows(db, CacheType.CAS) == {KEY: b"v"}
-        finally:
-            stop.event.set()
-            async with asyncio.timeout(DEADLINE_S):
-                await task
+    )
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            host, port = await listening
+        async with http.put(f"http://{host}:{port}/v1/cas/{KEY}", data=b"v") as response:
+            assert response.status == 201
+        assert await pg_rows(layer_db, CacheType.CAS) == {KEY: b"v"}
     finally:
-        await pool.close()
+        stop.event.set()
+        async with asyncio.timeout(DEADLINE_S):
+            await task
 
 
 async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sigterm(
