@@ -91,7 +91,8 @@ def history_of(*versions: int) -> list[HistoryRow]:
     """History rows exactly as refinery records the shipped migrations of ``versions``."""
     name_of = {migration.version: migration.name for migration in shipped_migrations()}
     return [
-        HistoryRow(v, name_of[v], APPLIED_ON, str(REFINERY_CHECKSUMS[v, name_of[v]])) for v in versions
+        HistoryRow(v, name_of[v], APPLIED_ON, str(REFINERY_CHECKSUMS[v, name_of[v]]))
+        for v in versions
     ]
 
 
