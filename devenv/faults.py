@@ -23,6 +23,13 @@ How it works
     Neither error fault reaches the upstream server. Forwarded requests (including ``reset``
     ones) may first wait ``uniform(*plan.latency_s)`` seconds.
 
+    ``plan.put_etag`` (an ``EtagRewrite``) also rewrites every forwarded PUT that the upstream
+    answered ``200`` with an ``ETag`` (PutObject, UploadPart): the ETag becomes another 32-hex
+    value and the rewrite's encryption headers are added, as a bucket with SSE-KMS, DSSE-KMS or
+    SSE-C answers (their ETags are not the body's MD5). ``EtagRewrite.PLAIN`` adds no header: a
+    stored body that differs from the one sent. Such a request's outcome is ``etag_rewritten``.
+    The rewrite takes no random draws; the object stored upstream is untouched.
+
     Forwarding keeps the request intact: method, raw path and query string (not re-quoted),
     every header except hop-by-hop ones and ``Expect`` (the proxy already answered
     ``100-continue`` and holds the whole body), and the body bytes unchanged (an ``aws-chunked``
@@ -41,10 +48,10 @@ What it guarantees
       ``None`` = all) takes exactly two draws, the fault roll and then the latency, whatever
       the shares and latency are, so the same seed and the same request order give the same
       fault sequence (concurrent requests may reach the proxy in any order). Requests of other
-      methods are always forwarded, without latency, and take no draws.
+      methods are forwarded (ETag rewrite included), without latency, and take no draws.
     * ``proxy.counts`` is updated before the client sees the outcome, once per request, with
-      the outcome (``forwarded``, ``slowdown``, ``internal_error``, ``reset``,
-      ``upstream_error``) and ``"<METHOD>:<outcome>"``. ``cancelled`` (and
+      the outcome (``forwarded``, ``etag_rewritten``, ``slowdown``, ``internal_error``,
+      ``reset``, ``upstream_error``) and ``"<METHOD>:<outcome>"``. ``cancelled`` (and
       ``"<METHOD>:cancelled"``) counts requests that ``stop()`` had to cancel; one cancelled
       while it waited out its latency or its upstream answer has no other outcome.
 
@@ -60,7 +67,9 @@ Shutting down
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import hashlib
 import io
 import logging
 import math
@@ -68,6 +77,7 @@ import random
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from enum import StrEnum
 from types import TracebackType
 from typing import Final, Self
 from xml.sax.saxutils import escape
@@ -80,11 +90,13 @@ from yarl import URL
 __all__ = [
     "BAD_GATEWAY",
     "CANCELLED",
+    "ETAG_REWRITTEN",
     "FORWARDED",
     "INTERNAL_ERROR",
     "RESET",
     "SLOWDOWN",
     "UPSTREAM_ERROR",
+    "EtagRewrite",
     "FaultPlan",
     "FaultProxy",
 ]
@@ -92,6 +104,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 FORWARDED: Final = "forwarded"
+ETAG_REWRITTEN: Final = "etag_rewritten"
 SLOWDOWN: Final = "slowdown"
 INTERNAL_ERROR: Final = "internal_error"
 RESET: Final = "reset"
@@ -129,6 +142,49 @@ DEFAULT_STOP_TIMEOUT_S: Final = 5.0
 _FLUSH_TIMEOUT_S: Final = 5.0
 
 
+class EtagRewrite(StrEnum):
+    """How ``FaultPlan.put_etag`` rewrites a successful PUT's answer: which encryption it claims.
+
+    Every rewrite replaces the ETag with a different 32-hex value; the encryption headers are
+    those S3 sends for an object stored with that encryption.
+    """
+
+    PLAIN = "plain"
+    """No encryption header: the answer says the stored bytes are not the ones sent."""
+    SSE_KMS = "aws:kms"
+    """``x-amz-server-side-encryption: aws:kms`` and a KMS key id."""
+    DSSE_KMS = "aws:kms:dsse"
+    """``x-amz-server-side-encryption: aws:kms:dsse`` and a KMS key id."""
+    SSE_C = "sse-c"
+    """``x-amz-server-side-encryption-customer-algorithm: AES256`` and the key's MD5."""
+
+    @property
+    def headers(self) -> dict[str, str]:
+        """The response headers this rewrite adds."""
+        if self is EtagRewrite.PLAIN:
+            return {}
+        if self is EtagRewrite.SSE_C:
+            customer_key_md5 = hashlib.md5(b"fault-proxy customer key", usedforsecurity=False)
+            return {
+                "x-amz-server-side-encryption-customer-algorithm": "AES256",
+                "x-amz-server-side-encryption-customer-key-MD5": base64.b64encode(
+                    customer_key_md5.digest()
+                ).decode("ascii"),
+            }
+        return {
+            "x-amz-server-side-encryption": self.value,
+            "x-amz-server-side-encryption-aws-kms-key-id": (
+                "arn:aws:kms:us-east-1:000000000000:key/fault-proxy"
+            ),
+        }
+
+    def etag(self, upstream_etag: str) -> str:
+        """A quoted 32-hex ETag derived from (so, but for a 2^-128 chance, other than)
+        ``upstream_etag``."""
+        rewritten = hashlib.md5(f"{self.value}:{upstream_etag}".encode(), usedforsecurity=False)
+        return f'"{rewritten.hexdigest()}"'
+
+
 @dataclass
 class FaultPlan:
     """Which faults the proxy injects, and how often; validated when constructed."""
@@ -145,6 +201,8 @@ class FaultPlan:
     """HTTP methods the faults and latency apply to (upper-cased); ``None`` means all."""
     seed: int = 0
     """Seed of the ``random.Random`` the faults and delays are drawn from."""
+    put_etag: EtagRewrite | None = None
+    """Rewrite the ETag (and add encryption headers) of every PUT the upstream stored."""
 
     def __post_init__(self) -> None:
         shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
@@ -305,6 +363,10 @@ class FaultProxy:
                 logger.warning("fault proxy: %s %s upstream failed: %r", method, request.path, exc)
                 self._count(method, UPSTREAM_ERROR)
                 return _s3_error(request, 502, BAD_GATEWAY, f"Upstream request failed: {exc!r}")
+            if planned == FORWARDED and self._plan.put_etag is not None:
+                rewritten = _rewrite_put_etag(request, upstream, self._plan.put_etag)
+                if rewritten is not None:
+                    upstream, planned = rewritten, ETAG_REWRITTEN
             self._count(method, planned)
             if planned == RESET:
                 return await _reset(request, upstream)
@@ -337,6 +399,19 @@ class _Upstream:
     reason: str | None
     headers: CIMultiDictProxy[str]
     body: bytes
+
+
+def _rewrite_put_etag(
+    request: web.Request, upstream: _Upstream, rewrite: EtagRewrite
+) -> _Upstream | None:
+    """The upstream answer to a stored PUT with its ETag rewritten; None for other answers."""
+    etag = upstream.headers.get("ETag")
+    if request.method != "PUT" or upstream.status != 200 or etag is None:
+        return None
+    headers = CIMultiDict(upstream.headers)
+    headers["ETag"] = rewrite.etag(etag)
+    headers.update(rewrite.headers)
+    return _Upstream(upstream.status, upstream.reason, CIMultiDictProxy(headers), upstream.body)
 
 
 def _is_chunked(request: web.Request) -> bool:

@@ -6,9 +6,10 @@ client itself is opened and closed by the services context, never here.
 
 Every PUT carries ``Content-MD5``: a server that verifies it (AWS, MinIO) refuses a damaged body
 (``BadDigest``). Not every S3-compatible server does (moto and s3rver accept any digest), so the
-PUT's ``ETag`` is checked too: for a single-part, non-KMS upload it is the hex MD5 of the stored
-bytes, and a mismatch is raised as a transient ``BadDigest`` so the upload is retried. ETags that
-are not plain MD5s (SSE-KMS, SSE-C) are left alone.
+PUT's ``ETag`` is checked too: for a single-part upload it is the hex MD5 of the stored bytes, and
+a mismatch is raised as a transient ``BadDigest`` so the upload is retried. Objects stored with
+SSE-KMS, DSSE-KMS or SSE-C have 32-hex ETags that are *not* the MD5 (``put_etag_is_md5`` reads
+that from the PUT's answer): their ETags are not judged, and S3 has checked ``Content-MD5``.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from layer_cache.cache_types import CacheSpec
 from layer_cache.errors import ErrorKind, S3LayerError, map_s3_errors
@@ -30,6 +32,22 @@ _PRECONDITION_FAILED = 412
 
 
 _PLAIN_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
+
+# x-amz-server-side-encryption values whose objects' ETags are not the MD5 of the body.
+_KMS_ENCRYPTIONS = frozenset({"aws:kms", "aws:kms:dsse"})
+
+
+def put_etag_is_md5(response: Mapping[str, Any]) -> bool:
+    """Whether a PutObject answer's ETag is the MD5 of the body, read from the answer itself.
+
+    It is not for objects encrypted with a KMS key (``ServerSideEncryption`` ``aws:kms`` or
+    ``aws:kms:dsse``) or a customer key (``SSECustomerAlgorithm`` present): S3 documents their
+    ETags as not an MD5 digest of the object data. SSE-S3 (``AES256``) and unencrypted objects
+    keep MD5 ETags.
+    """
+    if response.get("SSECustomerAlgorithm"):
+        return False
+    return response.get("ServerSideEncryption") not in _KMS_ENCRYPTIONS
 
 
 class BodyDigest:
@@ -51,6 +69,11 @@ class BodyDigest:
             return False
         value = etag.strip('"').lower()
         return bool(_PLAIN_MD5_ETAG.fullmatch(value)) and value != self.digest.hex()
+
+    def contradicted_by_put(self, response: Mapping[str, Any]) -> bool:
+        """True when a PutObject answer shows a stored body other than this one: its ETag is
+        an MD5 (``put_etag_is_md5``) and contradicts this digest."""
+        return put_etag_is_md5(response) and self.contradicted_by(response.get("ETag"))
 
 
 def content_md5(body: bytes) -> str:
@@ -155,8 +178,9 @@ class S3Layer:
 
         A server that ignores the condition overwrites instead, which is harmless for
         content-addressed keys; a conflict with a concurrent conditional PUT is transient. An
-        object whose ETag contradicts the body was created by this call, damaged: it is deleted
-        (or the condition would keep it forever) and a transient ``BadDigest`` is raised.
+        object whose ETag is an MD5 that contradicts the body was created by this call, damaged:
+        it is deleted (or the condition would keep it forever) and a transient ``BadDigest`` is
+        raised. An encrypted object's ETag is no MD5, so it never causes a delete.
         """
         object_key = self.object_key(key)
         digest = BodyDigest(body)
@@ -175,7 +199,7 @@ class S3Layer:
             if exc.code == "ConditionalRequestConflict":
                 exc.kind = ErrorKind.TRANSIENT
             raise
-        if digest.contradicted_by(response.get("ETag")):
+        if digest.contradicted_by_put(response):
             with map_s3_errors("DeleteObject", self.bucket, object_key):
                 await self.client.delete_object(Bucket=self.bucket, Key=object_key)
             raise self._damaged_upload(object_key, "; deleted it")
@@ -201,7 +225,7 @@ class S3Layer:
             response = await self.client.put_object(
                 Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=digest.content_md5
             )
-        if digest.contradicted_by(response.get("ETag")):
+        if digest.contradicted_by_put(response):
             raise self._damaged_upload(object_key)
 
     def _damaged_upload(self, object_key: str, action: str = "") -> S3LayerError:

@@ -32,7 +32,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
-from devenv.faults import FaultPlan, FaultProxy
+from devenv.faults import EtagRewrite, FaultPlan, FaultProxy
 from devenv.servers import S3Endpoint, S3Server, create_buckets, free_port
 
 if TYPE_CHECKING:
@@ -396,6 +396,62 @@ async def test_reset_of_buffered_responses_raises_connection_closed_error(
         await bounded(operation(proxied, bucket, key))
 
     assert proxy.counts == Counter({"reset": attempts, f"{method}:reset": attempts})
+
+
+# --------------------------------------------------------------------------------------------
+# ETag rewrites: answers as an encrypting bucket sends them
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "encryption"),
+    [
+        (EtagRewrite.SSE_KMS, {"ServerSideEncryption": "aws:kms"}),
+        (EtagRewrite.DSSE_KMS, {"ServerSideEncryption": "aws:kms:dsse"}),
+        (EtagRewrite.SSE_C, {"SSECustomerAlgorithm": "AES256"}),
+        (EtagRewrite.PLAIN, {}),
+    ],
+    ids=["sse-kms", "dsse-kms", "sse-c", "plain"],
+)
+async def test_put_etag_rewrite_changes_the_answer_not_the_stored_object(
+    proxy: FaultProxy,
+    proxied: S3Client,
+    s3_client: S3Client,
+    bucket: str,
+    rewrite: EtagRewrite,
+    encryption: dict[str, str],
+) -> None:
+    key = f"etag-{uuid.uuid4().hex[:8]}"
+    data = b"stored as sent"
+    md5_etag = f'"{hashlib.md5(data).hexdigest()}"'
+    proxy.plan = FaultPlan(put_etag=rewrite)
+
+    put = await bounded(
+        proxied.put_object(Bucket=bucket, Key=key, Body=data, ContentMD5=content_md5(data))
+    )
+    assert put["ETag"] != md5_etag
+    assert len(put["ETag"].strip('"')) == 32
+    int(put["ETag"].strip('"'), 16)  # 32 hex digits, like an MD5
+    for field, value in encryption.items():
+        assert put.get(field) == value, put
+    if rewrite is EtagRewrite.PLAIN:
+        assert "ServerSideEncryption" not in put
+        assert "SSECustomerAlgorithm" not in put
+    # Only the answer to the PUT is rewritten: the object and later answers are upstream's.
+    assert await bounded(get_bytes(s3_client, bucket, key)) == data
+    assert (await bounded(proxied.head_object(Bucket=bucket, Key=key)))["ETag"] == md5_etag
+    assert proxy.counts == Counter(
+        {"etag_rewritten": 1, "PUT:etag_rewritten": 1, "forwarded": 1, "HEAD:forwarded": 1}
+    )
+
+
+async def test_put_etag_rewrite_leaves_refused_puts_alone(
+    proxy: FaultProxy, proxied: S3Client, bucket: str
+) -> None:
+    proxy.plan = FaultPlan(put_etag=EtagRewrite.SSE_KMS)
+    with pytest.raises(ClientError) as error:  # upstream refuses: no ETag to rewrite
+        await bounded(proxied.put_object(Bucket=f"{bucket}-missing", Key="refused", Body=b"x"))
+    assert error_of(error.value) == ("NoSuchBucket", 404)
+    assert proxy.counts == Counter({"forwarded": 1, "PUT:forwarded": 1})
 
 
 # --------------------------------------------------------------------------------------------

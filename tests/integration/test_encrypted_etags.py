@@ -1,0 +1,239 @@
+"""PUTs into encrypted buckets (SSE-KMS, DSSE-KMS, SSE-C), whose ETags are not the body's MD5.
+
+``devenv.faults.FaultProxy`` sits between the product and the session's real S3 server and
+rewrites every stored PUT's answer as an encrypting bucket sends it: another 32-hex ETag plus the
+encryption headers (``EtagRewrite``). The backfill (``python -m services``) and the layer cache
+server (``put_if_absent`` under DualWrite and S3Primary) must take such an answer as success and
+keep the object; an ETag that differs *without* an encryption header is still a damaged upload
+(``BadDigest``), as before.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import random
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
+
+import aiohttp
+import pytest
+
+from devenv.faults import EtagRewrite, FaultPlan, FaultProxy
+from devenv.servers import S3Server
+from layer_cache.cache_types import CACHE_SPECS, CacheType
+from layer_cache.errors import ErrorKind, S3LayerError
+from layer_cache.s3 import S3Layer
+from services.context import open_services_context
+from services.server import LayerCacheServer
+from services.settings import ServerConfig, load_settings
+from services.signals import StopRequest
+from tests.conftest import LayerDb, open_s3_client, service_env
+from tests.faults_support import assert_s3_holds_exactly, backfill_args, run_job
+from tests.support import SeedRow, bucket_objects, cache_bucket, insert_rows, random_key, rows_below
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
+
+CUTOFF = datetime(2026, 1, 13, 17, 30, 26, tzinfo=UTC)
+CUTOFF_TEXT = "2026-01-13T17:30:26Z"
+ENCRYPTED = [EtagRewrite.SSE_KMS, EtagRewrite.DSSE_KMS, EtagRewrite.SSE_C]
+DEADLINE_S = 20.0
+
+
+def rewriting(rewrite: EtagRewrite) -> FaultPlan:
+    return FaultPlan(put_etag=rewrite)
+
+
+@asynccontextmanager
+async def layer_via_proxy(
+    s3_server: S3Server, bucket_prefix: str, rewrite: EtagRewrite
+) -> AsyncIterator[tuple[S3Layer, FaultProxy]]:
+    """The CAS bucket's ``S3Layer`` on a client that talks to S3 through a rewriting proxy."""
+    async with FaultProxy(s3_server.endpoint.url, rewriting(rewrite)) as proxy:
+        endpoint = dataclasses.replace(s3_server.endpoint, url=proxy.url)
+        async with open_s3_client(endpoint, max_attempts=1) as client:
+            spec = CACHE_SPECS[CacheType.CAS]
+            yield S3Layer(client, spec, bucket=cache_bucket(CacheType.CAS, bucket_prefix)), proxy
+
+
+# --------------------------------------------------------------------------------------------
+# The backfill
+
+
+@pytest.mark.parametrize("rewrite", ENCRYPTED, ids=[rewrite.name for rewrite in ENCRYPTED])
+async def test_backfill_into_an_encrypted_bucket_completes_without_bad_digest_retries(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_server: S3Server,
+    s3_client: S3Client,
+    bucket_prefix: str,
+    rewrite: EtagRewrite,
+) -> None:
+    rng = random.Random(f"encrypted-{rewrite}")
+    rows = [
+        SeedRow(random_key(rng), rng.randbytes(rng.randint(1, 4096)), CUTOFF - timedelta(seconds=i))
+        for i in range(1, 61)
+    ]
+    await insert_rows(layer_db.pool, CacheType.CAS, rows)
+    below = await rows_below(layer_db.pool, CacheType.CAS, CUTOFF)
+    args = backfill_args(
+        CUTOFF_TEXT,
+        [CacheType.CAS],
+        # A small budget: before the fix, every PUT ended in BadDigest until it ran out.
+        "--backfill-retry-max-attempts",
+        "3",
+        "--backfill-retry-max-secs",
+        "5",
+    )
+    storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
+
+    async with FaultProxy(s3_server.endpoint.url, rewriting(rewrite)) as proxy:
+        run = await run_job(args, {**env, storage: proxy.url}, within_s=90)
+        counts = dict(proxy.counts)
+
+    assert run.status == 0, run.describe()
+    assert counts.get("PUT:etag_rewritten", 0) >= len(below), counts  # every PUT was rewritten
+    assert run.named("retrying storage call") == []
+    assert run.summary()["retries_by_class"] == {}, run.summary()
+    assert run.summary("cas")["status"] == "completed"
+    await assert_s3_holds_exactly(s3_client, bucket_prefix, CacheType.CAS, below)
+
+
+async def test_backfill_still_fails_on_an_etag_that_differs_without_encryption(
+    layer_db: LayerDb,
+    env: dict[str, str],
+    s3_server: S3Server,
+    bucket_prefix: str,
+) -> None:
+    rng = random.Random("plain-etag")
+    rows = [SeedRow(random_key(rng), rng.randbytes(64), CUTOFF - timedelta(seconds=1))]
+    await insert_rows(layer_db.pool, CacheType.CAS, rows)
+    args = backfill_args(
+        CUTOFF_TEXT,
+        [CacheType.CAS],
+        "--backfill-retry-max-attempts",
+        "2",
+        "--backfill-retry-max-secs",
+        "3",
+    )
+    storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
+
+    async with FaultProxy(s3_server.endpoint.url, rewriting(EtagRewrite.PLAIN)) as proxy:
+        run = await run_job(args, {**env, storage: proxy.url}, within_s=90)
+
+    assert run.status == 1, run.describe()
+    [failed] = run.named("backfill failed")
+    assert failed["error_class"] == "transient", failed
+    assert "BadDigest" in failed["cause"] or "not the MD5" in failed["cause"], failed
+    retried = run.named("retrying storage call")
+    assert retried, run.describe()
+    assert all("not the MD5" in event["error"] for event in retried), retried
+
+
+# --------------------------------------------------------------------------------------------
+# The layer itself: both PUT paths
+
+
+@pytest.mark.parametrize("rewrite", ENCRYPTED, ids=[rewrite.name for rewrite in ENCRYPTED])
+async def test_encrypted_put_answers_are_success_on_both_put_paths_and_nothing_is_deleted(
+    s3_server: S3Server, s3_client: S3Client, bucket_prefix: str, rewrite: EtagRewrite
+) -> None:
+    async with layer_via_proxy(s3_server, bucket_prefix, rewrite) as (layer, proxy):
+        await layer.put("a" * 64, b"stored with put")
+        assert await layer.put_if_absent("b" * 64, b"stored with put_if_absent") is True
+        assert await layer.put_if_absent("b" * 64, b"second write") is False
+        assert proxy.counts["PUT:etag_rewritten"] == 2, proxy.counts
+        assert proxy.counts["DELETE:forwarded"] == 0, proxy.counts
+
+    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    assert stored == {
+        layer.object_key("a" * 64): b"stored with put",
+        layer.object_key("b" * 64): b"stored with put_if_absent",
+    }
+
+
+async def test_an_etag_that_differs_without_encryption_is_still_a_bad_digest(
+    s3_server: S3Server, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    async with layer_via_proxy(s3_server, bucket_prefix, EtagRewrite.PLAIN) as (layer, proxy):
+        with pytest.raises(S3LayerError) as put_error:
+            await layer.put("c" * 64, b"damaged on the way")
+        with pytest.raises(S3LayerError) as conditional_error:
+            await layer.put_if_absent("d" * 64, b"damaged on the way")
+        assert proxy.counts["DELETE:forwarded"] == 1, proxy.counts  # the damaged object
+
+    for error in (put_error.value, conditional_error.value):
+        assert (error.code, error.kind) == ("BadDigest", ErrorKind.TRANSIENT), error
+    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    # put_if_absent deleted what it created (or the condition would keep it forever).
+    assert list(stored) == [layer.object_key("c" * 64)]
+
+
+# --------------------------------------------------------------------------------------------
+# The layer cache server: put_if_absent behind PUT /v1/…
+
+
+@pytest.mark.parametrize("mode", ["DualWrite", "S3Primary"])
+@pytest.mark.parametrize("rewrite", ENCRYPTED, ids=[rewrite.name for rewrite in ENCRYPTED])
+async def test_server_put_into_an_encrypted_bucket_answers_created_and_keeps_the_object(
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    s3_client: S3Client,
+    bucket_prefix: str,
+    monkeypatch: pytest.MonkeyPatch,
+    mode: str,
+    rewrite: EtagRewrite,
+) -> None:
+    key, value = random_key(random.Random(mode + rewrite)), b"\x00an encrypted value\xff"
+    async with FaultProxy(s3_server.endpoint.url, rewriting(rewrite)) as proxy:
+        endpoint = dataclasses.replace(s3_server.endpoint, url=proxy.url)
+        for name, setting in service_env(
+            layer_db, endpoint, bucket_prefix, persister_mode=mode
+        ).items():
+            monkeypatch.setenv(name, setting)
+        settings = load_settings()
+        async with (
+            open_services_context(settings) as context,
+            serving(LayerCacheServer(context, ServerConfig())) as url,
+            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as http,
+        ):
+            async with http.put(f"{url}/v1/cas/{key}", data=value) as response:
+                assert response.status == 201, await response.text()
+            async with http.put(f"{url}/v1/cas/{key}", data=b"second") as response:
+                assert response.status == 200, await response.text()
+        counts = dict(proxy.counts)
+
+    assert counts.get("PUT:etag_rewritten") == 1, counts
+    assert counts.get("DELETE:forwarded", 0) == 0, counts
+    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    assert list(stored.values()) == [value]
+    table = CACHE_SPECS[CacheType.CAS].table
+    assert await layer_db.pool.fetchval(f"SELECT value FROM {table} WHERE key = $1", key) == value
+
+
+@asynccontextmanager
+async def serving(server: LayerCacheServer) -> AsyncIterator[str]:
+    """Serve on a free loopback port in a task of this loop; yields the base URL."""
+    stop = StopRequest()
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        server.run(
+            stop,
+            socket_addr="127.0.0.1:0",
+            on_listening=lambda host, port: listening.set_result((host, port)),
+        )
+    )
+    try:
+        async with asyncio.timeout(DEADLINE_S):
+            await asyncio.wait([listening, task], return_when=asyncio.FIRST_COMPLETED)
+        if task.done():
+            task.result()  # raises what stopped it
+        host, port = listening.result()
+        yield f"http://{host}:{port}"
+    finally:
+        stop.event.set()
+        async with asyncio.timeout(DEADLINE_S * 3):
+            await task
