@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo lint test unit integration bench bench-smoke bench-server clean
+.PHONY: install pgbouncer demo lint test unit integration bench bench-smoke bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,22 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
-test: lint
+# PgBouncer (Debian's package) for the transaction-pooling tests: installed when missing and this
+# is root with apt-get, each apt step bounded to 5 minutes; otherwise say how.
+pgbouncer:
+	@command -v pgbouncer >/dev/null || test -x /usr/sbin/pgbouncer || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    timeout 300 apt-get update -qq && DEBIAN_FRONTEND=noninteractive timeout 300 \
+	      apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; \
+	  else echo "make: pgbouncer is missing (apt-get install pgbouncer)" >&2; fi; }
+
+test: lint pgbouncer
 	$(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest tests/unit
 
-integration: install
+integration: install pgbouncer
 	$(BIN)/pytest tests/integration
 
 bench: install
