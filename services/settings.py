@@ -378,10 +378,8 @@ UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
     _ignored(_PG + "pool_total_connection_lifetime_secs", "asyncpg has no connection age limit"),
     _ignored(_PG + "pool_lifetime_check_interval_secs", "asyncpg checks idle connections itself"),
     _ignored(_PG + "recycling_method", "asyncpg resets a connection on release"),
-    _ignored(_PG + "certificate_path", "not a PgPoolConfig field: sdf drops it (use certificate)"),
-    _ignored(
-        _PG + "certificate_base64", "not a PgPoolConfig field: sdf drops it (use certificate)"
-    ),
+    _ignored(_PG + "certificate_path", "sdf's --pg-cert-path writes it; not a field, dropped"),
+    _ignored(_PG + "certificate_base64", "sdf's --pg-cert-base64 writes it; not a field, dropped"),
     *(
         _used(_STORAGE + name, "the S3 target")
         for name in ("endpoint", "bucket_prefix", "bucket_suffix", "region", "key_prefix")
@@ -416,20 +414,20 @@ UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
     _ignored("create_workspace_permissions", "sdf workspaces"),
     _ignored("create_workspace_allowlist", "sdf workspaces"),
     *(
-        _ignored(name, "not used by the layer cache", section=True)
-        for name in (
-            "pg",  # sdf's main database
-            "nats",
-            "crypto",  # veritech encryption keys
-            "symmetric_crypto_service",
-            "jwt_signing_public_key",
-            "jwt_secondary_signing_public_key",
-            "posthog",
-            "spicedb",
-            "audit",  # the audit database
-            "service_endpoints",
-            "openai",  # set by sdf's --openai-* flags
-            "asset_sprayer",
+        _ignored(name, note, section=True)
+        for name, note in (
+            ("pg", "sdf's main database (the layer db is layer_db_config.pg_pool_config)"),
+            ("nats", "NATS: not used here"),
+            ("crypto", "veritech encryption keys"),
+            ("symmetric_crypto_service", "sdf's symmetric crypto keys"),
+            ("jwt_signing_public_key", "sdf's JWT verification"),
+            ("jwt_secondary_signing_public_key", "sdf's JWT verification"),
+            ("posthog", "sdf's analytics"),
+            ("spicedb", "sdf's authorization"),
+            ("audit", "the audit database"),
+            ("service_endpoints", "sdf's health/config endpoints (ours: SERVER__…)"),
+            ("openai", "written by sdf's --openai-* flags"),
+            ("asset_sprayer", "written by sdf's --asset-sprayer-prompts-dir"),
         )
     ),
 )

@@ -11,14 +11,17 @@ from structlog.testing import capture_logs
 
 from migrations_mode.config import load_backfill_config
 from migrations_mode.errors import BackfillConfigError
+from services.context import pg_pool_tuning
 from services.settings import (
     UPSTREAM_SDF_SETTINGS,
+    PgPoolConfig,
     PgSslMode,
     Settings,
     SettingsError,
     SettingUse,
     classify_environment,
     classify_setting,
+    env_setting_name,
     env_setting_path,
     load_settings,
     prune_config_file,
@@ -284,3 +287,27 @@ def test_backfill_typo_suggests_the_option(clean_env: pytest.MonkeyPatch) -> Non
     clean_env.setenv("SI_BACKFILL_KEY_BACH_SIZE", "5")
     with pytest.raises(BackfillConfigError, match="did you mean SI_BACKFILL_KEY_BATCH_SIZE"):
         load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas"})
+
+
+def test_docs_list_every_upstream_setting_as_the_registry_does() -> None:
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "upstream-settings.md").read_text()
+    used, ignored = docs.split("## Accepted and ignored")
+    for setting in UPSTREAM_SDF_SETTINGS:
+        name = env_setting_name(setting.path.split(".")) + ("__…" if setting.section else "")
+        section = used if setting.use is SettingUse.USED else ignored
+        assert f"| `{name}` | {setting.note} |" in section, name
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, {"statement_cache_size": 100}),
+        ({"statement_cache_size": 0}, {"statement_cache_size": 0}),
+        (
+            {"pool_idle_connection_lifetime_secs": 21600},
+            {"statement_cache_size": 100, "max_inactive_connection_lifetime": 21600},
+        ),
+    ],
+)
+def test_pool_tuning_from_settings(settings: dict[str, int], expected: dict[str, int]) -> None:
+    assert pg_pool_tuning(PgPoolConfig.model_validate(settings)) == expected
