@@ -45,7 +45,7 @@ Flags
     --no-sweep            skip the sweep
     --smoke               a tiny run for CI: 250 rows, batches of 100, C=8, every main scenario,
                           no sweep, no scaling; well under a minute
-    --s3 KIND             s3rver (default), moto or minio (Docker)
+    --s3 KIND             s3rver (default), moto, seaweedfs or minio (Docker)
     --profile             also run ``backfill`` once under cProfile (own bucket; not in the
                           table) and print its top functions; the .prof file goes to the
                           results dir
@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "minio"))
+    parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "seaweedfs", "minio"))
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
@@ -399,6 +399,8 @@ def _s3_server_pid(s3: S3Endpoint) -> int | None:
         return find_process("s3rver.js", f"--port {port} ")
     if s3.kind == "moto":
         return find_process(f"_serve_moto({port})")
+    if s3.kind == "seaweedfs":
+        return find_process(" mini ", f"-s3.port={port} ")
     return None  # in a container: not visible from here
 
 

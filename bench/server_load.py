@@ -302,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--value-bytes", type=int, default=4096, help="size of each value")
     parser.add_argument("--phase-secs", type=float, default=5.0, help="time cap per phase")
-    parser.add_argument("--s3", choices=("moto", "minio", "s3rver"), default=None)
+    parser.add_argument("--s3", choices=("moto", "minio", "s3rver", "seaweedfs"), default=None)
     parser.add_argument("--seed", type=int, default=5156)
     parser.add_argument("--output", type=Path, default=RESULTS)
     return parser

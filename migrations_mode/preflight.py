@@ -1,4 +1,5 @@
-"""Checks run after connecting and before copying: tables readable, buckets reachable.
+"""Checks run after connecting and before copying: tables readable, buckets reachable, and
+writable.
 
 Every failure becomes one ``PreflightError`` line that says what is wrong and what to change.
 ``explain_storage_error`` is also used by the entrypoint for failures while connecting.
@@ -13,6 +14,7 @@ from layer_cache.pg import PgLayer
 from layer_cache.retry import RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.errors import PreflightError, first_exception
+from migrations_mode.progress_store import S3_PROGRESS_PREFIX
 
 _S3_ADVICE: dict[ErrorKind, str] = {
     ErrorKind.MISSING_BUCKET: (
@@ -20,9 +22,9 @@ _S3_ADVICE: dict[ErrorKind, str] = {
         "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__BUCKET_PREFIX/__BUCKET_SUFFIX"
     ),
     ErrorKind.ACCESS_DENIED: (
-        "access denied on bucket {bucket}: the credentials need s3:ListBucket, s3:GetObject and "
-        "s3:PutObject on it (without s3:ListBucket, S3 answers 403 instead of 404 for a missing "
-        "object)"
+        "access denied on bucket {bucket}: {operation} was refused, the credentials lack "
+        "{permission}; they need s3:ListBucket, s3:GetObject and s3:PutObject on it (without "
+        "s3:ListBucket, S3 answers 403 instead of 404 for a missing object)"
     ),
     ErrorKind.INVALID_CREDENTIALS: (
         "S3 rejected the credentials ({code}) for bucket {bucket}; check "
@@ -35,6 +37,19 @@ _S3_ADVICE: dict[ErrorKind, str] = {
     ),
     ErrorKind.THROTTLED: "S3 is throttling requests to bucket {bucket}; try again later",
 }
+
+# The IAM permission each S3 operation the backfill sends needs.
+_S3_PERMISSIONS: dict[str, str] = {
+    "ListObjectsV2": "s3:ListBucket",
+    "HeadObject": "s3:GetObject",
+    "GetObject": "s3:GetObject",
+    "PutObject": "s3:PutObject",
+    "DeleteObject": "s3:DeleteObject",
+}
+
+# Where the write check sends its PUT (a Content-MD5 that cannot match: nothing is stored),
+# below the target's key prefix, where a policy limited to that prefix allows writes.
+WRITE_PROBE_NAME = f"{S3_PROGRESS_PREFIX}/preflight-write-probe"
 
 _PG_ADVICE: dict[ErrorKind, str] = {
     ErrorKind.INVALID_CREDENTIALS: (
@@ -54,7 +69,12 @@ _PG_ADVICE: dict[ErrorKind, str] = {
 def explain_storage_error(exc: StorageError) -> str:
     """One actionable line for a storage failure outside the copy loop."""
     if isinstance(exc, S3LayerError) and exc.kind in _S3_ADVICE:
-        return _S3_ADVICE[exc.kind].format(bucket=exc.bucket, code=exc.code or exc.status)
+        return _S3_ADVICE[exc.kind].format(
+            bucket=exc.bucket,
+            code=exc.code or exc.status,
+            operation=exc.operation,
+            permission=_S3_PERMISSIONS.get(exc.operation, f"s3:{exc.operation}"),
+        )
     if isinstance(exc, PgLayerError) and exc.kind in _PG_ADVICE:
         return f"{_PG_ADVICE[exc.kind]} ({exc})"
     return str(exc)
@@ -86,13 +106,33 @@ async def check_bucket(s3: S3Layer, policy: RetryPolicy) -> None:
         raise PreflightError(explain_storage_error(exc)) from exc
 
 
+async def check_write_permission(s3: S3Layer) -> None:
+    """The credentials may PutObject into the cache's bucket; a server that verifies
+    ``Content-MD5`` stores nothing (see ``S3Layer.probe_write_permission``).
+
+    One attempt: only a definite refusal stops the run here. A throttled or failed probe says
+    nothing about permission, so the copy, which retries within its budget, finds out.
+    """
+    probe_key = f"{s3.key_prefix}/{WRITE_PROBE_NAME}" if s3.key_prefix else WRITE_PROBE_NAME
+    try:
+        await s3.probe_write_permission(probe_key)
+    except StorageError as exc:
+        if exc.kind.retryable:
+            return
+        raise PreflightError(explain_storage_error(exc)) from exc
+
+
 async def run_preflight(pairs: list[tuple[PgLayer, S3Layer]], policy: RetryPolicy) -> None:
     """Check every selected cache's table and bucket, concurrently, retrying throttling and
-    transient faults within ``policy``; the first lasting failure raises."""
+    transient faults within ``policy``, then (once they all pass, so that no check is cancelled
+    half-way) that each bucket may be written; the first lasting failure raises."""
     try:
         async with asyncio.TaskGroup() as checks:
             for pg, s3 in pairs:
                 checks.create_task(check_table(pg, policy))
                 checks.create_task(check_bucket(s3, policy))
+        async with asyncio.TaskGroup() as checks:
+            for _pg, s3 in pairs:
+                checks.create_task(check_write_permission(s3))
     except ExceptionGroup as group:
         raise first_exception(group) from None

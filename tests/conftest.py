@@ -5,12 +5,19 @@ Postgres and S3 are real servers started once per session by ``devenv.servers``:
 and moto's standalone S3 server on free loopback ports. Each test gets its own database (with the
 layer-db schema) and its own bucket prefix (with all ten buckets), so tests never see each
 other's rows or objects.
+
+Tests that need an S3 server which checks SigV4 signatures, ``Content-MD5`` and permissions use
+the ``verifying_*`` fixtures instead: SeaweedFS (``SeaweedS3``), always, with Docker or without.
+Besides its admin it knows two least-privilege identities, ``READ_LIST_WRITE`` and ``READ_LIST``,
+allowed only on buckets named ``SCOPED_BUCKET_PREFIX…``, which is where ``verifying_bucket_prefix``
+puts each test's buckets.
 """
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -24,7 +31,9 @@ from devenv.servers import (
     PostgresEndpoint,
     PostgresServer,
     S3Endpoint,
+    S3Identity,
     S3Server,
+    SeaweedS3,
     create_buckets,
     start_postgres,
     start_s3,
@@ -48,6 +57,32 @@ def pg_server() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
     server = start_s3()
+    yield server
+    server.stop()
+
+
+SCOPED_BUCKET_PREFIX = "scoped"
+READ_LIST_WRITE = S3Identity.on_buckets(
+    "backfill-read-list-write",
+    ("Read", "List", "Write"),
+    [f"{SCOPED_BUCKET_PREFIX}*"],
+    access_key="backfill-rw",
+    secret_key="backfill-rw-secret",
+)
+READ_LIST = S3Identity.on_buckets(
+    "backfill-read-list",
+    ("Read", "List"),
+    [f"{SCOPED_BUCKET_PREFIX}*"],
+    access_key="backfill-ro",
+    secret_key="backfill-ro-secret",
+)
+
+
+@pytest.fixture(scope="session")
+def verifying_s3_server() -> Iterator[SeaweedS3]:
+    """SeaweedFS: checks signatures, Content-MD5 and each identity's permissions."""
+    server = SeaweedS3(identities=[READ_LIST_WRITE, READ_LIST])
+    server.start()
     yield server
     server.stop()
 
@@ -88,16 +123,44 @@ def bucket_prefix(s3_server: S3Server) -> str:
 
 
 @pytest.fixture
-async def s3_client(s3_server: S3Server) -> AsyncIterator[S3Client]:
-    endpoint = s3_server.endpoint
+def verifying_bucket_prefix(verifying_s3_server: SeaweedS3) -> str:
+    """A fresh prefix with all ten buckets on SeaweedFS, in the scoped identities' reach."""
+    prefix = f"{SCOPED_BUCKET_PREFIX}{uuid.uuid4().hex[:10]}"
+    create_buckets(
+        verifying_s3_server.endpoint,
+        [bucket_name(spec.table, prefix) for spec in CACHE_SPECS.values()],
+    )
+    return prefix
+
+
+@asynccontextmanager
+async def open_s3_client(
+    endpoint: S3Endpoint, *, max_attempts: int | None = None
+) -> AsyncIterator[S3Client]:
+    """An aioboto3 S3 client for ``endpoint`` with path-style addressing (and botocore's
+    default retries unless ``max_attempts`` is given)."""
+    retries = None if max_attempts is None else {"max_attempts": max_attempts}
     async with aioboto3.Session().client(
         "s3",
         endpoint_url=endpoint.url,
         region_name=endpoint.region,
         aws_access_key_id=endpoint.access_key,
         aws_secret_access_key=endpoint.secret_key,
-        config=AioConfig(s3={"addressing_style": "path"}),
+        config=AioConfig(s3={"addressing_style": "path"}, retries=retries),
     ) as client:
+        yield client
+
+
+@pytest.fixture
+async def s3_client(s3_server: S3Server) -> AsyncIterator[S3Client]:
+    async with open_s3_client(s3_server.endpoint) as client:
+        yield client
+
+
+@pytest.fixture
+async def verifying_s3_client(verifying_s3_server: SeaweedS3) -> AsyncIterator[S3Client]:
+    """A client of the SeaweedFS server, signing as its admin."""
+    async with open_s3_client(verifying_s3_server.endpoint) as client:
         yield client
 
 
@@ -117,6 +180,14 @@ def service_env(
 @pytest.fixture
 def env(layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str) -> dict[str, str]:
     return service_env(layer_db, s3_server.endpoint, bucket_prefix)
+
+
+@pytest.fixture
+def verifying_env(
+    layer_db: LayerDb, verifying_s3_server: SeaweedS3, verifying_bucket_prefix: str
+) -> dict[str, str]:
+    """The service environment for SeaweedFS, signing as its admin."""
+    return service_env(layer_db, verifying_s3_server.endpoint, verifying_bucket_prefix)
 
 
 @pytest.fixture
