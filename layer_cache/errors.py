@@ -5,14 +5,21 @@ carrying an ``ErrorKind``; callers decide what to do (retry, skip, stop) from th
 Classification reads error codes, SQLSTATEs and HTTP statuses, never message text: messages are
 localizable and change between servers, codes do not.
 
-``map_s3_errors()`` and ``map_pg_errors()`` are the boundary: the storage layers wrap every call
-in them, so no botocore or asyncpg exception escapes this package.
+``map_s3_errors()``, ``map_pg_errors()`` and ``map_pg_connect_errors()`` are the boundary: the
+storage layers wrap every call in them, so no botocore, aiohttp or asyncpg exception escapes this
+package. Socket errors (``OSError``) count as a lost connection only around opening one
+(``map_pg_connect_errors``, used for every connection the pool opens); around a query an
+``OSError`` is not a database answer and is not relabelled.
+
+An expired session token (``ExpiredToken`` and friends) is ``CREDENTIALS_EXPIRED``: retryable,
+and the error carries ``before_retry`` (set by the S3 layer) that makes the credential chain fetch
+new credentials before the next attempt.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
 
@@ -41,12 +48,14 @@ class ErrorKind(StrEnum):
     MISSING_BUCKET = "missing_bucket"
     MISSING_TABLE = "missing_table"
     MISSING_DATABASE = "missing_database"
+    CREDENTIALS_EXPIRED = "credentials_expired"
     OTHER = "other"
 
     @property
     def retryable(self) -> bool:
-        """Throttling and transient faults are worth another attempt; nothing else is."""
-        return self in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT)
+        """Throttling, transient faults and an expired session token (after the credentials
+        are refreshed) are worth another attempt; nothing else is."""
+        return self in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CREDENTIALS_EXPIRED)
 
 
 class LayerCacheError(Exception):
@@ -54,11 +63,17 @@ class LayerCacheError(Exception):
 
 
 class StorageError(LayerCacheError):
-    """A storage call failed; ``kind`` says how."""
+    """A storage call failed; ``kind`` says how.
+
+    ``before_retry``, when set, is awaited by ``call_with_retries`` before the next attempt: what
+    may make that attempt succeed (for ``CREDENTIALS_EXPIRED``, refreshing the credentials). It
+    may raise a ``StorageError`` of its own, which ends the retries.
+    """
 
     def __init__(self, message: str, *, kind: ErrorKind) -> None:
         super().__init__(message)
         self.kind = kind
+        self.before_retry: Callable[[], Awaitable[None]] | None = None
 
 
 class PgLayerError(StorageError):
@@ -111,7 +126,11 @@ _S3_CODE_KINDS: dict[str, ErrorKind] = {
     "AccountProblem": ErrorKind.ACCESS_DENIED,
     "InvalidAccessKeyId": ErrorKind.INVALID_CREDENTIALS,
     "SignatureDoesNotMatch": ErrorKind.INVALID_CREDENTIALS,
-    "ExpiredToken": ErrorKind.INVALID_CREDENTIALS,
+    # The session token expired: retried once the credential chain has refreshed.
+    "ExpiredToken": ErrorKind.CREDENTIALS_EXPIRED,
+    "ExpiredTokenException": ErrorKind.CREDENTIALS_EXPIRED,
+    "TokenRefreshRequired": ErrorKind.CREDENTIALS_EXPIRED,
+    "RequestExpired": ErrorKind.CREDENTIALS_EXPIRED,  # signed too long ago: sign it afresh
     "InvalidToken": ErrorKind.INVALID_CREDENTIALS,
     "InvalidClientTokenId": ErrorKind.INVALID_CREDENTIALS,
 }
@@ -145,6 +164,7 @@ _PG_SQLSTATE_KINDS: dict[str, ErrorKind] = {
     "40001": ErrorKind.TRANSIENT,  # serialization_failure
     "40P01": ErrorKind.TRANSIENT,  # deadlock_detected
     "53300": ErrorKind.TRANSIENT,  # too_many_connections
+    "57014": ErrorKind.TRANSIENT,  # query_canceled (statement_timeout, pg_cancel_backend)
     "57P01": ErrorKind.TRANSIENT,  # admin_shutdown (pg_terminate_backend, restart)
     "57P02": ErrorKind.TRANSIENT,  # crash_shutdown
     "57P03": ErrorKind.TRANSIENT,  # cannot_connect_now (starting up, failing over)
@@ -169,12 +189,15 @@ def classify_pg_sqlstate(sqlstate: str | None) -> ErrorKind:
 
 
 _S3_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
-    botocore.exceptions.EndpointConnectionError,
-    botocore.exceptions.ConnectionClosedError,
-    botocore.exceptions.ConnectTimeoutError,
-    botocore.exceptions.ReadTimeoutError,
-    botocore.exceptions.ResponseStreamingError,
-    botocore.exceptions.IncompleteReadError,
+    # botocore's two transport families: HTTPClientError (ReadTimeoutError,
+    # ConnectionClosedError, ResponseStreamingError; aiobotocore also wraps any unexpected
+    # aiohttp failure in it) and botocore's ConnectionError (EndpointConnectionError,
+    # ConnectTimeoutError, SSLError, ProxyConnectionError), which is not the builtin one.
+    botocore.exceptions.HTTPClientError,
+    botocore.exceptions.ConnectionError,
+    botocore.exceptions.IncompleteReadError,  # the body ended before its Content-Length
+    botocore.exceptions.FlexibleChecksumError,  # the body's checksum is wrong: damaged on the way
+    botocore.exceptions.ChecksumError,
     ConnectionError,
     TimeoutError,
     asyncio.TimeoutError,
@@ -185,6 +208,46 @@ _S3_CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.NoCredentialsError,
     botocore.exceptions.PartialCredentialsError,
     botocore.exceptions.CredentialRetrievalError,
+    botocore.exceptions.TokenRetrievalError,
+)
+
+
+def _describe(exc: BaseException) -> str:
+    """The exception's type, and the type botocore wrapped in it (``SSLError(ClientSSLError)``)."""
+    inner = getattr(exc, "kwargs", {}).get("error")
+    return (
+        f"{type(exc).__name__}({type(inner).__name__})" if inner is not None else type(exc).__name__
+    )
+
+
+@contextmanager
+def map_credential_refresh_errors(
+    operation: str, bucket: str, key: str | None = None
+) -> Iterator[None]:
+    """Translate a failed forced refresh of the S3 credentials into ``S3LayerError`` (invalid
+    credentials: not retryable). A provider fails with a botocore error, an STS ``ClientError``,
+    or aiobotocore's ``RuntimeError`` when the refreshed credentials are still expired."""
+    where = f"{operation} s3://{bucket}/{key}" if key else f"{operation} s3://{bucket}"
+    try:
+        yield
+    except (
+        botocore.exceptions.BotoCoreError,
+        botocore.exceptions.ClientError,
+        RuntimeError,
+    ) as exc:
+        raise S3LayerError(
+            f"{where} failed: the session token has expired and refreshing the credentials"
+            f" failed ({_describe(exc)})",
+            kind=ErrorKind.INVALID_CREDENTIALS,
+            operation=operation,
+            bucket=bucket,
+            key=key,
+        ) from exc
+
+
+_CREDENTIALS_EXPIRED_NOTE = (
+    ": the session token has expired; credentials from the AWS chain (iam_role) are refreshed"
+    " before each retry, static credentials cannot be"
 )
 
 
@@ -199,8 +262,9 @@ def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterat
         code = error.get("Code")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         kind = classify_s3_error(code, status)
+        explanation = _CREDENTIALS_EXPIRED_NOTE if kind is ErrorKind.CREDENTIALS_EXPIRED else ""
         raise S3LayerError(
-            f"{where} failed: {code or status} ({kind})",
+            f"{where} failed: {code or status} ({kind}){explanation}",
             kind=kind,
             operation=operation,
             bucket=bucket,
@@ -218,41 +282,78 @@ def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterat
         ) from exc
     except _S3_TRANSPORT_ERRORS as exc:
         raise S3LayerError(
-            f"{where} failed: {type(exc).__name__} talking to the S3 endpoint",
+            f"{where} failed: {_describe(exc)} talking to the S3 endpoint",
             kind=ErrorKind.TRANSIENT,
+            operation=operation,
+            bucket=bucket,
+            key=key,
+        ) from exc
+    except botocore.exceptions.BotoCoreError as exc:  # the rest: not worth another attempt
+        raise S3LayerError(
+            f"{where} failed: {_describe(exc)}",
+            kind=ErrorKind.OTHER,
             operation=operation,
             bucket=bucket,
             key=key,
         ) from exc
 
 
+# asyncpg's InterfaceErrors that are about our configuration or code, not a lost connection.
+_PG_CLIENT_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.exceptions.ClientConfigurationError,
+    asyncpg.exceptions.UnsupportedClientFeatureError,
+    asyncpg.exceptions.UnsupportedServerFeatureError,
+)
+
 _PG_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.InterfaceError,  # "connection is closed" and friends: the socket went away
     # A connection killed mid-protocol can leave asyncpg's state machine confused ("cannot
     # switch to state …"); the pool discards that connection, so a retry runs on a fresh one.
     asyncpg.InternalClientError,
-    ConnectionError,
-    OSError,
+    ConnectionError,  # reset, refused, broken pipe
     TimeoutError,
     asyncio.TimeoutError,
 )
 
+# Opening a connection can also fail with a plain socket error: no route to the host, a name
+# that does not resolve (socket.gaierror), a TLS handshake that fails (ssl.SSLError).
+_PG_CONNECT_ERRORS: tuple[type[BaseException], ...] = (*_PG_CONNECTION_ERRORS, OSError)
+
 
 @contextmanager
 def map_pg_errors(what: str) -> Iterator[None]:
-    """Translate asyncpg/socket failures raised inside the block into ``PgLayerError``."""
+    """Translate asyncpg failures raised inside the block (a query) into ``PgLayerError``."""
+    with _mapping_pg_errors(what, _PG_CONNECTION_ERRORS):
+        yield
+
+
+@contextmanager
+def map_pg_connect_errors(what: str) -> Iterator[None]:
+    """``map_pg_errors`` for opening a connection: socket errors (``OSError``) too."""
+    with _mapping_pg_errors(what, _PG_CONNECT_ERRORS):
+        yield
+
+
+@contextmanager
+def _mapping_pg_errors(
+    what: str, connection_errors: tuple[type[BaseException], ...]
+) -> Iterator[None]:
     try:
         yield
     except asyncpg.PostgresError as exc:
         sqlstate = getattr(exc, "sqlstate", None)
         kind = classify_pg_sqlstate(sqlstate)
+        # asyncpg fills ``message`` from the server's answer; errors it raises itself (a
+        # connection closed mid-operation) carry their text as the argument instead.
+        text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         raise PgLayerError(
-            f"{what} failed: {getattr(exc, 'message', type(exc).__name__)}"
-            f" (SQLSTATE {sqlstate}, {kind})",
+            f"{what} failed: {text} (SQLSTATE {sqlstate}, {kind})",
             kind=kind,
             sqlstate=sqlstate,
         ) from exc
-    except _PG_CONNECTION_ERRORS as exc:
+    except _PG_CLIENT_ERRORS as exc:
+        raise PgLayerError(f"{what} failed: {type(exc).__name__}", kind=ErrorKind.OTHER) from exc
+    except connection_errors as exc:
         raise PgLayerError(
             f"{what} failed: {type(exc).__name__}: lost or could not open the connection",
             kind=ErrorKind.TRANSIENT,

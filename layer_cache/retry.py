@@ -5,9 +5,12 @@ jitter", which spreads clients out instead of synchronising their retries) and `
 whether another attempt fits the budget of attempts and total seconds.
 
 ``call_with_retries`` runs one storage call under a policy. Only errors whose ``ErrorKind`` is
-retryable (throttling, transient network/server faults, lost Postgres connections) are retried;
-everything else is raised at once. ``on_retry`` hears about each retry (for counting and
-throttle feedback).
+retryable (throttling, transient network/server faults, lost Postgres connections, an expired
+session token) are retried; everything else is raised at once. ``on_retry`` hears about each
+retry (for counting and throttle feedback). An error's ``before_retry`` is awaited just before the
+next attempt: for an expired token the S3 layer sets it to a forced refresh of the client's
+credential chain, so the retry is signed with new credentials (static credentials have nothing to
+refresh: their retries fail the same way until the budget is spent, and the error says why).
 
 ``AdaptiveLimit`` is the concurrency cap for one cache's uploads: additive increase after a run
 of successes, multiplicative decrease on throttling, so a job settles at the rate S3 allows. It
@@ -71,6 +74,8 @@ async def call_with_retries(
             if on_retry is not None:
                 on_retry(exc, attempt, delay)
             await asyncio.sleep(delay)
+            if exc.before_retry is not None:
+                await exc.before_retry()  # may raise a StorageError: then no further attempt
 
 
 class AdaptiveLimit:

@@ -1,8 +1,9 @@
 """S3Layer: HEAD/GET/PUT/LIST for one cache's bucket over a shared aioboto3 client.
 
 The layer owns the naming (bucket and object key from the registry and ``keys``) so callers speak
-in row keys. Every call goes through ``map_s3_errors``; no botocore type leaves this module. The
-client itself is opened and closed by the services context, never here.
+in row keys. Every call goes through ``map_s3_errors`` (in ``_s3_call``, which also gives an
+expired token's error the credential refresh to run before a retry); no botocore type leaves this
+module. The client itself is opened and closed by the services context, never here.
 
 Every PUT carries ``Content-MD5``: a server that verifies it (AWS, MinIO) refuses a damaged body
 (``BadDigest``). Not every S3-compatible server does (moto and s3rver accept any digest), so the
@@ -17,11 +18,19 @@ from __future__ import annotations
 import base64
 import hashlib
 import re
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
+from aiobotocore.credentials import AioRefreshableCredentials
+
 from layer_cache.cache_types import CacheSpec
-from layer_cache.errors import ErrorKind, S3LayerError, map_s3_errors
+from layer_cache.errors import (
+    ErrorKind,
+    S3LayerError,
+    map_credential_refresh_errors,
+    map_s3_errors,
+)
 from layer_cache.keys import object_key
 
 if TYPE_CHECKING:
@@ -86,6 +95,39 @@ def etag_contradicts(etag: str | None, body: bytes) -> bool:
     return BodyDigest(body).contradicted_by(etag)
 
 
+def credential_refresh(
+    client: S3Client, error: S3LayerError
+) -> Callable[[], Awaitable[None]] | None:
+    """What to await before retrying a call that S3 refused with an expired session token: a
+    forced refresh of the client's credentials. None for static credentials (nothing to refresh).
+
+    aiobotocore refreshes ``AioRefreshableCredentials`` (IAM role, web identity, container and
+    SSO providers) on its own only when they are close to their *local* expiry time; a token the
+    server already calls expired is not refreshed that way. No public call forces a refresh, so
+    this does what aiobotocore's own mandatory refresh does: under the credentials' refresh lock,
+    ``_protected_refresh(is_mandatory=True)``. Calls that failed with the same credentials refresh
+    once: when they were replaced after ``error`` was seen, the retry just uses the new ones. A
+    refresh that fails raises a ``S3LayerError`` (invalid credentials), which ends the retries.
+    Providers with a cache of their own (assume role, web identity) hand back what they cached
+    until it nears its expiry; then the retries fail as before and the error says why.
+    """
+    get_credentials = getattr(client, "_get_credentials", None)  # botocore's BaseClient
+    credentials = get_credentials() if get_credentials is not None else None
+    if not isinstance(credentials, AioRefreshableCredentials):
+        return None
+    refreshable: Any = credentials  # aiobotocore's untyped internals
+    seen = refreshable._frozen_credentials
+
+    async def refresh() -> None:
+        async with refreshable._refresh_lock:
+            if refreshable._frozen_credentials is not seen:
+                return  # another call's refresh replaced the credentials that failed
+            with map_credential_refresh_errors(error.operation, error.bucket, error.key):
+                await refreshable._protected_refresh(is_mandatory=True)
+
+    return refresh
+
+
 class S3Layer:
     """One cache type's bucket."""
 
@@ -106,6 +148,18 @@ class S3Layer:
         """Where a row key lives in this bucket."""
         return object_key(key, key_strategy=self.spec.key_strategy, key_prefix=self.key_prefix)
 
+    @contextmanager
+    def _s3_call(self, operation: str, key: str | None = None) -> Iterator[None]:
+        """``map_s3_errors`` on this bucket; an expired token's error carries the credential
+        refresh to run before a retry (``credential_refresh``)."""
+        try:
+            with map_s3_errors(operation, self.bucket, key):
+                yield
+        except S3LayerError as exc:
+            if exc.kind is ErrorKind.CREDENTIALS_EXPIRED:
+                exc.before_retry = credential_refresh(self.client, exc)
+            raise
+
     async def check_bucket(self) -> None:
         """Raise ``S3LayerError`` unless the bucket exists and may be listed.
 
@@ -113,7 +167,7 @@ class S3Layer:
         (``InvalidAccessKeyId``) is told apart from a missing permission (``AccessDenied``).
         """
         try:
-            with map_s3_errors("ListObjectsV2", self.bucket):
+            with self._s3_call("ListObjectsV2"):
                 await self.client.list_objects_v2(Bucket=self.bucket, MaxKeys=1)
         except S3LayerError as exc:
             if exc.kind is ErrorKind.NOT_FOUND:
@@ -123,7 +177,7 @@ class S3Layer:
     async def head(self, key: str) -> int | None:
         """The stored object's size in bytes, or None when there is no object."""
         try:
-            with map_s3_errors("HeadObject", self.bucket, key):
+            with self._s3_call("HeadObject", key):
                 response = await self.client.head_object(
                     Bucket=self.bucket, Key=self.object_key(key)
                 )
@@ -153,7 +207,7 @@ class S3Layer:
             arguments["ContinuationToken"] = continuation_token
         elif start_after:
             arguments["StartAfter"] = start_after
-        with map_s3_errors("ListObjectsV2", self.bucket):
+        with self._s3_call("ListObjectsV2"):
             response = await self.client.list_objects_v2(**arguments)  # type: ignore[arg-type]
         entries = [(item["Key"], int(item["Size"])) for item in response.get("Contents", [])]
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
@@ -166,7 +220,7 @@ class S3Layer:
         arguments: dict[str, str] = {"Bucket": self.bucket, "Prefix": prefix}
         if continuation_token:
             arguments["ContinuationToken"] = continuation_token
-        with map_s3_errors("ListObjectsV2", self.bucket):
+        with self._s3_call("ListObjectsV2"):
             response = await self.client.list_objects_v2(**arguments)  # type: ignore[arg-type]
         names = [item["Key"] for item in response.get("Contents", [])]
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
@@ -185,7 +239,7 @@ class S3Layer:
         object_key = self.object_key(key)
         digest = BodyDigest(body)
         try:
-            with map_s3_errors("PutObject", self.bucket, object_key):
+            with self._s3_call("PutObject", object_key):
                 response = await self.client.put_object(
                     Bucket=self.bucket,
                     Key=object_key,
@@ -200,7 +254,7 @@ class S3Layer:
                 exc.kind = ErrorKind.TRANSIENT
             raise
         if digest.contradicted_by_put(response):
-            with map_s3_errors("DeleteObject", self.bucket, object_key):
+            with self._s3_call("DeleteObject", object_key):
                 await self.client.delete_object(Bucket=self.bucket, Key=object_key)
             raise self._damaged_upload(object_key, "; deleted it")
         return True
@@ -208,7 +262,7 @@ class S3Layer:
     async def get_raw(self, object_key: str) -> bytes | None:
         """An object by its full object key (not a row key), or None when it does not exist."""
         try:
-            with map_s3_errors("GetObject", self.bucket, object_key):
+            with self._s3_call("GetObject", object_key):
                 response = await self.client.get_object(Bucket=self.bucket, Key=object_key)
                 async with response["Body"] as stream:
                     body: bytes = await stream.read()
@@ -221,7 +275,7 @@ class S3Layer:
     async def put_raw(self, object_key: str, body: bytes) -> None:
         """Store an object by its full object key, with ``Content-MD5``, checked by ETag."""
         digest = BodyDigest(body)
-        with map_s3_errors("PutObject", self.bucket, object_key):
+        with self._s3_call("PutObject", object_key):
             response = await self.client.put_object(
                 Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=digest.content_md5
             )
@@ -250,7 +304,7 @@ class S3Layer:
         """
         wrong_digest = content_md5(b"not the body")
         try:
-            with map_s3_errors("PutObject", self.bucket, object_key):
+            with self._s3_call("PutObject", object_key):
                 await self.client.put_object(
                     Bucket=self.bucket, Key=object_key, Body=b"probe", ContentMD5=wrong_digest
                 )
@@ -258,6 +312,6 @@ class S3Layer:
             if exc.code in ("BadDigest", "InvalidDigest"):
                 return True
             raise
-        with map_s3_errors("DeleteObject", self.bucket, object_key):
+        with self._s3_call("DeleteObject", object_key):
             await self.client.delete_object(Bucket=self.bucket, Key=object_key)
         return False

@@ -21,11 +21,17 @@ from aiobotocore.config import AioConfig
 from opentelemetry.sdk.metrics.export import MetricReader
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import map_pg_errors
+from layer_cache.errors import map_pg_connect_errors
 from layer_cache.keys import bucket_name
 from layer_cache.pg import PgLayer
 from layer_cache.s3 import S3Layer
-from services.settings import PgPoolConfig, PgSslMode, Settings, StaticCredentialsAuth
+from services.settings import (
+    PgPoolConfig,
+    PgSslMode,
+    Settings,
+    SettingsError,
+    StaticCredentialsAuth,
+)
 from services.telemetry import Telemetry, start_telemetry
 
 if TYPE_CHECKING:
@@ -35,13 +41,31 @@ if TYPE_CHECKING:
 SslModeName = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
 
+_SSL_CA_CERT_ENV = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSL_CA_CERT"
+_CERTIFICATE_SOURCE_ENV = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__CERTIFICATE__SOURCE"
+
+
 def pg_ssl_option(config: PgPoolConfig) -> ssl.SSLContext | SslModeName:
-    """asyncpg's ``ssl`` argument: a verifying context when a CA is given, else the mode name."""
+    """asyncpg's ``ssl`` argument: a verifying context when a CA is given, else the mode name.
+
+    The CA is read here, before any connection: a file that is missing, unreadable or holds no
+    certificate (or an inline CA that is not one) raises ``SettingsError`` naming the setting.
+    """
     verifying = config.sslmode in (PgSslMode.VERIFY_CA, PgSslMode.VERIFY_FULL)
     if (config.ssl_ca_cert is None and config.ssl_ca_data is None) or not verifying:
         return config.sslmode.value
+    if config.ssl_ca_cert is not None:
+        setting = _SSL_CA_CERT_ENV
+        if config.certificate is not None:
+            setting += f" (or {_CERTIFICATE_SOURCE_ENV})"
+        what = f"cannot read the CA certificate file {config.ssl_ca_cert}"
+    else:
+        setting, what = _CERTIFICATE_SOURCE_ENV, "the CA is not a PEM or DER certificate"
     cafile = None if config.ssl_ca_cert is None else str(config.ssl_ca_cert)
-    context = ssl.create_default_context(cafile=cafile, cadata=config.ssl_ca_data)
+    try:  # reads the file (OSError) and parses the certificates (ssl.SSLError, an OSError)
+        context = ssl.create_default_context(cafile=cafile, cadata=config.ssl_ca_data)
+    except (OSError, ValueError) as exc:
+        raise SettingsError(f"{setting}: {what} ({type(exc).__name__}: {exc})") from exc
     context.check_hostname = config.sslmode is PgSslMode.VERIFY_FULL
     return context
 
@@ -57,15 +81,29 @@ def pg_pool_tuning(config: PgPoolConfig) -> dict[str, Any]:
 
 
 async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
-    """A pool to the layer db; fails now (not on first use) if the database is unreachable."""
-    with map_pg_errors(f"connecting to Postgres at {config.hostname}:{config.port}"):
+    """A pool to the layer db; fails now (not on first use) if the database is unreachable.
+
+    The TLS settings are checked before connecting (``SettingsError``). Every connection the pool
+    opens, now or later to replace a lost one, goes through ``map_pg_connect_errors``: a socket
+    error while connecting is a transient ``PgLayerError``, wherever the pool connects.
+    """
+    ssl_option = pg_ssl_option(config)
+    where = f"connecting to Postgres at {config.hostname}:{config.port}"
+
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        with map_pg_connect_errors(where):
+            connection: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
+        return connection
+
+    with map_pg_connect_errors(where):
         pool: asyncpg.Pool = await asyncpg.create_pool(
             host=config.hostname,
             port=config.port,
             user=config.user,
             password=config.password.get_secret_value(),
             database=config.dbname,
-            ssl=pg_ssl_option(config),
+            ssl=ssl_option,
+            connect=connect,
             min_size=1,
             max_size=config.pool_max_size,
             timeout=config.connect_timeout_secs,

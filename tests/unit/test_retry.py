@@ -72,6 +72,61 @@ async def test_retryable_error_past_the_budget_is_raised() -> None:
     assert calls == 4
 
 
+async def test_before_retry_runs_after_the_delay_and_before_the_next_attempt() -> None:
+    events: list[str] = []
+
+    async def refresh() -> None:
+        events.append("refresh")
+
+    async def expired_once() -> str:
+        events.append("attempt")
+        if events.count("attempt") == 1:
+            error = StorageError("ExpiredToken", kind=ErrorKind.CREDENTIALS_EXPIRED)
+            error.before_retry = refresh
+            raise error
+        return "ok"
+
+    result = await call_with_retries(
+        expired_once, fast_policy(), on_retry=lambda *_: events.append("on_retry")
+    )
+    assert result == "ok"
+    assert events == ["attempt", "on_retry", "refresh", "attempt"]
+
+
+async def test_a_failing_before_retry_ends_the_retries_with_its_error() -> None:
+    attempts = 0
+    refresh_failed = StorageError("refresh failed", kind=ErrorKind.INVALID_CREDENTIALS)
+
+    async def refresh() -> None:
+        raise refresh_failed
+
+    async def expired() -> None:
+        nonlocal attempts
+        attempts += 1
+        error = StorageError("ExpiredToken", kind=ErrorKind.CREDENTIALS_EXPIRED)
+        error.before_retry = refresh
+        raise error
+
+    with pytest.raises(StorageError) as raised:
+        await call_with_retries(expired, fast_policy())
+    assert raised.value is refresh_failed
+    assert attempts == 1
+
+
+async def test_expired_credentials_without_a_refresh_fail_after_the_budget() -> None:
+    attempts = 0
+
+    async def static_credentials_expired() -> None:
+        nonlocal attempts
+        attempts += 1
+        raise StorageError("ExpiredToken", kind=ErrorKind.CREDENTIALS_EXPIRED)
+
+    with pytest.raises(StorageError) as raised:
+        await call_with_retries(static_credentials_expired, fast_policy(attempts=3))
+    assert raised.value.kind is ErrorKind.CREDENTIALS_EXPIRED
+    assert attempts == 3
+
+
 def test_throttling_halves_the_limit_once_per_burst_and_successes_raise_it() -> None:
     limit = AdaptiveLimit(16)
     limit.in_use = 16
