@@ -19,7 +19,7 @@ from rich.console import Console
 
 from layer_cache.errors import StorageError
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
-from migrations_mode.config import BackfillConfig, format_checkpoint
+from migrations_mode.config import BackfillConfig, VerifyMode, format_checkpoint
 from migrations_mode.display import LiveProgress
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import run_preflight
@@ -75,7 +75,9 @@ async def run_backfill(
     s3_layers = {cache_type: context.s3_layer(cache_type) for cache_type in config.cache_types}
     pg_layers = {cache_type: context.pg_layer(cache_type) for cache_type in config.cache_types}
     await run_preflight(
-        [(pg_layers[c], s3_layers[c]) for c in config.cache_types], config.retry_policy
+        [(pg_layers[c], s3_layers[c]) for c in config.cache_types],
+        config.retry_policy,
+        writes=config.verify is VerifyMode.OFF,
     )
     try:
         store = await open_progress_store(config.progress_store, context.pg_pool, s3_layers)

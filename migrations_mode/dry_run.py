@@ -33,8 +33,7 @@ from layer_cache.s3 import S3Layer
 from migrations_mode.config import BackfillConfig
 from migrations_mode.display import format_duration
 from migrations_mode.errors import PreflightError
-from migrations_mode.preflight import explain_storage_error, run_preflight
-from migrations_mode.progress_store import S3_PROGRESS_PREFIX
+from migrations_mode.preflight import WriteCheck, explain_storage_error, run_preflight
 from migrations_mode.tables import render_table
 from services.context import ServicesContext
 
@@ -112,11 +111,10 @@ async def _head_all(
 
 
 async def estimate_cache(
-    pg: PgLayer, s3: S3Layer, config: BackfillConfig, rng: random.Random
+    pg: PgLayer, s3: S3Layer, config: BackfillConfig, rng: random.Random, write_check: WriteCheck
 ) -> CacheEstimate:
-    """Count, sample and time one cache."""
+    """Count, sample and time one cache (its write permission was probed by the preflight)."""
     key_range = config.shard.key_range
-    stored_nothing = await s3.probe_write_permission(f"{S3_PROGRESS_PREFIX}/dry-run-write-probe")
     rows, value_bytes = await pg.count_below(
         cutoff=config.cutoff, low=key_range.low, high=key_range.high
     )
@@ -130,7 +128,7 @@ async def estimate_cache(
         sampled=len(sample),
         sampled_in_s3=in_s3,
         latency_s=latency,
-        write_check="ok" if stored_nothing else "ok (probe written and deleted)",
+        write_check=write_check.value,
         estimated_s=estimate_seconds(
             rows=rows, rows_to_upload=to_upload, latency_s=latency, config=config
         ),
@@ -140,12 +138,12 @@ async def estimate_cache(
 async def run_dry_run(context: ServicesContext, config: BackfillConfig) -> list[CacheEstimate]:
     """Validate everything a run would, then estimate each cache; writes nothing."""
     pairs = [(context.pg_layer(c), context.s3_layer(c)) for c in config.cache_types]
-    await run_preflight(pairs, config.retry_policy)
+    write_checks = await run_preflight(pairs, config.retry_policy)
     rng = random.Random(0)
     estimates = []
     for pg, s3 in pairs:
         try:
-            estimate = await estimate_cache(pg, s3, config, rng)
+            estimate = await estimate_cache(pg, s3, config, rng, write_checks[pg.spec.cache_type])
         except StorageError as exc:
             raise PreflightError(explain_storage_error(exc)) from exc
         log.info(

@@ -8,7 +8,9 @@ Every failure becomes one ``PreflightError`` line that says what is wrong and wh
 from __future__ import annotations
 
 import asyncio
+from enum import StrEnum
 
+from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, PgLayerError, S3LayerError, StorageError
 from layer_cache.pg import PgLayer
 from layer_cache.retry import RetryPolicy, call_with_retries
@@ -106,7 +108,16 @@ async def check_bucket(s3: S3Layer, policy: RetryPolicy) -> None:
         raise PreflightError(explain_storage_error(exc)) from exc
 
 
-async def check_write_permission(s3: S3Layer) -> None:
+class WriteCheck(StrEnum):
+    """What the write probe found."""
+
+    OK = "ok"
+    OK_PROBE_DELETED = "ok (probe written and deleted)"
+    NOT_CHECKED = "not checked (S3 busy or unreachable; the copy will tell)"
+    SKIPPED = "not needed"
+
+
+async def check_write_permission(s3: S3Layer) -> WriteCheck:
     """The credentials may PutObject into the cache's bucket; a server that verifies
     ``Content-MD5`` stores nothing (see ``S3Layer.probe_write_permission``).
 
@@ -115,24 +126,33 @@ async def check_write_permission(s3: S3Layer) -> None:
     """
     probe_key = f"{s3.key_prefix}/{WRITE_PROBE_NAME}" if s3.key_prefix else WRITE_PROBE_NAME
     try:
-        await s3.probe_write_permission(probe_key)
+        stored_nothing = await s3.probe_write_permission(probe_key)
     except StorageError as exc:
         if exc.kind.retryable:
-            return
+            return WriteCheck.NOT_CHECKED
         raise PreflightError(explain_storage_error(exc)) from exc
+    return WriteCheck.OK if stored_nothing else WriteCheck.OK_PROBE_DELETED
 
 
-async def run_preflight(pairs: list[tuple[PgLayer, S3Layer]], policy: RetryPolicy) -> None:
+async def run_preflight(
+    pairs: list[tuple[PgLayer, S3Layer]], policy: RetryPolicy, *, writes: bool = True
+) -> dict[CacheType, WriteCheck]:
     """Check every selected cache's table and bucket, concurrently, retrying throttling and
     transient faults within ``policy``, then (once they all pass, so that no check is cancelled
-    half-way) that each bucket may be written; the first lasting failure raises."""
+    half-way) that each bucket may be written, unless the run only reads (a verification);
+    the first lasting failure raises. Returns each cache's write check."""
     try:
         async with asyncio.TaskGroup() as checks:
             for pg, s3 in pairs:
                 checks.create_task(check_table(pg, policy))
                 checks.create_task(check_bucket(s3, policy))
+        if not writes:
+            return {pg.spec.cache_type: WriteCheck.SKIPPED for pg, _s3 in pairs}
         async with asyncio.TaskGroup() as checks:
-            for _pg, s3 in pairs:
-                checks.create_task(check_write_permission(s3))
+            probes = {
+                pg.spec.cache_type: checks.create_task(check_write_permission(s3))
+                for pg, s3 in pairs
+            }
+        return {cache_type: probe.result() for cache_type, probe in probes.items()}
     except ExceptionGroup as group:
         raise first_exception(group) from None

@@ -247,6 +247,35 @@ async def test_backfill_without_write_permission_exits_3_with_one_line_and_creat
     assert recorder.bucket_writes() == []
 
 
+@pytest.mark.parametrize("flag", ["--backfill-verify", "--backfill-verify-content"])
+async def test_verification_needs_no_write_permission(
+    layer_db: LayerDb,
+    verifying_s3_server: SeaweedS3,
+    verifying_bucket_prefix: str,
+    verifying_s3_client: S3Client,
+    flag: str,
+) -> None:
+    await seed_every_cache(layer_db, random.Random(227), 10)
+    writer = service_env(
+        layer_db, verifying_s3_server.endpoint_for(READ_LIST_WRITE), verifying_bucket_prefix
+    )
+    assert (await cli(backfill_args(cache_types="cas,change_batch"), writer)).status == 0
+    objects_before = await written_objects(verifying_s3_client, verifying_bucket_prefix)
+    reader = service_env(
+        layer_db, verifying_s3_server.endpoint_for(READ_LIST), verifying_bucket_prefix
+    )
+
+    run = await cli(
+        backfill_args(flag, "--backfill-progress-store", "s3", cache_types="cas,change_batch"),
+        reader,
+    )
+
+    assert run.status == 0, run.stderr
+    assert run.total_summary()["verified"] == sum(map(len, objects_before.values())) > 0
+    assert run.total_summary()["missing"] == 0
+    assert await written_objects(verifying_s3_client, verifying_bucket_prefix) == objects_before
+
+
 @pytest.mark.parametrize(
     ("identity", "status"),
     [(READ_LIST_WRITE, 0), (READ_LIST, 3)],
