@@ -16,7 +16,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
@@ -228,7 +228,8 @@ async def serving(server: LayerCacheServer) -> AsyncIterator[str]:
     )
     try:
         async with asyncio.timeout(DEADLINE_S):
-            await asyncio.wait([listening, task], return_when=asyncio.FIRST_COMPLETED)
+            waiters: list[asyncio.Future[Any]] = [listening, task]
+            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if task.done():
             task.result()  # raises what stopped it
         host, port = listening.result()
