@@ -177,6 +177,16 @@ _PG_SQLSTATE_KINDS: dict[str, ErrorKind] = {
 }
 
 
+# invalid_sql_statement_name / duplicate_prepared_statement: a pooler in transaction mode
+# (PgBouncer in front of RDS) handed asyncpg's named statements to another server session.
+_PGBOUNCER_HINT = (
+    "; behind PgBouncer (or another pooler) in transaction mode, set "
+    "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__STATEMENT_CACHE_SIZE=0"
+)
+# What to change when a SQLSTATE has one well-known cause in this job's setting.
+_PG_SQLSTATE_HINTS: dict[str, str] = {"26000": _PGBOUNCER_HINT, "42P05": _PGBOUNCER_HINT}
+
+
 def classify_pg_sqlstate(sqlstate: str | None) -> ErrorKind:
     """Classify a Postgres error by SQLSTATE; class 08 (connection exception) is transient."""
     if sqlstate is None:
@@ -346,8 +356,9 @@ def _mapping_pg_errors(
         # asyncpg fills ``message`` from the server's answer; errors it raises itself (a
         # connection closed mid-operation) carry their text as the argument instead.
         text = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+        hint = _PG_SQLSTATE_HINTS.get(sqlstate or "", "")
         raise PgLayerError(
-            f"{what} failed: {text} (SQLSTATE {sqlstate}, {kind})",
+            f"{what} failed: {text} (SQLSTATE {sqlstate}, {kind}){hint}",
             kind=kind,
             sqlstate=sqlstate,
         ) from exc

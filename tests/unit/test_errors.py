@@ -354,6 +354,18 @@ def test_map_pg_errors_classifies_server_errors_by_sqlstate(
     )
 
 
+@pytest.mark.parametrize("sqlstate", ["26000", "42P05"])
+def test_prepared_statement_errors_say_how_to_run_behind_pgbouncer(sqlstate: str) -> None:
+    failure = pg_error(sqlstate, 'prepared statement "__asyncpg_stmt_1__" does not exist')
+    with pytest.raises(PgLayerError) as raised, map_pg_errors("reading 40 values of cas"):
+        raise failure
+    assert raised.value.kind is ErrorKind.OTHER
+    assert str(raised.value).endswith(
+        f"(SQLSTATE {sqlstate}, other); behind PgBouncer (or another pooler) in transaction"
+        " mode, set SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__STATEMENT_CACHE_SIZE=0"
+    )
+
+
 def test_a_connection_closed_mid_operation_keeps_asyncpgs_words() -> None:
     # asyncpg raises this one itself, with its text as the argument and no server fields.
     failure = asyncpg.ConnectionDoesNotExistError(
