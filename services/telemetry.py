@@ -1,58 +1,351 @@
-"""OpenTelemetry metrics: one MeterProvider for the process, flushed on the way out.
+"""OpenTelemetry metrics: one MeterProvider for the process, flushed (bounded) on the way out.
 
 The resource is ``service.name`` from ``OTEL_SERVICE_NAME`` (default ``sdf``) and
-``service.namespace`` ``si``, as upstream. When an OTLP endpoint is configured through the
-standard ``OTEL_EXPORTER_OTLP_ENDPOINT`` / ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` variables,
-metrics are exported over OTLP/HTTP every ``OTEL_METRIC_EXPORT_INTERVAL`` ms; otherwise they are
-only aggregated in-process (and read by tests through an in-memory reader). ``shutdown`` forces a
-final export, so counts made just before a SIGTERM still arrive.
+``service.namespace`` ``si``, as upstream. OTLP export is on when ``OTEL_EXPORTER_OTLP_ENDPOINT``
+or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` is set; ``otlp_export_from_env`` (pure) turns the
+standard variables into one ``OtlpExport``: the protocol (``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL``,
+else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``grpc`` as upstream; or ``http/protobuf``), the
+endpoint as the spec resolves it (a per-signal endpoint is used as is; the generic one gets
+``/v1/metrics`` over HTTP), the interval (``OTEL_METRIC_EXPORT_INTERVAL``, default upstream's
+1000 ms) and the per-export timeout (``OTEL_METRIC_EXPORT_TIMEOUT``, default upstream's 10000 ms).
+A value it cannot use is a ``SettingsError`` (exit 2) raised before anything starts; an endpoint
+that looks like the other protocol's (port 4317 over HTTP, 4318 or a URL path over gRPC, a
+per-signal HTTP URL without ``/v1/metrics``) is one warning line naming both settings. Headers,
+certificates and ``…_INSECURE`` are read by the OTel exporters themselves and never logged.
+
+Export failures are never silent and never fatal: the exporters log each failure through stdlib
+logging (rendered by ``services.logging``), ``CountingExporter`` counts attempts and failures
+(``Telemetry.failed_exports``) and logs the first failure with the settings involved, and
+``Telemetry.shutdown`` flushes and stops the readers on a helper thread bounded by
+``SHUTDOWN_TIMEOUT_S`` (aborting the exporter's retries past it), then logs one warning with the
+number of failed exports. Without OTLP the metrics are only aggregated in-process (a Prometheus
+scrape endpoint with ``--metrics-port``, in-memory readers in tests).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
-from dataclasses import dataclass
+import threading
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+from urllib.parse import urlsplit
 from wsgiref.simple_server import WSGIServer
 
+import structlog
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
+from opentelemetry.sdk.metrics.export import (
+    MetricExporter,
+    MetricExportResult,
+    MetricReader,
+    MetricsData,
+    PeriodicExportingMetricReader,
+)
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, start_http_server
+
+from services.settings import SettingsError
 
 DEFAULT_SERVICE_NAME = "sdf"
 SERVICE_NAMESPACE = "si"
 METER_NAME = "si-layer-cache"
-_OTLP_ENDPOINT_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT")
+# Upstream's PeriodicReader: every 1 s, 10 s per export (lib/telemetry-application-rs).
+DEFAULT_EXPORT_INTERVAL_MS = 1_000
+DEFAULT_EXPORT_TIMEOUT_MS = 10_000
+# The whole final flush and stop; past it the exporter's retries are aborted.
+SHUTDOWN_TIMEOUT_S = 5.0
+ABORT_GRACE_S = 1.0
+GRPC_PORT = 4317
+HTTP_PORT = 4318
+HTTP_METRICS_PATH = "/v1/metrics"
+
+ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_ENDPOINT"
+METRICS_ENDPOINT_VAR = "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT"
+PROTOCOL_VAR = "OTEL_EXPORTER_OTLP_PROTOCOL"
+METRICS_PROTOCOL_VAR = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
+INTERVAL_VAR = "OTEL_METRIC_EXPORT_INTERVAL"
+TIMEOUT_VAR = "OTEL_METRIC_EXPORT_TIMEOUT"
+
+log = structlog.get_logger("services.telemetry")
+
+
+class OtlpProtocol(StrEnum):
+    """The OTLP transports we export over (the spec's names)."""
+
+    GRPC = "grpc"
+    HTTP_PROTOBUF = "http/protobuf"
 
 
 @dataclass(frozen=True)
+class OtlpExport:
+    """Where and how metrics go over OTLP, resolved from the environment."""
+
+    protocol: OtlpProtocol
+    protocol_setting: str  # the variable that chose the protocol, or "default"
+    endpoint: str  # as handed to the exporter
+    endpoint_setting: str
+    interval_ms: int
+    timeout_ms: int
+    suspicions: tuple[str, ...] = ()  # why the endpoint looks like the other protocol's
+
+    @property
+    def shown_endpoint(self) -> str:
+        """The endpoint without user info or query (they may carry credentials)."""
+        return shown_endpoint(self.endpoint)
+
+
+def shown_endpoint(endpoint: str) -> str:
+    """``endpoint`` fit for a log line: scheme, host, port and path only."""
+    if "://" not in endpoint:
+        return endpoint.rpartition("@")[2]
+    parts = urlsplit(endpoint)
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def _first_set(env: Mapping[str, str], *names: str) -> tuple[str, str] | None:
+    for name in names:
+        value = env.get(name, "").strip()
+        if value:
+            return name, value
+    return None
+
+
+def _milliseconds(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise SettingsError(f"{name} must be a whole number of milliseconds above 0, got {raw!r}")
+    return value
+
+
+def _protocol(env: Mapping[str, str]) -> tuple[OtlpProtocol, str]:
+    chosen = _first_set(env, METRICS_PROTOCOL_VAR, PROTOCOL_VAR)
+    if chosen is None:
+        return OtlpProtocol.GRPC, "default"
+    name, raw = chosen
+    try:
+        return OtlpProtocol(raw.lower()), name
+    except ValueError:
+        raise SettingsError(
+            f"{name} must be grpc or http/protobuf, got {raw!r}"
+            + (" (no OTLP/JSON exporter here)" if raw.lower() == "http/json" else "")
+        ) from None
+
+
+def _check_url(name: str, value: str, protocol: OtlpProtocol) -> None:
+    """A URL the exporter can use: http(s) with a host; gRPC also takes a bare host:port."""
+    if "://" not in value:
+        if protocol is OtlpProtocol.GRPC:
+            return
+        raise SettingsError(
+            f"{name} must be an http:// or https:// URL, got {shown_endpoint(value)!r}"
+        )
+    parts = urlsplit(value)
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise SettingsError(f"{name} has an invalid port: {shown_endpoint(value)!r}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise SettingsError(
+            f"{name} must be an http:// or https:// URL with a host, got {shown_endpoint(value)!r}"
+        )
+
+
+def endpoint_suspicions(
+    protocol: OtlpProtocol, endpoint: str, *, per_signal: bool
+) -> tuple[str, ...]:
+    """Why ``endpoint`` looks like it belongs to the other OTLP transport (empty: it does not)."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+    port, path = parts.port, parts.path.rstrip("/")
+    found: list[str] = []
+    if protocol is OtlpProtocol.HTTP_PROTOBUF:
+        if port == GRPC_PORT:
+            found.append(f"port {GRPC_PORT} is OTLP/gRPC's; OTLP/HTTP listens on {HTTP_PORT}")
+        if per_signal and not path.endswith(HTTP_METRICS_PATH):
+            found.append(
+                f"a per-signal OTLP/HTTP endpoint is used as is: it ends in {HTTP_METRICS_PATH}"
+            )
+    else:
+        if port == HTTP_PORT:
+            found.append(f"port {HTTP_PORT} is OTLP/HTTP's; OTLP/gRPC listens on {GRPC_PORT}")
+        if path:
+            found.append("a gRPC endpoint has no path; a URL path means an OTLP/HTTP endpoint")
+    return tuple(found)
+
+
+def otlp_export_from_env(env: Mapping[str, str]) -> OtlpExport | None:
+    """The OTLP export the standard variables ask for; None when no endpoint is set.
+
+    Raises ``SettingsError`` for a value that cannot be used."""
+    protocol, protocol_setting = _protocol(env)
+    interval_ms = _milliseconds(env, INTERVAL_VAR, DEFAULT_EXPORT_INTERVAL_MS)
+    timeout_ms = _milliseconds(env, TIMEOUT_VAR, DEFAULT_EXPORT_TIMEOUT_MS)
+    chosen = _first_set(env, METRICS_ENDPOINT_VAR, ENDPOINT_VAR)
+    if chosen is None:
+        return None
+    endpoint_setting, endpoint = chosen
+    _check_url(endpoint_setting, endpoint, protocol)
+    per_signal = endpoint_setting == METRICS_ENDPOINT_VAR
+    suspicions = endpoint_suspicions(protocol, endpoint, per_signal=per_signal)
+    if protocol is OtlpProtocol.HTTP_PROTOBUF and not per_signal:
+        endpoint = endpoint.rstrip("/") + HTTP_METRICS_PATH
+    return OtlpExport(
+        protocol, protocol_setting, endpoint, endpoint_setting, interval_ms, timeout_ms, suspicions
+    )
+
+
+def otlp_configured(env: Mapping[str, str] | None = None) -> bool:
+    """True when the standard env vars name an OTLP endpoint."""
+    return (
+        _first_set(os.environ if env is None else env, METRICS_ENDPOINT_VAR, ENDPOINT_VAR)
+        is not None
+    )
+
+
+def _settings_fields(export: OtlpExport) -> dict[str, Any]:
+    return {
+        "protocol": export.protocol.value,
+        "protocol_setting": export.protocol_setting,
+        "endpoint": export.shown_endpoint,
+        "endpoint_setting": export.endpoint_setting,
+    }
+
+
+class CountingExporter(MetricExporter):
+    """Wraps the OTLP exporter: counts export attempts and failures (an exception is a failure,
+    never raised into the SDK's thread) and logs the first failure with the settings behind it."""
+
+    def __init__(self, inner: MetricExporter, export: OtlpExport) -> None:
+        super().__init__(
+            preferred_temporality=inner._preferred_temporality,
+            preferred_aggregation=inner._preferred_aggregation,
+        )
+        self.inner = inner
+        self.export_settings = export
+        self._lock = threading.Lock()
+        self.attempts = 0
+        self.failures = 0
+
+    def export(
+        self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
+    ) -> MetricExportResult:
+        try:
+            result = self.inner.export(metrics_data, timeout_millis=timeout_millis, **kwargs)
+        except Exception as exc:  # the SDK would only log it; count it as a failed export
+            result = MetricExportResult.FAILURE
+            log.warning("otlp metrics export raised", error=repr(exc))
+        with self._lock:
+            self.attempts += 1
+            first_failure = result is MetricExportResult.FAILURE and self.failures == 0
+            if result is MetricExportResult.FAILURE:
+                self.failures += 1
+        if first_failure:
+            log.warning(
+                "otlp metrics export failed",
+                **_settings_fields(self.export_settings),
+                hint="later failures are counted and reported at exit; check that the "
+                "endpoint speaks the protocol",
+            )
+        return result
+
+    def force_flush(self, timeout_millis: float = 10_000) -> bool:
+        return self.inner.force_flush(timeout_millis=timeout_millis)
+
+    def shutdown(self, timeout_millis: float = 30_000, **kwargs: Any) -> None:
+        self.inner.shutdown(timeout_millis=timeout_millis, **kwargs)
+
+
+def build_exporter(export: OtlpExport) -> MetricExporter:
+    """The OTel SDK's OTLP exporter for ``export`` (headers, TLS and insecure from env)."""
+    timeout_s = export.timeout_ms / 1000
+    if export.protocol is OtlpProtocol.GRPC:
+        from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+            OTLPMetricExporter as GrpcExporter,
+        )
+
+        return GrpcExporter(endpoint=export.endpoint, timeout=timeout_s)
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpExporter,
+    )
+
+    return HttpExporter(endpoint=export.endpoint, timeout=timeout_s)
+
+
+@dataclass
 class Telemetry:
     """The process's meter and the provider behind it."""
 
     provider: MeterProvider
     meter: Meter
     scrape_server: WSGIServer | None = None
+    exporter: CountingExporter | None = None
+    _stopped: bool = field(default=False, repr=False)
 
     @property
     def scrape_port(self) -> int | None:
         """The port the Prometheus endpoint listens on (useful with port 0)."""
         return None if self.scrape_server is None else int(self.scrape_server.server_port)
 
+    @property
+    def failed_exports(self) -> int:
+        """OTLP exports that failed so far (0 without OTLP)."""
+        return 0 if self.exporter is None else self.exporter.failures
+
+    def _flush_and_stop(self) -> None:
+        timeout_ms = SHUTDOWN_TIMEOUT_S * 1000
+        try:
+            self.provider.force_flush(timeout_millis=timeout_ms)
+        except Exception as exc:  # a reader that timed out: reported below, never raised
+            log.warning("metrics flush incomplete", error=str(exc).splitlines()[0])
+        try:
+            self.provider.shutdown(timeout_millis=timeout_ms)
+        except Exception as exc:
+            log.warning("metrics shutdown incomplete", error=str(exc).splitlines()[0])
+
     def shutdown(self) -> None:
-        """Flush and stop every reader, then close the scrape endpoint; call once at exit."""
-        self.provider.force_flush(timeout_millis=5_000)
-        self.provider.shutdown(timeout_millis=5_000)
+        """Flush and stop every reader (bounded), report failed exports, then close the scrape
+        endpoint; call once at exit."""
+        if self._stopped:
+            return
+        self._stopped = True
+        worker = threading.Thread(
+            target=self._flush_and_stop, name="telemetry-shutdown", daemon=True
+        )
+        worker.start()
+        worker.join(SHUTDOWN_TIMEOUT_S)
+        if worker.is_alive():
+            if self.exporter is not None:
+                self.exporter.inner.shutdown()  # ends the retry wait and closes the channel
+            worker.join(ABORT_GRACE_S)
+            log.warning("metrics flush timed out", timeout_s=SHUTDOWN_TIMEOUT_S)
+        if self.exporter is not None and self.exporter.failures:
+            log.warning(
+                "metrics export failures",
+                failed_exports=self.exporter.failures,
+                exports=self.exporter.attempts,
+                **_settings_fields(self.exporter.export_settings),
+            )
         if self.scrape_server is not None:
             self.scrape_server.shutdown()
             self.scrape_server.server_close()
 
 
-def otlp_configured() -> bool:
-    """True when the standard env vars name an OTLP endpoint."""
-    return any(os.environ.get(name) for name in _OTLP_ENDPOINT_VARS)
+def _warn_suspicions(export: OtlpExport) -> None:
+    for reason in export.suspicions:
+        log.warning(
+            "otlp endpoint looks like the other protocol's",
+            **_settings_fields(export),
+            reason=reason,
+        )
 
 
 def start_telemetry(
@@ -60,9 +353,25 @@ def start_telemetry(
     *,
     prometheus_port: int | None = None,
     prometheus_host: str = "0.0.0.0",
+    environ: Mapping[str, str] | None = None,
 ) -> Telemetry:
-    """Build the MeterProvider (OTLP exporter and scrape endpoint only when configured)."""
+    """Build the MeterProvider (OTLP exporter and scrape endpoint only when configured).
+
+    Raises ``SettingsError`` for unusable OTLP settings before anything is started."""
+    env = os.environ if environ is None else environ
+    export = otlp_export_from_env(env)
     readers = list(extra_readers)
+    exporter: CountingExporter | None = None
+    if export is not None:
+        _warn_suspicions(export)
+        exporter = CountingExporter(build_exporter(export), export)
+        readers.append(
+            PeriodicExportingMetricReader(
+                exporter,
+                export_interval_millis=export.interval_ms,
+                export_timeout_millis=export.timeout_ms,
+            )
+        )
     scrape_server: WSGIServer | None = None
     if prometheus_port is not None:
         registry = CollectorRegistry(auto_describe=True)
@@ -70,15 +379,11 @@ def start_telemetry(
         scrape_server, _thread = start_http_server(
             prometheus_port, addr=prometheus_host, registry=registry
         )
-    if otlp_configured():
-        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
-
-        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
     resource = Resource.create(
         {
-            "service.name": os.environ.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
+            "service.name": env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
             "service.namespace": SERVICE_NAMESPACE,
         }
     )
     provider = MeterProvider(resource=resource, metric_readers=readers)
-    return Telemetry(provider, provider.get_meter(METER_NAME), scrape_server)
+    return Telemetry(provider, provider.get_meter(METER_NAME), scrape_server, exporter)

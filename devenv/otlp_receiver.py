@@ -1,0 +1,121 @@
+"""A real OTLP/gRPC metrics receiver for tests: ``MetricsService/Export`` served by grpcio.
+
+No OpenTelemetry Collector binary is obtainable from the registries this project uses, so the
+tests receive OTLP over gRPC with the protocol's own service definition (the
+``opentelemetry-proto`` package's generated servicer, the same one the collector implements):
+HTTP/2, protobuf ``ExportMetricsServiceRequest``, gRPC status codes. Each request is kept as
+received; ``points`` flattens them into (resource attributes, metric name, attributes, value).
+The server listens on a free loopback port (plaintext, like a collector's default ``:4317``) on
+grpcio's thread pool, so it keeps answering while a test waits on a subprocess; ``stop`` ends it
+with a short grace period.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from concurrent import futures
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2_grpc
+from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
+    ExportMetricsServiceRequest,
+    ExportMetricsServiceResponse,
+)
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
+
+from devenv.servers import free_port
+
+
+def _value(value: AnyValue) -> Any:
+    kind = value.WhichOneof("value")
+    return None if kind is None else getattr(value, kind)
+
+
+def _attributes(pairs: Any) -> dict[str, Any]:
+    return {pair.key: _value(pair.value) for pair in pairs if isinstance(pair, KeyValue)}
+
+
+@dataclass(frozen=True)
+class Point:
+    """One received data point (sums and gauges: the value; histograms: the count)."""
+
+    resource: dict[str, Any]
+    metric: str
+    attributes: dict[str, Any]
+    value: float
+
+
+class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
+    def __init__(self, received: list[ExportMetricsServiceRequest], lock: threading.Lock) -> None:
+        self._received = received
+        self._lock = lock
+
+    def Export(
+        self, request: ExportMetricsServiceRequest, context: grpc.ServicerContext
+    ) -> ExportMetricsServiceResponse:
+        with self._lock:
+            self._received.append(request)
+        return ExportMetricsServiceResponse()
+
+
+class OtlpGrpcReceiver:
+    """A running receiver; ``endpoint`` is what ``OTEL_EXPORTER_OTLP_ENDPOINT`` should say."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self._lock = threading.Lock()
+        self._received: list[ExportMetricsServiceRequest] = []
+        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
+            _MetricsService(self._received, self._lock), self._server
+        )
+        self._server.add_insecure_port(f"127.0.0.1:{port}")
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def requests(self) -> list[ExportMetricsServiceRequest]:
+        with self._lock:
+            return list(self._received)
+
+    def points(self) -> list[Point]:
+        """Every data point of every request received so far, in arrival order."""
+        found = []
+        for request in self.requests:
+            for resource_metrics in request.resource_metrics:
+                resource = _attributes(resource_metrics.resource.attributes)
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        kind = metric.WhichOneof("data")
+                        for point in getattr(metric, kind).data_points:
+                            if kind == "histogram":
+                                value = float(point.count)
+                            else:
+                                value = float(getattr(point, point.WhichOneof("value")))
+                            found.append(
+                                Point(resource, metric.name, _attributes(point.attributes), value)
+                            )
+        return found
+
+    def start(self) -> None:
+        self._server.start()
+
+    def stop(self) -> None:
+        self._server.stop(grace=1).wait(5)
+
+
+@contextmanager
+def otlp_grpc_receiver() -> Iterator[OtlpGrpcReceiver]:
+    """A receiver on a free loopback port for the life of the block."""
+    receiver = OtlpGrpcReceiver(free_port())
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()
