@@ -107,12 +107,13 @@ def victoria_metrics_binary() -> tuple[str | None, str]:
 @dataclass(frozen=True)
 class ScrapeJob:
     """A scrape job of our Prometheus config: name, targets, and optionally a path with
-    parameters (``/federate`` with ``match[]``)."""
+    parameters (``/federate`` with ``match[]``) and relabelling of the scraped series."""
 
     name: str
     targets: Sequence[str]
     metrics_path: str = "/metrics"
     params: dict[str, list[str]] | None = None
+    metric_relabel_configs: list[dict[str, Any]] | None = None
 
     def config(self) -> dict[str, Any]:
         found: dict[str, Any] = {
@@ -122,6 +123,8 @@ class ScrapeJob:
         }
         if self.params:
             found["params"] = self.params
+        if self.metric_relabel_configs:
+            found["metric_relabel_configs"] = self.metric_relabel_configs
         return found
 
 
@@ -203,8 +206,11 @@ async def _running(
 
 
 @asynccontextmanager
-async def running_prometheus(binary: str, jobs: Sequence[ScrapeJob]) -> AsyncIterator[MetricStore]:
-    """Our own prometheus process: ``jobs`` scraped every second."""
+async def running_prometheus(
+    binary: str, jobs: Sequence[ScrapeJob], *, port: int | None = None
+) -> AsyncIterator[MetricStore]:
+    """Our own prometheus process: ``jobs`` scraped every second, on ``port`` (default: a free
+    one; choose it to let a job scrape this Prometheus itself, e.g. ``/federate``)."""
     with tempfile.TemporaryDirectory(prefix="devenv-prometheus-") as folder:
         workdir = Path(folder)
         config = {
@@ -212,7 +218,7 @@ async def running_prometheus(binary: str, jobs: Sequence[ScrapeJob]) -> AsyncIte
             "scrape_configs": [job.config() for job in jobs],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(config), encoding="utf-8")
-        address = f"127.0.0.1:{free_port()}"
+        address = f"127.0.0.1:{port or free_port()}"
         command = [
             binary,
             f"--config.file={workdir / 'prometheus.yml'}",

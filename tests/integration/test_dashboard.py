@@ -1,4 +1,5 @@
-"""Every query of the dashboard, run through a real Prometheus that scraped a real backfill.
+"""Every query of the dashboard, run through a real Prometheus that scraped a real backfill,
+with the service in ``job`` and in ``exported_job``.
 
 Two services contexts run side by side in this process, as two replicas of one job would: one
 walks ``cas`` and ``change_batch`` in key order through a fault proxy that throttles a few PUTs
@@ -6,13 +7,19 @@ walks ``cas`` and ``change_batch`` in key order through a fault proxy that throt
 the other walks ``workspace_snapshot`` newest-first (the only order that reports checkpoint lag).
 Some objects are already in S3 with the right size (skipped) or the wrong one (repaired). Both
 contexts serve their metrics on a free port (``metrics_port=0``); a ``prometheus`` process of our
-own, with its own config and storage in a temporary folder, scrapes both every second under one
-job. When the runs are over and Prometheus has scraped the final values, every query of every
-panel is sent to ``/api/v1/query`` with the dashboard's variables filled in, and must be valid
-and return at least one series; a few values are checked against what the runs reported.
+own (``devenv.metric_stores``) scrapes both every second under one job, so the service is in
+``job``. A second scrape job reads the same series back from that Prometheus' ``/federate``
+endpoint without ``honor_labels``: the target's ``job`` label clashes with the scrape job's and
+Prometheus renames it ``exported_job``, exactly as when it scrapes an OpenTelemetry collector's
+Prometheus exporter (upstream's pipeline); a relabelling sets it to ``si/sdf``, the name that
+exporter gives the service, so no query can find the federated series through ``job``. When the
+runs are over and both jobs hold the final values, every query of every panel is sent to
+``/api/v1/query`` with the dashboard's variables filled in as Grafana would, once per
+``job_label`` value, and must be valid and return at least one series; a few values are checked
+against what the runs reported, in both labellings.
 
-Prometheus is Debian's ``prometheus`` package: installed with apt-get when missing and the
-process is root, otherwise the test is skipped. The package's own service plays no part.
+The Prometheus binary is the one on PATH, else Debian's package fetched into ``.devenv``; the
+test is skipped only when neither can be had.
 """
 
 from __future__ import annotations
@@ -20,25 +27,18 @@ from __future__ import annotations
 import asyncio
 import json
 import math
-import os
 import random
 import re
-import shutil
-import subprocess
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import AsyncExitStack, asynccontextmanager, contextmanager
+from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
-import aiohttp
 import pytest
-import yaml
 
 from devenv.faults import SLOWDOWN, FaultPlan, FaultProxy
+from devenv.metric_stores import ScrapeJob, prometheus_binary, running_prometheus
 from devenv.servers import S3Server, free_port
 from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
@@ -63,154 +63,31 @@ NEWEST_FIRST_CACHE = CacheType.WORKSPACE_SNAPSHOT
 ROWS = {CacheType.CAS: 450, CacheType.CHANGE_BATCH: 300, CacheType.WORKSPACE_SNAPSHOT: 450}
 ALREADY_COPIED = 60  # cas rows whose object is in S3 with the right size: skipped
 WRONG_SIZE = 15  # cas rows whose object has the wrong size: repaired
-# What Grafana would put in for the variables; $service is the scrape job's name.
+COLLECTOR_JOB = "otel-collector"  # the scrape job that displaces the series' job label
+# The service as an OTel collector's Prometheus exporter names it: service.namespace/service.name.
+OTEL_SERVICE = "si/sdf"
+# The service (the value of $service) in each labelling: the scrape job's name in job, the OTel
+# service in exported_job. Nothing else carries either value, so a query that selects on the
+# wrong label finds nothing.
+SERVICES = {"job": JOB, "exported_job": OTEL_SERVICE}
+JOB_LABELS = tuple(SERVICES)
+# What Grafana would put in for the other variables.
 VARIABLES = {
     "datasource": "",
-    "service": JOB,
     "cache_type": ".*",
     "__rate_interval": "1m",
     "__interval": "1m",
     "__range": "5m",
 }
 VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
-READY_TIMEOUT_S = 30.0
-SCRAPED_TIMEOUT_S = 30.0
-
-
-def prometheus_install_failure() -> str | None:
-    """Install Debian's prometheus package; None on success, else why it cannot be."""
-    if os.geteuid() != 0:
-        return "prometheus is not installed and only root may apt-get install it"
-    apt_get = shutil.which("apt-get")
-    if apt_get is None:
-        return "prometheus is not installed and there is no apt-get to install it"
-    env = os.environ | {"DEBIAN_FRONTEND": "noninteractive"}
-    install = [apt_get, "install", "-y", "--no-install-recommends", "prometheus"]
-    result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:  # perhaps no package lists yet
-        subprocess.run([apt_get, "update"], env=env, capture_output=True, timeout=600)
-        result = subprocess.run(install, env=env, capture_output=True, text=True, timeout=600)
-    if result.returncode != 0:
-        return "apt-get install prometheus failed: " + result.stderr.strip()[-500:]
-    return None
 
 
 @pytest.fixture(scope="session")
-def prometheus_binary() -> str:
-    binary = shutil.which("prometheus")
+def prometheus_binary_path() -> str:
+    binary, why_not = prometheus_binary()
     if binary is None:
-        failure = prometheus_install_failure()
-        if failure is not None:
-            pytest.skip(failure)
-        binary = shutil.which("prometheus")
-    if binary is None:
-        pytest.skip("the prometheus package installed no prometheus binary on PATH")
+        pytest.skip(f"no prometheus binary: {why_not}")
     return binary
-
-
-@dataclass(frozen=True)
-class Prometheus:
-    """A running Prometheus and an HTTP session to its API."""
-
-    url: str
-    session: aiohttp.ClientSession
-
-    async def query(self, promql: str) -> dict[str, Any]:
-        """The ``/api/v1/query`` answer (status error included) for an instant query now."""
-        async with self.session.get(
-            f"{self.url}/api/v1/query", params={"query": promql}
-        ) as response:
-            answer: dict[str, Any] = await response.json(content_type=None)
-            return answer
-
-    async def values(self, promql: str) -> list[float]:
-        """The sample values of a query that must succeed."""
-        answer = await self.query(promql)
-        assert answer["status"] == "success", f"{promql}: {answer}"
-        return [float(item["value"][1]) for item in answer["data"]["result"]]
-
-    async def wait_until(self, promql: str, accept: Any, what: str) -> list[float]:
-        """Poll ``promql`` until ``accept(values)``; fail after ``SCRAPED_TIMEOUT_S``."""
-        deadline = time.monotonic() + SCRAPED_TIMEOUT_S
-        values: list[float] = []
-        while time.monotonic() < deadline:
-            values = await self.values(promql)
-            if accept(values):
-                return values
-            await asyncio.sleep(0.25)
-        raise AssertionError(f"timed out waiting for {what}: {promql} = {values}")
-
-
-def write_config(path: Path, targets: list[str]) -> None:
-    """One job scraping ``targets`` every second."""
-    config = {
-        "global": {"scrape_interval": "1s", "scrape_timeout": "1s"},
-        "scrape_configs": [{"job_name": JOB, "static_configs": [{"targets": targets}]}],
-    }
-    path.write_text(yaml.safe_dump(config), encoding="utf-8")
-
-
-def log_tail(path: Path) -> str:
-    return path.read_text(encoding="utf-8", errors="replace")[-2000:]
-
-
-@contextmanager
-def log_file(path: Path) -> Iterator[IO[bytes]]:
-    with path.open("wb") as handle:
-        yield handle
-
-
-@asynccontextmanager
-async def running_prometheus(binary: str, targets: list[str]) -> AsyncIterator[Prometheus]:
-    """Our own prometheus process: config, storage and log in a temporary folder, 1 s scrapes."""
-    with tempfile.TemporaryDirectory(prefix="dashboard-prometheus-") as folder:
-        workdir = Path(folder)
-        write_config(workdir / "prometheus.yml", targets)
-        address = f"127.0.0.1:{free_port()}"
-        with log_file(workdir / "prometheus.log") as log:
-            process = await asyncio.create_subprocess_exec(
-                binary,
-                f"--config.file={workdir / 'prometheus.yml'}",
-                f"--storage.tsdb.path={workdir / 'data'}",
-                f"--web.listen-address={address}",
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=log,
-                stderr=log,
-            )
-            try:
-                async with aiohttp.ClientSession(
-                    timeout=aiohttp.ClientTimeout(total=10)
-                ) as session:
-                    prometheus = Prometheus(f"http://{address}", session)
-                    await wait_ready(prometheus, process, workdir / "prometheus.log")
-                    yield prometheus
-            finally:
-                if process.returncode is None:
-                    process.terminate()
-                    try:
-                        await asyncio.wait_for(process.wait(), timeout=10)
-                    except TimeoutError:
-                        process.kill()
-                        await process.wait()
-
-
-async def wait_ready(
-    prometheus: Prometheus, process: asyncio.subprocess.Process, log: Path
-) -> None:
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    while time.monotonic() < deadline:
-        if process.returncode is not None:
-            break
-        try:
-            async with prometheus.session.get(f"{prometheus.url}/-/ready") as response:
-                if response.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.2)
-    raise AssertionError(
-        f"prometheus did not become ready (exit {process.returncode}):\n{log_tail(log)}"
-    )
 
 
 @dataclass(frozen=True)
@@ -219,14 +96,14 @@ class PanelQuery:
     ref_id: str
     expr: str
 
-    @property
-    def promql(self) -> str:
+    def promql(self, job_label: str) -> str:
         """The expression with the dashboard variables filled in, as Grafana would."""
+        variables = VARIABLES | {"job_label": job_label, "service": SERVICES[job_label]}
 
         def fill(match: re.Match[str]) -> str:
             name = match.group(1) or match.group(2)
-            assert name in VARIABLES, f"{self.panel}: unknown variable ${name}"
-            return VARIABLES[name]
+            assert name in variables, f"{self.panel}: unknown variable ${name}"
+            return variables[name]
 
         return VARIABLE.sub(fill, self.expr)
 
@@ -272,8 +149,30 @@ def settings_with(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **change
     return load_settings({"metrics_port": 0})
 
 
-async def test_every_dashboard_query_returns_data_from_a_real_backfill(
-    prometheus_binary: str,
+def scrape_jobs(targets: list[str], prometheus_address: str) -> list[ScrapeJob]:
+    """The backfill scraped directly (``job``), and its series federated back (``exported_job``)."""
+    return [
+        ScrapeJob(JOB, targets),
+        ScrapeJob(
+            COLLECTOR_JOB,
+            [prometheus_address],
+            metrics_path="/federate",
+            params={"match[]": [f'{{job="{JOB}"}}']},
+            # What the collector's exporter would call the service.
+            metric_relabel_configs=[
+                {
+                    "source_labels": ["exported_job"],
+                    "regex": JOB,
+                    "target_label": "exported_job",
+                    "replacement": OTEL_SERVICE,
+                }
+            ],
+        ),
+    ]
+
+
+async def test_every_dashboard_query_returns_data_with_job_and_with_exported_job(
+    prometheus_binary_path: str,
     layer_db: LayerDb,
     env: dict[str, str],
     monkeypatch: pytest.MonkeyPatch,
@@ -297,7 +196,12 @@ async def test_every_dashboard_query_returns_data_from_a_real_backfill(
         targets = [
             f"127.0.0.1:{context.telemetry.scrape_port}" for context in (key_order, newest_first)
         ]
-        prometheus = await stack.enter_async_context(running_prometheus(prometheus_binary, targets))
+        port = free_port()
+        prometheus = await stack.enter_async_context(
+            running_prometheus(
+                prometheus_binary_path, scrape_jobs(targets, f"127.0.0.1:{port}"), port=port
+            )
+        )
         # Prometheus applies new targets only after 5 s: seed meanwhile.
         rng = random.Random(41)
         rows = {cache_type: seed(rng, count) for cache_type, count in ROWS.items()}
@@ -328,27 +232,56 @@ async def test_every_dashboard_query_returns_data_from_a_real_backfill(
         processed = sum(stats.processed for stats in outcomes.values())
         assert processed == sum(ROWS.values())
         assert proxy.counts[SLOWDOWN] > 0, "the proxy throttled nothing"
-        # Keep both endpoints up until Prometheus has scraped the final values.
-        counter = f'layer_cache_backfill_items_processed_total{{job="{JOB}"}}'
-        await prometheus.wait_until(
-            f"sum({counter})", lambda values: values == [processed], "the final count"
-        )
-        await prometheus.wait_until(
-            f"min(timestamp({counter}))",
-            lambda values: bool(values) and values[0] > finished_at,
-            "a scrape of both targets after the runs ended",
-        )
+        # Keep both endpoints up until both labelings hold the final values.
+        for job_label, service in SERVICES.items():
+            counter = f'layer_cache_backfill_items_processed_total{{{job_label}="{service}"}}'
+            await prometheus.wait_until(
+                f"sum({counter})",
+                lambda values: values == [processed],
+                f"the final count in {job_label}",
+            )
+            await prometheus.wait_until(
+                f"min(timestamp({counter}))",
+                lambda values: bool(values) and values[0] > finished_at,
+                f"a scrape of both targets after the runs ended, in {job_label}",
+            )
 
-        answers = {query: await prometheus.query(query.promql) for query in dashboard_queries()}
+        answers = {
+            (job_label, query): await prometheus.query(query.promql(job_label))
+            for job_label in JOB_LABELS
+            for query in dashboard_queries()
+        }
+        # Through /federate the service is in exported_job; job names the scraping job.
+        federated = await prometheus.series(
+            "count by (job) (layer_cache_backfill_items_processed_total"
+            f'{{exported_job="{OTEL_SERVICE}"}})'
+        )
 
     problems = [
-        f"{query.panel} [{query.ref_id}] {answer.get('status')}: "
-        f"{answer.get('error') or 'no series'}\n    {query.promql}"
-        for query, answer in answers.items()
+        f"{query.panel} [{query.ref_id}] with {job_label}: {answer.get('status')}: "
+        f"{answer.get('error') or 'no series'}\n    {query.promql(job_label)}"
+        for (job_label, query), answer in answers.items()
         if answer["status"] != "success" or not answer["data"]["result"]
     ]
     assert not problems, "dashboard queries failed:\n" + "\n".join(problems)
-    assert len(answers) >= 25
+    assert len(answers) >= 2 * 25
+    for job_label in JOB_LABELS:
+        check_panel_values(
+            {query: answer for (label, query), answer in answers.items() if label == job_label},
+            outcomes,
+            processed,
+        )
+    assert {labels.get("job") for labels, _count in federated} == {COLLECTOR_JOB}
+    # The runs must be long enough for rate() to see several scrapes.
+    assert backfill_s > 3, f"the backfill took only {backfill_s:.1f}s"
+
+
+def check_panel_values(
+    answers: dict[PanelQuery, dict[str, Any]],
+    outcomes: dict[CacheType, Any],
+    processed: int,
+) -> None:
+    """A few panels' values against what the runs reported."""
 
     def values(panel: str, ref_id: str = "A") -> dict[str, float]:
         """cache_type (or error_class, or "") → value, for one query's answer."""
@@ -386,5 +319,3 @@ async def test_every_dashboard_query_returns_data_from_a_real_backfill(
     latency = values("Upload Latency p50 / p99", "B")
     assert set(latency) == every_cache
     assert all(math.isfinite(seconds) and seconds > 0 for seconds in latency.values())
-    # The runs must be long enough for rate() to see several scrapes.
-    assert backfill_s > 3, f"the backfill took only {backfill_s:.1f}s"

@@ -20,7 +20,7 @@ from opentelemetry.exporter.prometheus import PrometheusMetricReader
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
-from grafana.dashboard import DEFAULT_SERVICE_LABEL, JSON_PATH, main, render
+from grafana.dashboard import JSON_PATH, SERVICE_LABELS, main, render
 from layer_cache.cache_types import CacheType
 from migrations_mode.progress import GAUGES, BackfillMetrics, CacheProgress
 
@@ -91,19 +91,27 @@ def test_header_is_upstreams(dashboard: Json) -> None:
     assert dashboard["tags"] == ["layercache", "backfill", "s3", "migration"]
     assert dashboard["refresh"] == "10s"
     assert dashboard["time"] == {"from": "now-1h", "to": "now"}
-    assert "`service` variable selects on the Prometheus label `job`" in dashboard["description"]
+    assert "`job_label` variable names the Prometheus label" in dashboard["description"]
 
 
-def test_variables_are_datasource_service_and_cache_type(dashboard: Json) -> None:
+def test_variables_are_datasource_job_label_service_and_cache_type(dashboard: Json) -> None:
     names = [v["name"] for v in dashboard["templating"]["list"]]
-    assert names == ["datasource", "service", "cache_type"]
+    assert names == ["datasource", "job_label", "service", "cache_type"]
     datasource = variable(dashboard, "datasource")
     assert (datasource["type"], datasource["query"]) == ("datasource", "prometheus")
+    job_label = variable(dashboard, "job_label")
+    assert (job_label["type"], job_label["query"]) == ("custom", "job,exported_job")
+    assert [option["value"] for option in job_label["options"]] == ["job", "exported_job"]
+    assert job_label["current"]["value"] == "job"
+    assert (job_label["multi"], job_label["includeAll"]) == (False, False)
     service = variable(dashboard, "service")
-    assert service["query"] == "label_values(layer_cache_backfill_items_processed_total, job)"
+    assert service["query"] == (
+        "label_values(layer_cache_backfill_items_processed_total, $job_label)"
+    )
     cache_type = variable(dashboard, "cache_type")
     assert cache_type["query"] == (
-        'label_values(layer_cache_backfill_items_processed_total{job=~"$service"}, cache_type)'
+        "label_values(layer_cache_backfill_items_processed_total"
+        '{$job_label=~"$service"}, cache_type)'
     )
     for multi in (service, cache_type):
         assert multi["type"] == "query"
@@ -142,7 +150,7 @@ def test_every_metric_selector_filters_on_service_and_cache_type(dashboard: Json
         assert metrics, f"{title}: no backfill metric in {expr!r}"
         assert len(selectors) == len(metrics), f"{title}: a metric without a selector: {expr!r}"
         for _name, matchers in selectors:
-            assert 'job=~"$service"' in matchers, f"{title}: {expr!r}"
+            assert '$job_label=~"$service"' in matchers, f"{title}: {expr!r}"
             assert 'cache_type=~"$cache_type"' in matchers, f"{title}: {expr!r}"
 
 
@@ -228,12 +236,21 @@ def test_queried_metrics_are_exported_and_every_exported_metric_is_shown(
     assert exported - histogram_totals <= queried, f"not shown: {sorted(exported - queried)}"
 
 
-def test_the_service_label_can_be_exported_job_for_a_collector_pipeline() -> None:
-    variant: Json = json.loads(render("exported_job"))
+# Grafana's Prometheus data source fills variables in as text (templateSrv.replace) before it
+# parses a variable query (PrometheusMetricFindQuery) or sends a panel query.
+LABEL_VALUES = re.compile(r"^label_values\((?:(.+),\s*)?([a-zA-Z_][a-zA-Z0-9_]*)\)\s*$")
 
-    assert DEFAULT_SERVICE_LABEL == "job"
-    assert "label `exported_job`" in variant["description"]
-    assert variable(variant, "service")["query"].endswith(", exported_job)")
-    for _title, target in queries(variant):
-        assert 'exported_job=~"$service"' in target["expr"]
-        assert 'job=~"$service"' not in target["expr"].replace("exported_job", "")
+
+@pytest.mark.parametrize("label", SERVICE_LABELS)
+def test_job_label_fills_in_as_a_label_name_in_every_query(dashboard: Json, label: str) -> None:
+    assert SERVICE_LABELS == ("job", "exported_job")
+    for _title, target in queries(dashboard):
+        expr = target["expr"].replace("$job_label", label)
+        for _name, matchers in SELECTOR.findall(expr):
+            assert matchers.startswith(f'{label}=~"$service", '), expr
+    service = variable(dashboard, "service")["query"].replace("$job_label", label)
+    parsed = LABEL_VALUES.match(service)
+    assert parsed is not None, service
+    assert parsed.group(2) == label
+    cache_type = variable(dashboard, "cache_type")["query"].replace("$job_label", label)
+    assert f'{{{label}=~"$service"}}' in cache_type
