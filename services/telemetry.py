@@ -203,14 +203,6 @@ def otlp_export_from_env(env: Mapping[str, str]) -> OtlpExport | None:
     )
 
 
-def otlp_configured(env: Mapping[str, str] | None = None) -> bool:
-    """True when the standard env vars name an OTLP endpoint."""
-    return (
-        _first_set(os.environ if env is None else env, METRICS_ENDPOINT_VAR, ENDPOINT_VAR)
-        is not None
-    )
-
-
 def _settings_fields(export: OtlpExport) -> dict[str, Any]:
     return {
         "protocol": export.protocol.value,

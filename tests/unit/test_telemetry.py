@@ -29,7 +29,6 @@ from services.telemetry import (
     CountingExporter,
     OtlpExport,
     OtlpProtocol,
-    otlp_configured,
     otlp_export_from_env,
     shown_endpoint,
     start_telemetry,
@@ -41,7 +40,7 @@ GRPC_ENDPOINT = "http://collector:4317"
 def test_no_endpoint_means_no_otlp_export() -> None:
     assert otlp_export_from_env({}) is None
     assert otlp_export_from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) is None
-    assert not otlp_configured({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "})
+    assert otlp_export_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}) is None
 
 
 def test_grpc_is_the_default_protocol_with_upstreams_interval_and_timeout() -> None:
