@@ -23,6 +23,12 @@ How it works
     Neither error fault reaches the upstream server. Forwarded requests (including ``reset``
     ones) may first wait ``uniform(*plan.latency_s)`` seconds.
 
+    ``plan.expired_access_keys``: a request signed with one of these access key ids (from the
+    SigV4 ``Authorization`` header or a presigned ``X-Amz-Credential``) is answered ``400`` with
+    code ``ExpiredToken``, as S3 answers a session token past its expiry, and never forwarded;
+    it takes no draws and counts as ``expired_token``. A client that refreshes its credentials
+    gets through with the new key.
+
     ``plan.put_etag`` (an ``EtagRewrite``) also rewrites every forwarded PUT that the upstream
     answered ``200`` with an ``ETag`` (PutObject, UploadPart): the ETag becomes another 32-hex
     value and the rewrite's encryption headers are added, as a bucket with SSE-KMS, DSSE-KMS or
@@ -76,6 +82,7 @@ import math
 import random
 import uuid
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
@@ -91,6 +98,7 @@ __all__ = [
     "BAD_GATEWAY",
     "CANCELLED",
     "ETAG_REWRITTEN",
+    "EXPIRED_TOKEN",
     "FORWARDED",
     "INTERNAL_ERROR",
     "RESET",
@@ -99,12 +107,14 @@ __all__ = [
     "EtagRewrite",
     "FaultPlan",
     "FaultProxy",
+    "signing_access_key",
 ]
 
 logger = logging.getLogger(__name__)
 
 FORWARDED: Final = "forwarded"
 ETAG_REWRITTEN: Final = "etag_rewritten"
+EXPIRED_TOKEN: Final = "expired_token"
 SLOWDOWN: Final = "slowdown"
 INTERNAL_ERROR: Final = "internal_error"
 RESET: Final = "reset"
@@ -203,6 +213,8 @@ class FaultPlan:
     """Seed of the ``random.Random`` the faults and delays are drawn from."""
     put_etag: EtagRewrite | None = None
     """Rewrite the ETag (and add encryption headers) of every PUT the upstream stored."""
+    expired_access_keys: frozenset[str] = frozenset()
+    """Access key ids whose requests are answered 400 ExpiredToken, never forwarded."""
 
     def __post_init__(self) -> None:
         shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
@@ -343,6 +355,9 @@ class FaultProxy:
         method = request.method
         try:
             body = await request.read()
+            if signing_access_key(request.headers, request.query) in self._plan.expired_access_keys:
+                self._count(method, EXPIRED_TOKEN)
+                return _s3_error(request, 400, "ExpiredToken", "The provided token has expired.")
             planned, delay = self._draw(method)
             if planned == SLOWDOWN:
                 self._count(method, SLOWDOWN)
@@ -412,6 +427,19 @@ def _rewrite_put_etag(
     headers["ETag"] = rewrite.etag(etag)
     headers.update(rewrite.headers)
     return _Upstream(upstream.status, upstream.reason, CIMultiDictProxy(headers), upstream.body)
+
+
+def signing_access_key(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:
+    """The access key id a SigV4 request is signed with (header or presigned URL), if any."""
+    authorization = headers.get("Authorization", "")
+    if authorization.startswith("AWS4-HMAC-SHA256 "):
+        for part in authorization.removeprefix("AWS4-HMAC-SHA256 ").split(","):
+            name, _, value = part.strip().partition("=")
+            if name == "Credential":
+                return value.split("/", 1)[0]
+        return None
+    credential = query.get("X-Amz-Credential")
+    return credential.split("/", 1)[0] if credential else None
 
 
 def _is_chunked(request: web.Request) -> bool:
