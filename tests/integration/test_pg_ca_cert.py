@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -51,13 +53,44 @@ def test_pg_ssl_option_names_the_setting_of_an_unusable_ca_file(tmp_path: Path, 
     assert "\n" not in message
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root reads a file whatever its mode")
-def test_pg_ssl_option_names_the_setting_of_an_unreadable_ca_file(tmp_path: Path) -> None:
-    path = tmp_path / "ca.pem"
-    path.write_text("")
-    path.chmod(0)
-    with pytest.raises(SettingsError, match="PermissionError"):
-        pg_ssl_option(PgPoolConfig(sslmode=PgSslMode.VERIFY_CA, ssl_ca_cert=path))
+def _check_in_child(path: Path, *, as_uid: int | None) -> tuple[int, str]:
+    """``pg_ssl_option`` on ``path`` in a forked child (as ``as_uid``, when given): the exit
+    status (2 for a SettingsError) and the error's text."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        status = 1
+        try:
+            os.close(read_end)
+            if as_uid is not None:
+                os.setgid(as_uid)
+                os.setuid(as_uid)
+            pg_ssl_option(PgPoolConfig(sslmode=PgSslMode.VERIFY_CA, ssl_ca_cert=path))
+            status = 0
+        except SettingsError as exc:
+            os.write(write_end, str(exc).encode())
+            status = 2
+        finally:
+            os._exit(status)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as reader:
+        message = reader.read().decode()
+    _, wait_status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(wait_status), message
+
+
+def test_pg_ssl_option_names_the_setting_of_an_unreadable_ca_file() -> None:
+    with tempfile.TemporaryDirectory() as directory:
+        os.chmod(directory, 0o755)
+        path = Path(directory) / "ca.pem"
+        path.write_text("")
+        path.chmod(0)
+        # Root reads a file whatever its mode: check as nobody then.
+        as_uid = pwd.getpwnam("nobody").pw_uid if os.geteuid() == 0 else None
+        status, message = _check_in_child(path, as_uid=as_uid)
+    assert status == 2, message
+    assert message.startswith(f"{SSL_CA_CERT}: cannot read the CA certificate file {path} (")
+    assert "PermissionError" in message, message
 
 
 @pytest.mark.parametrize("case", ["missing", "not-a-certificate"])
