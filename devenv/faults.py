@@ -29,6 +29,12 @@ How it works
     it takes no draws and counts as ``expired_token``. A client that refreshes its credentials
     gets through with the new key.
 
+    ``plan.refused_keys``: a PUT whose object key (the decoded path after the bucket, path-style
+    addressing; see ``path_style_object``) is in the set is answered ``400`` with code
+    ``InvalidRequest``, which ``classify_s3_error`` treats as not worth another attempt (a poison
+    object), and never forwarded; it takes no draws and counts as ``refused``. Other methods on
+    that key are unaffected. The expired-key rule is checked first, as S3 authenticates first.
+
     ``plan.put_etag`` (an ``EtagRewrite``) also rewrites every forwarded PUT that the upstream
     answered ``200`` with an ``ETag`` (PutObject, UploadPart): the ETag becomes another 32-hex
     value and the rewrite's encryption headers are added, as a bucket with SSE-KMS, DSSE-KMS or
@@ -56,10 +62,11 @@ What it guarantees
       fault sequence (concurrent requests may reach the proxy in any order). Requests of other
       methods are forwarded (ETag rewrite included), without latency, and take no draws.
     * ``proxy.counts`` is updated before the client sees the outcome, once per request, with
-      the outcome (``forwarded``, ``etag_rewritten``, ``slowdown``, ``internal_error``,
-      ``reset``, ``upstream_error``) and ``"<METHOD>:<outcome>"``. ``cancelled`` (and
-      ``"<METHOD>:cancelled"``) counts requests that ``stop()`` had to cancel; one cancelled
-      while it waited out its latency or its upstream answer has no other outcome.
+      the outcome (``forwarded``, ``etag_rewritten``, ``expired_token``, ``refused``,
+      ``slowdown``, ``internal_error``, ``reset``, ``upstream_error``) and
+      ``"<METHOD>:<outcome>"``. ``cancelled`` (and ``"<METHOD>:cancelled"``) counts requests
+      that ``stop()`` had to cancel; one cancelled while it waited out its latency or its
+      upstream answer has no other outcome.
 
 Shutting down
     ``stop()`` (or leaving ``async with``) closes the listening socket first, waits up to
@@ -87,6 +94,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from types import TracebackType
 from typing import Final, Self
+from urllib.parse import unquote
 from xml.sax.saxutils import escape
 
 import aiohttp
@@ -101,12 +109,14 @@ __all__ = [
     "EXPIRED_TOKEN",
     "FORWARDED",
     "INTERNAL_ERROR",
+    "REFUSED",
     "RESET",
     "SLOWDOWN",
     "UPSTREAM_ERROR",
     "EtagRewrite",
     "FaultPlan",
     "FaultProxy",
+    "path_style_object",
     "signing_access_key",
 ]
 
@@ -115,6 +125,7 @@ logger = logging.getLogger(__name__)
 FORWARDED: Final = "forwarded"
 ETAG_REWRITTEN: Final = "etag_rewritten"
 EXPIRED_TOKEN: Final = "expired_token"
+REFUSED: Final = "refused"
 SLOWDOWN: Final = "slowdown"
 INTERNAL_ERROR: Final = "internal_error"
 RESET: Final = "reset"
@@ -145,6 +156,7 @@ _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "Content-Type", "User-Ag
 
 _SLOWDOWN_MESSAGE: Final = "Please reduce your request rate."
 _INTERNAL_ERROR_MESSAGE: Final = "We encountered an internal error. Please try again."
+_REFUSED_MESSAGE: Final = "The fault proxy refuses writes to this key."
 
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT_S: Final = 60.0
@@ -215,6 +227,8 @@ class FaultPlan:
     """Rewrite the ETag (and add encryption headers) of every PUT the upstream stored."""
     expired_access_keys: frozenset[str] = frozenset()
     """Access key ids whose requests are answered 400 ExpiredToken, never forwarded."""
+    refused_keys: frozenset[str] = frozenset()
+    """Object keys whose PUTs are answered 400 InvalidRequest (not retryable), never forwarded."""
 
     def __post_init__(self) -> None:
         shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
@@ -358,18 +372,18 @@ class FaultProxy:
             if signing_access_key(request.headers, request.query) in self._plan.expired_access_keys:
                 self._count(method, EXPIRED_TOKEN)
                 return _s3_error(request, 400, "ExpiredToken", "The provided token has expired.")
+            if method == "PUT" and self._plan.refused_keys:
+                target = path_style_object(request.raw_path)
+                if target is not None and target[1] in self._plan.refused_keys:
+                    self._count(method, REFUSED)
+                    return _s3_error(request, 400, "InvalidRequest", _REFUSED_MESSAGE)
             planned, delay = self._draw(method)
             if planned == SLOWDOWN:
                 self._count(method, SLOWDOWN)
                 return _s3_error(request, 503, "SlowDown", _SLOWDOWN_MESSAGE)
             if planned == INTERNAL_ERROR:
                 self._count(method, INTERNAL_ERROR)
-                return _s3_error(
-                    request,
-                    500,
-                    "InternalError",
-                    "We encountered an internal error. Please try again.",
-                )
+                return _s3_error(request, 500, "InternalError", _INTERNAL_ERROR_MESSAGE)
             if delay > 0:
                 await asyncio.sleep(delay)
             try:
@@ -440,6 +454,16 @@ def signing_access_key(headers: Mapping[str, str], query: Mapping[str, str]) -> 
         return None
     credential = query.get("X-Amz-Credential")
     return credential.split("/", 1)[0] if credential else None
+
+
+def path_style_object(raw_path: str) -> tuple[str, str] | None:
+    """``(bucket, key)`` of a path-style request path (``/bucket/key?query``), percent-decoded;
+    None when the path names no object (the service root or a bucket)."""
+    path = raw_path.partition("?")[0].removeprefix("/")
+    bucket, slash, key = path.partition("/")
+    if not bucket or not slash or not key:
+        return None
+    return unquote(bucket), unquote(key)
 
 
 def _is_chunked(request: web.Request) -> bool:

@@ -454,6 +454,54 @@ async def test_put_etag_rewrite_leaves_refused_puts_alone(
     assert proxy.counts == Counter({"forwarded": 1, "PUT:forwarded": 1})
 
 
+async def test_refused_keys_answer_puts_400_without_reaching_upstream(
+    proxy: FaultProxy, proxied: S3Client, s3_client: S3Client, bucket: str
+) -> None:
+    prefix = f"refused-{uuid.uuid4().hex[:8]}"
+    poison, readable, healthy = f"{prefix}/poison key", f"{prefix}/readable", f"{prefix}/ok"
+    await s3_client.put_object(Bucket=bucket, Key=readable, Body=b"stored directly")
+    proxy.plan = FaultPlan(refused_keys=frozenset({poison, readable}))
+
+    for key in (poison, readable):
+        with pytest.raises(ClientError) as error:
+            await bounded(proxied.put_object(Bucket=bucket, Key=key, Body=b"never stored"))
+        assert error_of(error.value) == ("InvalidRequest", 400)
+    await bounded(proxied.put_object(Bucket=bucket, Key=healthy, Body=b"stored"))
+    assert await bounded(get_bytes(proxied, bucket, readable)) == b"stored directly"
+
+    assert proxy.counts == Counter(
+        {"refused": 2, "PUT:refused": 2, "forwarded": 2, "PUT:forwarded": 1, "GET:forwarded": 1}
+    )
+    listing = await s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert sorted(item["Key"] for item in listing.get("Contents", [])) == [healthy, readable]
+
+
+async def test_refused_puts_take_no_fault_draws(
+    proxy: FaultProxy, proxied: S3Client, s3_client: S3Client, bucket: str
+) -> None:
+    key = f"refused-draws-{uuid.uuid4().hex[:8]}"
+    await s3_client.put_object(Bucket=bucket, Key=key, Body=b"x")
+    plan = FaultPlan(slowdown_share=0.5, seed=11, refused_keys=frozenset({f"{key}-poison"}))
+
+    proxy.plan = plan
+    alone = await fault_sequence(proxy, proxied, bucket, key)
+    proxy.plan = plan  # re-seeds; now every HEAD follows a refused PUT
+    interleaved = []
+    for _ in range(30):
+        with pytest.raises(ClientError) as refused:
+            await bounded(proxied.put_object(Bucket=bucket, Key=f"{key}-poison", Body=b"x"))
+        assert error_of(refused.value) == ("InvalidRequest", 400)
+        try:
+            await bounded(proxied.head_object(Bucket=bucket, Key=key))
+            interleaved.append("ok")
+        except ClientError as exc:
+            interleaved.append(str(error_of(exc)[1]))
+
+    assert set(alone) == {"ok", "503"}
+    assert interleaved == alone
+    assert proxy.counts["PUT:refused"] == 30
+
+
 # --------------------------------------------------------------------------------------------
 # Latency, reproducibility, bookkeeping
 
