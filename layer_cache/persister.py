@@ -24,6 +24,12 @@ Guarantees:
   target raises after the others have finished, so a retry completes the write.
 * A read returns the first hit in read order. It reports a miss only when every backend said
   "no such key": a backend that failed makes the read fail unless a later backend has the key.
+* A bulk read applies that rule to each key: a key whose read failed (after its retries) on one
+  backend is looked up on the next; the request fails, with the first error, only if some key
+  was on no backend that answered and at least one backend failed for it. ``Store.get_many``
+  reports per-key failures instead of raising: S3 reads each key on its own (retried on its own,
+  at most ``S3_BULK_READ_CONCURRENCY`` at once), Postgres reads all keys in one query (retried as
+  one; its failure is every key's failure). Fill on read (below) applies per key.
 * Fill on read: a value found on a later backend is offered to the write-back queue for each
   earlier backend that *missed* it (not one that failed) and is a write target. Only
   ``S3Primary`` has two read backends, so only there does a Postgres hit fill S3.
@@ -65,6 +71,15 @@ class Backend(StrEnum):
     S3 = "s3"
 
 
+@dataclass(frozen=True)
+class BulkRead:
+    """What one backend answered to a bulk read: the values it has, and the keys whose read
+    failed (after retries) with the error. A key in neither is a miss."""
+
+    found: dict[str, bytes]
+    failed: dict[str, StorageError]
+
+
 class Store(Protocol):
     """One cache type's rows on one backend."""
 
@@ -81,7 +96,9 @@ class Store(Protocol):
 
     async def get(self, key: str) -> bytes | None: ...
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]: ...
+    async def get_many(self, keys: Sequence[str], policy: RetryPolicy) -> BulkRead:
+        """Read ``keys`` under ``policy``; a ``StorageError`` is reported per key, not raised."""
+        ...
 
     async def size(self, key: str) -> int | None: ...
 
@@ -107,8 +124,13 @@ class PgStore:
     async def get(self, key: str) -> bytes | None:
         return await self.layer.fetch_value(key)
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
-        return await self.layer.fetch_values(keys)
+    async def get_many(self, keys: Sequence[str], policy: RetryPolicy) -> BulkRead:
+        """One query for every key, retried as a whole; if it fails, every key failed."""
+        try:
+            found = await call_with_retries(partial(self.layer.fetch_values, keys), policy)
+        except StorageError as exc:
+            return BulkRead(found={}, failed=dict.fromkeys(keys, exc))
+        return BulkRead(found=found, failed={})
 
     async def size(self, key: str) -> int | None:
         return await self.layer.fetch_size(key)
@@ -133,20 +155,27 @@ class S3Store:
     async def get(self, key: str) -> bytes | None:
         return await self.layer.get(key)
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+    async def get_many(self, keys: Sequence[str], policy: RetryPolicy) -> BulkRead:
+        """One GET per key (S3 has no multi-get), each retried on its own, a bounded number in
+        flight; a key that still fails is reported, and the other keys are still read."""
         found: dict[str, bytes] = {}
+        failed: dict[str, StorageError] = {}
         pending = iter(keys)
 
         async def reader() -> None:
             for key in pending:  # the readers share one iterator: each key is read once
-                value = await self.layer.get(key)
+                try:
+                    value = await call_with_retries(partial(self.layer.get, key), policy)
+                except StorageError as exc:
+                    failed[key] = exc
+                    continue
                 if value is not None:
                     found[key] = value
 
         async with asyncio.TaskGroup() as group:
             for _ in range(min(len(keys), S3_BULK_READ_CONCURRENCY)):
                 group.create_task(reader())
-        return found
+        return BulkRead(found=found, failed=failed)
 
     async def size(self, key: str) -> int | None:
         return await self.layer.head(key)
@@ -259,26 +288,28 @@ class CachePersister:
         return None
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
-        """Every key found, each from the first backend in read order that has it."""
+        """Every key found, each from the first backend in read order that has it; each key
+        follows ``get``'s rules (see the module docstring)."""
         remaining = list(dict.fromkeys(keys))
         found: dict[str, bytes] = {}
-        missed: list[Backend] = []
-        failure: StorageError | None = None
+        missed: dict[str, list[Backend]] = {key: [] for key in remaining}
+        failures: dict[str, StorageError] = {}  # each key's first failure, in read order
         for backend in self.route.reads:
             if not remaining:
                 break
-            store = self.stores[backend]
-            try:
-                hits = await self._call(partial(store.get_many, remaining))
-            except StorageError as exc:
-                failure = failure or exc
-                continue
-            self._fill(missed, hits)
-            found |= hits
-            remaining = [key for key in remaining if key not in hits]
-            missed.append(backend)
-        if remaining and failure is not None:
-            raise failure
+            read = await self.stores[backend].get_many(remaining, self.policy)
+            for key, value in read.found.items():
+                self._fill(missed[key], {key: value})
+            found |= read.found
+            for key, exc in read.failed.items():
+                failures.setdefault(key, exc)
+            remaining = [key for key in remaining if key not in read.found]
+            for key in remaining:
+                if key not in read.failed:
+                    missed[key].append(backend)
+        for key in remaining:  # on no backend that answered, and some backend failed: unknown
+            if key in failures:
+                raise failures[key]
         return found
 
     def _fill(self, missed: Sequence[Backend], values: Mapping[str, bytes]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from functools import partial
 from typing import Any
 
 import pytest
@@ -12,8 +13,8 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
-from layer_cache.persister import ROUTES, Backend, CachePersister, Store
-from layer_cache.retry import RetryPolicy
+from layer_cache.persister import ROUTES, Backend, BulkRead, CachePersister, Store
+from layer_cache.retry import RetryPolicy, call_with_retries
 from layer_cache.writeback import FallbackWriteBack
 from services.server import KEY_PATTERN, parse_socket_addr
 from services.settings import PersisterMode, SettingsError
@@ -47,7 +48,14 @@ class MemoryStore:
         self._maybe_fail()
         return self.values.get(key)
 
-    async def get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
+    async def get_many(self, keys: Sequence[str], policy: RetryPolicy) -> BulkRead:
+        try:
+            found = await call_with_retries(partial(self._get_many, keys), policy)
+        except StorageError as exc:
+            return BulkRead(found={}, failed=dict.fromkeys(keys, exc))
+        return BulkRead(found=found, failed={})
+
+    async def _get_many(self, keys: Sequence[str]) -> dict[str, bytes]:
         self._maybe_fail()
         return {key: self.values[key] for key in keys if key in self.values}
 
