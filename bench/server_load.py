@@ -1,4 +1,4 @@
-"""Load test of the layer cache server: requests/s and p99 latency of PUT and GET, per mode.
+"""Load test of the layer cache server: requests/s and latency of PUT and GET, per mode.
 
 ``python -m bench.server_load`` starts a local PostgreSQL and S3 server (``devenv.servers``:
 containers when Docker answers, else the local PostgreSQL binaries and moto), applies the
@@ -9,11 +9,21 @@ loopback from this process with ``--concurrency`` requests in flight:
 * PUT: ``--requests`` new cas keys, each a ``--value-bytes`` random value (201 expected);
 * GET: ``--requests`` reads of those keys in random order (200 expected).
 
+With DualWrite selected and ``--s3-delay-ms`` above 0 (default 60), one more DualWrite server
+runs with its S3 endpoint behind ``bench.delay_proxy`` (a ``FaultProxy`` on 127.0.0.1, in its
+own process, adding ``uniform(delay - jitter, delay + jitter)`` to every S3 request) and takes
+the PUT phase only: its write latency next to the healthy DualWrite's (and PostgresOnly's, which
+never touches S3) shows whether a client pays S3's latency. After each PUT phase of a mode that
+writes S3, the objects already in the ``cas`` bucket are counted (listing the S3 server
+directly): fewer than the acknowledged writes means S3 PUTs were still pending (write-behind).
+
 Each phase stops at ``--requests`` or after ``--phase-secs``, whichever comes first, so a
-default run stays under a minute. It reports, per mode and operation, completed requests,
-errors, requests/s (completed over the phase's wall time) and p50/p99 latency, as a table on
-stdout and as JSON in ``bench/results/server_load.json``. The client, the server, Postgres and
-S3 share this machine's cores, so the numbers describe this machine, not the server alone.
+default run stays well under two minutes; ``--smoke`` is a run of a few seconds per server for
+the test suite (PostgresOnly and DualWrite, healthy and delayed). It reports, per mode, S3 delay
+and operation, completed requests, errors, requests/s (completed over the phase's wall time),
+p50/p99 latency and the objects in S3 at the end, as a table on stdout and as JSON in
+``<results-dir>/server-load-<UTC timestamp>.json``. The client, the server, Postgres and S3
+share this machine's cores, so the numbers describe this machine, not the server alone.
 
 This is a benchmark, not a test: nothing is asserted beyond every request having an answer.
 """
@@ -23,6 +33,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import platform
 import random
@@ -32,7 +43,8 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -40,6 +52,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 
+from bench.common import code_fingerprint
 from devenv.servers import (
     PostgresEndpoint,
     S3Endpoint,
@@ -47,16 +60,21 @@ from devenv.servers import (
     start_postgres,
     start_s3,
 )
-from layer_cache.cache_types import CACHE_SPECS
+from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name
 from layer_cache.schema import migrate_layer_db
 from migrations_mode.tables import render_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-RESULTS = REPO_ROOT / "bench" / "results" / "server_load.json"
+DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 MODES = ("PostgresOnly", "DualWrite", "S3Primary", "S3Only")
+SMOKE_MODES = ("PostgresOnly", "DualWrite")
+WRITES_S3 = frozenset({"DualWrite", "S3Primary", "S3Only"})
 LISTEN_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 30.0
+PROXY_START_TIMEOUT_S = 30.0
+PROXY_MAX_SECS = 600.0
+NO_DELAY = "none"
 
 
 @dataclass(frozen=True)
@@ -71,13 +89,19 @@ class PhaseResult:
     requests_per_s: float
     p50_ms: float
     p99_ms: float
+    s3_delay: str = NO_DELAY
+    """``none``, or the delay every S3 request got, e.g. ``60±5 ms``."""
+    in_s3_at_end: int | None = None
+    """Objects in the cas bucket when the PUT phase ended (None: mode or op writes no S3)."""
+    first_error: str | None = None
+    """What the first failed request got (status and the start of the body), if any failed."""
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
     """Nearest-rank percentile of already sorted values (0 when there are none)."""
     if not sorted_values:
         return 0.0
-    rank = max(1, round(fraction * len(sorted_values) + 0.5))
+    rank = max(1, math.ceil(fraction * len(sorted_values)))
     return sorted_values[min(rank, len(sorted_values)) - 1]
 
 
@@ -160,10 +184,71 @@ async def running_server(env: Mapping[str, str]) -> AsyncIterator[str]:
             await drain
 
 
+@dataclass
+class DelayedS3:
+    """The S3 endpoint behind the delay proxy, and the proxy's counts once it stopped."""
+
+    endpoint: S3Endpoint
+    counts: dict[str, int]
+
+
+@asynccontextmanager
+async def delayed_s3(s3: S3Endpoint, low_s: float, high_s: float) -> AsyncIterator[DelayedS3]:
+    """``bench.delay_proxy`` in front of ``s3``; SIGTERM on the way out, counts read back."""
+    process = await asyncio.create_subprocess_exec(
+        *(sys.executable, "-m", "bench.delay_proxy", s3.url, str(low_s), str(high_s)),
+        *("--max-secs", str(PROXY_MAX_SECS)),
+        cwd=REPO_ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert process.stdout is not None
+    try:
+        async with asyncio.timeout(PROXY_START_TIMEOUT_S):
+            first = (await process.stdout.readline()).decode()
+        if not first:
+            raise RuntimeError("the delay proxy exited before listening")
+        delayed = DelayedS3(replace(s3, url=json.loads(first)["url"]), {})
+        yield delayed
+    finally:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+        try:
+            async with asyncio.timeout(STOP_TIMEOUT_S):
+                rest = (await process.stdout.read()).decode()
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            rest = ""
+    for line in rest.splitlines():
+        delayed.counts.update(json.loads(line).get("counts", {}))
+
+
+def count_objects(s3: S3Endpoint, bucket: str) -> int:
+    """How many objects ``bucket`` holds (synchronous boto3 listing, straight to the server)."""
+    import boto3  # type: ignore[import-untyped, unused-ignore]
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3.url,
+        region_name=s3.region,
+        aws_access_key_id=s3.access_key,
+        aws_secret_access_key=s3.secret_key,
+        config=Config(s3={"addressing_style": "path"}),
+    )
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        return sum(int(page.get("KeyCount", 0)) for page in pages)
+    finally:
+        client.close()
+
+
 async def run_phase(
     mode: str,
     operation: str,
-    jobs: Sequence[Callable[[], Awaitable[bool]]],
+    jobs: Sequence[Callable[[], Awaitable[str | None]]],
     *,
     concurrency: int,
     phase_secs: float,
@@ -171,19 +256,22 @@ async def run_phase(
     """Run ``jobs`` with ``concurrency`` workers until done or the time is up."""
     latencies: list[float] = []
     errors = 0
+    first_error: str | None = None
     pending = iter(jobs)
     started = time.perf_counter()
     deadline = started + phase_secs
 
     async def worker() -> None:
-        nonlocal errors
+        nonlocal errors, first_error
         for job in pending:  # the workers share one iterator
             if time.perf_counter() >= deadline:
                 return
             sent = time.perf_counter()
-            ok = await job()
+            error = await job()
             latencies.append(time.perf_counter() - sent)
-            errors += not ok
+            if error is not None:
+                errors += 1
+                first_error = first_error or error
 
     async with asyncio.TaskGroup() as group:
         for _ in range(concurrency):
@@ -199,27 +287,48 @@ async def run_phase(
         requests_per_s=round(len(latencies) / seconds, 1) if seconds else 0.0,
         p50_ms=round(percentile(latencies, 0.50) * 1000, 2),
         p99_ms=round(percentile(latencies, 0.99) * 1000, 2),
+        first_error=first_error,
     )
 
 
+def describe(status: int, body: bytes) -> str:
+    """A failed request in one line: its status and the start of the body."""
+    if status == 200:
+        return "200 with a value other than the one written"
+    return f"{status} {body[:200].decode(errors='replace')}"
+
+
 async def load_mode(
-    mode: str, base_url: str, args: argparse.Namespace, rng: random.Random
+    mode: str,
+    base_url: str,
+    args: argparse.Namespace,
+    rng: random.Random,
+    *,
+    count_written: Callable[[], Awaitable[int]] | None = None,
+    s3_delay: str = NO_DELAY,
+    with_reads: bool = True,
 ) -> list[PhaseResult]:
-    """PUT then GET against one running server."""
+    """PUT (then GET, if ``with_reads``) against one running server.
+
+    ``count_written`` (modes that write S3) counts the objects in S3 right after the PUT phase.
+    """
     values = {uuid.uuid4().hex: rng.randbytes(args.value_bytes) for _ in range(args.requests)}
     keys = list(values)
     connector = aiohttp.TCPConnector(limit=args.concurrency)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
-        async def put(key: str) -> bool:
+        async def put(key: str) -> str | None:
             async with session.put(f"{base_url}/v1/cas/{key}", data=values[key]) as response:
-                await response.read()
-                return response.status == 201
+                body = await response.read()
+                return None if response.status == 201 else describe(response.status, body)
 
-        async def get(key: str) -> bool:
+        async def get(key: str) -> str | None:
             async with session.get(f"{base_url}/v1/cas/{key}") as response:
-                return response.status == 200 and await response.read() == values[key]
+                body = await response.read()
+                if response.status == 200 and body == values[key]:
+                    return None
+                return describe(response.status, body if response.status != 200 else b"")
 
         put_result = await run_phase(
             mode,
@@ -228,6 +337,10 @@ async def load_mode(
             concurrency=args.concurrency,
             phase_secs=args.phase_secs,
         )
+        in_s3 = await count_written() if count_written is not None else None
+        put_result = replace(put_result, s3_delay=s3_delay, in_s3_at_end=in_s3)
+        if not with_reads:
+            return [put_result]
         written = keys[: put_result.requests]
         reads = [rng.choice(written) for _ in range(args.requests)] if written else []
         get_result = await run_phase(
@@ -242,12 +355,45 @@ async def load_mode(
 
 def format_table(results: Sequence[PhaseResult]) -> str:
     """The results as a plain-text table."""
-    header = ("mode", "op", "requests", "errors", "req/s", "p50 ms", "p99 ms")
+    header = (
+        "mode",
+        "S3 delay",
+        "op",
+        "requests",
+        "errors",
+        "req/s",
+        "p50 ms",
+        "p99 ms",
+        "in S3 at end",
+    )
     rows = [
-        (r.mode, r.operation, r.requests, r.errors, r.requests_per_s, r.p50_ms, r.p99_ms)
+        (
+            r.mode,
+            r.s3_delay,
+            r.operation,
+            r.requests,
+            r.errors,
+            r.requests_per_s,
+            r.p50_ms,
+            r.p99_ms,
+            "-" if r.in_s3_at_end is None else r.in_s3_at_end,
+        )
         for r in results
     ]
-    return render_table(header, rows, left_columns=2)
+    return render_table(header, rows, left_columns=3)
+
+
+def delay_bounds(args: argparse.Namespace) -> tuple[float, float]:
+    """The delay proxy's latency bounds in seconds, from ``--s3-delay-ms`` and its jitter."""
+    low = max(0.0, args.s3_delay_ms - args.s3_jitter_ms)
+    return low / 1000, (args.s3_delay_ms + args.s3_jitter_ms) / 1000
+
+
+def delay_label(args: argparse.Namespace) -> str:
+    """How the table and JSON name the delayed scenario's S3 latency."""
+    if args.s3_jitter_ms:
+        return f"{args.s3_delay_ms:g}±{args.s3_jitter_ms:g} ms"
+    return f"{args.s3_delay_ms:g} ms"
 
 
 async def prepare_database(pg: PostgresEndpoint) -> None:
@@ -268,11 +414,44 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         pg, s3 = postgres.endpoint, s3_server.endpoint
         await prepare_database(pg)
         results: list[PhaseResult] = []
-        for mode in args.modes:
+        proxy_counts: dict[str, int] | None = None
+
+        def fresh_prefix() -> tuple[str, Callable[[], Awaitable[int]]]:
             prefix = f"bench{uuid.uuid4().hex[:8]}"
             create_buckets(s3, [bucket_name(spec.table, prefix) for spec in CACHE_SPECS.values()])
+            cas_bucket = bucket_name(CACHE_SPECS[CacheType.CAS].table, prefix)
+            return prefix, partial(asyncio.to_thread, count_objects, s3, cas_bucket)
+
+        for mode in args.modes:
+            prefix, counter = fresh_prefix()
             async with running_server(server_env(pg, s3, prefix, mode)) as base_url:
-                results.extend(await load_mode(mode, base_url, args, rng))
+                results.extend(
+                    await load_mode(
+                        mode,
+                        base_url,
+                        args,
+                        rng,
+                        count_written=counter if mode in WRITES_S3 else None,
+                    )
+                )
+            if mode == "DualWrite" and args.s3_delay_ms > 0:
+                prefix, counter = fresh_prefix()
+                async with (
+                    delayed_s3(s3, *delay_bounds(args)) as delayed,
+                    running_server(server_env(pg, delayed.endpoint, prefix, mode)) as base_url,
+                ):
+                    results.extend(
+                        await load_mode(
+                            mode,
+                            base_url,
+                            args,
+                            rng,
+                            count_written=counter,
+                            s3_delay=delay_label(args),
+                            with_reads=False,
+                        )
+                    )
+                proxy_counts = delayed.counts
         return {
             "benchmark": "server_load",
             "machine": {
@@ -281,13 +460,19 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 "python": platform.python_version(),
             },
             "s3_server": s3.kind,
+            "code_fingerprint": code_fingerprint(),
+            "note": args.note,
             "settings": {
                 "requests_per_phase": args.requests,
                 "concurrency": args.concurrency,
                 "value_bytes": args.value_bytes,
                 "phase_secs": args.phase_secs,
+                "s3_delay_ms": args.s3_delay_ms,
+                "s3_jitter_ms": args.s3_jitter_ms,
+                "smoke": args.smoke,
             },
             "results": [asdict(result) for result in results],
+            "delay_proxy_counts": proxy_counts,
         }
     finally:
         if s3_server is not None:
@@ -302,14 +487,45 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--concurrency", type=int, default=32, help="requests in flight")
     parser.add_argument("--value-bytes", type=int, default=4096, help="size of each value")
     parser.add_argument("--phase-secs", type=float, default=5.0, help="time cap per phase")
+    parser.add_argument(
+        "--s3-delay-ms",
+        type=float,
+        default=60.0,
+        help="S3 latency of the extra DualWrite PUT phase (0: no such phase)",
+    )
+    parser.add_argument("--s3-jitter-ms", type=float, default=5.0, help="+- around the delay")
     parser.add_argument("--s3", choices=("moto", "minio", "s3rver", "seaweedfs"), default=None)
     parser.add_argument("--seed", type=int, default=5156)
-    parser.add_argument("--output", type=Path, default=RESULTS)
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    parser.add_argument("--note", default="", help="free text kept in the JSON (e.g. the commit)")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CI size: PostgresOnly and DualWrite, 100 requests, 8 in flight, 3 s phases",
+    )
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, with ``--smoke`` applied; a bad combination ends in argparse's exit 2."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.modes = list(SMOKE_MODES)
+        args.requests = 100
+        args.concurrency = 8
+        args.phase_secs = 3.0
+    if args.requests < 1 or args.concurrency < 1 or args.value_bytes < 0 or args.phase_secs <= 0:
+        parser.error(
+            "--requests and --concurrency must be >= 1, --value-bytes >= 0, --phase-secs > 0"
+        )
+    if args.s3_delay_ms < 0 or args.s3_jitter_ms < 0:
+        parser.error("--s3-delay-ms and --s3-jitter-ms must be >= 0")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     started = time.monotonic()
     report = asyncio.run(run(args))
     report["wall_secs"] = round(time.monotonic() - started, 1)
@@ -319,9 +535,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{report['s3_server']}, {args.concurrency} in flight, {args.value_bytes}-byte values"
     )
     print(format_table(results))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"wrote {args.output} ({report['wall_secs']} s)")
+    for result in results:
+        if result.first_error is not None:
+            print(f"{result.mode} {result.operation} first error: {result.first_error}")
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    output = args.results_dir / f"server-load-{stamp}.json"
+    args.results_dir.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {output} ({report['wall_secs']} s)")
 
 
 if __name__ == "__main__":

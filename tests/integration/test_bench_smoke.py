@@ -70,6 +70,54 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     assert json.loads(stamped[0].read_text()) == latest
 
 
+def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(
+    tmp_path: Path,
+) -> None:
+    """``python -m bench.server_load --smoke``: DualWrite writes with S3 direct and behind the
+    60 ms delay proxy, PostgresOnly for reference; every request answered, one table, one JSON."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.server_load", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, f"{output[-4000:]}\n{completed.stderr[-4000:]}"
+    assert "p50 ms" in output
+    assert "p99 ms" in output
+    assert "in S3 at end" in output
+
+    (written,) = tmp_path.glob("server-load-*.json")
+    report = json.loads(written.read_text())
+    assert report["settings"]["smoke"] is True
+    assert report["settings"]["s3_delay_ms"] == 60
+    rows = {(r["mode"], r["s3_delay"], r["operation"]): r for r in report["results"]}
+    assert set(rows) == {
+        ("PostgresOnly", "none", "PUT"),
+        ("PostgresOnly", "none", "GET"),
+        ("DualWrite", "none", "PUT"),
+        ("DualWrite", "none", "GET"),
+        ("DualWrite", "60±5 ms", "PUT"),
+    }
+    for key, row in rows.items():
+        assert row["requests"] > 0, key
+        assert row["errors"] == 0, (key, row["first_error"])
+        assert 0 < row["p50_ms"] <= row["p99_ms"], key
+        assert f"{row['requests']:>8}" in output
+    assert rows[("PostgresOnly", "none", "PUT")]["in_s3_at_end"] is None
+    for key in (("DualWrite", "none", "PUT"), ("DualWrite", "60±5 ms", "PUT")):
+        assert 0 <= rows[key]["in_s3_at_end"] <= rows[key]["requests"], key
+    # The delayed server's S3 traffic went through the proxy and none of it failed there.
+    counts = report["delay_proxy_counts"]
+    assert counts["forwarded"] > 0
+    assert set(counts) <= {"forwarded"} | {f"{m}:forwarded" for m in ("GET", "HEAD", "PUT")}
+
+
 async def test_request_counter_counts_each_http_attempt(s3_server: S3Server) -> None:
     """The meter behind "S3 requests/row": one count per attempt, botocore retries included."""
     endpoint = s3_server.endpoint
