@@ -5,23 +5,26 @@ There is one write path per backend (``PgStore.put``: ``INSERT … ON CONFLICT D
 persister mode is only a ``Route``: which backends a write goes to (concurrently) and in which
 order reads try them. ``ROUTES`` is the whole table:
 
-================  ===============  ============================================
-mode              writes           reads
-================  ===============  ============================================
-``PostgresOnly``  Postgres         Postgres
-``DualWrite``     Postgres, S3     Postgres
-``S3Primary``     Postgres, S3     S3, then Postgres (a hit there is written back)
-``S3Only``        S3               S3
-================  ===============  ============================================
+================  ==========================  =================================================
+mode              writes                      reads
+================  ==========================  =================================================
+``PostgresOnly``  Postgres                    Postgres
+``DualWrite``     Postgres, S3 (write queue)  Postgres
+``S3Primary``     Postgres, S3 (write queue)  S3, then Postgres (a hit there is written back)
+``S3Only``        S3                          S3
+================  ==========================  =================================================
 
 ``ROUTES`` is keyed by the mode's upstream name (``services.settings.PersisterMode`` is a
 ``StrEnum`` of exactly these), because this package never imports ``services``.
 
 Guarantees:
 
-* PUT is idempotent and the first write wins on every backend. ``CachePersister.put`` returns
-  True ("created") only when the key was new to every write target; a write that fails on one
-  target raises after the others have finished, so a retry completes the write.
+* PUT is idempotent and the first write wins on every backend. A *deferred* target (S3 in
+  ``DualWrite`` and ``S3Primary``) is not written on the request path: its PUT is durably
+  queued (``WriteBackSink.enqueue``, ``layer_cache.write_queue``) concurrently with the direct
+  writes. ``CachePersister.put`` returns True ("created") only when the key was new to every
+  direct target; a write or enqueue that fails raises after the others have finished, so a
+  retry completes the write.
 * A read returns the first hit in read order. It reports a miss only when every backend said
   "no such key": a backend that failed makes the read fail unless a later backend has the key.
 * A bulk read applies that rule to each key: a key whose read failed (after its retries) on one
@@ -30,7 +33,7 @@ Guarantees:
   reports per-key failures instead of raising: S3 reads each key on its own (retried on its own,
   at most ``S3_BULK_READ_CONCURRENCY`` at once), Postgres reads all keys in one query (retried as
   one; its failure is every key's failure). Fill on read (below) applies per key.
-* Fill on read: a value found on a later backend is offered to the write-back queue for each
+* Fill on read: a value found on a later backend is offered to the write queue for each
   earlier backend that *missed* it (not one that failed) and is a write target. Only
   ``S3Primary`` has two read backends, so only there does a Postgres hit fill S3.
 * Every storage call runs under ``call_with_retries`` with the persister's (short) policy, so a
@@ -193,6 +196,8 @@ class Route:
 
     writes: frozenset[Backend]
     reads: tuple[Backend, ...]
+    deferred: frozenset[Backend] = frozenset()
+    """Write targets reached through the durable write queue, not on the request path."""
 
     @property
     def backends(self) -> frozenset[Backend]:
@@ -205,17 +210,25 @@ _PG, _S3 = Backend.POSTGRES, Backend.S3
 ROUTES: Mapping[str, Route] = MappingProxyType(
     {
         "PostgresOnly": Route(writes=frozenset({_PG}), reads=(_PG,)),
-        "DualWrite": Route(writes=frozenset({_PG, _S3}), reads=(_PG,)),
-        "S3Primary": Route(writes=frozenset({_PG, _S3}), reads=(_S3, _PG)),
+        "DualWrite": Route(writes=frozenset({_PG, _S3}), reads=(_PG,), deferred=frozenset({_S3})),
+        "S3Primary": Route(
+            writes=frozenset({_PG, _S3}), reads=(_S3, _PG), deferred=frozenset({_S3})
+        ),
         "S3Only": Route(writes=frozenset({_S3}), reads=(_S3,)),
     }
 )
 
 
 class WriteBackSink(Protocol):
-    """Takes values to copy into a backend that missed them (see ``writeback``)."""
+    """The durable write queue (``layer_cache.write_queue.WriteBehind``)."""
 
-    def offer(self, store: Store, key: str, value: bytes) -> None: ...
+    async def enqueue(self, store: Store, key: str, value: bytes) -> None:
+        """Queue a write to a deferred target; returns once it is durable, else raises."""
+        ...
+
+    def offer(self, store: Store, key: str, value: bytes) -> None:
+        """Queue a copy into a backend that missed the value; never makes the read wait."""
+        ...
 
 
 class CachePersister:
@@ -241,16 +254,21 @@ class CachePersister:
         return await call_with_retries(call, self.policy)
 
     async def put(self, key: str, value: bytes) -> bool:
-        """Write to every target concurrently; True if the key was new to all of them."""
-        targets = [self.stores[backend] for backend in sorted(self.route.writes)]
+        """Write to every direct target and queue the deferred ones, concurrently; True if the
+        key was new to every direct target."""
+        direct = [
+            self.stores[backend] for backend in sorted(self.route.writes - self.route.deferred)
+        ]
+        deferred = [self.stores[backend] for backend in sorted(self.route.deferred)]
         results = await asyncio.gather(
-            *(self._call(partial(store.put, key, value)) for store in targets),
+            *(self._call(partial(store.put, key, value)) for store in direct),
+            *(self.write_back.enqueue(store, key, value) for store in deferred),
             return_exceptions=True,
         )
         for result in results:  # let every target finish before failing, so a retry heals
             if isinstance(result, BaseException):
                 raise result
-        return all(results)
+        return all(results[: len(direct)])
 
     async def get(self, key: str) -> bytes | None:
         """The first hit in read order; None only if every backend missed."""

@@ -20,6 +20,7 @@ import asyncio
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Sequence
 from functools import partial
 from importlib.metadata import PackageNotFoundError, version
@@ -29,8 +30,10 @@ from typing import Any, NoReturn
 import structlog
 from rich.console import Console
 
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.schema import SchemaError, migrate_layer_db
+from layer_cache.write_queue import WriteQueueUnavailable, queue_status, replay_dead_letters
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
     BackfillSettings,
@@ -191,6 +194,19 @@ def build_parser() -> OneLineParser:
             Settings.model_fields["socket_addr"].default,
         ),
     )
+    queue = server.add_mutually_exclusive_group()
+    queue.add_argument(
+        "--write-queue-status",
+        action="store_true",
+        help="print the S3 write queue's entries and dead letters per cache type (JSON), then "
+        f"exit; opens only {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
+    )
+    queue.add_argument(
+        "--write-queue-replay",
+        metavar="CACHE_TYPE",
+        help="move the write queue's dead letters (all, or one cache type's) back into the "
+        f"queue, then exit; opens only {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
+    )
     return parser
 
 
@@ -276,6 +292,41 @@ MODE_HANDLERS: dict[MigrationMode, ModeHandler] = {
 }
 
 
+def _write_queue_command(settings: Settings, args: argparse.Namespace) -> int:
+    """``--write-queue-status`` / ``--write-queue-replay``: the queue directory, nothing else."""
+    directory = settings.server.write_queue_dir
+    if args.write_queue_status:
+        status = queue_status(directory)
+        now = time.time()
+        print(
+            json.dumps(
+                {
+                    cache_type.value: {
+                        "queued": entry.queued,
+                        "oldest_age_s": None
+                        if entry.oldest_enqueued_at is None
+                        else round(now - entry.oldest_enqueued_at, 3),
+                        "dead_letters": entry.dead_letters,
+                    }
+                    for cache_type, entry in status.items()
+                }
+            ),
+            flush=True,
+        )
+        return EXIT_OK
+    name = args.write_queue_replay
+    served = [cache_type.value for cache_type in BACKFILLABLE_CACHE_TYPES]
+    if name != "all" and name not in served:
+        raise SettingsError(
+            f"--write-queue-replay: unknown cache type {name!r}; use all or one of "
+            + ", ".join(served)
+        )
+    cache_type = None if name == "all" else CacheType(name)
+    replayed = replay_dead_letters(directory, cache_type)
+    log.info("write queue dead letters replayed", count=replayed, cache_types=name)
+    return EXIT_OK
+
+
 def _fail(message: str, status: int, exc: BaseException, verbose: int) -> int:
     log.error(message, exc_info=exc if verbose else None)
     return status
@@ -299,10 +350,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     }
     try:
         settings = load_settings(overrides, config_file=args.config)
+        if args.write_queue_status or args.write_queue_replay is not None:
+            return _write_queue_command(settings, args)
         status: int = asyncio.run(MODE_HANDLERS[settings.migration_mode](settings, args))
     except (SettingsError, BackfillConfigError) as exc:
         return _fail(str(exc), EXIT_INVALID_INPUT, exc, args.verbose)
-    except (PreflightError, SchemaError) as exc:
+    except (PreflightError, SchemaError, WriteQueueUnavailable) as exc:
         return _fail(str(exc), EXIT_ENVIRONMENT, exc, args.verbose)
     except StorageError as exc:
         return _fail(explain_storage_error(exc), EXIT_ENVIRONMENT, exc, args.verbose)

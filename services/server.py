@@ -26,8 +26,12 @@ cannot fix: missing bucket or table, access denied), ``internal_error`` (500).
 
 Settings: ``SI_SDF__SOCKET_ADDR`` (``--socket-addr``) and the ``server`` section of the one
 settings tree (``ServerConfig``: ``SI_SDF__SERVER__MAX_BODY_BYTES``, ``…__GRACE_PERIOD_SECS``,
-``…__MAX_BULK_KEYS``, ``…__READINESS_TIMEOUT_SECS``, ``…__WRITEBACK_QUEUE_SIZE``,
-``…__WRITEBACK_QUEUE_BYTES``, ``…__WRITEBACK_WORKERS``).
+``…__MAX_BULK_KEYS``, ``…__READINESS_TIMEOUT_SECS``, and the durable S3 write queue's
+``…__WRITE_QUEUE_DIR``, ``…__WRITE_QUEUE_WORKERS``, ``…__WRITE_QUEUE_MAX_ATTEMPTS``,
+``…__WRITE_QUEUE_MAX_AGE_SECS``, ``…__WRITE_QUEUE_BASE_DELAY_SECS``,
+``…__WRITE_QUEUE_MAX_DELAY_SECS``). In ``DualWrite`` and ``S3Primary`` a PUT is answered once
+Postgres has the row and the S3 PUT is committed to the write queue on local disk
+(``layer_cache.write_queue``); a queue that cannot take it answers 503 ``storage_unavailable``.
 
 Shutdown, on the first SIGTERM/SIGINT (``capture_signals`` sets the stop event; a second signal
 exits at once), within one grace period (``SI_SDF__SERVER__GRACE_PERIOD_SECS``, default 25 s, under
@@ -40,15 +44,14 @@ Kubernetes' default 30 s termination grace):
 3. Idle connections are closed; requests still running at the end of the grace period are
    cancelled (they get ``CANCEL_WAIT_S`` to unwind; a cancelled PUT may have stored its value
    on some targets, which a retry completes).
-4. The fallback write-back queue is drained with what is left of the grace period; jobs still
-   unfinished are abandoned and counted (they are written back on their next read).
+4. The write queue is drained with what is left of the grace period; entries still queued stay
+   on disk (logged as ``remaining``) and are drained on the next start.
 5. The caller leaves the services context: S3 client, Postgres pool, telemetry flush.
 The CLI then exits 143 (SIGTERM) or 130 (SIGINT).
 
 Logs: ``info`` for ``layer cache server listening`` (``host``, ``port``), ``layer cache server
 shutting down`` and ``layer cache server stopped``; ``warning`` for storage faults answered with
-5xx and for write-back drops; ``debug`` per request (``-v``). Metrics: the write-back counters
-of ``layer_cache.writeback``.
+5xx; ``debug`` per request (``-v``). Metrics: the write queue's, in ``layer_cache.write_queue``.
 """
 
 from __future__ import annotations
@@ -69,9 +72,8 @@ from aiohttp.typedefs import Handler
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
-from layer_cache.retry import RetryPolicy
 from layer_cache.schema import check_layer_db_schema
-from layer_cache.writeback import FallbackWriteBack
+from layer_cache.write_queue import QueueBudget, WriteBehind
 from services.context import ServicesContext, open_services_context
 from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
 from services.signals import StopRequest
@@ -84,7 +86,6 @@ SERVED_CACHE_TYPES: tuple[CacheType, ...] = BACKFILLABLE_CACHE_TYPES
 OCTET_STREAM = "application/octet-stream"
 CANCEL_WAIT_S = 0.25
 """After the grace period: how long a cancelled request gets to unwind."""
-WRITE_BACK_RETRY_POLICY = RetryPolicy(max_attempts=5, max_elapsed_s=30.0)
 
 
 class ListenError(LayerCacheError):
@@ -136,6 +137,19 @@ _STORE_FACTORIES: Mapping[Backend, Callable[[ServicesContext, CacheType], Store]
 }
 
 
+class _NoWriteQueue:
+    """PostgresOnly and S3Only: no deferred target and no second read backend to fill."""
+
+    async def enqueue(self, store: Store, key: str, value: bytes) -> None:
+        raise RuntimeError(f"{store.backend} is not a deferred target in this mode")
+
+    def offer(self, store: Store, key: str, value: bytes) -> None:
+        raise RuntimeError(f"{store.backend} is not filled on read in this mode")
+
+
+_NO_QUEUE = _NoWriteQueue()
+
+
 class LayerCacheServer:
     """The HTTP application and its persisters; ``run`` serves until asked to stop."""
 
@@ -144,19 +158,26 @@ class LayerCacheServer:
         self.config = config
         self.mode = context.settings.layer_db_config.persister_mode
         self.route = ROUTES[self.mode]
-        self.write_back = FallbackWriteBack(
-            context.telemetry.meter,
-            capacity=config.writeback_queue_size,
-            max_bytes=config.writeback_queue_bytes,
-            workers=config.writeback_workers,
-            policy=WRITE_BACK_RETRY_POLICY,
-        )
-        self.persisters: dict[CacheType, CachePersister] = {
-            cache_type: CachePersister(
-                self.route,
-                {b: _STORE_FACTORIES[b](context, cache_type) for b in self.route.backends},
-                self.write_back,
+        stores = {
+            cache_type: {b: _STORE_FACTORIES[b](context, cache_type) for b in self.route.backends}
+            for cache_type in SERVED_CACHE_TYPES
+        }
+        self.write_back: WriteBehind | None = None
+        if self.route.deferred:  # DualWrite, S3Primary: S3 through the durable write queue
+            self.write_back = WriteBehind(
+                config.write_queue_dir,
+                {cache_type: stores[cache_type][Backend.S3] for cache_type in SERVED_CACHE_TYPES},
+                context.telemetry.meter,
+                workers=config.write_queue_workers,
+                budget=QueueBudget(
+                    max_attempts=config.write_queue_max_attempts,
+                    max_age_s=config.write_queue_max_age_secs,
+                    base_delay_s=config.write_queue_base_delay_secs,
+                    max_delay_s=config.write_queue_max_delay_secs,
+                ),
             )
+        self.persisters: dict[CacheType, CachePersister] = {
+            cache_type: CachePersister(self.route, stores[cache_type], self.write_back or _NO_QUEUE)
             for cache_type in SERVED_CACHE_TYPES
         }
         # Readiness asks each backend once, through the first served cache's store.
@@ -201,7 +222,8 @@ class LayerCacheServer:
             self.app, handle_signals=False, access_log=None, shutdown_timeout=CANCEL_WAIT_S
         )
         await runner.setup()
-        self.write_back.start()
+        if self.write_back is not None:
+            self.write_back.start()
         loop = asyncio.get_running_loop()
         try:
             try:
@@ -227,7 +249,7 @@ class LayerCacheServer:
                 "layer cache server shutting down",
                 signal=stop.signal.name if stop.signal else None,
                 in_flight_requests=self.in_flight,
-                queued_write_backs=self.write_back.pending,
+                queued_s3_writes=await self.write_back.depth() if self.write_back else 0,
                 grace_period_s=grace,
             )
         finally:
@@ -241,11 +263,13 @@ class LayerCacheServer:
                     await self._idle.wait()
             cancelled = self.in_flight
             await runner.cleanup()  # close idle connections, cancel what still runs
-            abandoned = await self.write_back.drain(deadline - loop.time())
+            remaining = 0
+            if self.write_back is not None:
+                remaining = await self.write_back.drain(deadline - loop.time())
             log.info(
                 "layer cache server stopped",
                 cancelled_requests=cancelled,
-                abandoned_write_backs=abandoned,
+                queued_s3_writes_left=remaining,
             )
 
     @web.middleware

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import aiohttp
@@ -29,6 +30,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 from devenv.servers import S3Server, free_port
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
+from layer_cache.write_queue import queue_status
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
 from services.context import ServicesContext, open_services_context
@@ -120,9 +122,10 @@ async def serve_in_task(
 
 @pytest.fixture
 async def start_server(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
 ) -> AsyncIterator[StartServer]:
-    """Factory: ``await start_server(mode, config)`` → a server over this test's db and buckets."""
+    """Factory: ``await start_server(mode, config)`` → a server over this test's db and buckets
+    (and, unless the config names one, a write queue in this test's ``tmp_path``)."""
     running: list[RunningServer] = []
     async with AsyncExitStack() as stack:
 
@@ -134,7 +137,10 @@ async def start_server(
             context = await stack.enter_async_context(
                 open_services_context(settings, metric_readers=[metrics])
             )
-            server = await serve_in_task(context, config or ServerConfig(), metrics)
+            config = config or ServerConfig()
+            if "write_queue_dir" not in config.model_fields_set:
+                config = config.model_copy(update={"write_queue_dir": tmp_path / "write-queue"})
+            server = await serve_in_task(context, config, metrics)
             running.append(server)
             return server
 
@@ -576,7 +582,7 @@ async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
     assert await pg_rows(layer_db, CacheType.CAS) == {}
 
 
-async def test_shutdown_drains_the_write_back_queue(
+async def test_shutdown_drains_the_write_queue_of_read_through_write_backs(
     start_server: StartServer,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
@@ -587,13 +593,14 @@ async def test_shutdown_drains_the_write_back_queue(
     rows = {hex_key(rng): rng.randbytes(rng.randint(1, 5000)) for _ in range(40)}
     for key, value in rows.items():
         await insert_row(layer_db, CacheType.CAS, key, value)
-    server = await start_server("S3Primary", ServerConfig(writeback_workers=1))
+    server = await start_server("S3Primary", ServerConfig(write_queue_workers=1))
 
     async with http.post(server.v1("cas", "get-bulk"), json={"keys": list(rows)}) as response:
         assert len((await response.json())["values"]) == len(rows)
     await server.shut_down()  # at once: the queue is drained, not dropped
 
-    assert server.server.write_back.pending == 0
+    assert server.server.write_back is not None
+    assert queue_status(server.server.config.write_queue_dir) == {}
     assert await s3_values(s3_client, bucket_prefix, CacheType.CAS) == rows
     assert counter_values(server.metrics, "layer_cache_fallback_writeback_failed") == {}
 

@@ -1,21 +1,17 @@
-"""Persister routing and the fallback write-back queue, over in-memory stores."""
+"""Persister routing over in-memory stores (the write queue itself: test_write_queue.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
 from functools import partial
-from typing import Any
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
 from layer_cache.persister import ROUTES, Backend, BulkRead, CachePersister, Store
 from layer_cache.retry import RetryPolicy, call_with_retries
-from layer_cache.writeback import FallbackWriteBack
 from services.server import KEY_PATTERN, parse_socket_addr
 from services.settings import PersisterMode, SettingsError
 
@@ -77,8 +73,18 @@ class MemoryStore:
 
 
 class RecordingSink:
+    """The write queue's interface: ``enqueue`` delivers at once (or raises ``failing``)."""
+
     def __init__(self) -> None:
         self.offers: list[tuple[Backend, str, bytes]] = []
+        self.enqueued: list[tuple[Backend, str]] = []
+        self.failing: StorageError | None = None
+
+    async def enqueue(self, store: Store, key: str, value: bytes) -> None:
+        if self.failing is not None:
+            raise self.failing
+        self.enqueued.append((store.backend, key))
+        await store.put(key, value)
 
     def offer(self, store: Store, key: str, value: bytes) -> None:
         self.offers.append((store.backend, key, value))
@@ -125,12 +131,33 @@ async def test_put_is_created_only_when_new_to_every_target() -> None:
     assert stores[Backend.S3].values == {"ab": b"old"}  # the missing target is filled
 
 
-async def test_put_lets_every_target_finish_before_raising() -> None:
-    cache, stores, _ = persister("DualWrite")
-    stores[Backend.S3].failing = transient()
+@pytest.mark.parametrize("mode", ["DualWrite", "S3Primary"])
+async def test_s3_is_written_through_the_queue_and_only_postgres_on_the_request_path(
+    mode: str,
+) -> None:
+    cache, stores, sink = persister(mode)
+    assert await cache.put("ab", b"v")
+    assert sink.enqueued == [(Backend.S3, "ab")]
+    stores[Backend.S3].values.clear()
+    assert not await cache.put("ab", b"v")  # "created" is Postgres's answer; S3 is queued again
+    assert sink.enqueued == [(Backend.S3, "ab"), (Backend.S3, "ab")]
+    assert stores[Backend.S3].values == {"ab": b"v"}
+
+
+async def test_a_failed_enqueue_fails_the_put_after_postgres_finished() -> None:
+    cache, stores, sink = persister("DualWrite")
+    sink.failing = transient()
     with pytest.raises(StorageError):
         await cache.put("ab", b"v")
     assert stores[Backend.POSTGRES].values == {"ab": b"v"}
+
+
+async def test_s3_only_writes_s3_on_the_request_path() -> None:
+    cache, stores, sink = persister("S3Only")
+    stores[Backend.S3].failing = transient()
+    with pytest.raises(StorageError):
+        await cache.put("ab", b"v")
+    assert sink.enqueued == []
 
 
 async def test_s3_primary_reads_s3_first_and_offers_a_postgres_hit_for_s3() -> None:
@@ -163,10 +190,9 @@ async def test_a_failing_first_backend_falls_back_without_a_write_back() -> None
 async def test_a_transient_fault_on_the_request_path_is_retried() -> None:
     stores = {backend: MemoryStore(backend) for backend in Backend}
     cache = CachePersister(ROUTES["S3Primary"], stores, RecordingSink(), policy=FAST_RETRY)
-    for store in stores.values():
-        store.failing, store.fail_once = transient(), True
-    assert await cache.put("k", b"v")
-    assert stores[Backend.S3].puts == stores[Backend.POSTGRES].puts == 2
+    stores[Backend.POSTGRES].failing, stores[Backend.POSTGRES].fail_once = transient(), True
+    assert await cache.put("k", b"v")  # S3 is queued, not written on the request path
+    assert stores[Backend.POSTGRES].puts == 2
     stores[Backend.S3].failing, stores[Backend.S3].fail_once = transient(), True
     assert await cache.get("k") == b"v"
 
@@ -189,93 +215,6 @@ async def test_single_backend_reads_never_write_back(mode: str) -> None:
         store.values["k"] = b"v"
     assert await cache.get("k") == b"v"
     assert sink.offers == []
-
-
-# ---------------------------------------------------------------------------------------------
-# The write-back queue
-
-
-def counters(reader: InMemoryMetricReader) -> dict[tuple[str, tuple[Any, ...]], int]:
-    found: dict[tuple[str, tuple[Any, ...]], int] = {}
-    data = reader.get_metrics_data()
-    for resource in data.resource_metrics if data else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                for point in metric.data.data_points:
-                    assert isinstance(point, NumberDataPoint)
-                    attributes = tuple(sorted((point.attributes or {}).items()))
-                    found[(metric.name, attributes)] = int(point.value)
-    return found
-
-
-ATTRS = (("backend", "s3"), ("cache_name", "cas"))
-ATTEMPTED = ("layer_cache_fallback_writeback_attempted", ATTRS)
-FAILED = ("layer_cache_fallback_writeback_failed", ATTRS)
-
-
-def queue(
-    *, capacity: int = 10, max_bytes: int = 1000, workers: int = 2, policy: RetryPolicy = NO_RETRY
-) -> tuple[FallbackWriteBack, InMemoryMetricReader]:
-    reader = InMemoryMetricReader()
-    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
-    write_back = FallbackWriteBack(
-        meter, capacity=capacity, max_bytes=max_bytes, workers=workers, policy=policy
-    )
-    return write_back, reader
-
-
-async def test_write_back_copies_each_key_once_however_often_it_is_offered() -> None:
-    write_back, reader = queue()
-    s3 = MemoryStore(Backend.S3)
-    s3.release.clear()  # hold the first PUT in flight
-    write_back.start()
-    for _ in range(5):
-        write_back.offer(s3, "k", b"v")
-    await asyncio.sleep(0)
-    write_back.offer(s3, "k", b"v")  # in flight now: still not queued again
-    s3.release.set()
-    assert await write_back.drain(5) == 0
-    assert s3.values == {"k": b"v"}
-    assert s3.puts == 1
-    assert counters(reader) == {ATTEMPTED: 1}
-
-
-async def test_write_back_drops_and_counts_what_does_not_fit() -> None:
-    write_back, reader = queue(capacity=2, max_bytes=10)
-    s3 = MemoryStore(Backend.S3)
-    write_back.offer(s3, "a", b"12345")
-    write_back.offer(s3, "b", b"123456")  # over the byte bound
-    write_back.offer(s3, "c", b"1")
-    write_back.offer(s3, "d", b"1")  # over the count bound
-    assert write_back.pending == 2
-    write_back.start()
-    assert await write_back.drain(5) == 0
-    assert s3.values == {"a": b"12345", "c": b"1"}
-    assert counters(reader) == {ATTEMPTED: 4, FAILED: 2}
-
-
-async def test_write_back_retries_transient_faults_and_counts_final_failures() -> None:
-    write_back, reader = queue(workers=1, policy=FAST_RETRY)
-    s3 = MemoryStore(Backend.S3)
-    s3.failing = transient()
-    write_back.start()
-    write_back.offer(s3, "k", b"v")
-    assert await write_back.drain(5) == 0
-    assert s3.puts == FAST_RETRY.max_attempts
-    assert counters(reader) == {ATTEMPTED: 1, FAILED: 1}
-
-
-async def test_drain_abandons_and_counts_what_does_not_finish_in_time() -> None:
-    write_back, reader = queue(workers=1)
-    s3 = MemoryStore(Backend.S3)
-    s3.release.clear()  # every PUT hangs
-    write_back.start()
-    write_back.offer(s3, "a", b"1")
-    write_back.offer(s3, "b", b"2")
-    assert await write_back.drain(0.05) == 2
-    write_back.offer(s3, "c", b"3")  # refused after shutdown
-    assert write_back.pending == 0
-    assert counters(reader) == {ATTEMPTED: 3, FAILED: 3}
 
 
 # ---------------------------------------------------------------------------------------------
