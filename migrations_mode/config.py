@@ -6,7 +6,10 @@ Precedence, as upstream sdf: flags > ``SI_BACKFILL_*`` > upstream's ``SI_SDF__BA
 ``load_backfill_config`` runs before any connection is opened. Every problem becomes one
 ``BackfillConfigError`` line naming the flag, its env var and what is allowed. The cutoff takes
 RFC 3339 (any offset) and the form the checkpoint log prints (``2026-01-13 17:30:26.445817 UTC``),
-so a logged checkpoint can be pasted straight back.
+so a logged checkpoint can be pasted straight back, or ``now``: the config then carries
+``cutoff_is_now`` and the local UTC time of loading, and ``with_resolved_cutoff`` replaces that,
+once connected, with the database's ``now()`` (rows get ``created_at`` from the database's clock,
+so the pod's clock skew cannot leave rows out); the resolved instant is logged for a resume.
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import os
 import re
 from collections.abc import Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
-from typing import Annotated, Any
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BeforeValidator, Field, ValidationError
 from pydantic_settings import (
@@ -37,6 +40,8 @@ from migrations_mode.walk import Shard, WalkOrder
 from services.settings import ENV_PREFIX, describe_validation_error, unknown_env_var
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
+CUTOFF_NOW: Final = "now"
+"""The cutoff value meaning "when the run starts, by the database's clock"."""
 # Upstream sdf's SI_BACKFILL_ names for its func-run backfill: accepted, meaningless here.
 UPSTREAM_ONLY_BACKFILL_ENV = ("func_runs_cutoff_id", "func_run_logs_cutoff_id")
 
@@ -93,7 +98,9 @@ def parse_cache_types(text: str) -> frozenset[CacheType]:
 
 
 def _cutoff(value: Any) -> Any:
-    return parse_cutoff(value) if isinstance(value, str) else value
+    if not isinstance(value, str):
+        return value
+    return CUTOFF_NOW if value.strip().lower() == CUTOFF_NOW else parse_cutoff(value)
 
 
 def _cache_types(value: Any) -> Any:
@@ -117,7 +124,7 @@ class BackfillSettings(BaseSettings):
         upstream = InitSettingsSource(settings_cls, init_kwargs=_upstream_options.get() or {})
         return init_settings, env_settings, upstream
 
-    cutoff_timestamp: Annotated[datetime, BeforeValidator(_cutoff)]
+    cutoff_timestamp: Annotated[datetime | Literal["now"], BeforeValidator(_cutoff)]
     cache_types: Annotated[frozenset[CacheType], NoDecode, BeforeValidator(_cache_types)]
     key_batch_size: int = Field(1000, ge=1, le=100_000)
     checkpoint_interval_secs: float = Field(30, gt=0)
@@ -162,6 +169,9 @@ class BackfillConfig:
     max_inflight_bytes: int = 64 * 1024 * 1024
     verify: VerifyMode = VerifyMode.OFF
     dry_run: bool = False
+    cutoff_is_now: bool = False
+    """``--backfill-cutoff-timestamp now`` not yet resolved: ``cutoff`` is the local clock at
+    load time until ``with_resolved_cutoff`` sets the database's."""
 
     @property
     def value_chunk_bytes(self) -> int:
@@ -208,8 +218,10 @@ def load_backfill_config(
         raise BackfillConfigError(describe_validation_error(exc, _flag_and_env)) from None
     finally:
         _upstream_options.reset(token)
+    cutoff = options.cutoff_timestamp
     return BackfillConfig(
-        cutoff=options.cutoff_timestamp,
+        cutoff=datetime.now(UTC) if cutoff == CUTOFF_NOW else cutoff,
+        cutoff_is_now=cutoff == CUTOFF_NOW,
         cache_types=tuple(c for c in BACKFILLABLE_CACHE_TYPES if c in options.cache_types),
         key_batch_size=options.key_batch_size,
         checkpoint_interval=timedelta(seconds=options.checkpoint_interval_secs),
@@ -232,6 +244,16 @@ def load_backfill_config(
             else VerifyMode.OFF
         ),
     )
+
+
+def with_resolved_cutoff(config: BackfillConfig, database_now: datetime) -> BackfillConfig:
+    """``config`` with a ``now`` cutoff set to ``database_now`` (microseconds, UTC); any other
+    cutoff is returned unchanged."""
+    if not config.cutoff_is_now:
+        return config
+    if database_now.tzinfo is None:
+        raise ValueError("the database clock must be an aware timestamp")
+    return replace(config, cutoff=database_now.astimezone(UTC), cutoff_is_now=False)
 
 
 def _shard(options: BackfillSettings) -> Shard:

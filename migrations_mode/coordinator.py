@@ -5,6 +5,9 @@ the caches in one ``asyncio.TaskGroup``: the first cache to fail cancels the oth
 its ``CacheBackfillFailed`` is raised. On a stop request the caches stop dispatching and drain;
 after ``grace_period`` whatever is still running is cancelled. The summary (per cache and total)
 is logged in every case, and ``BackfillReport`` says which caches completed.
+
+``resolve_cutoff`` runs first, once connected: a ``now`` cutoff becomes the database's ``now()``,
+logged so that a resume can pass the same instant.
 """
 
 from __future__ import annotations
@@ -12,14 +15,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import structlog
 from rich.console import Console
 
-from layer_cache.errors import StorageError
+from layer_cache.errors import StorageError, map_pg_errors
+from layer_cache.retry import call_with_retries
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
-from migrations_mode.config import BackfillConfig, VerifyMode, format_checkpoint
+from migrations_mode.config import (
+    BackfillConfig,
+    VerifyMode,
+    format_checkpoint,
+    with_resolved_cutoff,
+)
 from migrations_mode.display import LiveProgress
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import run_preflight
@@ -61,6 +70,29 @@ async def _cancel_after_grace(
     await asyncio.sleep(grace_period.total_seconds())
     for task in tasks:
         task.cancel()
+
+
+async def resolve_cutoff(context: ServicesContext, config: BackfillConfig) -> BackfillConfig:
+    """``config`` with a ``now`` cutoff set to the database's ``now()`` (the clock ``created_at``
+    comes from), logged with the flag that resumes it; any other config unchanged."""
+    if not config.cutoff_is_now:
+        return config
+
+    async def database_now() -> datetime:
+        with map_pg_errors("reading the database clock for --backfill-cutoff-timestamp now"):
+            value = await context.pg_pool.fetchval("SELECT now()")
+        assert isinstance(value, datetime)  # timestamptz: asyncpg returns an aware datetime
+        return value
+
+    resolved = with_resolved_cutoff(
+        config, await call_with_retries(database_now, config.retry_policy)
+    )
+    log.info(
+        "backfill cutoff 'now' resolved by the database clock",
+        cutoff_timestamp=format_checkpoint(resolved.cutoff),
+        resume_with=resume_flag(resolved.cutoff),
+    )
+    return resolved
 
 
 async def run_backfill(

@@ -40,7 +40,7 @@ from migrations_mode.config import (
     VerifyMode,
     load_backfill_config,
 )
-from migrations_mode.coordinator import run_backfill
+from migrations_mode.coordinator import resolve_cutoff, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
@@ -103,7 +103,9 @@ def _package_version() -> str:
 
 _BACKFILL_FLAGS: dict[str, str] = {
     "cutoff_timestamp": "copy rows with created_at strictly before this instant (RFC 3339, or a "
-    "logged checkpoint such as '2026-01-13 17:30:26.445817 UTC'); required",
+    "logged checkpoint such as '2026-01-13 17:30:26.445817 UTC'), or 'now': the database's "
+    "clock at start, logged (saved progress is per cutoff: pass the logged instant to resume); "
+    "required",
     "cache_types": "comma-separated cache types to copy; required",
     "key_batch_size": "rows listed per Postgres query",
     "checkpoint_interval_secs": "seconds between 'backfill checkpoint' log events",
@@ -241,6 +243,7 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         async with open_services_context(
             settings, with_s3=True, s3_max_connections=connections
         ) as context:
+            config = await resolve_cutoff(context, config)
             if config.dry_run:
                 estimates = await run_dry_run(context, config)
                 print(format_estimate_table(estimates), flush=True)

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
@@ -10,6 +11,7 @@ from migrations_mode.config import (
     load_backfill_config,
     parse_cache_types,
     parse_cutoff,
+    with_resolved_cutoff,
 )
 from migrations_mode.errors import BackfillConfigError
 
@@ -113,3 +115,55 @@ def test_cache_types_run_in_registry_order_once() -> None:
         {"cutoff_timestamp": CUTOFF, "cache_types": "workspace_snapshot,cas,workspace_snapshot"}
     )
     assert config.cache_types == (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT)
+
+
+# ---------------------------------------------------------------------------------------------
+# --backfill-cutoff-timestamp now
+
+
+@pytest.mark.parametrize("text", ["now", "NOW", " Now "])
+def test_now_cutoff_is_marked_and_provisionally_the_local_utc_clock(text: str) -> None:
+    before = datetime.now(UTC)
+    config = load_backfill_config({"cutoff_timestamp": text, "cache_types": "cas"})
+    assert config.cutoff_is_now
+    assert config.cutoff.tzinfo is not None
+    assert before <= config.cutoff <= datetime.now(UTC)
+
+
+def test_now_is_accepted_from_si_backfill_and_sdfs_upstream_name(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SI_BACKFILL_CUTOFF_TIMESTAMP", "now")
+    assert load_backfill_config({"cache_types": "cas"}).cutoff_is_now
+    monkeypatch.delenv("SI_BACKFILL_CUTOFF_TIMESTAMP")
+    upstream = {"cutoff_timestamp": "now"}  # SI_SDF__BACKFILL_CUTOFF_TIMESTAMP, via Settings
+    assert load_backfill_config({"cache_types": "cas"}, upstream).cutoff_is_now
+    # A fixed instant anywhere above wins, as for any option.
+    fixed = load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas"}, upstream)
+    assert not fixed.cutoff_is_now
+    assert fixed.cutoff == parse_cutoff(CUTOFF)
+
+
+@pytest.mark.parametrize("text", ["now()", "nowish", "today", "now UTC"])
+def test_other_words_are_still_refused_naming_the_flag(text: str) -> None:
+    with pytest.raises(BackfillConfigError, match="invalid --backfill-cutoff-timestamp"):
+        load_backfill_config({"cutoff_timestamp": text, "cache_types": "cas"})
+
+
+def test_resolving_now_takes_the_database_clock_in_utc() -> None:
+    config = load_backfill_config({"cutoff_timestamp": "now", "cache_types": "cas"})
+    database_now = datetime(2026, 12, 1, 6, 45, 1, 123456, tzinfo=timezone(timedelta(hours=1)))
+    resolved = with_resolved_cutoff(config, database_now)
+    assert not resolved.cutoff_is_now
+    assert resolved.cutoff == database_now
+    assert resolved.cutoff.tzinfo is UTC
+    assert format_checkpoint(resolved.cutoff) == "2026-12-01 05:45:01.123456 UTC"
+    assert replace(resolved, cutoff=config.cutoff, cutoff_is_now=True) == config  # nothing else
+
+
+def test_resolving_leaves_a_fixed_cutoff_alone_and_refuses_a_naive_clock() -> None:
+    fixed = load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas"})
+    assert with_resolved_cutoff(fixed, datetime.now(UTC)) is fixed
+    pending = load_backfill_config({"cutoff_timestamp": "now", "cache_types": "cas"})
+    with pytest.raises(ValueError, match="aware"):
+        with_resolved_cutoff(pending, datetime(2026, 12, 1, 5, 45))
