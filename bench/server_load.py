@@ -15,15 +15,18 @@ own process, adding ``uniform(delay - jitter, delay + jitter)`` to every S3 requ
 the PUT phase only: its write latency next to the healthy DualWrite's (and PostgresOnly's, which
 never touches S3) shows whether a client pays S3's latency. After each PUT phase of a mode that
 writes S3, the objects already in the ``cas`` bucket are counted (listing the S3 server
-directly): fewer than the acknowledged writes means S3 PUTs were still pending (write-behind).
+directly), and again once the server has stopped: fewer than the acknowledged writes at the end
+means S3 PUTs were still queued (write-behind); after the stop, what SIGTERM's drain (within the
+server's 10 s grace period) did not reach S3 is still in the server's write queue on disk. Each
+server gets its own write queue directory under a temporary directory, removed at the end.
 
 Each phase stops at ``--requests`` or after ``--phase-secs``, whichever comes first, so a
 default run stays well under two minutes; ``--smoke`` is a run of a few seconds per server for
 the test suite (PostgresOnly and DualWrite, healthy and delayed). It reports, per mode, S3 delay
 and operation, completed requests, errors, requests/s (completed over the phase's wall time),
-p50/p99 latency and the objects in S3 at the end, as a table on stdout and as JSON in
-``<results-dir>/server-load-<UTC timestamp>.json``. The client, the server, Postgres and S3
-share this machine's cores, so the numbers describe this machine, not the server alone.
+p50/p99 latency and the objects in S3 at the end and after the stop, as a table on stdout and
+as JSON in ``<results-dir>/server-load-<UTC timestamp>.json``. The client, the server, Postgres
+and S3 share this machine's cores, so the numbers describe this machine, not the server alone.
 
 This is a benchmark, not a test: nothing is asserted beyond every request having an answer.
 """
@@ -39,6 +42,7 @@ import platform
 import random
 import signal
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
@@ -93,6 +97,8 @@ class PhaseResult:
     """``none``, or the delay every S3 request got, e.g. ``60±5 ms``."""
     in_s3_at_end: int | None = None
     """Objects in the cas bucket when the PUT phase ended (None: mode or op writes no S3)."""
+    in_s3_after_stop: int | None = None
+    """Objects in the cas bucket once the server had stopped (SIGTERM drains what it can)."""
     first_error: str | None = None
     """What the first failed request got (status and the start of the body), if any failed."""
 
@@ -106,9 +112,9 @@ def percentile(sorted_values: Sequence[float], fraction: float) -> float:
 
 
 def server_env(
-    pg: PostgresEndpoint, s3: S3Endpoint, bucket_prefix: str, mode: str
+    pg: PostgresEndpoint, s3: S3Endpoint, bucket_prefix: str, mode: str, write_queue_dir: Path
 ) -> dict[str, str]:
-    """The environment an operator would give the server."""
+    """The environment an operator would give the server (its own S3 write queue directory)."""
     pg_prefix = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
     storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
     inherited = {
@@ -130,6 +136,7 @@ def server_env(
         storage + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY": s3.access_key,
         storage + "AUTH__STATIC_CREDENTIALS__SECRET_KEY": s3.secret_key,
         "SI_SDF__SERVER__GRACE_PERIOD_SECS": "10",
+        "SI_SDF__SERVER__WRITE_QUEUE_DIR": str(write_queue_dir),
     }
 
 
@@ -365,6 +372,7 @@ def format_table(results: Sequence[PhaseResult]) -> str:
         "p50 ms",
         "p99 ms",
         "in S3 at end",
+        "after stop",
     )
     rows = [
         (
@@ -377,6 +385,7 @@ def format_table(results: Sequence[PhaseResult]) -> str:
             r.p50_ms,
             r.p99_ms,
             "-" if r.in_s3_at_end is None else r.in_s3_at_end,
+            "-" if r.in_s3_after_stop is None else r.in_s3_after_stop,
         )
         for r in results
     ]
@@ -409,6 +418,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     rng = random.Random(args.seed)
     postgres = start_postgres()
     s3_server = None
+    scratch = tempfile.TemporaryDirectory(prefix="server-load-")
+    queues = Path(scratch.name)
     try:
         s3_server = start_s3(kind=args.s3)
         pg, s3 = postgres.endpoint, s3_server.endpoint
@@ -422,26 +433,36 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             cas_bucket = bucket_name(CACHE_SPECS[CacheType.CAS].table, prefix)
             return prefix, partial(asyncio.to_thread, count_objects, s3, cas_bucket)
 
+        async def after_stop(
+            phases: list[PhaseResult], counter: Callable[[], Awaitable[int]]
+        ) -> list[PhaseResult]:
+            if all(phase.in_s3_at_end is None for phase in phases):
+                return phases
+            in_s3 = await counter()
+            return [
+                phase if phase.in_s3_at_end is None else replace(phase, in_s3_after_stop=in_s3)
+                for phase in phases
+            ]
+
         for mode in args.modes:
             prefix, counter = fresh_prefix()
-            async with running_server(server_env(pg, s3, prefix, mode)) as base_url:
-                results.extend(
-                    await load_mode(
-                        mode,
-                        base_url,
-                        args,
-                        rng,
-                        count_written=counter if mode in WRITES_S3 else None,
-                    )
+            queue_dir = queues / prefix
+            async with running_server(server_env(pg, s3, prefix, mode, queue_dir)) as base_url:
+                phases = await load_mode(
+                    mode,
+                    base_url,
+                    args,
+                    rng,
+                    count_written=counter if mode in WRITES_S3 else None,
                 )
+            results.extend(await after_stop(phases, counter))
             if mode == "DualWrite" and args.s3_delay_ms > 0:
                 prefix, counter = fresh_prefix()
-                async with (
-                    delayed_s3(s3, *delay_bounds(args)) as delayed,
-                    running_server(server_env(pg, delayed.endpoint, prefix, mode)) as base_url,
-                ):
-                    results.extend(
-                        await load_mode(
+                queue_dir = queues / prefix
+                async with delayed_s3(s3, *delay_bounds(args)) as delayed:
+                    env = server_env(pg, delayed.endpoint, prefix, mode, queue_dir)
+                    async with running_server(env) as base_url:
+                        phases = await load_mode(
                             mode,
                             base_url,
                             args,
@@ -450,7 +471,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             s3_delay=delay_label(args),
                             with_reads=False,
                         )
-                    )
+                results.extend(await after_stop(phases, counter))
                 proxy_counts = delayed.counts
         return {
             "benchmark": "server_load",
@@ -478,6 +499,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if s3_server is not None:
             s3_server.stop()
         postgres.stop()
+        scratch.cleanup()
 
 
 def build_parser() -> argparse.ArgumentParser:

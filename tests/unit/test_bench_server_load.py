@@ -83,6 +83,7 @@ def test_table_shows_the_delay_and_a_dash_where_nothing_was_counted_in_s3() -> N
                 requests=10,
                 s3_delay="60±5 ms",
                 in_s3_at_end=4,
+                in_s3_after_stop=10,
                 **common,
             ),
         ]
@@ -90,18 +91,9 @@ def test_table_shows_the_delay_and_a_dash_where_nothing_was_counted_in_s3() -> N
     lines = table.splitlines()
     assert lines[0].split() == [
         "mode", "S3", "delay", "op", "requests", "errors", "req/s", "p50", "ms", "p99", "ms",
-        "in", "S3", "at", "end",
+        "in", "S3", "at", "end", "after", "stop",
     ]  # fmt: skip
-    assert lines[2].split() == ["PostgresOnly", "none", "PUT", "10", "0", "10.0", "1.5", "9.0", "-"]
-    assert lines[3].split() == [
-        "DualWrite",
-        "60±5",
-        "ms",
-        "PUT",
-        "10",
-        "0",
-        "10.0",
-        "1.5",
-        "9.0",
-        "4",
-    ]
+    postgres_only = ["PostgresOnly", "none", "PUT", "10", "0", "10.0", "1.5", "9.0", "-", "-"]
+    delayed = ["DualWrite", "60±5", "ms", "PUT", "10", "0", "10.0", "1.5", "9.0", "4", "10"]
+    assert lines[2].split() == postgres_only
+    assert lines[3].split() == delayed
