@@ -12,6 +12,7 @@ import base64
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -32,6 +33,9 @@ from tests.integration.test_server import (
     serve_in_task,
     settings_for,
 )
+
+if TYPE_CHECKING:
+    from types_aiobotocore_s3 import S3Client
 
 STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 
@@ -77,7 +81,7 @@ async def test_s3_primary_bulk_read_with_s3_errors_returns_every_value(
     start_proxied_server: StartProxiedServer,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
-    s3_client: object,
+    s3_client: S3Client,
     bucket_prefix: str,
 ) -> None:
     rng = random.Random(11)
@@ -85,7 +89,7 @@ async def test_s3_primary_bulk_read_with_s3_errors_returns_every_value(
     in_pg = {hex_key(rng): rng.randbytes(200) for _ in range(40)}  # S3 misses these
     nowhere = [hex_key(rng) for _ in range(5)]
     for key, value in in_s3.items():
-        await put_object(s3_client, bucket_prefix, CacheType.CAS, key, value)  # type: ignore[arg-type]
+        await put_object(s3_client, bucket_prefix, CacheType.CAS, key, value)
         await insert_row(layer_db, CacheType.CAS, key, value)
     for key, value in in_pg.items():
         await insert_row(layer_db, CacheType.CAS, key, value)
@@ -108,13 +112,13 @@ async def test_s3_primary_bulk_read_with_s3_errors_returns_every_value(
 async def test_s3_only_bulk_read_with_s3_down_answers_503_storage_unavailable(
     start_proxied_server: StartProxiedServer,
     http: aiohttp.ClientSession,
-    s3_client: object,
+    s3_client: S3Client,
     bucket_prefix: str,
 ) -> None:
     rng = random.Random(12)
     stored = {hex_key(rng): rng.randbytes(50) for _ in range(20)}
     for key, value in stored.items():
-        await put_object(s3_client, bucket_prefix, CacheType.CAS, key, value)  # type: ignore[arg-type]
+        await put_object(s3_client, bucket_prefix, CacheType.CAS, key, value)
     server, proxy = await start_proxied_server("S3Only")
     proxy.plan = FaultPlan(slowdown_share=1.0)  # S3 is down
 
