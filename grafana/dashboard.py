@@ -10,7 +10,8 @@ The JSON next to this file is generated: edit this module, then regenerate. The 
 upstream's dashboard (same uid, title, tags, variables and its ten panels, the last two in a row
 repeated per cache type) and adds progress, ETA, errors, retries, throttling, concurrency,
 latency, checkpoint lag and repaired/vanished panels for the metrics this backfill adds (see
-``migrations_mode/progress.py``).
+``migrations_mode/progress.py``), and a row for the layer cache server's durable S3 write queue
+(``layer_cache/write_queue.py``).
 
 Every panel and every query uses the ``${datasource}`` variable (no datasource uid is written
 down), and every metric selector filters ``{$job_label=~"$service", cache_type=~"$cache_type"}``.
@@ -411,6 +412,95 @@ def health(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
     ]
 
 
+def server_metric(name: str) -> str:
+    """A layer cache server metric (``layer_cache_write_queue_…``, upstream's
+    ``layer_cache_fallback_writeback_…``), filtered like the backfill's: they carry
+    ``cache_type`` besides upstream's ``cache_name`` (the table)."""
+    return f'{name}{{$job_label=~"$service", cache_type=~"$cache_type"}}'
+
+
+def server_rate(name: str) -> str:
+    return f"rate({server_metric(name)}[$__rate_interval])"
+
+
+def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
+    """The layer cache server's durable S3 write queue (DualWrite, S3Primary)."""
+    q = "layer_cache_write_queue_"
+    fallback = "layer_cache_fallback_writeback_"
+    return [
+        series(
+            "Write Queue Depth by Cache",
+            "S3 PUTs acknowledged to clients (Postgres has the row) and waiting in the server's "
+            "durable write queue. Growing: S3 is not taking writes.",
+            "short",
+            [query(f"sum by (cache_name) ({server_metric(q + 'depth')})", "{{cache_name}}")],
+            span=8,
+        ),
+        series(
+            "Write Queue Oldest Entry Age",
+            "Age of the oldest entry waiting in the write queue, per server and cache.",
+            "s",
+            [
+                query(
+                    f"max by (cache_name) ({server_metric(q + 'oldest_age_seconds')})",
+                    "{{cache_name}}",
+                )
+            ],
+            span=8,
+        ),
+        series(
+            "Write Queue Dead Letters",
+            "Queued PUTs moved to the dead letters (a non-retryable error or the retry budget "
+            "spent): check the log, then replay with python -m services --write-queue-replay.",
+            "short",
+            [
+                query(
+                    f"sum by (cache_name) ({server_metric(q + 'permanent_failure_total')})",
+                    "{{cache_name}}",
+                )
+            ],
+            span=8,
+        ),
+        series(
+            "Write Queue Throughput",
+            "Per second: PUTs enqueued, PUTs that reached S3, and failed attempts that will be "
+            "retried after a backoff.",
+            "ops",
+            [
+                query(
+                    f"sum by (cache_name) ({server_rate(q + 'enqueued_total')})",
+                    "{{cache_name}} - enqueued",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(q + 'success_total')})",
+                    "{{cache_name}} - reached S3",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(q + 'retried_total')})",
+                    "{{cache_name}} - retried",
+                ),
+            ],
+        ),
+        series(
+            "S3Primary Read-through Write-backs",
+            "Per second: S3 misses served from Postgres and queued for S3 (should stay near zero "
+            "after a complete backfill), and those that could not be queued or ended as dead "
+            "letters.",
+            "ops",
+            [
+                query(
+                    f"sum by (cache_name) ({server_rate(fallback + 'attempted_total')})",
+                    "{{cache_name}} - queued",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(fallback + 'failed_total')})",
+                    "{{cache_name}} - failed",
+                ),
+            ],
+        ),
+    ]
+
+
 def per_cache(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
     """Upstream's per-cache progress panels; their row repeats once per selected cache."""
     return [
@@ -496,6 +586,7 @@ def build_dashboard() -> model.Dashboard:
         (Row("Progress"), progress(m)),
         (Row("Throughput"), throughput(m)),
         (Row("Errors, Retries and Back-pressure"), health(m)),
+        (Row("Server Write Queue"), write_queue()),
         (Row("Cache: ${cache_type}").repeat("cache_type"), per_cache(m)),
     ]
     for row, panels in sections:

@@ -19,7 +19,8 @@ order, at most ``workers`` at a time, and PUTs each through the S3 store's ``put
 wins). Success deletes the entry. A retryable ``StorageError`` schedules the next attempt after
 exponential backoff with full jitter (``QueueBudget``); a non-retryable one, or an entry past its
 attempt or age budget, moves to ``dead_letters`` with the last error. The dispatcher sleeps until
-the next entry is due or an enqueue or a finished PUT wakes it; it never polls.
+the next entry is due or an enqueue or a finished PUT wakes it, and looks again at least every
+``max_delay_s`` (entries replayed by another process wake nothing); it never busy-polls.
 
 Shutdown: ``drain(within_s)`` makes every pending entry due, keeps the workers going until the
 queue is empty or the time is up, then cancels them; what remains stays on disk for the next
@@ -28,8 +29,9 @@ start and is logged (``write queue stopped``, ``remaining``).
 Replay: ``replay_dead_letters(directory, cache_type)`` moves dead letters back into the queue
 (``python -m services --write-queue-replay``); ``queue_status`` reports counts and the oldest age.
 
-Metrics (attributes ``cache_name``, ``backend="s3"``): gauges ``layer_cache_write_queue_depth``
-and ``layer_cache_write_queue_oldest_age_seconds``; counters ``layer_cache_write_queue_enqueued``,
+Metrics (attributes ``cache_name``, the table as upstream; ``cache_type``; ``backend="s3"``):
+gauges ``layer_cache_write_queue_depth`` and ``layer_cache_write_queue_oldest_age_seconds``;
+counters ``layer_cache_write_queue_enqueued``,
 ``…_success``, ``…_retried`` and ``…_permanent_failure`` (dead letters); and upstream's
 ``layer_cache_fallback_writeback_attempted`` (a new read-through write-back enqueued) and
 ``…_failed`` (one that could not be enqueued or ended as a dead letter).
@@ -345,7 +347,11 @@ def replay_dead_letters(directory: Path, cache_type: CacheType | None) -> int:
 
 
 def _attributes(cache_type: CacheType) -> dict[str, str]:
-    return {"cache_name": CACHE_SPECS[cache_type].table, "backend": "s3"}
+    return {
+        "cache_name": CACHE_SPECS[cache_type].table,
+        "cache_type": cache_type.value,
+        "backend": "s3",
+    }
 
 
 class WriteBehind:
@@ -373,33 +379,31 @@ class WriteBehind:
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
         self._enqueued = meter.create_counter(
-            ENQUEUED_METRIC, unit="1", description="S3 PUTs added to the durable write queue"
+            ENQUEUED_METRIC, description="S3 PUTs added to the durable write queue"
         )
         self._success = meter.create_counter(
-            SUCCESS_METRIC, unit="1", description="queued S3 PUTs that reached S3"
+            SUCCESS_METRIC, description="queued S3 PUTs that reached S3"
         )
         self._retried = meter.create_counter(
-            RETRIED_METRIC, unit="1", description="queued S3 PUT attempts that failed and wait"
+            RETRIED_METRIC, description="queued S3 PUT attempts that failed and wait"
         )
         self._dead = meter.create_counter(
-            DEAD_LETTER_METRIC, unit="1", description="queued S3 PUTs moved to the dead letters"
+            DEAD_LETTER_METRIC, description="queued S3 PUTs moved to the dead letters"
         )
         self._fill_attempted = meter.create_counter(
-            FALLBACK_ATTEMPTED_METRIC, unit="1", description="values offered for write-back"
+            FALLBACK_ATTEMPTED_METRIC, description="values offered for write-back"
         )
         self._fill_failed = meter.create_counter(
-            FALLBACK_FAILED_METRIC, unit="1", description="write-backs that did not complete"
+            FALLBACK_FAILED_METRIC, description="write-backs that did not complete"
         )
         meter.create_observable_gauge(
             DEPTH_METRIC,
             [self._observe_depth],
-            unit="1",
             description="S3 PUTs waiting in the durable write queue",
         )
         meter.create_observable_gauge(
             OLDEST_AGE_METRIC,
             [self._observe_oldest_age],
-            unit="s",
             description="age of the oldest entry in the durable write queue",
         )
 
@@ -502,8 +506,11 @@ class WriteBehind:
                     self._in_flight[entry.id] = asyncio.create_task(self._deliver(entry))
                 if claimed:
                     continue
+                # Until the next entry is due, and at least every max_delay_s: a replay by
+                # another process (the CLI) adds entries without waking this one.
+                timeout = self.budget.max_delay_s
                 if next_due is not None:
-                    timeout = max(0.0, next_due - time.time()) + 0.001
+                    timeout = min(timeout, max(0.0, next_due - time.time()) + 0.001)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()

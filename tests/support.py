@@ -9,6 +9,7 @@ import queue
 import random
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -120,13 +121,18 @@ def start_cli(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[s
     )
 
 
+WRITE_QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
+
+
 def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """A clean environment for the CLI: no inherited SI_ settings, only the given ones."""
+    """A clean environment for the CLI: no inherited SI_ settings, only the given ones (and a
+    fresh S3 write queue directory unless ``env`` names one, so servers never share a queue)."""
     base = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("SI_", "OTEL_", "AWS_"))
     }
+    base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="si-write-queue-")
     return base | dict(env)
 
 

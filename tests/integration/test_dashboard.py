@@ -5,7 +5,9 @@ Two services contexts run side by side in this process, as two replicas of one j
 walks ``cas`` and ``change_batch`` in key order through a fault proxy that throttles a few PUTs
 (so retries, the throttling panel and the adaptive concurrency limit have something to show),
 the other walks ``workspace_snapshot`` newest-first (the only order that reports checkpoint lag).
-Some objects are already in S3 with the right size (skipped) or the wrong one (repaired). Both
+Some objects are already in S3 with the right size (skipped) or the wrong one (repaired). The
+layer cache server's write queue runs on the first context's meter and real S3 store, so its
+panels have data: one PUT answered 503 then stored, one refused object dead-lettered. Both
 contexts serve their metrics on a free port (``metrics_port=0``); a ``prometheus`` process of our
 own (``devenv.metric_stores``) scrapes both every second under one job, so the service is in
 ``job``. A second scrape job reads the same series back from that Prometheus' ``/federate``
@@ -30,9 +32,11 @@ import math
 import random
 import re
 import time
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -42,10 +46,13 @@ from devenv.metric_stores import ScrapeJob, prometheus_binary, running_prometheu
 from devenv.servers import S3Server, free_port
 from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
+from layer_cache.keys import object_key
+from layer_cache.persister import S3Store
+from layer_cache.write_queue import QueueBudget, WriteBehind, queue_status
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
 from migrations_mode.walk import WalkOrder
-from services.context import open_services_context
+from services.context import ServicesContext, open_services_context
 from services.settings import Settings, load_settings
 from services.signals import StopRequest
 from tests.conftest import LayerDb
@@ -60,6 +67,7 @@ JOB = "layer-cache-backfill"
 CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 KEY_ORDER_CACHES = (CacheType.CAS, CacheType.CHANGE_BATCH)
 NEWEST_FIRST_CACHE = CacheType.WORKSPACE_SNAPSHOT
+WRITE_QUEUE_CACHE = CacheType.REBASE_BATCH  # the server's write queue panels' data
 ROWS = {CacheType.CAS: 450, CacheType.CHANGE_BATCH: 300, CacheType.WORKSPACE_SNAPSHOT: 450}
 ALREADY_COPIED = 60  # cas rows whose object is in S3 with the right size: skipped
 WRONG_SIZE = 15  # cas rows whose object has the wrong size: repaired
@@ -171,6 +179,45 @@ def scrape_jobs(targets: list[str], prometheus_address: str) -> list[ScrapeJob]:
     ]
 
 
+async def exercise_write_queue(
+    stack: AsyncExitStack, context: ServicesContext, proxy: FaultProxy, tmp_path: Path
+) -> WriteBehind:
+    """The layer cache server's write queue on one replica's meter and real S3 store (through
+    the proxy), made to count every one of its metrics: a PUT answered 503 and retried, then
+    stored; a read-through write-back whose object the proxy refuses, a dead letter."""
+    store = S3Store(context.s3_layer(WRITE_QUEUE_CACHE))
+    queue = WriteBehind(
+        tmp_path / "write-queue",
+        {WRITE_QUEUE_CACHE: store},
+        context.telemetry.meter,
+        workers=2,
+        budget=QueueBudget(base_delay_s=0.05, max_delay_s=0.1),
+    )
+    queue.start()
+    stack.push_async_callback(queue.drain, 1.0)
+    rng = random.Random(43)
+    stored, refused = random_key(rng), random_key(rng)
+    proxy.plan = FaultPlan(slowdown_share=1.0, methods=frozenset({"PUT"}))
+    await queue.enqueue(store, stored, b"stored after a retry")
+    await until(lambda: proxy.counts[SLOWDOWN] > 0, "a PUT answered 503")
+    proxy.plan = FaultPlan(refused_keys=frozenset({object_key(refused)}))
+    queue.offer(store, refused, b"refused")
+
+    def settled() -> bool:
+        status = queue_status(tmp_path / "write-queue").get(WRITE_QUEUE_CACHE)
+        return status is not None and status.queued == 0 and status.dead_letters == 1
+
+    await until(settled, "the stored PUT and one dead letter")
+    return queue
+
+
+async def until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + 30.0
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        await asyncio.sleep(0.05)
+
+
 async def test_every_dashboard_query_returns_data_with_job_and_with_exported_job(
     prometheus_binary_path: str,
     layer_db: LayerDb,
@@ -179,6 +226,7 @@ async def test_every_dashboard_query_returns_data_with_job_and_with_exported_job
     s3_server: S3Server,
     s3_client: S3Client,
     bucket_prefix: str,
+    tmp_path: Path,
 ) -> None:
     storage_endpoint = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
     throttling = FaultPlan(slowdown_share=0.02, methods=frozenset({"PUT"}), seed=3)
@@ -212,6 +260,8 @@ async def test_every_dashboard_query_returns_data_with_job_and_with_exported_job
             body = row.value if index < ALREADY_COPIED else row.value + b"!"
             (key,) = expected_objects({row.key: row.value})
             await s3_client.put_object(Bucket=cas_bucket, Key=key, Body=body)
+        write_queue = await exercise_write_queue(stack, key_order, proxy, tmp_path)
+        proxy.plan = throttling
         await prometheus.wait_until(
             f'up{{job="{JOB}"}} == 1', lambda values: len(values) == 2, "both targets up"
         )
@@ -252,6 +302,7 @@ async def test_every_dashboard_query_returns_data_with_job_and_with_exported_job
             for query in dashboard_queries()
         }
         # Through /federate the service is in exported_job; job names the scraping job.
+        assert queue_status(write_queue.store.directory)[WRITE_QUEUE_CACHE].dead_letters == 1
         federated = await prometheus.series(
             "count by (job) (layer_cache_backfill_items_processed_total"
             f'{{exported_job="{OTEL_SERVICE}"}})'

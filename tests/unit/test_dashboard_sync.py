@@ -8,8 +8,10 @@ rates over ``$__rate_interval``; and the metric names are the ones the backfill 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,16 +19,23 @@ from typing import Any
 
 import pytest
 from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.metrics import Meter
 from opentelemetry.sdk.metrics import MeterProvider
 from prometheus_client import CollectorRegistry, generate_latest
 
 from grafana.dashboard import JSON_PATH, SERVICE_LABELS, main, render
 from layer_cache.cache_types import CacheType
+from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.persister import Backend
+from layer_cache.write_queue import CacheQueueStatus, QueueBudget, WriteBehind, queue_status
 from migrations_mode.progress import GAUGES, BackfillMetrics, CacheProgress
+from tests.unit.test_persister import MemoryStore, transient
+from tests.unit.test_write_queue import until, until_depth
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-METRIC = re.compile(r"\blayer_cache_backfill_\w+")
-SELECTOR = re.compile(r"\b(layer_cache_backfill_\w+)\{([^}]*)\}")
+# The backfill's metrics, and the layer cache server's write queue and write-back metrics.
+METRIC = re.compile(r"\blayer_cache_(?:backfill|write_queue|fallback_writeback)_\w+")
+SELECTOR = re.compile(r"\b(layer_cache_(?:backfill|write_queue|fallback_writeback)_\w+)\{([^}]*)\}")
 RANGE = re.compile(r"\[([^\]]+)\]")
 UPSTREAM_TITLES = {
     "Total Items Processed",
@@ -176,6 +185,11 @@ def test_panels_keep_upstreams_and_add_the_new_metrics(dashboard: Json) -> None:
         "Upload Concurrency: Limit vs In Flight",
         "Upload Latency p50 / p99",
         "Repaired and Vanished Items",
+        "Write Queue Depth by Cache",
+        "Write Queue Oldest Entry Age",
+        "Write Queue Dead Letters",
+        "Write Queue Throughput",
+        "S3Primary Read-through Write-backs",
     ):
         assert added in titles
     ids = [panel["id"] for panel in panels(dashboard)]
@@ -210,14 +224,30 @@ def exported_metric_names() -> set[str]:
         metrics = BackfillMetrics(provider.get_meter("test"))
         metrics.watch(_AllGauges())
         CacheProgress(CacheType.CAS, metrics).upload_took(0.02)
+        with tempfile.TemporaryDirectory() as directory:
+            asyncio.run(exercise_write_queue(Path(directory), provider.get_meter("server")))
         text = generate_latest(registry).decode()
     finally:
         provider.shutdown()
-    return {
-        line.split("{")[0].split(" ")[0]
-        for line in text.splitlines()
-        if line.startswith("layer_cache_backfill_")
-    }
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if METRIC.match(line)}
+
+
+async def exercise_write_queue(directory: Path, meter: Meter) -> None:
+    """The server's write queue, made to count every one of its metrics once."""
+    s3 = MemoryStore(Backend.S3)
+    s3.failing, s3.fail_once = transient(), True
+    budget = QueueBudget(base_delay_s=0.001, max_delay_s=0.002)
+    queue = WriteBehind(directory, {CacheType.CAS: s3}, meter, workers=1, budget=budget)
+    queue.start()
+    await queue.enqueue(s3, "a", b"1")  # retried once, then reaches S3
+    await until_depth(queue, 0)
+    s3.failing = StorageError("denied", kind=ErrorKind.ACCESS_DENIED)
+    queue.offer(s3, "b", b"2")  # a read-through write-back that ends as a dead letter
+    await until(
+        lambda: queue_status(directory).get(CacheType.CAS, CacheQueueStatus()).dead_letters == 1,
+        "a dead letter",
+    )
+    await queue.drain(1.0)
 
 
 def test_queried_metrics_are_exported_and_every_exported_metric_is_shown(
