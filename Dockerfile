@@ -45,7 +45,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 # A fixed, numeric non-root user: Kubernetes' runAsNonRoot can only verify a numeric USER.
 RUN groupadd --system --gid 10001 si \
     && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
-        --shell /usr/sbin/nologin si
+        --shell /usr/sbin/nologin si \
+    && install -d -o 10001 -g 10001 -m 0700 /var/lib/si-layer-cache/write-queue
+# The server's durable S3 write queue (SI_SDF__SERVER__WRITE_QUEUE_DIR); mount a persistent
+# volume here so queued writes outlive the pod (docs/server.md, "The S3 write queue").
 
 COPY --from=builder /opt/venv /opt/venv
 

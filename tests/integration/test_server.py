@@ -337,7 +337,7 @@ async def test_s3_primary_writes_a_postgres_hit_back_to_s3(
     while (stored := await s3_values(s3_client, bucket_prefix, CacheType.CAS)) != rows:
         assert time.monotonic() < deadline, f"S3 not filled in time: {sorted(stored)}"
         await asyncio.sleep(0.05)
-    attributes = (("backend", "s3"), ("cache_name", "cas"))
+    attributes = (("backend", "s3"), ("cache_name", "cas"), ("cache_type", "cas"))
     attempted = counter_values(server.metrics, "layer_cache_fallback_writeback_attempted")
     assert attempted[attributes] in (2, 3, 4)  # 2 keys; a re-read after a finished job counts
     assert counter_values(server.metrics, "layer_cache_fallback_writeback_failed") == {}
