@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import random
 import signal
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
@@ -331,4 +332,47 @@ async def test_poison_objects_end_as_dead_letters_and_reach_s3_after_replay(
             RECOVERY_DEADLINE_S,
         )
         assert queue_status(queue_dir) == {}  # nothing queued, no dead letters
+        await server.shut_down()
+
+
+# --------------------------------------------------------------------------------------------
+# A queue that cannot take the write
+
+
+async def test_a_write_the_queue_cannot_take_is_answered_503_and_retried_later(
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    s3_client: S3Client,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    queue_dir = tmp_path / "q"
+    async with AsyncExitStack() as stack:
+        server = await serve(
+            stack, layer_db, s3_server, bucket_prefix, s3_server.endpoint.url, fast_queue(queue_dir)
+        )
+        write_back = server.server.write_back
+        assert write_back is not None
+        store = write_back.store
+        writable = store._db
+        # What a full or read-only disk does to the commit: SQLite refuses the write.
+        store._db = sqlite3.connect(
+            f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+        )
+        key, value = "0123456789abcdef", b"value"
+        async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
+            assert response.status == 503
+            assert (await response.json())["error"]["code"] == "storage_unavailable"
+        assert "write queue enqueue failed" in capsys.readouterr().out
+        assert await pg_rows(layer_db, CACHE) == {key: value}  # kept; the retry completes it
+
+        store._db.close()
+        store._db = writable
+        async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
+            assert response.status == 200  # Postgres already had it; S3 is queued now
+        await until(
+            lambda: s3_has(s3_client, bucket_prefix, {key: value}), "the object in S3", 10.0
+        )
         await server.shut_down()
