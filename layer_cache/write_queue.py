@@ -195,10 +195,11 @@ class WriteQueueStore:
         with self._lock:
             self._db.close()
 
-    def _run(self, body: Callable[[sqlite3.Connection], T]) -> T:
+    def _run(self, body: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
         with self._lock:
             try:
-                self._db.execute("BEGIN IMMEDIATE")
+                # A reader (WAL) neither waits for nor blocks the file's writer.
+                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 try:
                     result = body(self._db)
                 except BaseException:
@@ -231,7 +232,8 @@ class WriteQueueStore:
                 "SELECT id, cache_type, key, value, origin, enqueued_at, attempts FROM queue"
                 f" WHERE next_attempt_at <= ? AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
                 (now, *excluded, limit),
-            ).fetchall()
+            ).fetchall(),
+            write=False,
         )
         return [
             Entry(row[0], CacheType(row[1]), row[2], row[3], Origin(row[4]), row[5], row[6])
@@ -245,7 +247,8 @@ class WriteQueueStore:
         row = self._run(
             lambda db: db.execute(
                 f"SELECT min(next_attempt_at) FROM queue WHERE id NOT IN ({marks})", excluded
-            ).fetchone()
+            ).fetchone(),
+            write=False,
         )
         return None if row is None or row[0] is None else float(row[0])
 
@@ -317,10 +320,10 @@ class WriteQueueStore:
                 for name in sorted(queued.keys() | dead.keys())
             }
 
-        return self._run(read)
+        return self._run(read, write=False)
 
     def depth(self) -> int:
-        row = self._run(lambda db: db.execute("SELECT count(*) FROM queue").fetchone())
+        row = self._run(lambda db: db.execute("SELECT count(*) FROM queue").fetchone(), write=False)
         return int(row[0])
 
 
