@@ -197,17 +197,19 @@ class WriteQueueStore:
 
     def _run(self, body: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
         with self._lock:
+            db = self._db
             try:
                 # A reader (WAL) neither waits for nor blocks the file's writer.
-                self._db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-                try:
-                    result = body(self._db)
-                except BaseException:
-                    self._db.execute("ROLLBACK")
-                    raise
-                self._db.execute("COMMIT")
-            except sqlite3.Error as exc:
-                raise WriteQueueError(f"write queue {self.path}: {exc}") from exc
+                db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                result = body(db)
+                db.execute("COMMIT")
+            except BaseException as exc:
+                if db.in_transaction:  # nothing half-done stays open for the next call
+                    with contextlib.suppress(sqlite3.Error):
+                        db.execute("ROLLBACK")
+                if isinstance(exc, sqlite3.Error):
+                    raise WriteQueueError(f"write queue {self.path}: {exc}") from exc
+                raise
             return result
 
     def enqueue(

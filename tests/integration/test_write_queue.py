@@ -358,9 +358,11 @@ async def test_a_write_the_queue_cannot_take_is_answered_503_and_retried_later(
         store = write_back.store
         writable = store._db
         # What a full or read-only disk does to the commit: SQLite refuses the write.
-        store._db = sqlite3.connect(
+        read_only = sqlite3.connect(
             f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
         )
+        with store._lock:
+            store._db = read_only
         key, value = "0123456789abcdef", b"value"
         async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
             assert response.status == 503
@@ -368,8 +370,9 @@ async def test_a_write_the_queue_cannot_take_is_answered_503_and_retried_later(
         assert "write queue enqueue failed" in capsys.readouterr().out
         assert await pg_rows(layer_db, CACHE) == {key: value}  # kept; the retry completes it
 
-        store._db.close()
-        store._db = writable
+        with store._lock:
+            store._db = writable
+        read_only.close()
         async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
             assert response.status == 200  # Postgres already had it; S3 is queued now
         await until(
