@@ -277,7 +277,7 @@ class ServerConfig(_Section):
     readiness_timeout_secs: float = Field(2.0, gt=0)
     # The durable S3 write queue (layer_cache.write_queue), used in DualWrite and S3Primary.
     write_queue_dir: Path = Path("/var/lib/si-layer-cache/write-queue")
-    write_queue_workers: int = Field(8, ge=1, le=256)
+    write_queue_workers: int = Field(32, ge=1, le=256)
     write_queue_max_attempts: int = Field(1000, ge=1)
     write_queue_max_age_secs: float = Field(86_400.0, gt=0)
     write_queue_base_delay_secs: float = Field(0.5, gt=0)
