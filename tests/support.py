@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import queue
 import random
@@ -20,10 +21,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 import asyncpg
 import pytest
+import structlog
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.progress_store import S3_PROGRESS_PREFIX
+from services.cli import main as cli_main
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -121,6 +124,38 @@ def start_cli(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[s
     )
 
 
+def run_cli_in_process(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> subprocess.CompletedProcess[str]:
+    """Call the CLI's ``main(args)`` in this process with exactly the environment ``run_cli``
+    would give the subprocess, and capture what it prints: for refusals that happen before any
+    connection, without the cost of a process. The test must not run in an event loop (``main``
+    calls ``asyncio.run``); structlog and the root logger, which ``main`` configures, are put
+    back afterwards."""
+    wanted = cli_environment(env)
+    for name in os.environ.keys() - wanted.keys():
+        monkeypatch.delenv(name)
+    for name, value in wanted.items():
+        monkeypatch.setenv(name, value)
+    logging_config = structlog.get_config()
+    root = logging.getLogger()
+    root_handlers, root_level = list(root.handlers), root.level
+    capsys.readouterr()
+    try:
+        status = cli_main(args)
+    except SystemExit as exit_:  # argparse: usage errors, --help, --version
+        status = int(exit_.code or 0)
+    finally:
+        structlog.configure(**logging_config)
+        root.handlers = root_handlers
+        root.setLevel(root_level)
+    output = capsys.readouterr()
+    return subprocess.CompletedProcess(["services", *args], status, output.out, output.err)
+
+
 WRITE_QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
 
 
@@ -132,7 +167,8 @@ def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
         for name, value in os.environ.items()
         if not name.startswith(("SI_", "OTEL_", "AWS_"))
     }
-    base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="si-write-queue-")
+    if WRITE_QUEUE_DIR_ENV not in env:
+        base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="si-write-queue-")
     return base | dict(env)
 
 

@@ -5,6 +5,10 @@ and ``SI_BACKFILL_…`` env vars or flags, JSON log lines on stderr (``--log-jso
 table on stdout (console mode only), and the exit status as the verdict (0 done, 2 invalid input,
 3 environment not ready, 130/143 interrupted). What the run left in S3 is read back and compared
 byte for byte with the rows in Postgres.
+
+The invalid-input cases are the exception: input is validated before anything is opened, so they
+call ``main(argv)`` in this process, with servers that are not there; one of them also runs as a
+subprocess against the real servers.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 import asyncpg
@@ -26,6 +31,7 @@ from devenv.servers import PostgresServer, S3Server, free_port
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from tests.conftest import LayerDb, service_env
 from tests.support import (
+    WRITE_QUEUE_DIR_ENV,
     SeedRow,
     StderrReader,
     bucket_objects,
@@ -35,6 +41,7 @@ from tests.support import (
     random_key,
     rows_below,
     run_cli,
+    run_cli_in_process,
     start_cli,
 )
 
@@ -542,23 +549,65 @@ BAD_INPUTS_WITH_CONSOLE = {
 }
 
 
+def absent_servers_env(write_queue_dir: Path) -> dict[str, str]:
+    """A complete configuration whose Postgres and S3 are not there: a run that connected before
+    validating its input would exit 3 (cannot reach), not 2."""
+    return {
+        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE": "DualWrite",
+        PG + "HOSTNAME": "127.0.0.1",
+        PG + "PORT": str(free_port()),
+        PG + "USER": "si",
+        PG + "PASSWORD": "unused",
+        PG + "DBNAME": "absent",
+        PG + "SSLMODE": "disable",
+        STORAGE + "ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        STORAGE + "REGION": "us-east-1",
+        STORAGE + "BUCKET_PREFIX": "absent",
+        S3_ACCESS_KEY: "unused",
+        S3_SECRET_KEY: "unused",
+        WRITE_QUEUE_DIR_ENV: str(write_queue_dir),
+    }
+
+
 @pytest.mark.parametrize(("bad", "output"), in_formats(BAD_INPUTS, BAD_INPUTS_WITH_CONSOLE))
-async def test_invalid_input_exits_2_with_one_line_naming_it_and_writes_nothing(
-    layer_db: LayerDb,
-    env: dict[str, str],
-    s3_client: S3Client,
-    bucket_prefix: str,
+def test_invalid_input_exits_2_with_one_line_naming_it_and_writes_nothing(
     bad: BadInput,
     output: OutputFormat,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
 ) -> None:
-    await seed_every_cache(layer_db, random.Random(109), 6)
-
-    run = await cli(with_output(bad.args, output), env | dict(bad.env))
+    # In this process through main(argv): input is validated before anything is opened, which
+    # the absent servers prove (an attempt to connect would exit 3).
+    result = run_cli_in_process(
+        with_output(bad.args, output),
+        absent_servers_env(tmp_path) | dict(bad.env),
+        monkeypatch,
+        capsys,
+    )
+    run = CliRun(result.returncode, result.stdout, result.stderr)
 
     assert run.status == 2, run.stderr
     message = the_error_line(run, output)
     for name in bad.names:
         assert name in message, f"{name!r} not in {message!r}"
+    assert run.stdout == ""
+    assert list(tmp_path.iterdir()) == [], "the refused run wrote to the write queue directory"
+
+
+async def test_invalid_input_refused_by_the_real_entrypoint_exits_2_and_writes_nothing(
+    layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str
+) -> None:
+    """The in-process cases above, end to end once: ``python -m services`` against real servers
+    holding rows."""
+    await seed_every_cache(layer_db, random.Random(109), 6)
+
+    run = await cli((*BAD_INPUTS["missing-cutoff"].args, "--log-json"), env)
+
+    assert run.status == 2, run.stderr
+    message = the_error_line(run, "json")
+    assert "--backfill-cutoff-timestamp" in message
+    assert "required" in message
     assert run.stdout == ""
     assert await written_objects(s3_client, bucket_prefix) == {}
 
