@@ -1,7 +1,7 @@
 """``python -m bench``: the backfill's performance benchmark against local servers.
 
 What it does
-    Starts a throwaway PostgreSQL (``devenv.servers.start_postgres``) and an S3 server
+    Starts a throwaway PostgreSQL (``devenv.postgres.start_postgres``) and an S3 server
     (``start_s3``, s3rver by default: the fastest S3 server installable here), loads
     ``pg_stat_statements`` into the cluster when the machine has it (ALTER SYSTEM + restart),
     seeds ``--rows`` rows into ``cas`` in a database of their own (the devenv sample rows: 1-16
@@ -90,16 +90,9 @@ from bench.common import CUTOFF, TABLE, Target, code_fingerprint
 from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_database
 from bench.report import check_targets, cpu_table, main_table, sweep_table, targets_table
+from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
+from devenv.s3 import S3RVER_VERSION, S3Endpoint, create_buckets, start_s3
 from devenv.seed import SizeMix
-from devenv.servers import (
-    S3RVER_VERSION,
-    PostgresEndpoint,
-    PostgresServer,
-    S3Endpoint,
-    create_buckets,
-    start_postgres,
-    start_s3,
-)
 from layer_cache.keys import bucket_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -35,7 +35,8 @@ from typing import TYPE_CHECKING, Any
 import asyncpg
 
 from bench.cpu import CpuSpent
-from devenv.servers import PostgresEndpoint, S3Endpoint
+from devenv.postgres import PostgresEndpoint
+from devenv.s3 import S3Endpoint
 from services.settings import Settings, load_settings
 
 if TYPE_CHECKING:

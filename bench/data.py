@@ -15,8 +15,8 @@ from datetime import datetime
 
 import asyncpg
 
+from devenv.postgres import PostgresEndpoint
 from devenv.seed import SizeMix, sample_rows
-from devenv.servers import PostgresEndpoint
 from layer_cache.cache_types import CacheType
 from layer_cache.schema import migrate_layer_db
 

@@ -1,6 +1,6 @@
 """Load test of the layer cache server: requests/s and latency of PUT and GET, per mode.
 
-``python -m bench.server_load`` starts a local PostgreSQL and S3 server (``devenv.servers``:
+``python -m bench.server_load`` starts a local PostgreSQL and S3 server (``devenv``:
 containers when Docker answers, else the local PostgreSQL binaries and moto), applies the
 layer-db schema, and then, for each persister mode, runs the real server as a subprocess
 (``python -m services --migration-mode skip --socket-addr 127.0.0.1:0``) and drives it over
@@ -57,13 +57,8 @@ import aiohttp
 import asyncpg
 
 from bench.common import code_fingerprint
-from devenv.servers import (
-    PostgresEndpoint,
-    S3Endpoint,
-    create_buckets,
-    start_postgres,
-    start_s3,
-)
+from devenv.postgres import PostgresEndpoint, start_postgres
+from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name
 from layer_cache.schema import migrate_layer_db

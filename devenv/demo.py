@@ -21,15 +21,9 @@ import aioboto3
 import asyncpg
 from aiobotocore.config import AioConfig
 
+from devenv.postgres import PostgresEndpoint, start_postgres
+from devenv.s3 import S3_KINDS, S3Endpoint, create_buckets, start_s3
 from devenv.seed import seed
-from devenv.servers import (
-    S3_KINDS,
-    PostgresEndpoint,
-    S3Endpoint,
-    create_buckets,
-    start_postgres,
-    start_s3,
-)
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.config import format_checkpoint

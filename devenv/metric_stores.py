@@ -32,7 +32,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from devenv.servers import REPO_ROOT, free_port
+from devenv.process import REPO_ROOT, free_port
 
 DEVENV_DIR = REPO_ROOT / ".devenv"
 DEBIAN_SOURCE = (

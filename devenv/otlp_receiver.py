@@ -27,7 +27,7 @@ from opentelemetry.proto.collector.metrics.v1.metrics_service_pb2 import (
 )
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue, KeyValue
 
-from devenv.servers import free_port
+from devenv.process import free_port
 
 
 def _value(value: AnyValue) -> Any:

@@ -10,7 +10,7 @@ upstream's with PgBouncer's host and port, so a client cannot tell it from the d
 ``default_pool_size`` is small on purpose: clients share few server connections, so a client that
 keeps session state (asyncpg's named prepared statements) meets another client's server session.
 
-Shutting down: ``stop()`` (also at exit and on SIGTERM, as every ``devenv.servers`` server) sends
+Shutting down: ``stop()`` (also at exit and on SIGTERM, as every ``devenv.process`` server) sends
 SIGTERM, then SIGKILL after 10 s, and deletes the directory.
 """
 
@@ -24,10 +24,9 @@ import subprocess
 from dataclasses import replace
 from pathlib import Path
 
-from devenv.servers import (
-    POSTGRES_OS_USER,
+from devenv.postgres import POSTGRES_OS_USER, PostgresEndpoint
+from devenv.process import (
     SERVER_READY_TIMEOUT_S,
-    PostgresEndpoint,
     _make_workdir,
     _ManagedServer,
     _poll_until,

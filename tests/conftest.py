@@ -1,6 +1,6 @@
 """Fixtures: real servers for the whole session, fresh databases and buckets per test.
 
-Postgres and S3 are real servers started once per session by ``devenv.servers``: containers
+Postgres and S3 are real servers started once per session by ``devenv``: containers
 (PostgresContainer, MinIO) where a Docker engine answers, otherwise the local PostgreSQL binaries
 and moto's standalone S3 server on free loopback ports. Each test gets its own database (with the
 layer-db schema) and its own bucket prefix (with all ten buckets), so tests never see each
@@ -27,17 +27,8 @@ import pytest
 from aiobotocore.config import AioConfig
 
 from devenv.demo import service_environment
-from devenv.servers import (
-    PostgresEndpoint,
-    PostgresServer,
-    S3Endpoint,
-    S3Identity,
-    S3Server,
-    SeaweedS3,
-    create_buckets,
-    start_postgres,
-    start_s3,
-)
+from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
+from devenv.s3 import S3Endpoint, S3Identity, S3Server, SeaweedS3, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS
 from layer_cache.keys import bucket_name
 from layer_cache.schema import migrate_layer_db

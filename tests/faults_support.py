@@ -31,7 +31,7 @@ import asyncpg
 import boto3  # type: ignore[import-untyped, unused-ignore]
 from botocore.config import Config as BotoConfig
 
-from devenv.servers import MotoS3, S3Endpoint, create_buckets
+from devenv.s3 import MotoS3, S3Endpoint, create_buckets
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from migrations_mode.checkpoint import Position

@@ -20,7 +20,7 @@ from botocore.exceptions import ClientError
 
 from bench.common import S3RequestCounter
 from devenv.faults import FaultPlan, FaultProxy
-from devenv.servers import S3Server
+from devenv.s3 import S3Server
 from tests.support import REPO_ROOT
 
 SCENARIOS = ("bare_put", "upstream", "upstream_rerun", "backfill", "backfill_rerun", "shards")

@@ -27,7 +27,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import asyncpg
 import pytest
 
-from devenv.servers import PostgresServer, S3Server, free_port
+from devenv.postgres import PostgresServer
+from devenv.process import free_port
+from devenv.s3 import S3Server
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from tests.conftest import LayerDb, service_env
 from tests.support import (

@@ -43,7 +43,8 @@ import pytest
 
 from devenv.faults import SLOWDOWN, FaultPlan, FaultProxy
 from devenv.metric_stores import ScrapeJob, prometheus_binary, running_prometheus
-from devenv.servers import S3Server, free_port
+from devenv.process import free_port
+from devenv.s3 import S3Server
 from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
 from layer_cache.keys import object_key

@@ -22,7 +22,7 @@ import aiohttp
 import pytest
 
 from devenv.faults import EtagRewrite, FaultPlan, FaultProxy
-from devenv.servers import S3Server
+from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, S3LayerError
 from layer_cache.s3 import S3Layer

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 from aiohttp import web
 
 from devenv.faults import FaultPlan, FaultProxy
-from devenv.servers import S3Server, free_port
+from devenv.process import free_port
+from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
 from tests.conftest import LayerDb
 from tests.faults_support import assert_s3_holds_exactly, backfill_args, run_job

@@ -33,7 +33,8 @@ from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
 from devenv.faults import EtagRewrite, FaultPlan, FaultProxy
-from devenv.servers import S3Endpoint, S3Server, create_buckets, free_port
+from devenv.process import free_port
+from devenv.s3 import S3Endpoint, S3Server, create_buckets
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

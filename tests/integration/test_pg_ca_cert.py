@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from devenv.servers import free_port
+from devenv.process import free_port
 from services.context import pg_ssl_option
 from services.settings import PgPoolConfig, PgSslMode, SettingsError
 from tests.support import run_cli

@@ -19,7 +19,8 @@ import asyncpg
 import pytest
 
 from devenv.pgbouncer import LocalPgBouncer
-from devenv.servers import PostgresEndpoint, PostgresServer, S3Server
+from devenv.postgres import PostgresEndpoint, PostgresServer
+from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
 from services.context import open_pg_pool
 from services.settings import PgPoolConfig, PgSslMode

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from devenv.servers import S3Server, create_buckets
+from devenv.s3 import S3Server, create_buckets
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name
 from migrations_mode.checkpoint import Position

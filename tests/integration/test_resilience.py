@@ -27,7 +27,9 @@ import asyncpg
 import pytest
 
 from devenv.faults import FaultPlan, FaultProxy
-from devenv.servers import PostgresServer, S3Server, free_port
+from devenv.postgres import PostgresServer
+from devenv.process import free_port
+from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.pg import PgLayer
 from migrations_mode.progress_store import PROGRESS_TABLE, SavedProgress

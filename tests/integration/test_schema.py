@@ -30,7 +30,8 @@ import aiohttp
 import asyncpg
 import pytest
 
-from devenv.servers import PostgresServer, S3Server
+from devenv.postgres import PostgresServer
+from devenv.s3 import S3Server
 from layer_cache.schema import MIGRATION_LOCK_NUMBER, migrate_layer_db
 from tests.conftest import LayerDb, service_env
 from tests.support import REPO_ROOT, StderrReader, run_cli, start_cli

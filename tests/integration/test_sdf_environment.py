@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from devenv.servers import S3Server
+from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
 from tests.conftest import LayerDb
 from tests.support import (

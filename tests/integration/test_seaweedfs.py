@@ -29,7 +29,8 @@ from aiohttp import web
 from botocore.exceptions import ClientError
 
 from devenv.faults import FaultPlan, FaultProxy
-from devenv.servers import S3Endpoint, S3Identity, SeaweedS3, packaged_binary
+from devenv.process import packaged_binary
+from devenv.s3 import S3Endpoint, S3Identity, SeaweedS3
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.keys import object_key
 from tests.conftest import READ_LIST, READ_LIST_WRITE, LayerDb, open_s3_client, service_env

@@ -27,7 +27,8 @@ import asyncpg
 import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 
-from devenv.servers import S3Server, free_port
+from devenv.process import free_port
+from devenv.s3 import S3Server
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from layer_cache.write_queue import queue_status

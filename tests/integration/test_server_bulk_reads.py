@@ -19,7 +19,7 @@ import pytest
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from devenv.faults import FaultPlan, FaultProxy
-from devenv.servers import S3Server
+from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
 from services.context import open_services_context
 from services.settings import ServerConfig
