@@ -1,16 +1,13 @@
 """The resume rule, pure: which position is safe to resume from while uploads run out of order.
 
-Rows are dispatched in one total order (newest first: ``(created_at, key)`` descending) and
-finish in any order. ``CheckpointTracker`` numbers each dispatch and keeps the *low-water mark*:
-the last position such that it and every position dispatched before it have finished. Resuming
-strictly after that position loses nothing and redoes at most the rows that finished out of
-order, which is bounded by the uploads in flight.
-
-``checkpoint_timestamp`` turns the low-water mark into a cutoff an operator can paste back
-(``created_at < cutoff``). Ties on ``created_at`` are common after bulk copies, so the cutoff is
-the mark's ``created_at`` plus one microsecond (Postgres' resolution): every row sharing that
-timestamp is listed again rather than skipped. Re-listed rows that are already in S3 are skipped
-by the size check, so the cost of a tie is a HEAD, never a hole.
+Rows are dispatched in the walk's order (key order by default, ``(created_at, key)`` descending
+with ``--backfill-order newest-first``) and finish in any order. ``CheckpointTracker`` numbers
+each dispatch and keeps the *low-water mark*: the last position such that it and every position
+dispatched before it have finished, so resuming after it loses nothing and redoes at most the
+uploads that were in flight. ``checkpoint_timestamp`` is that mark's ``created_at`` plus one
+microsecond (Postgres' resolution), so rows tied on it are listed again, never skipped; it is only
+meaningful for a newest-first walk (``CacheBackfill`` keeps the cutoff in key order). Nothing to
+shut down: the state is in memory and the progress store saves it.
 """
 
 from __future__ import annotations
@@ -23,7 +20,7 @@ POSTGRES_TICK = timedelta(microseconds=1)
 
 @dataclass(frozen=True, order=True, slots=True)
 class Position:
-    """A row's place in newest-first order; compares as (created_at, key)."""
+    """A row's place in a walk; compares as (created_at, key)."""
 
     created_at: datetime
     key: str
