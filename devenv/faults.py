@@ -1,80 +1,14 @@
 """A fault-injecting HTTP proxy that sits between an S3 client and a real S3 test server.
 
-How it works
-    ``FaultProxy`` is an aiohttp web server on ``127.0.0.1:<free port>`` with one catch-all
-    route. Point an S3 client at ``proxy.url`` instead of the server (path-style addressing,
-    plain http). For every request the proxy reads the whole request body, then consults the
-    current ``FaultPlan`` (``proxy.plan`` is read per request, so a test may replace it at any
-    time, e.g. to switch faults off) and does one of:
-
-    * ``slowdown``: answers ``503`` with an S3 XML error body, code ``SlowDown``;
-    * ``internal_error``: answers ``500`` with code ``InternalError``;
-    * ``reset``: forwards the request, then sends the upstream status line, headers (with the
-      full ``Content-Length``) and half of the body and aborts the client connection. When
-      there is no body to cut (HEAD, 204/304, an empty body) the connection is aborted before
-      anything is sent;
-    * ``forwarded``: forwards the request and relays the response.
-
-    A client built on aiohttp (aiobotocore, so aioboto3) re-sends an idempotent request
-    (GET, HEAD, PUT, DELETE) once on its own when the connection drops before any response byte
-    arrives, even with botocore retries off: a before-response reset reaches the caller only if
-    the re-sent request is reset too, and it is counted once per attempt.
-
-    Neither error fault reaches the upstream server. Forwarded requests (including ``reset``
-    ones) may first wait ``uniform(*plan.latency_s)`` seconds.
-
-    ``plan.expired_access_keys``: a request signed with one of these access key ids (from the
-    SigV4 ``Authorization`` header or a presigned ``X-Amz-Credential``) is answered ``400`` with
-    code ``ExpiredToken``, as S3 answers a session token past its expiry, and never forwarded;
-    it takes no draws and counts as ``expired_token``. A client that refreshes its credentials
-    gets through with the new key.
-
-    ``plan.refused_keys``: a PUT whose object key (the decoded path after the bucket, path-style
-    addressing; see ``path_style_object``) is in the set is answered ``400`` with code
-    ``InvalidRequest``, which ``classify_s3_error`` treats as not worth another attempt (a poison
-    object), and never forwarded; it takes no draws and counts as ``refused``. Other methods on
-    that key are unaffected. The expired-key rule is checked first, as S3 authenticates first.
-
-    ``plan.put_etag`` (an ``EtagRewrite``) also rewrites every forwarded PUT that the upstream
-    answered ``200`` with an ``ETag`` (PutObject, UploadPart): the ETag becomes another 32-hex
-    value and the rewrite's encryption headers are added, as a bucket with SSE-KMS, DSSE-KMS or
-    SSE-C answers (their ETags are not the body's MD5). ``EtagRewrite.PLAIN`` adds no header: a
-    stored body that differs from the one sent. Such a request's outcome is ``etag_rewritten``.
-    The rewrite takes no random draws; the object stored upstream is untouched.
-
-    Forwarding keeps the request intact: method, raw path and query string (not re-quoted),
-    every header except hop-by-hop ones and ``Expect`` (the proxy already answered
-    ``100-continue`` and holds the whole body), and the body bytes unchanged (an ``aws-chunked``
-    body stays encoded; aiohttp sets ``Content-Length`` from the bytes, which is the value the
-    client sent). ``Host`` is kept exactly as the client sent it: SigV4 signs it, and a server
-    that checks signatures would otherwise answer ``SignatureDoesNotMatch``. aiohttp adds no
-    headers of its own (no ``Accept-Encoding``, ``User-Agent``, ``Content-Type``) and does not
-    decompress, so the response body is relayed byte for byte with the upstream status, reason
-    and headers (minus hop-by-hop ones; ``Content-Length`` is set to the body length, except for
-    HEAD where the upstream value, the object size, is kept). If the upstream request itself
-    fails, the client gets ``502`` (code ``BadGateway``) and the count ``upstream_error``.
-
-What it guarantees
-    * Reproducible faults: the draws come from ``random.Random(plan.seed)``, re-seeded whenever
-      ``proxy.plan`` is assigned. Each request whose method the plan covers (``plan.methods``,
-      ``None`` = all) takes exactly two draws, the fault roll and then the latency, whatever
-      the shares and latency are, so the same seed and the same request order give the same
-      fault sequence (concurrent requests may reach the proxy in any order). Requests of other
-      methods are forwarded (ETag rewrite included), without latency, and take no draws.
-    * ``proxy.counts`` is updated before the client sees the outcome, once per request, with
-      the outcome (``forwarded``, ``etag_rewritten``, ``expired_token``, ``refused``,
-      ``slowdown``, ``internal_error``, ``reset``, ``upstream_error``) and
-      ``"<METHOD>:<outcome>"``. ``cancelled`` (and ``"<METHOD>:cancelled"``) counts requests
-      that ``stop()`` had to cancel; one cancelled while it waited out its latency or its
-      upstream answer has no other outcome.
-
-Shutting down
-    ``stop()`` (or leaving ``async with``) closes the listening socket first, waits up to
-    ``stop_timeout_s`` for requests in progress to finish, then closes idle keep-alive
-    connections and the upstream ``aiohttp.ClientSession``. A request still running after the
-    grace period is cancelled by aiohttp; the proxy logs a warning for it and counts it as
-    ``cancelled``, so nothing is cancelled silently. ``stop()`` is idempotent and safe after a
-    failed ``start()``.
+``FaultProxy`` is an aiohttp server on a free loopback port with one catch-all route; for each
+request it reads the whole body, consults the current ``FaultPlan`` (read per request, so a test
+may swap it) and answers an S3 error (SlowDown, InternalError, ExpiredToken, InvalidRequest),
+cuts the connection mid-body, or forwards the request intact (``Host`` as signed, body unchanged)
+and relays the answer, optionally with a rewritten PUT ETag. Draws come from
+``random.Random(plan.seed)``, two per covered request, so a seed and a request order give the
+same faults; ``proxy.counts`` records every outcome before the client sees it. ``stop()`` closes
+the listener, lets requests finish for ``stop_timeout_s``, then cancels (and counts) the rest and
+closes the upstream session; it is idempotent. Full behaviour: ``docs/fault-proxy.md``.
 """
 
 from __future__ import annotations
