@@ -1,63 +1,11 @@
 """``python -m bench``: the backfill's performance benchmark against local servers.
 
-What it does
-    Starts a throwaway PostgreSQL (``devenv.postgres.start_postgres``) and an S3 server
-    (``start_s3``, s3rver by default: the fastest S3 server installable here), loads
-    ``pg_stat_statements`` into the cluster when the machine has it (ALTER SYSTEM + restart),
-    seeds ``--rows`` rows into ``cas`` in a database of their own (the devenv sample rows: 1-16
-    KiB values and 1% of 100 KiB-5 MiB; see ``bench.data``), ANALYZEs, warms the S3 server up,
-    and runs each scenario of ``bench.scenarios`` in its own subprocess, against its own bucket
-    (``<run>-<label>-cas``), one at a time:
-
-    * at ``--concurrency`` C: ``bare_put``, ``upstream`` (the baseline), ``upstream_rerun``,
-      ``backfill``, ``backfill_rerun``, ``shards`` (``--shards`` K processes, C each);
-    * the concurrency sweep (not with ``--smoke``): ``bare_put`` and ``backfill`` (and
-      ``upstream`` with ``--sweep-baseline``) at each of ``--sweep`` (default 5,20,64; the runs
-      at C above are reused);
-    * the scaling checks (not with ``--smoke``, nor ``--no-scaling``): ``backfill`` on a table
-      ``--scale-factor`` times larger (time should grow as much), and on a ``--rss-rows``-row
-      table (peak RSS should stay within 50 MiB of the ``--rows`` run).
-
-    Then it prints which machine and servers the numbers came from, one table of the scenarios
-    (rows/s, MiB/s, S3 requests/row, PG tuples/row, PG round trips/row, CPU ms/object, peak RSS,
-    ratio to the bare PUT loop and to the baseline), the sweep, the scaling checks and the issue's
-    targets (measured, never asserted), and writes everything as JSON to
-    ``<results-dir>/<UTC timestamp>.json`` and ``<results-dir>/latest.json``. The exit status is
-    0 whenever every scenario ran, whatever the targets say.
-
-Flags
-    --rows N              rows seeded into the main table (default 10000; ~90% are below the
-                          cutoff, which is what the job copies)
-    --concurrency C       uploads in flight for the main scenarios (default 20)
-    --key-batch-size B    rows per listed page, ours and the baseline's (default 1000)
-    --shards K            processes of the ``shards`` scenario (default 2)
-    --sweep LIST          concurrencies of the sweep (default 5,20,64)
-    --sweep-baseline      also run the baseline at each sweep concurrency (slow)
-    --repeat R            run the main scenarios (all but shards) R times, interleaved, each on
-                          fresh buckets, and report the median run by rows/s (default 1). The
-                          S3 server's CPU per PUT varies by +-30% between identical runs here,
-                          so single-run throughput ratios are noisy; R=3 steadies them
-    --sample-in-flight    have ``backfill`` sample its own uploads_in_flight gauge every 20 ms
-                          (mean slots in use; costs the client some CPU, so off by default)
-    --scale-factor F      the larger table of the linearity check is F x --rows (default 4)
-    --rss-rows N          rows of the memory check's table (default 200000)
-    --no-scaling          skip both scaling checks (and their seeding)
-    --no-sweep            skip the sweep
-    --smoke               a tiny run for CI: 250 rows, batches of 100, C=8, every main scenario,
-                          no sweep, no scaling; well under a minute
-    --s3 KIND             s3rver (default), moto, seaweedfs or minio (Docker)
-    --profile             also run ``backfill`` once under cProfile (own bucket; not in the
-                          table) and print its top functions; the .prof file goes to the
-                          results dir
-    --results-dir DIR     where the JSON goes (default bench/results)
-    --value-size N        every value exactly N bytes instead of the skewed mix (e.g. 4096 with
-                          --concurrency 5: the issue's own reference setting)
-    --keep-logs           copy each scenario's stderr (the product's JSON logs) to the
-                          results dir; on a failure the log's tail is printed anyway
-
-Time: about 11-12 minutes with the defaults on the 2-core development machine when it is quiet
-(20 minutes when other sessions load it), over 6 of them the 200,000-row memory run and the
-~6 GB of seeding it needs; ``--no-scaling`` takes about 4 minutes, ``--smoke`` about 15 s.
+It starts a throwaway PostgreSQL and S3 server, seeds ``cas`` with the devenv sample rows, runs
+each scenario of ``bench.scenarios`` in its own subprocess against its own bucket, one at a time
+(then a concurrency sweep and scaling checks unless ``--smoke``), prints one table plus the
+issue's targets (measured, never asserted) and writes JSON to the results directory. The exit
+status is 0 whenever every scenario ran; the servers are stopped on the way out. Flags, timings
+and what each column means: ``docs/bench.md``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """What every scenario shares: where the servers are, the product settings, and the meters.
 
-Meters
-    * S3 requests: a ``before-send.s3`` handler on the aiobotocore client's event system. In
-      aiobotocore 2.25 ``Endpoint._do_get_response`` emits ``before-send.s3.<Operation>`` once per
-      HTTP attempt (botocore's own retries included, each re-signed attempt goes through it), so
-      the count is attempts sent, client side. aiohttp's silent re-send of an idempotent request
-      whose connection dropped before any response byte is below botocore and not counted.
-    * Postgres: deltas of ``pg_stat_user_tables`` (``seq_tup_read + idx_tup_fetch`` over every
-      user table of the scenario's database), ``pg_statio_user_tables`` (heap and TOAST blocks)
-      and ``pg_stat_database`` (``xact_commit + xact_rollback``). Every client round trip that
-      executes or prepares something in autocommit mode ends one implicit transaction, so the
-      transaction count is the round-trip count (asyncpg's pool also spends one round trip per
-      release on its reset query, and that is counted: it is a real round trip). The backends'
-      counters reach the shared statistics when they exit, so the "after" reading waits until
-      the scenario's connections (found by ``application_name``) are gone. When the cluster has
-      ``pg_stat_statements`` loaded, statement calls by the app role are read as well.
-    * CPU and memory: ``getrusage`` of the scenario's own process (user + system seconds over the
-      timed section; ``ru_maxrss`` for the whole process). S3 and Postgres are other processes.
+The meters take before/after readings around a scenario's timed section: S3 requests sent (a
+``before-send.s3`` handler, one per HTTP attempt), Postgres tuples, blocks and transactions (the
+round-trip count, read once the scenario's connections are gone so their counters are flushed)
+and ``getrusage`` CPU and peak RSS of the scenario's own process. Why each reading counts what it
+claims: ``docs/bench.md``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,11 @@
 """``python -m bench.delay_proxy UPSTREAM_URL LOW_S HIGH_S``: S3 behind a delay, own process.
 
-The server load test puts this between the layer cache server and the S3 server to give every
-S3 request ``uniform(LOW_S, HIGH_S)`` seconds of latency (``devenv.faults.FaultProxy`` with
-only ``latency_s`` set: nothing is failed, every request is forwarded). It runs in a process of
-its own so that relaying bodies costs the measuring client no CPU on its event loop.
-
-It listens on 127.0.0.1 only, prints one JSON line ``{"url": ...}`` on stdout once it accepts
-requests, and serves until SIGTERM/SIGINT or ``--max-secs`` (so a crashed benchmark cannot
-leave it behind); then it stops the proxy (requests in progress get its grace period) and
-prints one JSON line ``{"counts": ...}`` with the proxy's per-outcome counts. aiohttp's
-"Error handling request" tracebacks are not printed: a server stopping after its grace period
-drops S3 requests in flight (its write queue keeps them), and the proxy then finds the client
-gone; the counts record every request's outcome.
+A ``FaultProxy`` with only ``latency_s`` set (nothing fails) on 127.0.0.1, in its own process so
+relaying bodies costs the measuring client no CPU. It prints ``{"url": ...}`` once it accepts
+requests, serves until SIGTERM/SIGINT or ``--max-secs`` (a crashed benchmark cannot leave it
+behind), then stops the proxy and prints ``{"counts": ...}``. aiohttp's "Error handling request"
+tracebacks are not printed: a server stopped after its grace period drops S3 requests in flight
+(its write queue keeps them), and the counts record every outcome.
 """
 
 from __future__ import annotations

@@ -1,32 +1,10 @@
 """One benchmark scenario per process, so CPU time and peak RSS belong to that scenario alone.
 
-Usage::
-
-    python -m bench.scenarios NAME --target JSON [--json] [--concurrency C]
-        [--key-batch-size B] [--shards K] [--profile FILE]
-
-``--target`` is ``bench.common.Target.to_json()``: the Postgres and S3 endpoints, the database
-holding the seeded ``cas`` table, the bucket prefix (the scenario uses ``<prefix>-cas``, which
-must exist) and the cutoff. ``python -m bench`` builds it; a scenario can be re-run by hand
-with the same argument while the servers are up.
-
-Scenarios (``C`` uploads in flight; the timed section excludes setup, see each one):
-  ``bare_put``        PutObject of the same objects (every row below the cutoff, values read
-                      from Postgres *before* timing) with a bounded task loop on the product's
-                      own S3 client settings; no Content-MD5. The reference for "a PUT costs".
-  ``upstream``        the baseline loop (``bench.upstream``) on an empty bucket.
-  ``upstream_rerun``  the baseline again over the bucket ``upstream`` filled.
-  ``backfill``        our job in-process, ``run_backfill`` with ``order=key``, on an empty
-                      bucket (saved progress for this cutoff and shard is deleted first).
-  ``backfill_rerun``  the same job with ``restart=True`` over the bucket ``backfill`` filled,
-                      so it walks the whole bucket again instead of stopping on saved progress.
-  ``shards``          K child processes of ``backfill`` (``Shard(i, K)``, C uploads each), set
-                      up first and then released together; time is first start to last finish,
-                      CPU the children's sum, RSS the largest child's.
-
-Each prints one JSON line (``--json``; indented without it): rows, seconds, rows/s, MiB/s,
-S3 requests/row, PG tuples/row, PG round trips/row, CPU ms/object, peak RSS MiB, and details.
-Product logs go to stderr as JSON lines at the production level (info).
+``python -m bench.scenarios NAME --target JSON`` (the target is ``Target.to_json()``, built by
+``python -m bench``) runs one of ``bare_put``, ``upstream``, ``upstream_rerun``, ``backfill``,
+``backfill_rerun`` or ``shards`` against the servers already up, times only the scenario's own
+section and prints one JSON line of its meters; product logs go to stderr. The process exits when
+the scenario ends. What each scenario does: ``docs/bench.md``.
 """
 
 from __future__ import annotations

@@ -1,34 +1,12 @@
 """Load test of the layer cache server: requests/s and latency of PUT and GET, per mode.
 
-``python -m bench.server_load`` starts a local PostgreSQL and S3 server (``devenv``:
-containers when Docker answers, else the local PostgreSQL binaries and moto), applies the
-layer-db schema, and then, for each persister mode, runs the real server as a subprocess
-(``python -m services --migration-mode skip --socket-addr 127.0.0.1:0``) and drives it over
-loopback from this process with ``--concurrency`` requests in flight:
-
-* PUT: ``--requests`` new cas keys, each a ``--value-bytes`` random value (201 expected);
-* GET: ``--requests`` reads of those keys in random order (200 expected).
-
-With DualWrite selected and ``--s3-delay-ms`` above 0 (default 60), one more DualWrite server
-runs with its S3 endpoint behind ``bench.delay_proxy`` (a ``FaultProxy`` on 127.0.0.1, in its
-own process, adding ``uniform(delay - jitter, delay + jitter)`` to every S3 request) and takes
-the PUT phase only: its write latency next to the healthy DualWrite's (and PostgresOnly's, which
-never touches S3) shows whether a client pays S3's latency. After each PUT phase of a mode that
-writes S3, the objects already in the ``cas`` bucket are counted (listing the S3 server
-directly), and again once the server has stopped: fewer than the acknowledged writes at the end
-means S3 PUTs were still queued (write-behind); after the stop, what SIGTERM's drain (within the
-server's 10 s grace period) did not reach S3 is still in the server's write queue on disk. Each
-server gets its own write queue directory under a temporary directory, removed at the end.
-
-Each phase stops at ``--requests`` or after ``--phase-secs``, whichever comes first, so a
-default run stays well under two minutes; ``--smoke`` is a run of a few seconds per server for
-the test suite (PostgresOnly and DualWrite, healthy and delayed). It reports, per mode, S3 delay
-and operation, completed requests, errors, requests/s (completed over the phase's wall time),
-p50/p99 latency and the objects in S3 at the end and after the stop, as a table on stdout and
-as JSON in ``<results-dir>/server-load-<UTC timestamp>.json``. The client, the server, Postgres
-and S3 share this machine's cores, so the numbers describe this machine, not the server alone.
-
-This is a benchmark, not a test: nothing is asserted beyond every request having an answer.
+``python -m bench.server_load`` starts PostgreSQL and an S3 server, runs the real server as a
+subprocess per persister mode and drives it over loopback (a PUT phase of new ``cas`` values, then
+a GET phase, each capped by ``--requests`` or ``--phase-secs``); with DualWrite it also runs the
+PUT phase with S3 behind ``bench.delay_proxy``, and counts the objects in S3 after each PUT phase
+and again once SIGTERM has stopped the server, to show write-behind. Each server's write queue
+lives in a temporary directory removed at the end. A benchmark, not a test: nothing is asserted
+beyond every request having an answer. Details and output: ``docs/bench.md``.
 """
 
 from __future__ import annotations

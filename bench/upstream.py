@@ -1,27 +1,11 @@
 """The baseline: upstream's per-cache backfill loop (systeminit/si ``d6f80e259``), re-implemented.
 
-Faithful to ``/work/shared/UPSTREAM.md`` §1 and §3, weak spots included, because it is what our
-job is measured against:
-
-* listing: ``SELECT key, created_at FROM t WHERE created_at < $1 ORDER BY created_at DESC
-  LIMIT $2`` (no index on ``created_at``: a full scan and a top-N sort per batch), the batch
-  reversed so that ``pop()`` gives the newest first;
-* the cursor is the ``created_at`` of the last key *dispatched*, with a strict ``<``: rows that
-  share the oldest timestamp of a batch but fell outside its ``LIMIT`` are never listed (the
-  tie-losing hole, §3 (b)). The benchmark counts them as ``rows_missed``;
-* per key, in its own task: ``HeadObject``; if absent, ``SELECT value FROM t WHERE key = $1
-  LIMIT 1`` (a missing row is an error, as ``query_one``), then ``PutObject`` with the bytes and
-  no extra headers (no Content-MD5);
-* at most ``max_concurrent`` tasks not yet joined (tokio's ``JoinSet::len`` counts finished
-  tasks until they are joined): that is the concurrency bound, equivalent to a semaphore of
-  ``max_concurrent`` slots released on join. Completions are joined one per loop turn, and the
-  listing query runs whenever the batch is empty, so at the tail it runs again after every
-  completion, as upstream's does;
-* the checkpoint is recomputed after every completion as the newest ``created_at`` still in
-  flight (upstream's ``HashMap`` scan).
-
-It runs on the same asyncpg pool and aiobotocore client (same settings) as our job, so only the
-algorithm differs.
+Faithful to ``/work/shared/UPSTREAM.md`` §1 and §3, weak spots included (``created_at < cursor``
+paging that skips rows tied at a batch boundary, counted as ``rows_missed``; a HEAD, a SELECT and
+a PUT per key; the JoinSet concurrency bound), because it is what our job is measured against. It
+runs on the same asyncpg pool and aiobotocore client as our job, so only the algorithm differs,
+and it ends when the listing is empty and every task has been joined. The loop step by step:
+``docs/bench.md``.
 """
 
 from __future__ import annotations
