@@ -1,40 +1,17 @@
 """Durable S3 write-behind: a queue of S3 PUTs on local disk, drained by workers.
 
-In ``DualWrite`` and ``S3Primary`` a write is acknowledged once Postgres has the row and the S3
-PUT is in this queue; workers PUT it later, so an S3 outage neither fails clients nor loses
-objects. The read-through write-back of ``S3Primary`` (an S3 miss served from Postgres) uses the
-same queue.
-
-Storage: one SQLite file, ``<dir>/write-queue.sqlite3``, in WAL mode with ``synchronous=FULL``:
-every enqueue is one transaction whose commit fsyncs the WAL, so a 2xx survives kill -9 and power
-loss. SQLite rather than a directory of files because a PUT's life (claim, retry with a new
-due time, dead-letter, replay) is a few atomic row updates instead of renames plus directory
-fsyncs, deduplication on (cache type, key) is a UNIQUE constraint, and due-order scans use an
-index. Tables: ``queue`` (cache type, key, value, origin ``write``/``fill``, enqueued time,
-attempts, next attempt time, last error) and ``dead_letters`` (the same, plus when it died).
-The key is content-addressed, so a second enqueue of a queued (cache type, key) is a no-op.
-
-Draining: on start every pending entry is made due. A dispatcher claims due entries in enqueue
-order, at most ``workers`` at a time, and PUTs each through the S3 store's ``put`` (first write
-wins). Success deletes the entry. A retryable ``StorageError`` schedules the next attempt after
-exponential backoff with full jitter (``QueueBudget``); a non-retryable one, or an entry past its
-attempt or age budget, moves to ``dead_letters`` with the last error. The dispatcher sleeps until
-the next entry is due or an enqueue or a finished PUT wakes it, and looks again at least every
-``max_delay_s`` (entries replayed by another process wake nothing); it never busy-polls.
-
-Shutdown: ``drain(within_s)`` makes every pending entry due, keeps the workers going until the
-queue is empty or the time is up, then cancels them; what remains stays on disk for the next
-start and is logged (``write queue stopped``, ``remaining``).
-
-Replay: ``replay_dead_letters(directory, cache_type)`` moves dead letters back into the queue
-(``python -m services --write-queue-replay``); ``queue_status`` reports counts and the oldest age.
-
-Metrics (attributes ``cache_name``, the table as upstream; ``cache_type``; ``backend="s3"``):
-gauges ``layer_cache_write_queue_depth`` and ``layer_cache_write_queue_oldest_age_seconds``;
-counters ``layer_cache_write_queue_enqueued``,
-``…_success``, ``…_retried`` and ``…_permanent_failure`` (dead letters); and upstream's
-``layer_cache_fallback_writeback_attempted`` (a new read-through write-back enqueued) and
-``…_failed`` (one that could not be enqueued or ended as a dead letter).
+In ``DualWrite`` and ``S3Primary`` a write (and ``S3Primary``'s read-through write-back) is
+acknowledged once Postgres has the row and the PUT is committed to ``<dir>/write-queue.sqlite3``
+(WAL, ``synchronous=FULL``: a 2xx survives kill -9). SQLite rather than files because an entry's
+life (claim, retry, dead-letter, replay) is a few atomic row updates, deduplication on (cache
+type, key) is a UNIQUE constraint and due-order scans use an index. A dispatcher claims due
+entries in enqueue order for at most ``workers`` PUTs at once, reschedules retryable failures with
+full-jitter backoff (``QueueBudget``) and moves the rest to ``dead_letters``; it sleeps until an
+entry is due or an enqueue or finished PUT wakes it, and looks again at least every
+``max_delay_s`` (entries replayed by another process wake nothing). ``drain(within_s)`` shuts it
+down: everything pending is made due, workers run until the queue is empty or time is up, then are
+cancelled, and what remains stays on disk for the next start. Operator view (settings, status,
+replay, metrics): ``docs/server.md``.
 """
 
 from __future__ import annotations
