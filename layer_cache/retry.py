@@ -1,20 +1,14 @@
 """Retrying storage calls: exponential backoff with full jitter, within a budget, and AIMD.
 
-``RetryPolicy`` is pure: ``delay_s(attempt)`` draws from [0, min(cap, base · 2^attempt)] ("full
-jitter", which spreads clients out instead of synchronising their retries) and ``allows`` says
-whether another attempt fits the budget of attempts and total seconds.
-
-``call_with_retries`` runs one storage call under a policy. Only errors whose ``ErrorKind`` is
-retryable (throttling, transient network/server faults, lost Postgres connections, an expired
-session token) are retried; everything else is raised at once. ``on_retry`` hears about each
-retry (for counting and throttle feedback). An error's ``before_retry`` is awaited just before the
-next attempt: for an expired token the S3 layer sets it to a forced refresh of the client's
-credential chain, so the retry is signed with new credentials (static credentials have nothing to
-refresh: their retries fail the same way until the budget is spent, and the error says why).
-
-``AdaptiveLimit`` is the concurrency cap for one cache's uploads: additive increase after a run
-of successes, multiplicative decrease on throttling, so a job settles at the rate S3 allows. It
-is also the slot pool: ``acquire`` waits until fewer than ``limit`` slots are held.
+``RetryPolicy`` is pure: full-jitter delays (which spread clients out instead of synchronising
+their retries) and whether another attempt fits the budget. ``call_with_retries`` retries only
+errors whose ``ErrorKind`` is retryable and raises the rest at once; before the next attempt it
+awaits the error's ``before_retry``, which for an expired token forces a refresh of the S3
+client's credential chain (static credentials have nothing to refresh, so they fail the same way
+until the budget is spent). ``AdaptiveLimit`` is one cache's upload cap and slot pool: additive
+increase after a run of successes, multiplicative decrease on throttling. Nothing here owns a
+resource: a cancelled call stops in its backoff sleep, and a cancelled ``acquire`` gives back or
+forgets its slot.
 """
 
 from __future__ import annotations

@@ -1,19 +1,11 @@
 """Per-cache counts, kept once and reported twice: as the run summary and as OTel metrics.
 
 ``CacheProgress`` is the only thing the per-cache loop calls to count; each call updates the
-in-memory ``CacheStats`` (for the summary and log lines) and the matching OTel instrument, so
-the two can never disagree.
-
-Metrics (attribute ``cache_type``, the CLI name, as upstream so dashboards carry over):
-``layer_cache.backfill.items_processed``, ``…items_uploaded``, ``…items_skipped``,
-``…bytes_uploaded`` (upstream's four), plus ``…items_repaired``, ``…items_vanished``,
-``…retries`` (attribute ``error_class``) and ``…errors`` (attribute ``error_class``); the
-histogram ``…upload_duration_seconds``; and gauges read from each running cache when metrics are
-collected (``GaugeSource``): ``…uploads_in_flight``, ``…upload_concurrency_limit``,
-``…checkpoint_lag_seconds`` (cutoff minus checkpoint, newest-first order),
-``…keyspace_done_ratio`` (key order), ``…rows_total_estimate`` and ``…rows_remaining_estimate``.
-No instrument has a unit, so Prometheus names stay exactly upstream's
-(``layer_cache_backfill_items_processed_total``); units are in the names instead.
+in-memory ``CacheStats`` (for the summary and log lines) and the matching OTel instrument, so the
+two can never disagree. Gauges are read from each running cache when metrics are collected
+(``GaugeSource``). No instrument has a unit, so Prometheus names stay exactly upstream's
+(``layer_cache_backfill_items_processed_total``); units are in the names instead. Nothing to shut
+down: the MeterProvider belongs to ``services.telemetry``. The metric list: README, Observability.
 """
 
 from __future__ import annotations

@@ -1,24 +1,15 @@
 """Durable backfill progress, so a re-run with the same arguments continues where it stopped.
 
-A record holds a resume position (the checkpoint tracker's low-water mark: every row up to and
-including it is in S3), whether the cache completed, and how many rows were done. It belongs to
-one walk: cache type, cutoff, walk order, shard (index and count) and target (endpoint, bucket,
-key prefix). A position only means something for that walk (a key-order position says nothing
-about a newest-first walk, nor about another bucket), so a record saved under other parameters
-is never used; ``unused_records`` names the difference for the one log line that says so.
-
-Two stores, chosen by ``--backfill-progress-store``:
-  ``postgres``  ``layer_cache_backfill_progress`` in the layer db (created, or upgraded from the
-                earlier layout, if needed); needs CREATE and INSERT/UPDATE on it.
-  ``s3``        one JSON object per record in the cache's own bucket, under the key prefix and the
-                reserved ``_si_backfill_progress/`` (never a row's object key: those are hex
-                levels). The object's location is its target, so only order and shard are in
-                its name.
-  ``auto``      (default) ``postgres`` when the role may create and write the table, else ``s3``.
-
-A save that fails is logged and retried later by the caller: losing a save costs re-work, never
-data. Nothing here holds a resource of its own; the pool and the S3 layers belong to the
-services context.
+A record holds a resume position (the checkpoint tracker's low-water mark), whether the cache
+completed and how many rows were done, and belongs to one walk: cache type, cutoff, walk order,
+shard and target (endpoint, bucket, key prefix). A position means nothing for another walk, so a
+record saved under other parameters is never used; ``unused_records`` names the difference for
+the one log line that says so. The ``postgres`` store is the ``layer_cache_backfill_progress``
+table (created, or upgraded from the earlier layout, when needed); the ``s3`` store is one JSON
+object per record under the reserved ``_si_backfill_progress/`` prefix (never a row's object key,
+which is hex levels). A failed save is logged and retried by the caller (it costs re-work, never
+data); nothing here holds a resource to shut down: the pool and S3 layers belong to the services
+context. Choosing a store and the privileges each needs: README, Resuming and failures.
 """
 
 from __future__ import annotations

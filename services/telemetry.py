@@ -1,25 +1,13 @@
 """OpenTelemetry metrics: one MeterProvider for the process, flushed (bounded) on the way out.
 
-The resource is ``service.name`` from ``OTEL_SERVICE_NAME`` (default ``sdf``) and
-``service.namespace`` ``si``, as upstream. OTLP export is on when ``OTEL_EXPORTER_OTLP_ENDPOINT``
-or ``OTEL_EXPORTER_OTLP_METRICS_ENDPOINT`` is set; ``otlp_export_from_env`` (pure) turns the
-standard variables into one ``OtlpExport``: the protocol (``OTEL_EXPORTER_OTLP_METRICS_PROTOCOL``,
-else ``OTEL_EXPORTER_OTLP_PROTOCOL``, else ``grpc`` as upstream; or ``http/protobuf``), the
-endpoint as the spec resolves it (a per-signal endpoint is used as is; the generic one gets
-``/v1/metrics`` over HTTP), the interval (``OTEL_METRIC_EXPORT_INTERVAL``, default upstream's
-1000 ms) and the per-export timeout (``OTEL_METRIC_EXPORT_TIMEOUT``, default upstream's 10000 ms).
-A value it cannot use is a ``SettingsError`` (exit 2) raised before anything starts; an endpoint
-that looks like the other protocol's (port 4317 over HTTP, 4318 or a URL path over gRPC, a
-per-signal HTTP URL without ``/v1/metrics``) is one warning line naming both settings. Headers,
-certificates and ``…_INSECURE`` are read by the OTel exporters themselves and never logged.
-
-Export failures are never silent and never fatal: the exporters log each failure through stdlib
-logging (rendered by ``services.logging``), ``CountingExporter`` counts attempts and failures
-(``Telemetry.failed_exports``) and logs the first failure with the settings involved, and
-``Telemetry.shutdown`` flushes and stops the readers on a helper thread bounded by
-``SHUTDOWN_TIMEOUT_S`` (aborting the exporter's retries past it), then logs one warning with the
-number of failed exports. Without OTLP the metrics are only aggregated in-process (a Prometheus
-scrape endpoint with ``--metrics-port``, in-memory readers in tests).
+``otlp_export_from_env`` (pure) turns the standard ``OTEL_*`` variables into one ``OtlpExport``
+(protocol, endpoint as the spec resolves it, interval, timeout) or raises ``SettingsError`` (exit
+2) before anything starts; an endpoint that looks like the other protocol's is one warning. Export
+failures are never silent and never fatal: ``CountingExporter`` counts them and logs the first
+with the settings involved. ``Telemetry.shutdown`` flushes and stops the readers on a helper
+thread bounded by ``SHUTDOWN_TIMEOUT_S`` (aborting the exporter's retries past it), then logs the
+number of failed exports. Without OTLP the metrics are only aggregated in-process (Prometheus
+scrape, or in-memory readers in tests). The variables and their defaults: README, Observability.
 """
 
 from __future__ import annotations
