@@ -1,18 +1,14 @@
 """Metric stores of our own for tests: Prometheus (scrapes, federates) and VictoriaMetrics
 (receives OTLP/HTTP), both answering the Prometheus query API.
 
-Binaries: the one on ``PATH``, else Debian 13's package (``prometheus`` 2.53,
-``victoria-metrics`` 1.112), fetched once with ``apt-get download`` through a private apt
-configuration (its own source list, lists and cache under ``<repo>/.devenv/<package>``; the
-system's apt sources are untouched) and unpacked there with ``dpkg-deb``; both need only libc
-(and libzstd). ``*_binary()`` answers (None, why) when neither works. Debian builds Prometheus
-without its OTLP receiver, which is why OTLP/HTTP goes to VictoriaMetrics, whose
-``/opentelemetry/v1/metrics`` endpoint takes OTLP/HTTP protobuf (``-opentelemetry.
-usePrometheusNaming`` gives the names and labels Prometheus' own OTLP receiver would:
-``…_total`` counters, ``service_name`` labels).
-
-``running_prometheus`` / ``running_victoria_metrics`` start the server on a free loopback port
-with its storage (and config) in a temporary folder, wait until it answers, and terminate it
+The binary is the one on ``PATH``, else Debian 13's package (``prometheus`` 2.53,
+``victoria-metrics`` 1.112) fetched once with ``apt-get download`` through a private apt
+configuration under ``<repo>/.devenv/<package>`` (the system's sources are untouched) and unpacked
+with ``dpkg-deb``; ``*_binary()`` answers (None, why) when neither works. OTLP/HTTP goes to
+VictoriaMetrics because Debian builds Prometheus without its OTLP receiver
+(``-opentelemetry.usePrometheusNaming`` gives Prometheus' own names: ``…_total``,
+``service_name``). ``running_prometheus`` / ``running_victoria_metrics`` start a server on a free
+loopback port with its storage in a temporary folder, wait until it answers, and terminate it
 (kill after 10 s) on the way out.
 """
 

@@ -1,19 +1,14 @@
 """One error tree for the layer cache, and the only place library errors are translated.
 
-``LayerCacheError`` is the root. Storage failures become ``PgLayerError`` or ``S3LayerError``
-carrying an ``ErrorKind``; callers decide what to do (retry, skip, stop) from the kind alone.
-Classification reads error codes, SQLSTATEs and HTTP statuses, never message text: messages are
-localizable and change between servers, codes do not.
-
-``map_s3_errors()``, ``map_pg_errors()`` and ``map_pg_connect_errors()`` are the boundary: the
-storage layers wrap every call in them, so no botocore, aiohttp or asyncpg exception escapes this
-package. Socket errors (``OSError``) count as a lost connection only around opening one
-(``map_pg_connect_errors``, used for every connection the pool opens); around a query an
-``OSError`` is not a database answer and is not relabelled.
-
-An expired session token (``ExpiredToken`` and friends) is ``CREDENTIALS_EXPIRED``: retryable,
-and the error carries ``before_retry`` (set by the S3 layer) that makes the credential chain fetch
-new credentials before the next attempt.
+``LayerCacheError`` is the root; storage failures become ``PgLayerError`` or ``S3LayerError``
+carrying an ``ErrorKind``, and callers decide (retry, skip, stop) from the kind alone. The
+context managers ``map_s3_errors()``, ``map_pg_errors()`` and ``map_pg_connect_errors()`` wrap
+every storage call, so no botocore, aiohttp or asyncpg exception escapes this package. They read
+error codes, SQLSTATEs and HTTP statuses, never message text (messages are localizable and change
+between servers; codes do not). An ``OSError`` counts as a lost connection only around opening
+one; around a query it is not a database answer and is not relabelled. An expired session token
+is ``CREDENTIALS_EXPIRED``: retryable, with a ``before_retry`` (set by the S3 layer) that makes
+the credential chain fetch new credentials. Nothing here holds a resource.
 """
 
 from __future__ import annotations

@@ -1,18 +1,14 @@
 """What is already in the bucket, from one ordered listing instead of a HEAD per row.
 
 In key order, rows and their object keys (``ab/cd/ef/<key>``) sort the same way, so the job walks
-the bucket's listing alongside the table, like a merge join: ``BucketIndex.sizes_for(page)``
-extends the listing until it has passed the page's largest object key and answers, for every row
-of the page, the stored object's size (or None when absent). On an empty bucket the first listing
-comes back empty and not truncated, and no further request is ever needed; on a fully copied
-bucket it costs one request per 1,000 rows.
-
-Correctness never depends on the order matching: a row whose object key lies before what the
-listing has already passed (short keys, a database collation that sorts differently) is reported
-as *unknown*, and the caller HEADs it. An object written behind the listing (the live path, in
-DualWrite) is reported absent and simply PUT again with the same bytes.
-
-``ListingWindow`` is the pure part (entries in, answers out); ``BucketIndex`` adds the paging.
+the listing alongside the table like a merge join: ``BucketIndex.sizes_for(page)`` extends the
+listing past the page's largest object key and answers each row's stored size, or None when
+absent (an empty bucket costs one request in all; a full one, one per 1,000 rows). Correctness
+never depends on the order matching: a row whose object key lies before what the listing has
+passed (short keys, another collation) is *unknown* and the caller HEADs it, and an object
+written behind the listing (live DualWrite) is reported absent and PUT again with the same bytes.
+``ListingWindow`` is the pure part; ``BucketIndex`` adds the paging and holds no connection of
+its own.
 """
 
 from __future__ import annotations

@@ -1,18 +1,13 @@
 """``--backfill-dry-run``: what a run would do and how long it would take, writing nothing.
 
-It opens the same connections and runs the same preflight as a real run (tables exist and are
-readable, buckets exist and can be listed, credentials work), checks write permission with a PUT
-whose ``Content-MD5`` cannot match (a server that verifies digests refuses it without storing
-anything; one that does not, stores it, and the probe is deleted at once and reported), then per
-cache:
-  * counts the rows and value bytes below the cutoff in this shard exactly (one full scan per
-    table; these are the numbers the real run reports as processed and, on an empty bucket,
-    as bytes uploaded);
-  * samples rows at random points of the key space (primary-key lookups, cheap) and HEADs them,
-    to estimate the share already in S3 and to measure the S3 request latency;
-  * estimates the run time: rows to upload * measured latency / concurrency, plus one listing
-    request per page of rows.
-The result is a table on stdout and one ``backfill dry run`` log event per cache.
+It opens the same connections and runs the same preflight as a real run, including the write
+probe (a PUT whose ``Content-MD5`` cannot match; one stored by a server that does not verify
+digests is deleted at once and reported). Then per cache it counts rows and value bytes below the
+cutoff in this shard exactly (one full scan per table: the numbers a real run reports), samples
+rows at random points of the key space (cheap primary-key lookups) and HEADs them to estimate the
+share already in S3 and the request latency, and estimates the run time as rows to upload x
+latency / concurrency plus one listing request per page. The result is a table on stdout and one
+``backfill dry run`` log event per cache; the connections close with the services context.
 """
 
 from __future__ import annotations

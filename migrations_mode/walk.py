@@ -1,22 +1,13 @@
 """Pure planning for the walk over a cache table: order, shard key ranges, value chunks.
 
-Orders:
-  ``key``           (default) the primary key ascending: each page is an index range scan that
-                    starts where the last one stopped, so Postgres reads each row about once over
-                    a whole run on the upstream schema (no ``created_at`` index needed), and rows
-                    come in the same order as their S3 object keys, which lets one ordered bucket
-                    listing replace a HEAD per row.
-  ``newest-first``  upstream's order, ``(created_at, key)`` descending. Without an index on
-                    ``created_at`` every page is a full scan plus a top-N sort (quadratic over a
-                    run); use it when recency matters more than cost, or after creating
-                    ``(created_at, key)`` indexes.
-
-Shards split the key space into ``count`` disjoint ranges on the first four hex digits; keys are
-uniformly distributed hashes, so the ranges hold equal shares, and every string falls in exactly
-one range (the first is open below, the last open above).
-
-Chunks group the rows of a page that need their values into reads of at most ``max_bytes``
-(by ``octet_length``) or ``max_rows`` rows, so value reads are few and memory is bounded.
+``key`` order (the default) pages by primary-key range scans that start where the last stopped,
+so Postgres reads each row about once without a ``created_at`` index, and rows come in their S3
+object keys' order, which lets one bucket listing replace a HEAD per row; ``newest-first`` is
+upstream's ``(created_at, key)`` descending, a full scan and top-N sort per page without an index.
+Shards split the key space into ``count`` disjoint ranges on the first four hex digits (keys are
+uniform hashes, so the shares are equal; the first range is open below and the last above, so
+every string falls in exactly one). Chunks bound each value read by ``max_bytes`` (``octet_length``)
+and ``max_rows``. Pure functions: nothing to start or shut down.
 """
 
 from __future__ import annotations
