@@ -1,41 +1,17 @@
 """The per-cache loop: walk the table in pages, copy what S3 lacks, with bounded concurrency.
 
-How it works, per page of ``key_batch_size`` rows (``created_at < cutoff``, within this shard):
-1. List the page. In ``key`` order (default) that is one primary-key range scan from where the
-   last page ended; in ``newest-first`` order the unique cursor ``(created_at, key)`` descending.
-   Either way the cursor is unique, so rows sharing a timestamp are never skipped.
-2. Learn which objects exist and their sizes. In key order the bucket listing is walked alongside
-   the table (``BucketIndex``): no HEAD per row. Rows the listing cannot vouch for (newest-first
-   order, short keys) are HEADed one by one.
-3. Skip rows whose object has the row's size (``octet_length(value)``). Read the values of the
-   others in chunks (one query of primary-key lookups per chunk, bounded by
-   ``--backfill-max-inflight-bytes``)
-   and PUT each with ``Content-MD5``. Replacing a wrong-sized object counts as *repaired*; a row
-   gone by the time it is read counts as *vanished*.
-Steps 1 to 3 run in a producer task ahead of the uploads (values read ahead are capped by the
-byte budget, batches by a short queue), so listing and reading never leave upload slots idle.
-An upload slot is acquired *before* each upload task is created; slots adapt to throttling
-(``AdaptiveLimit``). Every row is reported to the ``CheckpointTracker`` when done.
-
-With ``--backfill-verify`` the same walk compares instead of copying (size, or content with
-``--backfill-verify-content``) and counts missing, mismatched and extra objects; nothing is
-written, not even progress.
-
-Faults: each storage call runs under the retry policy (backoff with full jitter, bounded by
-attempts and seconds); retries are counted per error class, and throttling lowers the upload
-limit. A non-retryable error, or a retryable one past its budget, fails the cache.
-
-Progress: the low-water position is saved to the progress store each time another page's worth
-of rows has finished in order (a saver task woken by ``_finish``) and when the cache stops; a
-re-run with the same arguments starts after it (``--backfill-restart`` ignores it). A completed
-cache is recorded as such and not walked again.
-
-Shutdown: when the stop event is set the loop stops dispatching and lets in-flight uploads
-finish; if the coordinator cancels it (grace period over, or another cache failed) the in-flight
-uploads are cancelled with it. Either way progress is saved (shielded from the cancellation) and
-the last line says where to resume: ``backfill shutting down gracefully`` (stop requested) or
-``backfill stopped`` (cancelled or failed). Only a cache whose rows were all listed and finished
-logs ``completed backfill``.
+A producer task lists each page (``walk``), learns what S3 has from the bucket listing in key
+order (``BucketIndex``; rows it cannot vouch for are HEADed), and reads the values of rows whose
+object is missing or of another size in chunks bounded by the byte budget, running ahead of the
+uploads (a short queue) so listing and reading never leave upload slots idle. A slot
+(``AdaptiveLimit``) is acquired before each upload task is created; each PUT carries
+``Content-MD5``, and every finished row goes to the ``CheckpointTracker``, whose low-water position
+a saver task writes to the progress store each time another page's worth has finished in order.
+With verify the same walk compares instead of copying and writes nothing, not even progress.
+Shutdown: a set stop event ends dispatching and lets in-flight uploads finish; a cancel (grace
+period over, or another cache failed) cancels them too. Either way progress is saved (shielded
+from the cancellation) and the last line says where to resume. The step-by-step behaviour, retry
+classes and resume rules are in the README ("How the backfill works", "Resuming and failures").
 """
 
 from __future__ import annotations
