@@ -10,8 +10,9 @@ a saver task writes to the progress store each time another page's worth has fin
 With verify the same walk compares instead of copying and writes nothing, not even progress.
 Shutdown: a set stop event ends dispatching and lets in-flight uploads finish; a cancel (grace
 period over, or another cache failed) cancels them too. Either way progress is saved (shielded
-from the cancellation) and the last line says where to resume. The step-by-step behaviour, retry
-classes and resume rules are in the README ("How the backfill works", "Resuming and failures").
+from the cancellation) and the last line says where to resume (``backfill shutting down
+gracefully`` on a stop, ``backfill stopped`` on a cancel or failure). The steps, retry classes and
+resume rules are in the README ("How the backfill works", "Resuming and failures").
 """
 
 from __future__ import annotations
