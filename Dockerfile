@@ -22,6 +22,8 @@ COPY pyproject.toml ./
 COPY layer_cache/ layer_cache/
 COPY services/ services/
 COPY migrations_mode/ migrations_mode/
+COPY layer_cache_server/ layer_cache_server/
+COPY si_layer_cache/ si_layer_cache/
 COPY devenv/ devenv/
 
 # pip compiles the installed modules to .pyc here, so the read-only final image never needs to.

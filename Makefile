@@ -24,6 +24,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 # PgBouncer (Debian's package) for the transaction-pooling tests: installed when missing and this
 # is root with apt-get, each apt step bounded to 5 minutes; otherwise say how.

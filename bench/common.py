@@ -31,7 +31,14 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-PRODUCT_PACKAGES = ("layer_cache", "migrations_mode", "services", "devenv")
+PRODUCT_PACKAGES = (
+    "layer_cache",
+    "migrations_mode",
+    "services",
+    "layer_cache_server",
+    "si_layer_cache",
+    "devenv",
+)
 CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 TABLE = "cas"
 PROGRESS_TABLE = "layer_cache_backfill_progress"

@@ -14,8 +14,8 @@ mode              writes                      reads
 ``S3Only``        S3                          S3
 ================  ==========================  =================================================
 
-``ROUTES`` is keyed by the mode's upstream name (``services.settings.PersisterMode`` is a
-``StrEnum`` of exactly these), because this package never imports ``services``.
+``ROUTES`` is keyed by ``PersisterMode`` (upstream's serde names); the settings tree
+(``services.settings``) takes the enum from here.
 
 Guarantees:
 
@@ -205,16 +205,32 @@ class Route:
         return self.writes | frozenset(self.reads)
 
 
+class PersisterMode(StrEnum):
+    """Where the layer cache writes and reads (upstream's serde names)."""
+
+    POSTGRES_ONLY = "PostgresOnly"
+    DUAL_WRITE = "DualWrite"
+    S3_PRIMARY = "S3Primary"
+    S3_ONLY = "S3Only"
+
+    @property
+    def uses_s3(self) -> bool:
+        """True when S3 is part of the write path (so there is a bucket to backfill)."""
+        return self is not PersisterMode.POSTGRES_ONLY
+
+
 _PG, _S3 = Backend.POSTGRES, Backend.S3
 
-ROUTES: Mapping[str, Route] = MappingProxyType(
+ROUTES: Mapping[PersisterMode, Route] = MappingProxyType(
     {
-        "PostgresOnly": Route(writes=frozenset({_PG}), reads=(_PG,)),
-        "DualWrite": Route(writes=frozenset({_PG, _S3}), reads=(_PG,), deferred=frozenset({_S3})),
-        "S3Primary": Route(
+        PersisterMode.POSTGRES_ONLY: Route(writes=frozenset({_PG}), reads=(_PG,)),
+        PersisterMode.DUAL_WRITE: Route(
+            writes=frozenset({_PG, _S3}), reads=(_PG,), deferred=frozenset({_S3})
+        ),
+        PersisterMode.S3_PRIMARY: Route(
             writes=frozenset({_PG, _S3}), reads=(_S3, _PG), deferred=frozenset({_S3})
         ),
-        "S3Only": Route(writes=frozenset({_S3}), reads=(_S3,)),
+        PersisterMode.S3_ONLY: Route(writes=frozenset({_S3}), reads=(_S3,)),
     }
 )
 

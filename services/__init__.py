@@ -1,6 +1,6 @@
 """The process around the layer cache: settings, services context, signals, logs, telemetry.
 
-``python -m services`` (or the ``si-layer-cache`` script) parses flags, loads one ``Settings``
-tree, and then either runs a migration mode (``runAndQuit``, ``backfillLayerCache``) or serves
-the layer cache HTTP API (``run``, ``skip``; see ``services.server``).
+Only plumbing lives here; the products sit above it (``migrations_mode``, ``layer_cache_server``,
+and the command line, ``si_layer_cache.cli``) and ``services`` never imports them, except
+``services.__main__``, which keeps ``python -m services`` as the documented command.
 """

@@ -51,6 +51,7 @@ from pydantic_settings import (
 )
 
 from layer_cache.errors import LayerCacheError
+from layer_cache.persister import PersisterMode
 
 ENV_PREFIX = "SI_SDF__"
 CONFIG_FILE_ENV = "SI_SDF_CONFIG"
@@ -67,20 +68,6 @@ class MigrationMode(StrEnum):
     RUN_AND_QUIT = "runAndQuit"
     SKIP = "skip"
     BACKFILL_LAYER_CACHE = "backfillLayerCache"
-
-
-class PersisterMode(StrEnum):
-    """Where the layer cache writes and reads (upstream's serde names)."""
-
-    POSTGRES_ONLY = "PostgresOnly"
-    DUAL_WRITE = "DualWrite"
-    S3_PRIMARY = "S3Primary"
-    S3_ONLY = "S3Only"
-
-    @property
-    def uses_s3(self) -> bool:
-        """True when S3 is part of the write path (so there is a bucket to backfill)."""
-        return self is not PersisterMode.POSTGRES_ONLY
 
 
 class _Section(BaseModel):

@@ -26,7 +26,7 @@ import structlog
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.progress_store import S3_PROGRESS_PREFIX
-from services.cli import main as cli_main
+from si_layer_cache.cli import main as cli_main
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

@@ -26,8 +26,8 @@ from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, S3LayerError
 from layer_cache.s3 import S3Layer
+from layer_cache_server.server import LayerCacheServer
 from services.context import open_services_context
-from services.server import LayerCacheServer
 from services.settings import ServerConfig, load_settings
 from services.signals import StopRequest
 from tests.conftest import LayerDb, open_s3_client, service_env

@@ -32,10 +32,10 @@ from devenv.s3 import S3Server
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from layer_cache.write_queue import queue_status
+from layer_cache_server.server import LayerCacheServer, serve_layer_cache
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
 from services.context import ServicesContext, open_services_context
-from services.server import LayerCacheServer, serve_layer_cache
 from services.settings import ServerConfig, Settings, load_settings
 from services.signals import StopRequest
 from services.telemetry import start_telemetry

@@ -28,16 +28,16 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from layer_cache.persister import PersisterMode
 from migrations_mode.config import BackfillSettings, load_backfill_config
 from migrations_mode.errors import BackfillConfigError
-from services.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INVALID_INPUT
 from services.settings import (
     ENV_PREFIX,
     MigrationMode,
-    PersisterMode,
     StaticCredentialsAuth,
     load_settings,
 )
+from si_layer_cache.cli import EXIT_ENVIRONMENT, EXIT_FAILED, EXIT_INVALID_INPUT
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

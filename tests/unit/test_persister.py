@@ -10,10 +10,17 @@ import pytest
 
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
-from layer_cache.persister import ROUTES, Backend, BulkRead, CachePersister, Store
+from layer_cache.persister import (
+    ROUTES,
+    Backend,
+    BulkRead,
+    CachePersister,
+    PersisterMode,
+    Store,
+)
 from layer_cache.retry import RetryPolicy, call_with_retries
-from services.server import KEY_PATTERN, parse_socket_addr
-from services.settings import PersisterMode, SettingsError
+from layer_cache_server.server import KEY_PATTERN, parse_socket_addr
+from services.settings import SettingsError
 
 NO_RETRY = RetryPolicy(max_attempts=1)
 FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.002)
@@ -93,7 +100,7 @@ class RecordingSink:
 def persister(mode: str) -> tuple[CachePersister, dict[Backend, MemoryStore], RecordingSink]:
     stores = {backend: MemoryStore(backend) for backend in Backend}
     sink = RecordingSink()
-    return CachePersister(ROUTES[mode], stores, sink, policy=NO_RETRY), stores, sink
+    return CachePersister(ROUTES[PersisterMode(mode)], stores, sink, policy=NO_RETRY), stores, sink
 
 
 def transient() -> StorageError:
@@ -101,7 +108,7 @@ def transient() -> StorageError:
 
 
 def test_the_routing_table_has_exactly_the_settings_modes() -> None:
-    assert set(ROUTES) == {mode.value for mode in PersisterMode}
+    assert set(ROUTES) == set(PersisterMode)
     assert all(ROUTES[mode].backends for mode in PersisterMode)
 
 
@@ -189,7 +196,8 @@ async def test_a_failing_first_backend_falls_back_without_a_write_back() -> None
 
 async def test_a_transient_fault_on_the_request_path_is_retried() -> None:
     stores = {backend: MemoryStore(backend) for backend in Backend}
-    cache = CachePersister(ROUTES["S3Primary"], stores, RecordingSink(), policy=FAST_RETRY)
+    route = ROUTES[PersisterMode.S3_PRIMARY]
+    cache = CachePersister(route, stores, RecordingSink(), policy=FAST_RETRY)
     stores[Backend.POSTGRES].failing, stores[Backend.POSTGRES].fail_once = transient(), True
     assert await cache.put("k", b"v")  # S3 is queued, not written on the request path
     assert stores[Backend.POSTGRES].puts == 2

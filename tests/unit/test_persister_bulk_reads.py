@@ -17,6 +17,7 @@ from layer_cache.persister import (
     S3_BULK_READ_CONCURRENCY,
     Backend,
     CachePersister,
+    PersisterMode,
     PgStore,
     S3Store,
     Store,
@@ -94,7 +95,8 @@ def persister(mode: str) -> tuple[CachePersister, MemoryLayer, MemoryLayer, Reco
         Backend.POSTGRES: PgStore(cast(PgLayer, pg)),
     }
     sink = RecordingSink()
-    return CachePersister(ROUTES[mode], stores, sink, policy=FAST_RETRY), s3, pg, sink
+    route = ROUTES[PersisterMode(mode)]
+    return CachePersister(route, stores, sink, policy=FAST_RETRY), s3, pg, sink
 
 
 async def test_s3_primary_retries_each_key_then_falls_back_to_postgres_per_key() -> None:

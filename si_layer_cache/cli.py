@@ -34,6 +34,10 @@ from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.schema import SchemaError, migrate_layer_db
 from layer_cache.write_queue import WriteQueueUnavailable, queue_status, replay_dead_letters
+from layer_cache_server.server import (
+    ListenError,
+    serve_layer_cache,
+)
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
     BackfillSettings,
@@ -47,10 +51,6 @@ from migrations_mode.preflight import explain_storage_error
 from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
 from services.logging import configure_logging
-from services.server import (
-    ListenError,
-    serve_layer_cache,
-)
 from services.settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
