@@ -1,43 +1,17 @@
 """Persister modes: where the layer cache writes and reads, composed from the two storage layers.
 
-There is one write path per backend (``PgStore.put``: ``INSERT … ON CONFLICT DO NOTHING``;
-``S3Store.put``: a conditional PUT, ``If-None-Match: *``) and one read path per backend. A
-persister mode is only a ``Route``: which backends a write goes to (concurrently) and in which
-order reads try them. ``ROUTES`` is the whole table:
-
-================  ==========================  =================================================
-mode              writes                      reads
-================  ==========================  =================================================
-``PostgresOnly``  Postgres                    Postgres
-``DualWrite``     Postgres, S3 (write queue)  Postgres
-``S3Primary``     Postgres, S3 (write queue)  S3, then Postgres (a hit there is written back)
-``S3Only``        S3                          S3
-================  ==========================  =================================================
-
-``ROUTES`` is keyed by ``PersisterMode`` (upstream's serde names); the settings tree
-(``services.settings``) takes the enum from here.
-
-Guarantees:
-
-* PUT is idempotent and the first write wins on every backend. A *deferred* target (S3 in
-  ``DualWrite`` and ``S3Primary``) is not written on the request path: its PUT is durably
-  queued (``WriteBackSink.enqueue``, ``layer_cache.write_queue``) concurrently with the direct
-  writes. ``CachePersister.put`` returns True ("created") only when the key was new to every
-  direct target; a write or enqueue that fails raises after the others have finished, so a
-  retry completes the write.
-* A read returns the first hit in read order. It reports a miss only when every backend said
-  "no such key": a backend that failed makes the read fail unless a later backend has the key.
-* A bulk read applies that rule to each key: a key whose read failed (after its retries) on one
-  backend is looked up on the next; the request fails, with the first error, only if some key
-  was on no backend that answered and at least one backend failed for it. ``Store.get_many``
-  reports per-key failures instead of raising: S3 reads each key on its own (retried on its own,
-  at most ``S3_BULK_READ_CONCURRENCY`` at once), Postgres reads all keys in one query (retried as
-  one; its failure is every key's failure). Fill on read (below) applies per key.
-* Fill on read: a value found on a later backend is offered to the write queue for each
-  earlier backend that *missed* it (not one that failed) and is a write target. Only
-  ``S3Primary`` has two read backends, so only there does a Postgres hit fill S3.
-* Every storage call runs under ``call_with_retries`` with the persister's (short) policy, so a
-  transient fault costs a client latency, not an error.
+Each backend has one write path (``PgStore.put``: ``INSERT … ON CONFLICT DO NOTHING``;
+``S3Store.put``: a conditional PUT) and one read path, so a mode is only a ``Route`` in ``ROUTES``
+(keyed by ``PersisterMode``, upstream's serde names): the backends a write goes to concurrently,
+and the order reads try them. A *deferred* target (S3 in ``DualWrite`` and ``S3Primary``) is
+durably queued (``WriteBackSink``) instead of written on the request path. ``put`` returns True
+only when the key was new to every direct target, and a failed write or enqueue raises after the
+others finish, so a retry completes it. A read returns the first hit and reports a miss only when
+every backend said "no such key"; bulk reads apply that per key (``Store.get_many`` reports
+per-key failures). A value found on a later backend is queued for each earlier backend that
+*missed* it (not one that failed), which only ``S3Primary`` can do. Every storage call runs under
+``call_with_retries`` with a short policy. Nothing here needs closing: the stores use the services
+context's pool and S3 client. The mode table and bulk-read rules: ``docs/server.md``.
 """
 
 from __future__ import annotations
