@@ -1,57 +1,15 @@
 """The layer cache server: an aiohttp HTTP API over the persister of the configured mode.
 
-API (raw bytes in and out, JSON errors ``{"error": {"code": …, "message": …}}``):
-
-* ``GET /v1/{cache_type}/{key}``: the value (``application/octet-stream``), or 404 ``not_found``.
-* ``HEAD /v1/{cache_type}/{key}``: 200 with the value's ``Content-Length``, or 404.
-* ``PUT /v1/{cache_type}/{key}``: store the body; 201 when stored, 200 when the key already
-  existed (first write wins; the stored value is not changed).
-* ``POST /v1/{cache_type}/get-bulk``: body ``{"keys": [...]}``; answers
-  ``{"values": {key: base64 value}, "missing": [key, ...]}``.
-* ``GET /healthz``: 200 while the process runs. ``GET /readyz``: 200 when every backend the
-  persister mode uses answers (Postgres ``SELECT 1``, S3 a one-key listing of one bucket);
-  503 ``not_ready`` before the server is listening, once it is shutting down, or when a backend
-  fails or takes longer than ``readiness_timeout_secs``.
-
-Cache types are the eight backfillable ones of the registry. ``func_run`` and ``func_run_log``
-are not served: their tables carry columns a key → bytes API cannot fill, and they are never
-backfilled, so moving to ``S3Only`` would lose them. Keys must match ``[0-9A-Za-z]{1,128}``:
-every key form upstream uses (32 or 64 lowercase hex characters for content hashes and blake3
-addresses, 26-character ULIDs) and nothing that could change an object key's path (no ``/``,
-``.``, ``%``). Error codes: ``unknown_cache_type`` (404), ``malformed_key`` (400),
-``malformed_body`` (400), ``too_many_keys`` (400), ``body_too_large`` (413), ``not_found``
-(404), ``method_not_allowed`` (405), ``not_ready`` (503), ``storage_unavailable`` (503, a
-retryable storage fault; ``Retry-After: 1``), ``storage_error`` (500, a storage fault retrying
-cannot fix: missing bucket or table, access denied), ``internal_error`` (500).
-
-Settings: ``SI_SDF__SOCKET_ADDR`` (``--socket-addr``) and the ``server`` section of the one
-settings tree (``ServerConfig``: ``SI_SDF__SERVER__MAX_BODY_BYTES``, ``…__GRACE_PERIOD_SECS``,
-``…__MAX_BULK_KEYS``, ``…__READINESS_TIMEOUT_SECS``, and the durable S3 write queue's
-``…__WRITE_QUEUE_DIR``, ``…__WRITE_QUEUE_WORKERS``, ``…__WRITE_QUEUE_MAX_ATTEMPTS``,
-``…__WRITE_QUEUE_MAX_AGE_SECS``, ``…__WRITE_QUEUE_BASE_DELAY_SECS``,
-``…__WRITE_QUEUE_MAX_DELAY_SECS``). In ``DualWrite`` and ``S3Primary`` a PUT is answered once
-Postgres has the row and the S3 PUT is committed to the write queue on local disk
-(``layer_cache.write_queue``); a queue that cannot take it answers 503 ``storage_unavailable``.
-
-Shutdown, on the first SIGTERM/SIGINT (``capture_signals`` sets the stop event; a second signal
-exits at once), within one grace period (``SI_SDF__SERVER__GRACE_PERIOD_SECS``, default 25 s, under
-Kubernetes' default 30 s termination grace):
-
-1. ``/readyz`` answers 503 and the listening socket is closed: no new connections.
-2. Requests in flight run to completion, reading their bodies and writing their responses,
-   until the grace period ends. A request arriving meanwhile on an open keep-alive connection
-   is still answered, with ``Connection: close``.
-3. Idle connections are closed; requests still running at the end of the grace period are
-   cancelled (they get ``CANCEL_WAIT_S`` to unwind; a cancelled PUT may have stored its value
-   on some targets, which a retry completes).
-4. The write queue is drained with what is left of the grace period; entries still queued stay
-   on disk (logged as ``remaining``) and are drained on the next start.
-5. The caller leaves the services context: S3 client, Postgres pool, telemetry flush.
-The CLI then exits 143 (SIGTERM) or 130 (SIGINT).
-
-Logs: ``info`` for ``layer cache server listening`` (``host``, ``port``), ``layer cache server
-shutting down`` and ``layer cache server stopped``; ``warning`` for storage faults answered with
-5xx; ``debug`` per request (``-v``). Metrics: the write queue's, in ``layer_cache.write_queue``.
+Routes serve the eight backfillable cache types (raw bytes in and out, JSON errors with stable
+codes); keys must match ``[0-9A-Za-z]{1,128}``, every upstream key form and nothing that could
+change an object key's path. ``/readyz`` probes each backend the mode uses, bounded by
+``readiness_timeout_secs``. Shutdown, on the first SIGTERM/SIGINT (``capture_signals`` sets the
+stop event), within one grace period: ``/readyz`` turns 503 and the listener closes; requests in
+flight run to completion (one arriving on an open keep-alive connection is answered with
+``Connection: close``); idle connections close, and what still runs at the end is cancelled with
+``CANCEL_WAIT_S`` to unwind (a cancelled PUT may be on some targets only, which a retry
+completes); the write queue drains with the time left; then the caller leaves the services
+context. The API, settings and stopping as operators see them: ``docs/server.md``.
 """
 
 from __future__ import annotations
