@@ -177,6 +177,19 @@ async def s3_values(
     return {name.rsplit("/", 1)[-1]: body for name, body in objects.items()}
 
 
+async def s3_values_once_queued_writes_land(
+    s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, expected: dict[str, bytes]
+) -> dict[str, bytes]:
+    """The bucket's values once they equal ``expected`` or ``DEADLINE_S`` has passed: a write
+    is acknowledged before its S3 PUT (the write queue), so S3 catches up a moment later."""
+    deadline = time.monotonic() + DEADLINE_S
+    while (stored := await s3_values(s3_client, bucket_prefix, cache_type)) != expected:
+        if time.monotonic() >= deadline:
+            break
+        await asyncio.sleep(0.05)
+    return stored
+
+
 async def put_object(
     s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, key: str, value: bytes
 ) -> None:
@@ -248,9 +261,11 @@ async def test_put_stores_in_exactly_the_modes_write_targets_and_the_first_write
 
     in_pg, in_s3 = WRITE_TARGETS[mode]
     assert await pg_rows(layer_db, CacheType.CAS) == ({key: first} if in_pg else {})
-    assert await s3_values(s3_client, bucket_prefix, CacheType.CAS) == (
-        {key: first} if in_s3 else {}
+    expected_in_s3 = {key: first} if in_s3 else {}
+    stored = await s3_values_once_queued_writes_land(
+        s3_client, bucket_prefix, CacheType.CAS, expected_in_s3
     )
+    assert stored == expected_in_s3
     objects = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
     assert list(objects) == ([object_key(key)] if in_s3 else [])  # ab/cd/ef/<key>
     async with http.get(server.v1("cas", key)) as response:
@@ -420,7 +435,10 @@ async def test_bad_requests_get_json_errors_with_stable_codes_and_store_nothing(
     async with http.put(server.v1("cas", KEY), data=b"x" * 1024) as response:
         assert response.status == 201  # exactly the limit is allowed
     assert list(await pg_rows(layer_db, CacheType.CAS)) == [KEY]
-    assert list(await s3_values(s3_client, bucket_prefix, CacheType.CAS)) == [KEY]
+    stored = await s3_values_once_queued_writes_land(
+        s3_client, bucket_prefix, CacheType.CAS, {KEY: b"x" * 1024}
+    )
+    assert list(stored) == [KEY]
 
 
 async def test_an_oversized_streamed_body_without_length_is_refused_with_413(
