@@ -16,6 +16,7 @@ import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -184,6 +185,7 @@ async def test_server_put_into_an_encrypted_bucket_answers_created_and_keeps_the
     s3_client: S3Client,
     bucket_prefix: str,
     monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
     mode: str,
     rewrite: EtagRewrite,
 ) -> None:
@@ -197,7 +199,7 @@ async def test_server_put_into_an_encrypted_bucket_answers_created_and_keeps_the
         settings = load_settings()
         async with (
             open_services_context(settings) as context,
-            serving(LayerCacheServer(context, ServerConfig())) as url,
+            serving(LayerCacheServer(context, ServerConfig(write_queue_dir=tmp_path))) as url,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as http,
         ):
             async with http.put(f"{url}/v1/cas/{key}", data=value) as response:

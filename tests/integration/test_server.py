@@ -479,6 +479,7 @@ async def test_readyz_is_503_while_postgres_is_unreachable(
     layer_db: LayerDb,
     s3_server: S3Server,
     bucket_prefix: str,
+    tmp_path: Path,
 ) -> None:
     healthy = await start_server("PostgresOnly")
     settings = settings_for(layer_db, s3_server, bucket_prefix, "PostgresOnly")
@@ -490,7 +491,8 @@ async def test_readyz_is_503_while_postgres_is_unreachable(
     telemetry = start_telemetry()
     try:
         context = ServicesContext(settings, pool, None, telemetry)
-        broken = await serve_in_task(context, ServerConfig(), InMemoryMetricReader())
+        config = ServerConfig(write_queue_dir=tmp_path / "write-queue-broken")
+        broken = await serve_in_task(context, config, InMemoryMetricReader())
         try:
             async with http.get(broken.url + "/readyz") as response:
                 body = await response.json()

@@ -12,6 +12,7 @@ import base64
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -44,7 +45,7 @@ StartProxiedServer = Callable[[str], Awaitable[tuple[RunningServer, FaultProxy]]
 
 @pytest.fixture
 async def start_proxied_server(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
 ) -> AsyncIterator[StartProxiedServer]:
     """Factory: ``await start(mode)`` → a server whose S3 calls go through a new fault proxy."""
     running: list[RunningServer] = []
@@ -59,7 +60,8 @@ async def start_proxied_server(
             context = await stack.enter_async_context(
                 open_services_context(settings, metric_readers=[metrics])
             )
-            server = await serve_in_task(context, ServerConfig(), metrics)
+            config = ServerConfig(write_queue_dir=tmp_path / f"write-queue-{len(running)}")
+            server = await serve_in_task(context, config, metrics)
             running.append(server)
             return server, proxy
 
