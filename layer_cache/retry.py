@@ -26,6 +26,13 @@ from layer_cache.errors import StorageError
 T = TypeVar("T")
 
 
+def full_jitter_delay_s(rng: random.Random, attempt: int, *, base_s: float, cap_s: float) -> float:
+    """Full-jitter backoff: uniform in [0, min(cap, base · 2^(attempt - 1))], where attempt 1 is
+    the first retry (the exponent is capped, so any attempt count is safe)."""
+    exponent = min(max(attempt - 1, 0), 62)
+    return rng.uniform(0.0, min(cap_s, base_s * 2**exponent))
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
     """How often and how long to retry one call."""
@@ -38,8 +45,9 @@ class RetryPolicy:
 
     def delay_s(self, attempt: int) -> float:
         """Full-jitter delay before retry number ``attempt`` (1 for the first retry)."""
-        ceiling = min(self.max_delay_s, self.base_delay_s * 2 ** (attempt - 1))
-        return self.rng.uniform(0.0, ceiling)
+        return full_jitter_delay_s(
+            self.rng, attempt, base_s=self.base_delay_s, cap_s=self.max_delay_s
+        )
 
     def allows(self, attempts_made: int, elapsed_s: float, next_delay_s: float) -> bool:
         """True if one more attempt after ``next_delay_s`` stays within the budget."""

@@ -35,6 +35,7 @@ from opentelemetry.metrics import CallbackOptions, Meter, Observation
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, LayerCacheError, StorageError
 from layer_cache.persister import Store
+from layer_cache.retry import full_jitter_delay_s
 
 log = structlog.get_logger(__name__)
 
@@ -113,8 +114,9 @@ class QueueBudget:
 
     def delay_s(self, attempts_made: int) -> float:
         """Full jitter: uniform in [0, min(cap, base · 2^(attempts_made - 1))]."""
-        exponent = min(max(attempts_made - 1, 0), 62)
-        return self.rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2**exponent))
+        return full_jitter_delay_s(
+            self.rng, attempts_made, base_s=self.base_delay_s, cap_s=self.max_delay_s
+        )
 
     def gives_up(self, *, retryable: bool, attempts_made: int, age_s: float) -> bool:
         """True when the entry goes to the dead letters instead of being retried."""
