@@ -225,6 +225,29 @@ def _describe(exc: BaseException) -> str:
     )
 
 
+def _s3_failure(
+    operation: str,
+    bucket: str,
+    key: str | None,
+    reason: str,
+    kind: ErrorKind,
+    *,
+    code: str | None = None,
+    status: int | None = None,
+) -> S3LayerError:
+    """The ``S3LayerError`` for one failed call, its message naming the call and the object."""
+    where = f"{operation} s3://{bucket}/{key}" if key else f"{operation} s3://{bucket}"
+    return S3LayerError(
+        f"{where} failed: {reason}",
+        kind=kind,
+        operation=operation,
+        bucket=bucket,
+        key=key,
+        code=code,
+        status=status,
+    )
+
+
 @contextmanager
 def map_credential_refresh_errors(
     operation: str, bucket: str, key: str | None = None
@@ -232,7 +255,6 @@ def map_credential_refresh_errors(
     """Translate a failed forced refresh of the S3 credentials into ``S3LayerError`` (invalid
     credentials: not retryable). A provider fails with a botocore error, an STS ``ClientError``,
     or aiobotocore's ``RuntimeError`` when the refreshed credentials are still expired."""
-    where = f"{operation} s3://{bucket}/{key}" if key else f"{operation} s3://{bucket}"
     try:
         yield
     except (
@@ -240,14 +262,11 @@ def map_credential_refresh_errors(
         botocore.exceptions.ClientError,
         RuntimeError,
     ) as exc:
-        raise S3LayerError(
-            f"{where} failed: the session token has expired and refreshing the credentials"
-            f" failed ({_describe(exc)})",
-            kind=ErrorKind.INVALID_CREDENTIALS,
-            operation=operation,
-            bucket=bucket,
-            key=key,
-        ) from exc
+        reason = (
+            "the session token has expired and refreshing the credentials"
+            f" failed ({_describe(exc)})"
+        )
+        raise _s3_failure(operation, bucket, key, reason, ErrorKind.INVALID_CREDENTIALS) from exc
 
 
 _CREDENTIALS_EXPIRED_NOTE = (
@@ -259,7 +278,6 @@ _CREDENTIALS_EXPIRED_NOTE = (
 @contextmanager
 def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterator[None]:
     """Translate botocore/aiohttp failures raised inside the block into ``S3LayerError``."""
-    where = f"{operation} s3://{bucket}/{key}" if key else f"{operation} s3://{bucket}"
     try:
         yield
     except botocore.exceptions.ClientError as exc:
@@ -268,39 +286,16 @@ def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterat
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         kind = classify_s3_error(code, status)
         explanation = _CREDENTIALS_EXPIRED_NOTE if kind is ErrorKind.CREDENTIALS_EXPIRED else ""
-        raise S3LayerError(
-            f"{where} failed: {code or status} ({kind}){explanation}",
-            kind=kind,
-            operation=operation,
-            bucket=bucket,
-            key=key,
-            code=code,
-            status=status,
-        ) from exc
+        reason = f"{code or status} ({kind}){explanation}"
+        raise _s3_failure(operation, bucket, key, reason, kind, code=code, status=status) from exc
     except _S3_CREDENTIAL_ERRORS as exc:
-        raise S3LayerError(
-            f"{where} failed: no usable S3 credentials ({type(exc).__name__})",
-            kind=ErrorKind.INVALID_CREDENTIALS,
-            operation=operation,
-            bucket=bucket,
-            key=key,
-        ) from exc
+        reason = f"no usable S3 credentials ({type(exc).__name__})"
+        raise _s3_failure(operation, bucket, key, reason, ErrorKind.INVALID_CREDENTIALS) from exc
     except _S3_TRANSPORT_ERRORS as exc:
-        raise S3LayerError(
-            f"{where} failed: {_describe(exc)} talking to the S3 endpoint",
-            kind=ErrorKind.TRANSIENT,
-            operation=operation,
-            bucket=bucket,
-            key=key,
-        ) from exc
+        reason = f"{_describe(exc)} talking to the S3 endpoint"
+        raise _s3_failure(operation, bucket, key, reason, ErrorKind.TRANSIENT) from exc
     except botocore.exceptions.BotoCoreError as exc:  # the rest: not worth another attempt
-        raise S3LayerError(
-            f"{where} failed: {_describe(exc)}",
-            kind=ErrorKind.OTHER,
-            operation=operation,
-            bucket=bucket,
-            key=key,
-        ) from exc
+        raise _s3_failure(operation, bucket, key, _describe(exc), ErrorKind.OTHER) from exc
 
 
 # asyncpg's InterfaceErrors that are about our configuration or code, not a lost connection.

@@ -196,13 +196,20 @@ class S3Layer:
         await self.put_raw(self.object_key(key), body)
 
     async def list_page(
-        self, start_after: str | None, continuation_token: str | None
+        self,
+        start_after: str | None,
+        continuation_token: str | None,
+        *,
+        prefix: str | None = None,
     ) -> tuple[list[tuple[str, int]], str | None]:
         """One ListObjectsV2 page in key order: (object key, size) entries and the token for
-        the next page (None when this was the last). Limited to ``key_prefix`` when set."""
+        the next page (None when this was the last). Limited to ``prefix`` (a full object-key
+        prefix) when given, else to ``key_prefix`` when set."""
         arguments: dict[str, str] = {"Bucket": self.bucket}
-        if self.key_prefix:
-            arguments["Prefix"] = f"{self.key_prefix}/"
+        if prefix is None and self.key_prefix:
+            prefix = f"{self.key_prefix}/"
+        if prefix:
+            arguments["Prefix"] = prefix
         if continuation_token:
             arguments["ContinuationToken"] = continuation_token
         elif start_after:
@@ -212,19 +219,6 @@ class S3Layer:
         entries = [(item["Key"], int(item["Size"])) for item in response.get("Contents", [])]
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return entries, token
-
-    async def list_names(
-        self, prefix: str, continuation_token: str | None
-    ) -> tuple[list[str], str | None]:
-        """One ListObjectsV2 page of the object keys under a full prefix, and the next token."""
-        arguments: dict[str, str] = {"Bucket": self.bucket, "Prefix": prefix}
-        if continuation_token:
-            arguments["ContinuationToken"] = continuation_token
-        with self._s3_call("ListObjectsV2"):
-            response = await self.client.list_objects_v2(**arguments)  # type: ignore[arg-type]
-        names = [item["Key"] for item in response.get("Contents", [])]
-        token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
-        return names, token
 
     async def put_if_absent(self, key: str, body: bytes) -> bool:
         """Store ``body`` unless the key's object exists (``If-None-Match: *``): first write

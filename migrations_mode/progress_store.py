@@ -306,10 +306,10 @@ class S3ProgressStore:
         found: list[RecordIdentity] = []
         token: str | None = None
         while True:
-            names, token = await layer.list_names(prefix, token)
+            entries, token = await layer.list_page(None, token, prefix=prefix)
             found.extend(
                 identity
-                for name in names
+                for name, _size in entries
                 if name != ours
                 and (identity := s3_record_identity(name.removeprefix(prefix), key.target))
             )
