@@ -142,15 +142,22 @@ def check_resume_events(
         assert started[0]["resume_after_key"] == position.key, (started[0], position)
 
 
+# (store, trials, rows per cache, kills that must land mid-copy). The last is what keeps the series
+# from passing vacuously; a trial may legitimately end before its kill or be killed between a
+# checkpoint and the next upload, so the floor is well below the number of trials.
 KILL_SERIES = [
     pytest.param(
-        "auto", 10, {CacheType.CAS: 900, CacheType.CHANGE_BATCH: 600}, id="progress-in-postgres"
+        "auto",
+        10,
+        {CacheType.CAS: 900, CacheType.CHANGE_BATCH: 600},
+        2,
+        id="progress-in-postgres",
     ),
-    pytest.param("s3", 2, {CacheType.WORKSPACE_SNAPSHOT: 400}, id="progress-in-s3"),
+    pytest.param("s3", 3, {CacheType.WORKSPACE_SNAPSHOT: 600}, 1, id="progress-in-s3"),
 ]
 
 
-@pytest.mark.parametrize(("store", "trials", "counts"), KILL_SERIES)
+@pytest.mark.parametrize(("store", "trials", "counts", "mid_copy_floor"), KILL_SERIES)
 async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_stays_bounded(
     layer_db: LayerDb,
     env: dict[str, str],
@@ -159,6 +166,7 @@ async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_
     store: str,
     trials: int,
     counts: dict[CacheType, int],
+    mid_copy_floor: int,
 ) -> None:
     rng = random.Random(f"kill-9-{store}")
     rows = await seed(layer_db, rng, counts)
@@ -237,7 +245,8 @@ async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_
             saved[cache_type] = now_saved
 
     assert killed_mid_run >= (trials + 1) // 2, "most runs ended before the kill: too few rows"
-    assert sum(1 for rework in reworks if rework > 0) >= 2, "no kill landed mid-copy"
+    mid_copy = sum(1 for rework in reworks if rework > 0)
+    assert mid_copy >= mid_copy_floor, f"only {mid_copy} kills landed mid-copy: {reworks}"
 
     async with Job(args, env) as job:
         final = await job.finish(JOB_TIMEOUT_S)
