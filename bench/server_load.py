@@ -35,6 +35,7 @@ import aiohttp
 import asyncpg
 
 from bench.common import code_fingerprint
+from devenv.environment import service_environment
 from devenv.postgres import PostgresEndpoint, start_postgres
 from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS, CacheType
@@ -88,29 +89,19 @@ def server_env(
     pg: PostgresEndpoint, s3: S3Endpoint, bucket_prefix: str, mode: str, write_queue_dir: Path
 ) -> dict[str, str]:
     """The environment an operator would give the server (its own S3 write queue directory)."""
-    pg_prefix = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-    storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
     inherited = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("SI_", "OTEL_", "AWS_"))
     }
-    return inherited | {
-        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE": mode,
-        pg_prefix + "HOSTNAME": pg.host,
-        pg_prefix + "PORT": str(pg.port),
-        pg_prefix + "USER": pg.user,
-        pg_prefix + "PASSWORD": pg.password,
-        pg_prefix + "DBNAME": pg.dbname,
-        pg_prefix + "SSLMODE": "disable",
-        storage + "ENDPOINT": s3.url,
-        storage + "REGION": s3.region,
-        storage + "BUCKET_PREFIX": bucket_prefix,
-        storage + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY": s3.access_key,
-        storage + "AUTH__STATIC_CREDENTIALS__SECRET_KEY": s3.secret_key,
-        "SI_SDF__SERVER__GRACE_PERIOD_SECS": "10",
-        "SI_SDF__SERVER__WRITE_QUEUE_DIR": str(write_queue_dir),
-    }
+    return (
+        inherited
+        | service_environment(pg, s3, bucket_prefix=bucket_prefix, persister_mode=mode)
+        | {
+            "SI_SDF__SERVER__GRACE_PERIOD_SECS": "10",
+            "SI_SDF__SERVER__WRITE_QUEUE_DIR": str(write_queue_dir),
+        }
+    )
 
 
 async def _listening_port(stream: asyncio.StreamReader, seen: list[str]) -> int:

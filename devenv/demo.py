@@ -21,41 +21,13 @@ import aioboto3
 import asyncpg
 from aiobotocore.config import AioConfig
 
+from devenv.environment import BUCKET_PREFIX, service_environment
 from devenv.postgres import PostgresEndpoint, start_postgres
 from devenv.s3 import S3_KINDS, S3Endpoint, create_buckets, start_s3
 from devenv.seed import seed
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.config import format_checkpoint
-
-BUCKET_PREFIX = "si-layer-cache"
-
-
-def service_environment(
-    pg: PostgresEndpoint,
-    s3: S3Endpoint,
-    *,
-    bucket_prefix: str = BUCKET_PREFIX,
-    dbname: str | None = None,
-    persister_mode: str = "DualWrite",
-) -> dict[str, str]:
-    """The SI_SDF__ settings for local servers, exactly as an operator would export them."""
-    pool = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-    storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
-    return {
-        "SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE": persister_mode,
-        pool + "HOSTNAME": pg.host,
-        pool + "PORT": str(pg.port),
-        pool + "USER": pg.user,
-        pool + "PASSWORD": pg.password,
-        pool + "DBNAME": dbname or pg.dbname,
-        pool + "SSLMODE": "disable",  # local servers speak plain TCP on loopback
-        storage + "ENDPOINT": s3.url,
-        storage + "REGION": s3.region,
-        storage + "BUCKET_PREFIX": bucket_prefix,
-        storage + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY": s3.access_key,
-        storage + "AUTH__STATIC_CREDENTIALS__SECRET_KEY": s3.secret_key,
-    }
 
 
 def run_service(args: list[str], env: dict[str, str]) -> None:

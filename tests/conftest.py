@@ -26,7 +26,7 @@ import asyncpg
 import pytest
 from aiobotocore.config import AioConfig
 
-from devenv.demo import service_environment
+from devenv.environment import service_environment
 from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
 from devenv.s3 import S3Endpoint, S3Identity, S3Server, SeaweedS3, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS
