@@ -3,7 +3,7 @@ asserted: a target that does not hold is reported as ``NO``)."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,10 +180,192 @@ class TargetCheck:
         return {"target": self.name, "measured": self.measured, "holds": self.holds}
 
 
-def _check(name: str, value: float | None, ok: bool, text: str) -> TargetCheck:
-    if value is None:
-        return TargetCheck(name, "not measured", None)
-    return TargetCheck(name, text, ok)
+@dataclass(frozen=True)
+class Run:
+    """This run's numbers as the targets read them: scenario summaries and the scaling runs."""
+
+    results: Mapping[str, Summary]
+    scaling: Mapping[str, Any] | None
+
+    def value(self, scenario: str, name: str) -> Any:
+        result = self.results.get(scenario)
+        return None if result is None else result.get(name)
+
+    def ratio(self, name: str, scenario: str, over: str) -> float | None:
+        """``name`` of ``scenario`` over the same number of ``over``."""
+        return _ratio(self.value(scenario, name), self.value(over, name))
+
+    def scaled(self, name: str) -> Any:
+        return None if self.scaling is None else self.scaling.get(name)
+
+
+@dataclass(frozen=True)
+class Target:
+    """One issue target: its name, the number it reads, when that holds and how it is shown.
+
+    ``scaled_name`` replaces ``name`` when the run has scaling numbers; a target that does not
+    ``apply`` to a run is left out of it.
+    """
+
+    name: str
+    measure: Callable[[Run], float | None]
+    holds: Callable[[float, Run], bool]
+    shown: Callable[[float, Run], str]
+    scaled_name: Callable[[Mapping[str, Any]], str] | None = None
+    applies: Callable[[Run], bool] = lambda _run: True
+
+    def check(self, run: Run) -> TargetCheck:
+        name = self.name
+        if run.scaling and self.scaled_name is not None:
+            name = self.scaled_name(run.scaling)
+        measured = self.measure(run)
+        if measured is None:
+            return TargetCheck(name, "not measured", None)
+        return TargetCheck(name, self.shown(measured, run), self.holds(measured, run))
+
+
+def _tuples_per_row(run: Run) -> float | None:
+    backfill = run.results.get("backfill")
+    if not backfill or not backfill.get("pg"):
+        return None
+    tuples = float(backfill["pg"]["seq_tup_read"] + backfill["pg"]["idx_tup_fetch"])
+    return tuples / max(float(backfill["rows_below_cutoff"]), 1.0)
+
+
+def _per_row(metric: str, scenario: str) -> Callable[[Run], float | None]:
+    return lambda run: run.value(scenario, metric)
+
+
+def _scaled(name: str) -> Callable[[Run], float | None]:
+    return lambda run: run.scaled(name)
+
+
+def _at_most(limit: float) -> Callable[[float, Run], bool]:
+    return lambda measured, _run: measured <= limit
+
+
+def _at_least(limit: float) -> Callable[[float, Run], bool]:
+    return lambda measured, _run: measured >= limit
+
+
+def _shown_as(template: str) -> Callable[[float, Run], str]:
+    return lambda measured, _run: template.format(measured)
+
+
+def _rerun_speedup(wall_ratio: float, run: Run) -> str:
+    rate = run.ratio("rows_per_s", "backfill_rerun", "upstream_rerun")
+    return f"{wall_ratio:.1f} x time ({rate or 0:.1f} x rows/s)"
+
+
+def _cpu_against_bare(ratio: float, run: Run) -> str:
+    ours, bare = (
+        run.value("backfill", "cpu_ms_per_object"),
+        run.value("bare_put", "cpu_ms_per_object"),
+    )
+    return f"{ratio:.2f} x ({ours:.3f} vs {bare:.3f} ms)"
+
+
+def _time_linear(time_ratio: float, run: Run) -> bool:
+    factor = run.scaled("factor")
+    return factor is not None and 0.75 * factor <= time_ratio <= 1.25 * factor
+
+
+def _time_per_row_ratio(run: Run) -> float | None:
+    return float(run.scaled("rss_time_ratio")) / float(run.scaled("rss_rows_ratio"))
+
+
+def _has_rss_run(run: Run) -> bool:
+    return bool(run.scaling and run.scaled("rss_time_ratio") and run.scaled("rss_rows_ratio"))
+
+
+def _round_trips(scenario: str) -> Target:
+    return Target(
+        f"PG round trips <= 0.01/row ({scenario})",
+        _per_row("pg_round_trips_per_row", scenario),
+        _at_most(0.01),
+        _shown_as("{:.4f}/row"),
+    )
+
+
+TARGETS = (
+    Target(
+        "PG tuples read <= 3 x rows below cutoff (backfill)",
+        _tuples_per_row,
+        _at_most(3),
+        _shown_as("{:.2f} x"),
+    ),
+    _round_trips("backfill"),
+    _round_trips("backfill_rerun"),
+    Target(
+        "S3 requests <= 1.05/row, empty bucket (backfill)",
+        _per_row("s3_requests_per_row", "backfill"),
+        _at_most(1.05),
+        _shown_as("{:.4f}/row"),
+    ),
+    Target(
+        "S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)",
+        _per_row("s3_requests_per_row", "backfill_rerun"),
+        _at_most(0.02),
+        _shown_as("{:.4f}/row"),
+    ),
+    Target(
+        "throughput >= 0.9 x bare PUT loop, same C",
+        lambda run: run.ratio("rows_per_s", "backfill", "bare_put"),
+        _at_least(0.9),
+        _shown_as("{:.2f} x"),
+    ),
+    Target(
+        "throughput >= 1.8 x upstream baseline, same C",
+        lambda run: run.ratio("rows_per_s", "backfill", "upstream"),
+        _at_least(1.8),
+        _shown_as("{:.2f} x"),
+    ),
+    Target(
+        "re-run over full bucket >= 4 x faster than baseline re-run (wall time)",
+        lambda run: run.ratio("seconds", "upstream_rerun", "backfill_rerun"),
+        _at_least(4),
+        _rerun_speedup,
+    ),
+    Target(
+        "client CPU per object <= 1.3 x bare PUT loop",
+        lambda run: run.ratio("cpu_ms_per_object", "backfill", "bare_put"),
+        _at_most(1.3),
+        _cpu_against_bare,
+    ),
+    Target(
+        "peak RSS grows < 50 MiB with rows",
+        _scaled("rss_delta_mib"),
+        _at_most(50),
+        _shown_as("{:+.1f} MiB"),
+        scaled_name=lambda scaling: (
+            f"peak RSS of {scaling['rss_rows']:,}-row run within 50 MiB of "
+            f"{scaling['base_rows']:,}-row run"
+        ),
+    ),
+    Target(
+        "time grows linearly",
+        _scaled("time_ratio"),
+        _time_linear,
+        _shown_as("{:.2f} x time"),
+        scaled_name=lambda scaling: (
+            f"time grows linearly: {scaling.get('factor')}x rows -> "
+            f"{scaling.get('factor')}x time +-25%"
+        ),
+    ),
+    Target(
+        "time grows linearly up to the largest run (time/rows ratio 1 +-25%)",
+        _time_per_row_ratio,
+        lambda per_row, _run: 0.75 <= per_row <= 1.25,
+        lambda per_row, run: (
+            f"{run.scaled('rss_time_ratio'):.1f} x time for {run.scaled('rss_rows_ratio'):.1f} x"
+            f" rows ({per_row:.2f})"
+        ),
+        scaled_name=lambda scaling: (
+            f"time grows linearly up to {scaling['rss_rows']:,} rows (time/rows ratio 1 +-25%)"
+        ),
+        applies=_has_rss_run,
+    ),
+)
 
 
 def check_targets(
@@ -192,137 +374,8 @@ def check_targets(
     scaling: Mapping[str, Any] | None,
 ) -> list[TargetCheck]:
     """Evaluate the issue's targets on this run's numbers."""
-    bare, ours, rerun = (
-        results.get("bare_put"),
-        results.get("backfill"),
-        results.get("backfill_rerun"),
-    )
-    base, base_rerun = results.get("upstream"), results.get("upstream_rerun")
-    checks: list[TargetCheck] = []
-
-    def value(result: Summary | None, name: str) -> Any:
-        return None if result is None else result.get(name)
-
-    tuples = None
-    if ours and ours.get("pg"):
-        tuples = ours["pg"]["seq_tup_read"] + ours["pg"]["idx_tup_fetch"]
-        tuples /= max(ours["rows_below_cutoff"], 1)
-    checks.append(
-        _check(
-            "PG tuples read <= 3 x rows below cutoff (backfill)",
-            tuples,
-            tuples is not None and tuples <= 3,
-            f"{tuples:.2f} x" if tuples is not None else "",
-        )
-    )
-    for label, result in (("backfill", ours), ("backfill_rerun", rerun)):
-        trips = value(result, "pg_round_trips_per_row")
-        checks.append(
-            _check(
-                f"PG round trips <= 0.01/row ({label})",
-                trips,
-                trips is not None and trips <= 0.01,
-                f"{trips:.4f}/row" if trips is not None else "",
-            )
-        )
-    requests = value(ours, "s3_requests_per_row")
-    checks.append(
-        _check(
-            "S3 requests <= 1.05/row, empty bucket (backfill)",
-            requests,
-            requests is not None and requests <= 1.05,
-            f"{requests:.4f}/row" if requests is not None else "",
-        )
-    )
-    requests = value(rerun, "s3_requests_per_row")
-    checks.append(
-        _check(
-            "S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)",
-            requests,
-            requests is not None and requests <= 0.02,
-            f"{requests:.4f}/row" if requests is not None else "",
-        )
-    )
-    ratio = _ratio(value(ours, "rows_per_s"), value(bare, "rows_per_s"))
-    checks.append(
-        _check(
-            "throughput >= 0.9 x bare PUT loop, same C",
-            ratio,
-            ratio is not None and ratio >= 0.9,
-            f"{ratio:.2f} x" if ratio is not None else "",
-        )
-    )
-    ratio = _ratio(value(ours, "rows_per_s"), value(base, "rows_per_s"))
-    checks.append(
-        _check(
-            "throughput >= 1.8 x upstream baseline, same C",
-            ratio,
-            ratio is not None and ratio >= 1.8,
-            f"{ratio:.2f} x" if ratio is not None else "",
-        )
-    )
-    time_ratio = _ratio(value(base_rerun, "seconds"), value(rerun, "seconds"))
-    rate_ratio = _ratio(value(rerun, "rows_per_s"), value(base_rerun, "rows_per_s"))
-    checks.append(
-        _check(
-            "re-run over full bucket >= 4 x faster than baseline re-run (wall time)",
-            time_ratio,
-            time_ratio is not None and time_ratio >= 4,
-            f"{time_ratio:.1f} x time ({rate_ratio or 0:.1f} x rows/s)"
-            if time_ratio is not None
-            else "",
-        )
-    )
-    ratio = _ratio(value(ours, "cpu_ms_per_object"), value(bare, "cpu_ms_per_object"))
-    checks.append(
-        _check(
-            "client CPU per object <= 1.3 x bare PUT loop",
-            ratio,
-            ratio is not None and ratio <= 1.3,
-            f"{ratio:.2f} x ({value(ours, 'cpu_ms_per_object'):.3f} vs "
-            f"{value(bare, 'cpu_ms_per_object'):.3f} ms)"
-            if ratio is not None
-            else "",
-        )
-    )
-    delta = None if scaling is None else scaling.get("rss_delta_mib")
-    checks.append(
-        _check(
-            f"peak RSS of {scaling['rss_rows']:,}-row run within 50 MiB of "
-            f"{scaling['base_rows']:,}-row run"
-            if scaling
-            else "peak RSS grows < 50 MiB with rows",
-            delta,
-            delta is not None and delta <= 50,
-            f"{delta:+.1f} MiB" if delta is not None else "",
-        )
-    )
-    time_ratio = None if scaling is None else scaling.get("time_ratio")
-    factor = None if scaling is None else scaling.get("factor")
-    checks.append(
-        _check(
-            f"time grows linearly: {factor}x rows -> {factor}x time +-25%"
-            if scaling
-            else "time grows linearly",
-            time_ratio,
-            time_ratio is not None
-            and factor is not None
-            and 0.75 * factor <= time_ratio <= 1.25 * factor,
-            f"{time_ratio:.2f} x time" if time_ratio is not None else "",
-        )
-    )
-    if scaling and scaling.get("rss_time_ratio") and scaling.get("rss_rows_ratio"):
-        per_row = scaling["rss_time_ratio"] / scaling["rss_rows_ratio"]
-        checks.append(
-            _check(
-                f"time grows linearly up to {scaling['rss_rows']:,} rows (time/rows ratio 1 +-25%)",
-                per_row,
-                0.75 <= per_row <= 1.25,
-                f"{scaling['rss_time_ratio']:.1f} x time for {scaling['rss_rows_ratio']:.1f} x"
-                f" rows ({per_row:.2f})",
-            )
-        )
-    return checks
+    run = Run(results, scaling)
+    return [target.check(run) for target in TARGETS if target.applies(run)]
 
 
 def targets_table(checks: Sequence[TargetCheck]) -> str:

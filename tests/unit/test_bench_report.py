@@ -1,0 +1,85 @@
+"""The benchmark's issue targets (``bench.report.TARGETS``): each is read from the run's numbers,
+holds at its limit, is "not measured" without them, and is named after the scaling runs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.report import TARGETS, TargetCheck, check_targets, targets_table
+
+
+def summary(**numbers: Any) -> dict[str, Any]:
+    return numbers
+
+
+AT_THE_LIMITS = {
+    "bare_put": summary(rows_per_s=100.0, cpu_ms_per_object=1.0),
+    "backfill": summary(
+        rows_per_s=180.0,
+        cpu_ms_per_object=1.3,
+        pg={"seq_tup_read": 200, "idx_tup_fetch": 100},
+        rows_below_cutoff=100,
+        pg_round_trips_per_row=0.01,
+        s3_requests_per_row=1.05,
+    ),
+    "backfill_rerun": summary(
+        seconds=1.0, rows_per_s=400.0, pg_round_trips_per_row=0.01, s3_requests_per_row=0.02
+    ),
+    "upstream": summary(rows_per_s=100.0),
+    "upstream_rerun": summary(seconds=4.0, rows_per_s=100.0),
+}
+SCALING = {
+    "rss_delta_mib": 50.0,
+    "rss_rows": 100_000,
+    "base_rows": 10_000,
+    "time_ratio": 12.5,
+    "factor": 10,
+    "rss_time_ratio": 12.5,
+    "rss_rows_ratio": 10.0,
+}
+
+
+def by_name(checks: list[TargetCheck]) -> dict[str, TargetCheck]:
+    return {check.name: check for check in checks}
+
+
+def test_every_target_holds_at_its_limit() -> None:
+    checks = check_targets(AT_THE_LIMITS, scaling=SCALING)
+    assert len(checks) == len(TARGETS)
+    assert [check.name for check in checks if check.holds is not True] == []
+    named = by_name(checks)
+    assert named["PG tuples read <= 3 x rows below cutoff (backfill)"].measured == "3.00 x"
+    assert named["throughput >= 1.8 x upstream baseline, same C"].measured == "1.80 x"
+    assert (
+        named["re-run over full bucket >= 4 x faster than baseline re-run (wall time)"].measured
+        == "4.0 x time (4.0 x rows/s)"
+    )
+    assert (
+        named["client CPU per object <= 1.3 x bare PUT loop"].measured
+        == "1.30 x (1.300 vs 1.000 ms)"
+    )
+    assert named["peak RSS of 100,000-row run within 50 MiB of 10,000-row run"].measured == (
+        "+50.0 MiB"
+    )
+    assert named["time grows linearly: 10x rows -> 10x time +-25%"].holds is True
+
+
+def test_a_target_past_its_limit_does_not_hold() -> None:
+    results = dict(AT_THE_LIMITS)
+    results["backfill_rerun"] = results["backfill_rerun"] | {"s3_requests_per_row": 0.021}
+    named = by_name(check_targets(results, scaling=SCALING | {"time_ratio": 12.6}))
+    assert named["S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)"] == (
+        TargetCheck(
+            "S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)", "0.0210/row", False
+        )
+    )
+    assert named["time grows linearly: 10x rows -> 10x time +-25%"].holds is False
+
+
+def test_without_numbers_every_target_is_not_measured_and_the_rss_run_is_left_out() -> None:
+    checks = check_targets({}, scaling=None)
+    assert len(checks) == len(TARGETS) - 1
+    assert {(check.measured, check.holds) for check in checks} == {("not measured", None)}
+    assert "peak RSS grows < 50 MiB with rows" in by_name(checks)
+    assert "time grows linearly" in by_name(checks)
+    assert "not measured" in targets_table(checks)
