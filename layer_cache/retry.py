@@ -5,10 +5,10 @@ their retries) and whether another attempt fits the budget. ``call_with_retries`
 errors whose ``ErrorKind`` is retryable and raises the rest at once; before the next attempt it
 awaits the error's ``before_retry``, which for an expired token forces a refresh of the S3
 client's credential chain (static credentials have nothing to refresh, so they fail the same way
-until the budget is spent). ``AdaptiveLimit`` is one cache's upload cap and slot pool: additive
-increase after a run of successes, multiplicative decrease on throttling. Nothing here owns a
-resource: a cancelled call stops in its backoff sleep, and a cancelled ``acquire`` gives back or
-forgets its slot.
+until the budget is spent). ``AdaptiveLimit`` is one cache's upload cap and slot pool
+(``concurrency.SlotPool``): additive increase after a run of successes, multiplicative decrease
+on throttling. Nothing here owns a resource: a cancelled call stops in its backoff sleep, and a
+cancelled ``acquire`` gives back or forgets its slot.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import TypeVar
 
+from layer_cache.concurrency import SlotPool
 from layer_cache.errors import StorageError
 
 T = TypeVar("T")
@@ -80,44 +80,21 @@ async def call_with_retries(
                 await exc.before_retry()  # may raise a StorageError: then no further attempt
 
 
-class AdaptiveLimit:
-    """An AIMD-adjusted limit on concurrent slots, between 1 and ``maximum``.
+class AdaptiveLimit(SlotPool):
+    """An AIMD-adjusted limit on concurrent slots, between 1 and ``maximum``, starting there.
 
-    Waiters are served first come, first served. After a decrease, the throttle signals of calls
-    that were already in flight (sent at the old rate) are ignored, so one burst of 503s halves
-    the limit once rather than collapsing it to 1.
+    After a decrease, the throttle signals of calls that were already in flight (sent at the old
+    rate) are ignored, so one burst of 503s halves the limit once rather than collapsing it to 1.
+    Latency is not a signal here (``record_latency`` is accepted and ignored).
     """
 
     def __init__(self, maximum: int) -> None:
         if maximum < 1:
             raise ValueError("maximum must be at least 1")
+        super().__init__(maximum)
         self.maximum = maximum
-        self.limit = maximum
-        self.in_use = 0
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._successes = 0
         self._stale_signals = 0
-
-    async def acquire(self) -> None:
-        """Wait for a free slot under the current limit and take it."""
-        if self.in_use < self.limit and not self._waiters:
-            self.in_use += 1
-            return
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter  # the slot is handed over (in_use counted) when the waiter is woken
-        except asyncio.CancelledError:
-            if waiter.done() and not waiter.cancelled():
-                self.release()
-            else:
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        """Give a slot back (synchronous, so it is safe in ``finally``)."""
-        self.in_use -= 1
-        self._wake()
 
     def record_success(self) -> None:
         """A call succeeded; after ``limit`` successes in a row, raise the limit by one."""
@@ -137,9 +114,5 @@ class AdaptiveLimit:
         self.limit = max(1, self.limit // 2)
         self._stale_signals = max(0, self.in_use - 1)
 
-    def _wake(self) -> None:
-        while self._waiters and self.in_use < self.limit:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                self.in_use += 1
+    def record_latency(self, seconds: float) -> None:
+        """AIMD reacts to throttling only; an upload's latency changes nothing."""
