@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import random
+import time
 import uuid
 from collections import Counter
 from collections.abc import Mapping
@@ -50,6 +51,7 @@ __all__ = [
     "EtagRewrite",
     "FaultPlan",
     "FaultProxy",
+    "RateGate",
     "path_style_object",
     "signing_access_key",
 ]
@@ -163,8 +165,13 @@ class FaultPlan:
     """Access key ids whose requests are answered 400 ExpiredToken, never forwarded."""
     refused_keys: frozenset[str] = frozenset()
     """Object keys whose PUTs are answered 400 InvalidRequest (not retryable), never forwarded."""
+    max_rate_per_s: float | None = None
+    """Covered requests beyond this rate (a token bucket holding one tenth of a second's worth,
+    at least one) are answered 503 SlowDown, never forwarded, as S3 throttles a prefix."""
 
     def __post_init__(self) -> None:
+        if self.max_rate_per_s is not None and not (0 < self.max_rate_per_s < math.inf):
+            raise ValueError(f"max_rate_per_s must be positive and finite: {self.max_rate_per_s}")
         shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
         if any(not (0.0 <= share <= 1.0) for share in shares):
             raise ValueError(f"fault shares must lie in [0, 1], got {shares}")
@@ -175,6 +182,33 @@ class FaultPlan:
             raise ValueError(f"latency_s must be finite (low, high), 0 <= low <= high: {low, high}")
         if self.methods is not None:
             self.methods = frozenset(method.upper() for method in self.methods)
+
+
+class RateGate:
+    """A token bucket: ``rate_per_s`` tokens a second, at most ``burst``; pure in ``now``."""
+
+    def __init__(self, rate_per_s: float, burst: float, now: float) -> None:
+        self.rate_per_s = rate_per_s
+        self.burst = burst
+        self._tokens = burst
+        self._at = now
+
+    def admit(self, now: float) -> bool:
+        """Take a token if one is there at ``now`` (monotonic seconds)."""
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate_per_s)
+        self._at = max(self._at, now)
+        if self._tokens >= 1:
+            self._tokens -= 1
+            return True
+        return False
+
+    @classmethod
+    def for_plan(cls, plan: FaultPlan) -> RateGate | None:
+        """The gate ``plan.max_rate_per_s`` asks for, full; None without a rate."""
+        if plan.max_rate_per_s is None:
+            return None
+        rate = plan.max_rate_per_s
+        return cls(rate, max(1.0, rate / 10), time.monotonic())
 
 
 class FaultProxy:
@@ -201,6 +235,7 @@ class FaultProxy:
         self.counts: Counter[str] = Counter()
         self._plan = plan
         self._rng = random.Random(plan.seed)
+        self._gate = RateGate.for_plan(plan)
         self._max_body_bytes = max_body_bytes
         self._upstream_timeout_s = upstream_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -217,6 +252,7 @@ class FaultProxy:
     def plan(self, plan: FaultPlan) -> None:
         self._plan = plan
         self._rng = random.Random(plan.seed)
+        self._gate = RateGate.for_plan(plan)
 
     @property
     def url(self) -> str:
@@ -299,6 +335,12 @@ class FaultProxy:
             return RESET, delay
         return FORWARDED, delay
 
+    def _over_rate(self, method: str) -> bool:
+        plan = self._plan
+        if self._gate is None or (plan.methods is not None and method not in plan.methods):
+            return False
+        return not self._gate.admit(time.monotonic())
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         method = request.method
         try:
@@ -312,6 +354,8 @@ class FaultProxy:
                     self._count(method, REFUSED)
                     return _s3_error(request, 400, "InvalidRequest", _REFUSED_MESSAGE)
             planned, delay = self._draw(method)
+            if planned != SLOWDOWN and self._over_rate(method):
+                planned = SLOWDOWN
             if planned == SLOWDOWN:
                 self._count(method, SLOWDOWN)
                 return _s3_error(request, 503, "SlowDown", _SLOWDOWN_MESSAGE)

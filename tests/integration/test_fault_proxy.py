@@ -507,6 +507,25 @@ async def test_refused_puts_take_no_fault_draws(
 # Latency, reproducibility, bookkeeping
 
 
+async def test_requests_above_the_rate_are_answered_slowdown_and_not_forwarded(
+    proxy: FaultProxy, proxied: S3Client, s3_client: S3Client, bucket: str
+) -> None:
+    prefix = f"rate-{uuid.uuid4().hex[:8]}/"
+    proxy.plan = FaultPlan(max_rate_per_s=2.0, methods=frozenset({"PUT"}))  # a burst of one
+    outcomes = []
+    for number in range(3):  # back to back: well inside the half second a token takes
+        try:
+            await bounded(proxied.put_object(Bucket=bucket, Key=f"{prefix}{number}", Body=b"x"))
+            outcomes.append("stored")
+        except ClientError as exc:
+            outcomes.append(error_of(exc)[0] or "")
+    assert outcomes == ["stored", "SlowDown", "SlowDown"]
+    assert proxy.counts["PUT:slowdown"] == 2
+    await bounded(proxied.head_object(Bucket=bucket, Key=f"{prefix}0"))  # HEAD not covered
+    listing = await s3_client.list_objects_v2(Bucket=bucket, Prefix=prefix)
+    assert [item["Key"] for item in listing.get("Contents", [])] == [f"{prefix}0"]
+
+
 async def test_latency_delays_forwarded_requests(
     proxy: FaultProxy, proxied: S3Client, s3_client: S3Client, bucket: str
 ) -> None:
