@@ -46,6 +46,7 @@ from bench.common import (
 from bench.cpu import CpuSnapshot, CpuSpent
 from bench.upstream import upstream_backfill
 from layer_cache.cache_types import CacheType
+from layer_cache.concurrency import ConcurrencyMode
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
@@ -64,7 +65,8 @@ class Options:
 
     scenario: str
     target: Target
-    concurrency: int = 20
+    concurrency: int = 20  # with --concurrency-mode tuned: the ceiling
+    concurrency_mode: ConcurrencyMode = ConcurrencyMode.FIXED  # backfill scenarios only
     key_batch_size: int = 1000
     shards: int = 2
     shard_index: int | None = None  # a child of ``shards`` (with --shard-count)
@@ -401,6 +403,7 @@ async def backfill(options: Options, *, restart: bool) -> Result:
         key_batch_size=options.key_batch_size,
         checkpoint_interval=timedelta(seconds=30),
         max_concurrent_uploads=options.concurrency,
+        concurrency=options.concurrency_mode,
         grace_period=timedelta(seconds=20),
         restart=restart,
         shard=shard,
@@ -411,7 +414,7 @@ async def backfill(options: Options, *, restart: bool) -> Result:
     async with open_services_context(
         settings,
         with_s3=True,
-        s3_max_connections=S3_MAX_CONNECTIONS,
+        s3_max_connections=max(S3_MAX_CONNECTIONS, options.concurrency + 8),
         metric_readers=[sampler.reader] if sampler else (),
     ) as context:
         assert context.s3_client is not None
@@ -573,6 +576,12 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, bool]:
     parser.add_argument("--target", required=True, help="Target JSON (see bench.common)")
     parser.add_argument("--json", action="store_true", help="print one compact JSON line")
     parser.add_argument("--concurrency", type=int, default=20, help="uploads in flight")
+    parser.add_argument(
+        "--concurrency-mode",
+        type=ConcurrencyMode,
+        default=ConcurrencyMode.FIXED,
+        help="backfill: fixed (C in flight) or tuned (C is the ceiling)",
+    )
     parser.add_argument("--key-batch-size", type=int, default=1000)
     parser.add_argument("--shards", type=int, default=2, help="processes for 'shards'")
     parser.add_argument("--shard-index", type=int, default=None)
@@ -591,6 +600,7 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, bool]:
         scenario=args.scenario,
         target=Target.from_json(args.target),
         concurrency=args.concurrency,
+        concurrency_mode=args.concurrency_mode,
         key_batch_size=args.key_batch_size,
         shards=args.shards,
         shard_index=args.shard_index,

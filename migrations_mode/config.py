@@ -33,6 +33,7 @@ from pydantic_settings import (
 )
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.concurrency import ConcurrencyMode
 from layer_cache.retry import RetryPolicy
 from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
@@ -44,6 +45,12 @@ CUTOFF_NOW: Final = "now"
 """The cutoff value meaning "when the run starts, by the database's clock"."""
 # Upstream sdf's SI_BACKFILL_ names for its func-run backfill: accepted, meaningless here.
 UPSTREAM_ONLY_BACKFILL_ENV = ("func_runs_cutoff_id", "func_run_logs_cutoff_id")
+# --backfill-max-concurrent-uploads when not given: upstream's 5 for fixed concurrency, where it
+# is the number in flight; for tuned concurrency it is only the ceiling the limit climbs to.
+DEFAULT_MAX_CONCURRENT_UPLOADS: Final[Mapping[ConcurrencyMode, int]] = {
+    ConcurrencyMode.FIXED: 5,
+    ConcurrencyMode.TUNED: 64,
+}
 
 _TIMESTAMP = re.compile(
     r"^(?P<date>\d{4}-\d{2}-\d{2})[Tt ](?P<time>\d{2}:\d{2}:\d{2})(?:\.(?P<fraction>\d+))?"
@@ -128,7 +135,8 @@ class BackfillSettings(BaseSettings):
     cache_types: Annotated[frozenset[CacheType], NoDecode, BeforeValidator(_cache_types)]
     key_batch_size: int = Field(1000, ge=1, le=100_000)
     checkpoint_interval_secs: float = Field(30, gt=0)
-    max_concurrent_uploads: int = Field(5, ge=1, le=1024)
+    max_concurrent_uploads: int | None = Field(None, ge=1, le=1024)
+    concurrency: ConcurrencyMode = ConcurrencyMode.FIXED
     grace_period_secs: float = Field(20, ge=0)
     restart: bool = False
     progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
@@ -161,6 +169,7 @@ class BackfillConfig:
     checkpoint_interval: timedelta
     max_concurrent_uploads: int
     grace_period: timedelta
+    concurrency: ConcurrencyMode = ConcurrencyMode.FIXED
     restart: bool = False
     progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)
@@ -225,7 +234,10 @@ def load_backfill_config(
         cache_types=tuple(c for c in BACKFILLABLE_CACHE_TYPES if c in options.cache_types),
         key_batch_size=options.key_batch_size,
         checkpoint_interval=timedelta(seconds=options.checkpoint_interval_secs),
-        max_concurrent_uploads=options.max_concurrent_uploads,
+        max_concurrent_uploads=(
+            options.max_concurrent_uploads or DEFAULT_MAX_CONCURRENT_UPLOADS[options.concurrency]
+        ),
+        concurrency=options.concurrency,
         grace_period=timedelta(seconds=options.grace_period_secs),
         restart=options.restart,
         progress_store=options.progress_store,

@@ -6,6 +6,7 @@ from datetime import UTC, datetime, timedelta, timezone
 import pytest
 
 from layer_cache.cache_types import CacheType
+from layer_cache.concurrency import ConcurrencyMode
 from migrations_mode.config import (
     format_checkpoint,
     load_backfill_config,
@@ -108,6 +109,35 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert config.max_concurrent_uploads == 5
     assert config.cache_types == (CacheType.CAS,)
     assert config.checkpoint_interval == timedelta(seconds=30)
+
+
+@pytest.mark.parametrize(
+    ("flags", "concurrency", "max_concurrent"),
+    [
+        ({}, ConcurrencyMode.FIXED, 5),
+        ({"concurrency": "tuned"}, ConcurrencyMode.TUNED, 64),
+        ({"concurrency": "tuned", "max_concurrent_uploads": "200"}, ConcurrencyMode.TUNED, 200),
+        ({"concurrency": "fixed", "max_concurrent_uploads": "20"}, ConcurrencyMode.FIXED, 20),
+    ],
+)
+def test_concurrency_mode_and_its_default_maximum(
+    flags: dict[str, str], concurrency: ConcurrencyMode, max_concurrent: int
+) -> None:
+    config = load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas", **flags})
+    assert (config.concurrency, config.max_concurrent_uploads) == (concurrency, max_concurrent)
+
+
+def test_concurrency_mode_comes_from_env_and_bad_values_name_the_flag(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("SI_BACKFILL_CONCURRENCY", "tuned")
+    config = load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas"})
+    assert config.concurrency is ConcurrencyMode.TUNED
+    with pytest.raises(BackfillConfigError) as caught:
+        load_backfill_config(
+            {"cutoff_timestamp": CUTOFF, "cache_types": "cas", "concurrency": "gradient"}
+        )
+    assert "invalid --backfill-concurrency (SI_BACKFILL_CONCURRENCY)" in str(caught.value)
 
 
 def test_cache_types_run_in_registry_order_once() -> None:

@@ -1,0 +1,301 @@
+"""Latency scenarios: S3 behind a delay, a fixed-concurrency sweep against the tuned limit.
+
+``python -m bench.latency`` starts PostgreSQL and S3 as ``python -m bench`` does, seeds
+``--rows`` rows of one value size, and for each latency of ``--latency-ms`` puts
+``bench.delay_proxy`` (a process of its own, ``uniform(latency ± jitter)`` per request) in front
+of S3 and runs the ``backfill`` scenario at each fixed concurrency of ``--sweep``, then with
+``--backfill-concurrency tuned`` (the sweep's largest as its ceiling), each on a fresh bucket.
+Then the throttling check: a proxy that answers SlowDown above ``--throttle-rate`` requests/s,
+the backfill at the sweep's largest fixed concurrency and tuned, counting the 503s. It prints one
+table, a verdict per latency (tuned at least 0.9x the best fixed) and writes JSON to
+``<results-dir>/latency-<UTC timestamp>.json``. Every server and proxy is stopped on the way out
+(context managers); the exit status is 0 whenever every run finished, whatever the verdicts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+from bench.common import CUTOFF, Target
+from bench.data import SeededDatabase, seed_database
+from bench.delay_proxy import delayed_endpoint
+from bench.report import format_table
+from devenv.faults import SLOWDOWN
+from devenv.s3 import S3Endpoint
+from devenv.seed import SizeMix
+
+TARGET_SHARE_OF_BEST = 0.9
+STORM_SHARE = 0.05  # more than this share of S3 requests answered SlowDown is a storm
+DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
+TUNED = ("--concurrency-mode", "tuned")
+
+
+class ScenarioRunner(Protocol):
+    """What this needs of ``bench.__main__.Runner``."""
+
+    s3: S3Endpoint
+
+    def new_prefix(self, label: str) -> str: ...
+    def target(self, database: SeededDatabase, prefix: str) -> Target: ...
+    def run(
+        self,
+        name: str,
+        target: Target,
+        *,
+        concurrency: int,
+        rows: int,
+        extra_args: tuple[str, ...] = (),
+        label: str | None = None,
+    ) -> dict[str, Any]: ...
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The tuned run against the best fixed concurrency of the sweep."""
+
+    best_fixed: int
+    best_fixed_rows_per_s: float
+    tuned_rows_per_s: float
+
+    @property
+    def ratio(self) -> float:
+        return self.tuned_rows_per_s / self.best_fixed_rows_per_s
+
+    @property
+    def holds(self) -> bool:
+        return self.ratio >= TARGET_SHARE_OF_BEST
+
+    def line(self, latency_ms: float) -> str:
+        """One line: the figures and whether the target holds."""
+        return (
+            f"+{latency_ms:g} ms: tuned {self.tuned_rows_per_s:,.0f} rows/s = {self.ratio:.2f}x "
+            f"the best fixed (C={self.best_fixed}, {self.best_fixed_rows_per_s:,.0f} rows/s); "
+            f">= {TARGET_SHARE_OF_BEST}x: {'yes' if self.holds else 'NO'}"
+        )
+
+
+def verdict(fixed_rows_per_s: Mapping[int, float], tuned_rows_per_s: float) -> Verdict:
+    """Compare the tuned run with the fastest fixed concurrency."""
+    best = max(fixed_rows_per_s, key=lambda level: fixed_rows_per_s[level])
+    return Verdict(best, fixed_rows_per_s[best], tuned_rows_per_s)
+
+
+def slowdown_share(counts: Mapping[str, int]) -> float:
+    """Share of the proxy's requests answered SlowDown (its per-outcome totals only)."""
+    totals = {outcome: count for outcome, count in counts.items() if ":" not in outcome}
+    return totals.get(SLOWDOWN, 0) / max(sum(totals.values()), 1)
+
+
+def _through(target: Target, endpoint: S3Endpoint) -> Target:
+    return replace(target, s3=endpoint)
+
+
+def latency_sweep(
+    runner: ScenarioRunner,
+    database: SeededDatabase,
+    *,
+    latency_ms: float,
+    jitter: float,
+    levels: Sequence[int],
+) -> dict[str, Any]:
+    """The fixed sweep and the tuned run (twice: first and last, so drift in the machine's load
+    falls on both sides) at one latency."""
+    low_s, high_s = latency_ms * (1 - jitter) / 1000, latency_ms * (1 + jitter) / 1000
+    ceiling = max(levels)
+    runs: dict[str, dict[str, Any]] = {}
+    with delayed_endpoint(runner.s3, low_s, high_s) as delayed:
+
+        def run(label: str, concurrency: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+            target = _through(runner.target(database, runner.new_prefix(label)), delayed.endpoint)
+            return runner.run(
+                "backfill",
+                target,
+                concurrency=concurrency,
+                rows=database.rows,
+                extra_args=extra,
+                label=f"{label}-{latency_ms:g}ms",
+            )
+
+        runs["tuned-1"] = run("tuned-first", ceiling, TUNED)
+        for level in levels:
+            runs[f"fixed-{level}"] = run(f"fixed-c{level}", level)
+        runs["tuned-2"] = run("tuned-last", ceiling, TUNED)
+    fixed = {level: float(runs[f"fixed-{level}"]["rows_per_s"]) for level in levels}
+    tuned = (float(runs["tuned-1"]["rows_per_s"]) + float(runs["tuned-2"]["rows_per_s"])) / 2
+    found = verdict(fixed, tuned)
+    return {
+        "latency_ms": latency_ms,
+        "jitter": jitter,
+        "fixed_rows_per_s": {str(level): value for level, value in fixed.items()},
+        "tuned_rows_per_s": tuned,
+        "best_fixed": found.best_fixed,
+        "ratio_to_best": round(found.ratio, 3),
+        "holds": found.holds,
+        "verdict": found.line(latency_ms),
+        "proxy_counts": delayed.counts,
+        "runs": runs,
+    }
+
+
+def throttle_check(
+    runner: ScenarioRunner,
+    database: SeededDatabase,
+    *,
+    latency_ms: float,
+    rate_per_s: float,
+    fixed_level: int,
+) -> dict[str, Any]:
+    """Fixed concurrency and tuned against a proxy throttling above ``rate_per_s``."""
+    latency_s = latency_ms / 1000
+    results: dict[str, Any] = {"latency_ms": latency_ms, "rate_per_s": rate_per_s}
+    for label, extra in (("fixed", ()), ("tuned", TUNED)):
+        with delayed_endpoint(
+            runner.s3,
+            latency_s * 0.9,
+            latency_s * 1.1,
+            max_rate_per_s=rate_per_s,
+        ) as delayed:
+            target = _through(
+                runner.target(database, runner.new_prefix(f"throttle-{label}")), delayed.endpoint
+            )
+            summary = runner.run(
+                "backfill",
+                target,
+                concurrency=fixed_level,
+                rows=database.rows,
+                extra_args=extra,
+                label=f"throttle-{label}-c{fixed_level}",
+            )
+        share = slowdown_share(delayed.counts)
+        results[label] = {
+            "rows_per_s": summary["rows_per_s"],
+            "slowdowns": delayed.counts.get(SLOWDOWN, 0),
+            "requests": sum(v for k, v in delayed.counts.items() if ":" not in k),
+            "slowdown_share": round(share, 4),
+            "storm": share > STORM_SHARE,
+            "run": summary,
+        }
+    return results
+
+
+def latency_report(section: Mapping[str, Any]) -> str:
+    """The sweep table, the verdicts and the throttling check, as text."""
+    sweeps: list[Mapping[str, Any]] = section["sweeps"]
+    levels = list(sweeps[0]["fixed_rows_per_s"]) if sweeps else []
+    headers = ["S3 latency", *(f"C={level}" for level in levels), "tuned", "tuned/best"]
+    rows = [
+        [
+            f"+{sweep['latency_ms']:g} ms",
+            *(f"{sweep['fixed_rows_per_s'][level]:,.0f}" for level in levels),
+            f"{sweep['tuned_rows_per_s']:,.0f}",
+            f"{sweep['ratio_to_best']:.2f}",
+        ]
+        for sweep in sweeps
+    ]
+    lines = ["rows/s of the backfill with S3 behind a delay:", format_table(headers, rows)]
+    lines += [sweep["verdict"] for sweep in sweeps]
+    check = section.get("throttle")
+    if check:
+        lines.append(
+            f"throttling above {check['rate_per_s']:g} requests/s at +{check['latency_ms']:g} ms:"
+        )
+        for label in ("fixed", "tuned"):
+            run = check[label]
+            lines.append(
+                f"  {label:<5} {run['rows_per_s']:>8,.0f} rows/s, {run['slowdowns']:,} SlowDown "
+                f"of {run['requests']:,} requests ({100 * run['slowdown_share']:.1f}%); "
+                f"storm (> {100 * STORM_SHARE:g}%): {'YES' if run['storm'] else 'no'}"
+            )
+    return "\n".join(lines)
+
+
+def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    """Start the servers, seed, run the sweeps and the throttling check; the results document."""
+    from bench.__main__ import Runner, _logs_dir, _pg_version, machine_info  # the main bench's
+    from devenv.postgres import start_postgres
+    from devenv.s3 import start_s3
+
+    levels = sorted({int(level) for level in args.sweep.split(",") if level.strip()})
+    latencies = [float(value) for value in args.latency_ms.split(",") if value.strip()]
+    sizes = SizeMix(small=(args.value_size, args.value_size), large_share=0.0)
+    document: dict[str, Any] = {
+        "started_at": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
+        "load_average": {"start": os.getloadavg()[0]},
+        "config": vars(args) | {"results_dir": str(args.results_dir)},
+    }
+    started = time.monotonic()
+    with start_postgres() as pg_server, start_s3(kind=args.s3) as s3_server, _logs_dir() as logs:
+        pg, s3 = pg_server.endpoint, s3_server.endpoint
+        document["machine"] = machine_info(s3, asyncio.run(_pg_version(pg)))
+        print(f"  seeding {args.rows:,} rows of {args.value_size:,} bytes ...", flush=True)
+        database = asyncio.run(
+            seed_database(pg, f"latency_{args.rows}", args.rows, cutoff=CUTOFF, sizes=sizes)
+        )
+        runner = Runner(args, pg, s3, statements=False, logs_dir=logs)
+        runner.pg_pid = pg_server.pid
+        sweeps = []
+        for latency_ms in latencies:
+            print(f"S3 at +{latency_ms:g} ms (±{100 * args.jitter:g}%):", flush=True)
+            sweeps.append(
+                latency_sweep(
+                    runner, database, latency_ms=latency_ms, jitter=args.jitter, levels=levels
+                )
+            )
+        document["sweeps"] = sweeps
+        if args.throttle_rate > 0:
+            print(f"throttling above {args.throttle_rate:g} requests/s:", flush=True)
+            document["throttle"] = throttle_check(
+                runner,
+                database,
+                latency_ms=latencies[0],
+                rate_per_s=args.throttle_rate,
+                fixed_level=max(levels),
+            )
+    document["wall_seconds"] = round(time.monotonic() - started, 1)
+    document["load_average"]["end"] = os.getloadavg()[0]
+    print()
+    print(latency_report(document))
+    results_dir: Path = args.results_dir
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"latency-{document['started_at']}.json"
+    path.write_text(json.dumps(document, indent=2, default=str))
+    print(f"\nwrote {path}")
+    return document
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The latency benchmark's flags."""
+    parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
+    parser.add_argument("--rows", type=int, default=3000, help="rows seeded (~90%% copied)")
+    parser.add_argument("--value-size", type=int, default=4096, help="bytes per value")
+    parser.add_argument("--latency-ms", default="20,60", help="added S3 latencies")
+    parser.add_argument("--jitter", type=float, default=0.1, help="± share of the latency")
+    parser.add_argument("--sweep", default="4,8,16,32,64,128", help="fixed concurrencies")
+    parser.add_argument(
+        "--throttle-rate", type=float, default=150.0, help="SlowDown above (0: no check)"
+    )
+    parser.add_argument("--key-batch-size", type=int, default=1000)
+    parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "seaweedfs", "minio"))
+    parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
+    args = parser.parse_args(argv)
+    args.shards = 1  # the main bench's runner passes it on; no shards run here
+    if args.rows < 1 or args.value_size < 1 or not 0 <= args.jitter < 1:
+        parser.error("--rows and --value-size must be positive, --jitter in [0, 1)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    run_latency(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
