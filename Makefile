@@ -8,7 +8,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install pgbouncer demo lint test unit integration bench bench-smoke bench-server clean
+.PHONY: install pgbouncer tools demo lint test unit integration bench bench-smoke bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,19 +35,24 @@ pgbouncer:
 	      apt-get install -y -qq --no-install-recommends pgbouncer >/dev/null; \
 	  else echo "make: pgbouncer is missing (apt-get install pgbouncer)" >&2; fi; }
 
-test: lint pgbouncer
+# The tools pip does not install (Debian's prometheus and victoria-metrics packages, the npm
+# package s3rver), fetched into .devenv when missing; the tests only look them up.
+tools: install
+	timeout 900 $(BIN)/python -m devenv.fetch
+
+test: lint pgbouncer tools
 	$(BIN)/pytest
 
 unit: install
 	$(BIN)/pytest tests/unit
 
-integration: install pgbouncer
+integration: install pgbouncer tools
 	$(BIN)/pytest tests/integration
 
-bench: install
+bench: install tools
 	$(BIN)/python -m bench
 
-bench-smoke: install
+bench-smoke: install tools
 	$(BIN)/python -m bench --smoke
 
 bench-server: install

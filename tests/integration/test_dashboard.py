@@ -20,8 +20,8 @@ runs are over and both jobs hold the final values, every query of every panel is
 ``job_label`` value, and must be valid and return at least one series; a few values are checked
 against what the runs reported, in both labellings.
 
-The Prometheus binary is the one on PATH, else Debian's package fetched into ``.devenv``; the
-test is skipped only when neither can be had.
+The Prometheus binary is the one on PATH, else Debian's package that ``make test`` fetched into
+``.devenv``; without either the test fails, naming ``make test``.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ from devenv.faults import SLOWDOWN, FaultPlan, FaultProxy
 from devenv.metric_stores import ScrapeJob, prometheus_binary, running_prometheus
 from devenv.process import free_port
 from devenv.s3 import S3Server
+from devenv.tools import MissingTool
 from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
 from layer_cache.keys import object_key
@@ -93,10 +94,10 @@ VARIABLE = re.compile(r"\$\{(\w+)\}|\$(\w+)")
 
 @pytest.fixture(scope="session")
 def prometheus_binary_path() -> str:
-    binary, why_not = prometheus_binary()
-    if binary is None:
-        pytest.skip(f"no prometheus binary: {why_not}")
-    return binary
+    try:
+        return prometheus_binary()
+    except MissingTool as missing:
+        raise pytest.fail.Exception(str(missing), pytrace=False) from None
 
 
 @dataclass(frozen=True)

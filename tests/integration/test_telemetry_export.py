@@ -22,6 +22,7 @@ import pytest
 
 from devenv.metric_stores import MetricStore, running_victoria_metrics, victoria_metrics_binary
 from devenv.otlp_receiver import OtlpGrpcReceiver, otlp_grpc_receiver
+from devenv.tools import MissingTool
 from layer_cache.cache_types import CacheType
 from tests.conftest import LayerDb
 from tests.support import SeedRow, insert_rows, random_key, run_cli
@@ -46,9 +47,10 @@ def grpc_receiver() -> Iterator[OtlpGrpcReceiver]:
 
 @pytest.fixture
 async def victoria() -> AsyncIterator[MetricStore]:
-    binary, why_not = await asyncio.to_thread(victoria_metrics_binary)
-    if binary is None:
-        pytest.skip(f"no VictoriaMetrics to receive OTLP/HTTP: {why_not}")
+    try:
+        binary = victoria_metrics_binary()
+    except MissingTool as missing:
+        raise pytest.fail.Exception(str(missing), pytrace=False) from None
     async with running_victoria_metrics(binary) as running:
         yield running
 
