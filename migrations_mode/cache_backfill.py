@@ -1,18 +1,13 @@
-"""The per-cache loop: walk the table in pages, copy what S3 lacks, with bounded concurrency.
+"""The per-cache pipeline: walk the table in pages, hand each row to its ``RowAction``, bounded.
 
-A producer task lists each page (``walk``), learns what S3 has from the bucket listing in key
-order (``BucketIndex``; rows it cannot vouch for are HEADed), and reads the values of rows whose
-object is missing or of another size in chunks bounded by the byte budget, running ahead of the
-uploads (a short queue) so listing and reading never leave upload slots idle. A slot
-(``AdaptiveLimit``) is acquired before each upload task is created; each PUT carries
-``Content-MD5``, and every finished row goes to the ``CheckpointTracker``, whose low-water position
-a saver task writes to the progress store each time another page's worth has finished in order.
-With verify the same walk compares instead of copying and writes nothing, not even progress.
-Shutdown: a set stop event ends dispatching and lets in-flight uploads finish; a cancel (grace
-period over, or another cache failed) cancels them too. Either way progress is saved (shielded
-from the cancellation) and the last line says where to resume (``backfill shutting down
-gracefully`` on a stop, ``backfill stopped`` on a cancel or failure). The steps, retry classes and
-resume rules are in the README ("How the backfill works", "Resuming and failures").
+A producer task lists each page (``walk``), learns what S3 has from the bucket listing in key order
+(``BucketIndex``; rows it cannot vouch for are HEADed), settles what it can and reads the values
+the rest need in chunks bounded by the byte budget, a short queue ahead of the dispatch loop,
+which takes an upload slot (``AdaptiveLimit``) before creating each row's task. Finished rows go
+to the ``CheckpointTracker``, whose low-water position the ``ProgressSaver`` records. Shutdown: a
+set stop event ends dispatching and lets in-flight rows finish; a cancel (grace period over, or
+another cache failed) cancels them too. Either way progress is saved (shielded from the
+cancellation) and the last line says where to resume (README: "How the backfill works").
 """
 
 from __future__ import annotations
@@ -36,26 +31,26 @@ from layer_cache.retry import AdaptiveLimit, call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.bucket_index import UNKNOWN, BucketIndex
 from migrations_mode.checkpoint import CheckpointTracker, Position
-from migrations_mode.config import BackfillConfig, VerifyMode, format_checkpoint
+from migrations_mode.config import BackfillConfig, format_checkpoint
 from migrations_mode.display import RateMeter, progress_report
 from migrations_mode.errors import CacheBackfillFailed, first_exception
+from migrations_mode.estimates import WalkState
 from migrations_mode.progress import BackfillMetrics, CacheProgress, CacheStats
+from migrations_mode.progress_saver import ProgressSaver
 from migrations_mode.progress_store import (
     S3_PROGRESS_PREFIX,
     ProgressKey,
     ProgressStore,
     SavedProgress,
     progress_target,
-    unused_records,
 )
+from migrations_mode.row_action import Decision, row_action
 from migrations_mode.walk import WalkOrder, plan_chunks
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-# Below this share of the key space walked, an extrapolated total is too noisy to show.
-_EXTRAPOLATE_FROM_RATIO = 0.02
 # Batches of jobs the producer may prepare ahead of the uploads (bytes are capped separately).
 _PREFETCHED_BATCHES = 2
 
@@ -76,7 +71,7 @@ def resume_flag(checkpoint: datetime) -> str:
 
 
 class CacheBackfill:
-    """Copies one cache type's rows below the cutoff into its bucket."""
+    """Copies (or verifies) one cache type's rows below the cutoff against its bucket."""
 
     def __init__(
         self,
@@ -95,26 +90,33 @@ class CacheBackfill:
         self.config = config
         self.tracker = CheckpointTracker(config.cutoff)
         self.progress = CacheProgress(cache_type, metrics)
+        # Upload slots: lowered on throttling, raised on success (both in ``_storage_call``).
         self.upload_limit = AdaptiveLimit(config.max_concurrent_uploads)
         self.bytes_budget = ByteBudget(config.max_inflight_bytes)
         self.completed = False
         self.log_progress = True  # off while a live display shows the same on a terminal
-        self._stop = stop
-        self._store = progress_store
-        self._progress_key = ProgressKey(
-            cache_type,
-            config.cutoff,
-            order=config.order,
-            target=progress_target(s3.client.meta.endpoint_url, s3.bucket, s3.key_prefix),
-            shard=config.shard.label,
+        self.action = row_action(
+            config.verify, progress=self.progress, s3=s3, storage_call=self._storage_call
         )
-        self._writes = config.verify is VerifyMode.OFF
+        self.saver = ProgressSaver(
+            progress_store,
+            ProgressKey(
+                cache_type,
+                config.cutoff,
+                order=config.order,
+                target=progress_target(s3.client.meta.endpoint_url, s3.bucket, s3.key_prefix),
+                shard=config.shard.label,
+            ),
+            snapshot=self._progress_snapshot,
+            storage_call=self._storage_call,
+            writes=self.action.writes,
+            restart=config.restart,
+            batch_size=config.key_batch_size,
+        )
+        self._stop = stop
         self._rows_done_before = 0
-        self._saved_position: Position | None = None
         self._table_estimate: int | None = None
         self._listing_done = False
-        self._save_due = asyncio.Event()
-        self._saved_at = 0  # tracker.finished_in_order at the last save
 
     @property
     def stats(self) -> CacheStats:
@@ -139,57 +141,35 @@ class CacheBackfill:
         order count once the rows before them are done, so a resume never counts a row twice)."""
         return self._rows_done_before + self.tracker.finished_in_order
 
-    def keyspace_done_ratio(self) -> float | None:
-        """How far through this shard's key space the walk is (key order, hex keys only)."""
-        if self.completed:
-            return 1.0
+    def walk_state(self) -> WalkState:
+        """The walk now, for the estimates."""
         low_water = self.tracker.low_water
-        if not self._in_key_order or low_water is None:
-            return None if not self._in_key_order else 0.0
-        return self.config.shard.done_ratio(low_water.key)
-
-    def rows_total_estimate(self) -> int | None:
-        """Rows this cache walks: exact once complete; in key order, extrapolated from the share
-        of the key space walked (hashes are uniform) once that share says something; else the
-        planner's estimate for the table, split across shards."""
-        if self.completed:
-            return self.rows_done
-        ratio = self.keyspace_done_ratio()
-        if ratio is not None and ratio >= _EXTRAPOLATE_FROM_RATIO:
-            return max(round(self.rows_done / ratio), self.rows_done)
-        if self._table_estimate is None:
-            return None
-        return max(self._table_estimate // self.config.shard.count, self.rows_done)
+        return WalkState(
+            completed=self.completed,
+            in_key_order=self._in_key_order,
+            shard=self.config.shard,
+            low_water_key=None if low_water is None else low_water.key,
+            rows_done=self.rows_done,
+            table_estimate=self._table_estimate,
+            uploads_in_flight=self.upload_limit.in_use,
+            upload_limit=self.upload_limit.limit,
+            checkpoint_lag_s=(self.config.cutoff - self.checkpoint_timestamp).total_seconds(),
+        )
 
     def gauge_values(self) -> dict[str, float]:
         """The gauges' current values (see ``migrations_mode.progress``)."""
-        values: dict[str, float] = {
-            "uploads_in_flight": self.upload_limit.in_use,
-            "upload_concurrency_limit": self.upload_limit.limit,
-        }
-        if not self._in_key_order:
-            lag = self.config.cutoff - self.checkpoint_timestamp
-            values["checkpoint_lag_seconds"] = lag.total_seconds()
-        ratio = self.keyspace_done_ratio()
-        if ratio is not None:
-            values["keyspace_done_ratio"] = ratio
-        total = self.rows_total_estimate()
-        if total is not None:
-            values["rows_total_estimate"] = total
-            if ratio is not None:
-                values["rows_remaining_estimate"] = round(total * (1 - ratio))
-            else:
-                values["rows_remaining_estimate"] = max(total - self.rows_done, 0)
-        return values
+        return self.walk_state().gauge_values()
 
     async def run(self) -> CacheStats:
         """Copy every row; returns the stats, raises ``CacheBackfillFailed`` on failure."""
         structlog.contextvars.bind_contextvars(cache_type=self.cache_type.value)
-        resume_after = await self._load_progress()
-        self._table_estimate = await self._storage_call(self.pg.estimated_rows, None)
+        resume_after = await self._resume()
+        self._table_estimate = await self._storage_call(self.pg.estimated_rows)
         if self.completed:
             self.progress.finish()
-            log.info("completed backfill", already_complete=True, progress_store=self._store.kind)
+            log.info(
+                "completed backfill", already_complete=True, progress_store=self.saver.store.kind
+            )
             return self.stats
         log.info(
             "starting backfill",
@@ -200,7 +180,7 @@ class CacheBackfill:
             resume_after_key=resume_after.key if resume_after else None,
         )
         checkpoints = asyncio.create_task(self._log_checkpoints())
-        saver = asyncio.create_task(self._save_when_due())
+        saver = asyncio.create_task(self.saver.save_when_due())
         outcome = "stopped"
         try:
             await self._copy_all(resume_after)
@@ -217,86 +197,34 @@ class CacheBackfill:
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
             self.progress.finish()
-            # Runs even when this task is being cancelled: the save is its own shielded task.
-            with contextlib.suppress(asyncio.CancelledError):
-                await asyncio.shield(self._save_progress())
+            await self.saver.final_save()  # runs even when this task is being cancelled
             self._log_outcome(outcome)
         return self.stats
 
-    async def _load_progress(self) -> Position | None:
-        if not self._writes:
-            return None  # a verification walks everything and records nothing
-        if self.config.restart:
-            log.info("ignoring saved progress (--backfill-restart)")
-            return None
-        saved = await self._storage_call(lambda: self._store.load(self._progress_key), None)
+    async def _resume(self) -> Position | None:
+        """Take up the saved progress, if any; the position the walk starts after."""
+        saved = await self.saver.load()
         if saved is None:
-            await self._report_unused_records()
             return None
         self.completed = saved.completed
         self._rows_done_before = saved.rows_done
-        self._saved_position = saved.position
         if saved.position is not None:
             self.tracker = CheckpointTracker(self.config.cutoff, low_water=saved.position)
             log.info(
                 "resuming from saved progress",
-                progress_store=self._store.kind,
+                progress_store=self.saver.store.kind,
                 checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
                 rows_done_before=saved.rows_done,
             )
         return saved.position
 
-    async def _report_unused_records(self) -> None:
-        """One log line when progress for this cache and cutoff exists only under other
-        parameters: it is not used (its position means nothing for this walk)."""
-        key = self._progress_key
-        others = await self._storage_call(lambda: self._store.others(key), None)
-        unused = unused_records(key.identity, others)
-        if not unused:
-            return
-        closest, differs = unused[0]
-        log.warning(
-            "saved progress not used: it was saved for other parameters",
-            differs=differs,
-            order=key.order.value,
-            saved_order=closest.order or "unknown (saved by an earlier version)",
-            target=key.target,
-            saved_target=closest.target or "unknown (saved by an earlier version)",
-            shard=key.shard,
-            saved_shard=closest.shard,
-            records_not_used=len(unused),
-            progress_store=self._store.kind,
-        )
+    def _progress_snapshot(self) -> tuple[SavedProgress, int]:
+        record = SavedProgress(self.tracker.low_water, self.completed, self.rows_done)
+        return record, self.tracker.finished_in_order
 
     def _finish(self, sequence: int) -> None:
-        """A row is done; wake the saver once a batch of rows has finished in order since the
-        last save, so a kill redoes at most one batch plus the uploads in flight."""
         self.tracker.finish(sequence)
-        if self.tracker.finished_in_order - self._saved_at >= self.config.key_batch_size:
-            self._save_due.set()
-
-    async def _save_when_due(self) -> None:
-        while True:
-            await self._save_due.wait()
-            self._save_due.clear()
-            await self._save_progress()
-
-    async def _save_progress(self) -> None:
-        if not self._writes:
-            return
-        position = self.tracker.low_water
-        if position == self._saved_position and not self.completed:
-            return
-        saved_at = self.tracker.finished_in_order
-        record = SavedProgress(position, self.completed, self.rows_done)
-        try:
-            await self._storage_call(lambda: self._store.save(self._progress_key, record), None)
-        except CacheBackfillFailed as exc:
-            # Losing a save costs re-work on the next run, never data: carry on.
-            log.warning("could not save backfill progress", error=str(exc.cause))
-            return
-        self._saved_position = position
-        self._saved_at = saved_at
+        self.saver.finished(self.tracker.finished_in_order)
 
     async def _copy_all(self, resume_after: Position | None) -> None:
         """Run the pipeline: a producer lists pages and reads values ahead (bounded by the byte
@@ -376,15 +304,13 @@ class CacheBackfill:
                     low=key_range.low,
                     high=key_range.high,
                     limit=limit,
-                ),
-                None,
+                )
             )
         after = (cursor.created_at, cursor.key) if cursor else None
         return await self._storage_call(
             lambda: self.pg.list_newest_first(
                 cutoff=cutoff, after=after, low=key_range.low, high=key_range.high, limit=limit
-            ),
-            None,
+            )
         )
 
     async def _stored_sizes(
@@ -393,10 +319,8 @@ class CacheBackfill:
         if bucket_index is None:
             return [UNKNOWN] * len(page)
         object_keys = [self.s3.object_key(row.key) for row in page]
-        sizes, unmatched = await self._storage_call(
-            lambda: bucket_index.sizes_for(object_keys), None
-        )
-        if self.config.verify is not VerifyMode.OFF and unmatched:
+        sizes, unmatched = await self._storage_call(lambda: bucket_index.sizes_for(object_keys))
+        if self.action.counts_extra and unmatched:
             await self._count_extra(unmatched)
         return sizes
 
@@ -406,22 +330,20 @@ class CacheBackfill:
         bucket_index: BucketIndex | None,
         jobs: asyncio.Queue[list[_Job] | None],
     ) -> None:
-        """Settle the rows S3 already has; queue the rest, values read in chunks."""
+        """Settle the rows S3's sizes settle; queue the rest, values read in chunks."""
         sequences = [self.tracker.dispatch(Position(row.created_at, row.key)) for row in page]
         stored_sizes = await self._stored_sizes(bucket_index, page)
         to_check: list[_Job] = []
         needs_value: list[_Job] = []
         for row, sequence, stored in zip(page, sequences, stored_sizes, strict=True):
-            if stored == UNKNOWN:
+            decision = self.action.settle(row, stored)
+            if decision is Decision.NEEDS_HEAD:
                 to_check.append(_Job(row, sequence))
-            elif self.config.verify is VerifyMode.SIZE:
-                self._record_verification(row, stored)
-                self._finish(sequence)
-            elif stored == row.size and self.config.verify is VerifyMode.OFF:
-                self.progress.skipped()
-                self._finish(sequence)
-            else:
+            elif decision is Decision.NEEDS_VALUE:
                 needs_value.append(_Job(row, sequence, stored))
+            else:
+                self.action.record_settled(row, stored, decision)
+                self._finish(sequence)
         if to_check:
             await jobs.put(to_check)
         by_row = {job.row.key: job for job in needs_value}
@@ -437,16 +359,14 @@ class CacheBackfill:
         rows; the returned jobs carry their values (and their share of the budget)."""
         await self.bytes_budget.acquire(sum(job.row.size for job in chunk))
         keys = [job.row.key for job in chunk]
-        values = await self._storage_call(lambda: self.pg.fetch_values(keys), None)
+        values = await self._storage_call(lambda: self.pg.fetch_values(keys))
         ready = []
         for job in chunk:
             value = values.get(job.row.key)
             if value is None:
                 value = await self._fetch_one(job.row.key)  # gone, or a race: ask once more
             if value is None:
-                log.info("row vanished before it was read", key=job.row.key)
-                self.progress.vanished()
-                self._finish(job.sequence)
+                self._vanished(job.row, job.sequence)
                 self.bytes_budget.release(job.row.size)
             else:
                 job.value = value
@@ -472,61 +392,38 @@ class CacheBackfill:
     ) -> None:
         """Runs with an upload slot and the row's bytes held; gives both back."""
         try:
-            await self._finish_with_value(row, sequence, value, stored)
+            await self.action.finish(row, value, stored)
+            self._finish(sequence)
         finally:
             self.upload_limit.release()
             self.bytes_budget.release(row.size)
 
-    async def _finish_with_value(
-        self, row: RowRef, sequence: int, value: bytes, stored: int | None
-    ) -> None:
-        """PUT the value (or, verifying content, compare it with the object)."""
-        if self.config.verify is VerifyMode.OFF:
-            started = time.monotonic()
-            await self._storage_call(lambda: self.s3.put(row.key, value), row.key)
-            self.progress.upload_took(time.monotonic() - started)
-            log.debug("uploaded to S3", key=row.key, size=len(value))
-            self.progress.uploaded(len(value), repaired=stored is not None)
-        else:
-            body = await self._storage_call(lambda: self.s3.get(row.key), row.key)
-            stored_size = None if body is None else len(body)
-            self._record_verification(row, stored_size, matches=body == value)
-        self._finish(sequence)
-
     async def _check_row(self, row: RowRef, sequence: int) -> None:
-        """The one-row path (runs with an upload slot held): HEAD, then skip, compare, or read
-        the value and PUT it."""
+        """The one-row path (runs with an upload slot held): HEAD, then settle the row, or read
+        its value and finish it."""
         try:
-            stored = await self._storage_call(lambda: self.s3.head(row.key), row.key)
-            if self.config.verify is VerifyMode.SIZE:
-                self._record_verification(row, stored)
-            elif stored == row.size and self.config.verify is VerifyMode.OFF:
-                self.progress.skipped()
-            else:
-                value = await self._fetch_one(row.key)
-                if value is not None:
-                    await self._finish_with_value(row, sequence, value, stored)
-                    return
-                log.info("row vanished before it was read", key=row.key)
-                self.progress.vanished()
+            stored = await self._storage_call(lambda: self.s3.head(row.key), key=row.key)
+            decision = self.action.settle(row, stored)
+            if decision.settled:
+                self.action.record_settled(row, stored, decision)
+                self._finish(sequence)
+                return
+            value = await self._fetch_one(row.key)
+            if value is None:
+                self._vanished(row, sequence)
+                return
+            await self.action.finish(row, value, stored)
             self._finish(sequence)
         finally:
             self.upload_limit.release()
 
     async def _fetch_one(self, key: str) -> bytes | None:
-        return await self._storage_call(lambda: self.pg.fetch_value(key), key)
+        return await self._storage_call(lambda: self.pg.fetch_value(key), key=key)
 
-    def _record_verification(
-        self, row: RowRef, stored: int | None, *, matches: bool | None = None
-    ) -> None:
-        if stored is None:
-            log.warning("verify: object missing", key=row.key)
-            self.progress.verified("missing")
-        elif stored != row.size or matches is False:
-            log.warning("verify: object differs", key=row.key, row_size=row.size, size=stored)
-            self.progress.verified("mismatched")
-        else:
-            self.progress.verified("ok")
+    def _vanished(self, row: RowRef, sequence: int) -> None:
+        log.info("row vanished before it was read", key=row.key)
+        self.progress.vanished()
+        self._finish(sequence)
 
     async def _count_extra(self, object_keys: list[str]) -> None:
         """Objects in the walked range that no row of the table accounts for."""
@@ -537,13 +434,13 @@ class CacheBackfill:
         }
         if not row_keys:
             return
-        existing = await self._storage_call(lambda: self.pg.existing_keys(list(row_keys)), None)
+        existing = await self._storage_call(lambda: self.pg.existing_keys(list(row_keys)))
         extra = [object_key for key, object_key in row_keys.items() if key not in existing]
         for object_key in extra[:100]:
             log.warning("verify: object has no row", object_key=object_key)
         self.progress.extra(len(extra))
 
-    async def _storage_call(self, call: Callable[[], Awaitable[T]], key: str | None) -> T:
+    async def _storage_call(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
         """One storage call under the retry policy, with retries counted and throttling fed back."""
 
         def on_retry(exc: StorageError, attempt: int, delay_s: float) -> None:
@@ -609,7 +506,7 @@ class CacheBackfill:
             checkpoint_timestamp=format_checkpoint(checkpoint),
             in_flight_uploads=self.upload_limit.in_use,
             rows_pending=self.tracker.in_flight,
-            progress_store=self._store.kind,
+            progress_store=self.saver.store.kind,
             resume_with=resume_flag(checkpoint),
             **fields,
         )
