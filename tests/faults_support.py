@@ -1,31 +1,19 @@
-"""Helpers for the resilience tests: the CLI as a killable job, its JSON events, S3 and progress.
+"""Helpers for the resilience tests: what S3 and the progress store hold, a strict S3 server.
 
-``Job`` runs ``python -m services`` the way the Kubernetes Job does (env + flags, ``--log-json``)
-and reads its stderr on a thread, so a test can wait for an event without blocking the event loop
-(the ``FaultProxy`` the job talks to runs on that loop) and then kill or signal the process at a
-moment of its choosing. Every stderr line must be a JSON object: anything else is kept in
-``JobResult.non_json`` and reported by the tests.
-
-The S3 checks read listings (size and ETag, the MD5 of a single-part PUT) rather than bodies, so
-they are cheap enough to run after every trial; ``tests.support.bucket_objects`` does the full
-byte-for-byte comparison where it matters.
+The CLI itself runs through ``tests.cli_harness``. The S3 checks read listings (size and ETag, the
+MD5 of a single-part PUT) rather than bodies, so they are cheap enough to run after every trial;
+``tests.support.bucket_objects`` does the full byte-for-byte comparison where it matters.
 """
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
-import signal
-import subprocess
-import threading
-import time
 import urllib.request
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from types import TracebackType
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING
 
 import asyncpg
 import boto3  # type: ignore[import-untyped, unused-ignore]
@@ -44,215 +32,16 @@ from migrations_mode.progress_store import (
     s3_progress_object_key,
 )
 from migrations_mode.walk import WalkOrder
-from tests.support import bucket_objects, cache_bucket, start_cli
+from tests.support import bucket_objects, cache_bucket
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
-
-Event = dict[str, Any]
 
 PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 S3_ENDPOINT = STORAGE + "ENDPOINT"
 S3_ACCESS_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY"
 S3_SECRET_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY"
-
-
-def backfill_args(cutoff: str, cache_types: Sequence[CacheType], *extra: str) -> list[str]:
-    """A JSON-logging backfill of ``cache_types`` below ``cutoff``; ``extra`` flags appended."""
-    return [
-        "--migration-mode",
-        "backfillLayerCache",
-        "--log-json",
-        "--backfill-cutoff-timestamp",
-        cutoff,
-        "--backfill-cache-types",
-        ",".join(cache_types),
-        *extra,
-    ]
-
-
-# --------------------------------------------------------------------------------------------
-# The job and its output
-
-
-def _parse(line: str) -> Event | None:
-    try:
-        event = json.loads(line)
-    except json.JSONDecodeError:
-        return None
-    return event if isinstance(event, dict) else None
-
-
-@dataclass(frozen=True)
-class JobResult:
-    """A finished job: exit status, output, the events parsed from stderr and how long it ran."""
-
-    status: int
-    stdout: str
-    stderr: str
-    events: list[Event]
-    non_json: list[str]
-    elapsed_s: float
-
-    @property
-    def stderr_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-    def named(self, name: str, cache_type: CacheType | str | None = None) -> list[Event]:
-        """Events called ``name`` (of one cache, if given), in order."""
-        return [
-            event
-            for event in self.events
-            if event.get("event") == name
-            and (cache_type is None or event.get("cache_type") == str(cache_type))
-        ]
-
-    def summary(self, cache_type: CacheType | str = "total") -> Event:
-        """The ``backfill summary`` of one cache, or the total."""
-        [found] = self.named("backfill summary", cache_type)
-        return found
-
-    def describe(self) -> str:
-        return f"exit status {self.status}\n--- stderr ---\n{self.stderr[-6000:]}"
-
-
-class Job:
-    """``python -m services`` running in the background; stderr read and parsed on a thread."""
-
-    def __init__(self, args: Sequence[str], env: Mapping[str, str]) -> None:
-        self.started_at = time.monotonic()
-        self.process: subprocess.Popen[str] = start_cli(args, env)
-        self.events: list[Event] = []
-        self.non_json: list[str] = []
-        self._lines: list[str] = []
-        self._ended = False
-        self._changed = threading.Condition()
-        assert self.process.stderr is not None
-        self._reader = threading.Thread(target=self._read, args=(self.process.stderr,), daemon=True)
-        self._reader.start()
-
-    def _read(self, stream: Any) -> None:
-        for line in stream:
-            event = _parse(line) if line.strip() else None
-            with self._changed:
-                self._lines.append(line)
-                if event is not None:
-                    self.events.append(event)
-                elif line.strip():
-                    self.non_json.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._ended = True
-            self._changed.notify_all()
-
-    def _wait_for_blocking(
-        self, matches: Callable[[Event], bool], timeout: float, since: int
-    ) -> tuple[int, Event] | None:
-        deadline = time.monotonic() + timeout
-        index = since
-        with self._changed:
-            while True:
-                while index < len(self.events):
-                    if matches(self.events[index]):
-                        return index, self.events[index]
-                    index += 1
-                remaining = deadline - time.monotonic()
-                if self._ended or remaining <= 0:
-                    return None
-                self._changed.wait(remaining)
-
-    async def wait_for(
-        self, matches: Callable[[Event], bool], within_s: float, *, since: int = 0
-    ) -> Event | None:
-        """The first event (from index ``since``) that ``matches``; None if the process ended
-        or ``within_s`` passed first. Never blocks the event loop."""
-        found = await asyncio.to_thread(self._wait_for_blocking, matches, within_s, since)
-        return None if found is None else found[1]
-
-    async def wait_for_event(self, name: str, within_s: float, **fields: object) -> Event:
-        """The first event called ``name`` with ``fields``; fails the test if none comes."""
-
-        def matches(event: Event) -> bool:
-            return event.get("event") == name and all(
-                event.get(key) == value for key, value in fields.items()
-            )
-
-        found = await self.wait_for(matches, within_s)
-        if found is None:
-            raise AssertionError(
-                f"no {name!r} event with {fields} within {within_s} s (or the job ended):\n"
-                + self.output()[-6000:]
-            )
-        return found
-
-    def output(self) -> str:
-        with self._changed:
-            return "".join(self._lines)
-
-    @property
-    def running(self) -> bool:
-        return self.process.poll() is None
-
-    def kill(self) -> bool:
-        """SIGKILL; True if the process was still running."""
-        if self.process.poll() is not None:
-            return False
-        self.process.kill()
-        return True
-
-    def send(self, signum: signal.Signals) -> None:
-        self.process.send_signal(signum)
-
-    async def finish(self, within_s: float = 60.0) -> JobResult:
-        """Wait for the exit (killing the process after ``within_s``) and collect the output."""
-        try:
-            status = await asyncio.to_thread(self.process.wait, within_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            await asyncio.to_thread(self.process.wait, 10)
-            raise AssertionError(
-                f"the job did not exit within {within_s} s:\n{self.output()[-6000:]}"
-            ) from None
-        elapsed = time.monotonic() - self.started_at
-        await asyncio.to_thread(self._reader.join, 10)
-        assert self.process.stdout is not None
-        stdout = await asyncio.to_thread(self.process.stdout.read)
-        self.process.stdout.close()
-        assert self.process.stderr is not None
-        self.process.stderr.close()
-        with self._changed:
-            return JobResult(
-                status,
-                stdout,
-                "".join(self._lines),
-                list(self.events),
-                list(self.non_json),
-                elapsed,
-            )
-
-    async def __aenter__(self) -> Self:
-        return self
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-        await asyncio.to_thread(self.process.wait, 10)
-        for stream in (self.process.stdout, self.process.stderr):
-            if stream is not None and not stream.closed:
-                await asyncio.to_thread(stream.read)
-                stream.close()
-
-
-async def run_job(args: Sequence[str], env: Mapping[str, str], within_s: float = 60.0) -> JobResult:
-    """Run a job to its end."""
-    async with Job(args, env) as job:
-        return await job.finish(within_s)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,32 +1,21 @@
-"""Helpers shared by the integration tests: seeding rows, reading buckets, running the CLI."""
+"""Helpers shared by the integration tests: seeding rows and reading buckets (the CLI is run by
+``tests.cli_harness``)."""
 
 from __future__ import annotations
 
 import asyncio
-import json
-import logging
-import os
-import queue
 import random
-import subprocess
-import sys
-import tempfile
-import threading
-import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import asyncpg
-import pytest
-import structlog
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.progress_store import S3_PROGRESS_PREFIX
-from si_layer_cache.cli import main as cli_main
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -95,121 +84,3 @@ async def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
 def expected_objects(rows: Mapping[str, bytes], key_prefix: str | None = None) -> dict[str, bytes]:
     """The objects a complete backfill of ``rows`` leaves: object key → bytes."""
     return {object_key(key, key_prefix=key_prefix): value for key, value in rows.items()}
-
-
-def run_cli(
-    args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120
-) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m services`` with exactly ``env`` (plus PATH) and capture its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "services", *args],
-        env=cli_environment(env),
-        cwd=REPO_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def start_cli(args: Sequence[str], env: Mapping[str, str]) -> subprocess.Popen[str]:
-    """Start ``python -m services`` in the background, output captured."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "services", *args],
-        env=cli_environment(env),
-        cwd=REPO_ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-def run_cli_in_process(
-    args: Sequence[str],
-    env: Mapping[str, str],
-    monkeypatch: pytest.MonkeyPatch,
-    capsys: pytest.CaptureFixture[str],
-) -> subprocess.CompletedProcess[str]:
-    """Call the CLI's ``main(args)`` in this process with exactly the environment ``run_cli``
-    would give the subprocess, and capture what it prints: for refusals that happen before any
-    connection, without the cost of a process. The test must not run in an event loop (``main``
-    calls ``asyncio.run``); structlog and the root logger, which ``main`` configures, are put
-    back afterwards."""
-    wanted = cli_environment(env)
-    for name in os.environ.keys() - wanted.keys():
-        monkeypatch.delenv(name)
-    for name, value in wanted.items():
-        monkeypatch.setenv(name, value)
-    logging_config = structlog.get_config()
-    root = logging.getLogger()
-    root_handlers, root_level = list(root.handlers), root.level
-    capsys.readouterr()
-    try:
-        status = cli_main(args)
-    except SystemExit as exit_:  # argparse: usage errors, --help, --version
-        status = int(exit_.code or 0)
-    finally:
-        structlog.configure(**logging_config)
-        root.handlers = root_handlers
-        root.setLevel(root_level)
-    output = capsys.readouterr()
-    return subprocess.CompletedProcess(["services", *args], status, output.out, output.err)
-
-
-WRITE_QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
-
-
-def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
-    """A clean environment for the CLI: no inherited SI_ settings, only the given ones (and a
-    fresh S3 write queue directory unless ``env`` names one, so servers never share a queue)."""
-    base = {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("SI_", "OTEL_", "AWS_"))
-    }
-    if WRITE_QUEUE_DIR_ENV not in env:
-        base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="si-write-queue-")
-    return base | dict(env)
-
-
-class StderrReader:
-    """Reads a running process's JSON log lines (stderr) on a thread, so a test can wait for an
-    event while the process runs."""
-
-    def __init__(self, stream: IO[str]) -> None:
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _read(self, stream: IO[str]) -> None:
-        for line in stream:
-            self.lines.append(line)
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, matches: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
-        """The first event (from here on) that ``matches``; fails on timeout or end of output."""
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=remaining)
-            except queue.Empty:
-                break
-            if line is None:
-                pytest.fail("the process ended before the awaited event:\n" + "".join(self.lines))
-            if line.strip():
-                event = json.loads(line)
-                if isinstance(event, dict) and matches(event):
-                    return event
-        pytest.fail(f"no awaited event within {timeout} s:\n" + "".join(self.lines))
-
-    def finish(self, timeout: float) -> str:
-        """Everything read, once the stream has ended."""
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "stderr did not close"
-        return "".join(self.lines)
-
-    def events(self, timeout: float) -> list[dict[str, Any]]:
-        """Every JSON event read, once the stream has ended."""
-        return [json.loads(line) for line in self.finish(timeout).splitlines() if line.strip()]

@@ -12,11 +12,10 @@ from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 from layer_cache.cache_types import CacheType
+from tests.cli_harness import backfill_args, cli
 from tests.conftest import LayerDb
 from tests.integration.test_cli import (
     assert_bucket_holds_exactly_rows_below,
-    backfill_args,
-    cli,
     parse_logged_timestamp,
 )
 from tests.support import SeedRow, insert_rows, random_key
@@ -62,14 +61,14 @@ async def test_now_is_the_database_clock_logged_copied_below_and_resumable(
         layer_db, s3_client, bucket_prefix, CacheType.CAS, cutoff
     )
     assert len(stored) == len(past)
-    assert first.total_summary()["uploaded"] == len(past)
+    assert first.summary()["uploaded"] == len(past)
 
     # The logged instant resumes the same saved record: complete, nothing walked again.
     resumed = await cli(backfill_args(cutoff=resolved["cutoff_timestamp"]), env)
 
     assert resumed.status == 0, resumed.stderr
     assert resumed.named(RESOLVED) == []
-    assert (resumed.total_summary()["uploaded"], resumed.total_summary()["processed"]) == (0, 0)
+    assert (resumed.summary()["uploaded"], resumed.summary()["processed"]) == (0, 0)
 
     # Another "now" (here sdf's env name) is a new cutoff: a new record, a walk over every row
     # present (skipped by size), and the row written since is copied.
@@ -85,7 +84,7 @@ async def test_now_is_the_database_clock_logged_copied_below_and_resumable(
     [later] = again.named(RESOLVED)
     later_cutoff = parse_logged_timestamp(later["cutoff_timestamp"])
     assert later_cutoff > late.created_at
-    total = again.total_summary()
+    total = again.summary()
     assert (total["uploaded"], total["skipped"]) == (1, len(past))
     await assert_bucket_holds_exactly_rows_below(
         layer_db, s3_client, bucket_prefix, CacheType.CAS, later_cutoff

@@ -14,7 +14,6 @@ subprocess against the real servers.
 from __future__ import annotations
 
 import asyncio
-import json
 import random
 import signal
 import uuid
@@ -31,29 +30,32 @@ from devenv.postgres import PostgresServer
 from devenv.process import free_port
 from devenv.s3 import S3Server
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from tests.cli_harness import (
+    CUTOFF_RFC3339,
+    WRITE_QUEUE_DIR_ENV,
+    CliRun,
+    Job,
+    backfill_args,
+    cli,
+    parse_event,
+    run_cli_in_process,
+)
 from tests.conftest import LayerDb, service_env
 from tests.support import (
-    WRITE_QUEUE_DIR_ENV,
     SeedRow,
-    StderrReader,
     bucket_objects,
     cache_bucket,
     expected_objects,
     insert_rows,
     random_key,
     rows_below,
-    run_cli,
-    run_cli_in_process,
-    start_cli,
 )
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
-CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
 LOGGED_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f UTC"  # how checkpoints are logged
-CLI_TIMEOUT_S = 60.0
 
 PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
@@ -65,73 +67,12 @@ BACKFILLABLE_TABLES = {CACHE_SPECS[cache_type].table for cache_type in BACKFILLA
 BASE_COLUMNS = ["key", "sort_key", "created_at", "value", "serialization_lib"]
 UPSTREAM_ONLY_TABLES = {"func_executions", "func_execution_messages", "refinery_schema_history"}
 
-Event = dict[str, Any]
 OutputFormat = Literal["json", "console"]
 OUTPUT_FORMATS = pytest.mark.parametrize("output", ["json", "console"])
 
 
 # --------------------------------------------------------------------------------------------
-# Running the CLI and reading what it wrote
-
-
-def parse_event(line: str) -> Event:
-    """One stderr line as a JSON log event; fails the test on anything else."""
-    try:
-        event = json.loads(line)
-    except json.JSONDecodeError:
-        event = None
-    if not isinstance(event, dict):
-        pytest.fail(f"stderr line is not a JSON object although --log-json was given: {line!r}")
-    return event
-
-
-@dataclass(frozen=True)
-class CliRun:
-    """A finished CLI process: its exit status and what it printed."""
-
-    status: int
-    stdout: str
-    stderr: str
-
-    @property
-    def stderr_lines(self) -> list[str]:
-        return [line for line in self.stderr.splitlines() if line.strip()]
-
-    @property
-    def events(self) -> list[Event]:
-        return [parse_event(line) for line in self.stderr_lines]
-
-    def named(self, name: str) -> list[Event]:
-        """Every log event called ``name``, in order."""
-        return [event for event in self.events if event.get("event") == name]
-
-    def total_summary(self) -> Event:
-        [total] = [
-            event for event in self.named("backfill summary") if event["cache_type"] == "total"
-        ]
-        return total
-
-
-async def cli(args: Sequence[str], env: Mapping[str, str]) -> CliRun:
-    """Run ``python -m services`` to completion (bounded) without blocking the event loop."""
-    result = await asyncio.to_thread(run_cli, args, env, timeout=CLI_TIMEOUT_S)
-    return CliRun(result.returncode, result.stdout, result.stderr)
-
-
-def backfill_args(
-    *extra: str, cutoff: str = CUTOFF_RFC3339, cache_types: str = "cas", json_logs: bool = True
-) -> list[str]:
-    """The flags of a backfill run; ``extra`` is appended."""
-    return [
-        "--migration-mode",
-        "backfillLayerCache",
-        *(["--log-json"] if json_logs else []),
-        "--backfill-cutoff-timestamp",
-        cutoff,
-        "--backfill-cache-types",
-        cache_types,
-        *extra,
-    ]
+# Reading what the CLI wrote
 
 
 def the_error_line(run: CliRun, output: OutputFormat) -> str:
@@ -353,7 +294,7 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     assert {(event["key_batch_size"], event["max_concurrent"]) for event in started} == {(7, 3)}
     completed = first.named("completed backfill")
     assert sorted(event["cache_type"] for event in completed) == sorted(BACKFILLABLE_CACHE_TYPES)
-    total = first.total_summary()
+    total = first.summary()
     assert total["status"] == "completed"
     assert (total["uploaded"], total["processed"]) == (expected_total, expected_total)
     assert first.named("backfill failed") == []
@@ -362,7 +303,7 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     second = await cli([], job_env)
 
     assert second.status == 0, second.stderr
-    assert second.total_summary()["uploaded"] == 0
+    assert second.summary()["uploaded"] == 0
     rerun = second.named("completed backfill")
     assert sorted(event["cache_type"] for event in rerun) == sorted(BACKFILLABLE_CACHE_TYPES)
 
@@ -370,7 +311,7 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     third = await cli([], job_env | {"SI_BACKFILL_RESTART": "true"})
 
     assert third.status == 0, third.stderr
-    again = third.total_summary()
+    again = third.summary()
     assert (again["uploaded"], again["skipped"], again["processed"]) == (
         0,
         expected_total,
@@ -451,7 +392,7 @@ async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(
     assert [event["cache_type"] for event in run.named("completed backfill")] == ["cas"]
     summaries = [event["cache_type"] for event in run.named("backfill summary")]
     assert summaries == ["cas", "total"]
-    assert run.total_summary()["uploaded"] == 10
+    assert run.summary()["uploaded"] == 10
     await assert_bucket_holds_exactly_rows_below(
         layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
     )
@@ -581,13 +522,12 @@ def test_invalid_input_exits_2_with_one_line_naming_it_and_writes_nothing(
 ) -> None:
     # In this process through main(argv): input is validated before anything is opened, which
     # the absent servers prove (an attempt to connect would exit 3).
-    result = run_cli_in_process(
+    run = run_cli_in_process(
         with_output(bad.args, output),
         absent_servers_env(tmp_path) | dict(bad.env),
         monkeypatch,
         capsys,
     )
-    run = CliRun(result.returncode, result.stdout, result.stderr)
 
     assert run.status == 2, run.stderr
     message = the_error_line(run, output)
@@ -749,27 +689,16 @@ async def interrupt_backfill(
     args: Sequence[str], env: Mapping[str, str], signum: signal.Signals, *, after_rows: int
 ) -> CliRun:
     """Start a backfill, signal it once a checkpoint shows ``after_rows`` done, let it exit."""
-    with start_cli(args, env) as process:
-        assert process.stderr is not None
-        assert process.stdout is not None
-        reader = StderrReader(process.stderr)
-        try:
-            progress = await asyncio.to_thread(
-                reader.wait_for,
-                lambda event: (
-                    event.get("event") == "backfill checkpoint" and event["processed"] >= after_rows
-                ),
-                30.0,
-            )
-            assert isinstance(progress["active_uploads"], int), progress
-            process.send_signal(signum)
-            status = await asyncio.to_thread(process.wait, 30.0)
-        finally:
-            if process.poll() is None:
-                process.kill()
-        stderr = reader.finish(10.0)
-        stdout = process.stdout.read()
-    return CliRun(status, stdout, stderr)
+    async with Job(args, env) as job:
+        progress = await job.expect(
+            lambda event: (
+                event.get("event") == "backfill checkpoint" and event["processed"] >= after_rows
+            ),
+            30.0,
+        )
+        assert isinstance(progress["active_uploads"], int), progress
+        job.send(signum)
+        return await job.finish(30.0)
 
 
 @pytest.mark.parametrize("interruption", INTERRUPTIONS)
@@ -811,7 +740,7 @@ async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothin
     assert "--backfill-cutoff-timestamp" in graceful["resume_with"]
     assert checkpoint_text in graceful["resume_with"]
     assert interrupted.named("completed backfill") == []
-    assert interrupted.total_summary()["status"] == "interrupted"
+    assert interrupted.summary()["status"] == "interrupted"
     stored = await object_sizes(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
     assert len(stored) < len(expected), "the run finished before the signal: nothing to resume"
     assert sorted(stored.keys() - expected.keys()) == [], "objects that are not rows below cutoff"
@@ -839,10 +768,10 @@ async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothin
 
     assert resumed.status == 0, resumed.stderr
     assert [event["cache_type"] for event in resumed.named("completed backfill")] == ["cas"]
-    assert resumed.total_summary()["uploaded"] == len(expected) - len(stored)
+    assert resumed.summary()["uploaded"] == len(expected) - len(stored)
     if interruption.resume == "same-arguments":
         assert resumed.named("resuming from saved progress"), "the re-run started over"
-        assert resumed.total_summary()["processed"] < len(expected), "the re-run started over"
+        assert resumed.summary()["processed"] < len(expected), "the re-run started over"
     await assert_bucket_holds_exactly_rows_below(
         layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
     )
@@ -941,7 +870,7 @@ async def test_shard_processes_side_by_side_copy_every_row_exactly_once(
     runs = await asyncio.gather(*(cli(args, shard_env | extra) for args, extra in shards))
 
     assert [run.status for run in runs] == [0, 0, 0], [run.stderr[-500:] for run in runs]
-    uploaded = [run.total_summary()["uploaded"] for run in runs]
+    uploaded = [run.summary()["uploaded"] for run in runs]
     stored = await assert_bucket_holds_exactly_rows_below(
         layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
     )

@@ -31,8 +31,9 @@ from layer_cache_server.server import LayerCacheServer
 from services.context import open_services_context
 from services.settings import ServerConfig, load_settings
 from services.signals import StopRequest
+from tests.cli_harness import backfill_args, cli
 from tests.conftest import LayerDb, open_s3_client, service_env
-from tests.faults_support import assert_s3_holds_exactly, backfill_args, run_job
+from tests.faults_support import assert_s3_holds_exactly
 from tests.support import SeedRow, bucket_objects, cache_bucket, insert_rows, random_key, rows_below
 
 if TYPE_CHECKING:
@@ -81,18 +82,18 @@ async def test_backfill_into_an_encrypted_bucket_completes_without_bad_digest_re
     await insert_rows(layer_db.pool, CacheType.CAS, rows)
     below = await rows_below(layer_db.pool, CacheType.CAS, CUTOFF)
     args = backfill_args(
-        CUTOFF_TEXT,
-        [CacheType.CAS],
         # A small budget: before the fix, every PUT ended in BadDigest until it ran out.
         "--backfill-retry-max-attempts",
         "3",
         "--backfill-retry-max-secs",
         "5",
+        cutoff=CUTOFF_TEXT,
+        cache_types=[CacheType.CAS],
     )
     storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
 
     async with FaultProxy(s3_server.endpoint.url, rewriting(rewrite)) as proxy:
-        run = await run_job(args, {**env, storage: proxy.url}, within_s=90)
+        run = await cli(args, {**env, storage: proxy.url}, within_s=90)
         counts = dict(proxy.counts)
 
     assert run.status == 0, run.describe()
@@ -113,17 +114,17 @@ async def test_backfill_still_fails_on_an_etag_that_differs_without_encryption(
     rows = [SeedRow(random_key(rng), rng.randbytes(64), CUTOFF - timedelta(seconds=1))]
     await insert_rows(layer_db.pool, CacheType.CAS, rows)
     args = backfill_args(
-        CUTOFF_TEXT,
-        [CacheType.CAS],
         "--backfill-retry-max-attempts",
         "2",
         "--backfill-retry-max-secs",
         "3",
+        cutoff=CUTOFF_TEXT,
+        cache_types=[CacheType.CAS],
     )
     storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
 
     async with FaultProxy(s3_server.endpoint.url, rewriting(EtagRewrite.PLAIN)) as proxy:
-        run = await run_job(args, {**env, storage: proxy.url}, within_s=90)
+        run = await cli(args, {**env, storage: proxy.url}, within_s=90)
 
     assert run.status == 1, run.describe()
     [failed] = run.named("backfill failed")

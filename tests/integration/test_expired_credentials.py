@@ -24,8 +24,9 @@ from devenv.faults import FaultPlan, FaultProxy
 from devenv.process import free_port
 from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
+from tests.cli_harness import backfill_args, cli
 from tests.conftest import LayerDb
-from tests.faults_support import assert_s3_holds_exactly, backfill_args, run_job
+from tests.faults_support import assert_s3_holds_exactly
 from tests.support import SeedRow, insert_rows, random_key, rows_below
 
 if TYPE_CHECKING:
@@ -115,8 +116,8 @@ async def test_an_expired_session_token_is_refreshed_and_the_run_completes(
         endpoint.serving() as credentials_url,
         FaultProxy(s3_server.endpoint.url, plan) as proxy,
     ):
-        run = await run_job(
-            backfill_args(CUTOFF_TEXT, [CacheType.CAS]),
+        run = await cli(
+            backfill_args(cutoff=CUTOFF_TEXT, cache_types=[CacheType.CAS]),
             iam_role_env(env, proxy.url, credentials_url),
             within_s=90,
         )
@@ -141,11 +142,11 @@ async def test_static_credentials_s3_calls_expired_fail_with_one_line(
     plan = FaultPlan(expired_access_keys=frozenset({access_key}))
 
     async with FaultProxy(s3_server.endpoint.url, plan) as proxy:
-        run = await run_job(
+        run = await cli(
             backfill_args(
-                CUTOFF_TEXT,
-                [CacheType.CAS],
                 *("--backfill-retry-max-attempts", "2", "--backfill-retry-max-secs", "2"),
+                cutoff=CUTOFF_TEXT,
+                cache_types=[CacheType.CAS],
             ),
             env | {STORAGE + "ENDPOINT": proxy.url},
             within_s=60,

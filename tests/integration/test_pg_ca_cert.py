@@ -18,7 +18,7 @@ import pytest
 from devenv.process import free_port
 from services.context import pg_ssl_option
 from services.settings import PgPoolConfig, PgSslMode, SettingsError
-from tests.support import run_cli
+from tests.cli_harness import run_cli
 
 SSL_CA_CERT = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSL_CA_CERT"
 PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
@@ -105,7 +105,7 @@ def test_cli_exits_2_naming_the_setting_before_connecting(tmp_path: Path, case: 
         SSL_CA_CERT: str(path),
     }
     run = run_cli(["--log-json"], env, timeout=60)
-    assert run.returncode == 2, run.stderr
+    assert run.status == 2, run.stderr
     lines = [line for line in run.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, run.stderr
     event = json.loads(lines[0])

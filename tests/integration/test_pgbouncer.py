@@ -24,6 +24,7 @@ from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
 from services.context import open_pg_pool
 from services.settings import PgPoolConfig, PgSslMode
+from tests.cli_harness import cli
 from tests.conftest import LayerDb, service_env
 from tests.support import (
     SeedRow,
@@ -33,7 +34,6 @@ from tests.support import (
     insert_rows,
     random_key,
     rows_below,
-    run_cli,
 )
 
 if TYPE_CHECKING:
@@ -166,9 +166,9 @@ async def test_backfill_through_pgbouncer_in_transaction_mode(
         "postgres",
     ]
 
-    result = await asyncio.to_thread(run_cli, args, env, timeout=120)
+    result = await cli(args, env, within_s=120)
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.status == 0, result.stderr[-3000:]
     for cache_type, below_cutoff in expected.items():
         objects = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
         assert objects == expected_objects(below_cutoff), cache_type

@@ -33,24 +33,20 @@ from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.pg import PgLayer
 from migrations_mode.progress_store import PROGRESS_TABLE, SavedProgress
+from tests.cli_harness import CliRun, Event, Job, backfill_args, cli
 from tests.conftest import LayerDb
 from tests.faults_support import (
     PG,
     S3_ACCESS_KEY,
     S3_ENDPOINT,
     S3_SECRET_KEY,
-    Event,
-    Job,
-    JobResult,
     ProgressReader,
     StrictMotoS3,
     assert_s3_holds_exactly,
-    backfill_args,
     list_objects,
     object_key_of,
     present_keys,
     progress_objects,
-    run_job,
     wrong_objects,
 )
 from tests.support import (
@@ -103,7 +99,7 @@ async def seed(
     return below
 
 
-def assert_json_lines_only(run: JobResult) -> None:
+def assert_json_lines_only(run: CliRun) -> None:
     """With ``--log-json`` every stderr line must be a JSON event (log pipelines parse them)."""
     assert run.non_json == [], (
         f"{len(run.non_json)} stderr lines are not JSON although --log-json was given, "
@@ -116,7 +112,7 @@ def assert_json_lines_only(run: JobResult) -> None:
 
 
 def check_resume_events(
-    run: JobResult, cache_type: CacheType, saved: SavedProgress | None, store_kind: str
+    run: CliRun, cache_type: CacheType, saved: SavedProgress | None, store_kind: str
 ) -> None:
     """What a run logged about where it started must match the progress saved before it."""
     if saved is not None and saved.completed:
@@ -173,14 +169,14 @@ async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_
     caches = list(counts)
     batch, concurrency = 50, 4
     args = backfill_args(
-        CUTOFF_TEXT,
-        caches,
         "--backfill-key-batch-size",
         str(batch),
         "--backfill-max-concurrent-uploads",
         str(concurrency),
         "--backfill-progress-store",
         store,
+        cutoff=CUTOFF_TEXT,
+        cache_types=caches,
     )
     store_kind = "postgres" if store == "auto" else "s3"  # the owner role may create the table
     progress = ProgressReader(store_kind, layer_db.pool, s3_client, bucket_prefix, CUTOFF)
@@ -271,14 +267,14 @@ async def test_a_completed_progress_record_counts_each_row_once_even_after_kills
 ) -> None:
     rows = (await seed(layer_db, random.Random("rows-done"), {CacheType.CAS: 400}))[CacheType.CAS]
     args = backfill_args(
-        CUTOFF_TEXT,
-        [CacheType.CAS],
         "--backfill-key-batch-size",
         "20",
         "--backfill-max-concurrent-uploads",
         "8",
         "--backfill-checkpoint-interval-secs",
         "0.1",
+        cutoff=CUTOFF_TEXT,
+        cache_types=[CacheType.CAS],
     )
     progress = ProgressReader("postgres", layer_db.pool, s3_client, bucket_prefix, CUTOFF)
     # Kill mid-run until a saved record counts rows beyond its own position as done (rows that
@@ -304,7 +300,7 @@ async def test_a_completed_progress_record_counts_each_row_once_even_after_kills
                 overcounted = True
                 break
 
-    final = await run_job(args, env, JOB_TIMEOUT_S)
+    final = await cli(args, env, within_s=JOB_TIMEOUT_S)
 
     assert final.status == 0, final.describe()
     await assert_s3_holds_exactly(s3_client, bucket_prefix, CacheType.CAS, rows)
@@ -366,8 +362,6 @@ async def test_s3_faults_are_retried_by_class_throttling_lowers_the_upload_limit
     )
     concurrency = 6
     args = backfill_args(
-        CUTOFF_TEXT,
-        list(rows),
         "--backfill-key-batch-size",
         "40",
         "--backfill-max-concurrent-uploads",
@@ -378,6 +372,8 @@ async def test_s3_faults_are_retried_by_class_throttling_lowers_the_upload_limit
         # up (with 30 % faults per attempt, 25 failures in a row are out of reach).
         "--backfill-retry-max-attempts",
         "25",
+        cutoff=CUTOFF_TEXT,
+        cache_types=list(rows),
     )
 
     async with FaultProxy(s3_server.endpoint.url, FaultPlan(), stop_timeout_s=1.0) as proxy:
@@ -421,19 +417,19 @@ async def test_slowdown_past_the_retry_budget_fails_with_one_line_naming_cache_a
 ) -> None:
     await seed(layer_db, random.Random("budget"), {CacheType.CAS: 40})
     args = backfill_args(
-        CUTOFF_TEXT,
-        [CacheType.CAS],
         "--backfill-retry-max-attempts",
         "3",
         "--backfill-retry-max-secs",
         "5",
+        cutoff=CUTOFF_TEXT,
+        cache_types=[CacheType.CAS],
     )
     # Every write is answered SlowDown; reads pass, so the run gets past its preflight (which a
     # throttled listing fails: see the next test) and into the copy.
     every_put_throttled = FaultPlan(slowdown_share=1.0, methods=frozenset({"PUT"}))
 
     async with FaultProxy(s3_server.endpoint.url, every_put_throttled) as proxy:
-        run = await run_job(args, proxied(env, proxy), JOB_TIMEOUT_S)
+        run = await cli(args, proxied(env, proxy), within_s=JOB_TIMEOUT_S)
         counts = dict(proxy.counts)
 
     assert run.status == 1, run.describe()
@@ -474,7 +470,9 @@ async def test_a_throttled_preflight_bucket_listing_is_retried_like_any_other_s3
 
         lifter = asyncio.create_task(lift_after_the_first_slowdown())
         try:
-            run = await run_job(backfill_args(CUTOFF_TEXT, [CacheType.CAS]), proxied(env, proxy))
+            run = await cli(
+                backfill_args(cutoff=CUTOFF_TEXT, cache_types=[CacheType.CAS]), proxied(env, proxy)
+            )
         finally:
             lifter.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -553,14 +551,14 @@ async def test_postgres_connections_lost_mid_run_are_retried_and_the_run_complet
 ) -> None:
     rows = await seed(layer_db, random.Random("pg-faults"), {CacheType.CAS: 300})
     args = backfill_args(
-        CUTOFF_TEXT,
-        [CacheType.CAS],
         "--backfill-key-batch-size",
         "25",
         "--backfill-max-concurrent-uploads",
         "4",
         "--backfill-checkpoint-interval-secs",
         "0.1",
+        cutoff=CUTOFF_TEXT,
+        cache_types=[CacheType.CAS],
     )
     slow_puts = FaultPlan(latency_s=(0.01, 0.03), methods=frozenset({"PUT"}))  # a run of seconds
 
@@ -639,8 +637,6 @@ async def test_rows_inserted_after_the_cutoff_or_deleted_during_the_run_never_le
     never_listed = keys[-20:]  # end of page 2: deleted while page 1 is copied
     deleted_any_time = rng.sample(keys[batch:-20], 20)  # page 2: deleted at random moments
     args = backfill_args(
-        CUTOFF_TEXT,
-        [CacheType.CAS],
         "-v",  # for the per-page "fetched key batch" event
         "--backfill-key-batch-size",
         str(batch),
@@ -648,6 +644,8 @@ async def test_rows_inserted_after_the_cutoff_or_deleted_during_the_run_never_le
         "4",
         "--backfill-max-inflight-bytes",
         str(1024 * 1024),
+        cutoff=CUTOFF_TEXT,
+        cache_types=[CacheType.CAS],
     )
     slow_puts = FaultPlan(latency_s=(0.04, 0.06), methods=frozenset({"PUT"}))
     live_path = PgLayer(layer_db.pool, CACHE_SPECS[CacheType.CAS])
@@ -762,7 +760,7 @@ async def progress_table_exists(db: LayerDb) -> bool:
     return bool(await db.pool.fetchval("SELECT to_regclass($1) IS NOT NULL", PROGRESS_TABLE))
 
 
-def the_one_error_line(run: JobResult) -> Event:
+def the_one_error_line(run: CliRun) -> Event:
     """A refused run prints exactly one line on stderr: a JSON error event, no traceback."""
     assert "Traceback" not in run.stderr, run.stderr
     lines = run.stderr_lines
@@ -796,9 +794,13 @@ async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after
         job_env = as_role(env, role)
 
         # Forced into Postgres, the role cannot keep progress: refused before copying anything.
-        refused = await run_job(
+        refused = await cli(
             backfill_args(
-                CUTOFF_TEXT, [CacheType.CAS], *common, "--backfill-progress-store", "postgres"
+                *common,
+                "--backfill-progress-store",
+                "postgres",
+                cutoff=CUTOFF_TEXT,
+                cache_types=[CacheType.CAS],
             ),
             job_env,
         )
@@ -810,7 +812,7 @@ async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after
         assert not await progress_table_exists(layer_db)
 
         # auto: falls back to S3; killed once a position has been saved there.
-        args = backfill_args(CUTOFF_TEXT, [CacheType.CAS], *common)
+        args = backfill_args(*common, cutoff=CUTOFF_TEXT, cache_types=[CacheType.CAS])
         async with Job(args, job_env) as job:
             saved = None
             while job.running and (saved is None or saved.position is None):
@@ -833,7 +835,7 @@ async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after
         before = present_keys(CacheType.CAS, stored, rows)
         assert {key for key in rows if key <= saved.position.key} <= before
 
-        resumed = await run_job(args, job_env, JOB_TIMEOUT_S)
+        resumed = await cli(args, job_env, within_s=JOB_TIMEOUT_S)
 
     assert resumed.status == 0, resumed.describe()
     [resuming] = resumed.named("resuming from saved progress", CacheType.CAS)
@@ -932,7 +934,7 @@ BROKEN_ENVIRONMENTS = [
 ]
 
 
-def assert_no_canary(run: JobResult) -> None:
+def assert_no_canary(run: CliRun) -> None:
     for stream, text in (("stdout", run.stdout), ("stderr", run.stderr)):
         for canary in (PG_CANARY, S3_CANARY):
             where = text.find(canary)
@@ -971,7 +973,9 @@ async def test_a_broken_environment_exits_with_its_status_and_one_line_without_s
         broken_env = as_role(env, role) | {S3_SECRET_KEY: S3_CANARY}
         broken_env |= await breakage(Breakage(layer_db, s3_client, bucket_prefix, strict_s3))
 
-        run = await run_job(backfill_args(CUTOFF_TEXT, BROKEN_ENV_CACHES), broken_env)
+        run = await cli(
+            backfill_args(cutoff=CUTOFF_TEXT, cache_types=BROKEN_ENV_CACHES), broken_env
+        )
 
     assert run.status == status, run.describe()
     message = the_one_error_line(run)["event"]
@@ -986,7 +990,7 @@ async def test_a_broken_environment_exits_with_its_status_and_one_line_without_s
 
 
 async def test_help_shows_no_secret_from_the_environment(env: dict[str, str]) -> None:
-    run = await run_job(["--help"], {**env, PG + "PASSWORD": PG_CANARY, S3_SECRET_KEY: S3_CANARY})
+    run = await cli(["--help"], {**env, PG + "PASSWORD": PG_CANARY, S3_SECRET_KEY: S3_CANARY})
 
     assert run.status == 0, run.describe()
     assert "--backfill-cutoff-timestamp" in run.stdout
@@ -1028,8 +1032,6 @@ async def test_sigterm_drains_within_the_grace_period_says_how_to_resume_and_twi
     )
     grace_s = 5.0
     args = backfill_args(
-        CUTOFF_TEXT,
-        list(rows),
         "--backfill-key-batch-size",
         "20",
         "--backfill-max-concurrent-uploads",
@@ -1038,6 +1040,8 @@ async def test_sigterm_drains_within_the_grace_period_says_how_to_resume_and_twi
         "0.2",
         "--backfill-grace-period-secs",
         str(grace_s),
+        cutoff=CUTOFF_TEXT,
+        cache_types=list(rows),
     )
     slow_s3 = FaultPlan(latency_s=(0.2, 0.3))
 
@@ -1087,7 +1091,7 @@ async def test_sigterm_drains_within_the_grace_period_says_how_to_resume_and_twi
         await assert_nothing_wrong_in_s3(s3_client, bucket_prefix, rows)
 
         proxy.plan = FaultPlan()
-        rerun = await run_job(args, job_env, JOB_TIMEOUT_S)
+        rerun = await cli(args, job_env, within_s=JOB_TIMEOUT_S)
 
     assert rerun.status == 0, rerun.describe()
     [already] = rerun.named("completed backfill", CacheType.CHANGE_BATCH)

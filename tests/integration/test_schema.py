@@ -17,7 +17,6 @@ refusing the app role's DDL.
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import signal
 import uuid
@@ -33,8 +32,9 @@ import pytest
 from devenv.postgres import PostgresServer
 from devenv.s3 import S3Server
 from layer_cache.schema import MIGRATION_LOCK_NUMBER, migrate_layer_db
+from tests.cli_harness import CliRun, Job, cli
 from tests.conftest import LayerDb, service_env
-from tests.support import REPO_ROOT, StderrReader, run_cli, start_cli
+from tests.support import REPO_ROOT
 from tests.unit.test_schema import REFINERY_CHECKSUMS
 
 MIGRATIONS_DIR = REPO_ROOT / "layer_cache" / "migrations"
@@ -264,31 +264,21 @@ def without_applied_on(rows: list[tuple[int, str, str, str]]) -> list[tuple[int,
 # Running the CLI
 
 
-@dataclass(frozen=True)
-class Run:
-    status: int
-    events: list[dict[str, Any]]
-
-    def named(self, name: str) -> list[dict[str, Any]]:
-        return [event for event in self.events if event.get("event") == name]
-
-    def the_error(self) -> str:
-        """The one error line of a refused run."""
-        assert len(self.events) == 1, self.events
-        [event] = self.events
-        assert event["level"] == "error", event
-        assert "exception" not in event, event
-        message: str = event["event"]
-        return message
+def the_error(run: CliRun) -> str:
+    """The one error line of a refused run."""
+    assert len(run.events) == 1, run.events
+    [event] = run.events
+    assert event["level"] == "error", event
+    assert "exception" not in event, event
+    message: str = event["event"]
+    return message
 
 
-async def cli(mode: str, database: Database, s3_server: S3Server) -> Run:
+async def run_mode(mode: str, database: Database, s3_server: S3Server) -> CliRun:
     env = service_env(database.db, s3_server.endpoint, "unused", persister_mode="PostgresOnly")
-    args = ["--migration-mode", mode, "--log-json"]
-    result = await asyncio.to_thread(run_cli, args, env, timeout=60)
-    assert "Traceback" not in result.stderr, result.stderr
-    events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
-    return Run(result.returncode, events)
+    run = await cli(["--migration-mode", mode, "--log-json"], env, within_s=60)
+    assert "Traceback" not in run.stderr, run.stderr
+    return run
 
 
 # --------------------------------------------------------------------------------------------
@@ -298,7 +288,7 @@ async def cli(mode: str, database: Database, s3_server: S3Server) -> Run:
 async def test_run_and_quit_on_an_empty_database_creates_exactly_what_refinery_creates(
     database: Database, reference: Database, s3_server: S3Server
 ) -> None:
-    run = await cli("runAndQuit", database, s3_server)
+    run = await run_mode("runAndQuit", database, s3_server)
 
     assert run.status == 0, run.events
     [done] = run.named("layer-db schema up to date")
@@ -372,7 +362,7 @@ async def test_run_and_quit_on_a_database_upstream_migrated_runs_no_ddl(
     before, rows_before = await catalog(database.db.pool), await history(database.db.pool)
     ddl_before = await database.forbid_ddl()
 
-    run = await cli("runAndQuit", database, s3_server)
+    run = await run_mode("runAndQuit", database, s3_server)
 
     assert run.status == 0, run.events
     [done] = run.named("layer-db schema up to date")
@@ -389,7 +379,7 @@ async def test_run_and_quit_completes_a_partially_migrated_database_like_refiner
     await migrate_like_refinery(database.db.pool, up_to=6)
     first_six = await history(database.db.pool)
 
-    run = await cli("runAndQuit", database, s3_server)
+    run = await run_mode("runAndQuit", database, s3_server)
 
     assert run.status == 0, run.events
     [done] = run.named("layer-db schema up to date")
@@ -437,10 +427,10 @@ async def test_run_and_quit_refuses_a_history_refinery_would_refuse_and_touches_
     before = await catalog(database.db.pool)
     ddl_before = await database.forbid_ddl()
 
-    run = await cli("runAndQuit", database, s3_server)
+    run = await run_mode("runAndQuit", database, s3_server)
 
     assert run.status == 3
-    message = run.the_error()
+    message = the_error(run)
     assert expected in message
     assert message.endswith("nothing was changed")
     assert await database.ddl_log() == ddl_before
@@ -457,10 +447,10 @@ async def test_run_on_an_empty_database_exits_3_with_one_line_and_creates_nothin
 ) -> None:
     await database.forbid_ddl()
 
-    run = await cli("run", database, s3_server)
+    run = await run_mode("run", database, s3_server)
 
     assert run.status == 3
-    message = run.the_error()
+    message = the_error(run)
     assert "the layer-db schema is not in place (table cas does not exist;" in message
     assert "run --migration-mode runAndQuit (or upstream sdf's migrations) first" in message
     assert await database.ddl_log() == []
@@ -473,10 +463,10 @@ async def test_run_names_a_missing_column(database: Database, s3_server: S3Serve
     await database.db.pool.execute("ALTER TABLE change_batches RENAME COLUMN sort_key TO sk")
     ddl_before = await database.forbid_ddl()
 
-    run = await cli("run", database, s3_server)
+    run = await run_mode("run", database, s3_server)
 
     assert run.status == 3
-    assert "(table change_batches has no column sort_key)" in run.the_error()
+    assert "(table change_batches has no column sort_key)" in the_error(run)
     assert await database.ddl_log() == ddl_before
 
 
@@ -487,24 +477,15 @@ async def serve_then_stop(
     Returns (exit status, the PUT's status and body as an event-like dict)."""
     env = service_env(database.db, s3_server.endpoint, "unused", persister_mode="PostgresOnly")
     args = ["--migration-mode", mode, "--socket-addr", "127.0.0.1:0", "--log-json"]
-    with start_cli(args, env) as process:
-        assert process.stderr is not None
-        logs = StderrReader(process.stderr)
-        try:
-            listening = await asyncio.to_thread(
-                logs.wait_for,
-                lambda event: event["event"] == "layer cache server listening",
-                DEADLINE_S,
-            )
-            url = f"http://127.0.0.1:{listening['port']}/v1/cas/{KEY}"
-            async with aiohttp.ClientSession() as session, session.put(url, data=b"v") as answer:
-                put = {"status": answer.status, "body": await answer.read()}
-            process.send_signal(signal.SIGTERM)
-            status = await asyncio.to_thread(process.wait, DEADLINE_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    async with Job(args, env) as job:
+        listening = await job.expect(
+            lambda event: event["event"] == "layer cache server listening", DEADLINE_S
+        )
+        url = f"http://127.0.0.1:{listening['port']}/v1/cas/{KEY}"
+        async with aiohttp.ClientSession() as session, session.put(url, data=b"v") as answer:
+            put = {"status": answer.status, "body": await answer.read()}
+        job.send(signal.SIGTERM)
+        status = (await job.finish(DEADLINE_S)).status
     return status, put
 
 

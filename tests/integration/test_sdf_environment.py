@@ -10,18 +10,18 @@ value that looks like a secret. A misspelt name that we read still exits 2 with 
 
 from __future__ import annotations
 
-import asyncio
 import json
 import random
 from collections.abc import Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pytest
 
 from devenv.s3 import S3Server
 from layer_cache.cache_types import CacheType
+from tests.cli_harness import cli
 from tests.conftest import LayerDb
 from tests.support import (
     SeedRow,
@@ -31,7 +31,6 @@ from tests.support import (
     insert_rows,
     random_key,
     rows_below,
-    run_cli,
 )
 
 if TYPE_CHECKING:
@@ -71,10 +70,6 @@ def secret_values() -> list[str]:
     return [environment[name] for name in RECORDED["secret_looking"]]
 
 
-def json_events(stderr: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in stderr.splitlines() if line.strip()]
-
-
 async def seed(layer_db: LayerDb) -> dict[CacheType, dict[str, bytes]]:
     rng = random.Random(4)
     for cache_type in (*CACHES, CacheType.REBASE_BATCH):  # rebase_batch is not selected
@@ -96,9 +91,9 @@ async def test_recorded_sdf_environment_runs_the_backfill_to_completion(
     expected = await seed(layer_db)
     env = recorded_environment(layer_db, s3_server, bucket_prefix)
 
-    result = await asyncio.to_thread(run_cli, ["-v"], env, timeout=120)
+    result = await cli(["-v"], env, within_s=120)
 
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.status == 0, result.stderr[-3000:]
     for cache_type, rows in expected.items():
         assert rows, cache_type
         objects = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
@@ -106,7 +101,7 @@ async def test_recorded_sdf_environment_runs_the_backfill_to_completion(
     assert (
         await bucket_objects(s3_client, cache_bucket(CacheType.REBASE_BATCH, bucket_prefix)) == {}
     )
-    events = json_events(result.stderr)
+    events = result.events
     [ignored] = [e for e in events if e["event"] == "ignored upstream sdf settings"]
     assert ignored["level"] == "debug"
     assert "SI_SDF__NATS__CREDS" in ignored["names"]
@@ -141,9 +136,9 @@ async def test_misspelt_setting_in_the_recorded_environment_exits_2_with_a_sugge
     env = recorded_environment(layer_db, s3_server, bucket_prefix)
     env[suggestion] = env.pop(rename)
 
-    result = await asyncio.to_thread(run_cli, [], env, timeout=60)
+    result = await cli([], env, within_s=60)
 
-    assert result.returncode == 2, result.stderr[-3000:]
-    [line] = json_events(result.stderr)
+    assert result.status == 2, result.stderr[-3000:]
+    [line] = result.events
     assert line["event"] == f"unknown setting {suggestion}; did you mean {rename}?"
     assert result.stdout == ""

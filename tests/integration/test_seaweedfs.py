@@ -33,12 +33,11 @@ from devenv.process import packaged_binary
 from devenv.s3 import S3Endpoint, S3Identity, SeaweedS3
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.keys import object_key
+from tests.cli_harness import backfill_args, cli
 from tests.conftest import READ_LIST, READ_LIST_WRITE, LayerDb, open_s3_client, service_env
 from tests.integration.test_cli import (
     CUTOFF,
     assert_bucket_holds_exactly_rows_below,
-    backfill_args,
-    cli,
     seed_every_cache,
     the_error_line,
     written_objects,
@@ -272,8 +271,8 @@ async def test_verification_needs_no_write_permission(
     )
 
     assert run.status == 0, run.stderr
-    assert run.total_summary()["verified"] == sum(map(len, objects_before.values())) > 0
-    assert run.total_summary()["missing"] == 0
+    assert run.summary()["verified"] == sum(map(len, objects_before.values())) > 0
+    assert run.summary()["missing"] == 0
     assert await written_objects(verifying_s3_client, verifying_bucket_prefix) == objects_before
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import random
 import signal
 import socket
@@ -39,18 +38,16 @@ from services.context import ServicesContext, open_services_context
 from services.settings import ServerConfig, Settings, load_settings
 from services.signals import StopRequest
 from services.telemetry import start_telemetry
+from tests.cli_harness import Job, cli
 from tests.conftest import LayerDb, service_env
 from tests.support import (
     SeedRow,
-    StderrReader,
     bucket_objects,
     cache_bucket,
     expected_objects,
     insert_rows,
     random_key,
     rows_below,
-    run_cli,
-    start_cli,
 )
 
 if TYPE_CHECKING:
@@ -667,34 +664,26 @@ async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sig
     env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
     env["SI_SDF__SERVER__GRACE_PERIOD_SECS"] = str(grace)
     args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
-    with start_cli(args, env) as process:
-        assert process.stderr is not None
-        logs = StderrReader(process.stderr)
-        try:
-            listening = await asyncio.to_thread(
-                logs.wait_for, lambda event: event["event"] == "layer cache server listening", 30.0
-            )
-            assert listening["host"] == "127.0.0.1"
-            assert listening["level"] == "info"
-            url = f"http://127.0.0.1:{listening['port']}/v1/change_batch/{KEY}"
-            async with aiohttp.ClientSession() as session:
-                async with session.put(url, data=b"change batch bytes") as response:
-                    assert response.status == 201
-                async with session.get(url) as response:
-                    assert await response.read() == b"change batch bytes"
+    async with Job(args, env) as job:
+        listening = await job.expect(
+            lambda event: event["event"] == "layer cache server listening", 30.0
+        )
+        assert listening["host"] == "127.0.0.1"
+        assert listening["level"] == "info"
+        url = f"http://127.0.0.1:{listening['port']}/v1/change_batch/{KEY}"
+        async with aiohttp.ClientSession() as session:
+            async with session.put(url, data=b"change batch bytes") as response:
+                assert response.status == 201
+            async with session.get(url) as response:
+                assert await response.read() == b"change batch bytes"
 
-            sent = time.monotonic()
-            process.send_signal(signal.SIGTERM)
-            status = await asyncio.to_thread(process.wait, grace + 10)
-            elapsed = time.monotonic() - sent
-            events = logs.events(DEADLINE_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    assert status == 143, "".join(logs.lines)
+        sent = time.monotonic()
+        job.send(signal.SIGTERM)
+        run = await job.finish(grace + 10)
+        elapsed = time.monotonic() - sent
+    assert run.status == 143, run.stderr
     assert elapsed < grace
-    names = [event["event"] for event in events]
+    names = [event["event"] for event in run.events]
     assert names.index("layer cache server shutting down") < names.index(
         "layer cache server stopped"
     )
@@ -714,13 +703,13 @@ async def test_cli_refuses_a_bad_address_with_2_and_a_taken_port_with_3(
         taken.listen()
         port = taken.getsockname()[1]
         bad, busy = await asyncio.gather(
-            asyncio.to_thread(run_cli, [*args, "localhost"], env, timeout=60),
-            asyncio.to_thread(run_cli, [*args, f"127.0.0.1:{port}"], env, timeout=60),
+            cli([*args, "localhost"], env, within_s=60),
+            cli([*args, f"127.0.0.1:{port}"], env, within_s=60),
         )
     for result, status, words in ((bad, 2, "SI_SDF__SOCKET_ADDR"), (busy, 3, "cannot listen")):
-        events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
+        events = result.events
         errors = [event for event in events if event["level"] == "error"]
-        assert result.returncode == status, result.stderr
+        assert result.status == status, result.stderr
         assert len(errors) == 1, result.stderr
         assert words in errors[0]["event"]
         assert "layer cache server listening" not in {event["event"] for event in events}

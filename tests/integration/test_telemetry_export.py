@@ -8,8 +8,6 @@ when it can tell up front, and the number of failed exports at exit.
 
 from __future__ import annotations
 
-import asyncio
-import json
 import operator
 import random
 import time
@@ -24,8 +22,9 @@ from devenv.metric_stores import MetricStore, running_victoria_metrics, victoria
 from devenv.otlp_receiver import OtlpGrpcReceiver, otlp_grpc_receiver
 from devenv.tools import MissingTool
 from layer_cache.cache_types import CacheType
+from tests.cli_harness import cli
 from tests.conftest import LayerDb
-from tests.support import SeedRow, insert_rows, random_key, run_cli
+from tests.support import SeedRow, insert_rows, random_key
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -80,9 +79,8 @@ async def backfill(env: Mapping[str, str], otel: Mapping[str, str]) -> tuple[int
         "--backfill-cache-types",
         ",".join(cache_type.value for cache_type in ROWS),
     ]
-    result = await asyncio.to_thread(run_cli, args, dict(env) | dict(otel), timeout=CLI_TIMEOUT_S)
-    events = [json.loads(line) for line in result.stderr.splitlines() if line.strip()]
-    return result.returncode, events
+    result = await cli(args, dict(env) | dict(otel), within_s=CLI_TIMEOUT_S)
+    return result.status, result.events
 
 
 def named(events: list[Event], name: str) -> list[Event]:

@@ -31,6 +31,7 @@ from layer_cache.keys import object_key
 from layer_cache.write_queue import queue_status
 from services.context import open_services_context
 from services.settings import ServerConfig
+from tests.cli_harness import Job, run_cli
 from tests.conftest import LayerDb, service_env
 from tests.integration.test_server import (
     RunningServer,
@@ -41,7 +42,6 @@ from tests.integration.test_server import (
     serve_in_task,
     settings_for,
 )
-from tests.support import StderrReader, run_cli, start_cli
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -228,10 +228,8 @@ async def test_every_write_during_a_30_s_s3_outage_is_acknowledged_and_reaches_s
 # (b) kill -9 with a non-empty queue
 
 
-async def listening_port(logs: StderrReader) -> int:
-    event = await asyncio.to_thread(
-        logs.wait_for, lambda event: event["event"] == "layer cache server listening", 30.0
-    )
+async def listening_port(job: Job) -> int:
+    event = await job.expect(lambda event: event["event"] == "layer cache server listening", 30.0)
     return int(event["port"])
 
 
@@ -250,39 +248,27 @@ async def test_a_server_killed_with_a_full_queue_drains_it_after_restart(
     args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
 
     down = env | {ENDPOINT_ENV: f"http://127.0.0.1:{free_port()}"}  # connection refused
-    with start_cli(args, down) as process:
-        assert process.stderr is not None
-        try:
-            port = await listening_port(StderrReader(process.stderr))
-            statuses = await write_all(http, f"http://127.0.0.1:{port}", values, spread_s=1.0)
-            assert statuses == [201] * len(values)
-            process.send_signal(signal.SIGKILL)
-            assert await asyncio.to_thread(process.wait, 10) == -signal.SIGKILL
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    async with Job(args, down) as job:
+        port = await listening_port(job)
+        statuses = await write_all(http, f"http://127.0.0.1:{port}", values, spread_s=1.0)
+        assert statuses == [201] * len(values)
+        job.send(signal.SIGKILL)
+        assert (await job.finish(10)).status == -signal.SIGKILL
     assert queue_status(queue_dir)[CACHE].queued == len(values)  # every acknowledged write
     assert await s3_values(s3_client, bucket_prefix, CACHE) == {}
 
-    with start_cli(args, env) as process:  # S3 up
-        assert process.stderr is not None
-        logs = StderrReader(process.stderr)
-        try:
-            await listening_port(logs)
-            await until(
-                lambda: s3_has(s3_client, bucket_prefix, values),
-                "every object in S3",
-                RECOVERY_DEADLINE_S,
-            )
-            process.send_signal(signal.SIGTERM)
-            assert await asyncio.to_thread(process.wait, 30) == 143
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    async with Job(args, env) as job:  # S3 up
+        await listening_port(job)
+        await until(
+            lambda: s3_has(s3_client, bucket_prefix, values),
+            "every object in S3",
+            RECOVERY_DEADLINE_S,
+        )
+        job.send(signal.SIGTERM)
+        restarted = await job.finish(30)
+        assert restarted.status == 143
     assert queue_status(queue_dir) == {}
-    stopped = [event for event in logs.events(5.0) if event["event"] == "write queue stopped"]
+    stopped = [event for event in restarted.events if event["event"] == "write queue stopped"]
     assert [event["remaining"] for event in stopped] == [0]
 
 
@@ -323,10 +309,10 @@ async def test_poison_objects_end_as_dead_letters_and_reach_s3_after_replay(
 
         proxy.plan = FaultPlan()
         status = run_cli(["--write-queue-status"], {QUEUE_DIR_ENV: str(queue_dir)})
-        assert status.returncode == 0, status.stderr
+        assert status.status == 0, status.stderr
         assert '"dead_letters": 3' in status.stdout
         replay = run_cli(["--write-queue-replay", "cas"], {QUEUE_DIR_ENV: str(queue_dir)})
-        assert replay.returncode == 0, replay.stderr
+        assert replay.status == 0, replay.stderr
         await until(
             lambda: s3_has(s3_client, bucket_prefix, values),
             "the replayed objects in S3",
