@@ -1,19 +1,21 @@
-"""Upload slots, and a limit on them that tunes itself from latency (Vegas-style).
+"""Upload slots, and a limit on them that tunes itself from the uploads' completions.
 
 ``SlotPool`` is a pool of slots under a movable limit, waiters served first come, first served;
-both upload limiters (``retry.AdaptiveLimit`` and ``TunedLimit``) are one. ``LatencyTuner`` is
-the rule, with no clock and no I/O: it is fed each PUT's latency and the slots in use, and at the
-end of each window (``max(16, limit)`` samples, about one round trip) it compares the window's
-median latency with the no-load latency (the lowest window median since the last probe) to
-estimate how many requests wait in a queue rather than travel: ``queued = in_use * (1 - no_load
-/ median)``. With little queued it raises the limit (doubling at first, as TCP's slow start,
-then 5 % a window, and only while the slots are really used); with much queued it cuts the limit
-to what the no-load pipe holds plus a small queue (at most halving); a throttle halves it once
-per burst. Every 50 windows one probe window runs at 3/4 of the limit, below the knee, and its
-median becomes the no-load latency, so queueing cannot ratchet that figure up. The limit stays
-between 1 and the ceiling. Samples from requests started before a cut are ignored, as are
-throttles from requests sent at the old rate. Nothing here owns a resource: a cancelled
-``acquire`` gives back or forgets its slot.
+both upload limiters (``retry.AdaptiveLimit`` and ``TunedLimit``) are one. ``ConcurrencyTuner``
+is the rule, with no clock and no I/O of its own: it is fed each upload's latency, the time it
+ended and the slots in use, and judges the limit one window at a time (``max(16, limit)``
+uploads, about one round trip) by the window's completion rate and median latency. By Little's
+law, rate = in flight / latency: while raising the limit raises the rate, latency is not just
+queueing and the higher limit is kept; when the rate stays flat, the extra uploads only queue
+(latency grew in step with the limit) and the limit goes back. So it doubles from a low start
+while each doubling brings at least 10 % more (TCP's slow start), then holds, and every few
+windows tries 1.25x (kept for 3 % more) or 0.75x (kept if nothing is lost); a window whose
+median latency is 1.5x the level's halves it at once, and again while halving costs under 5 %
+of the rate (the rise was queueing). A throttle halves the limit once per
+burst (throttles from requests sent at the old rate are ignored) and ends the climb. Uploads
+that started under another limit are not counted in the next window, and a limit the walk
+does not fill is not raised. The limit stays between 1 and the ceiling. Nothing here owns a
+resource: a cancelled ``acquire`` gives back or forgets its slot.
 """
 
 from __future__ import annotations
@@ -21,15 +23,19 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import time
 from collections import deque
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
 MIN_WINDOW_SAMPLES = 16
-PROBE_EVERY_WINDOWS = 50
-PROBE_SHARE = 0.75
 INITIAL_TUNED_LIMIT = 5  # upstream's default uploads in flight: where the tuned limit starts
-_STEADY_GROWTH = 1.05
+CLIMB_GAIN = 0.10  # a doubling is kept if the rate grows by this share
+HOLD_WINDOWS = 4  # windows measured at a level between two probes
+PROBE_UP, PROBE_UP_GAIN = 1.25, 0.03
+PROBE_DOWN = 0.75  # kept if the rate does not fall
+LATENCY_ALARM, ALARM_DOWN, ALARM_KEEP = 1.5, 0.5, 0.95
 
 
 class ConcurrencyMode(StrEnum):
@@ -94,7 +100,25 @@ class SlotPool:
                 self.in_use += 1
 
 
-class LatencyTuner:
+class Phase(StrEnum):
+    """What the tuner's current window measures."""
+
+    CLIMB = "climb"  # a doubling
+    HOLD = "hold"  # the accepted level
+    PROBE_UP = "probe_up"
+    PROBE_DOWN = "probe_down"
+    ALARM = "alarm"  # half the level, after latency jumped
+
+
+@dataclass(frozen=True, slots=True)
+class WindowStats:
+    """One window's completion rate (per second) and median latency (seconds)."""
+
+    rate: float
+    latency_s: float
+
+
+class ConcurrencyTuner:
     """The self-tuning rule: deterministic in the samples and throttles it is fed."""
 
     def __init__(self, maximum: int, initial: int = INITIAL_TUNED_LIMIT) -> None:
@@ -102,12 +126,14 @@ class LatencyTuner:
             raise ValueError("maximum must be at least 1")
         self.maximum = maximum
         self.estimate = float(min(max(initial, 1), maximum))
-        self.slow_start = True
-        self.no_load_s: float | None = None
-        self._window: list[float] = []
-        self._window_peak = 0
-        self._windows_since_probe = 0
-        self._probe_restores: float | None = None  # the estimate a probe window interrupts
+        self.phase = Phase.CLIMB
+        self.accepted = self.estimate  # the level a probe or a failed climb goes back to
+        self.level: WindowStats | None = None  # measured at the accepted level
+        self._hold: list[WindowStats] = []
+        self._probes = 0
+        self._ends: list[float] = []
+        self._latencies: list[float] = []
+        self._peak_in_use = 0
         self._stale_samples = 0
         self._stale_throttles = 0
 
@@ -116,77 +142,113 @@ class LatencyTuner:
         """The whole number of slots the estimate allows, between 1 and the maximum."""
         return max(1, min(self.maximum, math.floor(self.estimate)))
 
-    def observe(self, latency_s: float, in_use: int) -> None:
-        """One request's latency, with ``in_use`` slots taken when it ended."""
+    def observe(self, latency_s: float, ended_at: float, in_use: int) -> None:
+        """One upload: its latency, when it ended (monotonic seconds), slots in use then."""
         if self._stale_samples > 0:
-            self._stale_samples -= 1  # sent under the limit before the last cut
+            self._stale_samples -= 1  # started under the limit before the last change
             return
-        self._window.append(latency_s)
-        self._window_peak = max(self._window_peak, in_use)
-        if len(self._window) >= max(MIN_WINDOW_SAMPLES, self.limit):
-            self._end_window(statistics.median(self._window), self._window_peak, in_use)
+        self._ends.append(ended_at)
+        self._latencies.append(latency_s)
+        self._peak_in_use = max(self._peak_in_use, in_use)
+        if len(self._ends) < max(MIN_WINDOW_SAMPLES, self.limit):
+            return
+        elapsed = self._ends[-1] - self._ends[0]
+        window = WindowStats(
+            rate=(len(self._ends) - 1) / elapsed if elapsed > 0 else math.inf,
+            latency_s=statistics.median(self._latencies),
+        )
+        used = 2 * self._peak_in_use >= self.limit
+        self._ends, self._latencies, self._peak_in_use = [], [], 0
+        self._judge(window, used, in_use)
 
     def throttled(self, in_use: int) -> None:
         """S3 asked us to slow down: halve, once per burst."""
         if self._stale_throttles > 0:
             self._stale_throttles -= 1
             return
-        self.slow_start = False
-        self._cut(self.estimate / 2, in_use)
+        self._settle(self.estimate / 2, in_use)
         self._stale_throttles = max(0, in_use - 1)
 
     def succeeded(self) -> None:
         """A call succeeded: one fewer throttle of the last burst can still be on its way."""
         self._stale_throttles = max(0, self._stale_throttles - 1)
 
-    def _end_window(self, median_s: float, peak_in_use: int, in_use: int) -> None:
-        self._window = []
-        self._window_peak = 0
-        if self._probe_restores is not None:  # the probe's median is the no-load latency now
-            self.no_load_s = median_s
-            self.estimate, self._probe_restores = self._probe_restores, None
+    def _judge(self, window: WindowStats, used: bool, in_use: int) -> None:
+        level = self.level
+        if self.phase is Phase.HOLD or level is None:
+            self._hold.append(window)
+            reference = self._hold[0].latency_s if level is None else level.latency_s
+            self.level = WindowStats(statistics.fmean(w.rate for w in self._hold), reference)
+            if self.phase is Phase.CLIMB:
+                self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
+            elif window.latency_s >= LATENCY_ALARM * self.level.latency_s:
+                self.level = window  # the halves are judged against what changed, not before
+                self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
+            elif len(self._hold) >= HOLD_WINDOWS:
+                self._probe(in_use, used=used)
             return
-        no_load = median_s if self.no_load_s is None else min(self.no_load_s, median_s)
-        self.no_load_s = no_load
-        self._windows_since_probe += 1
-        if self._windows_since_probe >= PROBE_EVERY_WINDOWS and self.estimate > 1:
-            self._windows_since_probe = 0
-            restore = self.estimate
-            self._cut(self.estimate * PROBE_SHARE, in_use)
-            self._probe_restores = restore
+        gained = window.rate / level.rate if level.rate > 0 else math.inf
+        keep = {
+            Phase.CLIMB: 1 + CLIMB_GAIN,
+            Phase.PROBE_UP: 1 + PROBE_UP_GAIN,
+            Phase.PROBE_DOWN: 1.0,
+            Phase.ALARM: ALARM_KEEP,
+        }[self.phase]
+        if gained < keep:
+            self._settle(self.accepted, in_use)
             return
-        concurrency = min(self.estimate, float(peak_in_use))
-        queued = concurrency * (1.0 - no_load / median_s) if median_s > 0 else 0.0
-        small = max(3.0, 0.1 * self.estimate)
-        large = max(6.0, 0.2 * self.estimate)
-        if queued > large:
-            self.slow_start = False
-            self._cut(max(self.estimate / 2, concurrency - queued + small), in_use)
-        elif queued > small:
-            self.slow_start = False  # at the knee: hold
-        elif 2 * peak_in_use >= self.estimate:  # only grow a limit that is being used
-            grown = self.estimate * 2 if self.slow_start else self.estimate * _STEADY_GROWTH
-            self.estimate = min(float(self.maximum), max(grown, self.estimate + 1))
+        self.accepted, self.level, self._hold = self.estimate, window, [window]
+        if self.phase is Phase.CLIMB:
+            self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
+        elif self.phase is Phase.ALARM:  # half lost (almost) nothing: try half again
+            self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
+        else:
+            self.phase = Phase.HOLD
 
-    def _cut(self, estimate: float, in_use: int) -> None:
-        self._probe_restores = None
-        self.estimate = max(1.0, min(self.estimate, estimate))
-        self._window = []
-        self._window_peak = 0
-        self._stale_samples = in_use  # those in flight were sent under the old limit
+    def _probe(self, in_use: int, *, used: bool) -> None:
+        """Every third probe goes down, the others up (when the ceiling or the walk leaves no
+        room above, an up turn is skipped)."""
+        self._probes += 1
+        if self._probes % 3 == 0:
+            self._move(min(PROBE_DOWN * self.estimate, self.estimate - 1), Phase.PROBE_DOWN, in_use)
+        else:
+            up = max(PROBE_UP * self.estimate, self.estimate + 1)
+            self._move(up, Phase.PROBE_UP, in_use, used=used)
+
+    def _move(self, estimate: float, phase: Phase, in_use: int, *, used: bool = True) -> None:
+        """Try ``estimate`` for a window (stay in hold when it cannot be tried)."""
+        target = max(1.0, min(float(self.maximum), estimate))
+        if (not used and target > self.estimate) or math.floor(target) == self.limit:
+            self.phase, self._hold = Phase.HOLD, self._hold[-1:]
+            return
+        self.accepted = self.estimate
+        self.estimate, self.phase = target, phase
+        self._stale_samples = in_use  # those in flight started under the old limit
+
+    def _settle(self, estimate: float, in_use: int) -> None:
+        """Go (back) to ``estimate`` and measure its rate afresh; the latency it is held to
+        stays (so a change that struck during a probe still raises the alarm)."""
+        self.accepted = self.estimate = max(1.0, min(float(self.maximum), estimate))
+        if self.level is not None:
+            self.level = WindowStats(0.0, self.level.latency_s)
+        self.phase, self._hold = Phase.HOLD, []
+        self._ends, self._latencies, self._peak_in_use = [], [], 0
+        self._stale_samples = in_use
 
 
 class TunedLimit(SlotPool):
-    """A slot pool whose limit ``LatencyTuner`` sets from each upload's latency."""
+    """A slot pool whose limit ``ConcurrencyTuner`` sets from the uploads' completions."""
 
     def __init__(self, maximum: int, initial: int = INITIAL_TUNED_LIMIT) -> None:
-        self.tuner = LatencyTuner(maximum, initial)
+        self.tuner = ConcurrencyTuner(maximum, initial)
         self.maximum = maximum
         super().__init__(self.tuner.limit)
 
-    def record_latency(self, seconds: float) -> None:
-        """One upload's duration (the caller still holds its slot)."""
-        self.tuner.observe(seconds, self.in_use)
+    def record_latency(self, seconds: float, ended_at: float | None = None) -> None:
+        """One upload's duration, ending now unless ``ended_at`` (monotonic) says otherwise;
+        the caller still holds its slot."""
+        now = time.monotonic() if ended_at is None else ended_at
+        self.tuner.observe(seconds, now, self.in_use)
         self._follow()
 
     def record_throttle(self) -> None:

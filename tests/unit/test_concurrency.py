@@ -1,4 +1,4 @@
-"""The self-tuning upload limit, driven by synthetic latencies (no clock, no sleeps)."""
+"""The self-tuning upload limit, driven by synthetic completions (no clock, no sleeps)."""
 
 from __future__ import annotations
 
@@ -11,76 +11,104 @@ import pytest
 from layer_cache.concurrency import (
     INITIAL_TUNED_LIMIT,
     MIN_WINDOW_SAMPLES,
-    LatencyTuner,
+    ConcurrencyTuner,
+    Phase,
     TunedLimit,
 )
 
 BASE_S = 0.020
+Latency = Callable[[int], float]
 
 
-def run_saturated(
-    tuner: LatencyTuner,
-    latency_at: Callable[[int], float],
-    rounds: int,
-    *,
-    seed: int = 7,
-    jitter: float = 0.05,
-) -> list[int]:
-    """Feed ``rounds`` round trips of a client that always fills every slot: each round, ``limit``
-    requests finish with ``latency_at(limit)`` (± ``jitter``); returns the limit after each."""
-    rng = random.Random(seed)
-    limits = []
-    for _ in range(rounds):
-        in_flight = tuner.limit
-        latency = latency_at(in_flight)
-        for _ in range(max(in_flight, MIN_WINDOW_SAMPLES)):
-            tuner.observe(latency * rng.uniform(1 - jitter, 1 + jitter), in_flight)
-        limits.append(tuner.limit)
-    return limits
+class ClosedLoop:
+    """A client that keeps every slot busy: each round, ``max(limit, 16)`` uploads end, spaced
+    so that the rate is ``limit / latency`` (Little's law), each with ``latency_at(limit)``
+    seconds of latency; both ± ``jitter``, from a seeded generator."""
+
+    def __init__(self, tuner: ConcurrencyTuner, *, seed: int = 7, jitter: float = 0.05) -> None:
+        self.tuner = tuner
+        self.now = 0.0
+        self.rng = random.Random(seed)
+        self.jitter = jitter
+
+    def _noisy(self, value: float) -> float:
+        return value * self.rng.uniform(1 - self.jitter, 1 + self.jitter)
+
+    def run(self, latency_at: Latency, rounds: int) -> list[int]:
+        """The limit after each round."""
+        limits = []
+        for _ in range(rounds):
+            in_flight = self.tuner.limit
+            latency = latency_at(in_flight)
+            for _ in range(max(in_flight, MIN_WINDOW_SAMPLES)):
+                self.now += self._noisy(latency / in_flight)
+                self.tuner.observe(self._noisy(latency), self.now, in_flight)
+            limits.append(self.tuner.limit)
+        return limits
 
 
-def fixed_capacity(requests_per_s: float) -> Callable[[int], float]:
+def flat(_in_flight: int) -> float:
+    return BASE_S
+
+
+def fixed_capacity(requests_per_s: float) -> Latency:
     """A server that serves ``requests_per_s``: beyond ``requests_per_s * BASE_S`` in flight the
     extra requests queue, so latency grows in proportion to concurrency."""
     return lambda in_flight: max(BASE_S, in_flight / requests_per_s)
 
 
-def test_the_limit_starts_low_and_climbs_to_the_ceiling_while_latency_stays_flat() -> None:
-    tuner = LatencyTuner(maximum=128)
+def throughput(latency_at: Latency, limits: list[int]) -> float:
+    """Mean completions per second over the rounds, each at its limit."""
+    return sum(limit / latency_at(limit) for limit in limits) / len(limits)
+
+
+def test_the_limit_starts_low_and_doubles_to_the_ceiling_while_latency_stays_flat() -> None:
+    tuner = ConcurrencyTuner(maximum=128)
     assert tuner.limit == INITIAL_TUNED_LIMIT
-    limits = run_saturated(tuner, lambda _in_flight: BASE_S, rounds=12)
-    assert limits == sorted(limits)  # never backs off when nothing queues
-    assert limits[-1] == 128
-    assert limits.index(128) <= 6  # doubling while nothing queues: 5, 10, 20, 40, 80, 128
+    limits = ClosedLoop(tuner).run(flat, rounds=60)
+    climb = limits[: limits.index(128) + 1]
+    assert climb == sorted(climb)
+    assert set(climb) <= {5, 10, 20, 40, 80, 128}  # doubling: each brought twice the rate
+    assert len(climb) <= 10
+    assert min(limits[len(climb) :]) >= 96  # only the brief probes below the ceiling
+    assert throughput(flat, limits[len(climb) :]) >= 0.95 * 128 / BASE_S
 
 
-def test_the_limit_settles_just_above_a_fixed_capacity_servers_knee() -> None:
-    # 1,600 requests/s at 20 ms no-load: 32 in flight fill the server; more only queue.
-    knee = 32
+def test_the_limit_settles_near_a_fixed_capacity_servers_knee() -> None:
+    knee = 32  # 1,600 requests/s at 20 ms: 32 in flight fill the server; more only queue
     capacity = knee / BASE_S
     latency_at = fixed_capacity(capacity)
-    tuner = LatencyTuner(maximum=512)
-    settled = run_saturated(tuner, latency_at, rounds=400)[100:]
-    throughput = sum(limit / latency_at(limit) for limit in settled) / len(settled)
-    assert throughput >= 0.97 * capacity  # the rare probes below the knee cost little
-    assert max(settled) <= 1.3 * knee  # and not far past it: the queue stays short
-    assert tuner.no_load_s == pytest.approx(BASE_S, rel=0.06)  # probes keep it from drifting
+    limits = ClosedLoop(ConcurrencyTuner(maximum=512)).run(latency_at, rounds=400)
+    settled = limits[50:]
+    assert throughput(latency_at, settled) >= 0.95 * capacity
+    assert sum(settled) / len(settled) <= 1.5 * knee  # the queue stays short
+    assert max(settled) <= 2.5 * knee  # 80 was the last doubling, and it was refused
 
 
-def test_the_limit_backs_off_when_latency_rises_and_climbs_again_when_it_falls() -> None:
-    tuner = LatencyTuner(maximum=256)
-    run_saturated(tuner, lambda _in_flight: BASE_S, rounds=20)
-    assert tuner.limit == 256
-    limits = run_saturated(tuner, fixed_capacity(16 / BASE_S), rounds=100)  # S3 got slower
-    assert limits[-1] <= 24
-    limits = run_saturated(tuner, lambda _in_flight: BASE_S, rounds=120)  # and recovered
-    assert limits[-1] == 256
+def test_the_limit_backs_off_when_s3_slows_down_and_climbs_again_when_it_recovers() -> None:
+    loop = ClosedLoop(ConcurrencyTuner(maximum=256))
+    assert loop.run(flat, rounds=20)[-1] == 256
+    slower = fixed_capacity(16 / BASE_S)  # now 16 in flight fill it
+    limits = loop.run(slower, rounds=150)
+    assert max(limits[-20:]) <= 48
+    assert throughput(slower, limits[-50:]) >= 0.95 * 16 / BASE_S
+    limits = loop.run(flat, rounds=200)  # recovered: probes up find the rate growing again
+    assert limits[-1] >= 192
+
+
+def test_more_latency_without_queueing_raises_the_limit() -> None:
+    loop = ClosedLoop(ConcurrencyTuner(maximum=512))
+    knee = fixed_capacity(32 / BASE_S)  # 1,600/s
+    loop.run(knee, rounds=100)
+    farther = lambda in_flight: 0.1 + knee(in_flight)  # noqa: E731 - 100 ms more of network
+    limits = loop.run(farther, rounds=300)
+    assert throughput(farther, limits[-50:]) >= 0.8 * throughput(farther, [512])
 
 
 def test_a_throttle_burst_halves_the_limit_once_and_a_later_burst_halves_it_again() -> None:
-    tuner = LatencyTuner(maximum=64, initial=64)
+    tuner = ConcurrencyTuner(maximum=64, initial=64)
     tuner.throttled(in_use=64)
-    assert tuner.limit == 32
+    assert (tuner.limit, tuner.phase) == (32, Phase.HOLD)  # and the climb is over
     for _ in range(63):  # the rest of the burst: sent at the old rate
         tuner.throttled(in_use=64)
     assert tuner.limit == 32
@@ -92,7 +120,7 @@ def test_a_throttle_burst_halves_the_limit_once_and_a_later_burst_halves_it_agai
 
 
 def test_successes_drain_a_throttle_burst_so_the_next_throttle_counts() -> None:
-    tuner = LatencyTuner(maximum=64, initial=64)
+    tuner = ConcurrencyTuner(maximum=64, initial=64)
     tuner.throttled(in_use=8)
     for _ in range(7):
         tuner.succeeded()
@@ -100,33 +128,33 @@ def test_successes_drain_a_throttle_burst_so_the_next_throttle_counts() -> None:
     assert tuner.limit == 16
 
 
-def test_after_a_throttle_growth_is_gradual_not_a_fresh_slow_start() -> None:
-    tuner = LatencyTuner(maximum=128, initial=64)
+def test_after_a_throttle_the_limit_grows_by_probes_not_a_fresh_climb() -> None:
+    tuner = ConcurrencyTuner(maximum=128, initial=64)
     tuner.throttled(in_use=64)
-    for _ in range(64):
-        tuner.observe(BASE_S, 64)  # the requests in flight at the cut are ignored
-    assert tuner.limit == 32
-    limits = run_saturated(tuner, lambda _in_flight: BASE_S, rounds=5)
-    assert limits[-1] <= 32 * 1.05**5 + 5
+    limits = ClosedLoop(tuner).run(flat, rounds=12)
+    assert limits[0] == 32
+    assert max(limits) <= 32 * 1.25**3  # at most one probe up every few windows
 
 
-def test_an_unused_limit_does_not_grow() -> None:
-    tuner = LatencyTuner(maximum=128, initial=16)
-    for _ in range(20 * MIN_WINDOW_SAMPLES):
-        tuner.observe(BASE_S, 4)  # the walk never keeps more than 4 uploads going
-    assert tuner.limit == 16
+def test_a_limit_the_walk_does_not_fill_is_not_raised() -> None:
+    tuner = ConcurrencyTuner(maximum=128, initial=16)
+    for number in range(20 * MIN_WINDOW_SAMPLES):
+        tuner.observe(BASE_S, number * BASE_S / 4, 4)  # the walk never keeps more than 4 going
+    assert tuner.limit <= 16
 
 
 @pytest.mark.parametrize(("maximum", "initial"), [(1, 5), (3, 5), (10, 1)])
 def test_the_ceiling_and_the_start_are_respected(maximum: int, initial: int) -> None:
-    tuner = LatencyTuner(maximum=maximum, initial=initial)
+    tuner = ConcurrencyTuner(maximum=maximum, initial=initial)
     assert tuner.limit == min(maximum, initial)
-    assert max(run_saturated(tuner, lambda _in_flight: BASE_S, rounds=30)) == maximum
+    limits = ClosedLoop(tuner).run(flat, rounds=30)
+    assert max(limits) == maximum
+    assert min(limits) >= 1
 
 
 def test_the_rule_is_deterministic_in_its_samples() -> None:
     runs = [
-        run_saturated(LatencyTuner(maximum=256), fixed_capacity(2000), rounds=80, seed=3)
+        ClosedLoop(ConcurrencyTuner(maximum=256), seed=3).run(fixed_capacity(2000), rounds=80)
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
@@ -143,8 +171,8 @@ async def test_tuned_limit_hands_new_slots_to_waiters_when_it_grows() -> None:
     waiters = [asyncio.create_task(limit.acquire()) for _ in range(3)]
     await asyncio.sleep(0)
     assert limit.in_use == 1
-    for _ in range(MIN_WINDOW_SAMPLES):
-        limit.record_latency(BASE_S)  # one slot, always in use, flat latency: double
+    for number in range(MIN_WINDOW_SAMPLES):  # one window at one slot: the climb doubles it
+        limit.record_latency(BASE_S, ended_at=number * BASE_S)
     await asyncio.sleep(0)
     assert (limit.limit, limit.in_use) == (2, 2)
     limit.record_throttle()
