@@ -44,7 +44,6 @@ def backfill_config(
     key_batch_size: int = 1000,
     max_concurrent_uploads: int = 5,
     order: WalkOrder = WalkOrder.KEY,
-    shard: Shard | None = None,
     verify: VerifyMode = VerifyMode.OFF,
 ) -> BackfillConfig:
     return BackfillConfig(
@@ -55,7 +54,7 @@ def backfill_config(
         max_concurrent_uploads=max_concurrent_uploads,
         grace_period=timedelta(seconds=5),
         order=order,
-        shard=shard or Shard(),
+        shard=Shard(),
         verify=verify,
     )
 
@@ -240,28 +239,6 @@ async def test_missing_bucket_is_a_preflight_error_that_writes_nothing(
         await backfill(settings, backfill_config((CacheType.CAS, CacheType.ENCRYPTED_SECRET)))
 
     assert await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix)) == {}
-
-
-async def test_shards_side_by_side_cover_every_row_once(
-    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
-) -> None:
-    rng = random.Random(23)
-    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(rng, 400))
-    await insert_rows(layer_db.pool, CacheType.CAS, [SeedRow("a", b"short", CUTOFF - timedelta(1))])
-    shards = [Shard(index, 3) for index in range(3)]
-
-    reports = await asyncio.gather(
-        *(
-            backfill(settings, backfill_config((CacheType.CAS,), key_batch_size=25, shard=shard))
-            for shard in shards
-        )
-    )
-
-    assert all(report.complete for report in reports)
-    uploaded = [report.outcomes[0].stats.uploaded for report in reports]
-    stored = await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CAS)
-    assert sum(uploaded) == len(stored), "an object was written by two shards"
-    assert all(count > 0 for count in uploaded)
 
 
 async def test_verify_reports_missing_mismatched_and_extra_objects_and_writes_nothing(

@@ -989,14 +989,6 @@ async def test_a_broken_environment_exits_with_its_status_and_one_line_without_s
     assert not await progress_table_exists(layer_db)
 
 
-async def test_help_shows_no_secret_from_the_environment(env: dict[str, str]) -> None:
-    run = await cli(["--help"], {**env, PG + "PASSWORD": PG_CANARY, S3_SECRET_KEY: S3_CANARY})
-
-    assert run.status == 0, run.describe()
-    assert "--backfill-cutoff-timestamp" in run.stdout
-    assert_no_canary(run)
-
-
 # --------------------------------------------------------------------------------------------
 # 7. SIGTERM: drain, report, resume; a second SIGTERM exits at once
 
