@@ -7,8 +7,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Test processes (pytest-xdist), each with its own Postgres and S3 servers; tests are isolated by
+# database and bucket prefix, so any number works. 2 matches this machine and CI.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
-.PHONY: install pgbouncer tools demo lint test unit integration bench bench-smoke bench-server clean
+.PHONY: install pgbouncer tools demo lint test coverage unit integration bench bench-smoke bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -41,13 +45,18 @@ tools: install
 	timeout 900 $(BIN)/python -m devenv.fetch
 
 test: lint pgbouncer tools
-	$(BIN)/pytest
+	$(PYTEST)
+
+# The whole suite under coverage (subprocesses included), then the per-module report.
+coverage: install pgbouncer tools
+	rm -rf .devenv/coverage && mkdir -p .devenv/coverage
+	$(PYTEST) --cov --cov-report=term
 
 unit: install
-	$(BIN)/pytest tests/unit
+	$(PYTEST) tests/unit
 
 integration: install pgbouncer tools
-	$(BIN)/pytest tests/integration
+	$(PYTEST) tests/integration
 
 bench: install tools
 	$(BIN)/python -m bench
