@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import aioboto3
+import aiobotocore
 import asyncpg
 from aiobotocore.config import AioConfig
 from opentelemetry.sdk.metrics.export import MetricReader
@@ -113,6 +114,16 @@ async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
     return pool
 
 
+# Client CPU per request that the backfill does not need (docs/bench.md, "Client CPU per object"):
+# botocore's client-side parameter validation (every call passes typed arguments; the server
+# checks them anyway) and the User-Agent rebuilt twice per request from ~30 sanitised parts (a
+# fixed string instead: it is informational, and no AWS feature depends on it).
+LEAN_CLIENT_OPTIONS: dict[str, Any] = {
+    "parameter_validation": False,
+    "user_agent": f"si-layer-cache aiobotocore/{aiobotocore.__version__}",
+}
+
+
 def s3_client_arguments(settings: Settings, *, max_connections: int) -> dict[str, Any]:
     """Keyword arguments for ``session.client("s3", …)`` from the object storage settings."""
     storage = settings.layer_db_config.object_storage_config
@@ -126,6 +137,7 @@ def s3_client_arguments(settings: Settings, *, max_connections: int) -> dict[str
         # Content-MD5 is set explicitly on every PUT; it works on every S3-compatible server.
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
+        **LEAN_CLIENT_OPTIONS,
     )
     arguments: dict[str, Any] = {"config": config}
     if not isinstance(storage.auth, StaticCredentialsAuth):
