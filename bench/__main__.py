@@ -34,10 +34,17 @@ import aioboto3
 import asyncpg
 from aiobotocore.config import AioConfig
 
-from bench.common import CUTOFF, TABLE, Target, code_fingerprint
+from bench.common import CUTOFF, TABLE, Target, code_fingerprint, obstore_available
 from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_database
-from bench.report import check_targets, cpu_table, main_table, sweep_table, targets_table
+from bench.report import (
+    check_targets,
+    cpu_per_object_table,
+    cpu_table,
+    main_table,
+    sweep_table,
+    targets_table,
+)
 from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
 from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from devenv.seed import SizeMix
@@ -49,6 +56,19 @@ DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
 # bare_put and backfill back to back: on a shared machine, load drifts over minutes.
 MAIN_SCENARIOS = ("bare_put", "backfill", "backfill_rerun", "upstream", "upstream_rerun", "shards")
 SWEEP_SCENARIOS = ("bare_put", "backfill")
+# Client CPU per object of the same PUTs through obstore (Rust): a reference, when installed.
+REFERENCE_SCENARIOS = ("obstore_put",)
+
+
+def main_scenarios(args: argparse.Namespace) -> tuple[str, ...]:
+    """The main scenarios, with the obstore reference after ``backfill`` when it is installed
+    (not in a smoke run)."""
+    if args.smoke or not obstore_available():
+        return MAIN_SCENARIOS
+    at = MAIN_SCENARIOS.index("backfill") + 1
+    return (*MAIN_SCENARIOS[:at], *REFERENCE_SCENARIOS, *MAIN_SCENARIOS[at:])
+
+
 WARMUP_OBJECTS = 1500
 
 
@@ -473,7 +493,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         sampling: tuple[str, ...] = ("--sample-in-flight",) if args.sample_in_flight else ()
         scenario_flags = {"backfill": sampling}
         concurrency = args.concurrency
-        repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in MAIN_SCENARIOS}
+        names = main_scenarios(args)
+        repeats: dict[str, list[dict[str, Any]]] = {name: [] for name in names}
         for repetition in range(1, args.repeat + 1):
             suffix = f"-r{repetition}" if args.repeat > 1 else ""
             prefixes = {
@@ -482,9 +503,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                 "backfill": runner.new_prefix(f"backfill{suffix}"),
                 "shards": runner.new_prefix(f"shards{suffix}"),
             }
+            if "obstore_put" in names:
+                prefixes["obstore_put"] = runner.new_prefix(f"obstore{suffix}")
             prefixes["upstream_rerun"] = prefixes["upstream"]
             prefixes["backfill_rerun"] = prefixes["backfill"]
-            for name in MAIN_SCENARIOS:
+            for name in names:
                 if name == "shards" and repetition > 1:
                     continue
                 repeats[name].append(
@@ -672,6 +695,9 @@ def _print_report(
         " round trip per query); CPU = client process only, per object uploaded (per row"
         " checked on re-runs); x bare / x baseline = rows/s ratios."
     )
+    print()
+    print("client CPU per object uploaded (getrusage of each scenario's process, timed section):")
+    print(cpu_per_object_table(main))
     print()
     print(
         "where the CPU went during each timed section (2 CPUs = 2 CPU-seconds per second;"

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import importlib.util
 import json
 import resource
 import time
@@ -284,6 +285,11 @@ def code_fingerprint() -> str:
             digest.update(path.relative_to(REPO_ROOT).as_posix().encode())
             digest.update(path.read_bytes())
     return digest.hexdigest()[:12]
+
+
+def obstore_available() -> bool:
+    """Whether the optional ``obstore`` package (a dev extra: the CPU reference) is installed."""
+    return importlib.util.find_spec("obstore") is not None
 
 
 def cpu_seconds() -> float:

@@ -1,10 +1,10 @@
 """One benchmark scenario per process, so CPU time and peak RSS belong to that scenario alone.
 
 ``python -m bench.scenarios NAME --target JSON`` (the target is ``Target.to_json()``, built by
-``python -m bench``) runs one of ``bare_put``, ``upstream``, ``upstream_rerun``, ``backfill``,
-``backfill_rerun`` or ``shards`` against the servers already up, times only the scenario's own
-section and prints one JSON line of its meters; product logs go to stderr. The process exits when
-the scenario ends. What each scenario does: ``docs/bench.md``.
+``python -m bench``) runs one of ``bare_put``, ``obstore_put``, ``upstream``, ``upstream_rerun``,
+``backfill``, ``backfill_rerun`` or ``shards`` against the servers already up, times only the
+scenario's own section and prints one JSON line of its meters; product logs go to stderr. The
+process exits when the scenario ends. What each scenario does: ``docs/bench.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from typing import Any
 
 import aioboto3
 import asyncpg
+from aiobotocore.config import AioConfig
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
 from bench.common import (
@@ -53,10 +54,20 @@ from migrations_mode.coordinator import run_backfill
 from migrations_mode.walk import Shard
 from services.context import open_services_context, s3_client_arguments
 from services.logging import configure_logging
+from services.settings import Settings
 from services.signals import StopRequest
 
-SCENARIOS = ("bare_put", "upstream", "upstream_rerun", "backfill", "backfill_rerun", "shards")
+SCENARIOS = (
+    "bare_put",
+    "obstore_put",
+    "upstream",
+    "upstream_rerun",
+    "backfill",
+    "backfill_rerun",
+    "shards",
+)
 S3_MAX_CONNECTIONS = 64  # open_services_context's default, used by every scenario
+Put = Callable[[str, bytes], Awaitable[None]]
 
 
 @dataclass
@@ -238,10 +249,20 @@ def _result(
 # bare_put
 
 
-async def bare_put(options: Options) -> Result:
-    """PutObject of every row below the cutoff, values loaded before timing."""
-    target = options.target
-    settings = product_settings(target, application_name=options.app_name)
+def default_client_arguments(settings: Settings) -> dict[str, Any]:
+    """``session.client("s3", …)`` arguments as a user of aioboto3 would write them: endpoint,
+    region and keys, path-style addressing and a pool as large as the scenario's concurrency;
+    every other setting is aioboto3's default (flexible checksums, parameter validation, the
+    full User-Agent, legacy retries). The reference the product's client CPU is judged by."""
+    arguments = s3_client_arguments(settings, max_connections=S3_MAX_CONNECTIONS)
+    arguments["config"] = AioConfig(
+        s3={"addressing_style": "path"}, max_pool_connections=S3_MAX_CONNECTIONS
+    )
+    return arguments
+
+
+async def _objects_below_cutoff(target: Target) -> list[tuple[str, bytes]]:
+    """(object key, value) of every row below the cutoff, in key order, read before timing."""
     connection = await asyncpg.connect(target.dsn())
     try:
         records = await connection.fetch(
@@ -249,32 +270,43 @@ async def bare_put(options: Options) -> Result:
         )
     finally:
         await connection.close()
-    objects = [(object_key(record["key"]), bytes(record["value"])) for record in records]
-    del records
+    return [(object_key(record["key"]), bytes(record["value"])) for record in records]
+
+
+async def _bounded(concurrency: int, objects: list[tuple[str, bytes]], put: Put) -> Work:
+    """``put`` every object, ``concurrency`` at a time."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def put_one(key: str, body: bytes) -> None:
+        try:
+            await put(key, body)
+        finally:
+            slots.release()
+
+    async with asyncio.TaskGroup() as tasks:
+        for key, body in objects:
+            await slots.acquire()
+            tasks.create_task(put_one(key, body))
+    return Work(len(objects), len(objects), sum(len(body) for _, body in objects))
+
+
+async def bare_put(options: Options) -> Result:
+    """PutObject of every row below the cutoff, values loaded before timing, on a client with
+    aioboto3's default settings (``default_client_arguments``)."""
+    target = options.target
+    settings = product_settings(target, application_name=options.app_name)
+    objects = await _objects_below_cutoff(target)
     bucket = bucket_name(TABLE, target.bucket_prefix)
     counter = S3RequestCounter()
     meter = PgMeter(options)
-    arguments = s3_client_arguments(settings, max_connections=S3_MAX_CONNECTIONS)
-    async with aioboto3.Session().client("s3", **arguments) as client:
+    async with aioboto3.Session().client("s3", **default_client_arguments(settings)) as client:
         counter.attach(client)
         await meter.start(own_app_connected=False)
 
-        async def put_all() -> Work:
-            slots = asyncio.Semaphore(options.concurrency)
+        async def put(key: str, body: bytes) -> None:
+            await client.put_object(Bucket=bucket, Key=key, Body=body)
 
-            async def put(key: str, body: bytes) -> None:
-                try:
-                    await client.put_object(Bucket=bucket, Key=key, Body=body)
-                finally:
-                    slots.release()
-
-            async with asyncio.TaskGroup() as tasks:
-                for key, body in objects:
-                    await slots.acquire()
-                    tasks.create_task(put(key, body))
-            return Work(len(objects), len(objects), sum(len(body) for _, body in objects))
-
-        timed = await _timed(options, put_all)
+        timed = await _timed(options, lambda: _bounded(options.concurrency, objects, put))
     pg = await meter.finish()
     # What a Content-MD5 header (which our job sends and this loop does not) costs in CPU.
     md5_started = cpu_seconds()
@@ -283,6 +315,37 @@ async def bare_put(options: Options) -> Result:
     md5_ms = 1000 * (cpu_seconds() - md5_started) / max(len(objects), 1)
     timed.work.extra["md5_cpu_ms_per_object"] = round(md5_ms, 4)
     return _result(options, timed, len(objects), counter.by_operation, pg)
+
+
+# --------------------------------------------------------------------------------------------
+# obstore_put
+
+
+async def obstore_put(options: Options) -> Result:
+    """The same PUTs as ``bare_put`` through obstore (Rust object_store; a reference for the
+    PUT path's client CPU, never the product's transport): signed payload, no Content-MD5."""
+    from obstore import put_async
+    from obstore.store import S3Store
+
+    target = options.target
+    objects = await _objects_below_cutoff(target)
+    store = S3Store(
+        bucket_name(TABLE, target.bucket_prefix),
+        endpoint=target.s3.url,
+        region=target.s3.region,
+        access_key_id=target.s3.access_key,
+        secret_access_key=target.s3.secret_key,
+        virtual_hosted_style_request=False,
+        client_options={"allow_http": True},
+    )
+    puts: Counter[str] = Counter()
+
+    async def put(key: str, body: bytes) -> None:
+        await put_async(store, key, body, use_multipart=False)
+        puts["PutObject"] += 1
+
+    timed = await _timed(options, lambda: _bounded(options.concurrency, objects, put))
+    return _result(options, timed, len(objects), puts, (None, None))
 
 
 # --------------------------------------------------------------------------------------------
@@ -558,6 +621,8 @@ async def run_scenario(options: Options) -> Result:
     name = options.scenario
     if name == "bare_put":
         return await bare_put(options)
+    if name == "obstore_put":
+        return await obstore_put(options)
     if name in ("upstream", "upstream_rerun"):
         return await upstream(options)
     if name in ("backfill", "backfill_rerun"):
