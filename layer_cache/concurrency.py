@@ -9,7 +9,8 @@ law, rate = in flight / latency: while raising the limit raises the rate, latenc
 queueing and the higher limit is kept; when the rate stays flat, the extra uploads only queue
 (latency grew in step with the limit) and the limit goes back. So it doubles from a low start
 while each doubling brings at least 10 % more (TCP's slow start), then holds, and every few
-windows tries 1.25x (kept for 3 % more) or 0.75x (kept if nothing is lost); a window whose
+windows tries 1.25x (kept for 3 % more, and then tried again) or 0.75x (kept if nothing is
+lost); a window whose
 median latency is 1.5x the level's halves it at once, and again while halving costs under 5 %
 of the rate (the rise was queueing). A throttle halves the limit once per
 burst (throttles from requests sent at the old rate are ignored) and ends the climb. Uploads
@@ -202,6 +203,9 @@ class ConcurrencyTuner:
             self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
         elif self.phase is Phase.ALARM:  # half lost (almost) nothing: try half again
             self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
+        elif self.phase is Phase.PROBE_UP:  # more paid off: keep going up
+            up = max(PROBE_UP * self.estimate, self.estimate + 1)
+            self._move(up, Phase.PROBE_UP, in_use, used=used)
         else:
             self.phase = Phase.HOLD
 

@@ -3,11 +3,12 @@
 A producer task lists each page (``walk``), learns what S3 has from the bucket listing in key order
 (``BucketIndex``; rows it cannot vouch for are HEADed), settles what it can and reads the values
 the rest need in chunks bounded by the byte budget, a short queue ahead of the dispatch loop,
-which takes an upload slot (``AdaptiveLimit``) before creating each row's task. Finished rows go
-to the ``CheckpointTracker``, whose low-water position the ``ProgressSaver`` records. Shutdown: a
-set stop event ends dispatching and lets in-flight rows finish; a cancel (grace period over, or
-another cache failed) cancels them too. Either way progress is saved (shielded from the
-cancellation) and the last line says where to resume (README: "How the backfill works").
+which takes an upload slot (``UPLOAD_LIMITS``: fixed, or tuned by each row's S3 time) before
+creating each row's task. Finished rows go to the ``CheckpointTracker``, whose low-water position
+the ``ProgressSaver`` records. Shutdown: a set stop event ends dispatching and lets in-flight rows
+finish; a cancel (grace period over, or another cache failed) cancels them too. Either way
+progress is saved (shielded from the cancellation) and the last line says where to resume
+(README: "How the backfill works").
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import structlog
 
 from layer_cache.budget import ByteBudget
 from layer_cache.cache_types import CacheType
+from layer_cache.concurrency import ConcurrencyMode, TunedLimit, UploadLimit
 from layer_cache.errors import ErrorKind, StorageError
 from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
@@ -65,6 +67,12 @@ class _Job:
     value: bytes | None = None
 
 
+UPLOAD_LIMITS: dict[ConcurrencyMode, Callable[[int], UploadLimit]] = {
+    ConcurrencyMode.FIXED: AdaptiveLimit,
+    ConcurrencyMode.TUNED: TunedLimit,
+}
+
+
 def resume_flag(checkpoint: datetime) -> str:
     """The exact flag that resumes from a checkpoint."""
     return f"--backfill-cutoff-timestamp '{format_checkpoint(checkpoint)}'"
@@ -90,8 +98,9 @@ class CacheBackfill:
         self.config = config
         self.tracker = CheckpointTracker(config.cutoff)
         self.progress = CacheProgress(cache_type, metrics)
-        # Upload slots: lowered on throttling, raised on success (both in ``_storage_call``).
-        self.upload_limit = AdaptiveLimit(config.max_concurrent_uploads)
+        # Upload slots: throttling and successes are fed back in ``_storage_call``, each row's
+        # S3 work's duration in ``_finish_row`` (the tuned limit's signal).
+        self.upload_limit = UPLOAD_LIMITS[config.concurrency](config.max_concurrent_uploads)
         self.bytes_budget = ByteBudget(config.max_inflight_bytes)
         self.completed = False
         self.log_progress = True  # off while a live display shows the same on a terminal
@@ -175,6 +184,7 @@ class CacheBackfill:
             "starting backfill",
             cutoff_timestamp=format_checkpoint(self.config.cutoff),
             max_concurrent=self.config.max_concurrent_uploads,
+            concurrency=self.config.concurrency.value,
             key_batch_size=self.config.key_batch_size,
             bucket=self.s3.bucket,
             resume_after_key=resume_after.key if resume_after else None,
@@ -392,7 +402,7 @@ class CacheBackfill:
     ) -> None:
         """Runs with an upload slot and the row's bytes held; gives both back."""
         try:
-            await self.action.finish(row, value, stored)
+            await self._finish_row(row, value, stored)
             self._finish(sequence)
         finally:
             self.upload_limit.release()
@@ -412,10 +422,16 @@ class CacheBackfill:
             if value is None:
                 self._vanished(row, sequence)
                 return
-            await self.action.finish(row, value, stored)
+            await self._finish_row(row, value, stored)
             self._finish(sequence)
         finally:
             self.upload_limit.release()
+
+    async def _finish_row(self, row: RowRef, value: bytes, stored: int | None) -> None:
+        """The row's S3 work (copying: its PUT, retries included), timed for the upload limit."""
+        started = time.monotonic()
+        await self.action.finish(row, value, stored)
+        self.upload_limit.record_latency(time.monotonic() - started)
 
     async def _fetch_one(self, key: str) -> bytes | None:
         return await self._storage_call(lambda: self.pg.fetch_value(key), key=key)

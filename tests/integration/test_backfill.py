@@ -12,6 +12,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
+from layer_cache.concurrency import INITIAL_TUNED_LIMIT, ConcurrencyMode
 from layer_cache.errors import ErrorKind
 from migrations_mode.config import BackfillConfig, VerifyMode, parse_cutoff
 from migrations_mode.coordinator import BackfillReport, run_backfill
@@ -127,6 +128,29 @@ async def test_all_eight_caches_are_copied_byte_for_byte_and_nothing_else(
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         expected_total += len(await rows_below(layer_db.pool, cache_type, CUTOFF))
     assert sum(outcome.stats.uploaded for outcome in report.outcomes) == expected_total
+
+
+async def test_tuned_concurrency_copies_every_row_within_its_ceiling(
+    layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
+) -> None:
+    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(random.Random(17), 600))
+    config = replace(
+        backfill_config((CacheType.CAS,), key_batch_size=100, max_concurrent_uploads=32),
+        concurrency=ConcurrencyMode.TUNED,
+        checkpoint_interval=timedelta(milliseconds=20),
+    )
+
+    with capture_logs() as events:
+        report = await backfill(settings, config)
+
+    assert report.complete
+    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CAS)
+    started = next(event for event in events if event["event"] == "starting backfill")
+    assert (started["concurrency"], started["max_concurrent"]) == ("tuned", 32)
+    limits = [event["upload_limit"] for event in events if event["event"] == "backfill checkpoint"]
+    assert limits, "no checkpoint was logged"
+    assert all(1 <= limit <= 32 for limit in limits)
+    assert limits[0] <= 2 * INITIAL_TUNED_LIMIT  # it starts low, not at the ceiling
 
 
 @pytest.mark.parametrize("order", list(WalkOrder))
