@@ -2,10 +2,10 @@
 
 It starts a throwaway PostgreSQL and S3 server, seeds ``cas`` with the devenv sample rows, runs
 each scenario of ``bench.scenarios`` in its own subprocess against its own bucket, one at a time
-(then a concurrency sweep and scaling checks unless ``--smoke``), prints one table plus the
-issue's targets (measured, never asserted) and writes JSON to the results directory. The exit
-status is 0 whenever every scenario ran; the servers are stopped on the way out. Flags, timings
-and what each column means: ``docs/bench.md``.
+(then a concurrency sweep, scaling checks and the S3-latency section, ``bench.latency``, unless
+``--smoke``), prints one table plus the issue's targets (measured, never asserted) and writes
+JSON to the results directory. The exit status is 0 whenever every scenario ran; the servers are
+stopped on the way out. Flags, timings and what each column means: ``docs/bench.md``.
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ from aiobotocore.config import AioConfig
 from bench.common import CUTOFF, TABLE, Target, code_fingerprint, obstore_available
 from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_database
+from bench.latency import add_latency_flags, latency_report, run_latency_section
 from bench.report import (
     check_targets,
     cpu_per_object_table,
@@ -96,6 +97,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--value-size", type=int, default=None)
+    parser.add_argument("--no-latency", action="store_true", help="skip the latency section")
+    add_latency_flags(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows = 250
@@ -103,6 +106,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.concurrency = 8
         args.no_scaling = True
         args.no_sweep = True
+        args.no_latency = True
     return args
 
 
@@ -614,6 +618,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             }
             document["scaling"] = scaling
 
+        if not args.no_latency:
+            document["latency"] = run_latency_section(runner, pg, args)
+
         if args.profile:
             print("profiling backfill:", flush=True)
             document["profile_top"] = _profile_backfill(
@@ -751,6 +758,9 @@ def _print_report(
             f" process at C={single['concurrency']} {single['rows_per_s']:,.0f} rows/s"
             f" (x{shards['rows_per_s'] / single['rows_per_s']:.2f})"
         )
+    if "latency" in document:
+        print()
+        print(latency_report(document["latency"]))
     print()
     print("issue targets (measured, not asserted):")
     print(targets_table(check_targets(main, scaling=scaling)))

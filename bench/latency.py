@@ -1,15 +1,16 @@
 """Latency scenarios: S3 behind a delay, a fixed-concurrency sweep against the tuned limit.
 
-``python -m bench.latency`` starts PostgreSQL and S3 as ``python -m bench`` does, seeds
-``--rows`` rows of one value size, and for each latency of ``--latency-ms`` puts
-``bench.delay_proxy`` (a process of its own, ``uniform(latency ± jitter)`` per request) in front
-of S3 and runs the ``backfill`` scenario at each fixed concurrency of ``--sweep``, then with
-``--backfill-concurrency tuned`` (the sweep's largest as its ceiling), each on a fresh bucket.
-Then the throttling check: a proxy that answers SlowDown above ``--throttle-rate`` requests/s,
-the backfill at the sweep's largest fixed concurrency and tuned, counting the 503s. It prints one
-table, a verdict per latency (tuned at least 0.9x the best fixed) and writes JSON to
-``<results-dir>/latency-<UTC timestamp>.json``. Every server and proxy is stopped on the way out
-(context managers); the exit status is 0 whenever every run finished, whatever the verdicts.
+``python -m bench`` runs this section after its others (``python -m bench.latency`` runs it
+alone, on servers of its own). It seeds ``--latency-rows`` rows of one value size; for each
+latency of ``--latency-ms`` it puts ``bench.delay_proxy`` (a process of its own, ``uniform(latency
+± jitter)`` per request) in front of S3 and runs the ``backfill`` scenario tuned (the sweep's
+largest level as its ceiling), at each fixed level of ``--latency-sweep``, and tuned again, each
+on a fresh bucket. Then the throttling check: a proxy that answers SlowDown above
+``--throttle-rate`` requests/s, the backfill at the sweep's largest fixed level and tuned,
+counting the 503s. The report is one table, a verdict per latency (tuned at least 0.9x the best
+fixed) and the throttling lines; alone, it writes ``<results-dir>/latency-<UTC timestamp>.json``.
+Every server and proxy is stopped on the way out (context managers); the exit status is 0
+whenever every run finished, whatever the verdicts.
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from bench.data import SeededDatabase, seed_database
 from bench.delay_proxy import delayed_endpoint
 from bench.report import format_table
 from devenv.faults import SLOWDOWN
-from devenv.s3 import S3Endpoint
+from devenv.postgres import PostgresEndpoint, start_postgres
+from devenv.s3 import S3Endpoint, start_s3
 from devenv.seed import SizeMix
 
 TARGET_SHARE_OF_BEST = 0.9
@@ -218,15 +220,60 @@ def latency_report(section: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_latency(args: argparse.Namespace) -> dict[str, Any]:
-    """Start the servers, seed, run the sweeps and the throttling check; the results document."""
-    from bench.__main__ import Runner, _logs_dir, _pg_version, machine_info  # the main bench's
-    from devenv.postgres import start_postgres
-    from devenv.s3 import start_s3
+def add_latency_flags(parser: argparse.ArgumentParser) -> None:
+    """The latency section's flags (``python -m bench`` has them too)."""
+    parser.add_argument("--latency-ms", default="20,60", help="added S3 latencies, ms")
+    parser.add_argument("--latency-jitter", type=float, default=0.1, help="± share of it")
+    parser.add_argument("--latency-sweep", default="4,8,16,32,64,128", help="fixed levels")
+    parser.add_argument("--latency-rows", type=int, default=3000, help="rows seeded")
+    parser.add_argument("--latency-value-size", type=int, default=4096, help="bytes a value")
+    parser.add_argument(
+        "--throttle-rate", type=float, default=150.0, help="SlowDown above, requests/s (0: off)"
+    )
 
-    levels = sorted({int(level) for level in args.sweep.split(",") if level.strip()})
+
+def run_latency_section(
+    runner: ScenarioRunner, pg: PostgresEndpoint, args: argparse.Namespace
+) -> dict[str, Any]:
+    """Seed the section's table, run the sweeps and the throttling check; the section's JSON."""
+    levels = sorted({int(level) for level in args.latency_sweep.split(",") if level.strip()})
     latencies = [float(value) for value in args.latency_ms.split(",") if value.strip()]
-    sizes = SizeMix(small=(args.value_size, args.value_size), large_share=0.0)
+    rows, size = args.latency_rows, args.latency_value_size
+    print(f"latency scenarios: seeding {rows:,} rows of {size:,} bytes ...", flush=True)
+    database = asyncio.run(
+        seed_database(
+            pg,
+            f"latency_{rows}_{size}",
+            rows,
+            cutoff=CUTOFF,
+            sizes=SizeMix(small=(size, size), large_share=0.0),
+        )
+    )
+    sweeps = []
+    for latency_ms in latencies:
+        print(f"S3 at +{latency_ms:g} ms (±{100 * args.latency_jitter:g}%):", flush=True)
+        sweeps.append(
+            latency_sweep(
+                runner, database, latency_ms=latency_ms, jitter=args.latency_jitter, levels=levels
+            )
+        )
+    section: dict[str, Any] = {"database": database.as_json(), "sweeps": sweeps}
+    if args.throttle_rate > 0:
+        print(f"throttling above {args.throttle_rate:g} requests/s:", flush=True)
+        section["throttle"] = throttle_check(
+            runner,
+            database,
+            latency_ms=latencies[0],
+            rate_per_s=args.throttle_rate,
+            fixed_level=max(levels),
+        )
+    return section
+
+
+def run_latency(args: argparse.Namespace) -> dict[str, Any]:
+    """Only the latency section, on servers of its own; the results document."""
+    from bench.__main__ import Runner, _logs_dir, _pg_version, _s3_server_pid, machine_info
+
     document: dict[str, Any] = {
         "started_at": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
         "load_average": {"start": os.getloadavg()[0]},
@@ -236,34 +283,14 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     with start_postgres() as pg_server, start_s3(kind=args.s3) as s3_server, _logs_dir() as logs:
         pg, s3 = pg_server.endpoint, s3_server.endpoint
         document["machine"] = machine_info(s3, asyncio.run(_pg_version(pg)))
-        print(f"  seeding {args.rows:,} rows of {args.value_size:,} bytes ...", flush=True)
-        database = asyncio.run(
-            seed_database(pg, f"latency_{args.rows}", args.rows, cutoff=CUTOFF, sizes=sizes)
-        )
         runner = Runner(args, pg, s3, statements=False, logs_dir=logs)
         runner.pg_pid = pg_server.pid
-        sweeps = []
-        for latency_ms in latencies:
-            print(f"S3 at +{latency_ms:g} ms (±{100 * args.jitter:g}%):", flush=True)
-            sweeps.append(
-                latency_sweep(
-                    runner, database, latency_ms=latency_ms, jitter=args.jitter, levels=levels
-                )
-            )
-        document["sweeps"] = sweeps
-        if args.throttle_rate > 0:
-            print(f"throttling above {args.throttle_rate:g} requests/s:", flush=True)
-            document["throttle"] = throttle_check(
-                runner,
-                database,
-                latency_ms=latencies[0],
-                rate_per_s=args.throttle_rate,
-                fixed_level=max(levels),
-            )
+        runner.s3_pid = _s3_server_pid(s3)
+        document["latency"] = run_latency_section(runner, pg, args)
     document["wall_seconds"] = round(time.monotonic() - started, 1)
     document["load_average"]["end"] = os.getloadavg()[0]
     print()
-    print(latency_report(document))
+    print(latency_report(document["latency"]))
     results_dir: Path = args.results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"latency-{document['started_at']}.json"
@@ -275,21 +302,14 @@ def run_latency(args: argparse.Namespace) -> dict[str, Any]:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """The latency benchmark's flags."""
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
-    parser.add_argument("--rows", type=int, default=3000, help="rows seeded (~90%% copied)")
-    parser.add_argument("--value-size", type=int, default=4096, help="bytes per value")
-    parser.add_argument("--latency-ms", default="20,60", help="added S3 latencies")
-    parser.add_argument("--jitter", type=float, default=0.1, help="± share of the latency")
-    parser.add_argument("--sweep", default="4,8,16,32,64,128", help="fixed concurrencies")
-    parser.add_argument(
-        "--throttle-rate", type=float, default=150.0, help="SlowDown above (0: no check)"
-    )
+    add_latency_flags(parser)
     parser.add_argument("--key-batch-size", type=int, default=1000)
     parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "seaweedfs", "minio"))
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     args = parser.parse_args(argv)
     args.shards = 1  # the main bench's runner passes it on; no shards run here
-    if args.rows < 1 or args.value_size < 1 or not 0 <= args.jitter < 1:
-        parser.error("--rows and --value-size must be positive, --jitter in [0, 1)")
+    if args.latency_rows < 1 or args.latency_value_size < 1 or not 0 <= args.latency_jitter < 1:
+        parser.error("--latency-rows, --latency-value-size > 0; --latency-jitter in [0, 1)")
     return args
 
 
