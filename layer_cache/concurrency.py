@@ -3,20 +3,19 @@
 ``SlotPool`` is a pool of slots under a movable limit, waiters served first come, first served;
 both upload limiters (``retry.AdaptiveLimit`` and ``TunedLimit``) are one. ``ConcurrencyTuner``
 is the rule, with no clock and no I/O of its own: it is fed each upload's latency, the time it
-ended and the slots in use, and judges the limit one window at a time (``max(16, limit)``
-uploads, about one round trip) by the window's completion rate and median latency. By Little's
-law, rate = in flight / latency: while raising the limit raises the rate, latency is not just
-queueing and the higher limit is kept; when the rate stays flat, the extra uploads only queue
-(latency grew in step with the limit) and the limit goes back. So it doubles from a low start
-while each doubling brings at least 10 % more (TCP's slow start), then holds, and every few
-windows tries 1.25x (kept for 3 % more, and then tried again) or 0.75x (kept if nothing is
-lost); a window whose
-median latency is 1.5x the level's halves it at once, and again while halving costs under 5 %
-of the rate (the rise was queueing). A throttle halves the limit once per
-burst (throttles from requests sent at the old rate are ignored) and ends the climb. Uploads
-that started under another limit are not counted in the next window, and a limit the walk
-does not fill is not raised. The limit stays between 1 and the ceiling. Nothing here owns a
-resource: a cancelled ``acquire`` gives back or forgets its slot.
+ended and the slots in use, and judges the limit one window at a time (``max(32, limit)``
+uploads over a quarter second at least) by the window's completion rate and median latency. By
+Little's law, rate = in flight / latency: while raising the limit raises the rate, latency is
+not just queueing and the higher limit is kept; when the rate stays flat, the extra uploads only
+queue (latency grew in step with the limit) and the limit goes back. So it doubles from a low
+start while each doubling brings at least 10 % more (TCP's slow start), then holds, and every
+few windows tries 1.25x (kept for 3 % more, and then tried again) or 0.75x (kept if nothing is
+lost); a window whose median latency is 1.5x the level's halves it at once, and again while
+halving costs under 3 % of the rate (the rise was queueing). A throttle halves the limit once
+per burst (throttles from requests sent at the old rate are ignored) and ends the climb.
+Uploads that started under another limit are not counted in the next window, and a limit the
+walk does not fill is not raised. The limit stays between 1 and the ceiling. Nothing here owns
+a resource: a cancelled ``acquire`` gives back or forgets its slot.
 """
 
 from __future__ import annotations
@@ -30,13 +29,14 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-MIN_WINDOW_SAMPLES = 16
+MIN_WINDOW_SAMPLES = 32
+MIN_WINDOW_S = 0.25  # and at least this long: shorter windows' rates are mostly noise
 INITIAL_TUNED_LIMIT = 5  # upstream's default uploads in flight: where the tuned limit starts
 CLIMB_GAIN = 0.10  # a doubling is kept if the rate grows by this share
 HOLD_WINDOWS = 4  # windows measured at a level between two probes
 PROBE_UP, PROBE_UP_GAIN = 1.25, 0.03
 PROBE_DOWN = 0.75  # kept if the rate does not fall
-LATENCY_ALARM, ALARM_DOWN, ALARM_KEEP = 1.5, 0.5, 0.95
+LATENCY_ALARM, ALARM_DOWN, ALARM_KEEP = 1.5, 0.5, 0.97
 
 
 class ConcurrencyMode(StrEnum):
@@ -122,10 +122,17 @@ class WindowStats:
 class ConcurrencyTuner:
     """The self-tuning rule: deterministic in the samples and throttles it is fed."""
 
-    def __init__(self, maximum: int, initial: int = INITIAL_TUNED_LIMIT) -> None:
+    def __init__(
+        self,
+        maximum: int,
+        initial: int = INITIAL_TUNED_LIMIT,
+        *,
+        min_window_s: float = MIN_WINDOW_S,
+    ) -> None:
         if maximum < 1:
             raise ValueError("maximum must be at least 1")
         self.maximum = maximum
+        self.min_window_s = min_window_s
         self.estimate = float(min(max(initial, 1), maximum))
         self.phase = Phase.CLIMB
         self.accepted = self.estimate  # the level a probe or a failed climb goes back to
@@ -151,9 +158,9 @@ class ConcurrencyTuner:
         self._ends.append(ended_at)
         self._latencies.append(latency_s)
         self._peak_in_use = max(self._peak_in_use, in_use)
-        if len(self._ends) < max(MIN_WINDOW_SAMPLES, self.limit):
-            return
         elapsed = self._ends[-1] - self._ends[0]
+        if len(self._ends) < max(MIN_WINDOW_SAMPLES, self.limit) or elapsed < self.min_window_s:
+            return
         window = WindowStats(
             rate=(len(self._ends) - 1) / elapsed if elapsed > 0 else math.inf,
             latency_s=statistics.median(self._latencies),

@@ -11,6 +11,7 @@ import pytest
 
 from layer_cache.concurrency import (
     INITIAL_TUNED_LIMIT,
+    MIN_WINDOW_S,
     MIN_WINDOW_SAMPLES,
     ConcurrencyTuner,
     Phase,
@@ -21,8 +22,14 @@ BASE_S = 0.020
 Latency = Callable[[int], float]
 
 
+def tuner_for(maximum: int, initial: int = INITIAL_TUNED_LIMIT) -> ConcurrencyTuner:
+    """A tuner whose windows end on their sample count alone (the simulations' rounds are 20 ms
+    apart; the quarter-second floor has a test of its own)."""
+    return ConcurrencyTuner(maximum, initial, min_window_s=0.0)
+
+
 class ClosedLoop:
-    """A client that keeps every slot busy: each round, ``max(limit, 16)`` uploads end, spaced
+    """A client that keeps every slot busy: each round, ``max(limit, 32)`` uploads end, spaced
     so that the rate is ``limit / latency`` (Little's law), each with ``latency_at(limit)``
     seconds of latency; both ± ``jitter``, from a seeded generator."""
 
@@ -64,7 +71,7 @@ def throughput(latency_at: Latency, limits: list[int]) -> float:
 
 
 def test_the_limit_starts_low_and_doubles_to_the_ceiling_while_latency_stays_flat() -> None:
-    tuner = ConcurrencyTuner(maximum=128)
+    tuner = tuner_for(maximum=128)
     assert tuner.limit == INITIAL_TUNED_LIMIT
     limits = ClosedLoop(tuner).run(flat, rounds=60)
     climb = limits[: limits.index(128) + 1]
@@ -79,7 +86,7 @@ def test_the_limit_settles_near_a_fixed_capacity_servers_knee() -> None:
     knee = 32  # 1,600 requests/s at 20 ms: 32 in flight fill the server; more only queue
     capacity = knee / BASE_S
     latency_at = fixed_capacity(capacity)
-    limits = ClosedLoop(ConcurrencyTuner(maximum=512)).run(latency_at, rounds=400)
+    limits = ClosedLoop(tuner_for(maximum=512)).run(latency_at, rounds=400)
     settled = limits[50:]
     assert throughput(latency_at, settled) >= 0.95 * capacity
     assert sum(settled) / len(settled) <= 1.5 * knee  # the queue stays short
@@ -87,7 +94,7 @@ def test_the_limit_settles_near_a_fixed_capacity_servers_knee() -> None:
 
 
 def test_the_limit_backs_off_when_s3_slows_down_and_climbs_again_when_it_recovers() -> None:
-    loop = ClosedLoop(ConcurrencyTuner(maximum=256))
+    loop = ClosedLoop(tuner_for(maximum=256))
     assert loop.run(flat, rounds=20)[-1] == 256
     slower = fixed_capacity(16 / BASE_S)  # now 16 in flight fill it
     limits = loop.run(slower, rounds=150)
@@ -98,7 +105,7 @@ def test_the_limit_backs_off_when_s3_slows_down_and_climbs_again_when_it_recover
 
 
 def test_more_latency_without_queueing_raises_the_limit() -> None:
-    loop = ClosedLoop(ConcurrencyTuner(maximum=512))
+    loop = ClosedLoop(tuner_for(maximum=512))
     knee = fixed_capacity(32 / BASE_S)  # 1,600/s
     loop.run(knee, rounds=100)
     farther = lambda in_flight: 0.1 + knee(in_flight)  # noqa: E731 - 100 ms more of network
@@ -107,7 +114,7 @@ def test_more_latency_without_queueing_raises_the_limit() -> None:
 
 
 def test_a_throttle_burst_halves_the_limit_once_and_a_later_burst_halves_it_again() -> None:
-    tuner = ConcurrencyTuner(maximum=64, initial=64)
+    tuner = tuner_for(maximum=64, initial=64)
     tuner.throttled(in_use=64)
     assert (tuner.limit, tuner.phase) == (32, Phase.HOLD)  # and the climb is over
     for _ in range(63):  # the rest of the burst: sent at the old rate
@@ -121,7 +128,7 @@ def test_a_throttle_burst_halves_the_limit_once_and_a_later_burst_halves_it_agai
 
 
 def test_successes_drain_a_throttle_burst_so_the_next_throttle_counts() -> None:
-    tuner = ConcurrencyTuner(maximum=64, initial=64)
+    tuner = tuner_for(maximum=64, initial=64)
     tuner.throttled(in_use=8)
     for _ in range(7):
         tuner.succeeded()
@@ -130,7 +137,7 @@ def test_successes_drain_a_throttle_burst_so_the_next_throttle_counts() -> None:
 
 
 def test_after_a_throttle_the_limit_grows_by_probes_not_a_fresh_climb() -> None:
-    tuner = ConcurrencyTuner(maximum=128, initial=64)
+    tuner = tuner_for(maximum=128, initial=64)
     tuner.throttled(in_use=64)
     limits = ClosedLoop(tuner).run(flat, rounds=30)
     assert limits[0] == 32
@@ -141,7 +148,7 @@ def test_after_a_throttle_the_limit_grows_by_probes_not_a_fresh_climb() -> None:
 
 
 def test_a_limit_the_walk_does_not_fill_is_not_raised() -> None:
-    tuner = ConcurrencyTuner(maximum=128, initial=16)
+    tuner = tuner_for(maximum=128, initial=16)
     for number in range(20 * MIN_WINDOW_SAMPLES):
         tuner.observe(BASE_S, number * BASE_S / 4, 4)  # the walk never keeps more than 4 going
     assert tuner.limit <= 16
@@ -149,7 +156,7 @@ def test_a_limit_the_walk_does_not_fill_is_not_raised() -> None:
 
 @pytest.mark.parametrize(("maximum", "initial"), [(1, 5), (3, 5), (10, 1)])
 def test_the_ceiling_and_the_start_are_respected(maximum: int, initial: int) -> None:
-    tuner = ConcurrencyTuner(maximum=maximum, initial=initial)
+    tuner = tuner_for(maximum=maximum, initial=initial)
     assert tuner.limit == min(maximum, initial)
     limits = ClosedLoop(tuner).run(flat, rounds=30)
     assert max(limits) == maximum
@@ -158,10 +165,19 @@ def test_the_ceiling_and_the_start_are_respected(maximum: int, initial: int) -> 
 
 def test_the_rule_is_deterministic_in_its_samples() -> None:
     runs = [
-        ClosedLoop(ConcurrencyTuner(maximum=256), seed=3).run(fixed_capacity(2000), rounds=80)
+        ClosedLoop(tuner_for(maximum=256), seed=3).run(fixed_capacity(2000), rounds=80)
         for _ in range(2)
     ]
     assert runs[0] == runs[1]
+
+
+def test_a_window_lasts_a_quarter_second_at_least() -> None:
+    tuner = ConcurrencyTuner(maximum=64)
+    for number in range(4 * MIN_WINDOW_SAMPLES):  # 128 uploads in 0.127 s: one window, unjudged
+        tuner.observe(BASE_S, number / 1000, tuner.limit)
+    assert tuner.limit == INITIAL_TUNED_LIMIT
+    tuner.observe(BASE_S, MIN_WINDOW_S, tuner.limit)  # a quarter second after the first
+    assert tuner.limit == 2 * INITIAL_TUNED_LIMIT
 
 
 def test_a_maximum_below_one_is_refused() -> None:
@@ -176,7 +192,7 @@ async def test_tuned_limit_hands_new_slots_to_waiters_when_it_grows() -> None:
     await asyncio.sleep(0)
     assert limit.in_use == 1
     for number in range(MIN_WINDOW_SAMPLES):  # one window at one slot: the climb doubles it
-        limit.record_latency(BASE_S, ended_at=number * BASE_S)
+        limit.record_latency(BASE_S, ended_at=number * MIN_WINDOW_S / (MIN_WINDOW_SAMPLES - 2))
     await asyncio.sleep(0)
     assert (limit.limit, limit.in_use) == (2, 2)
     limit.record_throttle()
