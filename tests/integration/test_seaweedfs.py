@@ -24,6 +24,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+import aioboto3
 import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
@@ -31,8 +32,11 @@ from botocore.exceptions import ClientError
 from devenv.faults import FaultPlan, FaultProxy
 from devenv.process import packaged_binary
 from devenv.s3 import S3Endpoint, S3Identity, SeaweedS3
-from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
+from layer_cache.s3 import S3Layer
+from services.context import LEAN_CLIENT_OPTIONS, s3_client_arguments
+from services.settings import load_settings
 from tests.cli_harness import backfill_args, cli
 from tests.conftest import READ_LIST, READ_LIST_WRITE, LayerDb, open_s3_client, service_env
 from tests.integration.test_cli import (
@@ -121,6 +125,43 @@ async def test_seaweedfs_rejects_a_wrong_content_md5_and_stores_nothing(
     assert error_code(rejected.value) == code
     assert written_after_rejection == {}
     assert stored["ETag"].strip('"') == hashlib.md5(b"intact").hexdigest()
+
+
+async def test_the_product_client_sends_content_md5_no_flexible_checksum_seaweedfs_checks_it(
+    verifying_env: dict[str, str], verifying_bucket_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lean client settings (``s3_client_arguments``) keep what the PUT's integrity rests on:
+    every PutObject carries ``Content-MD5`` (no CRC32 of botocore's flexible checksums), SeaweedFS
+    verifies it (a wrong one is refused) and the signature, and the object arrives intact."""
+    for name, value in verifying_env.items():
+        monkeypatch.setenv(name, value)
+    settings = load_settings()
+    bucket = cache_bucket(CacheType.CAS, verifying_bucket_prefix)
+    body = random.randbytes(10_000)
+    headers_sent: list[dict[str, str]] = []
+
+    def record(request: Any, **_: Any) -> None:
+        headers_sent.append(
+            {
+                name.lower(): value.decode() if isinstance(value, bytes) else value
+                for name, value in request.headers.items()
+            }
+        )
+
+    arguments = s3_client_arguments(settings, max_connections=4)
+    async with aioboto3.Session().client("s3", **arguments) as client:
+        client.meta.events.register("before-send.s3.PutObject", record)
+        layer = S3Layer(client, CACHE_SPECS[CacheType.CAS], bucket=bucket)
+        await layer.put("intact", body)
+        nothing_stored = await layer.probe_write_permission("ab/probe")
+        stored = await layer.get("intact")
+
+    assert stored == body
+    assert nothing_stored  # SeaweedFS refused the probe's wrong Content-MD5 (BadDigest)
+    put_headers = headers_sent[0]
+    assert put_headers["content-md5"] == content_md5(body)
+    assert [name for name in put_headers if "checksum" in name] == []
+    assert put_headers["user-agent"].startswith(LEAN_CLIENT_OPTIONS["user_agent"])
 
 
 S3Attempt = Callable[["S3Client"], Awaitable[object]]
