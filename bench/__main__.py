@@ -238,10 +238,7 @@ async def _warm_up(s3: S3Endpoint, bucket: str, concurrency: int, objects: int) 
     session = aioboto3.Session()
     async with session.client(
         "s3",
-        endpoint_url=s3.url,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
+        **s3.client_options(),
         config=AioConfig(s3={"addressing_style": "path"}, max_pool_connections=concurrency),
     ) as client:
         slots = asyncio.Semaphore(concurrency)

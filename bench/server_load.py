@@ -203,10 +203,7 @@ def count_objects(s3: S3Endpoint, bucket: str) -> int:
 
     client = boto3.client(
         "s3",
-        endpoint_url=s3.url,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
+        **s3.client_options(),
         config=Config(s3={"addressing_style": "path"}),
     )
     try:

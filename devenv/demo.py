@@ -55,10 +55,7 @@ async def verify(pg: PostgresEndpoint, s3: S3Endpoint, cutoff: datetime) -> int:
     session = aioboto3.Session()
     async with session.client(
         "s3",
-        endpoint_url=s3.url,
-        region_name=s3.region,
-        aws_access_key_id=s3.access_key,
-        aws_secret_access_key=s3.secret_key,
+        **s3.client_options(),
         config=AioConfig(s3={"addressing_style": "path"}),
     ) as client:
         for cache_type in BACKFILLABLE_CACHE_TYPES:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 from wsgiref.types import StartResponse, WSGIApplication, WSGIEnvironment
 
 from devenv.process import (
@@ -59,6 +59,15 @@ _ExcInfo = tuple[type[BaseException], BaseException, TracebackType] | tuple[None
 S3_KINDS = ("moto", "minio", "s3rver", "seaweedfs")
 
 
+class ClientOptions(TypedDict):
+    """The keyword arguments every boto3/aioboto3 ``client("s3", …)`` of an endpoint takes."""
+
+    endpoint_url: str
+    region_name: str
+    aws_access_key_id: str
+    aws_secret_access_key: str
+
+
 @dataclass(frozen=True)
 class S3Endpoint:
     """Where a running S3-compatible server listens, and how to sign requests for it."""
@@ -68,6 +77,15 @@ class S3Endpoint:
     access_key: str
     secret_key: str
     kind: str
+
+    def client_options(self) -> ClientOptions:
+        """Where to send requests and how to sign them, as ``client("s3", …)`` takes them."""
+        return ClientOptions(
+            endpoint_url=self.url,
+            region_name=self.region,
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=self.secret_key,
+        )
 
 
 class S3Server(_ManagedServer[S3Endpoint]):
@@ -82,10 +100,7 @@ def create_buckets(endpoint: S3Endpoint, names: Iterable[str]) -> None:
 
     client = boto3.client(
         "s3",
-        endpoint_url=endpoint.url,
-        region_name=endpoint.region,
-        aws_access_key_id=endpoint.access_key,
-        aws_secret_access_key=endpoint.secret_key,
+        **endpoint.client_options(),
         config=Config(s3={"addressing_style": "path"}),
     )
     try:

@@ -133,10 +133,7 @@ async def open_s3_client(
     retries = None if max_attempts is None else {"max_attempts": max_attempts}
     async with aioboto3.Session().client(
         "s3",
-        endpoint_url=endpoint.url,
-        region_name=endpoint.region,
-        aws_access_key_id=endpoint.access_key,
-        aws_secret_access_key=endpoint.secret_key,
+        **endpoint.client_options(),
         config=AioConfig(s3={"addressing_style": "path"}, retries=retries),
     ) as client:
         yield client

@@ -194,10 +194,7 @@ class StrictMotoS3:
         self._server.start()
         iam = boto3.client(
             "iam",
-            endpoint_url=self.endpoint.url,
-            region_name=self.endpoint.region,
-            aws_access_key_id=self.endpoint.access_key,
-            aws_secret_access_key=self.endpoint.secret_key,
+            **self.endpoint.client_options(),
         )
         try:
             iam.create_user(UserName="backfill")
@@ -219,10 +216,7 @@ class StrictMotoS3:
         self._set_auth(enabled=False)
         client = boto3.client(
             "s3",
-            endpoint_url=self.endpoint.url,
-            region_name=self.endpoint.region,
-            aws_access_key_id=self.endpoint.access_key,
-            aws_secret_access_key=self.endpoint.secret_key,
+            **self.endpoint.client_options(),
             config=BotoConfig(s3={"addressing_style": "path"}),
         )
         try:
