@@ -46,6 +46,7 @@ from bench.report import (
     sweep_table,
     targets_table,
 )
+from bench.scale import add_scale_flags, run_scale_section, scale_report
 from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
 from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from devenv.seed import SizeMix
@@ -87,18 +88,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sweep-baseline", action="store_true")
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--sample-in-flight", action="store_true")
-    parser.add_argument("--scale-factor", type=int, default=4)
-    parser.add_argument("--rss-rows", type=int, default=200_000)
-    parser.add_argument("--no-scaling", action="store_true")
     parser.add_argument("--no-sweep", action="store_true")
     parser.add_argument("--smoke", action="store_true")
-    parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "seaweedfs", "minio"))
+    parser.add_argument(
+        "--s3", default="seaweedfs", choices=("s3rver", "moto", "seaweedfs", "minio")
+    )
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--keep-logs", action="store_true")
     parser.add_argument("--value-size", type=int, default=None)
     parser.add_argument("--no-latency", action="store_true", help="skip the latency section")
     add_latency_flags(parser)
+    add_scale_flags(parser)
     args = parser.parse_args(argv)
     if args.smoke:
         args.rows = 250
@@ -547,76 +548,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
                     )
             document["sweep"] = {str(level): results for level, results in sweep.items()}
 
-        scaling: dict[str, Any] | None = None
-        if not args.no_scaling:
-            print("scaling checks:", flush=True)
-            scaled_rows = args.rows * args.scale_factor
-            scaled_db = _seed(pg, f"bench_{scaled_rows}", scaled_rows, sizes)
-            # The base run again, right before the larger one, so that both see the same load.
-            base = runner.run(
-                "backfill",
-                runner.target(main_db, runner.new_prefix(f"scale-{main_db.rows}")),
-                concurrency=concurrency,
-                rows=main_db.rows,
-                label=f"backfill-c{concurrency}-{main_db.rows}-rows",
-            )
-            scaled = runner.run(
-                "backfill",
-                runner.target(scaled_db, runner.new_prefix(f"scale-{scaled_rows}")),
-                concurrency=concurrency,
-                rows=scaled_rows,
-                label=f"backfill-c{concurrency}-{scaled_rows}-rows",
-            )
-            rss_rows = args.rss_rows
-            rss_db = (
-                scaled_db
-                if rss_rows == scaled_rows
-                else _seed(pg, f"bench_{rss_rows}", rss_rows, sizes)
-            )
-            rss_run = (
-                scaled
-                if rss_db is scaled_db
-                else runner.run(
-                    "backfill",
-                    runner.target(rss_db, runner.new_prefix(f"rss-{rss_rows}")),
-                    concurrency=concurrency,
-                    rows=rss_rows,
-                    label=f"backfill-c{concurrency}-{rss_rows}-rows",
-                )
-            )
-            databases |= {"scaled": scaled_db, "rss": rss_db}
-            runs = {"base": base, "scaled": scaled, "rss": rss_run}
-            scaling = {
-                "base_rows": main_db.rows,
-                "factor": args.scale_factor,
-                "scaled_rows": scaled_rows,
-                "rss_rows": rss_rows,
-                "base_seconds": base["seconds"],
-                "scaled_seconds": scaled["seconds"],
-                "time_ratio": scaled["seconds"] / base["seconds"],
-                "rows_ratio": scaled["rows"] / max(base["rows"], 1),
-                "rss_time_ratio": rss_run["seconds"] / base["seconds"],
-                "rss_rows_ratio": rss_run["rows"] / max(base["rows"], 1),
-                "ms_per_row": [
-                    {
-                        "run": name,
-                        "rows": run["rows"],
-                        "ms_per_row": round(1000 * run["seconds"] / max(run["rows"], 1), 3),
-                    }
-                    for name, run in {"main": main["backfill"], **runs}.items()
-                ],
-                "other_load_pct": {name: run.get("other_load_pct") for name, run in runs.items()},
-                "base_rss_mib": main["backfill"]["peak_rss_mib"],
-                "rss_run_rss_mib": rss_run["peak_rss_mib"],
-                "rss_delta_mib": rss_run["peak_rss_mib"] - main["backfill"]["peak_rss_mib"],
-                "base_run": base,
-                "scaled_run": scaled,
-                "rss_run": rss_run,
-            }
-            document["scaling"] = scaling
-
         if not args.no_latency:
             document["latency"] = run_latency_section(runner, pg, args)
+
+        scaling: dict[str, Any] | None = None
+        if not args.no_scaling:
+            scaling = document["scaling"] = run_scale_section(runner, pg, args)
 
         if args.profile:
             print("profiling backfill:", flush=True)
@@ -630,7 +567,8 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         document["databases"] = {name: db.as_json() for name, db in databases.items()}
         document["code"]["fingerprints"] = runner.fingerprints
 
-    document["targets"] = [check.as_json() for check in check_targets(main, scaling=scaling)]
+    checks = check_targets(main, scaling=scaling, latency=document.get("latency"))
+    document["targets"] = [check.as_json() for check in checks]
     document["wall_seconds"] = round(time.monotonic() - started, 1)
     document["load_average"]["end"] = os.getloadavg()[0]
     _print_report(document, main, sweep, scaling)
@@ -727,25 +665,6 @@ def _print_report(
                 f" {100 * result['in_flight_below_half_share']:.0f}% of"
                 f" {result['in_flight_samples']} samples"
             )
-    if scaling:
-        print()
-        print(
-            f"scaling (back to back): {scaling['base_rows']:,} rows {scaling['base_seconds']:.1f} s"
-            f" -> {scaling['scaled_rows']:,} rows {scaling['scaled_seconds']:.1f} s"
-            f" (time x{scaling['time_ratio']:.2f} for rows x{scaling['rows_ratio']:.2f});"
-            f" {scaling['rss_rows']:,} rows: time x{scaling['rss_time_ratio']:.2f} for rows"
-            f" x{scaling['rss_rows_ratio']:.2f}"
-        )
-        per_row = ", ".join(
-            f"{entry['run']} {entry['rows']:,} rows {entry['ms_per_row']:.2f}"
-            for entry in scaling["ms_per_row"]
-        )
-        print(f"  backfill ms per row copied: {per_row}")
-        print(
-            f"  peak RSS: {scaling['base_rows']:,} rows {scaling['base_rss_mib']:.0f} MiB ->"
-            f" {scaling['rss_rows']:,} rows {scaling['rss_run_rss_mib']:.0f} MiB"
-            f" ({scaling['rss_delta_mib']:+.0f} MiB)"
-        )
     shards = main.get("shards")
     single = main.get("backfill")
     if shards and single:
@@ -758,9 +677,12 @@ def _print_report(
     if "latency" in document:
         print()
         print(latency_report(document["latency"]))
+    if scaling:
+        print()
+        print(scale_report(scaling))
     print()
     print("issue targets (measured, not asserted):")
-    print(targets_table(check_targets(main, scaling=scaling)))
+    print(targets_table(check_targets(main, scaling=scaling, latency=document.get("latency"))))
     if "profile_top" in document:
         print()
         print(document["profile_top"])

@@ -224,8 +224,8 @@ def add_latency_flags(parser: argparse.ArgumentParser) -> None:
     """The latency section's flags (``python -m bench`` has them too)."""
     parser.add_argument("--latency-ms", default="20,60", help="added S3 latencies, ms")
     parser.add_argument("--latency-jitter", type=float, default=0.1, help="± share of it")
-    parser.add_argument("--latency-sweep", default="4,8,16,32,64,128", help="fixed levels")
-    parser.add_argument("--latency-rows", type=int, default=3000, help="rows seeded")
+    parser.add_argument("--latency-sweep", default="8,16,32,64,128", help="fixed levels")
+    parser.add_argument("--latency-rows", type=int, default=10_000, help="rows seeded")
     parser.add_argument("--latency-value-size", type=int, default=4096, help="bytes a value")
     parser.add_argument(
         "--throttle-rate", type=float, default=150.0, help="SlowDown above, requests/s (0: off)"
@@ -304,7 +304,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m bench.latency", description=__doc__)
     add_latency_flags(parser)
     parser.add_argument("--key-batch-size", type=int, default=1000)
-    parser.add_argument("--s3", default="s3rver", choices=("s3rver", "moto", "seaweedfs", "minio"))
+    parser.add_argument(
+        "--s3", default="seaweedfs", choices=("s3rver", "moto", "seaweedfs", "minio")
+    )
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     args = parser.parse_args(argv)
     args.shards = 1  # the main bench's runner passes it on; no shards run here

@@ -217,6 +217,7 @@ class Run:
 
     results: Mapping[str, Summary]
     scaling: Mapping[str, Any] | None
+    latency: Mapping[str, Any] | None = None
 
     def value(self, scenario: str, name: str) -> Any:
         result = self.results.get(scenario)
@@ -297,16 +298,34 @@ def _cpu_against_bare(ratio: float, run: Run) -> str:
 
 
 def _time_linear(time_ratio: float, run: Run) -> bool:
-    factor = run.scaled("factor")
-    return factor is not None and 0.75 * factor <= time_ratio <= 1.25 * factor
+    rows_ratio = run.scaled("rows_ratio")
+    return bool(rows_ratio) and 0.75 * rows_ratio <= time_ratio <= 1.25 * rows_ratio
 
 
-def _time_per_row_ratio(run: Run) -> float | None:
-    return float(run.scaled("rss_time_ratio")) / float(run.scaled("rss_rows_ratio"))
+def _most_tuples_per_row(run: Run) -> float | None:
+    tuples = run.scaled("pg_tuples_per_row") or {}
+    known = [float(value) for value in tuples.values() if value is not None]
+    return max(known) if known else None
 
 
-def _has_rss_run(run: Run) -> bool:
-    return bool(run.scaling and run.scaled("rss_time_ratio") and run.scaled("rss_rows_ratio"))
+def _tuples_flat(most: float, run: Run) -> bool:
+    return bool(run.scaled("tuples_ok"))
+
+
+def _tuned_against_best(run: Run) -> float | None:
+    sweeps = (run.latency or {}).get("sweeps") or []
+    return min((float(sweep["ratio_to_best"]) for sweep in sweeps), default=None)
+
+
+def _tuned_shown(worst: float, run: Run) -> str:
+    sweeps = (run.latency or {})["sweeps"]
+    return ", ".join(
+        f"{float(sweep['ratio_to_best']):.2f} x at +{sweep['latency_ms']:g} ms" for sweep in sweeps
+    )
+
+
+def _scale_rows(scaling: Mapping[str, Any]) -> tuple[str, str]:
+    return f"{scaling['rows']['smaller']:,}", f"{scaling['rows']['larger']:,}"
 
 
 def _round_trips(scenario: str) -> Target:
@@ -364,37 +383,40 @@ TARGETS = (
         _cpu_against_bare,
     ),
     Target(
+        "self-tuned concurrency >= 0.9 x the best fixed of the sweep (S3 behind a delay)",
+        _tuned_against_best,
+        _at_least(0.9),
+        _tuned_shown,
+    ),
+    Target(
         "peak RSS grows < 50 MiB with rows",
-        _scaled("rss_delta_mib"),
+        _scaled("rss_growth_mib"),
         _at_most(50),
         _shown_as("{:+.1f} MiB"),
         scaled_name=lambda scaling: (
-            f"peak RSS of {scaling['rss_rows']:,}-row run within 50 MiB of "
-            f"{scaling['base_rows']:,}-row run"
+            "peak RSS of the {1}-row run within 50 MiB of the {0}-row run".format(
+                *_scale_rows(scaling)
+            )
         ),
     ),
     Target(
         "time grows linearly",
         _scaled("time_ratio"),
         _time_linear,
-        _shown_as("{:.2f} x time"),
+        lambda ratio, run: f"{ratio:.2f} x time for {run.scaled('rows_ratio'):.2f} x rows",
         scaled_name=lambda scaling: (
-            f"time grows linearly: {scaling.get('factor')}x rows -> "
-            f"{scaling.get('factor')}x time +-25%"
+            "time grows linearly: {} -> {} rows, time ratio = rows ratio +-25%".format(
+                *_scale_rows(scaling)
+            )
         ),
     ),
     Target(
-        "time grows linearly up to the largest run (time/rows ratio 1 +-25%)",
-        _time_per_row_ratio,
-        lambda per_row, _run: 0.75 <= per_row <= 1.25,
-        lambda per_row, run: (
-            f"{run.scaled('rss_time_ratio'):.1f} x time for {run.scaled('rss_rows_ratio'):.1f} x"
-            f" rows ({per_row:.2f})"
+        "PG tuples read <= 3 per row and flat (scale runs)",
+        _most_tuples_per_row,
+        _tuples_flat,
+        lambda _most, run: " -> ".join(
+            f"{value:.2f}" for value in (run.scaled("pg_tuples_per_row") or {}).values()
         ),
-        scaled_name=lambda scaling: (
-            f"time grows linearly up to {scaling['rss_rows']:,} rows (time/rows ratio 1 +-25%)"
-        ),
-        applies=_has_rss_run,
     ),
 )
 
@@ -403,9 +425,10 @@ def check_targets(
     results: Mapping[str, Summary],
     *,
     scaling: Mapping[str, Any] | None,
+    latency: Mapping[str, Any] | None = None,
 ) -> list[TargetCheck]:
     """Evaluate the issue's targets on this run's numbers."""
-    run = Run(results, scaling)
+    run = Run(results, scaling, latency)
     return [target.check(run) for target in TARGETS if target.applies(run)]
 
 

@@ -3,12 +3,15 @@
 ``SlotPool`` is a pool of slots under a movable limit, waiters served first come, first served;
 both upload limiters (``retry.AdaptiveLimit`` and ``TunedLimit``) are one. ``ConcurrencyTuner``
 is the rule, with no clock and no I/O of its own: it is fed each upload's latency, the time it
-ended and the slots in use, and judges the limit one window at a time (``max(32, limit)``
-uploads over a quarter second at least) by the window's completion rate and median latency. By
-Little's law, rate = in flight / latency: while raising the limit raises the rate, latency is
-not just queueing and the higher limit is kept; when the rate stays flat, the extra uploads only
-queue (latency grew in step with the limit) and the limit goes back. So it doubles from a low
-start while each doubling brings at least 10 % more (TCP's slow start), then holds, and every
+ended and the slots in use, and judges the limit one window at a time by the window's completion
+rate and median latency. By Little's law, rate = in flight / latency: while raising the limit
+raises the rate, latency is not just queueing and the higher limit is kept; when the rate stays
+flat, the extra uploads only queue (latency grew in step with the limit) and the limit goes
+back. So it doubles from a low start while each doubling brings at least 5 % more (TCP's slow
+start), judged on short windows (``max(32, limit)`` uploads, a quarter second at least); a
+doubling that seems not to pay is measured again over a long window (``max(64, limit)``
+uploads, 0.6 s at least: one quarter second's rate varies by +-15 % at a steady limit), then
+the level below it too, and kept only if it brings 5 % more. Then it holds, and every
 few windows tries 1.25x (kept for 3 % more, and then tried again) or 0.75x (kept if nothing is
 lost); a window whose median latency is 1.5x the level's halves it at once, and again while
 halving costs under 3 % of the rate (the rise was queueing). A throttle halves the limit once
@@ -29,10 +32,12 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
-MIN_WINDOW_SAMPLES = 32
-MIN_WINDOW_S = 0.25  # and at least this long: shorter windows' rates are mostly noise
+# A window is judged after max(samples, limit) uploads and this long at least: short while
+# climbing (a doubling from a low start gains far more than the noise), long otherwise.
+MIN_WINDOW_SAMPLES, MIN_WINDOW_S = 64, 0.6
+CLIMB_WINDOW_SAMPLES, CLIMB_WINDOW_S = 32, 0.25
 INITIAL_TUNED_LIMIT = 5  # upstream's default uploads in flight: where the tuned limit starts
-CLIMB_GAIN = 0.10  # a doubling is kept if the rate grows by this share
+CLIMB_GAIN = 0.05  # a doubling is kept if the rate grows by this share
 HOLD_WINDOWS = 4  # windows measured at a level between two probes
 PROBE_UP, PROBE_UP_GAIN = 1.25, 0.03
 PROBE_DOWN = 0.75  # kept if the rate does not fall
@@ -105,6 +110,8 @@ class Phase(StrEnum):
     """What the tuner's current window measures."""
 
     CLIMB = "climb"  # a doubling
+    CONFIRM = "confirm"  # a doubling that did not seem to pay, again over a long window
+    RECHECK = "recheck"  # then the level below it over a long window, for a fair comparison
     HOLD = "hold"  # the accepted level
     PROBE_UP = "probe_up"
     PROBE_DOWN = "probe_down"
@@ -128,17 +135,20 @@ class ConcurrencyTuner:
         initial: int = INITIAL_TUNED_LIMIT,
         *,
         min_window_s: float = MIN_WINDOW_S,
+        climb_window_s: float = CLIMB_WINDOW_S,
     ) -> None:
         if maximum < 1:
             raise ValueError("maximum must be at least 1")
         self.maximum = maximum
         self.min_window_s = min_window_s
+        self.climb_window_s = climb_window_s
         self.estimate = float(min(max(initial, 1), maximum))
         self.phase = Phase.CLIMB
         self.accepted = self.estimate  # the level a probe or a failed climb goes back to
         self.level: WindowStats | None = None  # measured at the accepted level
         self._hold: list[WindowStats] = []
         self._probes = 0
+        self._doubled: tuple[float, WindowStats] | None = None  # CONFIRM's estimate and window
         self._ends: list[float] = []
         self._latencies: list[float] = []
         self._peak_in_use = 0
@@ -159,7 +169,12 @@ class ConcurrencyTuner:
         self._latencies.append(latency_s)
         self._peak_in_use = max(self._peak_in_use, in_use)
         elapsed = self._ends[-1] - self._ends[0]
-        if len(self._ends) < max(MIN_WINDOW_SAMPLES, self.limit) or elapsed < self.min_window_s:
+        samples, seconds = (
+            (CLIMB_WINDOW_SAMPLES, self.climb_window_s)
+            if self.phase is Phase.CLIMB
+            else (MIN_WINDOW_SAMPLES, self.min_window_s)
+        )
+        if len(self._ends) < max(samples, self.limit) or elapsed < seconds:
             return
         window = WindowStats(
             rate=(len(self._ends) - 1) / elapsed if elapsed > 0 else math.inf,
@@ -195,6 +210,13 @@ class ConcurrencyTuner:
             elif len(self._hold) >= HOLD_WINDOWS:
                 self._probe(in_use, used=used)
             return
+        if self.phase is Phase.CONFIRM:
+            self._doubled = (self.estimate, window)
+            self._move(self.accepted, Phase.RECHECK, in_use)
+            return
+        if self.phase is Phase.RECHECK:
+            self._recheck(window, used, in_use)
+            return
         gained = window.rate / level.rate if level.rate > 0 else math.inf
         keep = {
             Phase.CLIMB: 1 + CLIMB_GAIN,
@@ -202,6 +224,9 @@ class ConcurrencyTuner:
             Phase.PROBE_DOWN: 1.0,
             Phase.ALARM: ALARM_KEEP,
         }[self.phase]
+        if gained < keep and self.phase is Phase.CLIMB:
+            self.phase = Phase.CONFIRM  # stay, and measure it over a long window
+            return
         if gained < keep:
             self._settle(self.accepted, in_use)
             return
@@ -215,6 +240,22 @@ class ConcurrencyTuner:
             self._move(up, Phase.PROBE_UP, in_use, used=used)
         else:
             self.phase = Phase.HOLD
+
+    def _recheck(self, below: WindowStats, used: bool, in_use: int) -> None:
+        """Both levels measured over long windows: the doubling is kept (and the climb goes on
+        from it) if it brings ``CLIMB_GAIN`` more, else the limit stays at the level below."""
+        assert self._doubled is not None
+        (doubled, above), self._doubled = self._doubled, None
+        self.level, self._hold = below, [below]
+        if above.rate < (1 + CLIMB_GAIN) * below.rate or not used:
+            self.phase = Phase.HOLD
+            return
+        self.level, self._hold = above, [above]
+        if math.floor(min(2 * doubled, self.maximum)) > math.floor(doubled):
+            self._move(2 * doubled, Phase.CLIMB, in_use)
+        else:
+            self._move(doubled, Phase.HOLD, in_use)
+        self.accepted = doubled  # what a refused climb goes back to
 
     def _probe(self, in_use: int, *, used: bool) -> None:
         """Every third probe goes down, the others up (when the ceiling or the walk leaves no

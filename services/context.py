@@ -2,9 +2,10 @@
 
 ``open_services_context(settings)`` enters, on one ``AsyncExitStack``: telemetry, the asyncpg pool
 for the layer db and (when the persister mode uses S3, or a caller asks) one aiobotocore S3
-client. It yields a frozen ``ServicesContext``; leaving the block closes the S3 client, then the
-pool (waiting for connections to be released), then flushes telemetry. The entrypoint and the
-tests use this same function, so what the tests exercise is what production opens.
+client, its endpoint resolved once per bucket (``services.s3_endpoints``). It yields a frozen
+``ServicesContext``; leaving the block closes the S3 client, then the pool (waiting for
+connections to be released), then flushes telemetry. The entrypoint and the tests use this same
+function, so what the tests exercise is what production opens.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import aioboto3
 import aiobotocore
 import asyncpg
+import structlog
 from aiobotocore.config import AioConfig
 from opentelemetry.sdk.metrics.export import MetricReader
 
@@ -26,6 +28,7 @@ from layer_cache.errors import map_pg_connect_errors
 from layer_cache.keys import bucket_name
 from layer_cache.pg import PgLayer
 from layer_cache.s3 import S3Layer
+from services.s3_endpoints import memoize_endpoint_resolution
 from services.settings import (
     PgPoolConfig,
     PgSslMode,
@@ -38,6 +41,8 @@ from services.telemetry import Telemetry, start_telemetry
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
+
+log = structlog.get_logger("services.context")
 
 SslModeName = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 
@@ -203,4 +208,6 @@ async def open_services_context(
                     "s3", **s3_client_arguments(settings, max_connections=s3_max_connections)
                 )
             )
+            if not memoize_endpoint_resolution(s3_client):
+                log.debug("S3 endpoint resolution not memoized: unexpected client internals")
         yield ServicesContext(settings, pool, s3_client, telemetry)
