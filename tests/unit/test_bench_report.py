@@ -29,14 +29,19 @@ AT_THE_LIMITS = {
     "upstream_rerun": summary(seconds=4.0, rows_per_s=100.0),
 }
 SCALING = {
-    "rss_delta_mib": 50.0,
-    "rss_rows": 100_000,
-    "base_rows": 10_000,
-    "time_ratio": 12.5,
-    "factor": 10,
-    "rss_time_ratio": 12.5,
-    "rss_rows_ratio": 10.0,
+    "rows": {"smaller": 250_000, "larger": 1_000_000},
+    "rows_ratio": 4.0,
+    "time_ratio": 5.0,
+    "rss_growth_mib": 50.0,
+    "pg_tuples_per_row": {"smaller": 2.9, "larger": 3.0},
+    "tuples_ok": True,
 }
+LATENCY = {
+    "sweeps": [{"latency_ms": 20, "ratio_to_best": 0.95}, {"latency_ms": 60, "ratio_to_best": 0.9}]
+}
+RSS = "peak RSS of the 1,000,000-row run within 50 MiB of the 250,000-row run"
+LINEAR = "time grows linearly: 250,000 -> 1,000,000 rows, time ratio = rows ratio +-25%"
+TUNED = "self-tuned concurrency >= 0.9 x the best fixed of the sweep (S3 behind a delay)"
 
 
 def by_name(checks: list[TargetCheck]) -> dict[str, TargetCheck]:
@@ -44,7 +49,7 @@ def by_name(checks: list[TargetCheck]) -> dict[str, TargetCheck]:
 
 
 def test_every_target_holds_at_its_limit() -> None:
-    checks = check_targets(AT_THE_LIMITS, scaling=SCALING)
+    checks = check_targets(AT_THE_LIMITS, scaling=SCALING, latency=LATENCY)
     assert len(checks) == len(TARGETS)
     assert [check.name for check in checks if check.holds is not True] == []
     named = by_name(checks)
@@ -58,27 +63,34 @@ def test_every_target_holds_at_its_limit() -> None:
         named["client CPU per object <= 0.8 x bare PUT loop (aioboto3 defaults)"].measured
         == "0.80 x (0.800 vs 1.000 ms)"
     )
-    assert named["peak RSS of 100,000-row run within 50 MiB of 10,000-row run"].measured == (
-        "+50.0 MiB"
-    )
-    assert named["time grows linearly: 10x rows -> 10x time +-25%"].holds is True
+    assert named[RSS].measured == "+50.0 MiB"
+    assert named[LINEAR].measured == "5.00 x time for 4.00 x rows"
+    assert named[TUNED].measured == "0.95 x at +20 ms, 0.90 x at +60 ms"
+    assert named["PG tuples read <= 3 per row and flat (scale runs)"].measured == "2.90 -> 3.00"
 
 
 def test_a_target_past_its_limit_does_not_hold() -> None:
     results = dict(AT_THE_LIMITS)
     results["backfill_rerun"] = results["backfill_rerun"] | {"s3_requests_per_row": 0.021}
-    named = by_name(check_targets(results, scaling=SCALING | {"time_ratio": 12.6}))
+    slower = {"sweeps": [{"latency_ms": 20, "ratio_to_best": 0.89}]}
+    named = by_name(
+        check_targets(
+            results, scaling=SCALING | {"time_ratio": 5.01, "tuples_ok": False}, latency=slower
+        )
+    )
     assert named["S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)"] == (
         TargetCheck(
             "S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)", "0.0210/row", False
         )
     )
-    assert named["time grows linearly: 10x rows -> 10x time +-25%"].holds is False
+    assert named[LINEAR].holds is False
+    assert named[TUNED].holds is False
+    assert named["PG tuples read <= 3 per row and flat (scale runs)"].holds is False
 
 
-def test_without_numbers_every_target_is_not_measured_and_the_rss_run_is_left_out() -> None:
+def test_without_numbers_every_target_is_not_measured() -> None:
     checks = check_targets({}, scaling=None)
-    assert len(checks) == len(TARGETS) - 1
+    assert len(checks) == len(TARGETS)
     assert {(check.measured, check.holds) for check in checks} == {("not measured", None)}
     assert "peak RSS grows < 50 MiB with rows" in by_name(checks)
     assert "time grows linearly" in by_name(checks)
