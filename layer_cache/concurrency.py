@@ -47,10 +47,11 @@ LATENCY_ALARM, ALARM_DOWN, ALARM_KEEP = 1.5, 0.5, 0.97
 class ConcurrencyMode(StrEnum):
     """How a cache's uploads in flight are limited."""
 
+    TUNED = "tuned"
+    """The default: from a low start, up while that pays, down when latency rises or S3
+    throttles."""
     FIXED = "fixed"
     """At the maximum, halved while S3 throttles and raised back after successes (AIMD)."""
-    TUNED = "tuned"
-    """From a low start, up while latency stays flat, down when it rises or S3 throttles."""
 
 
 class UploadLimit(Protocol):

@@ -136,7 +136,7 @@ class BackfillSettings(BaseSettings):
     key_batch_size: int = Field(1000, ge=1, le=100_000)
     checkpoint_interval_secs: float = Field(30, gt=0)
     max_concurrent_uploads: int | None = Field(None, ge=1, le=1024)
-    concurrency: ConcurrencyMode = ConcurrencyMode.FIXED
+    concurrency: ConcurrencyMode = ConcurrencyMode.TUNED
     grace_period_secs: float = Field(20, ge=0)
     restart: bool = False
     progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
@@ -169,7 +169,7 @@ class BackfillConfig:
     checkpoint_interval: timedelta
     max_concurrent_uploads: int
     grace_period: timedelta
-    concurrency: ConcurrencyMode = ConcurrencyMode.FIXED
+    concurrency: ConcurrencyMode = ConcurrencyMode.TUNED
     restart: bool = False
     progress_store: ProgressStoreKind = ProgressStoreKind.AUTO
     retry_policy: RetryPolicy = field(default_factory=RetryPolicy)

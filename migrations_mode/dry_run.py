@@ -5,9 +5,13 @@ probe (a PUT whose ``Content-MD5`` cannot match; one stored by a server that doe
 digests is deleted at once and reported). Then per cache it counts rows and value bytes below the
 cutoff in this shard exactly (one full scan per table: the numbers a real run reports), samples
 rows at random points of the key space (cheap primary-key lookups) and HEADs them to estimate the
-share already in S3 and the request latency, and estimates the run time as rows to upload x
-latency / concurrency plus one listing request per page. The result is a table on stdout and one
-``backfill dry run`` log event per cache; the connections close with the services context.
+share already in S3, the request latency and the client CPU one request costs. A run's uploads
+are bound by whichever is slower: latency / concurrency (with ``tuned`` concurrency, its ceiling,
+so this part is a best case) or the client's CPU per request (a PUT costs a little more than a
+HEAD, so this part is a lower bound too); the estimate is rows to upload x that bound plus one
+listing request per page, and the total is the slowest cache, or all caches' CPU when they share
+one saturated client. The result is a table on stdout and one ``backfill dry run`` log event per
+cache; the connections close with the services context.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ class CacheEstimate:
     latency_s: float | None
     write_check: str
     estimated_s: float
+    cpu_s_per_request: float | None = None
+    bound: str = "latency"  # what limits the uploads: "latency" or "client CPU"
 
     @property
     def share_in_s3(self) -> float:
@@ -62,16 +68,40 @@ class CacheEstimate:
         return round(self.rows * (1 - self.share_in_s3))
 
 
+def upload_bound(
+    latency_s: float, cpu_s_per_request: float | None, config: BackfillConfig
+) -> tuple[float, str]:
+    """Seconds per upload, and what sets them: latency spread over the concurrency, or the
+    client's CPU per request when that is slower."""
+    by_latency = latency_s / config.max_concurrent_uploads
+    if cpu_s_per_request is not None and cpu_s_per_request > by_latency:
+        return cpu_s_per_request, "client CPU"
+    return by_latency, "latency"
+
+
 def estimate_seconds(
-    *, rows: int, rows_to_upload: int, latency_s: float | None, config: BackfillConfig
+    *,
+    rows: int,
+    rows_to_upload: int,
+    latency_s: float | None,
+    config: BackfillConfig,
+    cpu_s_per_request: float | None = None,
 ) -> float:
-    """Run time at the measured request latency: uploads spread over the concurrency, plus one
-    table page and one bucket listing per page."""
+    """Run time: each upload at ``upload_bound``, plus one table page and one bucket listing per
+    page at the measured latency."""
     if latency_s is None:
         return 0.0
-    uploads = rows_to_upload * latency_s / config.max_concurrent_uploads
+    per_upload, _ = upload_bound(latency_s, cpu_s_per_request, config)
     pages = (rows / config.key_batch_size) * 2 * latency_s
-    return uploads + pages
+    return rows_to_upload * per_upload + pages
+
+
+def total_seconds(estimates: Sequence[CacheEstimate]) -> float:
+    """Caches run side by side: the slowest one, unless their uploads' CPU on the one shared
+    client adds up to more."""
+    slowest = max((e.estimated_s for e in estimates), default=0.0)
+    shared_cpu = sum(e.rows_to_upload * (e.cpu_s_per_request or 0.0) for e in estimates)
+    return max(slowest, shared_cpu)
 
 
 async def _sample(pg: PgLayer, config: BackfillConfig, rng: random.Random) -> list[RowRef]:
@@ -88,9 +118,16 @@ async def _sample(pg: PgLayer, config: BackfillConfig, rng: random.Random) -> li
     return list(rows.values())
 
 
-async def _head_all(
-    s3: S3Layer, rows: Sequence[RowRef], config: BackfillConfig
-) -> tuple[int, float | None]:
+@dataclass(frozen=True)
+class HeadSample:
+    """HEADs of the sampled rows: how many matched, their median latency, client CPU each."""
+
+    in_s3: int
+    latency_s: float | None
+    cpu_s_per_request: float | None
+
+
+async def _head_all(s3: S3Layer, rows: Sequence[RowRef], config: BackfillConfig) -> HeadSample:
     slots = asyncio.Semaphore(config.max_concurrent_uploads)
     latencies: list[float] = []
 
@@ -101,8 +138,14 @@ async def _head_all(
             latencies.append(time.monotonic() - started)
             return size == row.size
 
+    cpu_before = time.process_time()
     present = await asyncio.gather(*(head(row) for row in rows))
-    return sum(present), (statistics.median(latencies) if latencies else None)
+    cpu_s = time.process_time() - cpu_before
+    return HeadSample(
+        in_s3=sum(present),
+        latency_s=statistics.median(latencies) if latencies else None,
+        cpu_s_per_request=cpu_s / len(latencies) if latencies else None,
+    )
 
 
 async def estimate_cache(
@@ -114,8 +157,10 @@ async def estimate_cache(
         cutoff=config.cutoff, low=key_range.low, high=key_range.high
     )
     sample = await _sample(pg, config, rng)
-    in_s3, latency = await _head_all(s3, sample, config)
+    heads = await _head_all(s3, sample, config)
+    in_s3, latency, cpu_s = heads.in_s3, heads.latency_s, heads.cpu_s_per_request
     to_upload = round(rows * (1 - in_s3 / len(sample))) if sample else rows
+    bound = "latency" if latency is None else upload_bound(latency, cpu_s, config)[1]
     return CacheEstimate(
         cache_type=pg.spec.cache_type.value,
         rows=rows,
@@ -125,8 +170,14 @@ async def estimate_cache(
         latency_s=latency,
         write_check=write_check.value,
         estimated_s=estimate_seconds(
-            rows=rows, rows_to_upload=to_upload, latency_s=latency, config=config
+            rows=rows,
+            rows_to_upload=to_upload,
+            latency_s=latency,
+            config=config,
+            cpu_s_per_request=cpu_s,
         ),
+        cpu_s_per_request=cpu_s,
+        bound=bound,
     )
 
 
@@ -152,6 +203,10 @@ async def run_dry_run(context: ServicesContext, config: BackfillConfig) -> list[
             request_latency_ms=None
             if estimate.latency_s is None
             else round(1000 * estimate.latency_s, 1),
+            client_cpu_ms_per_request=None
+            if estimate.cpu_s_per_request is None
+            else round(1000 * estimate.cpu_s_per_request, 3),
+            bound_by=estimate.bound,
             write_permission=estimate.write_check,
             estimated_s=round(estimate.estimated_s),
         )
@@ -161,7 +216,16 @@ async def run_dry_run(context: ServicesContext, config: BackfillConfig) -> list[
 
 def format_estimate_table(estimates: Sequence[CacheEstimate]) -> str:
     """The dry run's table: one line per cache and a total."""
-    header = ("cache", "rows", "MiB", "in S3 (sample)", "to upload", "latency ms", "est. time")
+    header = (
+        "cache",
+        "rows",
+        "MiB",
+        "in S3 (sample)",
+        "to upload",
+        "latency ms",
+        "bound by",
+        "est. time",
+    )
     lines = [
         (
             e.cache_type,
@@ -170,6 +234,7 @@ def format_estimate_table(estimates: Sequence[CacheEstimate]) -> str:
             f"{100 * e.share_in_s3:.0f}% of {e.sampled}",
             f"~{e.rows_to_upload:,}",
             "?" if e.latency_s is None else f"{1000 * e.latency_s:.1f}",
+            e.bound,
             format_duration(e.estimated_s),
         )
         for e in estimates
@@ -181,6 +246,7 @@ def format_estimate_table(estimates: Sequence[CacheEstimate]) -> str:
         "",
         f"~{sum(e.rows_to_upload for e in estimates):,}",
         "",
-        format_duration(max((e.estimated_s for e in estimates), default=0.0)),
+        "",
+        format_duration(total_seconds(estimates)),
     )
     return render_table(header, lines, total=total)

@@ -109,10 +109,11 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "cache_types": "comma-separated cache types to copy; required",
     "key_batch_size": "rows listed per Postgres query",
     "checkpoint_interval_secs": "seconds between 'backfill checkpoint' log events",
-    "max_concurrent_uploads": "uploads in flight per cache type: the number with fixed "
-    "concurrency (default 5), the ceiling with tuned (default 64)",
-    "concurrency": "fixed: the max in flight, halved while S3 throttles; tuned: start at 5, "
-    "rise while latency stays flat, fall when it rises or S3 throttles",
+    "max_concurrent_uploads": "uploads in flight per cache type: the ceiling with tuned "
+    "concurrency (default 64), the number with fixed (default 5)",
+    "concurrency": "tuned (default): start at 5, rise while that brings more uploads a second, "
+    "fall when latency rises or S3 throttles; fixed: the max in flight, halved while S3 "
+    "throttles",
     "grace_period_secs": "seconds to let in-flight uploads finish after SIGTERM/SIGINT",
     "restart": "ignore saved progress and start from the cutoff",
     "progress_store": "where progress is saved: auto, postgres or s3",

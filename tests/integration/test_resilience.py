@@ -138,22 +138,30 @@ def check_resume_events(
         assert started[0]["resume_after_key"] == position.key, (started[0], position)
 
 
-# (store, trials, rows per cache, kills that must land mid-copy). The last is what keeps the series
-# from passing vacuously; a trial may legitimately end before its kill or be killed between a
-# checkpoint and the next upload, so the floor is well below the number of trials.
+# (store, trials, rows per cache, kills that must land mid-copy, concurrency mode and uploads in
+# flight: with ``tuned`` the ceiling). The floor is what keeps the series from passing vacuously;
+# a trial may legitimately end before its kill or be killed between a checkpoint and the next
+# upload, so it is well below the number of trials. The tuned series runs at a ceiling of 64, so
+# the re-work bound (key batch + uploads in flight) is checked at the higher concurrency too.
 KILL_SERIES = [
     pytest.param(
         "auto",
         10,
         {CacheType.CAS: 900, CacheType.CHANGE_BATCH: 600},
         2,
+        ("fixed", 4),
         id="progress-in-postgres",
     ),
-    pytest.param("s3", 3, {CacheType.WORKSPACE_SNAPSHOT: 600}, 1, id="progress-in-s3"),
+    pytest.param(
+        "s3", 3, {CacheType.WORKSPACE_SNAPSHOT: 600}, 1, ("fixed", 4), id="progress-in-s3"
+    ),
+    pytest.param(
+        "auto", 4, {CacheType.CAS: 3000}, 1, ("tuned", 64), id="progress-in-postgres-tuned-64"
+    ),
 ]
 
 
-@pytest.mark.parametrize(("store", "trials", "counts", "mid_copy_floor"), KILL_SERIES)
+@pytest.mark.parametrize(("store", "trials", "counts", "mid_copy_floor", "uploads"), KILL_SERIES)
 async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_stays_bounded(
     layer_db: LayerDb,
     env: dict[str, str],
@@ -163,16 +171,19 @@ async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_
     trials: int,
     counts: dict[CacheType, int],
     mid_copy_floor: int,
+    uploads: tuple[str, int],
 ) -> None:
-    rng = random.Random(f"kill-9-{store}")
+    rng = random.Random(f"kill-9-{store}-{uploads[0]}")
     rows = await seed(layer_db, rng, counts)
     caches = list(counts)
-    batch, concurrency = 50, 4
+    batch, (mode, concurrency) = 50, uploads
     args = backfill_args(
         "--backfill-key-batch-size",
         str(batch),
         "--backfill-max-concurrent-uploads",
         str(concurrency),
+        "--backfill-concurrency",
+        mode,
         "--backfill-progress-store",
         store,
         cutoff=CUTOFF_TEXT,
@@ -364,6 +375,8 @@ async def test_s3_faults_are_retried_by_class_throttling_lowers_the_upload_limit
     args = backfill_args(
         "--backfill-key-batch-size",
         "40",
+        "--backfill-concurrency",
+        "fixed",  # the AIMD limit under test: at the maximum, halved by SlowDown
         "--backfill-max-concurrent-uploads",
         str(concurrency),
         "--backfill-checkpoint-interval-secs",

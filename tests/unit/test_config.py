@@ -114,8 +114,8 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize(
     ("flags", "concurrency", "max_concurrent"),
     [
-        ({}, ConcurrencyMode.FIXED, 5),
-        ({"concurrency": "tuned"}, ConcurrencyMode.TUNED, 64),
+        ({}, ConcurrencyMode.TUNED, 64),
+        ({"concurrency": "fixed"}, ConcurrencyMode.FIXED, 5),
         ({"concurrency": "tuned", "max_concurrent_uploads": "200"}, ConcurrencyMode.TUNED, 200),
         ({"concurrency": "fixed", "max_concurrent_uploads": "20"}, ConcurrencyMode.FIXED, 20),
     ],
