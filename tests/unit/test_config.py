@@ -106,7 +106,7 @@ def test_flags_win_over_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("SI_BACKFILL_KEY_BATCH_SIZE", "50")
     config = load_backfill_config({"key_batch_size": "7", "max_concurrent_uploads": None})
     assert config.key_batch_size == 7
-    assert config.max_concurrent_uploads == 5
+    assert config.max_concurrent_uploads == 64  # the tuned default's ceiling
     assert config.cache_types == (CacheType.CAS,)
     assert config.checkpoint_interval == timedelta(seconds=30)
 
