@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import asyncpg
 
@@ -30,6 +30,8 @@ from services.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+
+    from bench.data import SeededDatabase
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PRODUCT_PACKAGES = (
@@ -375,3 +377,22 @@ class Result:
             }
         data.update(self.extra)
         return data
+
+
+class ScenarioRunner(Protocol):
+    """What the latency and scale sections need of ``bench.__main__.Runner``."""
+
+    s3: S3Endpoint
+
+    def new_prefix(self, label: str) -> str: ...
+    def target(self, database: SeededDatabase, prefix: str) -> Target: ...
+    def run(
+        self,
+        name: str,
+        target: Target,
+        *,
+        concurrency: int,
+        rows: int,
+        extra_args: tuple[str, ...] = (),
+        label: str | None = None,
+    ) -> dict[str, Any]: ...

@@ -24,9 +24,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from bench.common import CUTOFF, Target
+from bench.common import CUTOFF, ScenarioRunner, Target
 from bench.data import SeededDatabase, seed_database
 from bench.delay_proxy import delayed_endpoint
 from bench.report import format_table
@@ -39,25 +39,6 @@ TARGET_SHARE_OF_BEST = 0.9
 STORM_SHARE = 0.05  # more than this share of S3 requests answered SlowDown is a storm
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TUNED = ("--concurrency-mode", "tuned")
-
-
-class ScenarioRunner(Protocol):
-    """What this needs of ``bench.__main__.Runner``."""
-
-    s3: S3Endpoint
-
-    def new_prefix(self, label: str) -> str: ...
-    def target(self, database: SeededDatabase, prefix: str) -> Target: ...
-    def run(
-        self,
-        name: str,
-        target: Target,
-        *,
-        concurrency: int,
-        rows: int,
-        extra_args: tuple[str, ...] = (),
-        label: str | None = None,
-    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)

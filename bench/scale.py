@@ -20,9 +20,9 @@ import argparse
 import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from bench.common import CUTOFF, Target
+from bench.common import CUTOFF, ScenarioRunner
 from bench.data import SeededDatabase, seed_database
 from bench.report import format_table
 from devenv.postgres import PostgresEndpoint
@@ -33,23 +33,6 @@ LINEAR_TOLERANCE = 0.25  # time ratio within rows ratio x (1 +- this)
 RSS_GROWTH_LIMIT_MIB = 50.0
 TUPLES_PER_ROW_LIMIT = 3.0
 FLAT_TOLERANCE = 0.10  # tuples per row at both sizes within this share of each other
-
-
-class ScenarioRunner(Protocol):
-    """What this needs of ``bench.__main__.Runner``."""
-
-    def new_prefix(self, label: str) -> str: ...
-    def target(self, database: SeededDatabase, prefix: str) -> Target: ...
-    def run(
-        self,
-        name: str,
-        target: Target,
-        *,
-        concurrency: int,
-        rows: int,
-        extra_args: tuple[str, ...] = (),
-        label: str | None = None,
-    ) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
