@@ -1,8 +1,9 @@
-"""``python -m bench --smoke``: every scenario runs end to end and lands in the table and JSON.
+"""``python -m bench --smoke``: every scenario runs end to end and lands in the table and JSON;
+a tiny run of the latency and scale sections does too.
 
-The benchmark starts its own PostgreSQL and s3rver (npm, installed by `make`), so this test
-needs no fixture; it takes about half a minute. Numbers are not checked: the benchmark measures
-targets, it does not assert them.
+The benchmark starts its own PostgreSQL and SeaweedFS, so these tests need no fixture; each
+takes under a minute. Numbers are not checked: the benchmark measures targets, it does not
+assert them.
 """
 
 from __future__ import annotations
@@ -35,20 +36,26 @@ HEADLINE = (
 )
 
 
-def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
+def run_bench(tmp_path: Path, *flags: str, timeout_s: float) -> str:
+    """``python -m bench`` with these flags, writing into ``tmp_path``; its stdout."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
     completed = subprocess.run(
-        [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(tmp_path)],
+        [sys.executable, "-m", "bench", *flags, "--results-dir", str(tmp_path)],
         cwd=REPO_ROOT,
         env=environment,
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=timeout_s,
         check=False,
     )
     output = completed.stdout
     assert completed.returncode == 0, f"{output[-4000:]}\n{completed.stderr[-4000:]}"
+    return output
+
+
+def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
+    output = run_bench(tmp_path, "--smoke", timeout_s=120)
 
     table_lines = [line for line in output.splitlines() if line.split(" ", 1)[0] in SCENARIOS]
     assert {line.split(" ", 1)[0] for line in table_lines} == set(SCENARIOS)
@@ -68,6 +75,34 @@ def test_smoke_run_reports_every_scenario(tmp_path: Path) -> None:
     stamped = [path for path in tmp_path.glob("*.json") if path.name != "latest.json"]
     assert len(stamped) == 1
     assert json.loads(stamped[0].read_text()) == latest
+
+
+def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_path: Path) -> None:
+    output = run_bench(
+        tmp_path,
+        *("--rows", "300", "--key-batch-size", "100", "--concurrency", "8", "--no-sweep"),
+        *("--latency-rows", "300", "--latency-sweep", "4,8", "--latency-ms", "5"),
+        *("--throttle-rate", "40", "--scale-rows", "2000", "--scale-shards", "1,2"),
+        timeout_s=240,
+    )
+    assert "rows/s of the backfill with S3 behind a delay" in output
+    assert "scale: one cache, 256-byte values, C=8" in output
+    assert "100M rows client-CPU bound" in output
+
+    latest = json.loads((tmp_path / "latest.json").read_text())
+    [sweep] = latest["latency"]["sweeps"]
+    assert set(sweep["fixed_rows_per_s"]) == {"4", "8"}
+    assert sweep["tuned_rows_per_s"] > 0
+    assert {"fixed", "tuned"} <= set(latest["latency"]["throttle"])
+    scale = latest["scaling"]
+    assert scale["rows"] == {"smaller": 448, "larger": 1_799}  # below the cutoff of 500 and 2,000
+    assert set(scale["runs"]) == {"smaller", "larger", "shards-2"}
+    assert scale["runs"]["shards-2"]["rows"] == 448  # two shards, every row once
+    assert set(scale["extrapolation"]["hours_at_measured_rate"]) == {"1", "2"}
+    names = {target["target"] for target in latest["targets"]}
+    tuned = "self-tuned concurrency >= 0.9 x the best fixed of the sweep (S3 behind a delay)"
+    assert tuned in names
+    assert "PG tuples read <= 3 per row and flat (scale runs)" in names
 
 
 def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(
