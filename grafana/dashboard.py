@@ -362,8 +362,9 @@ def health(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
         ),
         series(
             "Upload Concurrency: Limit vs In Flight",
-            "The adaptive upload concurrency limit (lowered when throttled, raised back on "
-            "success) against the uploads in flight.",
+            "The upload concurrency limit against the uploads in flight. Tuned (the default): "
+            "climbs from 5 while that brings more uploads a second, falls when latency rises or "
+            "S3 throttles. Fixed: the maximum, lowered when throttled and raised back on success.",
             "short",
             [
                 query(
