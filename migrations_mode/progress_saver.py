@@ -2,10 +2,10 @@
 
 ``load`` returns the record to resume from (none with ``--backfill-restart``, and a warning when
 records exist only under other parameters). While the cache runs, ``finished`` wakes the
-``save_when_due`` loop each time another half batch of rows has finished in order since the last
-save (half, so that the rows finishing while a save is being written still fit in one batch);
-a failed save is a warning, never a failure (it costs re-work, not data). Shutdown: the cache
-cancels the loop, then ``final_save`` writes the last position, shielded from cancellation.
+``save_when_due`` loop each time another batch of rows has finished in order since the last
+save was taken; a failed save is a warning, never a failure (it costs re-work, not data).
+Shutdown: the cache cancels the loop, then ``final_save`` writes the last position, shielded
+from cancellation.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ Snapshot = Callable[[], tuple[SavedProgress, int]]
 
 
 class ProgressSaver:
-    """Saves a cache's progress under its key each time half a batch has finished in order."""
+    """Saves a cache's progress under its key each time a batch's worth has finished in order."""
 
     def __init__(
         self,
@@ -89,15 +89,15 @@ class ProgressSaver:
         )
 
     def finished(self, finished_in_order: int) -> None:
-        """A row is done; wake the saver once half a batch of rows has finished in order since
-        the last save. A kill then redoes at most that half, the rows that finished while the
-        next save was being written, and the uploads in flight: within one batch plus the
-        uploads in flight while a save takes less than half a batch's worth of uploads."""
-        if finished_in_order - self._saved_at >= max(1, self._batch_size // 2):
+        """A row is done; wake the saver once a batch of rows has finished in order since the
+        last save was taken. A kill then redoes at most that batch, the rows that finished
+        while the next save was being written (about one upload's time: up to the uploads in
+        flight) and the uploads in flight, so one batch plus twice the uploads in flight."""
+        if finished_in_order - self._saved_at >= self._batch_size:
             self._save_due.set()
 
     async def save_when_due(self) -> None:
-        """Save each time ``finished`` says half a batch is done; runs until cancelled."""
+        """Save each time ``finished`` says a batch's worth is done; runs until cancelled."""
         while True:
             await self._save_due.wait()
             self._save_due.clear()
@@ -115,11 +115,14 @@ class ProgressSaver:
         record, finished_in_order = self._snapshot()
         if record.position == self._saved_position and not record.completed:
             return
+        # Counted from this snapshot while it is written, so rows finishing meanwhile do not
+        # ask for another save at once; a failed save gives the count back.
+        previous, self._saved_at = self._saved_at, finished_in_order
         try:
             await self._storage_call(lambda: self.store.save(self.key, record))
         except CacheBackfillFailed as exc:
             # Losing a save costs re-work on the next run, never data: carry on.
             log.warning("could not save backfill progress", error=str(exc.cause))
+            self._saved_at = previous
             return
         self._saved_position = record.position
-        self._saved_at = finished_in_order

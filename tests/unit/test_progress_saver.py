@@ -150,18 +150,18 @@ async def test_a_failed_save_is_a_warning_and_the_next_save_tries_again() -> Non
     assert store.records[KEY] == walk.record
 
 
-async def test_the_loop_saves_once_half_a_batch_has_finished_in_order_since_the_last_save() -> None:
+async def test_the_loop_saves_once_a_batch_has_finished_in_order_since_the_last_save() -> None:
     store, walk = MemoryStore(), Walk()
     saver = saver_for(store, walk)
     walk.advance(5, "a0")
     await saver.save()  # saved at 5 rows finished
     loop = asyncio.create_task(saver.save_when_due())
     try:
-        walk.advance(4, "b0")
+        walk.advance(9, "b0")
         saver.finished(walk.finished_in_order)
         for _ in range(5):
             await asyncio.sleep(0)  # the loop would run and save within these turns
-        assert store.saves == 1, "4 rows since the last save are less than half a batch of 10"
+        assert store.saves == 1, "9 rows since the last save are less than a batch of 10"
         walk.advance(1, "b1")
         saver.finished(walk.finished_in_order)
         await asyncio.wait_for(store.saved.wait(), timeout=5)
