@@ -34,9 +34,16 @@ import aioboto3
 import asyncpg
 from aiobotocore.config import AioConfig
 
-from bench.common import CUTOFF, TABLE, Target, code_fingerprint, obstore_available
+from bench.common import (
+    CUTOFF,
+    TABLE,
+    Target,
+    code_fingerprint,
+    comma_ints,
+    obstore_available,
+)
 from bench.cpu import find_process
-from bench.data import BENCH_SIZES, SeededDatabase, seed_database
+from bench.data import BENCH_SIZES, SeededDatabase, seed_and_report, uniform_sizes
 from bench.latency import add_latency_flags, latency_report, run_latency_section
 from bench.report import (
     check_targets,
@@ -49,7 +56,6 @@ from bench.report import (
 from bench.scale import add_scale_flags, run_scale_section, scale_report
 from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
 from devenv.s3 import S3Endpoint, create_buckets, start_s3
-from devenv.seed import SizeMix
 from devenv.tools import S3RVER_VERSION
 from layer_cache.keys import bucket_name
 
@@ -399,19 +405,6 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return ordered[(len(ordered) - 1) // 2]
 
 
-def _seed(pg: PostgresEndpoint, dbname: str, rows: int, sizes: SizeMix) -> SeededDatabase:
-    started = time.monotonic()
-    print(f"  seeding {rows:,} rows into {dbname}.cas ...", end="", flush=True)
-    database = asyncio.run(seed_database(pg, dbname, rows, cutoff=CUTOFF, sizes=sizes))
-    print(
-        f" {database.rows_below_cutoff:,} below the cutoff,"
-        f" {database.bytes_below_cutoff / 2**20:,.0f} MiB,"
-        f" largest tie {database.largest_tie:,} rows ({time.monotonic() - started:.0f} s)",
-        flush=True,
-    )
-    return database
-
-
 def _profile_backfill(
     runner: Runner, database: SeededDatabase, concurrency: int, results_dir: Path, stamp: str
 ) -> str:
@@ -437,11 +430,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     """Start the servers, seed, run every scenario; the results document."""
     started = time.monotonic()
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    sizes = (
-        BENCH_SIZES
-        if args.value_size is None
-        else SizeMix(small=(args.value_size, args.value_size), large_share=0.0)
-    )
+    sizes = BENCH_SIZES if args.value_size is None else uniform_sizes(args.value_size)
     results_dir: Path = args.results_dir
     results_dir.mkdir(parents=True, exist_ok=True)
     document: dict[str, Any] = {
@@ -476,7 +465,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             "pg_stat_statements": statements,
         }
         print(_machine_lines(machine, statements), flush=True)
-        main_db = _seed(pg, f"bench_{args.rows}", args.rows, sizes)
+        main_db = seed_and_report(pg, f"bench_{args.rows}", args.rows, cutoff=CUTOFF, sizes=sizes)
         databases = {"main": main_db}
         runner = Runner(args, pg, s3, statements=statements, logs_dir=logs_dir)
         runner.pg_pid = pg_server.pid
@@ -529,7 +518,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
 
         sweep: dict[int, dict[str, dict[str, Any]]] = {}
         if not args.no_sweep:
-            levels = sorted({int(level) for level in args.sweep.split(",") if level.strip()})
+            levels = comma_ints(args.sweep)
             print(f"concurrency sweep {levels}:", flush=True)
             for level in levels:
                 sweep[level] = {}

@@ -379,6 +379,11 @@ class Result:
         return data
 
 
+def comma_ints(text: str) -> list[int]:
+    """``"64,8,8, 16"`` -> ``[8, 16, 64]``: the distinct whole numbers of a flag, ascending."""
+    return sorted({int(part) for part in text.split(",") if part.strip()})
+
+
 class ScenarioRunner(Protocol):
     """What the latency and scale sections need of ``bench.__main__.Runner``."""
 

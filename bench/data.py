@@ -9,7 +9,9 @@ the live path's INSERTs, and the benchmark does not time it), then the table is 
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -110,3 +112,24 @@ async def seed_database(
         largest_value=int(totals["largest"]),
         largest_tie=int(largest_tie),
     )
+
+
+def uniform_sizes(size: int) -> SizeMix:
+    """Every value exactly ``size`` bytes."""
+    return SizeMix(small=(size, size), large_share=0.0)
+
+
+def seed_and_report(
+    pg: PostgresEndpoint, dbname: str, rows: int, *, cutoff: datetime, sizes: SizeMix
+) -> SeededDatabase:
+    """``seed_database``, saying on stdout what it seeded and how long it took."""
+    started = time.monotonic()
+    print(f"  seeding {rows:,} rows into {dbname}.cas ...", end="", flush=True)
+    database = asyncio.run(seed_database(pg, dbname, rows, cutoff=cutoff, sizes=sizes))
+    print(
+        f" {database.rows_below_cutoff:,} below the cutoff,"
+        f" {database.bytes_below_cutoff / 2**20:,.0f} MiB,"
+        f" largest tie {database.largest_tie:,} rows ({time.monotonic() - started:.0f} s)",
+        flush=True,
+    )
+    return database

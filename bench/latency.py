@@ -26,14 +26,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench.common import CUTOFF, ScenarioRunner, Target
-from bench.data import SeededDatabase, seed_database
+from bench.common import CUTOFF, ScenarioRunner, Target, comma_ints
+from bench.data import SeededDatabase, seed_and_report, uniform_sizes
 from bench.delay_proxy import delayed_endpoint
 from bench.report import format_table
 from devenv.faults import SLOWDOWN
 from devenv.postgres import PostgresEndpoint, start_postgres
 from devenv.s3 import S3Endpoint, start_s3
-from devenv.seed import SizeMix
 
 TARGET_SHARE_OF_BEST = 0.9
 STORM_SHARE = 0.05  # more than this share of S3 requests answered SlowDown is a storm
@@ -217,18 +216,12 @@ def run_latency_section(
     runner: ScenarioRunner, pg: PostgresEndpoint, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Seed the section's table, run the sweeps and the throttling check; the section's JSON."""
-    levels = sorted({int(level) for level in args.latency_sweep.split(",") if level.strip()})
+    levels = comma_ints(args.latency_sweep)
     latencies = [float(value) for value in args.latency_ms.split(",") if value.strip()]
     rows, size = args.latency_rows, args.latency_value_size
-    print(f"latency scenarios: seeding {rows:,} rows of {size:,} bytes ...", flush=True)
-    database = asyncio.run(
-        seed_database(
-            pg,
-            f"latency_{rows}_{size}",
-            rows,
-            cutoff=CUTOFF,
-            sizes=SizeMix(small=(size, size), large_share=0.0),
-        )
+    print(f"latency scenarios: {rows:,} rows of {size:,} bytes", flush=True)
+    database = seed_and_report(
+        pg, f"latency_{rows}_{size}", rows, cutoff=CUTOFF, sizes=uniform_sizes(size)
     )
     sweeps = []
     for latency_ms in latencies:

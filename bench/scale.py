@@ -9,7 +9,7 @@ each at ``--concurrency`` (fixed), then the ``shards`` scenario at every K of ``
 above 1 on the smaller table (each of K processes at the same concurrency), every run on a fresh
 bucket. The figures: time(larger)/time(smaller) against the rows' ratio (linear within 25 %),
 peak RSS growth between the two, Postgres tuples read per row at both sizes (at most 3, and
-flat), rows/s per K, and ``extrapolate`` turns the measured rate and client CPU per object into
+flat), rows/s per K, and ``Extrapolation`` turns the measured rate and client CPU per object into
 hours for 100 million rows per pod and for K pods. Each run is a subprocess of its own, stopped
 by the runner's timeout; nothing here keeps a server or a file open.
 """
@@ -17,16 +17,14 @@ by the runner's timeout; nothing here keeps a server or a file open.
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from bench.common import CUTOFF, ScenarioRunner
-from bench.data import SeededDatabase, seed_database
+from bench.common import CUTOFF, ScenarioRunner, comma_ints
+from bench.data import SeededDatabase, seed_and_report, uniform_sizes
 from bench.report import format_table
 from devenv.postgres import PostgresEndpoint
-from devenv.seed import SizeMix
 
 PRODUCTION_ROWS = 100_000_000
 LINEAR_TOLERANCE = 0.25  # time ratio within rows ratio x (1 +- this)
@@ -113,32 +111,25 @@ def add_scale_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-scaling", action="store_true", help="skip the scale section")
 
 
-def _seed(pg: PostgresEndpoint, rows: int, size: int) -> SeededDatabase:
-    print(f"  seeding {rows:,} rows of {size:,} bytes ...", flush=True)
-    return asyncio.run(
-        seed_database(
-            pg,
-            f"scale_{rows}_{size}",
-            rows,
-            cutoff=CUTOFF,
-            sizes=SizeMix(small=(size, size), large_share=0.0),
-        )
-    )
-
-
 def run_scale_section(
     runner: ScenarioRunner, pg: PostgresEndpoint, args: argparse.Namespace
 ) -> dict[str, Any]:
     """Seed both tables, run the backfill on each and the shards; the section's JSON."""
     concurrency = args.concurrency
-    levels = sorted({int(k) for k in args.scale_shards.split(",") if k.strip()} | {1})
+    levels = sorted({*comma_ints(args.scale_shards), 1})
     print(
         f"scale: backfill at C={concurrency} on {args.scale_rows // args.scale_factor:,} and"
         f" {args.scale_rows:,} rows, then K = {', '.join(map(str, levels))} shards:",
         flush=True,
     )
-    smaller_db = _seed(pg, args.scale_rows // args.scale_factor, args.scale_value_size)
-    larger_db = _seed(pg, args.scale_rows, args.scale_value_size)
+    sizes = uniform_sizes(args.scale_value_size)
+
+    def seed(rows: int) -> SeededDatabase:
+        dbname = f"scale_{rows}_{args.scale_value_size}"
+        return seed_and_report(pg, dbname, rows, cutoff=CUTOFF, sizes=sizes)
+
+    smaller_db = seed(args.scale_rows // args.scale_factor)
+    larger_db = seed(args.scale_rows)
 
     def backfill(database: SeededDatabase) -> dict[str, Any]:
         return runner.run(
@@ -196,11 +187,13 @@ def scale_report(section: Mapping[str, Any]) -> str:
         for label, run in (
             ("K=1", runs["smaller"]),
             ("K=1", runs["larger"]),
-            *((f"K={key.split('-')[1]}", run) for key, run in runs.items() if "shards" in key),
+            *((f"K={run['shards']}", run) for key, run in runs.items() if "shards" in key),
         )
     ]
-    headers = ["run", "rows", "s", "rows/s", "ms/row", "peak RSS MiB", "PG tuples/row"]
-    headers.append("CPU ms/obj")
+    headers = [
+        *("run", "rows", "s", "rows/s", "ms/row"),
+        *("peak RSS MiB", "PG tuples/row", "CPU ms/obj"),
+    ]
     verdict = {True: "yes", False: "NO"}
     extrapolation = section["extrapolation"]
     measured = extrapolation["hours_at_measured_rate"]

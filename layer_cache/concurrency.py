@@ -247,9 +247,8 @@ class ConcurrencyTuner:
         from it) if it brings ``CLIMB_GAIN`` more, else the limit stays at the level below."""
         assert self._doubled is not None
         (doubled, above), self._doubled = self._doubled, None
-        self.level, self._hold = below, [below]
         if above.rate < (1 + CLIMB_GAIN) * below.rate or not used:
-            self.phase = Phase.HOLD
+            self.level, self._hold, self.phase = below, [below], Phase.HOLD
             return
         self.level, self._hold = above, [above]
         if math.floor(min(2 * doubled, self.maximum)) > math.floor(doubled):

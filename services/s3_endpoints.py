@@ -67,8 +67,8 @@ def memoize_endpoint_resolution(client: Any) -> bool:
     provider = getattr(resolver, "_provider", None)
     if isinstance(provider, ReferencedParametersProvider):
         return True
-    rules = getattr(getattr(provider, "ruleset", None), "rules", None)
-    parameters = getattr(getattr(provider, "ruleset", None), "parameters", None)
+    ruleset = getattr(provider, "ruleset", None)
+    rules, parameters = getattr(ruleset, "rules", None), getattr(ruleset, "parameters", None)
     if not callable(getattr(provider, "resolve_endpoint", None)) or not rules or not parameters:
         return False
     referenced = referenced_parameters(rules)
