@@ -28,6 +28,7 @@ from layer_cache.errors import map_pg_connect_errors
 from layer_cache.keys import bucket_name
 from layer_cache.pg import PgLayer
 from layer_cache.s3 import S3Layer
+from services.s3_continue import expect_continue_only_for_large_bodies
 from services.s3_endpoints import memoize_endpoint_resolution
 from services.settings import (
     PgPoolConfig,
@@ -210,4 +211,5 @@ async def open_services_context(
             )
             if not memoize_endpoint_resolution(s3_client):
                 log.debug("S3 endpoint resolution not memoized: unexpected client internals")
+            expect_continue_only_for_large_bodies(s3_client)
         yield ServicesContext(settings, pool, s3_client, telemetry)

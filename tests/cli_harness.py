@@ -39,6 +39,10 @@ CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
 CLI_TIMEOUT_S = 60.0
 WRITE_QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
 
+# Every CLI run's own write queue directory lives under this one, removed when the test process
+# exits (a run's directory outlives the run: a test may restart a server on the same queue).
+_WRITE_QUEUE_ROOT = tempfile.TemporaryDirectory(prefix="si-write-queues-")
+
 
 def backfill_args(
     *extra: str,
@@ -68,7 +72,7 @@ def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
         if not name.startswith(("SI_", "OTEL_", "AWS_"))
     }
     if WRITE_QUEUE_DIR_ENV not in env:
-        base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="si-write-queue-")
+        base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="queue-", dir=_WRITE_QUEUE_ROOT.name)
     return base | dict(env)
 
 

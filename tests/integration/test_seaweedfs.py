@@ -24,7 +24,6 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
-import aioboto3
 import pytest
 from aiohttp import web
 from botocore.exceptions import ClientError
@@ -35,7 +34,8 @@ from devenv.s3 import S3Endpoint, S3Identity, SeaweedS3
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from layer_cache.s3 import S3Layer
-from services.context import LEAN_CLIENT_OPTIONS, s3_client_arguments
+from services.context import LEAN_CLIENT_OPTIONS, open_services_context
+from services.s3_continue import EXPECT_CONTINUE_MIN_BYTES
 from services.settings import load_settings
 from tests.cli_harness import backfill_args, cli
 from tests.conftest import READ_LIST, READ_LIST_WRITE, LayerDb, open_s3_client, service_env
@@ -130,14 +130,16 @@ async def test_seaweedfs_rejects_a_wrong_content_md5_and_stores_nothing(
 async def test_the_product_client_sends_content_md5_no_flexible_checksum_seaweedfs_checks_it(
     verifying_env: dict[str, str], verifying_bucket_prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The lean client settings (``s3_client_arguments``) keep what the PUT's integrity rests on:
-    every PutObject carries ``Content-MD5`` (no CRC32 of botocore's flexible checksums), SeaweedFS
-    verifies it (a wrong one is refused) and the signature, and the object arrives intact."""
+    """The services context's S3 client (lean settings, endpoint memo, 100-continue only for
+    large bodies) keeps what the PUT's integrity rests on: every PutObject carries
+    ``Content-MD5`` (no CRC32 of botocore's flexible checksums), SeaweedFS verifies it (a wrong
+    one is refused) and the signature, and the objects arrive intact. A small body goes out
+    without ``Expect: 100-continue``, a body from 2 MiB up waits for the server's 100 Continue."""
     for name, value in verifying_env.items():
         monkeypatch.setenv(name, value)
-    settings = load_settings()
     bucket = cache_bucket(CacheType.CAS, verifying_bucket_prefix)
-    body = random.randbytes(10_000)
+    small = random.randbytes(10_000)
+    large = random.randbytes(EXPECT_CONTINUE_MIN_BYTES)
     headers_sent: list[dict[str, str]] = []
 
     def record(request: Any, **_: Any) -> None:
@@ -148,20 +150,24 @@ async def test_the_product_client_sends_content_md5_no_flexible_checksum_seaweed
             }
         )
 
-    arguments = s3_client_arguments(settings, max_connections=4)
-    async with aioboto3.Session().client("s3", **arguments) as client:
-        client.meta.events.register("before-send.s3.PutObject", record)
-        layer = S3Layer(client, CACHE_SPECS[CacheType.CAS], bucket=bucket)
-        await layer.put("intact", body)
+    async with open_services_context(load_settings(), with_s3=True) as context:
+        assert context.s3_client is not None
+        context.s3_client.meta.events.register("before-send.s3.PutObject", record)
+        layer = S3Layer(context.s3_client, CACHE_SPECS[CacheType.CAS], bucket=bucket)
+        await layer.put("small", small)
+        await layer.put("large", large)
         nothing_stored = await layer.probe_write_permission("ab/probe")
-        stored = await layer.get("intact")
+        stored = [await layer.get("small"), await layer.get("large")]
 
-    assert stored == body
+    assert stored == [small, large]
     assert nothing_stored  # SeaweedFS refused the probe's wrong Content-MD5 (BadDigest)
-    put_headers = headers_sent[0]
-    assert put_headers["content-md5"] == content_md5(body)
-    assert [name for name in put_headers if "checksum" in name] == []
-    assert put_headers["user-agent"].startswith(LEAN_CLIENT_OPTIONS["user_agent"])
+    small_put, large_put = headers_sent[:2]
+    assert small_put["content-md5"] == content_md5(small)
+    assert large_put["content-md5"] == content_md5(large)
+    assert [name for name in small_put | large_put if "checksum" in name] == []
+    assert small_put["user-agent"].startswith(LEAN_CLIENT_OPTIONS["user_agent"])
+    assert "expect" not in small_put
+    assert large_put["expect"] == "100-continue"
 
 
 S3Attempt = Callable[["S3Client"], Awaitable[object]]

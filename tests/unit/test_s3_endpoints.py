@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
-import aioboto3
 import pytest
 from botocore.endpoint_provider import EndpointProvider
 from botocore.exceptions import EndpointResolutionError
@@ -17,6 +16,7 @@ from services.s3_endpoints import (
     memoize_endpoint_resolution,
     referenced_parameters,
 )
+from tests.unit.conftest import RequestBuilt
 
 
 def s3_provider() -> EndpointProvider:
@@ -131,19 +131,6 @@ def test_each_new_key_no_longer_evaluates_the_ruleset() -> None:
     assert evaluations == 4  # botocore alone: once per key
 
 
-@pytest.fixture
-async def s3_client() -> AsyncIterator[Any]:
-    session = aioboto3.Session()
-    async with session.client(
-        "s3",
-        region_name="eu-west-1",
-        endpoint_url="http://127.0.0.1:9",
-        aws_access_key_id="AKIDEXAMPLE",
-        aws_secret_access_key="not-a-secret",
-    ) as client:
-        yield client
-
-
 async def test_the_pinned_aiobotocore_client_is_memoized_once(s3_client: Any) -> None:
     """If an aiobotocore upgrade moves the resolver, this fails rather than the CPU saving
     silently going away."""
@@ -162,7 +149,7 @@ async def test_the_memoized_client_builds_the_same_request_urls(s3_client: Any) 
 
     def capture(request: Any, **_: Any) -> None:
         urls.append(request.url)
-        raise _Captured
+        raise RequestBuilt
 
     s3_client.meta.events.register_first("before-send.s3", capture)
 
@@ -174,9 +161,9 @@ async def test_the_memoized_client_builds_the_same_request_urls(s3_client: Any) 
                 s3_client.head_object(Bucket="cas", Key=key),
                 s3_client.get_object(Bucket="cas", Key=key),
             ):
-                with pytest.raises(_Captured):
+                with pytest.raises(RequestBuilt):
                     await call
-        with pytest.raises(_Captured):
+        with pytest.raises(RequestBuilt):
             await s3_client.list_objects_v2(Bucket="cas", Prefix="p/")
         return list(urls)
 
@@ -184,10 +171,6 @@ async def test_the_memoized_client_builds_the_same_request_urls(s3_client: Any) 
     assert memoize_endpoint_resolution(s3_client)
     assert await build_all() == plain
     assert len(plain) == 10
-
-
-class _Captured(Exception):
-    """Stops a call once its request is built."""
 
 
 def test_a_client_without_a_ruleset_is_left_alone() -> None:
