@@ -364,12 +364,8 @@ TARGETS = (
         _at_least(0.9),
         _shown_as("{:.2f} x"),
     ),
-    Target(
-        "throughput >= 1.8 x upstream baseline, same C",
-        lambda run: run.ratio("rows_per_s", "backfill", "upstream"),
-        _at_least(1.8),
-        _shown_as("{:.2f} x"),
-    ),
+    # (throughput >= 1.8 x the upstream baseline is retired by issue 13: the bare loop itself
+    # reaches 1.6-1.7 x here. The main table still shows the ratio.)
     Target(
         "re-run over full bucket >= 4 x faster than baseline re-run (wall time)",
         lambda run: run.ratio("seconds", "upstream_rerun", "backfill_rerun"),

@@ -14,8 +14,11 @@ uploads, 0.6 s at least: one quarter second's rate varies by +-15 % at a steady 
 the level below it too, and kept only if it brings 5 % more. Then it holds, and every
 few windows tries 1.25x (kept for 3 % more, and then tried again) or 0.75x (kept if nothing is
 lost); a window whose median latency is 1.5x the level's halves it at once, and again while
-halving costs under 3 % of the rate (the rise was queueing). A throttle halves the limit once
-per burst (throttles from requests sent at the old rate are ignored) and ends the climb.
+halving costs under 3 % of the rate (the rise was queueing). A throttle ends the climb and acts
+once per burst (throttles from requests sent at the old rate are ignored): one that answers a
+probe or a doubling up sends the limit back to the level below, which ran without throttles, so
+under a request-rate cap the limit spends its time at the highest level that draws none and
+probes past it now and then; any other throttle lowers the limit to 3/4.
 Uploads that started under another limit are not counted in the next window, and a limit the
 walk does not fill is not raised. The limit stays between 1 and the ceiling. Nothing here owns
 a resource: a cancelled ``acquire`` gives back or forgets its slot.
@@ -42,6 +45,7 @@ HOLD_WINDOWS = 4  # windows measured at a level between two probes
 PROBE_UP, PROBE_UP_GAIN = 1.25, 0.03
 PROBE_DOWN = 0.75  # kept if the rate does not fall
 LATENCY_ALARM, ALARM_DOWN, ALARM_KEEP = 1.5, 0.5, 0.97
+THROTTLE_DOWN = 0.75  # a throttle at a level that ran without one
 
 
 class ConcurrencyMode(StrEnum):
@@ -186,11 +190,13 @@ class ConcurrencyTuner:
         self._judge(window, used, in_use)
 
     def throttled(self, in_use: int) -> None:
-        """S3 asked us to slow down: halve, once per burst."""
+        """S3 asked us to slow down, once per burst: a probe (or a doubling) up goes back to the
+        level below it, which ran without throttles; otherwise the limit falls to 3/4."""
         if self._stale_throttles > 0:
             self._stale_throttles -= 1
             return
-        self._settle(self.estimate / 2, in_use)
+        probing_up = self.phase in (Phase.CLIMB, Phase.PROBE_UP) and self.accepted < self.estimate
+        self._settle(self.accepted if probing_up else THROTTLE_DOWN * self.estimate, in_use)
         self._stale_throttles = max(0, in_use - 1)
 
     def succeeded(self) -> None:

@@ -115,16 +115,16 @@ def test_more_latency_without_queueing_raises_the_limit() -> None:
     assert throughput(farther, limits[-50:]) >= 0.8 * throughput(farther, [512])
 
 
-def test_a_throttle_burst_halves_the_limit_once_and_a_later_burst_halves_it_again() -> None:
+def test_a_throttle_burst_lowers_the_limit_once_and_a_later_burst_lowers_it_again() -> None:
     tuner = tuner_for(maximum=64, initial=64)
     tuner.throttled(in_use=64)
-    assert (tuner.limit, tuner.phase) == (32, Phase.HOLD)  # and the climb is over
+    assert (tuner.limit, tuner.phase) == (48, Phase.HOLD)  # 3/4, and the climb is over
     for _ in range(63):  # the rest of the burst: sent at the old rate
         tuner.throttled(in_use=64)
-    assert tuner.limit == 32
-    tuner.throttled(in_use=32)  # a fresh throttle after the burst
-    assert tuner.limit == 16
-    for _ in range(40):
+    assert tuner.limit == 48
+    tuner.throttled(in_use=48)  # a fresh throttle after the burst
+    assert tuner.limit == 36
+    for _ in range(100):  # 47 more of that burst, then one burst each
         tuner.throttled(in_use=1)
     assert tuner.limit == 1  # never below one
 
@@ -135,14 +135,65 @@ def test_successes_drain_a_throttle_burst_so_the_next_throttle_counts() -> None:
     for _ in range(7):
         tuner.succeeded()
     tuner.throttled(in_use=8)
-    assert tuner.limit == 16
+    assert tuner.limit == 36
+
+
+def test_a_throttle_during_a_probe_up_goes_back_to_the_level_below_it() -> None:
+    tuner = tuner_for(maximum=128, initial=40)
+    tuner.throttled(in_use=1)  # the climb is over: hold at 30
+    loop = ClosedLoop(tuner)
+    while tuner.phase is not Phase.PROBE_UP:  # hold, then a probe up
+        loop.run(flat, rounds=1)
+    assert tuner.limit == 37
+    tuner.throttled(in_use=37)
+    assert (tuner.limit, tuner.phase) == (30, Phase.HOLD)  # not 37 x 3/4 = 27
+
+
+class RateCappedS3:
+    """S3 that serves ``cap`` requests/s and answers SlowDown to the share of requests beyond
+    it; each request is sent at the tuner's limit of the moment (``limit / BASE_S`` per second
+    attempted), each completion spaced by the rate served."""
+
+    def __init__(self, tuner: ConcurrencyTuner, cap: float, *, seed: int = 7) -> None:
+        self.tuner, self.cap = tuner, cap
+        self.rng = random.Random(seed)
+        self.now = 0.0
+
+    def run(self, requests: int) -> tuple[float, float]:
+        """Completions per second over the last 4/5 of the requests, and the SlowDown share."""
+        served_s, completed, throttled = 0.0, 0, 0
+        for number in range(requests):
+            in_flight = self.tuner.limit
+            attempted = in_flight / BASE_S
+            rate = min(attempted, self.cap)
+            if self.rng.random() < 1 - rate / attempted:
+                throttled += 1
+                self.tuner.throttled(in_use=in_flight)
+                continue
+            spacing = self.rng.uniform(0.95, 1.05) / rate
+            self.now += spacing
+            self.tuner.observe(BASE_S * self.rng.uniform(0.95, 1.05), self.now, in_flight)
+            self.tuner.succeeded()
+            if number >= requests // 5:
+                completed += 1
+                served_s += spacing
+        return completed / served_s, throttled / requests
+
+
+@pytest.mark.parametrize("cap", [150, 500, 3000])
+def test_under_a_request_rate_cap_the_limit_sits_just_below_it(cap: float) -> None:
+    """A probe past the cap draws a few SlowDowns and goes back to the level below it, so the
+    limit spends its time at the highest level that runs without throttles."""
+    rate, slowdown_share = RateCappedS3(tuner_for(maximum=256), cap).run(requests=40_000)
+    assert rate >= 0.85 * cap
+    assert slowdown_share <= 0.01
 
 
 def test_after_a_throttle_the_limit_grows_by_probes_not_a_fresh_climb() -> None:
     tuner = tuner_for(maximum=128, initial=64)
     tuner.throttled(in_use=64)
     limits = ClosedLoop(tuner).run(flat, rounds=30)
-    assert limits[0] == 32
+    assert limits[0] == 48
     rising = limits[: limits.index(128) + 1]
     steps = list(itertools.pairwise(rising))
     assert all(after <= 1.25 * before + 1 for before, after in steps)  # no doubling
@@ -184,8 +235,8 @@ def test_a_climbs_window_lasts_a_quarter_second_at_least() -> None:
 
 def test_windows_after_the_climb_last_longer() -> None:
     tuner = ConcurrencyTuner(maximum=64, initial=64)
-    tuner.throttled(in_use=0)  # the climb is over: hold at 32
-    assert (tuner.limit, tuner.phase) == (32, Phase.HOLD)
+    tuner.throttled(in_use=0)  # the climb is over: hold at 48
+    assert (tuner.limit, tuner.phase) == (48, Phase.HOLD)
     for number in range(4 * MIN_WINDOW_SAMPLES):  # 256 uploads in 0.5 s: not yet a window
         tuner.observe(BASE_S, number / 512, tuner.limit)
     assert tuner.level is None
