@@ -44,7 +44,12 @@ from bench.common import (
 )
 from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_and_report, uniform_sizes
-from bench.latency import add_latency_flags, latency_report, run_latency_section
+from bench.latency import (
+    add_latency_flags,
+    check_latency_flags,
+    latency_report,
+    run_latency_section,
+)
 from bench.report import (
     check_targets,
     cpu_per_object_table,
@@ -107,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_latency_flags(parser)
     add_scale_flags(parser)
     args = parser.parse_args(argv)
+    check_latency_flags(parser, args)
     if args.smoke:
         args.rows = 250
         args.key_batch_size = 100

@@ -379,7 +379,7 @@ TARGETS = (
         _cpu_against_bare,
     ),
     Target(
-        "self-tuned concurrency >= 0.9 x the best fixed of the sweep (S3 behind a delay)",
+        "self-tuned >= 0.9 x the best fixed level, medians of runs (S3 behind a delay)",
         _tuned_against_best,
         _at_least(0.9),
         _tuned_shown,

@@ -82,6 +82,7 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
         tmp_path,
         *("--rows", "300", "--key-batch-size", "100", "--concurrency", "8", "--no-sweep"),
         *("--latency-rows", "300", "--latency-sweep", "4,8", "--latency-ms", "5"),
+        *("--latency-repeat", "1"),
         *("--throttle-rate", "40", "--scale-rows", "2000", "--scale-shards", "1,2"),
         timeout_s=240,
     )
@@ -93,6 +94,10 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
     [sweep] = latest["latency"]["sweeps"]
     assert set(sweep["fixed_rows_per_s"]) == {"4", "8"}
     assert sweep["tuned_rows_per_s"] > 0
+    # one more round of both levels (the two fastest) and tuned: medians of 2 and 3 runs
+    assert sorted(map(len, sweep["fixed_runs_rows_per_s"].values())) == [2, 2]
+    assert len(sweep["tuned_runs_rows_per_s"]) == 3
+    assert "the sweep alone (each level once" in output
     assert {"fixed", "tuned"} <= set(latest["latency"]["throttle"])
     scale = latest["scaling"]
     assert scale["rows"] == {"smaller": 448, "larger": 1_799}  # below the cutoff of 500 and 2,000
@@ -100,7 +105,7 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
     assert scale["runs"]["shards-2"]["rows"] == 448  # two shards, every row once
     assert set(scale["extrapolation"]["hours_at_measured_rate"]) == {"1", "2"}
     names = {target["target"] for target in latest["targets"]}
-    tuned = "self-tuned concurrency >= 0.9 x the best fixed of the sweep (S3 behind a delay)"
+    tuned = "self-tuned >= 0.9 x the best fixed level, medians of runs (S3 behind a delay)"
     assert tuned in names
     assert "PG tuples read <= 3 per row and flat (scale runs)" in names
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from bench.latency import latency_report, slowdown_share, verdict
+import pytest
+
+from bench.latency import finalists, judged, latency_report, parse_args, slowdown_share, verdict
 
 
 def test_the_verdict_compares_tuned_with_the_fastest_fixed_level() -> None:
@@ -11,6 +13,31 @@ def test_the_verdict_compares_tuned_with_the_fastest_fixed_level() -> None:
     assert found.holds  # 410 / 450 = 0.91
     assert "0.91x the best fixed (C=32, 450 rows/s); >= 0.9x: yes" in found.line(20)
     assert not verdict({8: 500.0}, tuned_rows_per_s=440.0).holds
+
+
+def test_the_finalists_are_the_fastest_levels_of_the_sweep_fastest_first() -> None:
+    assert finalists({8: 280.0, 16: 450.0, 64: 690.0, 128: 660.0}) == [64, 128]
+    assert finalists({8: 280.0}) == [8]
+
+
+def test_levels_and_tuned_are_judged_by_their_medians_beside_the_sweep_alone() -> None:
+    # the sweep's single run at C=64 was lucky; its two repeats were not
+    fixed_runs = {32: [500.0], 64: [760.0, 610.0, 600.0], 128: [700.0, 690.0, 720.0]}
+    tuned_runs = [640.0, 660.0, 650.0, 700.0]
+    on_medians, sweep_only = judged(fixed_runs, tuned_runs)
+    assert (on_medians.best_fixed, on_medians.best_fixed_rows_per_s) == (128, 700.0)
+    assert on_medians.tuned_rows_per_s == 655.0  # the median of four
+    assert on_medians.holds  # 655 / 700 = 0.94
+    assert (sweep_only.best_fixed, sweep_only.best_fixed_rows_per_s) == (64, 760.0)
+    assert sweep_only.tuned_rows_per_s == 650.0  # the mean of the first two
+    assert not sweep_only.holds  # 650 / 760 = 0.86
+
+
+def test_latency_flags_out_of_range_are_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_args(["--latency-repeat", "-1"])
+    assert exited.value.code == 2
+    assert "--latency-repeat >= 0" in capsys.readouterr().err
 
 
 def test_the_slowdown_share_counts_outcomes_not_their_per_method_copies() -> None:
@@ -23,9 +50,12 @@ def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines(
     sweep = {
         "latency_ms": 20.0,
         "fixed_rows_per_s": {"4": 100.0, "64": 500.0},
+        "fixed_runs_rows_per_s": {"4": [100.0], "64": [520.0, 500.0, 490.0]},
         "tuned_rows_per_s": 480.0,
+        "tuned_runs_rows_per_s": [470.0, 480.0, 490.0, 480.0],
         "ratio_to_best": 0.96,
         "verdict": "+20 ms: tuned ...",
+        "sweep_only": {"best_fixed": 64, "best_fixed_rows_per_s": 520.0, "ratio_to_best": 0.91},
     }
     run = {"rows_per_s": 140.0, "slowdowns": 12, "requests": 3000, "slowdown_share": 0.004}
     text = latency_report(
@@ -41,6 +71,9 @@ def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines(
     )
     assert "C=4" in text
     assert "C=64" in text
+    assert "500 (3)" in text  # a level's median and its number of runs
+    assert "480 (4)" in text
     assert "0.96" in text
+    assert "the best single run against tuned's first two): 0.91x (C=64, 520 rows/s)" in text
     assert "+20 ms: tuned ..." in text
     assert "12 SlowDown of 3,000 requests (0.4%); storm (> 5%): no" in text

@@ -41,7 +41,7 @@ LATENCY = {
 }
 RSS = "peak RSS of the 1,000,000-row run within 50 MiB of the 250,000-row run"
 LINEAR = "time grows linearly: 250,000 -> 1,000,000 rows, time ratio = rows ratio +-25%"
-TUNED = "self-tuned concurrency >= 0.9 x the best fixed of the sweep (S3 behind a delay)"
+TUNED = "self-tuned >= 0.9 x the best fixed level, medians of runs (S3 behind a delay)"
 
 
 def by_name(checks: list[TargetCheck]) -> dict[str, TargetCheck]:
