@@ -11,14 +11,20 @@ back. So it doubles from a low start while each doubling brings at least 5 % mor
 start), judged on short windows (``max(32, limit)`` uploads, a quarter second at least); a
 doubling that seems not to pay is measured again over a long window (``max(64, limit)``
 uploads, 0.6 s at least: one quarter second's rate varies by +-15 % at a steady limit), then
-the level below it too, and kept only if it brings 5 % more. Then it holds, and every
-few windows tries 1.25x (kept for 3 % more, and then tried again) or 0.75x (kept if nothing is
-lost); a window whose median latency is 1.5x the level's halves it at once, and again while
-halving costs under 3 % of the rate (the rise was queueing). A throttle ends the climb and acts
-once per burst (throttles from requests sent at the old rate are ignored): one that answers a
-probe or a doubling up sends the limit back to the level below, which ran without throttles, so
-under a request-rate cap the limit spends its time at the highest level that draws none and
-probes past it now and then; any other throttle lowers the limit to 3/4.
+the level below it too, and kept only if it brings 5 % more. After every rise one window is
+measured and dropped: the first uploads through new slots open connections (TCP, and against
+AWS TLS, handshakes) and ran at about 60 % of the level's rate in traces. Then it holds: the
+accepted level's rate and latency are the mean and median of its last 8 windows, kept across
+probes that go back to it; every few windows it tries 1.25x (kept for 3 % more, and then tried
+again) or 0.75x (kept if nothing is lost). A probe that does not pay doubles the hold before the
+next (4 windows, up to 32), so at the ceiling or a settled level futile probes grow rare; one
+that pays resets it. A window whose median latency is 1.5x the level's halves it at once, and
+again while halving costs under 3 % of the rate (the rise was queueing). A throttle ends the
+climb and acts once per burst (throttles from requests sent at the old rate are ignored): one
+that answers a probe or a doubling up sends the limit back to the level below, which ran
+without throttles, and halves the next probe's step (1.25x, 1.125x, ...; a probe that pays
+doubles it back), so under a request-rate cap the limit closes in on the highest level that
+draws none; any other throttle lowers the limit to 3/4.
 Uploads that started under another limit are not counted in the next window, and a limit the
 walk does not fill is not raised. The limit stays between 1 and the ceiling. Nothing here owns
 a resource: a cancelled ``acquire`` gives back or forgets its slot.
@@ -41,11 +47,13 @@ MIN_WINDOW_SAMPLES, MIN_WINDOW_S = 64, 0.6
 CLIMB_WINDOW_SAMPLES, CLIMB_WINDOW_S = 32, 0.25
 INITIAL_TUNED_LIMIT = 5  # upstream's default uploads in flight: where the tuned limit starts
 CLIMB_GAIN = 0.05  # a doubling is kept if the rate grows by this share
-HOLD_WINDOWS = 4  # windows measured at a level between two probes
+HOLD_WINDOWS = 4  # windows measured at a level between two probes, at first
+MAX_HOLD_WINDOWS = 32  # each refused probe doubles the hold, up to this; a kept one resets it
 PROBE_UP, PROBE_UP_GAIN = 1.25, 0.03
 PROBE_DOWN = 0.75  # kept if the rate does not fall
 LATENCY_ALARM, ALARM_DOWN, ALARM_KEEP = 1.5, 0.5, 0.97
 THROTTLE_DOWN = 0.75  # a throttle at a level that ran without one
+LEVEL_HISTORY = 8  # windows at the accepted level that its rate and latency are averaged over
 
 
 class ConcurrencyMode(StrEnum):
@@ -151,13 +159,17 @@ class ConcurrencyTuner:
         self.phase = Phase.CLIMB
         self.accepted = self.estimate  # the level a probe or a failed climb goes back to
         self.level: WindowStats | None = None  # measured at the accepted level
-        self._hold: list[WindowStats] = []
+        self._hold: list[WindowStats] = []  # the accepted level's last windows
+        self._held = 0  # windows at the accepted level since the last probe
         self._probes = 0
+        self._hold_windows = HOLD_WINDOWS
+        self._up_step = PROBE_UP  # a probe up that draws a throttle halves the next one's step
         self._doubled: tuple[float, WindowStats] | None = None  # CONFIRM's estimate and window
         self._ends: list[float] = []
         self._latencies: list[float] = []
         self._peak_in_use = 0
         self._stale_samples = 0
+        self._warming_up = False  # the window after a rise is not judged
         self._stale_throttles = 0
 
     @property
@@ -187,6 +199,9 @@ class ConcurrencyTuner:
         )
         used = 2 * self._peak_in_use >= self.limit
         self._ends, self._latencies, self._peak_in_use = [], [], 0
+        if self._warming_up:
+            self._warming_up = False
+            return
         self._judge(window, used, in_use)
 
     def throttled(self, in_use: int) -> None:
@@ -196,6 +211,8 @@ class ConcurrencyTuner:
             self._stale_throttles -= 1
             return
         probing_up = self.phase in (Phase.CLIMB, Phase.PROBE_UP) and self.accepted < self.estimate
+        if probing_up and self.phase is Phase.PROBE_UP:
+            self._up_step = 1 + (self._up_step - 1) / 2  # the cap lies below: look closer
         self._settle(self.accepted if probing_up else THROTTLE_DOWN * self.estimate, in_use)
         self._stale_throttles = max(0, in_use - 1)
 
@@ -206,15 +223,21 @@ class ConcurrencyTuner:
     def _judge(self, window: WindowStats, used: bool, in_use: int) -> None:
         level = self.level
         if self.phase is Phase.HOLD or level is None:
+            carried = level.latency_s if level is not None and not self._hold else None
             self._hold.append(window)
-            reference = self._hold[0].latency_s if level is None else level.latency_s
-            self.level = WindowStats(statistics.fmean(w.rate for w in self._hold), reference)
+            del self._hold[:-LEVEL_HISTORY]
+            self._held += 1
+            latency = statistics.median(w.latency_s for w in self._hold)
+            self.level = WindowStats(
+                statistics.fmean(w.rate for w in self._hold),
+                latency if carried is None else carried,  # a settle keeps the old reference
+            )
             if self.phase is Phase.CLIMB:
                 self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
             elif window.latency_s >= LATENCY_ALARM * self.level.latency_s:
                 self.level = window  # the halves are judged against what changed, not before
                 self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
-            elif len(self._hold) >= HOLD_WINDOWS:
+            elif self._held >= self._hold_windows:
                 self._probe(in_use, used=used)
             return
         if self.phase is Phase.CONFIRM:
@@ -234,16 +257,22 @@ class ConcurrencyTuner:
         if gained < keep and self.phase is Phase.CLIMB:
             self.phase = Phase.CONFIRM  # stay, and measure it over a long window
             return
+        if gained < keep and self.phase in (Phase.PROBE_UP, Phase.PROBE_DOWN):
+            self._hold_windows = min(MAX_HOLD_WINDOWS, 2 * self._hold_windows)
+            self._return(in_use)
+            return
         if gained < keep:
             self._settle(self.accepted, in_use)
             return
-        self.accepted, self.level, self._hold = self.estimate, window, [window]
+        self.accepted, self.level, self._hold, self._held = self.estimate, window, [window], 1
+        self._hold_windows = HOLD_WINDOWS
         if self.phase is Phase.CLIMB:
             self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
         elif self.phase is Phase.ALARM:  # half lost (almost) nothing: try half again
             self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
-        elif self.phase is Phase.PROBE_UP:  # more paid off: keep going up
-            up = max(PROBE_UP * self.estimate, self.estimate + 1)
+        elif self.phase is Phase.PROBE_UP:  # more paid off: keep going up, a step twice as big
+            self._up_step = 1 + min(PROBE_UP - 1, 2 * (self._up_step - 1))
+            up = max(self._up_step * self.estimate, self.estimate + 1)
             self._move(up, Phase.PROBE_UP, in_use, used=used)
         else:
             self.phase = Phase.HOLD
@@ -254,9 +283,9 @@ class ConcurrencyTuner:
         assert self._doubled is not None
         (doubled, above), self._doubled = self._doubled, None
         if above.rate < (1 + CLIMB_GAIN) * below.rate or not used:
-            self.level, self._hold, self.phase = below, [below], Phase.HOLD
+            self.level, self._hold, self._held, self.phase = below, [below], 1, Phase.HOLD
             return
-        self.level, self._hold = above, [above]
+        self.level, self._hold, self._held = above, [above], 1
         if math.floor(min(2 * doubled, self.maximum)) > math.floor(doubled):
             self._move(2 * doubled, Phase.CLIMB, in_use)
         else:
@@ -270,15 +299,19 @@ class ConcurrencyTuner:
         if self._probes % 3 == 0:
             self._move(min(PROBE_DOWN * self.estimate, self.estimate - 1), Phase.PROBE_DOWN, in_use)
         else:
-            up = max(PROBE_UP * self.estimate, self.estimate + 1)
+            up = max(self._up_step * self.estimate, self.estimate + 1)
             self._move(up, Phase.PROBE_UP, in_use, used=used)
 
     def _move(self, estimate: float, phase: Phase, in_use: int, *, used: bool = True) -> None:
         """Try ``estimate`` for a window (stay in hold when it cannot be tried)."""
         target = max(1.0, min(float(self.maximum), estimate))
         if (not used and target > self.estimate) or math.floor(target) == self.limit:
-            self.phase, self._hold = Phase.HOLD, self._hold[-1:]
+            self.phase, self._held = Phase.HOLD, 1
             return
+        # After a rise, the first uploads through the new slots open connections (a TCP, and
+        # against AWS a TLS, handshake each) and queue behind one another: that window is not
+        # the level's, so it is measured and dropped.
+        self._warming_up = math.floor(target) > self.limit
         self.accepted = self.estimate
         self.estimate, self.phase = target, phase
         self._stale_samples = in_use  # those in flight started under the old limit
@@ -289,9 +322,16 @@ class ConcurrencyTuner:
         self.accepted = self.estimate = max(1.0, min(float(self.maximum), estimate))
         if self.level is not None:
             self.level = WindowStats(0.0, self.level.latency_s)
-        self.phase, self._hold = Phase.HOLD, []
+        self.phase, self._hold, self._held = Phase.HOLD, [], 0
         self._ends, self._latencies, self._peak_in_use = [], [], 0
-        self._stale_samples = in_use
+        self._stale_samples, self._warming_up = in_use, False
+
+    def _return(self, in_use: int) -> None:
+        """A probe did not pay: back to the accepted level, whose windows still count (its
+        connections are still open, so no warm-up)."""
+        self.estimate, self.phase, self._held = self.accepted, Phase.HOLD, 0
+        self._ends, self._latencies, self._peak_in_use = [], [], 0
+        self._stale_samples, self._warming_up = in_use, False
 
 
 class TunedLimit(SlotPool):

@@ -12,7 +12,9 @@ import pytest
 from layer_cache.concurrency import (
     CLIMB_WINDOW_S,
     CLIMB_WINDOW_SAMPLES,
+    HOLD_WINDOWS,
     INITIAL_TUNED_LIMIT,
+    MAX_HOLD_WINDOWS,
     MIN_WINDOW_S,
     MIN_WINDOW_SAMPLES,
     ConcurrencyTuner,
@@ -180,13 +182,14 @@ class RateCappedS3:
         return completed / served_s, throttled / requests
 
 
-@pytest.mark.parametrize("cap", [150, 500, 3000])
+@pytest.mark.parametrize("cap", [150, 500, 1500, 3000])
 def test_under_a_request_rate_cap_the_limit_sits_just_below_it(cap: float) -> None:
-    """A probe past the cap draws a few SlowDowns and goes back to the level below it, so the
-    limit spends its time at the highest level that runs without throttles."""
+    """A probe past the cap draws a few SlowDowns and goes back to the level below it, and the
+    next probe up takes half the step, so the limit closes in on the highest level that runs
+    without throttles."""
     rate, slowdown_share = RateCappedS3(tuner_for(maximum=256), cap).run(requests=40_000)
-    assert rate >= 0.85 * cap
-    assert slowdown_share <= 0.01
+    assert rate >= 0.95 * cap
+    assert slowdown_share <= 0.002
 
 
 def test_after_a_throttle_the_limit_grows_by_probes_not_a_fresh_climb() -> None:
@@ -245,14 +248,31 @@ def test_windows_after_the_climb_last_longer() -> None:
     assert tuner.level.rate == pytest.approx(256 / MIN_WINDOW_S)
 
 
-def _window(tuner: ConcurrencyTuner, start: float, rate: float) -> float:
-    """One window of uploads ending ``rate`` per second from ``start`` (after those still in
-    flight from before the last change, which are not counted); when it ended."""
-    floor = CLIMB_WINDOW_SAMPLES if tuner.phase is Phase.CLIMB else MIN_WINDOW_SAMPLES
-    samples = tuner._stale_samples + max(floor, tuner.limit)
-    for number in range(samples):
-        tuner.observe(BASE_S, start + number / rate, tuner.limit)
-    return start + samples / rate + 1
+def _window(
+    tuner: ConcurrencyTuner, start: float, rate: float, *, warm_up_rate: float | None = None
+) -> float:
+    """One judged window of uploads ending ``rate`` per second from ``start``, after those still
+    in flight from before the last change and, after a rise, the warm-up window (at
+    ``warm_up_rate``, ``rate`` unless given), neither judged; when it ended."""
+    while True:
+        warming_up = tuner._warming_up
+        floor = CLIMB_WINDOW_SAMPLES if tuner.phase is Phase.CLIMB else MIN_WINDOW_SAMPLES
+        samples = tuner._stale_samples + max(floor, tuner.limit)
+        pace = (warm_up_rate or rate) if warming_up else rate
+        for number in range(samples):
+            tuner.observe(BASE_S, start + number / pace, tuner.limit)
+        start += samples / pace + 1
+        if not warming_up:
+            return start
+
+
+def _hold_until_probe(tuner: ConcurrencyTuner, start: float, rate: float) -> tuple[float, int]:
+    """Windows at ``rate`` until the tuner probes; when the last ended and how many there were."""
+    windows = 0
+    while tuner.phase is Phase.HOLD:
+        start = _window(tuner, start, rate)
+        windows += 1
+    return start, windows
 
 
 def test_a_doubling_that_seems_not_to_pay_is_measured_again_before_it_is_given_up() -> None:
@@ -279,6 +299,53 @@ def test_a_doubling_that_seems_not_to_pay_is_measured_again_before_it_is_given_u
     now = _window(at_the_ceiling, now, rate=700)
     _window(at_the_ceiling, now, rate=400)  # 16 pays and is the ceiling: it is held
     assert (at_the_ceiling.limit, at_the_ceiling.phase) == (16, Phase.HOLD)
+
+
+def test_the_window_after_a_rise_is_dropped_not_judged() -> None:
+    """The first uploads through new slots open connections: a doubling judged on them would
+    seem not to pay."""
+    tuner = tuner_for(maximum=64, initial=8)
+    now = _window(tuner, 0.0, rate=400)
+    assert (tuner.limit, tuner._warming_up) == (16, True)
+    now = _window(tuner, now, rate=700, warm_up_rate=200)  # a slow warm-up, then the level
+    assert (tuner.limit, tuner.phase, tuner.accepted) == (32, Phase.CLIMB, 16)
+
+
+def test_a_refused_probe_keeps_the_levels_windows_and_waits_twice_as_long_for_the_next() -> None:
+    tuner = tuner_for(maximum=64, initial=64)
+    tuner.throttled(in_use=0)  # hold at 48
+    now, windows = _hold_until_probe(tuner, 0.0, rate=1000)
+    assert (windows, tuner.phase, tuner.limit) == (HOLD_WINDOWS, Phase.PROBE_UP, 60)
+    now = _window(tuner, now, rate=1010)  # 1 % more: refused
+    assert (tuner.limit, tuner.phase) == (48, Phase.HOLD)
+    assert len(tuner._hold) == HOLD_WINDOWS  # the level's windows still count
+    now, windows = _hold_until_probe(tuner, now, rate=1000)
+    assert windows == 2 * HOLD_WINDOWS
+    _window(tuner, now, rate=1100)  # 10 % more: kept, and the next hold is short again
+    assert (tuner.accepted, tuner._hold_windows) == (60, HOLD_WINDOWS)
+
+
+def test_futile_probes_at_the_ceiling_grow_rare() -> None:
+    """At the ceiling with a rate that grows with the limit, probes down never pay: each one
+    doubles the wait for the next, up to ``MAX_HOLD_WINDOWS``."""
+    tuner = tuner_for(maximum=64, initial=64)
+    limits = ClosedLoop(tuner).run(flat, rounds=400)
+    assert limits[-1] == 64
+    assert tuner._hold_windows == MAX_HOLD_WINDOWS
+    assert limits.count(64) >= 0.95 * len(limits)
+
+
+def test_a_throttled_probe_up_halves_the_next_probes_step_and_one_that_pays_doubles_it() -> None:
+    tuner = tuner_for(maximum=256, initial=64)
+    tuner.throttled(in_use=0)  # hold at 48
+    now, _ = _hold_until_probe(tuner, 0.0, rate=1000)
+    assert tuner.limit == 60  # 1.25x
+    tuner.throttled(in_use=60)
+    assert (tuner.limit, tuner.phase) == (48, Phase.HOLD)
+    now, _ = _hold_until_probe(tuner, now, rate=1000)
+    assert tuner.limit == 54  # 1.125x: the cap lies between 48 and 60
+    _window(tuner, now, rate=1100)  # 54 pays: the next step is twice as big again
+    assert (tuner.limit, tuner.phase) == (67, Phase.PROBE_UP)
 
 
 def test_a_maximum_below_one_is_refused() -> None:
