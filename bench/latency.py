@@ -6,15 +6,15 @@ latency of ``--latency-ms`` it puts ``bench.delay_proxy`` (a process of its own,
 ± jitter)`` per request) in front of S3 and runs the ``backfill`` scenario tuned (the sweep's
 largest level as its ceiling), at each fixed level of ``--latency-sweep``, and tuned again, each
 on a fresh bucket. One run is noisy on a shared machine (+-10-25 % here), and the best of five
-single runs is biased upwards by the noise alone, so the sweep's two fastest levels and tuned then
-run ``--latency-repeat`` more rounds, interleaved, and every level and tuned are judged by the
-median of their runs. Then the throttling check: a proxy that answers SlowDown above
-``--throttle-rate`` requests/s, the backfill at the sweep's largest fixed level and tuned,
-counting the 503s. The report is one table, a verdict per latency (tuned's median at least 0.9x
-the best fixed level's, with the best single run beside it) and the throttling lines; alone, it
-writes ``<results-dir>/latency-<UTC timestamp>.json``. Every server and proxy is stopped on the
-way out (context managers); the exit status is 0 whenever every run finished, whatever the
-verdicts.
+single runs is biased upwards by the noise alone, so the sweep's two fastest levels and tuned
+then run ``--latency-repeat`` more rounds, each round in a rotated order, and every level and
+tuned are judged by the median of their runs. Then the throttling check: a proxy that answers
+SlowDown above ``--throttle-rate`` requests/s, the backfill at the sweep's largest fixed level
+and tuned, counting the 503s. The report is one table, a verdict per latency (tuned's median at
+least 0.9x the best fixed level's, with the best single run beside it) and the throttling lines;
+alone, it writes ``<results-dir>/latency-<UTC timestamp>.json``. Every server and proxy is
+stopped on the way out (context managers); the exit status is 0 whenever every run finished,
+whatever the verdicts.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench.common import CUTOFF, ScenarioRunner, Target, comma_ints
 from bench.data import SeededDatabase, seed_and_report, uniform_sizes
@@ -44,6 +44,7 @@ STORM_SHARE = 0.05  # more than this share of S3 requests answered SlowDown is a
 DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TUNED = ("--concurrency-mode", "tuned")
 FINALISTS = 2  # the sweep's fastest fixed levels that run again beside tuned
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -80,6 +81,15 @@ def verdict(fixed_rows_per_s: Mapping[int, float], tuned_rows_per_s: float) -> V
 def finalists(fixed_rows_per_s: Mapping[int, float], count: int = FINALISTS) -> list[int]:
     """The ``count`` fastest fixed levels of a sweep, fastest first."""
     return sorted(fixed_rows_per_s, key=lambda level: -fixed_rows_per_s[level])[:count]
+
+
+def rotated(items: Sequence[T], turn: int) -> list[T]:
+    """``items`` started ``turn`` places in (a Latin square over rounds: no run is always first
+    or last, so drift within a round does not fall on one of them)."""
+    if not items:
+        return []
+    start = turn % len(items)
+    return [*items[start:], *items[:start]]
 
 
 def judged(
@@ -139,14 +149,17 @@ def latency_sweep(
         runs["tuned-2"] = run("tuned-last", ceiling, TUNED)
         fixed_runs = {level: [float(runs[f"fixed-{level}"]["rows_per_s"])] for level in levels}
         tuned_runs = [float(runs[f"tuned-{n}"]["rows_per_s"]) for n in (1, 2)]
-        again = finalists({level: values[0] for level, values in fixed_runs.items()})
+        again: list[int | None] = [*finalists({lv: v[0] for lv, v in fixed_runs.items()}), None]
         for round_number in range(2, repeat + 2):
-            for level in again:
-                name = f"fixed-{level}-{round_number}"
-                runs[name] = run(f"fixed-c{level}-r{round_number}", level)
-                fixed_runs[level].append(float(runs[name]["rows_per_s"]))
-            runs[f"tuned-{round_number + 1}"] = run(f"tuned-r{round_number}", ceiling, TUNED)
-            tuned_runs.append(float(runs[f"tuned-{round_number + 1}"]["rows_per_s"]))
+            for level in rotated(again, round_number):  # None: tuned
+                if level is None:
+                    name = f"tuned-{round_number + 1}"
+                    runs[name] = run(f"tuned-r{round_number}", ceiling, TUNED)
+                    tuned_runs.append(float(runs[name]["rows_per_s"]))
+                else:
+                    name = f"fixed-{level}-{round_number}"
+                    runs[name] = run(f"fixed-c{level}-r{round_number}", level)
+                    fixed_runs[level].append(float(runs[name]["rows_per_s"]))
     on_medians, sweep_only = judged(fixed_runs, tuned_runs)
     return {
         "latency_ms": latency_ms,

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from bench.latency import finalists, judged, latency_report, parse_args, slowdown_share, verdict
+from bench.latency import (
+    finalists,
+    judged,
+    latency_report,
+    parse_args,
+    rotated,
+    slowdown_share,
+    verdict,
+)
 
 
 def test_the_verdict_compares_tuned_with_the_fastest_fixed_level() -> None:
@@ -18,6 +26,12 @@ def test_the_verdict_compares_tuned_with_the_fastest_fixed_level() -> None:
 def test_the_finalists_are_the_fastest_levels_of_the_sweep_fastest_first() -> None:
     assert finalists({8: 280.0, 16: 450.0, 64: 690.0, 128: 660.0}) == [64, 128]
     assert finalists({8: 280.0}) == [8]
+
+
+def test_each_round_starts_one_place_further_in() -> None:
+    rounds = [rotated([128, 64, None], turn) for turn in range(2, 5)]
+    assert rounds == [[None, 128, 64], [128, 64, None], [64, None, 128]]
+    assert rotated([], 3) == []
 
 
 def test_levels_and_tuned_are_judged_by_their_medians_beside_the_sweep_alone() -> None:
