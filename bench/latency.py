@@ -126,7 +126,7 @@ def latency_sweep(
 ) -> dict[str, Any]:
     """The fixed sweep and the tuned run (twice: first and last, so drift in the machine's load
     falls on both sides) at one latency; then ``repeat`` rounds of the two fastest levels and
-    tuned, interleaved, and the verdict on the medians."""
+    tuned, each round in a rotated order, and the verdict on the medians."""
     low_s, high_s = latency_ms * (1 - jitter) / 1000, latency_ms * (1 + jitter) / 1000
     ceiling = max(levels)
     runs: dict[str, dict[str, Any]] = {}
@@ -151,15 +151,15 @@ def latency_sweep(
         tuned_runs = [float(runs[f"tuned-{n}"]["rows_per_s"]) for n in (1, 2)]
         again: list[int | None] = [*finalists({lv: v[0] for lv, v in fixed_runs.items()}), None]
         for round_number in range(2, repeat + 2):
-            for level in rotated(again, round_number):  # None: tuned
-                if level is None:
+            for finalist in rotated(again, round_number):  # None: tuned
+                if finalist is None:
                     name = f"tuned-{round_number + 1}"
                     runs[name] = run(f"tuned-r{round_number}", ceiling, TUNED)
                     tuned_runs.append(float(runs[name]["rows_per_s"]))
                 else:
-                    name = f"fixed-{level}-{round_number}"
-                    runs[name] = run(f"fixed-c{level}-r{round_number}", level)
-                    fixed_runs[level].append(float(runs[name]["rows_per_s"]))
+                    name = f"fixed-{finalist}-{round_number}"
+                    runs[name] = run(f"fixed-c{finalist}-r{round_number}", finalist)
+                    fixed_runs[finalist].append(float(runs[name]["rows_per_s"]))
     on_medians, sweep_only = judged(fixed_runs, tuned_runs)
     return {
         "latency_ms": latency_ms,
