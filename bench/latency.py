@@ -278,14 +278,14 @@ def add_latency_flags(parser: argparse.ArgumentParser) -> None:
     """The latency section's flags (``python -m bench`` has them too)."""
     parser.add_argument("--latency-ms", default="20,60", help="added S3 latencies, ms")
     parser.add_argument("--latency-jitter", type=float, default=0.1, help="± share of it")
-    parser.add_argument("--latency-sweep", default="8,16,32,64,128", help="fixed levels")
+    parser.add_argument("--latency-sweep", default="16,32,64,128", help="fixed levels")
     parser.add_argument(
         "--latency-repeat",
         type=int,
         default=2,
         help="more rounds of the two fastest fixed levels and tuned (judged by medians)",
     )
-    parser.add_argument("--latency-rows", type=int, default=20_000, help="rows seeded")
+    parser.add_argument("--latency-rows", type=int, default=40_000, help="rows seeded")
     parser.add_argument("--latency-value-size", type=int, default=4096, help="bytes a value")
     parser.add_argument(
         "--throttle-rate", type=float, default=150.0, help="SlowDown above, requests/s (0: off)"
