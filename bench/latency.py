@@ -236,12 +236,11 @@ def latency_report(section: Mapping[str, Any]) -> str:
             f"+{sweep['latency_ms']:g} ms",
             *(
                 _median_cell(
-                    sweep["fixed_rows_per_s"][level],
-                    sweep.get("fixed_runs_rows_per_s", {}).get(level, [0.0]),
+                    sweep["fixed_rows_per_s"][level], sweep["fixed_runs_rows_per_s"][level]
                 )
                 for level in levels
             ),
-            _median_cell(sweep["tuned_rows_per_s"], sweep.get("tuned_runs_rows_per_s", [])),
+            _median_cell(sweep["tuned_rows_per_s"], sweep["tuned_runs_rows_per_s"]),
             f"{sweep['ratio_to_best']:.2f}",
         ]
         for sweep in sweeps
@@ -251,14 +250,13 @@ def latency_report(section: Mapping[str, Any]) -> str:
         format_table(headers, rows),
     ]
     for sweep in sweeps:
-        lines.append(sweep["verdict"])
-        alone = sweep.get("sweep_only")
-        if alone:
-            lines.append(
-                f"  the sweep alone (each level once, the best single run against tuned's first "
-                f"two): {alone['ratio_to_best']:.2f}x (C={alone['best_fixed']}, "
-                f"{alone['best_fixed_rows_per_s']:,.0f} rows/s)"
-            )
+        alone = sweep["sweep_only"]
+        lines += [
+            sweep["verdict"],
+            f"  the sweep alone (each level once, the best single run against tuned's first "
+            f"two): {alone['ratio_to_best']:.2f}x (C={alone['best_fixed']}, "
+            f"{alone['best_fixed_rows_per_s']:,.0f} rows/s)",
+        ]
     check = section.get("throttle")
     if check:
         lines.append(

@@ -264,7 +264,8 @@ class ConcurrencyTuner:
         if gained < keep:
             self._settle(self.accepted, in_use)
             return
-        self.accepted, self.level, self._hold, self._held = self.estimate, window, [window], 1
+        self.accepted = self.estimate
+        self._measure_from(window)
         self._hold_windows = HOLD_WINDOWS
         if self.phase is Phase.CLIMB:
             self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
@@ -272,8 +273,7 @@ class ConcurrencyTuner:
             self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
         elif self.phase is Phase.PROBE_UP:  # more paid off: keep going up, a step twice as big
             self._up_step = 1 + min(PROBE_UP - 1, 2 * (self._up_step - 1))
-            up = max(self._up_step * self.estimate, self.estimate + 1)
-            self._move(up, Phase.PROBE_UP, in_use, used=used)
+            self._move(self._probe_up_target(), Phase.PROBE_UP, in_use, used=used)
         else:
             self.phase = Phase.HOLD
 
@@ -283,9 +283,10 @@ class ConcurrencyTuner:
         assert self._doubled is not None
         (doubled, above), self._doubled = self._doubled, None
         if above.rate < (1 + CLIMB_GAIN) * below.rate or not used:
-            self.level, self._hold, self._held, self.phase = below, [below], 1, Phase.HOLD
+            self._measure_from(below)
+            self.phase = Phase.HOLD
             return
-        self.level, self._hold, self._held = above, [above], 1
+        self._measure_from(above)
         if math.floor(min(2 * doubled, self.maximum)) > math.floor(doubled):
             self._move(2 * doubled, Phase.CLIMB, in_use)
         else:
@@ -299,8 +300,15 @@ class ConcurrencyTuner:
         if self._probes % 3 == 0:
             self._move(min(PROBE_DOWN * self.estimate, self.estimate - 1), Phase.PROBE_DOWN, in_use)
         else:
-            up = max(self._up_step * self.estimate, self.estimate + 1)
-            self._move(up, Phase.PROBE_UP, in_use, used=used)
+            self._move(self._probe_up_target(), Phase.PROBE_UP, in_use, used=used)
+
+    def _probe_up_target(self) -> float:
+        """The next probe up: the current step above the estimate, one slot at least."""
+        return max(self._up_step * self.estimate, self.estimate + 1)
+
+    def _measure_from(self, window: WindowStats) -> None:
+        """The accepted level's history starts afresh with ``window``."""
+        self.level, self._hold, self._held = window, [window], 1
 
     def _move(self, estimate: float, phase: Phase, in_use: int, *, used: bool = True) -> None:
         """Try ``estimate`` for a window (stay in hold when it cannot be tried)."""
@@ -322,14 +330,19 @@ class ConcurrencyTuner:
         self.accepted = self.estimate = max(1.0, min(float(self.maximum), estimate))
         if self.level is not None:
             self.level = WindowStats(0.0, self.level.latency_s)
-        self.phase, self._hold, self._held = Phase.HOLD, [], 0
-        self._ends, self._latencies, self._peak_in_use = [], [], 0
-        self._stale_samples, self._warming_up = in_use, False
+        self._hold = []
+        self._hold_again(in_use)
 
     def _return(self, in_use: int) -> None:
         """A probe did not pay: back to the accepted level, whose windows still count (its
         connections are still open, so no warm-up)."""
-        self.estimate, self.phase, self._held = self.accepted, Phase.HOLD, 0
+        self.estimate = self.accepted
+        self._hold_again(in_use)
+
+    def _hold_again(self, in_use: int) -> None:
+        """Hold at the estimate from a fresh window; those in flight started under the old
+        limit and are not counted."""
+        self.phase, self._held = Phase.HOLD, 0
         self._ends, self._latencies, self._peak_in_use = [], [], 0
         self._stale_samples, self._warming_up = in_use, False
 
