@@ -1,8 +1,9 @@
 """``python -m bench.delay_proxy UPSTREAM_URL LOW_S HIGH_S``: S3 behind a delay, own process.
 
 A ``FaultProxy`` with only ``latency_s`` set (nothing fails unless ``--max-rate-per-s`` asks
-for SlowDown above a rate) on 127.0.0.1, in its own process so
-relaying bodies costs the measuring client no CPU. It prints ``{"url": ...}`` once it accepts
+for SlowDown above a rate) on 127.0.0.1, or with ``--relay`` a ``bench.delay_relay.DelayRelay``
+(TCP: a network's latency, for a tenth of the proxy's CPU; no SlowDown), in its own process so
+relaying costs the measuring client's process no CPU. It prints ``{"url": ...}`` once it accepts
 requests, serves until SIGTERM/SIGINT or ``--max-secs`` (a crashed benchmark cannot leave it
 behind), then stops the proxy and prints ``{"counts": ...}``. aiohttp's "Error handling request"
 tracebacks are not printed: a server stopped after its grace period drops S3 requests in flight
@@ -23,13 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from bench.delay_relay import DelayRelay
 from devenv.faults import FaultPlan, FaultProxy
 from devenv.s3 import S3Endpoint
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-async def serve(plan: FaultPlan, upstream_url: str, max_secs: float) -> None:
+async def serve(proxy: FaultProxy | DelayRelay, max_secs: float) -> None:
     """Run the proxy until a stop signal or ``max_secs``; report its URL, then its counts."""
     logging.getLogger("aiohttp.server").setLevel(logging.CRITICAL)
     stop = asyncio.Event()
@@ -37,7 +39,7 @@ async def serve(plan: FaultPlan, upstream_url: str, max_secs: float) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        async with FaultProxy(upstream_url, plan) as proxy:
+        async with proxy:
             print(json.dumps({"url": proxy.url}), flush=True)
             try:
                 async with asyncio.timeout(max_secs):
@@ -66,11 +68,12 @@ def delayed_endpoint(
     *,
     max_rate_per_s: float | None = None,
     max_secs: float = 1800.0,
+    relay: bool = False,
 ) -> Iterator[DelayedEndpoint]:
-    """This proxy in a child process in front of ``s3`` (for synchronous callers); SIGTERM on
-    the way out, then its counts are read back."""
+    """This proxy (``relay``: the TCP relay) in a child process in front of ``s3`` (for
+    synchronous callers); SIGTERM on the way out, then its counts are read back."""
     command = [sys.executable, "-m", "bench.delay_proxy", s3.url, str(low_s), str(high_s)]
-    command += ["--max-secs", str(max_secs)]
+    command += ["--max-secs", str(max_secs), *(["--relay"] if relay else [])]
     if max_rate_per_s is not None:
         command += ["--max-rate-per-s", str(max_rate_per_s)]
     process = subprocess.Popen(
@@ -104,12 +107,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--max-rate-per-s", type=float, default=None, help="answer SlowDown above this rate"
     )
+    parser.add_argument(
+        "--relay", action="store_true", help="delay at the TCP level (cheaper; no SlowDown)"
+    )
     args = parser.parse_args(argv)
+    if args.relay and args.max_rate_per_s is not None:
+        parser.error("--relay cannot answer SlowDown: drop --max-rate-per-s or --relay")
+    proxy: FaultProxy | DelayRelay
     try:
-        plan = FaultPlan(latency_s=(args.low_s, args.high_s), max_rate_per_s=args.max_rate_per_s)
+        if args.relay:
+            proxy = DelayRelay(args.upstream_url, args.low_s, args.high_s)
+        else:
+            plan = FaultPlan(
+                latency_s=(args.low_s, args.high_s), max_rate_per_s=args.max_rate_per_s
+            )
+            proxy = FaultProxy(args.upstream_url, plan)
     except ValueError as exc:
         parser.error(str(exc))
-    asyncio.run(serve(plan, args.upstream_url, args.max_secs))
+    asyncio.run(serve(proxy, args.max_secs))
 
 
 if __name__ == "__main__":

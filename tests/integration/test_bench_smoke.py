@@ -92,6 +92,8 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
 
     latest = json.loads((tmp_path / "latest.json").read_text())
     [sweep] = latest["latency"]["sweeps"]
+    assert sweep["delay"] == "relay"
+    assert sweep["proxy_counts"]["connections"] >= 1  # the relay's, not the HTTP proxy's
     assert set(sweep["fixed_rows_per_s"]) == {"4", "8"}
     assert sweep["tuned_rows_per_s"] > 0
     # one more round of both levels (the two fastest) and tuned: medians of 2 and 3 runs

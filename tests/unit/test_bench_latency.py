@@ -63,6 +63,7 @@ def test_the_slowdown_share_counts_outcomes_not_their_per_method_copies() -> Non
 def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines() -> None:
     sweep = {
         "latency_ms": 20.0,
+        "delay": "relay",
         "fixed_rows_per_s": {"4": 100.0, "64": 500.0},
         "fixed_runs_rows_per_s": {"4": [100.0], "64": [520.0, 500.0, 490.0]},
         "tuned_rows_per_s": 480.0,
@@ -83,6 +84,7 @@ def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines(
             },
         }
     )
+    assert "behind a delay (the TCP relay;" in text
     assert "C=4" in text
     assert "C=64" in text
     assert "500 (3)" in text  # a level's median and its number of runs
