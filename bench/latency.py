@@ -10,7 +10,9 @@ largest level as its ceiling), at each fixed level of ``--latency-sweep``, and t
 on a fresh bucket. One run is noisy on a shared machine (+-10-25 % here), and the best of five
 single runs is biased upwards by the noise alone, so the sweep's two fastest levels and tuned
 then run ``--latency-repeat`` more rounds, each round in a rotated order, and every level and
-tuned are judged by the median of their runs. Then the throttling check: a proxy that answers
+tuned are judged by the median of their runs. At the best level the bare PUT loop and the
+upstream loop then run once each, for rows/s and client CPU per object beside the backfill's.
+Then the throttling check: a proxy that answers
 SlowDown above ``--throttle-rate`` requests/s, the backfill at the sweep's largest fixed level
 and tuned, counting the 503s. The report is one table, a verdict per latency (tuned's median at
 least 0.9x the best fixed level's, with the best single run beside it) and the throttling lines;
@@ -47,6 +49,7 @@ DEFAULT_RESULTS_DIR = Path(__file__).resolve().parent / "results"
 TUNED = ("--concurrency-mode", "tuned")
 FINALISTS = 2  # the sweep's fastest fixed levels that run again beside tuned
 _DELAY_KINDS = {"relay": "the TCP relay", "proxy": "the HTTP proxy"}
+BASELINES = ("bare_put", "upstream")  # run once each at the best fixed level, per latency
 T = TypeVar("T")
 
 
@@ -127,19 +130,23 @@ def latency_sweep(
     levels: Sequence[int],
     repeat: int = 0,
     relay: bool = True,
+    baselines: bool = True,
 ) -> dict[str, Any]:
     """The fixed sweep and the tuned run (twice: first and last, so drift in the machine's load
     falls on both sides) at one latency; then ``repeat`` rounds of the two fastest levels and
-    tuned, each round in a rotated order, and the verdict on the medians."""
+    tuned, each round in a rotated order, and the verdict on the medians; then (``baselines``)
+    the bare PUT loop and the upstream loop once each at the best level."""
     low_s, high_s = latency_ms * (1 - jitter) / 1000, latency_ms * (1 + jitter) / 1000
     ceiling = max(levels)
     runs: dict[str, dict[str, Any]] = {}
     with delayed_endpoint(runner.s3, low_s, high_s, relay=relay) as delayed:
 
-        def run(label: str, concurrency: int, extra: tuple[str, ...] = ()) -> dict[str, Any]:
+        def run(
+            label: str, concurrency: int, extra: tuple[str, ...] = (), scenario: str = "backfill"
+        ) -> dict[str, Any]:
             target = _through(runner.target(database, runner.new_prefix(label)), delayed.endpoint)
             return runner.run(
-                "backfill",
+                scenario,
                 target,
                 concurrency=concurrency,
                 rows=database.rows,
@@ -164,7 +171,10 @@ def latency_sweep(
                     name = f"fixed-{finalist}-{round_number}"
                     runs[name] = run(f"fixed-c{finalist}-r{round_number}", finalist)
                     fixed_runs[finalist].append(float(runs[name]["rows_per_s"]))
-    on_medians, sweep_only = judged(fixed_runs, tuned_runs)
+        on_medians, sweep_only = judged(fixed_runs, tuned_runs)
+        best = on_medians.best_fixed
+        for scenario in BASELINES if baselines else ():
+            runs[scenario] = run(f"{scenario}-c{best}", best, scenario=scenario)
     return {
         "latency_ms": latency_ms,
         "jitter": jitter,
@@ -186,8 +196,30 @@ def latency_sweep(
             "ratio_to_best": round(sweep_only.ratio, 3),
         },
         "proxy_counts": delayed.counts,
+        "clients": client_costs(runs, best, baselines=baselines),
         "runs": runs,
     }
+
+
+def client_costs(
+    runs: Mapping[str, Mapping[str, Any]], best: int, *, baselines: bool
+) -> dict[str, dict[str, float]]:
+    """rows/s and client CPU per object of each way to copy at this latency: the bare loop and
+    upstream (one run each, at the best fixed level), the backfill at that level and tuned (the
+    medians of their runs)."""
+
+    def medians(names: Sequence[str]) -> dict[str, float]:
+        return {
+            key: statistics.median(float(runs[name][key]) for name in names)
+            for key in ("rows_per_s", "cpu_ms_per_object")
+        }
+
+    costs = {f"{scenario} (C={best})": medians([scenario]) for scenario in BASELINES if baselines}
+    costs[f"backfill (C={best})"] = medians(
+        [name for name in runs if name.split("-")[:2] == ["fixed", str(best)]]
+    )
+    costs["backfill (tuned)"] = medians([name for name in runs if name.startswith("tuned-")])
+    return costs
 
 
 def throttle_check(
@@ -265,6 +297,7 @@ def latency_report(section: Mapping[str, Any]) -> str:
             f"two): {alone['ratio_to_best']:.2f}x (C={alone['best_fixed']}, "
             f"{alone['best_fixed_rows_per_s']:,.0f} rows/s)",
         ]
+    lines += _client_costs_table(sweeps)
     check = section.get("throttle")
     if check:
         lines.append(
@@ -278,6 +311,32 @@ def latency_report(section: Mapping[str, Any]) -> str:
                 f"storm (> {100 * STORM_SHARE:g}%): {'YES' if run['storm'] else 'no'}"
             )
     return "\n".join(lines)
+
+
+def _client_costs_table(sweeps: Sequence[Mapping[str, Any]]) -> list[str]:
+    """rows/s and client CPU per object of each way to copy, at each latency."""
+    rows = []
+    for sweep in sweeps:
+        costs: Mapping[str, Mapping[str, float]] = sweep["clients"]
+        bare = next((cost for name, cost in costs.items() if name.startswith("bare_put")), None)
+        for name, cost in costs.items():
+            cpu = cost["cpu_ms_per_object"]
+            rows.append(
+                [
+                    f"+{sweep['latency_ms']:g} ms",
+                    name,
+                    f"{cost['rows_per_s']:,.0f}",
+                    f"{cpu:.3f}",
+                    f"{cpu / bare['cpu_ms_per_object']:.2f}" if bare else "-",
+                ]
+            )
+    if not rows:
+        return []
+    return [
+        "each way to copy at each latency (bare loop and upstream: one run at the best fixed "
+        "level; backfill: the median of its runs):",
+        format_table(["S3 latency", "scenario", "rows/s", "CPU ms/obj", "CPU x bare"], rows),
+    ]
 
 
 def add_latency_flags(parser: argparse.ArgumentParser) -> None:

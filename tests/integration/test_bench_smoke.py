@@ -93,6 +93,10 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
     latest = json.loads((tmp_path / "latest.json").read_text())
     [sweep] = latest["latency"]["sweeps"]
     assert sweep["delay"] == "relay"
+    assert set(sweep["clients"]) == {
+        f"{name} (C={sweep['best_fixed']})" for name in ("bare_put", "upstream", "backfill")
+    } | {"backfill (tuned)"}
+    assert "each way to copy at each latency" in output
     assert sweep["proxy_counts"]["connections"] >= 1  # the relay's, not the HTTP proxy's
     assert set(sweep["fixed_rows_per_s"]) == {"4", "8"}
     assert sweep["tuned_rows_per_s"] > 0

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from bench.latency import (
+    client_costs,
     finalists,
     judged,
     latency_report,
@@ -60,6 +63,30 @@ def test_the_slowdown_share_counts_outcomes_not_their_per_method_copies() -> Non
     assert slowdown_share({}) == 0.0
 
 
+def test_client_costs_are_the_baselines_runs_and_the_medians_of_the_backfill_runs() -> None:
+    def summary(rows_per_s: float, cpu: float) -> dict[str, float]:
+        return {"rows_per_s": rows_per_s, "cpu_ms_per_object": cpu}
+
+    runs = {
+        "tuned-1": summary(400, 0.9),
+        "fixed-16": summary(300, 1.0),
+        "fixed-64": summary(500, 0.8),
+        "tuned-2": summary(480, 1.1),
+        "fixed-64-2": summary(520, 0.7),
+        "fixed-64-3": summary(510, 0.75),
+        "tuned-3": summary(460, 1.0),
+        "bare_put": summary(530, 1.2),
+        "upstream": summary(260, 2.4),
+    }
+    assert client_costs(runs, 64, baselines=True) == {
+        "bare_put (C=64)": summary(530, 1.2),
+        "upstream (C=64)": summary(260, 2.4),
+        "backfill (C=64)": summary(510, 0.75),
+        "backfill (tuned)": summary(460, 1.0),
+    }
+    assert list(client_costs(runs, 64, baselines=False)) == ["backfill (C=64)", "backfill (tuned)"]
+
+
 def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines() -> None:
     sweep = {
         "latency_ms": 20.0,
@@ -71,6 +98,11 @@ def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines(
         "ratio_to_best": 0.96,
         "verdict": "+20 ms: tuned ...",
         "sweep_only": {"best_fixed": 64, "best_fixed_rows_per_s": 520.0, "ratio_to_best": 0.91},
+        "clients": {
+            "bare_put (C=64)": {"rows_per_s": 530.0, "cpu_ms_per_object": 1.2},
+            "upstream (C=64)": {"rows_per_s": 260.0, "cpu_ms_per_object": 2.4},
+            "backfill (C=64)": {"rows_per_s": 500.0, "cpu_ms_per_object": 0.9},
+        },
     }
     run = {"rows_per_s": 140.0, "slowdowns": 12, "requests": 3000, "slowdown_share": 0.004}
     text = latency_report(
@@ -92,4 +124,7 @@ def test_the_report_has_a_row_per_latency_the_verdicts_and_the_throttling_lines(
     assert "0.96" in text
     assert "the best single run against tuned's first two): 0.91x (C=64, 520 rows/s)" in text
     assert "+20 ms: tuned ..." in text
+    assert "each way to copy at each latency" in text
+    assert re.search(r"upstream \(C=64\)\s+260\s+2\.400\s+2\.00", text)
+    assert re.search(r"backfill \(C=64\)\s+500\s+0\.900\s+0\.75", text)
     assert "12 SlowDown of 3,000 requests (0.4%); storm (> 5%): no" in text
