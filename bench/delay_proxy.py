@@ -2,12 +2,12 @@
 
 A ``FaultProxy`` with only ``latency_s`` set (nothing fails unless ``--max-rate-per-s`` asks
 for SlowDown above a rate) on 127.0.0.1, or with ``--relay`` a ``bench.delay_relay.DelayRelay``
-(TCP: a network's latency, for a tenth of the proxy's CPU; no SlowDown), in its own process so
-relaying costs the measuring client's process no CPU. It prints ``{"url": ...}`` once it accepts
-requests, serves until SIGTERM/SIGINT or ``--max-secs`` (a crashed benchmark cannot leave it
-behind), then stops the proxy and prints ``{"counts": ...}``. aiohttp's "Error handling request"
-tracebacks are not printed: a server stopped after its grace period drops S3 requests in flight
-(its write queue keeps them), and the counts record every outcome.
+(TCP: a network's latency, for under a third of the proxy's CPU; no SlowDown), in its own
+process so relaying costs the measuring client's process no CPU. It prints ``{"url": ...}``
+once it accepts requests, serves until SIGTERM/SIGINT or ``--max-secs`` (a crashed benchmark
+cannot leave it behind), then stops the proxy and prints ``{"counts": ...}``. aiohttp's "Error
+handling request" tracebacks are not printed: a server stopped after its grace period drops S3
+requests in flight (its write queue keeps them), and the counts record every outcome.
 """
 
 from __future__ import annotations

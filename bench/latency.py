@@ -4,8 +4,8 @@
 alone, on servers of its own). It seeds ``--latency-rows`` rows of one value size; for each
 latency of ``--latency-ms`` it puts a delay (``uniform(latency ± jitter)`` per request, in a
 process of its own) in front of S3: by default ``bench.delay_relay``, at the TCP level, which
-costs the shared machine a tenth of the CPU of ``--latency-delay proxy``, the HTTP proxy the
-figures before it were measured with. Then it runs the ``backfill`` scenario tuned (the sweep's
+costs the shared machine under a third of the CPU of ``--latency-delay proxy`` (the HTTP proxy
+the figures before it were measured with). Then it runs the ``backfill`` scenario tuned (the sweep's
 largest level as its ceiling), at each fixed level of ``--latency-sweep``, and tuned again, each
 on a fresh bucket. One run is noisy on a shared machine (+-10-25 % here), and the best of five
 single runs is biased upwards by the noise alone, so the sweep's two fastest levels and tuned
@@ -356,7 +356,7 @@ def add_latency_flags(parser: argparse.ArgumentParser) -> None:
         "--latency-delay",
         choices=("relay", "proxy"),
         default="relay",
-        help="what delays S3: the TCP relay, or the HTTP proxy (4x its CPU, on the same cores)",
+        help="what delays S3: the TCP relay, or the HTTP proxy (3.5x its CPU, same cores)",
     )
     parser.add_argument(
         "--throttle-rate", type=float, default=150.0, help="SlowDown above, requests/s (0: off)"
