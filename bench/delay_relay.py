@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections import Counter
-from types import TracebackType
+from typing import Self
 from urllib.parse import urlsplit
 
 
@@ -172,7 +172,7 @@ class DelayRelay:
         if not self.connections:
             self._none_open.set()
 
-    async def __aenter__(self) -> DelayRelay:
+    async def __aenter__(self) -> Self:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ClientSide(self), "127.0.0.1", 0)
         port = self._server.sockets[0].getsockname()[1]
@@ -180,12 +180,7 @@ class DelayRelay:
         self.url = f"{scheme}://127.0.0.1:{port}"
         return self
 
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        traceback: TracebackType | None,
-    ) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.close()
 
     async def close(self) -> None:
