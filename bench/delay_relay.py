@@ -140,7 +140,7 @@ class _ClientSide(asyncio.Protocol):
 
 class DelayRelay:
     """``async with DelayRelay(upstream_url, low_s, high_s) as relay``: ``relay.url`` is the
-    delayed endpoint (same scheme and path, 127.0.0.1 and a free port)."""
+    delayed endpoint (the upstream's scheme, 127.0.0.1 and a free port)."""
 
     def __init__(self, upstream_url: str, low_s: float, high_s: float, *, seed: int = 0) -> None:
         if not 0.0 <= low_s <= high_s:
@@ -148,8 +148,11 @@ class DelayRelay:
         parts = urlsplit(upstream_url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream URL needs a host and a port: {upstream_url}")
-        self.upstream_url = upstream_url
-        self.upstream_host, self.upstream_port = parts.hostname, parts.port
+        self.scheme, self.upstream_host, self.upstream_port = (
+            parts.scheme,
+            parts.hostname,
+            parts.port,
+        )
         self.low_s, self.high_s = low_s, high_s
         self.counts: Counter[str] = Counter()
         self.connections: set[_ClientSide] = set()
@@ -176,8 +179,7 @@ class DelayRelay:
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(lambda: _ClientSide(self), "127.0.0.1", 0)
         port = self._server.sockets[0].getsockname()[1]
-        scheme = urlsplit(self.upstream_url).scheme
-        self.url = f"{scheme}://127.0.0.1:{port}"
+        self.url = f"{self.scheme}://127.0.0.1:{port}"
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:

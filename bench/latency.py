@@ -5,20 +5,20 @@ alone, on servers of its own). It seeds ``--latency-rows`` rows of one value siz
 latency of ``--latency-ms`` it puts a delay (``uniform(latency ± jitter)`` per request, in a
 process of its own) in front of S3: by default ``bench.delay_relay``, at the TCP level, which
 costs the shared machine under a third of the CPU of ``--latency-delay proxy`` (the HTTP proxy
-the figures before it were measured with). Then it runs the ``backfill`` scenario tuned (the sweep's
-largest level as its ceiling), at each fixed level of ``--latency-sweep``, and tuned again, each
-on a fresh bucket. One run is noisy on a shared machine (+-10-25 % here), and the best of five
-single runs is biased upwards by the noise alone, so the sweep's two fastest levels and tuned
-then run ``--latency-repeat`` more rounds, each round in a rotated order, and every level and
-tuned are judged by the median of their runs. At the best level the bare PUT loop and the
-upstream loop then run once each, for rows/s and client CPU per object beside the backfill's.
-Then the throttling check: a proxy that answers
-SlowDown above ``--throttle-rate`` requests/s, the backfill at the sweep's largest fixed level
-and tuned, counting the 503s. The report is one table, a verdict per latency (tuned's median at
-least 0.9x the best fixed level's, with the best single run beside it) and the throttling lines;
-alone, it writes ``<results-dir>/latency-<UTC timestamp>.json``. Every server and proxy is
-stopped on the way out (context managers); the exit status is 0 whenever every run finished,
-whatever the verdicts.
+the figures before it were measured with). Then it runs the ``backfill`` scenario tuned (the
+sweep's largest level as its ceiling), at each fixed level of ``--latency-sweep``, and tuned
+again, each on a fresh bucket. One run is noisy on a shared machine (+-10-25 % here), and the
+best of five single runs is biased upwards by the noise alone, so the sweep's two fastest levels
+and tuned then run ``--latency-repeat`` more rounds, each round in a rotated order, and every
+level and tuned are judged by the median of their runs. At the best level the bare PUT loop and
+the upstream loop then run once each, for rows/s and client CPU per object beside the
+backfill's. Then the throttling check: a proxy that answers SlowDown above ``--throttle-rate``
+requests/s, the backfill at the sweep's largest fixed level and tuned, counting the 503s. The
+report is the sweep's table, a verdict per latency (tuned's median at least 0.9x the best fixed
+level's, with the best single run beside it), a table of each way to copy at each latency and
+the throttling lines; alone, it writes
+``<results-dir>/latency-<UTC timestamp>.json``. Every server and proxy is stopped on the way out
+(context managers); the exit status is 0 whenever every run finished, whatever the verdicts.
 """
 
 from __future__ import annotations
@@ -130,12 +130,11 @@ def latency_sweep(
     levels: Sequence[int],
     repeat: int = 0,
     relay: bool = True,
-    baselines: bool = True,
 ) -> dict[str, Any]:
     """The fixed sweep and the tuned run (twice: first and last, so drift in the machine's load
     falls on both sides) at one latency; then ``repeat`` rounds of the two fastest levels and
-    tuned, each round in a rotated order, and the verdict on the medians; then (``baselines``)
-    the bare PUT loop and the upstream loop once each at the best level."""
+    tuned, each round in a rotated order, and the verdict on the medians; then the bare PUT loop
+    and the upstream loop once each at the best level."""
     low_s, high_s = latency_ms * (1 - jitter) / 1000, latency_ms * (1 + jitter) / 1000
     ceiling = max(levels)
     runs: dict[str, dict[str, Any]] = {}
@@ -173,7 +172,7 @@ def latency_sweep(
                     fixed_runs[finalist].append(float(runs[name]["rows_per_s"]))
         on_medians, sweep_only = judged(fixed_runs, tuned_runs)
         best = on_medians.best_fixed
-        for scenario in BASELINES if baselines else ():
+        for scenario in BASELINES:
             runs[scenario] = run(f"{scenario}-c{best}", best, scenario=scenario)
     return {
         "latency_ms": latency_ms,
@@ -196,7 +195,7 @@ def latency_sweep(
             "ratio_to_best": round(sweep_only.ratio, 3),
         },
         "proxy_counts": delayed.counts,
-        "clients": client_costs(runs, best, baselines=baselines),
+        "clients": client_costs(runs, best, baselines=True),
         "runs": runs,
     }
 
