@@ -148,11 +148,8 @@ class DelayRelay:
         parts = urlsplit(upstream_url)
         if parts.hostname is None or parts.port is None:
             raise ValueError(f"upstream URL needs a host and a port: {upstream_url}")
-        self.scheme, self.upstream_host, self.upstream_port = (
-            parts.scheme,
-            parts.hostname,
-            parts.port,
-        )
+        self.scheme = parts.scheme
+        self.upstream_host, self.upstream_port = parts.hostname, parts.port
         self.low_s, self.high_s = low_s, high_s
         self.counts: Counter[str] = Counter()
         self.connections: set[_ClientSide] = set()
