@@ -6,7 +6,8 @@ client's context and the builtins), then evaluates S3's endpoint ruleset over th
 LRU cache keyed on all of them. S3's ruleset declares ``Key``, ``Prefix`` and ``CopySource`` as
 parameters, so each new object key misses that cache and the whole ruleset is evaluated again
 (botocore issue #3528; fixed upstream after the botocore that aioboto3 pins); even a hit pays
-for building the parameters. Together that was about half the client CPU of a small PUT.
+for building the parameters. In a profile of a plain aioboto3 PUT loop the evaluation was ~18%
+of the client CPU and building the parameters another ~5%.
 
 No rule reads those three parameters (``referenced_parameters``, a pure walk over the rules,
 finds every name a rule reads), so the endpoint cannot depend on them. ``EndpointMemo`` sits in
