@@ -195,14 +195,12 @@ def latency_sweep(
             "ratio_to_best": round(sweep_only.ratio, 3),
         },
         "proxy_counts": delayed.counts,
-        "clients": client_costs(runs, best, baselines=True),
+        "clients": client_costs(runs, best),
         "runs": runs,
     }
 
 
-def client_costs(
-    runs: Mapping[str, Mapping[str, Any]], best: int, *, baselines: bool
-) -> dict[str, dict[str, float]]:
+def client_costs(runs: Mapping[str, Mapping[str, Any]], best: int) -> dict[str, dict[str, float]]:
     """rows/s and client CPU per object of each way to copy at this latency: the bare loop and
     upstream (one run each, at the best fixed level), the backfill at that level and tuned (the
     medians of their runs)."""
@@ -213,7 +211,7 @@ def client_costs(
             for key in ("rows_per_s", "cpu_ms_per_object")
         }
 
-    costs = {f"{scenario} (C={best})": medians([scenario]) for scenario in BASELINES if baselines}
+    costs = {f"{scenario} (C={best})": medians([scenario]) for scenario in BASELINES}
     costs[f"backfill (C={best})"] = medians(
         [name for name in runs if name.split("-")[:2] == ["fixed", str(best)]]
     )

@@ -99,10 +99,11 @@ class EndpointMemo:
     async def __call__(
         self, operation_model: Any, call_args: Mapping[str, Any] | None, request_context: Any
     ) -> Any:
+        arguments = call_args or {}
         builtins = await self._customized_builtins(
-            operation_model, call_args or {}, request_context or {}
+            operation_model, arguments, request_context or {}
         )
-        key = self.key(operation_model, call_args or {}, builtins)
+        key = self.key(operation_model, arguments, builtins)
         answer = self._answers.get(key) if key is not None else None
         if answer is None:
             answer = await self.construct_endpoint(operation_model, call_args, request_context)
