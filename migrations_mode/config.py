@@ -39,6 +39,7 @@ from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
 from migrations_mode.walk import Shard, WalkOrder
 from services.settings import ENV_PREFIX, describe_validation_error, unknown_env_var
+from services.units import ByteSize
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
 CUTOFF_NOW: Final = "now"
@@ -145,7 +146,7 @@ class BackfillSettings(BaseSettings):
     order: WalkOrder = WalkOrder.KEY
     shard_index: int | None = Field(None, ge=0)
     shard_count: int = Field(1, ge=1, le=65536)
-    max_inflight_bytes: int = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    max_inflight_bytes: ByteSize = Field(64 * 1024 * 1024, ge=1024 * 1024)
     verify: bool = False
     verify_content: bool = False
     dry_run: bool = False

@@ -52,6 +52,7 @@ from pydantic_settings import (
 
 from layer_cache.errors import LayerCacheError
 from layer_cache.persister import PersisterMode
+from services.units import ByteSize
 
 ENV_PREFIX = "SI_SDF__"
 CONFIG_FILE_ENV = "SI_SDF_CONFIG"
@@ -258,7 +259,7 @@ def read_config_file(path: Path) -> dict[str, Any]:
 class ServerConfig(_Section):
     """The layer cache server's tunables (``SI_SDF__SERVER__…``)."""
 
-    max_body_bytes: int = Field(64 * 1024 * 1024, ge=1)
+    max_body_bytes: ByteSize = Field(64 * 1024 * 1024, ge=1)
     max_bulk_keys: int = Field(1000, ge=1, le=100_000)
     grace_period_secs: float = Field(25.0, ge=0)
     readiness_timeout_secs: float = Field(2.0, gt=0)

@@ -122,7 +122,7 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "order": "walk order: key (linear on the upstream schema) or newest-first",
     "shard_index": "this process's shard, 0-based (default: JOB_COMPLETION_INDEX, else 0)",
     "shard_count": "number of shards the key space is split into",
-    "max_inflight_bytes": "cap on value bytes held in memory at once per cache",
+    "max_inflight_bytes": "cap on value bytes held in memory at once per cache (64MiB, 1GiB, …)",
     "verify": "compare S3 with Postgres by size instead of copying; writes nothing",
     "verify_content": "like --backfill-verify, but compare full content",
     "dry_run": "validate everything, count rows and bytes, estimate the run time; write nothing",
