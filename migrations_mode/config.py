@@ -228,6 +228,7 @@ def load_backfill_config(
         raise BackfillConfigError(describe_validation_error(exc, _flag_and_env)) from None
     finally:
         _upstream_options.reset(token)
+    _refuse_conflicting_modes(options)
     cutoff = options.cutoff_timestamp
     return BackfillConfig(
         cutoff=datetime.now(UTC) if cutoff == CUTOFF_NOW else cutoff,
@@ -257,6 +258,16 @@ def load_backfill_config(
             else VerifyMode.OFF
         ),
     )
+
+
+def _refuse_conflicting_modes(options: BackfillSettings) -> None:
+    """One run does one thing: copy, estimate (dry run) or compare (verify)."""
+    verifying = [flag_for(name) for name in ("verify", "verify_content") if getattr(options, name)]
+    if options.dry_run and verifying:
+        raise BackfillConfigError(
+            f"{flag_for('dry_run')} and {verifying[0]} are different runs (a dry run estimates "
+            "a copy, a verification compares S3 with Postgres); pass one of them"
+        )
 
 
 def with_resolved_cutoff(config: BackfillConfig, database_now: datetime) -> BackfillConfig:

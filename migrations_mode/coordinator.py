@@ -74,19 +74,27 @@ async def _cancel_after_grace(
 
 async def resolve_cutoff(context: ServicesContext, config: BackfillConfig) -> BackfillConfig:
     """``config`` with a ``now`` cutoff set to the database's ``now()`` (the clock ``created_at``
-    comes from), logged with the flag that resumes it; any other config unchanged."""
-    if not config.cutoff_is_now:
-        return config
+    comes from), logged with the flag that resumes it; any other cutoff is unchanged, with a
+    warning when it lies ahead of the database's clock."""
 
     async def database_now() -> datetime:
-        with map_pg_errors("reading the database clock for --backfill-cutoff-timestamp now"):
+        with map_pg_errors("reading the database clock"):
             value = await context.pg_pool.fetchval("SELECT now()")
         assert isinstance(value, datetime)  # timestamptz: asyncpg returns an aware datetime
         return value
 
-    resolved = with_resolved_cutoff(
-        config, await call_with_retries(database_now, config.retry_policy)
-    )
+    now = await call_with_retries(database_now, config.retry_policy)
+    if not config.cutoff_is_now:
+        if config.cutoff > now:
+            log.warning(
+                "backfill cutoff is in the future",
+                cutoff_timestamp=format_checkpoint(config.cutoff),
+                database_now=format_checkpoint(now),
+                reason="rows written from now until the cutoff are copied too; the cutoff is "
+                "meant to be when DualWrite was switched on",
+            )
+        return config
+    resolved = with_resolved_cutoff(config, now)
     log.info(
         "backfill cutoff 'now' resolved by the database clock",
         cutoff_timestamp=format_checkpoint(resolved.cutoff),
@@ -139,6 +147,7 @@ async def run_backfill(
         cache_types=[cache.cache_type.value for cache in caches],
         cutoff_timestamp=format_checkpoint(config.cutoff),
         progress_store=store.kind,
+        metrics=context.telemetry.destination,
     )
     failure: CacheBackfillFailed | None = None
     tasks: list[asyncio.Task[object]] = []
