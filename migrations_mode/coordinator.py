@@ -29,12 +29,13 @@ from migrations_mode.config import (
     format_checkpoint,
     with_resolved_cutoff,
 )
+from migrations_mode.differences import open_difference_report
 from migrations_mode.display import LiveProgress
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import run_preflight
 from migrations_mode.progress import BackfillMetrics
-from migrations_mode.progress_store import open_progress_store
-from migrations_mode.summary import CacheOutcome, total_fields
+from migrations_mode.progress_store import ProgressStore, open_progress_store
+from migrations_mode.summary import CacheOutcome, Status, finished_status, total_fields
 from services.context import ServicesContext
 from services.signals import StopRequest
 
@@ -50,16 +51,18 @@ class BackfillReport:
 
     @property
     def complete(self) -> bool:
-        """True only when every selected cache copied everything."""
-        return all(outcome.status == "completed" for outcome in self.outcomes)
+        """True only when every selected cache walked all its rows."""
+        return all(outcome.finished for outcome in self.outcomes)
 
 
-def _status(cache: CacheBackfill, stop: StopRequest, failed: CacheBackfillFailed | None) -> str:
+def _status(
+    cache: CacheBackfill, mode: VerifyMode, stop: StopRequest, failed: CacheBackfillFailed | None
+) -> Status:
     if cache.completed:
-        return "completed"
+        return finished_status(mode, cache.stats)
     if failed is not None and failed.cache_type is cache.cache_type:
-        return "failed"
-    return "interrupted" if stop.event.is_set() else "cancelled"
+        return Status.FAILED
+    return Status.INTERRUPTED if stop.event.is_set() else Status.CANCELLED
 
 
 async def _cancel_after_grace(
@@ -126,18 +129,37 @@ async def run_backfill(
             f"cannot keep progress in Postgres ({exc}); grant the role CREATE on the schema, "
             "or use --backfill-progress-store s3 (or auto)"
         ) from exc
-    caches = [
-        CacheBackfill(
-            cache_type,
-            pg=pg_layers[cache_type],
-            s3=s3_layers[cache_type],
-            config=config,
-            stop=stop.event,
-            metrics=metrics,
-            progress_store=store,
+    with open_difference_report(config.verify_report) as differences:
+        caches = [
+            CacheBackfill(
+                cache_type,
+                pg=pg_layers[cache_type],
+                s3=s3_layers[cache_type],
+                config=config,
+                stop=stop.event,
+                metrics=metrics,
+                progress_store=store,
+                report=differences,
+            )
+            for cache_type in config.cache_types
+        ]
+        return await _run_caches(
+            caches, config, stop, store, metrics, context, live_console=live_console
         )
-        for cache_type in config.cache_types
-    ]
+
+
+async def _run_caches(
+    caches: list[CacheBackfill],
+    config: BackfillConfig,
+    stop: StopRequest,
+    store: ProgressStore,
+    metrics: BackfillMetrics,
+    context: ServicesContext,
+    *,
+    live_console: Console | None,
+) -> BackfillReport:
+    """Run every cache in one task group (the first failure cancels the rest), then log the
+    summary."""
     for cache in caches:
         metrics.watch(cache)
         cache.log_progress = live_console is None
@@ -172,7 +194,10 @@ async def run_backfill(
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
         report = BackfillReport(
-            [CacheOutcome(cache.stats, _status(cache, stop, failure)) for cache in caches],
+            [
+                CacheOutcome(cache.stats, _status(cache, config.verify, stop, failure))
+                for cache in caches
+            ],
             failure,
         )
         _log_report(report, caches)

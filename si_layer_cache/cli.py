@@ -39,12 +39,14 @@ from layer_cache_server.server import (
 )
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
+    BackfillConfig,
     BackfillSettings,
     VerifyMode,
     flag_for,
     load_backfill_config,
+    repair_flags,
 )
-from migrations_mode.coordinator import resolve_cutoff, run_backfill
+from migrations_mode.coordinator import BackfillReport, resolve_cutoff, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
@@ -124,8 +126,13 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "shard_index": "this process's shard, 0-based (default: JOB_COMPLETION_INDEX, else 0)",
     "shard_count": "number of shards the key space is split into",
     "max_inflight_bytes": "cap on value bytes held in memory at once per cache (64MiB, 1GiB, …)",
-    "verify": "compare S3 with Postgres by size instead of copying; writes nothing",
-    "verify_content": "like --backfill-verify, but compare full content",
+    "verify": "compare S3 with Postgres by size instead of copying; writes nothing (one "
+    "LIST per 1,000 rows in key order)",
+    "verify_content": "like --backfill-verify, but compare content: an object whose ETag is the "
+    "row's MD5 is not read, any other is (every object under SSE-KMS or SSE-C)",
+    "repair": "compare content as --backfill-verify-content does and re-upload every object "
+    "that is missing or differs; never deletes; resumable (its own saved progress)",
+    "verify_report": "write each difference found (verify or repair) as one JSON line to this file",
     "dry_run": "validate everything, count rows and bytes, estimate the run time; write nothing",
 }
 
@@ -282,9 +289,8 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             live = not args.log_json and sys.stderr.isatty()
             console = Console(stderr=True) if live else None
             report = await run_backfill(context, config, stop, live_console=console)
-    verifying = config.verify is not VerifyMode.OFF
     if not args.log_json:
-        print(format_summary_table(report.outcomes, verifying=verifying), flush=True)
+        print(format_summary_table(report.outcomes, config.verify), flush=True)
     if report.failure is not None:
         failure = report.failure
         log.error(
@@ -297,10 +303,46 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if stop.exit_status is not None:
         return stop.exit_status
-    if verifying and differences_found(report.outcomes):
-        log.error("verification found differences", differences=differences_found(report.outcomes))
+    if not report.complete:
         return EXIT_FAILED
-    return EXIT_OK if report.complete else EXIT_FAILED
+    if config.verify.compares:
+        return _comparison_verdict(config, report)
+    return EXIT_OK
+
+
+def _comparison_verdict(config: BackfillConfig, report: BackfillReport) -> int:
+    """The last line of a complete verification or repair (with the report's path), and its
+    exit status: differences a verification found are a failure, naming the repair."""
+    stats = [outcome.stats for outcome in report.outcomes]
+    fields: dict[str, Any] = {
+        "checked": sum(item.processed for item in stats),
+        "missing": sum(item.missing for item in stats),
+        "mismatched": sum(item.mismatched for item in stats),
+        "report": None if config.verify_report is None else str(config.verify_report),
+    }
+    if config.verify is VerifyMode.REPAIR:
+        log.info("repair finished", repaired=sum(item.repaired for item in stats), **fields)
+        return EXIT_OK
+    differences = differences_found(report.outcomes)
+    if not differences:
+        log.info("verification found no differences", **fields)
+        return EXIT_OK
+    repairable = [
+        outcome.stats.cache_type
+        for outcome in report.outcomes
+        if outcome.stats.missing or outcome.stats.mismatched
+    ]
+    log.error(
+        "verification found differences",
+        differences=differences,
+        extra=sum(item.extra for item in stats),
+        **fields,
+        repair_with=repair_flags(config, repairable) if repairable else None,
+        note=None
+        if not any(item.extra for item in stats)
+        else "extra objects (no row) are not removed by a repair: review them in the report",
+    )
+    return EXIT_FAILED
 
 
 async def _serve(settings: Settings, args: argparse.Namespace, *, check_schema_first: bool) -> int:

@@ -362,10 +362,13 @@ async def test_console_verification_prints_its_table_and_exits_1_on_differences(
         *("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "retried")
     ], run.stdout
     assert table_rows(run.stdout) == [
-        ["cas", "completed", "10", "9", "1", "0", "0", "0"],
-        ["total", "completed", "10", "9", "1", "0", "0", "0"],
+        ["cas", "differences", "10", "9", "1", "0", "0", "0"],
+        ["total", "differences", "10", "9", "1", "0", "0", "0"],
     ], run.stdout
     assert "Traceback" not in run.stderr
+    last = run.stderr_lines[-1]
+    assert "verification found differences" in last
+    assert "--backfill-repair" in last
 
 
 async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(
