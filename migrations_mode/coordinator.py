@@ -120,7 +120,7 @@ async def run_backfill(
     await run_preflight(
         [(pg_layers[c], s3_layers[c]) for c in config.cache_types],
         config.retry_policy,
-        writes=config.verify is VerifyMode.OFF,
+        writes=config.verify.writes,
     )
     try:
         store = await open_progress_store(config.progress_store, context.pg_pool, s3_layers)

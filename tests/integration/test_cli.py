@@ -584,6 +584,21 @@ BAD_INPUTS: dict[str, BadInput] = {
         (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--no-color", "--force-color"),
         ("--force-color", "--no-color"),
     ),
+    "repair-with-verify": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-repair", "--backfill-verify"),
+        ("--backfill-repair", "--backfill-verify"),
+    ),
+    "report-without-a-comparison": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-verify-report", "differences.jsonl"),
+        ("--backfill-verify-report", "--backfill-repair"),
+    ),
+    "report-in-a-missing-directory": BadInput(
+        (
+            *(*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-verify"),
+            *("--backfill-verify-report", "/nonexistent/si/differences.jsonl"),
+        ),
+        ("--backfill-verify-report", "/nonexistent/si"),
+    ),
     "byte-size-without-a-number": BadInput(
         (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-max-inflight-bytes", "lots"),
         ("--backfill-max-inflight-bytes", "64MiB"),
