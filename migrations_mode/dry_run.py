@@ -1,19 +1,20 @@
 """``--backfill-dry-run``: what a run would do and how long it would take, writing nothing.
 
-It opens the same connections and runs the same preflight as a real run, including the write probe
-(a PUT whose ``Content-MD5`` cannot match; one stored by a server that does not verify digests is
-deleted at once and reported), and, on a layer database that takes no writes (a read replica), the
-line saying where progress will go, or the refusal of ``--backfill-progress-store postgres`` a real
-run would end in. Then per cache it counts rows and value bytes below the cutoff in this shard
-exactly (one full scan per table: the numbers a real run reports), samples rows at random points of
-the key space (cheap primary-key lookups) and HEADs them to estimate the share already in S3, the
-request latency and the client CPU one request costs. A run's uploads are bound by whichever is
-slower: latency / concurrency (with ``tuned`` concurrency, its ceiling, so this part is a best
-case) or the client's CPU per request (a PUT costs a little more than a HEAD, so this part is a
-lower bound too); the estimate is rows to upload x that bound plus one listing request per page,
-and the total is the slowest cache, or all caches' CPU when they share one saturated client. The
-result is a table on stdout and one ``backfill dry run`` log event per cache; the connections close
-with the services context.
+It opens the same connections and runs the same preflight as a real run, including the write
+probe (a PUT whose ``Content-MD5`` cannot match; one stored by a server that does not verify
+digests is deleted at once and reported). Then per cache it counts rows and value bytes below the
+cutoff in this shard exactly (one full scan per table: the numbers a real run reports), samples
+rows at random points of the key space (cheap primary-key lookups) and HEADs them to estimate the
+share already in S3, the request latency and the client CPU one request costs. A run's uploads
+are bound by whichever is slower: latency / concurrency (with ``tuned`` concurrency, its ceiling,
+so this part is a best case) or the client's CPU per request (a PUT costs a little more than a
+HEAD, so this part is a lower bound too); the estimate is rows to upload x that bound plus one
+listing request per page, and the total is the slowest cache, or all caches' CPU when they share
+one saturated client. The result is a table on stdout and one ``backfill dry run`` log event per
+cache; the connections close with the services context.
+
+On a layer database that takes no writes (a read replica) it logs the line a real run logs (where
+progress will go), or ends in the same refusal of ``--backfill-progress-store postgres``.
 """
 
 from __future__ import annotations
