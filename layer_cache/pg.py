@@ -4,6 +4,8 @@ SQL is built once per table when the layer is made; table names come only from t
 never from input. Every call goes through ``map_pg_errors`` so callers see ``PgLayerError``.
 Connections come from the shared asyncpg pool, one per call; a connection lost mid-call is
 replaced by the pool on the next acquire, so a retried call runs on a fresh one.
+``server_read_only_reason`` asks the server itself whether it takes writes (a read replica does
+not), with ``read_only_reason`` as its pure core.
 """
 
 from __future__ import annotations
@@ -33,6 +35,27 @@ _COLUMNS = "key, created_at, octet_length(value) AS size"
 # The value's MD5 computed where the value is: comparing it with an object's ETag needs no
 # value on the wire (a verification or repair reads values only where the ETag cannot tell).
 _COLUMNS_WITH_MD5 = _COLUMNS + ", md5(value) AS md5"
+
+# A standby answers true to pg_is_in_recovery(); a role or database can also be read-only by
+# default (ALTER ROLE ... SET default_transaction_read_only = on), which refuses writes as well.
+_SQL_READ_ONLY = "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
+
+
+def read_only_reason(in_recovery: bool, default_transaction_read_only: str) -> str | None:
+    """Why a server refuses writes, in words for a log line, or None when it takes them."""
+    if in_recovery:
+        return "a standby in recovery"
+    if default_transaction_read_only == "on":
+        return "default_transaction_read_only=on"
+    return None
+
+
+async def server_read_only_reason(pool: asyncpg.Pool) -> str | None:
+    """Ask the server once whether it takes writes: ``read_only_reason`` of its answer."""
+    with map_pg_errors("asking the layer database whether it takes writes"):
+        record = await pool.fetchrow(_SQL_READ_ONLY)
+    assert record is not None  # the query always returns one row
+    return read_only_reason(bool(record[0]), str(record[1]))
 
 
 class _Where:

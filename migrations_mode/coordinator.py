@@ -32,7 +32,7 @@ from migrations_mode.config import (
 from migrations_mode.differences import open_difference_report
 from migrations_mode.display import LiveProgress
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
-from migrations_mode.preflight import run_preflight
+from migrations_mode.preflight import check_read_only, run_preflight
 from migrations_mode.progress import BackfillMetrics
 from migrations_mode.progress_store import ProgressStore, open_progress_store
 from migrations_mode.summary import CacheOutcome, Status, finished_status, total_fields
@@ -117,13 +117,17 @@ async def run_backfill(
     metrics = BackfillMetrics(context.telemetry.meter)
     s3_layers = {cache_type: context.s3_layer(cache_type) for cache_type in config.cache_types}
     pg_layers = {cache_type: context.pg_layer(cache_type) for cache_type in config.cache_types}
+    writes = config.verify.writes
     await run_preflight(
         [(pg_layers[c], s3_layers[c]) for c in config.cache_types],
         config.retry_policy,
-        writes=config.verify.writes,
+        writes=writes,
     )
+    read_only = await check_read_only(context.pg_pool, config.retry_policy)
     try:
-        store = await open_progress_store(config.progress_store, context.pg_pool, s3_layers)
+        store = await open_progress_store(
+            config.progress_store, context.pg_pool, s3_layers, read_only=read_only, writes=writes
+        )
     except StorageError as exc:
         raise PreflightError(
             f"cannot keep progress in Postgres ({exc}); grant the role CREATE on the schema, "

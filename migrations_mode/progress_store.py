@@ -7,9 +7,13 @@ record saved under other parameters is never used; ``unused_records`` names the 
 the one log line that says so. The ``postgres`` store is the ``layer_cache_backfill_progress``
 table (created, or upgraded from the earlier layout, when needed); the ``s3`` store is one JSON
 object per record under the reserved ``_si_backfill_progress/`` prefix (never a row's object key,
-which is hex levels). A failed save is logged and retried by the caller (it costs re-work, never
-data); nothing here holds a resource to shut down: the pool and S3 layers belong to the services
-context. Choosing a store and the privileges each needs: README, Resuming and failures.
+which is hex levels). On a layer database that takes no writes (a read replica; the caller
+asks it once per run) ``auto`` and ``s3`` keep progress in S3 without trying to create the table,
+said in one line, and ``postgres`` is refused before anything is copied. A verification records
+nothing, so it never creates the table and is never refused. A failed save is logged and
+retried by the caller (it costs re-work, never data); nothing here holds a resource to shut down:
+the pool and S3 layers belong to the services context. Choosing a store and the privileges each
+needs: README, Resuming and failures.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError, map_pg_errors
 from layer_cache.s3 import S3Layer
 from migrations_mode.checkpoint import Position
+from migrations_mode.errors import PreflightError
 from migrations_mode.walk import WalkOrder
 
 log = structlog.get_logger(__name__)
@@ -359,13 +364,36 @@ class S3ProgressStore:
                 return found
 
 
+def note_read_only_server(kind: ProgressStoreKind, reason: str, *, writes: bool) -> None:
+    """On a layer database that takes no writes, progress goes to S3: say so in one line, or
+    refuse ``postgres`` (``PreflightError``) when the run would save progress."""
+    if kind is ProgressStoreKind.POSTGRES and writes:
+        raise PreflightError(
+            f"the layer database is read-only ({reason}), so --backfill-progress-store postgres "
+            "cannot keep progress there; use --backfill-progress-store s3 (or auto)"
+        )
+    log.info("layer db is read-only", reason=reason, progress_store=ProgressStoreKind.S3)
+
+
 async def open_progress_store(
-    kind: ProgressStoreKind, pool: asyncpg.Pool, layers: dict[CacheType, S3Layer]
+    kind: ProgressStoreKind,
+    pool: asyncpg.Pool,
+    layers: dict[CacheType, S3Layer],
+    *,
+    read_only: str | None = None,
+    writes: bool = True,
 ) -> ProgressStore:
-    """The configured store; ``auto`` falls back to S3 when the role may not write Postgres."""
+    """The configured store: S3 on a server that takes no writes (``read_only`` says why);
+    otherwise ``auto`` falls back to S3 when the role may not write Postgres. A run that
+    ``writes`` no progress (a verification) creates nothing."""
+    if read_only is not None:
+        note_read_only_server(kind, read_only, writes=writes)
+        return S3ProgressStore(layers)
     if kind is ProgressStoreKind.S3:
         return S3ProgressStore(layers)
     store = PgProgressStore(pool)
+    if not writes:
+        return store
     try:
         await store.prepare()
     except StorageError as exc:
