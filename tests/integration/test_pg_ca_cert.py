@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from devenv.process import free_port
-from services.context import pg_ssl_option
+from services.pg_tls import pg_ssl_option
 from services.settings import PgPoolConfig, PgSslMode, SettingsError
 from tests.cli_harness import run_cli
 
