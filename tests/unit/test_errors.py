@@ -455,7 +455,7 @@ def refused_certificate(reason: str = "unable to get local issuer certificate") 
     return error
 
 
-def aiohttp_refusal(reason: str = "unable to get local issuer certificate") -> BaseException:
+def aiohttp_refusal(reason: str = "unable to get local issuer certificate") -> Exception:
     """aiohttp's wrapping, raised ``from`` the ssl error as aiohttp's connector does."""
     cause = refused_certificate(reason)
     wrapped = aiohttp.ClientConnectorCertificateError(connection_key(), cause)
