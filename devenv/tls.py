@@ -157,7 +157,8 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
 
 class TlsRelay(_ManagedServer[str]):
     """TLS on ``https://127.0.0.1:<free port>`` in front of ``upstream_url`` (plain TCP);
-    the endpoint is the relay's URL."""
+    the endpoint is the relay's URL. ``connections`` counts the TCP connections accepted,
+    ``refused_handshakes`` those whose TLS handshake failed."""
 
     def __init__(self, upstream_url: str, pki: LocalPki) -> None:
         super().__init__()
@@ -170,7 +171,9 @@ class TlsRelay(_ManagedServer[str]):
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self.connections = 0
+        self._context = pki.server_context()
+        self.connections = 0  # TCP connections accepted
+        self.refused_handshakes = 0  # of those, TLS handshakes that failed (the client refused)
 
     @property
     def url(self) -> str:
@@ -187,9 +190,7 @@ class TlsRelay(_ManagedServer[str]):
         return f"https://127.0.0.1:{port}"
 
     async def _listen(self) -> asyncio.Server:
-        return await asyncio.start_server(
-            self._relay, "127.0.0.1", 0, ssl=self._pki.server_context()
-        )
+        return await asyncio.start_server(self._relay, "127.0.0.1", 0)
 
     async def _relay(
         self, client_reader: asyncio.StreamReader, client: asyncio.StreamWriter
@@ -200,6 +201,11 @@ class TlsRelay(_ManagedServer[str]):
         self._tasks.add(task)
         writers = [client]
         try:
+            try:  # TLS after the accept, so that a connection whose handshake fails counts
+                await client.start_tls(self._context)
+            except (ssl.SSLError, ConnectionError):
+                self.refused_handshakes += 1
+                return
             upstream_reader, upstream = await asyncio.open_connection(*self._upstream)
             writers.append(upstream)
             await asyncio.gather(_pipe(client_reader, upstream), _pipe(upstream_reader, client))
