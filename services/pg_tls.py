@@ -3,12 +3,13 @@
 The CA comes from ``ssl_ca_cert`` (a PEM file) or upstream's ``certificate`` (si-tls
 ``CertificateSource``): ``path``, ``base64``, ``as_string``, or ``remote``, a URL that
 ``fetch_remote_ca`` GETs once while the pool opens (at most ``REMOTE_CA_TIMEOUT_S``, no retry;
-redirects followed). Every source's bytes are read as upstream reads them
-(``services.settings.parse_ca_certificates``). ``pg_ssl_option`` turns the settings into
-asyncpg's ``ssl`` argument, reading the CA before any connection: a file or inline CA that
-cannot be used is invalid input (``SettingsError``); a URL that cannot be fetched, or that
-serves no certificate, is an environment not ready (``PgLayerError``). Neither message carries
-the URL's user info or query, which may hold a token.
+redirects followed, ``HTTPS_PROXY``/``NO_PROXY`` honoured as upstream's reqwest does). Every
+source's bytes are read as upstream reads them (``services.settings.parse_ca_certificates``).
+``pg_ssl_option`` turns the settings into asyncpg's ``ssl`` argument, reading the CA before any
+connection: a file or inline CA that cannot be used is invalid input (``SettingsError``); a URL
+that cannot be fetched, or that serves no certificate, is an environment not ready
+(``PgLayerError``). Neither message carries the URL's user info or query, which may hold a
+token.
 
 When a connection the settings require to be TLS cannot be opened, ``server_offers_tls`` asks
 the server as libpq does, by protocol rather than by asyncpg's message text: an 8-byte
@@ -91,7 +92,9 @@ async def fetch_remote_ca(url: str, *, timeout_s: float = REMOTE_CA_TIMEOUT_S) -
     ``ssl``; ``PgLayerError`` naming the setting and the URL when that fails."""
     try:
         async with (
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session,
+            aiohttp.ClientSession(
+                timeout=aiohttp.ClientTimeout(total=timeout_s), trust_env=True
+            ) as session,
             session.get(url, raise_for_status=True) as response,
         ):
             body = await response.read()
