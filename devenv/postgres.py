@@ -6,17 +6,21 @@ unix-socket directory and the log: ``initdb`` (``--locale=C.UTF-8``, falling bac
 ``--no-locale``), then ``pg_ctl`` on a free port, tuned for throwaway data (``fsync=off``...).
 Socket connections are trusted, TCP ones need a password (SCRAM), so the app role
 ``si``/``bugbear`` really authenticates; the superuser ``postgres``/``postgres-dev`` is kept for
-tests that create roles or databases. As root, every binary runs as the ``postgres`` OS user
-through ``runuser``. ``LocalPostgres.start_standby()`` makes a hot standby of a running
-``LocalPostgres``: ``pg_basebackup -R`` over the primary's socket into a directory of its own,
-started on a free port, streaming the primary's WAL (its roles and databases are the primary's);
-``LocalStandby.catch_up()`` waits until it has replayed everything the primary has written. The
-standby exists only for the local binaries: with a ``ContainerPostgres`` (Docker) the read
-replica tests are skipped, saying so. ``ContainerPostgres`` runs ``postgres:15`` through
-testcontainers when a Docker engine answers (``si`` is its superuser). Shutting down (see
-``devenv.process``): ``pg_ctl stop -m fast`` (``-m immediate`` if that fails), then the
-directory is deleted (stop a standby before its primary); containers are removed by
-testcontainers, whose Ryuk reaper also removes them if this process is killed.
+tests that create roles or databases. ``LocalPostgres(tls=True)`` also serves TLS (``ssl=on``)
+with a CA and a server certificate for 127.0.0.1/localhost made for it at start
+(``devenv.tls.make_local_pki``, in the private directory, owned by the server's OS user, the key
+mode 0600); ``pki`` names the files, and clients may still connect without TLS. As root, every
+binary runs as the ``postgres`` OS user through ``runuser``. ``LocalPostgres.start_standby()``
+makes a hot standby of a running ``LocalPostgres``: ``pg_basebackup -R`` over the primary's
+socket into a directory of its own, started on a free port, streaming the primary's WAL (its
+roles and databases are the primary's); ``LocalStandby.catch_up()`` waits until it has replayed
+everything the primary has written. The standby exists only for the local binaries: with a
+``ContainerPostgres`` (Docker) the read replica tests are skipped, saying so.
+``ContainerPostgres`` runs ``postgres:15`` through testcontainers when a Docker engine answers
+(``si`` is its superuser). Shutting down (see ``devenv.process``): ``pg_ctl stop -m fast``
+(``-m immediate`` if that fails), then the directory is deleted (stop a standby before its
+primary); containers are removed by testcontainers, whose Ryuk reaper also removes them if this
+process is killed.
 """
 
 from __future__ import annotations
@@ -46,6 +50,7 @@ from devenv.process import (
     docker_available,
     free_port,
 )
+from devenv.tls import LocalPki, make_local_pki
 
 if TYPE_CHECKING:
     from testcontainers.community.postgres import PostgresContainer
@@ -142,9 +147,11 @@ def _sql_literal(value: str) -> str:
 class LocalPostgres(PostgresServer):
     """PostgreSQL run from the machine's binaries in a temporary directory."""
 
-    def __init__(self, *, bin_dir: Path | None = None) -> None:
+    def __init__(self, *, bin_dir: Path | None = None, tls: bool = False) -> None:
         super().__init__()
         self._bin_dir = bin_dir if bin_dir is not None else _postgres_bin_dir()
+        self._tls = tls
+        self._pki: LocalPki | None = None
         # PostgreSQL refuses to run as root; root runs it as the postgres OS user instead.
         self._os_user = pwd.getpwnam(POSTGRES_OS_USER) if os.geteuid() == 0 else None
         self._workdir: Path | None = None
@@ -166,6 +173,8 @@ class LocalPostgres(PostgresServer):
     def _launch(self) -> PostgresEndpoint:
         self._workdir = _make_workdir("pg", owner=self._os_user)
         self._init_cluster()
+        if self._tls:
+            self._pki = self._make_pki()
         self._port = free_port()
         self._pg_ctl("start", "-l", str(self._log_file), "-o", self._options())
         self._create_roles_and_database()
@@ -186,6 +195,23 @@ class LocalPostgres(PostgresServer):
             self._stop_postmaster()
         shutil.rmtree(self._workdir)
         self._workdir = None
+        self._pki = None
+
+    @property
+    def pki(self) -> LocalPki:
+        """The CA and server certificate of a server started with ``tls=True``."""
+        if self._pki is None:
+            raise RuntimeError("this LocalPostgres does not serve TLS (start it with tls=True)")
+        return self._pki
+
+    def _make_pki(self) -> LocalPki:
+        """A CA and a server certificate, readable by the server's OS user alone."""
+        assert self._workdir is not None
+        pki = make_local_pki(self._workdir / "tls", name="si-devenv-postgres")
+        if self._os_user is not None:
+            for path in (pki.ca_file.parent, pki.ca_file, pki.cert_file, pki.key_file):
+                os.chown(path, self._os_user.pw_uid, self._os_user.pw_gid)
+        return pki
 
     @property
     def _data_dir(self) -> Path:
@@ -213,8 +239,18 @@ class LocalPostgres(PostgresServer):
                 *("-c", "synchronous_commit=off"),
                 *("-c", "full_page_writes=off"),
                 *("-c", "max_connections=200"),
+                *self._tls_options(),
             ]
         )
+
+    def _tls_options(self) -> list[str]:
+        if self._pki is None:
+            return []
+        return [
+            *("-c", "ssl=on"),
+            *("-c", f"ssl_cert_file={self._pki.cert_file}"),
+            *("-c", f"ssl_key_file={self._pki.key_file}"),
+        ]
 
     def _run_binary(self, name: str, *args: str) -> subprocess.CompletedProcess[str]:
         """Run a PostgreSQL binary as the cluster's OS user, without the caller's PG* env."""

@@ -6,7 +6,9 @@ context managers ``map_s3_errors()``, ``map_pg_errors()`` and ``map_pg_connect_e
 every storage call, so no botocore, aiohttp or asyncpg exception escapes this package. They read
 error codes, SQLSTATEs and HTTP statuses, never message text (messages are localizable and change
 between servers; codes do not). An ``OSError`` counts as a lost connection only around opening
-one; around a query it is not a database answer and is not relabelled. An expired session token
+one; around a query it is not a database answer and is not relabelled. A TLS certificate that
+fails verification is found by type wherever the transport wrapped it (``untrusted_certificate``)
+and is ``UNTRUSTED_CERTIFICATE``: trying again cannot help. An expired session token
 is ``CREDENTIALS_EXPIRED``: retryable, with a ``before_retry`` (set by the S3 layer) that makes
 the credential chain fetch new credentials. Nothing here holds a resource.
 """
@@ -14,6 +16,7 @@ the credential chain fetch new credentials. Nothing here holds a resource.
 from __future__ import annotations
 
 import asyncio
+import ssl
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from enum import StrEnum
@@ -44,6 +47,8 @@ class ErrorKind(StrEnum):
     MISSING_TABLE = "missing_table"
     MISSING_DATABASE = "missing_database"
     CREDENTIALS_EXPIRED = "credentials_expired"
+    UNTRUSTED_CERTIFICATE = "untrusted_certificate"  # the server's TLS certificate failed checks
+    TLS_REFUSED = "tls_refused"  # the settings require TLS; the server does not offer it
     OTHER = "other"
 
     @property
@@ -92,6 +97,7 @@ class S3LayerError(StorageError):
         key: str | None = None,
         code: str | None = None,
         status: int | None = None,
+        detail: str | None = None,
     ) -> None:
         super().__init__(message, kind=kind)
         self.operation = operation
@@ -99,6 +105,7 @@ class S3LayerError(StorageError):
         self.key = key
         self.code = code
         self.status = status
+        self.detail = detail  # what the transport said, when it helps (why a certificate failed)
 
 
 _S3_CODE_KINDS: dict[str, ErrorKind] = {
@@ -209,12 +216,50 @@ _S3_TRANSPORT_ERRORS: tuple[type[BaseException], ...] = (
     *_TRANSPORT_ERRORS,
 )
 
+# A certificate the client refused; aiohttp wraps it, but one raised bare is classified alike.
+_S3_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    *_S3_TRANSPORT_ERRORS,
+    ssl.SSLCertVerificationError,
+)
+
 _S3_CREDENTIAL_ERRORS: tuple[type[BaseException], ...] = (
     botocore.exceptions.NoCredentialsError,
     botocore.exceptions.PartialCredentialsError,
     botocore.exceptions.CredentialRetrievalError,
     botocore.exceptions.TokenRetrievalError,
 )
+
+
+def untrusted_certificate(exc: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate verification failure behind ``exc``, if one is: found by type through
+    the causes, the contexts and botocore's wrapped ``error`` (botocore's ``SSLError`` around
+    aiohttp's ``ClientConnectorCertificateError``, itself one, around OpenSSL's own); the one
+    that carries OpenSSL's reason (``verify_message``) when there is one."""
+    pending: list[BaseException] = [exc]
+    seen: set[int] = set()
+    found: list[ssl.SSLCertVerificationError] = []
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            found.append(current)
+        wrapped = getattr(current, "kwargs", None)
+        inner = wrapped.get("error") if isinstance(wrapped, dict) else None
+        for linked in (inner, current.__cause__, current.__context__):
+            if isinstance(linked, BaseException):
+                pending.append(linked)
+    with_reason = [error for error in found if getattr(error, "verify_message", None)]
+    candidates = with_reason or found
+    return candidates[0] if candidates else None
+
+
+def verify_reason(error: ssl.SSLCertVerificationError) -> str:
+    """Why OpenSSL refused the certificate (``unable to get local issuer certificate``, a host
+    name mismatch, …): OpenSSL's fixed English text, shown to the operator, never matched."""
+    reason = getattr(error, "verify_message", None)
+    return reason if isinstance(reason, str) and reason else "certificate verify failed"
 
 
 def _describe(exc: BaseException) -> str:
@@ -234,6 +279,7 @@ def _s3_failure(
     *,
     code: str | None = None,
     status: int | None = None,
+    detail: str | None = None,
 ) -> S3LayerError:
     """The ``S3LayerError`` for one failed call, its message naming the call and the object."""
     where = f"{operation} s3://{bucket}/{key}" if key else f"{operation} s3://{bucket}"
@@ -245,6 +291,7 @@ def _s3_failure(
         key=key,
         code=code,
         status=status,
+        detail=detail,
     )
 
 
@@ -291,7 +338,14 @@ def map_s3_errors(operation: str, bucket: str, key: str | None = None) -> Iterat
     except _S3_CREDENTIAL_ERRORS as exc:
         reason = f"no usable S3 credentials ({type(exc).__name__})"
         raise _s3_failure(operation, bucket, key, reason, ErrorKind.INVALID_CREDENTIALS) from exc
-    except _S3_TRANSPORT_ERRORS as exc:
+    except _S3_CONNECTION_ERRORS as exc:
+        certificate = untrusted_certificate(exc)
+        if certificate is not None:
+            why = verify_reason(certificate)
+            reason = f"the S3 endpoint's TLS certificate is not trusted ({why})"
+            raise _s3_failure(
+                operation, bucket, key, reason, ErrorKind.UNTRUSTED_CERTIFICATE, detail=why
+            ) from exc
         reason = f"{_describe(exc)} talking to the S3 endpoint"
         raise _s3_failure(operation, bucket, key, reason, ErrorKind.TRANSIENT) from exc
     except botocore.exceptions.BotoCoreError as exc:  # the rest: not worth another attempt
@@ -355,6 +409,13 @@ def _mapping_pg_errors(
     except _PG_CLIENT_ERRORS as exc:
         raise PgLayerError(f"{what} failed: {type(exc).__name__}", kind=ErrorKind.OTHER) from exc
     except connection_errors as exc:
+        certificate = untrusted_certificate(exc)
+        if certificate is not None:
+            raise PgLayerError(
+                f"{what} failed: the server's TLS certificate is not trusted "
+                f"({verify_reason(certificate)})",
+                kind=ErrorKind.UNTRUSTED_CERTIFICATE,
+            ) from exc
         raise PgLayerError(
             f"{what} failed: {type(exc).__name__}: lost or could not open the connection",
             kind=ErrorKind.TRANSIENT,

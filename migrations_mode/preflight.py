@@ -40,6 +40,11 @@ _S3_ADVICE: dict[ErrorKind, str] = {
         "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
     ),
     ErrorKind.THROTTLED: "S3 is throttling requests to bucket {bucket}; try again later",
+    ErrorKind.UNTRUSTED_CERTIFICATE: (
+        "the S3 endpoint's TLS certificate is not trusted ({detail}); set "
+        "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__CA_BUNDLE to the PEM file of the CA "
+        "it chains to (or AWS_CA_BUNDLE), or check __ENDPOINT"
+    ),
 }
 
 # The IAM permission each S3 operation the backfill sends needs.
@@ -67,6 +72,16 @@ _PG_ADVICE: dict[ErrorKind, str] = {
         "cannot reach Postgres; check SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__HOSTNAME and __PORT"
     ),
     ErrorKind.ACCESS_DENIED: "the Postgres role lacks a privilege the backfill needs",
+    ErrorKind.UNTRUSTED_CERTIFICATE: (
+        "the Postgres server's TLS certificate is not trusted; set "
+        "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSL_CA_CERT (or __CERTIFICATE__TYPE and "
+        "__SOURCE) to the CA it chains to, and connect by a name it holds (__HOSTNAME)"
+    ),
+    ErrorKind.TLS_REFUSED: (
+        "the Postgres server does not offer TLS, which "
+        "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSLMODE requires (a __CERTIFICATE without "
+        "SSLMODE means verify-full); set SSLMODE to prefer or disable, or enable TLS on the server"
+    ),
 }
 
 
@@ -78,6 +93,7 @@ def explain_storage_error(exc: StorageError) -> str:
             code=exc.code or exc.status,
             operation=exc.operation,
             permission=_S3_PERMISSIONS.get(exc.operation, f"s3:{exc.operation}"),
+            detail=exc.detail,
         )
     if isinstance(exc, PgLayerError) and exc.kind in _PG_ADVICE:
         return f"{_PG_ADVICE[exc.kind]} ({exc})"

@@ -14,7 +14,8 @@ import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import aioboto3
 import aiobotocore
@@ -24,15 +25,22 @@ from aiobotocore.config import AioConfig
 from opentelemetry.sdk.metrics.export import MetricReader
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import map_pg_connect_errors
+from layer_cache.errors import ErrorKind, PgLayerError, map_pg_connect_errors
 from layer_cache.keys import bucket_name
 from layer_cache.pg import PgLayer
 from layer_cache.s3 import S3Layer
+from services.pg_lifetime import lifetime_pool_arguments
+from services.pg_tls import (
+    TLS_REQUIRED,
+    fetch_remote_ca,
+    pg_ssl_option,
+    remote_ca_url,
+    server_offers_tls,
+)
 from services.s3_continue import expect_continue_only_for_large_bodies
 from services.s3_endpoints import memoize_endpoint_resolution
 from services.settings import (
     PgPoolConfig,
-    PgSslMode,
     Settings,
     SettingsError,
     StaticCredentialsAuth,
@@ -44,37 +52,6 @@ if TYPE_CHECKING:
 
 
 log = structlog.get_logger("services.context")
-
-SslModeName = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
-
-
-_SSL_CA_CERT_ENV = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSL_CA_CERT"
-_CERTIFICATE_SOURCE_ENV = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__CERTIFICATE__SOURCE"
-
-
-def pg_ssl_option(config: PgPoolConfig) -> ssl.SSLContext | SslModeName:
-    """asyncpg's ``ssl`` argument: a verifying context when a CA is given, else the mode name.
-
-    The CA is read here, before any connection: a file that is missing, unreadable or holds no
-    certificate (or an inline CA that is not one) raises ``SettingsError`` naming the setting.
-    """
-    verifying = config.sslmode in (PgSslMode.VERIFY_CA, PgSslMode.VERIFY_FULL)
-    if (config.ssl_ca_cert is None and config.ssl_ca_data is None) or not verifying:
-        return config.sslmode.value
-    if config.ssl_ca_cert is not None:
-        setting = _SSL_CA_CERT_ENV
-        if config.certificate is not None:
-            setting += f" (or {_CERTIFICATE_SOURCE_ENV})"
-        what = f"cannot read the CA certificate file {config.ssl_ca_cert}"
-    else:
-        setting, what = _CERTIFICATE_SOURCE_ENV, "the CA is not a PEM or DER certificate"
-    cafile = None if config.ssl_ca_cert is None else str(config.ssl_ca_cert)
-    try:  # reads the file (OSError) and parses the certificates (ssl.SSLError, an OSError)
-        context = ssl.create_default_context(cafile=cafile, cadata=config.ssl_ca_data)
-    except (OSError, ValueError) as exc:
-        raise SettingsError(f"{setting}: {what} ({type(exc).__name__}: {exc})") from exc
-    context.check_hostname = config.sslmode is PgSslMode.VERIFY_FULL
-    return context
 
 
 def pg_pool_tuning(config: PgPoolConfig) -> dict[str, Any]:
@@ -90,11 +67,17 @@ def pg_pool_tuning(config: PgPoolConfig) -> dict[str, Any]:
 async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
     """A pool to the layer db; fails now (not on first use) if the database is unreachable.
 
-    The TLS settings are checked before connecting (``SettingsError``). Every connection the pool
-    opens, now or later to replace a lost one, goes through ``map_pg_connect_errors``: a socket
-    error while connecting is a transient ``PgLayerError``, wherever the pool connects.
+    The TLS settings are checked before connecting (``SettingsError``), and a ``remote`` CA is
+    fetched once (``PgLayerError`` when it cannot be). Every connection the pool opens, now or
+    later to replace a lost or retired one, goes through ``map_pg_connect_errors``: a socket
+    error while connecting is a transient ``PgLayerError``, wherever the pool connects. When
+    the first connection fails and the settings require TLS, the server is asked whether it
+    offers TLS at all; if not, the error says so (``TLS_REFUSED``) instead of "cannot reach".
+    Connections are retired at ``pool_total_connection_lifetime_secs`` (``pg_lifetime``).
     """
-    ssl_option = pg_ssl_option(config)
+    url = remote_ca_url(config)
+    remote_ca = None if url is None else await fetch_remote_ca(url)
+    ssl_option = pg_ssl_option(config, remote_ca=remote_ca)
     where = f"connecting to Postgres at {config.hostname}:{config.port}"
 
     async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
@@ -102,21 +85,35 @@ async def open_pg_pool(config: PgPoolConfig) -> asyncpg.Pool:
             connection: asyncpg.Connection = await asyncpg.connect(*args, **kwargs)
         return connection
 
-    with map_pg_connect_errors(where):
-        pool: asyncpg.Pool = await asyncpg.create_pool(
-            host=config.hostname,
-            port=config.port,
-            user=config.user,
-            password=config.password.get_secret_value(),
-            database=config.dbname,
-            ssl=ssl_option,
-            connect=connect,
-            min_size=1,
-            max_size=config.pool_max_size,
-            timeout=config.connect_timeout_secs,
-            server_settings={"application_name": config.application_name},
-            **pg_pool_tuning(config),
-        )
+    try:
+        with map_pg_connect_errors(where):
+            pool: asyncpg.Pool = await asyncpg.create_pool(
+                host=config.hostname,
+                port=config.port,
+                user=config.user,
+                password=config.password.get_secret_value(),
+                database=config.dbname,
+                ssl=ssl_option,
+                connect=connect,
+                min_size=1,
+                max_size=config.pool_max_size,
+                timeout=config.connect_timeout_secs,
+                server_settings={"application_name": config.application_name},
+                **pg_pool_tuning(config),
+                **lifetime_pool_arguments(config.pool_total_connection_lifetime_secs),
+            )
+    except PgLayerError as exc:
+        if exc.kind is ErrorKind.TRANSIENT and config.sslmode in TLS_REQUIRED:
+            offered = await server_offers_tls(
+                config.hostname, config.port, timeout_s=config.connect_timeout_secs
+            )
+            if offered is False:
+                raise PgLayerError(
+                    f"{where} failed: sslmode {config.sslmode} needs TLS and the server "
+                    "answered the SSLRequest with N (no TLS)",
+                    kind=ErrorKind.TLS_REFUSED,
+                ) from exc
+        raise
     return pool
 
 
@@ -130,8 +127,24 @@ LEAN_CLIENT_OPTIONS: dict[str, Any] = {
 }
 
 
+CA_BUNDLE_ENV = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__CA_BUNDLE"
+
+
+def check_ca_bundle(path: Path) -> None:
+    """The CA bundle file can be read and holds a certificate, or ``SettingsError`` naming the
+    setting: botocore would only find out at the first request."""
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cafile=path)
+    except OSError as exc:  # missing, unreadable, a directory, no certificate (ssl.SSLError)
+        raise SettingsError(
+            f"{CA_BUNDLE_ENV}: cannot read the CA bundle {path} ({type(exc).__name__}: {exc})"
+        ) from exc
+
+
 def s3_client_arguments(settings: Settings, *, max_connections: int) -> dict[str, Any]:
-    """Keyword arguments for ``session.client("s3", …)`` from the object storage settings."""
+    """Keyword arguments for ``session.client("s3", …)`` from the object storage settings; the
+    CA bundle, when set, is checked here (``SettingsError``) and replaces botocore's default
+    trust (and ``AWS_CA_BUNDLE``) for https endpoints."""
     storage = settings.layer_db_config.object_storage_config
     config = AioConfig(
         s3={"addressing_style": "path"},
@@ -146,6 +159,9 @@ def s3_client_arguments(settings: Settings, *, max_connections: int) -> dict[str
         **LEAN_CLIENT_OPTIONS,
     )
     arguments: dict[str, Any] = {"config": config}
+    if storage.ca_bundle is not None:
+        check_ca_bundle(storage.ca_bundle)
+        arguments["verify"] = str(storage.ca_bundle)
     if not isinstance(storage.auth, StaticCredentialsAuth):
         return arguments  # iam_role: the standard AWS chain decides credentials and region
     credentials = storage.auth.static_credentials
@@ -196,19 +212,19 @@ async def open_services_context(
     """Open telemetry, the Postgres pool and the S3 client; close them in reverse on exit."""
     if with_s3 is None:
         with_s3 = settings.layer_db_config.persister_mode.uses_s3
+    # Built (and the CA bundle checked) before anything is opened: a bad setting is exit 2.
+    s3_arguments = (
+        s3_client_arguments(settings, max_connections=s3_max_connections) if with_s3 else None
+    )
     async with AsyncExitStack() as stack:
         telemetry = start_telemetry(metric_readers, prometheus_port=settings.metrics_port)
         stack.callback(telemetry.shutdown)
         pool = await open_pg_pool(settings.layer_db_config.pg_pool_config)
         stack.push_async_callback(pool.close)
         s3_client: S3Client | None = None
-        if with_s3:
+        if s3_arguments is not None:
             session = aioboto3.Session()
-            s3_client = await stack.enter_async_context(
-                session.client(
-                    "s3", **s3_client_arguments(settings, max_connections=s3_max_connections)
-                )
-            )
+            s3_client = await stack.enter_async_context(session.client("s3", **s3_arguments))
             if not memoize_endpoint_resolution(s3_client):
                 log.debug("S3 endpoint resolution not memoized: unexpected client internals")
             expect_continue_only_for_large_bodies(s3_client)

@@ -21,6 +21,7 @@ import base64
 import binascii
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -98,21 +99,38 @@ class CertificateKind(StrEnum):
     REMOTE = "remote"
 
 
+_PEM_CERTIFICATE = re.compile(
+    rb"-----BEGIN CERTIFICATE-----\r?\n.*?-----END CERTIFICATE-----", re.DOTALL
+)
+
+
+def parse_ca_certificates(data: bytes) -> str | bytes | None:
+    """The CA certificates in ``data``, read as upstream's si-tls reads a certificate source's
+    bytes: the PEM certificates if there are any (as text), else the trimmed text as base64 of
+    DER, else raw DER (it starts with an ASN.1 SEQUENCE, 0x30); None when it is none of these.
+    What comes back is ``ssl``'s ``cadata``: text is PEM, bytes are DER."""
+    blocks = _PEM_CERTIFICATE.findall(data)
+    if blocks:
+        return "\n".join(block.decode("ascii", "replace") for block in blocks) + "\n"
+    try:
+        der = base64.b64decode(data.decode("utf-8").strip(), validate=True)
+    except (UnicodeDecodeError, binascii.Error, ValueError):
+        der = b""
+    if der:
+        return der
+    if data[:1] == b"\x30":
+        return data
+    return None
+
+
 class PgCertificate(_Section):
-    """Upstream's ``pg_pool_config.certificate``: the CA the server's certificate must chain to."""
+    """Upstream's ``pg_pool_config.certificate``: the CA the server's certificate must chain to.
+
+    ``remote`` is a URL, fetched once when the pool opens (``services.pg_tls``).
+    """
 
     type: CertificateKind
     source: str
-
-    @field_validator("type")
-    @classmethod
-    def _not_remote(cls, value: CertificateKind) -> CertificateKind:
-        if value is CertificateKind.REMOTE:
-            raise ValueError(
-                "a remote CA is not fetched here: download it and use type path "
-                "(or base64 / as_string)"
-            )
-        return value
 
     @model_validator(mode="after")
     def _readable_source(self) -> PgCertificate:
@@ -121,15 +139,24 @@ class PgCertificate(_Section):
                 base64.b64decode(self.source, validate=True)
             except binascii.Error:
                 raise ValueError("source is not valid base64") from None
+        inline = self.type in (CertificateKind.BASE64, CertificateKind.AS_STRING)
+        if inline and self.pem_or_der is None:
+            raise ValueError(f"source ({self.type}) holds no PEM, base64 DER or DER certificate")
+        if self.type is CertificateKind.REMOTE:
+            url = urlsplit(self.source)
+            if url.scheme not in ("http", "https") or not url.hostname:
+                raise ValueError("source must be an http:// or https:// URL for type remote")
         return self
 
     @property
     def pem_or_der(self) -> str | bytes | None:
-        """The CA itself for base64 / as_string sources (``ssl`` cadata), None for a path."""
+        """The CA itself for base64 / as_string sources (``ssl`` cadata), None for a path or a
+        URL. A base64 source decodes to the bytes of a file, often a PEM one (a Kubernetes
+        Secret's base64 of ``ca.pem``); both are read as upstream reads them."""
         if self.type is CertificateKind.BASE64:
-            return base64.b64decode(self.source)
+            return parse_ca_certificates(base64.b64decode(self.source))
         if self.type is CertificateKind.AS_STRING:
-            return self.source
+            return parse_ca_certificates(self.source.encode())
         return None
 
 
@@ -138,8 +165,10 @@ class PgPoolConfig(_Section):
 
     Upstream names used here: ``certificate`` (a path source becomes ``ssl_ca_cert``, and without
     an explicit ``sslmode`` the server is verified as upstream does: ``verify-full``),
-    ``pool_timeout_create_secs`` (the connect timeout unless ``connect_timeout_secs`` is set)
-    and ``pool_idle_connection_lifetime_secs`` (asyncpg's ``max_inactive_connection_lifetime``).
+    ``pool_timeout_create_secs`` (the connect timeout unless ``connect_timeout_secs`` is set),
+    ``pool_idle_connection_lifetime_secs`` (asyncpg's ``max_inactive_connection_lifetime``) and
+    ``pool_total_connection_lifetime_secs`` (a connection is retired at that age, upstream's
+    default 20 h: RDS Proxy closes connections at 24 h; ``services.pg_lifetime``).
     ``statement_cache_size`` 0 turns asyncpg's prepared-statement cache off (pgbouncer in
     transaction or statement pool mode).
     """
@@ -158,6 +187,7 @@ class PgPoolConfig(_Section):
     certificate: PgCertificate | None = None
     pool_timeout_create_secs: float | None = Field(None, gt=0)
     pool_idle_connection_lifetime_secs: float | None = Field(None, ge=0)
+    pool_total_connection_lifetime_secs: float = Field(20 * 3600.0, gt=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -209,6 +239,10 @@ class ObjectStorageConfig(_Section):
     bucket_suffix: str | None = None
     region: str = "us-east-1"
     key_prefix: str | None = None
+    # The PEM file of the CA(s) an https endpoint's certificate must chain to, instead of the
+    # default bundle (a private CA: MinIO or Ceph on premises). Unset: botocore's default, which
+    # AWS_CA_BUNDLE also sets.
+    ca_bundle: Path | None = None
     # ``iam_role`` uses the standard AWS credential chain (and its endpoint and region).
     auth: Annotated[StaticCredentialsAuth | Literal["iam_role"], NoDecode] = StaticCredentialsAuth()
 
@@ -379,13 +413,13 @@ UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
     *(_used(_PG + name, "the layer-db connection") for name in ("password", "dbname")),
     _used(_PG + "application_name", "the layer-db connection"),
     _used(_PG + "pool_max_size", "asyncpg pool max_size"),
-    _used(_PG + "certificate.type", "path, base64 or as_string: the server's CA (remote refused)"),
-    _used(_PG + "certificate.source", "the CA; no SSLMODE given: verify-full"),
+    _used(_PG + "certificate.type", "path, base64, as_string or remote: the server's CA"),
+    _used(_PG + "certificate.source", "the CA or its URL; no SSLMODE given: verify-full"),
     _used(_PG + "pool_timeout_create_secs", "connect timeout (CONNECT_TIMEOUT_SECS wins)"),
     _used(_PG + "pool_idle_connection_lifetime_secs", "asyncpg max_inactive_connection_lifetime"),
+    _used(_PG + "pool_total_connection_lifetime_secs", "connections retired at this age (20 h)"),
     _ignored(_PG + "pool_timeout_wait_secs", "a query waits for a free pooled connection"),
     _ignored(_PG + "pool_timeout_recycle_secs", "asyncpg resets a connection on release"),
-    _ignored(_PG + "pool_total_connection_lifetime_secs", "asyncpg has no connection age limit"),
     _ignored(_PG + "pool_lifetime_check_interval_secs", "asyncpg checks idle connections itself"),
     _ignored(_PG + "recycling_method", "asyncpg resets a connection on release"),
     _ignored(_PG + "certificate_path", "sdf's --pg-cert-path writes it; not a field, dropped"),

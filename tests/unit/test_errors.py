@@ -39,6 +39,7 @@ from layer_cache.errors import (
     map_pg_connect_errors,
     map_pg_errors,
     map_s3_errors,
+    untrusted_certificate,
 )
 
 
@@ -150,12 +151,12 @@ def connection_key() -> ConnectionKey:
 
 S3_TRANSPORT_FAILURES: list[tuple[str, Callable[[], BaseException]]] = [
     ("HTTPClientError(RuntimeError)", lambda: HTTPClientError(error=RuntimeError("unexpected"))),
-    (
-        "SSLError(ClientConnectorCertificateError)",
+    (  # a TLS failure that is not the certificate's (TLS to a plain-HTTP port, a reset)
+        "SSLError(ClientConnectorSSLError)",
         lambda: SSLError(
             endpoint_url=URL,
-            error=aiohttp.ClientConnectorCertificateError(
-                connection_key(), ssl.SSLCertVerificationError("certificate verify failed")
+            error=aiohttp.ClientConnectorSSLError(
+                connection_key(), ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version")
             ),
         ),
     ),
@@ -422,7 +423,7 @@ def test_map_pg_errors_does_not_call_a_configuration_error_a_lost_connection(
 SOCKET_ERRORS: list[OSError] = [
     OSError(113, "No route to host"),
     socket.gaierror(-2, "Name or service not known"),
-    ssl.SSLCertVerificationError(1, "certificate verify failed"),
+    ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
 ]
 
 
@@ -440,3 +441,113 @@ def test_socket_errors_are_transient_only_while_connecting(failure: OSError) -> 
 def test_map_pg_errors_lets_a_file_error_through() -> None:
     with pytest.raises(FileNotFoundError), map_pg_errors("reading cas key k"):
         raise FileNotFoundError(2, "No such file or directory", "/etc/si/pg-ca.crt")
+
+
+# --------------------------------------------------------------------------------------------
+# A certificate the client refused: found by type however it was wrapped; never retried
+
+
+def refused_certificate(reason: str = "unable to get local issuer certificate") -> ssl.SSLError:
+    """An ``ssl.SSLCertVerificationError`` as OpenSSL raises it, with its reason."""
+    error = ssl.SSLCertVerificationError(1, f"[SSL: CERTIFICATE_VERIFY_FAILED] {reason}")
+    error.verify_message = reason
+    error.verify_code = 20
+    return error
+
+
+def aiohttp_refusal(reason: str = "unable to get local issuer certificate") -> Exception:
+    """aiohttp's wrapping, raised ``from`` the ssl error as aiohttp's connector does."""
+    cause = refused_certificate(reason)
+    wrapped = aiohttp.ClientConnectorCertificateError(connection_key(), cause)
+    wrapped.__cause__ = cause
+    return wrapped
+
+
+def raised_inside_except(inner: BaseException, outer: Callable[[], BaseException]) -> BaseException:
+    """``outer()`` raised while handling ``inner``: linked by ``__context__`` alone."""
+    try:
+        try:
+            raise inner
+        except BaseException:
+            raise outer()  # noqa: B904 - implicit chaining: linked by __context__ only
+    except BaseException as exc:
+        return exc
+    raise AssertionError("unreachable")
+
+
+CERTIFICATE_FAILURES: list[tuple[str, Callable[[], BaseException]]] = [
+    ("bare", lambda: refused_certificate()),
+    ("aiohttp", aiohttp_refusal),
+    (
+        "botocore SSLError(error=aiohttp)",
+        lambda: SSLError(endpoint_url=URL, error=aiohttp_refusal()),
+    ),
+    (
+        "botocore EndpointConnectionError(error=ssl)",
+        lambda: EndpointConnectionError(endpoint_url=URL, error=refused_certificate()),
+    ),
+    (
+        "HTTPClientError raised while handling it",
+        lambda: raised_inside_except(aiohttp_refusal(), lambda: HTTPClientError(error=None)),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [failure for _, failure in CERTIFICATE_FAILURES],
+    ids=[name for name, _ in CERTIFICATE_FAILURES],
+)
+def test_a_refused_certificate_is_found_however_the_transport_wrapped_it(
+    failure: Callable[[], BaseException],
+) -> None:
+    found = untrusted_certificate(failure())
+    assert isinstance(found, ssl.SSLCertVerificationError)
+    assert found.verify_message == "unable to get local issuer certificate"
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        lambda: SSLError(
+            endpoint_url=URL, error=aiohttp.ClientSSLError(connection_key(), OSError())
+        ),
+        lambda: EndpointConnectionError(endpoint_url=URL, error=ConnectionRefusedError(111, "no")),
+        lambda: ssl.SSLError(1, "[SSL: WRONG_VERSION_NUMBER] wrong version number"),
+    ],
+    ids=["ssl-not-certificate", "refused", "wrong-version"],
+)
+def test_other_connection_failures_are_no_certificate_refusal(
+    failure: Callable[[], BaseException],
+) -> None:
+    assert untrusted_certificate(failure()) is None
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [failure for _, failure in CERTIFICATE_FAILURES],
+    ids=[name for name, _ in CERTIFICATE_FAILURES],
+)
+def test_map_s3_errors_makes_a_refused_certificate_final_with_its_reason(
+    failure: Callable[[], BaseException],
+) -> None:
+    with pytest.raises(S3LayerError) as raised, map_s3_errors("HeadBucket", "bucket"):
+        raise failure()
+    error = raised.value
+    assert error.kind is ErrorKind.UNTRUSTED_CERTIFICATE
+    assert not error.kind.retryable
+    assert error.detail == "unable to get local issuer certificate"
+    assert str(error) == (
+        "HeadBucket s3://bucket failed: the S3 endpoint's TLS certificate is not trusted "
+        "(unable to get local issuer certificate)"
+    )
+
+
+def test_a_refused_postgres_certificate_is_final_with_its_reason() -> None:
+    reason = "Hostname mismatch, certificate is not valid for 'db.internal'."
+    with pytest.raises(PgLayerError) as raised, map_pg_connect_errors("connecting to Postgres"):
+        raise refused_certificate(reason)
+    assert raised.value.kind is ErrorKind.UNTRUSTED_CERTIFICATE
+    assert str(raised.value) == (
+        f"connecting to Postgres failed: the server's TLS certificate is not trusted ({reason})"
+    )

@@ -56,7 +56,9 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         PG + "CERTIFICATE__SOURCE",
         PG + "POOL_TIMEOUT_CREATE_SECS",
         PG + "POOL_IDLE_CONNECTION_LIFETIME_SECS",
+        PG + "POOL_TOTAL_CONNECTION_LIFETIME_SECS",
         PG + "STATEMENT_CACHE_SIZE",
+        STORAGE + "CA_BUNDLE",  # ours
         STORAGE + "AUTH",
         STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY",
         "SI_SDF__BACKFILL_CUTOFF_TIMESTAMP",
@@ -82,7 +84,6 @@ def test_names_read_here_are_used(name: str) -> None:
         "SI_SDF__AUDIT__PG__PASSWORD",
         PG + "POOL_TIMEOUT_WAIT_SECS",
         PG + "POOL_TIMEOUT_RECYCLE_SECS",
-        PG + "POOL_TOTAL_CONNECTION_LIFETIME_SECS",
         PG + "RECYCLING_METHOD",
         STORAGE + "READ_RETRY__MAX_ATTEMPTS",
         STORAGE + "NUM_WORKERS",
@@ -257,19 +258,36 @@ def test_upstream_certificate_path_is_our_ca_and_verifies_the_server(
 
 def test_upstream_certificate_inline_sources(clean_env: pytest.MonkeyPatch) -> None:
     pem = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
+    # base64 of a PEM file (a Kubernetes Secret's ca.pem): the PEM text, as upstream reads it
     clean_env.setenv(PG + "CERTIFICATE__TYPE", "base64")
     clean_env.setenv(PG + "CERTIFICATE__SOURCE", base64.b64encode(pem.encode()).decode())
-    assert load_settings().layer_db_config.pg_pool_config.ssl_ca_data == pem.encode()
+    assert load_settings().layer_db_config.pg_pool_config.ssl_ca_data == pem
+    # base64 of DER: the DER bytes
+    clean_env.setenv(PG + "CERTIFICATE__SOURCE", base64.b64encode(b"0\x82\x01\x0a").decode())
+    assert load_settings().layer_db_config.pg_pool_config.ssl_ca_data == b"0\x82\x01\x0a"
     clean_env.setenv(PG + "CERTIFICATE__TYPE", "as_string")
     clean_env.setenv(PG + "CERTIFICATE__SOURCE", pem)
     assert load_settings().layer_db_config.pg_pool_config.ssl_ca_data == pem
 
 
+def test_upstream_remote_certificate_is_a_url_fetched_later(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv(PG + "CERTIFICATE__TYPE", "remote")
+    clean_env.setenv(PG + "CERTIFICATE__SOURCE", "https://truststore.example/ca.pem")
+    pool = load_settings().layer_db_config.pg_pool_config
+    assert pool.sslmode is PgSslMode.VERIFY_FULL
+    assert (pool.ssl_ca_cert, pool.ssl_ca_data) == (None, None)
+
+
 @pytest.mark.parametrize(
     ("kind", "source", "message"),
     [
-        ("remote", "https://truststore.example/ca.pem", "a remote CA is not fetched here"),
+        ("remote", "/etc/ssl/ca.pem", "must be an http:// or https:// URL for type remote"),
+        ("remote", "ftp://truststore.example/ca.pem", "must be an http:// or https:// URL"),
         ("base64", "not base64!", "source is not valid base64"),
+        ("base64", base64.b64encode(b"hello").decode(), "holds no PEM, base64 DER or DER"),
+        ("as_string", "hello", "source \\(as_string\\) holds no PEM, base64 DER or DER"),
         ("pem", "/x", "invalid SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__CERTIFICATE__TYPE"),
     ],
 )
@@ -291,6 +309,20 @@ def test_pool_timeouts_and_lifetimes_map_to_ours(clean_env: pytest.MonkeyPatch) 
     assert pool.pool_idle_connection_lifetime_secs == 21600
     clean_env.setenv(PG + "CONNECT_TIMEOUT_SECS", "7")  # ours wins
     assert load_settings().layer_db_config.pg_pool_config.connect_timeout_secs == 7
+
+
+def test_total_connection_lifetime_is_upstreams_20_hours_unless_set(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    assert load_settings().layer_db_config.pg_pool_config.pool_total_connection_lifetime_secs == (
+        20 * 3600
+    )
+    clean_env.setenv(PG + "POOL_TOTAL_CONNECTION_LIFETIME_SECS", "3600")
+    pool = load_settings().layer_db_config.pg_pool_config
+    assert pool.pool_total_connection_lifetime_secs == 3600
+    clean_env.setenv(PG + "POOL_TOTAL_CONNECTION_LIFETIME_SECS", "0")
+    with pytest.raises(SettingsError, match="POOL_TOTAL_CONNECTION_LIFETIME_SECS"):
+        load_settings()
 
 
 def test_empty_values_are_unset_as_upstream(clean_env: pytest.MonkeyPatch) -> None:
