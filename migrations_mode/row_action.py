@@ -3,7 +3,8 @@
 ``ROW_ACTIONS`` maps each mode to its action. ``settle(row, stored)`` is pure: given the size S3
 reports (from the listing or a HEAD; ``UNKNOWN`` when the listing cannot tell) it says whether
 the row is settled now (skipped, or verified by size) or needs a HEAD or its value; ``finish``
-then PUTs the value (copy) or GETs the object and compares (verify). The pipeline in
+then PUTs the value (copy; first it awaits ``pace``, the process's upload rate limits) or GETs
+the object and compares (verify, never paced). The pipeline in
 ``cache_backfill`` holds the slots, bytes and order; an action holds no resource and each call
 ends with its row, so nothing here needs shutting down.
 """
@@ -33,6 +34,17 @@ class StorageCall(Protocol):
 
     async def __call__(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
         """The call's result; raises ``CacheBackfillFailed`` once retries are exhausted."""
+
+
+class Pace(Protocol):
+    """Wait for the process's upload rate limits before PUTting ``size`` bytes for row ``key``."""
+
+    async def __call__(self, key: str, size: int) -> None:
+        """Returns when the upload may go."""
+
+
+async def unpaced(key: str, size: int) -> None:
+    """No rate limit."""
 
 
 class Decision(Enum):
@@ -85,10 +97,18 @@ class RowAction(Protocol):
 class _Action:
     """What every mode shares: the counters, the S3 layer, and settled rows' bookkeeping."""
 
-    def __init__(self, *, progress: CacheProgress, s3: S3Layer, storage_call: StorageCall) -> None:
+    def __init__(
+        self,
+        *,
+        progress: CacheProgress,
+        s3: S3Layer,
+        storage_call: StorageCall,
+        pace: Pace = unpaced,
+    ) -> None:
         self.progress = progress
         self.s3 = s3
         self.storage_call = storage_call
+        self.pace = pace  # uploads only: a verification PUTs nothing
 
     def record_settled(self, row: RowRef, stored: int | None, decision: Decision) -> None:
         """Count a row that ``settle`` found ``SKIPPED`` or ``VERIFIED``."""
@@ -120,7 +140,8 @@ class Copy(_Action):
         return Decision.SKIPPED if stored == row.size else Decision.NEEDS_VALUE
 
     async def finish(self, row: RowRef, value: bytes, stored: int | None) -> None:
-        """PUT the value, timed (retries included) and counted."""
+        """PUT the value once the rate limits let it go, timed (retries included) and counted."""
+        await self.pace(row.key, len(value))
         started = time.monotonic()
         await self.storage_call(lambda: self.s3.put(row.key, value), key=row.key)
         self.progress.upload_took(time.monotonic() - started)
@@ -165,7 +186,12 @@ ROW_ACTIONS: dict[VerifyMode, type[Copy] | type[VerifyContent]] = {
 
 
 def row_action(
-    mode: VerifyMode, *, progress: CacheProgress, s3: S3Layer, storage_call: StorageCall
+    mode: VerifyMode,
+    *,
+    progress: CacheProgress,
+    s3: S3Layer,
+    storage_call: StorageCall,
+    pace: Pace = unpaced,
 ) -> RowAction:
     """The action for ``mode``."""
-    return ROW_ACTIONS[mode](progress=progress, s3=s3, storage_call=storage_call)
+    return ROW_ACTIONS[mode](progress=progress, s3=s3, storage_call=storage_call, pace=pace)
