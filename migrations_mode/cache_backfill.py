@@ -521,6 +521,7 @@ class CacheBackfill:
                 upload_limit=self.upload_limit.limit,
                 processed=self.stats.processed,
                 uploaded=self.stats.uploaded,
+                bytes_uploaded=self.stats.bytes_uploaded,
                 skipped=self.stats.skipped,
                 retried=sum(self.stats.retries.values()),
             )
