@@ -153,6 +153,14 @@ def steady_window(log: RunLog, *, warmup_s: float, window_s: float) -> Window:
     return Window(start, end)
 
 
+def whole_run(summary: Mapping[str, Any]) -> Window:
+    """A scenario's whole timed section as a window (for a run too short for checkpoints)."""
+    return Window(
+        Checkpoint(0.0, 0, 0),
+        Checkpoint(summary["seconds"], summary["objects_uploaded"], summary["bytes_uploaded"]),
+    )
+
+
 def limit_for(share: float, unlimited: float, available: float, room_s: float) -> float:
     """``share`` of the unlimited rate, or less if the table holds too little for ``room_s``
     seconds at that rate (``available`` uploads or bytes)."""
@@ -296,11 +304,14 @@ def run_rate_limit_section(
             label=log_label,
         )
         log_path = runner.logs_dir / f"{log_label}.log"
-        window = steady_window(
-            read_run_log(log_path.read_text().splitlines()),
-            warmup_s=args.rate_warmup_s,
-            window_s=window_s,
-        )
+        try:
+            window = steady_window(
+                read_run_log(log_path.read_text().splitlines()),
+                warmup_s=args.rate_warmup_s,
+                window_s=window_s,
+            )
+        except ValueError:  # a table too small for two checkpoints: the whole run's rate
+            window = whole_run(summary)
         runs[label] = {"summary": summary, "window": window.as_json(), "limits": list(limits)}
         return window
 

@@ -21,6 +21,7 @@ from bench.rate_limit import (
     rate_limit_report,
     read_run_log,
     steady_window,
+    whole_run,
 )
 
 ORIGIN = datetime(2026, 12, 6, 23, 0, 0, tzinfo=UTC)
@@ -98,6 +99,11 @@ def test_a_run_shorter_than_its_warmup_is_measured_from_its_first_checkpoint() -
     assert (window.start.at_s, window.end.at_s) == (1.0, 3.0)
     with pytest.raises(ValueError, match="fewer than two checkpoints"):
         steady_window(every_second(1, 50), warmup_s=5, window_s=60)
+
+
+def test_a_run_too_short_for_checkpoints_is_measured_over_its_timed_section() -> None:
+    window = whole_run({"seconds": 2.0, "objects_uploaded": 300, "bytes_uploaded": 3_000_000})
+    assert (window.seconds, window.uploads_per_s, window.bytes_per_s) == (2.0, 150.0, 1_500_000)
 
 
 @pytest.mark.parametrize(
