@@ -7,6 +7,7 @@
 from devenv.postgres import (
     ContainerPostgres,
     LocalPostgres,
+    LocalStandby,
     PostgresEndpoint,
     PostgresServer,
     start_postgres,
@@ -27,6 +28,7 @@ from devenv.s3 import (
 __all__ = [
     "ContainerPostgres",
     "LocalPostgres",
+    "LocalStandby",
     "MinioS3",
     "MotoS3",
     "PostgresEndpoint",

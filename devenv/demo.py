@@ -34,6 +34,8 @@ def run_service(args: list[str], env: dict[str, str]) -> None:
     """Run ``python -m services`` with the operator's environment, output straight through."""
     print(f"\n$ python -m services {' '.join(args)}", flush=True)
     clean = {k: v for k, v in os.environ.items() if not k.startswith("SI_")}
+    if not any(name.startswith("OTEL_") for name in clean):
+        clean["OTEL_METRICS_EXPORTER"] = "none"  # no collector here: say so, do not try one
     subprocess.run([sys.executable, "-m", "services", *args], env=clean | env, check=True)
 
 

@@ -21,6 +21,7 @@ import io
 import logging
 import math
 import random
+import re
 import time
 import uuid
 from collections import Counter
@@ -30,7 +31,7 @@ from enum import StrEnum
 from types import TracebackType
 from typing import Final, Self
 from urllib.parse import unquote
-from xml.sax.saxutils import escape
+from xml.sax.saxutils import escape, unescape
 
 import aiohttp
 from aiohttp import web
@@ -374,7 +375,10 @@ class FaultProxy:
                 rewritten = _rewrite_put_etag(request, upstream, self._plan.put_etag)
                 if rewritten is not None:
                     upstream, planned = rewritten, ETAG_REWRITTEN
+                else:
+                    upstream = _rewrite_read_etags(request, upstream, self._plan.put_etag)
             self._count(method, planned)
+            self.counts[f"op:{s3_operation(request)}"] += 1
             if planned == RESET:
                 return await _reset(request, upstream)
             return await _relay(request, upstream)
@@ -412,13 +416,58 @@ def _rewrite_put_etag(
     request: web.Request, upstream: _Upstream, rewrite: EtagRewrite
 ) -> _Upstream | None:
     """The upstream answer to a stored PUT with its ETag rewritten; None for other answers."""
+    if request.method != "PUT":
+        return None
+    return _with_rewritten_etag_header(upstream, rewrite)
+
+
+def _with_rewritten_etag_header(upstream: _Upstream, rewrite: EtagRewrite) -> _Upstream | None:
     etag = upstream.headers.get("ETag")
-    if request.method != "PUT" or upstream.status != 200 or etag is None:
+    if upstream.status != 200 or etag is None:
         return None
     headers = CIMultiDict(upstream.headers)
     headers["ETag"] = rewrite.etag(etag)
     headers.update(rewrite.headers)
     return _Upstream(upstream.status, upstream.reason, CIMultiDictProxy(headers), upstream.body)
+
+
+_LISTED_ETAG = re.compile(rb"<ETag>(.*?)</ETag>")
+
+
+def _rewrite_read_etags(
+    request: web.Request, upstream: _Upstream, rewrite: EtagRewrite
+) -> _Upstream:
+    """An encrypting bucket's ETags are the same wherever they are read: a stored object's HEAD
+    and GET answers and the bucket's listings carry the ETag its PUT was answered with (derived
+    from the upstream's, so the same object always has the same one). A ``PLAIN`` rewrite
+    simulates one damaged upload, not a bucket: reads are left alone."""
+    if rewrite is EtagRewrite.PLAIN or request.method not in ("GET", "HEAD"):
+        return upstream
+    if path_style_object(request.raw_path) is not None:
+        return _with_rewritten_etag_header(upstream, rewrite) or upstream
+    if upstream.status != 200 or "list-type" not in request.query:
+        return upstream
+
+    def replace(match: re.Match[bytes]) -> bytes:
+        upstream_etag = unescape(match[1].decode())
+        return f"<ETag>{escape(rewrite.etag(upstream_etag), {chr(34): '&quot;'})}</ETag>".encode()
+
+    body = _LISTED_ETAG.sub(replace, upstream.body)
+    headers = CIMultiDict(upstream.headers)
+    headers["Content-Length"] = str(len(body))
+    return _Upstream(upstream.status, upstream.reason, CIMultiDictProxy(headers), body)
+
+
+def s3_operation(request: web.Request) -> str:
+    """The S3 operation a path-style request is (for request counts), or ``other``."""
+    on_object = path_style_object(request.raw_path) is not None
+    method = request.method
+    if method == "GET":
+        if on_object:
+            return "GetObject"
+        return "ListObjectsV2" if "list-type" in request.query else "other"
+    operations = {"HEAD": "HeadObject", "PUT": "PutObject", "DELETE": "DeleteObject"}
+    return operations.get(method, "other") if on_object else "other"
 
 
 def signing_access_key(headers: Mapping[str, str], query: Mapping[str, str]) -> str | None:

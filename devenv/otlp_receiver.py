@@ -73,7 +73,8 @@ class OtlpGrpcReceiver:
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(  # type: ignore[no-untyped-call]
             _MetricsService(self._received, self._lock), self._server
         )
-        self._server.add_insecure_port(f"127.0.0.1:{port}")
+        if self._server.add_insecure_port(f"127.0.0.1:{port}") != port:
+            raise RuntimeError(f"cannot listen on 127.0.0.1:{port} for OTLP/gRPC: port taken")
 
     @property
     def endpoint(self) -> str:
@@ -111,9 +112,10 @@ class OtlpGrpcReceiver:
 
 
 @contextmanager
-def otlp_grpc_receiver() -> Iterator[OtlpGrpcReceiver]:
-    """A receiver on a free loopback port for the life of the block."""
-    receiver = OtlpGrpcReceiver(free_port())
+def otlp_grpc_receiver(port: int | None = None) -> Iterator[OtlpGrpcReceiver]:
+    """A receiver on ``port`` (a free loopback port by default) for the life of the block;
+    a port already taken is a ``RuntimeError`` naming it."""
+    receiver = OtlpGrpcReceiver(free_port() if port is None else port)
     receiver.start()
     try:
         yield receiver

@@ -7,11 +7,16 @@ unix-socket directory and the log: ``initdb`` (``--locale=C.UTF-8``, falling bac
 Socket connections are trusted, TCP ones need a password (SCRAM), so the app role
 ``si``/``bugbear`` really authenticates; the superuser ``postgres``/``postgres-dev`` is kept for
 tests that create roles or databases. As root, every binary runs as the ``postgres`` OS user
-through ``runuser``. ``ContainerPostgres`` runs ``postgres:15`` through testcontainers when a
-Docker engine answers (``si`` is its superuser). Shutting down (see ``devenv.process``):
-``pg_ctl stop -m fast`` (``-m immediate`` if that fails), then the directory is deleted;
-containers are removed by testcontainers, whose Ryuk reaper also removes them if this process
-is killed.
+through ``runuser``. ``LocalPostgres.start_standby()`` makes a hot standby of a running
+``LocalPostgres``: ``pg_basebackup -R`` over the primary's socket into a directory of its own,
+started on a free port, streaming the primary's WAL (its roles and databases are the primary's);
+``LocalStandby.catch_up()`` waits until it has replayed everything the primary has written. The
+standby exists only for the local binaries: with a ``ContainerPostgres`` (Docker) the read
+replica tests are skipped, saying so. ``ContainerPostgres`` runs ``postgres:15`` through
+testcontainers when a Docker engine answers (``si`` is its superuser). Shutting down (see
+``devenv.process``): ``pg_ctl stop -m fast`` (``-m immediate`` if that fails), then the
+directory is deleted (stop a standby before its primary); containers are removed by
+testcontainers, whose Ryuk reaper also removes them if this process is killed.
 """
 
 from __future__ import annotations
@@ -22,7 +27,9 @@ import pwd
 import shlex
 import shutil
 import subprocess
-from dataclasses import dataclass
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import quote
@@ -53,6 +60,7 @@ POSTGRES_IMAGE = "postgres:15"
 
 PG_BIN_ENV = "SI_DEVENV_PG_BIN"
 PG_CTL_TIMEOUT_S = 60
+STANDBY_CATCH_UP_TIMEOUT_S = 30.0
 
 # The order in which initdb locales are tried: C.UTF-8 keeps UTF-8 character semantics with
 # byte-order collation; --no-locale (plain C) works on any machine.
@@ -272,6 +280,82 @@ class LocalPostgres(PostgresServer):
         )  # fmt: skip
         if result.returncode != 0:
             raise RuntimeError(_describe_failure(result))
+
+    def query(self, *statements: str, dbname: str = "postgres") -> str:
+        """Run statements (each its own transaction, in one session) as the superuser over the
+        socket; the last line they print, unaligned."""
+        result = self._run_binary(
+            "psql", "-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1",
+            "-h", str(self._socket_dir), "-p", str(self._port),
+            "-U", LOCAL_SUPERUSER, "-d", dbname,
+            *(arg for statement in statements for arg in ("-c", statement)),
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(_describe_failure(result))
+        lines = result.stdout.strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def start_standby(self, *, settings: Mapping[str, str] | None = None) -> LocalStandby:
+        """A running hot standby of this server; ``settings`` are its own server options
+        (``max_standby_streaming_delay``, ``hot_standby_feedback``...)."""
+        standby = LocalStandby(self, settings=settings)
+        standby.start()
+        return standby
+
+
+class LocalStandby(LocalPostgres):
+    """A hot standby of a running ``LocalPostgres``, streaming its WAL; read-only, same roles."""
+
+    def __init__(
+        self, primary: LocalPostgres, *, settings: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(bin_dir=primary._bin_dir)
+        self._primary = primary
+        self._settings = dict(settings or {})
+
+    def _launch(self) -> PostgresEndpoint:
+        primary = self._primary.endpoint  # raises unless the primary runs
+        self._workdir = _make_workdir("pg-standby", owner=self._os_user)
+        # -R writes standby.signal and primary_conninfo (the primary's socket, as the superuser,
+        # whom the socket trusts, for replication too); -X stream copies the WAL of the copy.
+        result = self._run_binary(
+            "pg_basebackup", "-D", str(self._data_dir), "-R", "-X", "stream",
+            "-c", "fast", "--no-sync",
+            "-h", str(self._primary._socket_dir), "-p", str(primary.port), "-U", LOCAL_SUPERUSER,
+        )  # fmt: skip
+        if result.returncode != 0:
+            raise RuntimeError(_describe_failure(result))
+        self._port = free_port()
+        self._pg_ctl("start", "-l", str(self._log_file), "-o", self._options())
+        if self.query("SELECT pg_is_in_recovery()") != "t":
+            raise RuntimeError(f"the standby in {self._data_dir} is not in recovery")
+        return replace(primary, port=self._port)
+
+    def _options(self) -> str:
+        settings = {"hot_standby": "on", **self._settings}
+        extra = [arg for name, value in settings.items() for arg in ("-c", f"{name}={value}")]
+        return f"{super()._options()} {shlex.join(extra)}"
+
+    def catch_up(self, *, timeout_s: float = STANDBY_CATCH_UP_TIMEOUT_S) -> None:
+        """Wait until this standby has replayed all the WAL its primary has written so far
+        (so rows committed there are visible here); TimeoutError after ``timeout_s``."""
+        # The primary commits asynchronously (synchronous_commit=off), so its latest commits
+        # may not be written yet: a transaction that logs a message (no data) and commits with
+        # it on flushes all the WAL before it, which the WAL sender then streams.
+        target = self._primary.query(
+            "SET synchronous_commit = on",
+            "SELECT pg_logical_emit_message(true, 'si-devenv', 'standby catch-up')",
+            "SELECT pg_current_wal_lsn()",
+        )
+        replayed = f"SELECT pg_last_wal_replay_lsn() >= {_sql_literal(target)}::pg_lsn"
+        deadline = time.monotonic() + timeout_s
+        while self.query(replayed) != "t":
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the standby did not replay up to {target} within {timeout_s:.0f} s\n"
+                    f"--- standby log ---\n{_tail(self._log_file)}"
+                )
+            time.sleep(0.02)
 
 
 class ContainerPostgres(PostgresServer):

@@ -4,6 +4,8 @@ SQL is built once per table when the layer is made; table names come only from t
 never from input. Every call goes through ``map_pg_errors`` so callers see ``PgLayerError``.
 Connections come from the shared asyncpg pool, one per call; a connection lost mid-call is
 replaced by the pool on the next acquire, so a retried call runs on a fresh one.
+``server_read_only_reason`` asks the server itself whether it takes writes (a read replica does
+not), with ``read_only_reason`` as its pure core.
 """
 
 from __future__ import annotations
@@ -20,14 +22,40 @@ from layer_cache.errors import map_pg_errors
 
 @dataclass(frozen=True, slots=True)
 class RowRef:
-    """A listed row: its key, creation time and value size, without the value."""
+    """A listed row: its key, creation time and value size (and, when asked for, the value's
+    MD5 in hex, computed by Postgres), without the value."""
 
     key: str
     created_at: datetime
     size: int
+    md5: str | None = None
 
 
 _COLUMNS = "key, created_at, octet_length(value) AS size"
+# The value's MD5 computed where the value is: comparing it with an object's ETag needs no
+# value on the wire (a verification or repair reads values only where the ETag cannot tell).
+_COLUMNS_WITH_MD5 = _COLUMNS + ", md5(value) AS md5"
+
+# A standby answers true to pg_is_in_recovery(); a role or database can also be read-only by
+# default (ALTER ROLE ... SET default_transaction_read_only = on), which refuses writes as well.
+_SQL_READ_ONLY = "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')"
+
+
+def read_only_reason(in_recovery: bool, default_transaction_read_only: str) -> str | None:
+    """Why a server refuses writes, in words for a log line, or None when it takes them."""
+    if in_recovery:
+        return "a standby in recovery"
+    if default_transaction_read_only == "on":
+        return "default_transaction_read_only=on"
+    return None
+
+
+async def server_read_only_reason(pool: asyncpg.Pool) -> str | None:
+    """Ask the server once whether it takes writes: ``read_only_reason`` of its answer."""
+    with map_pg_errors("asking the layer database whether it takes writes"):
+        record = await pool.fetchrow(_SQL_READ_ONLY)
+    assert record is not None  # the query always returns one row
+    return read_only_reason(bool(record[0]), str(record[1]))
 
 
 class _Where:
@@ -95,6 +123,7 @@ class PgLayer:
         low: str | None,
         high: str | None,
         limit: int,
+        with_md5: bool = False,
     ) -> list[RowRef]:
         """Rows with ``created_at < cutoff`` in key order: after ``after`` (exclusive) or from
         ``low`` (inclusive), below ``high``; one primary-key range scan per page."""
@@ -102,7 +131,7 @@ class PgLayer:
         if after is not None:
             where.add("key > {}", after)
         where.key_range(None if after is not None else low, high)
-        return await self._list(where, "key", limit)
+        return await self._list(where, "key", limit, with_md5=with_md5)
 
     async def list_newest_first(
         self,
@@ -112,21 +141,27 @@ class PgLayer:
         low: str | None = None,
         high: str | None = None,
         limit: int,
+        with_md5: bool = False,
     ) -> list[RowRef]:
         """Rows with ``created_at < cutoff``, newest first, strictly after a (created_at, key)."""
         where = _Where(cutoff)
         if after is not None:
             where.add("(created_at, key) < ({}, {})", *after)
         where.key_range(low, high)
-        return await self._list(where, "created_at DESC, key DESC", limit)
+        return await self._list(where, "created_at DESC, key DESC", limit, with_md5=with_md5)
 
-    async def _list(self, where: _Where, order_by: str, limit: int) -> list[RowRef]:
+    async def _list(
+        self, where: _Where, order_by: str, limit: int, *, with_md5: bool
+    ) -> list[RowRef]:
+        columns = _COLUMNS_WITH_MD5 if with_md5 else _COLUMNS
         sql = (
-            f"SELECT {_COLUMNS} FROM {self.spec.table} WHERE {where.sql}"
+            f"SELECT {columns} FROM {self.spec.table} WHERE {where.sql}"
             f" ORDER BY {order_by} LIMIT {where.placeholder()}"
         )
         with map_pg_errors(f"listing rows of {self.spec.table}"):
             records = await self.pool.fetch(sql, *where.arguments, limit)
+        if with_md5:
+            return [RowRef(r["key"], r["created_at"], r["size"], r["md5"]) for r in records]
         return [RowRef(r["key"], r["created_at"], r["size"]) for r in records]
 
     async def fetch_values(self, keys: Sequence[str]) -> dict[str, bytes]:

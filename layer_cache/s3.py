@@ -20,6 +20,7 @@ import hashlib
 import re
 from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiobotocore.credentials import AioRefreshableCredentials
@@ -83,6 +84,26 @@ class BodyDigest:
         """True when a PutObject answer shows a stored body other than this one: its ETag is
         an MD5 (``put_etag_is_md5``) and contradicts this digest."""
         return put_etag_is_md5(response) and self.contradicted_by(response.get("ETag"))
+
+
+@dataclass(frozen=True, slots=True)
+class StoredObject:
+    """What S3 says of an object without reading it: its size and its ETag (as S3 sends it,
+    quotes stripped, lower case), from a listing or a HEAD."""
+
+    size: int
+    etag: str | None = None
+
+    @classmethod
+    def from_response(cls, size: int, etag: str | None) -> StoredObject:
+        """From a listing entry's or a HEAD's ``Size``/``ContentLength`` and ``ETag``."""
+        return cls(size, None if etag is None else etag.strip('"').lower())
+
+    def etag_vouches_for(self, md5_hex: str | None) -> bool:
+        """True when the ETag is the MD5 of ``md5_hex``'s bytes: then the object holds those
+        bytes. False says nothing: an ETag may be no MD5 at all (multipart uploads, and
+        objects encrypted with SSE-KMS, DSSE-KMS or SSE-C, whose 32-hex ETags are not MD5s)."""
+        return md5_hex is not None and self.etag == md5_hex.lower()
 
 
 def content_md5(body: bytes) -> str:
@@ -176,6 +197,11 @@ class S3Layer:
 
     async def head(self, key: str) -> int | None:
         """The stored object's size in bytes, or None when there is no object."""
+        stored = await self.stat(key)
+        return None if stored is None else stored.size
+
+    async def stat(self, key: str) -> StoredObject | None:
+        """The stored object's size and ETag (one HEAD), or None when there is no object."""
         try:
             with self._s3_call("HeadObject", key):
                 response = await self.client.head_object(
@@ -185,7 +211,7 @@ class S3Layer:
             if exc.kind is ErrorKind.NOT_FOUND:
                 return None
             raise
-        return int(response["ContentLength"])
+        return StoredObject.from_response(int(response["ContentLength"]), response.get("ETag"))
 
     async def get(self, key: str) -> bytes | None:
         """The stored object's bytes, or None when there is no object."""
@@ -201,10 +227,10 @@ class S3Layer:
         continuation_token: str | None,
         *,
         prefix: str | None = None,
-    ) -> tuple[list[tuple[str, int]], str | None]:
-        """One ListObjectsV2 page in key order: (object key, size) entries and the token for
-        the next page (None when this was the last). Limited to ``prefix`` (a full object-key
-        prefix) when given, else to ``key_prefix`` when set."""
+    ) -> tuple[list[tuple[str, StoredObject]], str | None]:
+        """One ListObjectsV2 page in key order: (object key, size and ETag) entries and the
+        token for the next page (None when this was the last). Limited to ``prefix`` (a full
+        object-key prefix) when given, else to ``key_prefix`` when set."""
         arguments: dict[str, str] = {"Bucket": self.bucket}
         if prefix is None and self.key_prefix:
             prefix = f"{self.key_prefix}/"
@@ -216,7 +242,10 @@ class S3Layer:
             arguments["StartAfter"] = start_after
         with self._s3_call("ListObjectsV2"):
             response = await self.client.list_objects_v2(**arguments)  # type: ignore[arg-type]
-        entries = [(item["Key"], int(item["Size"])) for item in response.get("Contents", [])]
+        entries = [
+            (item["Key"], StoredObject.from_response(int(item["Size"]), item.get("ETag")))
+            for item in response.get("Contents", [])
+        ]
         token = response.get("NextContinuationToken") if response.get("IsTruncated") else None
         return entries, token
 

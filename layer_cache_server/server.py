@@ -199,6 +199,7 @@ class LayerCacheServer:
                 port=bound_port,
                 persister_mode=self.mode.value,
                 cache_types=[cache_type.value for cache_type in SERVED_CACHE_TYPES],
+                metrics=self.context.telemetry.destination,
             )
             if on_listening is not None:
                 on_listening(bound_host, bound_port)

@@ -33,10 +33,11 @@ from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
 from layer_cache.rate_limit import UploadPacer
 from layer_cache.retry import AdaptiveLimit, call_with_retries
-from layer_cache.s3 import S3Layer
-from migrations_mode.bucket_index import UNKNOWN, BucketIndex
+from layer_cache.s3 import S3Layer, StoredObject
+from migrations_mode.bucket_index import UNKNOWN, BucketIndex, Stored
 from migrations_mode.checkpoint import CheckpointTracker, Position
-from migrations_mode.config import BackfillConfig, format_checkpoint
+from migrations_mode.config import BackfillConfig, VerifyMode, format_checkpoint
+from migrations_mode.differences import Difference, DifferenceKind, DifferenceReport
 from migrations_mode.display import RateMeter, progress_report
 from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.estimates import WalkState
@@ -47,6 +48,7 @@ from migrations_mode.progress_store import (
     ProgressKey,
     ProgressStore,
     SavedProgress,
+    WalkPurpose,
     progress_target,
 )
 from migrations_mode.row_action import Decision, row_action
@@ -66,7 +68,7 @@ class _Job:
 
     row: RowRef
     sequence: int
-    stored: int | None = UNKNOWN
+    stored: Stored = UNKNOWN
     value: bytes | None = None
 
 
@@ -94,6 +96,7 @@ class CacheBackfill:
         stop: asyncio.Event,
         metrics: BackfillMetrics,
         progress_store: ProgressStore,
+        report: DifferenceReport,
         pacer: UploadPacer | None = None,
     ) -> None:
         self.cache_type = cache_type
@@ -108,6 +111,7 @@ class CacheBackfill:
         self.bytes_budget = ByteBudget(config.max_inflight_bytes)
         self.completed = False
         self.log_progress = True  # off while a live display shows the same on a terminal
+        self.report = report
         self.pacer = pacer or UploadPacer()  # the process's; none: no rate limit
         self._paced_s: dict[str, float] = {}  # row key -> seconds its PUT waited for the pacer
         self.action = row_action(
@@ -115,6 +119,7 @@ class CacheBackfill:
             progress=self.progress,
             s3=s3,
             storage_call=self._storage_call,
+            report=report,
             pace=self._pace,
         )
         self.saver = ProgressSaver(
@@ -125,6 +130,9 @@ class CacheBackfill:
                 order=config.order,
                 target=progress_target(s3.client.meta.endpoint_url, s3.bucket, s3.key_prefix),
                 shard=config.shard.label,
+                purpose=(
+                    WalkPurpose.REPAIR if config.verify is VerifyMode.REPAIR else WalkPurpose.COPY
+                ),
             ),
             snapshot=self._progress_snapshot,
             storage_call=self._storage_call,
@@ -226,6 +234,10 @@ class CacheBackfill:
         saved = await self.saver.load()
         if saved is None:
             return None
+        if saved.completed and self.saver.key.purpose is WalkPurpose.REPAIR:
+            # A repair is a fresh look each time: only one that was cut short resumes.
+            log.info("previous repair pass completed; starting a new pass")
+            return None
         self.completed = saved.completed
         self._rows_done_before = saved.rows_done
         if saved.position is not None:
@@ -324,25 +336,31 @@ class CacheBackfill:
                     low=key_range.low,
                     high=key_range.high,
                     limit=limit,
+                    with_md5=self.action.needs_md5,
                 )
             )
         after = (cursor.created_at, cursor.key) if cursor else None
         return await self._storage_call(
             lambda: self.pg.list_newest_first(
-                cutoff=cutoff, after=after, low=key_range.low, high=key_range.high, limit=limit
+                cutoff=cutoff,
+                after=after,
+                low=key_range.low,
+                high=key_range.high,
+                limit=limit,
+                with_md5=self.action.needs_md5,
             )
         )
 
-    async def _stored_sizes(
+    async def _stored_objects(
         self, bucket_index: BucketIndex | None, page: list[RowRef]
-    ) -> list[int | None]:
+    ) -> list[Stored]:
         if bucket_index is None:
             return [UNKNOWN] * len(page)
         object_keys = [self.s3.object_key(row.key) for row in page]
-        sizes, unmatched = await self._storage_call(lambda: bucket_index.sizes_for(object_keys))
+        found, unmatched = await self._storage_call(lambda: bucket_index.objects_for(object_keys))
         if self.action.counts_extra and unmatched:
             await self._count_extra(unmatched)
-        return sizes
+        return found
 
     async def _plan_page(
         self,
@@ -352,10 +370,10 @@ class CacheBackfill:
     ) -> None:
         """Settle the rows S3's sizes settle; queue the rest, values read in chunks."""
         sequences = [self.tracker.dispatch(Position(row.created_at, row.key)) for row in page]
-        stored_sizes = await self._stored_sizes(bucket_index, page)
+        stored_objects = await self._stored_objects(bucket_index, page)
         to_check: list[_Job] = []
         needs_value: list[_Job] = []
-        for row, sequence, stored in zip(page, sequences, stored_sizes, strict=True):
+        for row, sequence, stored in zip(page, sequences, stored_objects, strict=True):
             decision = self.action.settle(row, stored)
             if decision is Decision.NEEDS_HEAD:
                 to_check.append(_Job(row, sequence))
@@ -407,9 +425,7 @@ class CacheBackfill:
             return False
         return True
 
-    async def _value_task(
-        self, row: RowRef, sequence: int, value: bytes, stored: int | None
-    ) -> None:
+    async def _value_task(self, row: RowRef, sequence: int, value: bytes, stored: Stored) -> None:
         """Runs with an upload slot and the row's bytes held; gives both back."""
         try:
             await self._finish_row(row, value, stored)
@@ -422,7 +438,7 @@ class CacheBackfill:
         """The one-row path (runs with an upload slot held): HEAD, then settle the row, or read
         its value and finish it."""
         try:
-            stored = await self._storage_call(lambda: self.s3.head(row.key), key=row.key)
+            stored = await self._storage_call(lambda: self.s3.stat(row.key), key=row.key)
             decision = self.action.settle(row, stored)
             if decision.settled:
                 self.action.record_settled(row, stored, decision)
@@ -437,7 +453,7 @@ class CacheBackfill:
         finally:
             self.upload_limit.release()
 
-    async def _finish_row(self, row: RowRef, value: bytes, stored: int | None) -> None:
+    async def _finish_row(self, row: RowRef, value: bytes, stored: Stored) -> None:
         """The row's S3 work (copying: its PUT, retries included), timed for the upload limit
         without the wait for the rate limits (S3's time only: the tuner then sees the rate
         flat at the limit and stops climbing, rather than latency it would blame on S3)."""
@@ -464,19 +480,28 @@ class CacheBackfill:
         self.progress.vanished()
         self._finish(sequence)
 
-    async def _count_extra(self, object_keys: list[str]) -> None:
+    async def _count_extra(self, listed: list[tuple[str, StoredObject]]) -> None:
         """Objects in the walked range that no row of the table accounts for."""
-        row_keys = {
-            object_key.rsplit("/", 1)[-1]: object_key
-            for object_key in object_keys
+        by_row_key = {
+            object_key.rsplit("/", 1)[-1]: (object_key, stored)
+            for object_key, stored in listed
             if S3_PROGRESS_PREFIX not in object_key
         }
-        if not row_keys:
+        if not by_row_key:
             return
-        existing = await self._storage_call(lambda: self.pg.existing_keys(list(row_keys)))
-        extra = [object_key for key, object_key in row_keys.items() if key not in existing]
-        for object_key in extra[:100]:
-            log.warning("verify: object has no row", object_key=object_key)
+        existing = await self._storage_call(lambda: self.pg.existing_keys(list(by_row_key)))
+        extra = [(key, found) for key, found in by_row_key.items() if key not in existing]
+        for key, (object_key, stored) in extra:
+            self.report.record(
+                Difference(
+                    self.cache_type,
+                    key,
+                    object_key,
+                    DifferenceKind.EXTRA,
+                    object_size=stored.size,
+                    object_etag=stored.etag,
+                )
+            )
         self.progress.extra(len(extra))
 
     async def _storage_call(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -151,15 +152,42 @@ class BackfillSettings(BaseSettings):
     max_bytes_per_second: ByteSize | None = Field(None, gt=0)
     verify: bool = False
     verify_content: bool = False
+    repair: bool = False
+    verify_report: Path | None = None
     dry_run: bool = False
+
+    @field_validator("verify_report")
+    @classmethod
+    def _writable_report(cls, path: Path | None) -> Path | None:
+        """A file that can be created or replaced, checked before anything runs."""
+        if path is None:
+            return None
+        if path.is_dir():
+            raise ValueError(f"{path} is a directory; name a file")
+        parent = path.parent
+        if not parent.is_dir() or not os.access(parent, os.W_OK):
+            raise ValueError(f"cannot write a file in {parent}")
+        return path
 
 
 class VerifyMode(StrEnum):
-    """Copy (off), or compare S3 with Postgres by size or by content, writing nothing."""
+    """Copy (off); compare S3 with Postgres by size or by content, writing nothing; or compare
+    by content and re-upload what differs (repair)."""
 
     OFF = "off"
     SIZE = "size"
     CONTENT = "content"
+    REPAIR = "repair"
+
+    @property
+    def writes(self) -> bool:
+        """PUTs objects and keeps progress."""
+        return self in (VerifyMode.OFF, VerifyMode.REPAIR)
+
+    @property
+    def compares(self) -> bool:
+        """Compares each row with its object and reports differences."""
+        return self is not VerifyMode.OFF
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +210,7 @@ class BackfillConfig:
     max_uploads_per_second: float | None = None  # for the whole process; None: no limit
     max_bytes_per_second: int | None = None  # value bytes, for the whole process
     verify: VerifyMode = VerifyMode.OFF
+    verify_report: Path | None = None
     dry_run: bool = False
     cutoff_is_now: bool = False
     """``--backfill-cutoff-timestamp now`` not yet resolved: ``cutoff`` is the local clock at
@@ -232,6 +261,7 @@ def load_backfill_config(
         raise BackfillConfigError(describe_validation_error(exc, _flag_and_env)) from None
     finally:
         _upstream_options.reset(token)
+    _refuse_conflicting_modes(options)
     cutoff = options.cutoff_timestamp
     return BackfillConfig(
         cutoff=datetime.now(UTC) if cutoff == CUTOFF_NOW else cutoff,
@@ -255,14 +285,57 @@ def load_backfill_config(
         max_uploads_per_second=options.max_uploads_per_second,
         max_bytes_per_second=options.max_bytes_per_second,
         dry_run=options.dry_run,
-        verify=(
-            VerifyMode.CONTENT
-            if options.verify_content
-            else VerifyMode.SIZE
-            if options.verify
-            else VerifyMode.OFF
-        ),
+        verify=_verify_mode(options),
+        verify_report=options.verify_report,
     )
+
+
+def _verify_mode(options: BackfillSettings) -> VerifyMode:
+    if options.repair:
+        return VerifyMode.REPAIR
+    if options.verify_content:
+        return VerifyMode.CONTENT
+    return VerifyMode.SIZE if options.verify else VerifyMode.OFF
+
+
+def _refuse_conflicting_modes(options: BackfillSettings) -> None:
+    """One run does one thing: copy, estimate (dry run), compare (verify) or repair; a report
+    needs a comparison."""
+    comparing = [flag_for(name) for name in ("verify", "verify_content") if getattr(options, name)]
+    if options.dry_run and (comparing or options.repair):
+        other = comparing[0] if comparing else flag_for("repair")
+        raise BackfillConfigError(
+            f"{flag_for('dry_run')} and {other} are different runs (a dry run estimates a "
+            "copy, a verification compares S3 with Postgres, a repair re-uploads what differs); "
+            "pass one of them"
+        )
+    if options.repair and comparing:
+        raise BackfillConfigError(
+            f"{flag_for('repair')} compares content itself (an ETag that is the row's MD5, "
+            f"else the bytes); drop {comparing[0]}"
+        )
+    if options.verify_report is not None and not (comparing or options.repair):
+        raise BackfillConfigError(
+            f"{flag_for('verify_report')} reports what a comparison finds; add "
+            f"{flag_for('verify')}, {flag_for('verify_content')} or {flag_for('repair')}"
+        )
+
+
+def repair_flags(config: BackfillConfig, cache_types: Sequence[CacheType]) -> str:
+    """The flags of the repair that goes with a verification: same cutoff, order and shard
+    (the environment, key prefix included, is the same)."""
+    flags = [
+        "--migration-mode backfillLayerCache",
+        flag_for("repair"),
+        f"{flag_for('cutoff_timestamp')} '{format_checkpoint(config.cutoff)}'",
+        f"{flag_for('cache_types')} {','.join(cache_types)}",
+    ]
+    if config.order is not WalkOrder.KEY:
+        flags.append(f"{flag_for('order')} {config.order.value}")
+    if config.shard.count > 1:
+        flags.append(f"{flag_for('shard_index')} {config.shard.index}")
+        flags.append(f"{flag_for('shard_count')} {config.shard.count}")
+    return " ".join(flags)
 
 
 def with_resolved_cutoff(config: BackfillConfig, database_now: datetime) -> BackfillConfig:

@@ -31,12 +31,13 @@ from migrations_mode.config import (
     format_checkpoint,
     with_resolved_cutoff,
 )
+from migrations_mode.differences import open_difference_report
 from migrations_mode.display import LiveProgress
 from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
-from migrations_mode.preflight import run_preflight
+from migrations_mode.preflight import check_read_only, run_preflight
 from migrations_mode.progress import BackfillMetrics
-from migrations_mode.progress_store import open_progress_store
-from migrations_mode.summary import CacheOutcome, total_fields
+from migrations_mode.progress_store import ProgressStore, open_progress_store
+from migrations_mode.summary import CacheOutcome, Status, finished_status, total_fields
 from services.context import ServicesContext
 from services.signals import StopRequest
 
@@ -52,16 +53,18 @@ class BackfillReport:
 
     @property
     def complete(self) -> bool:
-        """True only when every selected cache copied everything."""
-        return all(outcome.status == "completed" for outcome in self.outcomes)
+        """True only when every selected cache walked all its rows."""
+        return all(outcome.finished for outcome in self.outcomes)
 
 
-def _status(cache: CacheBackfill, stop: StopRequest, failed: CacheBackfillFailed | None) -> str:
+def _status(
+    cache: CacheBackfill, mode: VerifyMode, stop: StopRequest, failed: CacheBackfillFailed | None
+) -> Status:
     if cache.completed:
-        return "completed"
+        return finished_status(mode, cache.stats)
     if failed is not None and failed.cache_type is cache.cache_type:
-        return "failed"
-    return "interrupted" if stop.event.is_set() else "cancelled"
+        return Status.FAILED
+    return Status.INTERRUPTED if stop.event.is_set() else Status.CANCELLED
 
 
 async def _cancel_after_grace(
@@ -76,19 +79,27 @@ async def _cancel_after_grace(
 
 async def resolve_cutoff(context: ServicesContext, config: BackfillConfig) -> BackfillConfig:
     """``config`` with a ``now`` cutoff set to the database's ``now()`` (the clock ``created_at``
-    comes from), logged with the flag that resumes it; any other config unchanged."""
-    if not config.cutoff_is_now:
-        return config
+    comes from), logged with the flag that resumes it; any other cutoff is unchanged, with a
+    warning when it lies ahead of the database's clock."""
 
     async def database_now() -> datetime:
-        with map_pg_errors("reading the database clock for --backfill-cutoff-timestamp now"):
+        with map_pg_errors("reading the database clock"):
             value = await context.pg_pool.fetchval("SELECT now()")
         assert isinstance(value, datetime)  # timestamptz: asyncpg returns an aware datetime
         return value
 
-    resolved = with_resolved_cutoff(
-        config, await call_with_retries(database_now, config.retry_policy)
-    )
+    now = await call_with_retries(database_now, config.retry_policy)
+    if not config.cutoff_is_now:
+        if config.cutoff > now:
+            log.warning(
+                "backfill cutoff is in the future",
+                cutoff_timestamp=format_checkpoint(config.cutoff),
+                database_now=format_checkpoint(now),
+                reason="rows written from now until the cutoff are copied too; the cutoff is "
+                "meant to be when DualWrite was switched on",
+            )
+        return config
+    resolved = with_resolved_cutoff(config, now)
     log.info(
         "backfill cutoff 'now' resolved by the database clock",
         cutoff_timestamp=format_checkpoint(resolved.cutoff),
@@ -108,13 +119,17 @@ async def run_backfill(
     metrics = BackfillMetrics(context.telemetry.meter)
     s3_layers = {cache_type: context.s3_layer(cache_type) for cache_type in config.cache_types}
     pg_layers = {cache_type: context.pg_layer(cache_type) for cache_type in config.cache_types}
+    writes = config.verify.writes
     await run_preflight(
         [(pg_layers[c], s3_layers[c]) for c in config.cache_types],
         config.retry_policy,
-        writes=config.verify is VerifyMode.OFF,
+        writes=writes,
     )
+    read_only = await check_read_only(context.pg_pool, config.retry_policy)
     try:
-        store = await open_progress_store(config.progress_store, context.pg_pool, s3_layers)
+        store = await open_progress_store(
+            config.progress_store, context.pg_pool, s3_layers, read_only=read_only, writes=writes
+        )
     except StorageError as exc:
         raise PreflightError(
             f"cannot keep progress in Postgres ({exc}); grant the role CREATE on the schema, "
@@ -122,19 +137,38 @@ async def run_backfill(
         ) from exc
     # One pacer for the process: the rate limits hold for every cache together.
     pacer = UploadPacer(config.max_uploads_per_second, config.max_bytes_per_second)
-    caches = [
-        CacheBackfill(
-            cache_type,
-            pg=pg_layers[cache_type],
-            s3=s3_layers[cache_type],
-            config=config,
-            stop=stop.event,
-            metrics=metrics,
-            progress_store=store,
-            pacer=pacer,
+    with open_difference_report(config.verify_report) as differences:
+        caches = [
+            CacheBackfill(
+                cache_type,
+                pg=pg_layers[cache_type],
+                s3=s3_layers[cache_type],
+                config=config,
+                stop=stop.event,
+                metrics=metrics,
+                progress_store=store,
+                report=differences,
+                pacer=pacer,
+            )
+            for cache_type in config.cache_types
+        ]
+        return await _run_caches(
+            caches, config, stop, store, metrics, context, live_console=live_console
         )
-        for cache_type in config.cache_types
-    ]
+
+
+async def _run_caches(
+    caches: list[CacheBackfill],
+    config: BackfillConfig,
+    stop: StopRequest,
+    store: ProgressStore,
+    metrics: BackfillMetrics,
+    context: ServicesContext,
+    *,
+    live_console: Console | None,
+) -> BackfillReport:
+    """Run every cache in one task group (the first failure cancels the rest), then log the
+    summary."""
     for cache in caches:
         metrics.watch(cache)
         cache.log_progress = live_console is None
@@ -146,6 +180,7 @@ async def run_backfill(
         progress_store=store.kind,
         max_uploads_per_second=config.max_uploads_per_second,
         max_bytes_per_second=config.max_bytes_per_second,
+        metrics=context.telemetry.destination,
     )
     failure: CacheBackfillFailed | None = None
     tasks: list[asyncio.Task[object]] = []
@@ -170,7 +205,10 @@ async def run_backfill(
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
         report = BackfillReport(
-            [CacheOutcome(cache.stats, _status(cache, stop, failure)) for cache in caches],
+            [
+                CacheOutcome(cache.stats, _status(cache, config.verify, stop, failure))
+                for cache in caches
+            ],
             failure,
         )
         _log_report(report, caches)

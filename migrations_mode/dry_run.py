@@ -12,6 +12,9 @@ HEAD, so this part is a lower bound too); the estimate is rows to upload x that 
 listing request per page, and the total is the slowest cache, or all caches' CPU when they share
 one saturated client. The result is a table on stdout and one ``backfill dry run`` log event per
 cache; the connections close with the services context.
+
+On a layer database that takes no writes (a read replica) it logs the line a real run logs (where
+progress will go), or ends in the same refusal of ``--backfill-progress-store postgres``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,13 @@ from layer_cache.s3 import S3Layer
 from migrations_mode.config import BackfillConfig
 from migrations_mode.display import format_duration
 from migrations_mode.errors import PreflightError
-from migrations_mode.preflight import WriteCheck, explain_storage_error, run_preflight
+from migrations_mode.preflight import (
+    WriteCheck,
+    check_read_only,
+    explain_storage_error,
+    run_preflight,
+)
+from migrations_mode.progress_store import note_read_only_server
 from migrations_mode.tables import render_table
 from services.context import ServicesContext
 
@@ -185,6 +194,9 @@ async def run_dry_run(context: ServicesContext, config: BackfillConfig) -> list[
     """Validate everything a run would, then estimate each cache; writes nothing."""
     pairs = [(context.pg_layer(c), context.s3_layer(c)) for c in config.cache_types]
     write_checks = await run_preflight(pairs, config.retry_policy)
+    read_only = await check_read_only(context.pg_pool, config.retry_policy)
+    if read_only is not None:
+        note_read_only_server(config.progress_store, read_only, writes=True)
     rng = random.Random(0)
     estimates = []
     for pg, s3 in pairs:

@@ -1,5 +1,5 @@
 """Checks run after connecting and before copying: tables readable, buckets reachable, and
-writable.
+writable, and whether the layer database takes writes at all (a read replica does not).
 
 Every failure becomes one ``PreflightError`` line that says what is wrong and what to change.
 ``explain_storage_error`` is also used by the entrypoint for failures while connecting.
@@ -10,9 +10,11 @@ from __future__ import annotations
 import asyncio
 from enum import StrEnum
 
+import asyncpg
+
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, PgLayerError, S3LayerError, StorageError
-from layer_cache.pg import PgLayer
+from layer_cache.pg import PgLayer, server_read_only_reason
 from layer_cache.retry import RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.errors import PreflightError, first_exception
@@ -104,6 +106,15 @@ async def check_bucket(s3: S3Layer, policy: RetryPolicy) -> None:
     """The cache's bucket exists and the credentials may list it."""
     try:
         await call_with_retries(s3.check_bucket, policy)
+    except StorageError as exc:
+        raise PreflightError(explain_storage_error(exc)) from exc
+
+
+async def check_read_only(pool: asyncpg.Pool, policy: RetryPolicy) -> str | None:
+    """Why the layer database takes no writes (a standby, a read-only default), or None; asked
+    once per run, before the progress store is chosen."""
+    try:
+        return await call_with_retries(lambda: server_read_only_reason(pool), policy)
     except StorageError as exc:
         raise PreflightError(explain_storage_error(exc)) from exc
 

@@ -198,14 +198,15 @@ class CacheProgress:
         self.stats.vanished += 1
         self._processed()
 
-    def verified(self, outcome: str) -> None:
-        """A row was compared with its object: ``ok``, ``missing`` or ``mismatched``."""
-        if outcome == "missing":
-            self.stats.missing += 1
-        elif outcome == "mismatched":
-            self.stats.mismatched += 1
-        else:
+    def verified(self, difference: str | None) -> None:
+        """A row was compared with its object: the same (None), ``missing``, or another size or
+        other bytes (``size``, ``content``: counted as mismatched)."""
+        if difference is None:
             self.stats.verified += 1
+        elif difference == "missing":
+            self.stats.missing += 1
+        else:
+            self.stats.mismatched += 1
         self._processed()
 
     def extra(self, count: int) -> None:

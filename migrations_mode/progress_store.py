@@ -7,9 +7,13 @@ record saved under other parameters is never used; ``unused_records`` names the 
 the one log line that says so. The ``postgres`` store is the ``layer_cache_backfill_progress``
 table (created, or upgraded from the earlier layout, when needed); the ``s3`` store is one JSON
 object per record under the reserved ``_si_backfill_progress/`` prefix (never a row's object key,
-which is hex levels). A failed save is logged and retried by the caller (it costs re-work, never
-data); nothing here holds a resource to shut down: the pool and S3 layers belong to the services
-context. Choosing a store and the privileges each needs: README, Resuming and failures.
+which is hex levels). On a layer database that takes no writes (a read replica; the caller
+asks it once per run) ``auto`` and ``s3`` keep progress in S3 without trying to create the table,
+said in one line, and ``postgres`` is refused before anything is copied. A verification records
+nothing, so it never creates the table and is never refused. A failed save is logged and
+retried by the caller (it costs re-work, never data); nothing here holds a resource to shut down:
+the pool and S3 layers belong to the services context. Choosing a store and the privileges each
+needs: README, Resuming and failures.
 """
 
 from __future__ import annotations
@@ -27,12 +31,20 @@ from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError, map_pg_errors
 from layer_cache.s3 import S3Layer
 from migrations_mode.checkpoint import Position
+from migrations_mode.errors import PreflightError
 from migrations_mode.walk import WalkOrder
 
 log = structlog.get_logger(__name__)
 
 PROGRESS_TABLE = "layer_cache_backfill_progress"
 S3_PROGRESS_PREFIX = "_si_backfill_progress"
+
+
+class WalkPurpose(StrEnum):
+    """What a walk does with the rows; a copy's progress means nothing to a repair's."""
+
+    COPY = "copy"
+    REPAIR = "repair"
 
 
 class ProgressStoreKind(StrEnum):
@@ -56,6 +68,7 @@ class RecordIdentity:
     order: str
     target: str
     shard: str
+    purpose: str = WalkPurpose.COPY.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,11 +80,12 @@ class ProgressKey:
     order: WalkOrder
     target: str
     shard: str = "0-of-1"
+    purpose: WalkPurpose = WalkPurpose.COPY
 
     @property
     def identity(self) -> RecordIdentity:
         """The parameters besides cache type and cutoff."""
-        return RecordIdentity(self.order.value, self.target, self.shard)
+        return RecordIdentity(self.order.value, self.target, self.shard, self.purpose.value)
 
 
 def _shard_count(label: str) -> str:
@@ -87,6 +101,8 @@ def identity_differences(ours: RecordIdentity, saved: RecordIdentity) -> list[st
         differs.append("target")
     if saved.shard != ours.shard:
         differs.append("shard")
+    if saved.purpose != ours.purpose:
+        differs.append("purpose")
     return differs
 
 
@@ -132,7 +148,11 @@ class ProgressStore(Protocol):
 def progress_to_json(progress: SavedProgress, key: ProgressKey | None = None) -> dict[str, object]:
     """The JSON form stored in S3 (with the walk it belongs to, for whoever reads the bucket)."""
     position = progress.position
-    identity = {} if key is None else {"order": key.order.value, "shard": key.shard}
+    identity = (
+        {}
+        if key is None
+        else {"order": key.order.value, "shard": key.shard, "purpose": key.purpose.value}
+    )
     return identity | {
         "position_created_at": position.created_at.isoformat() if position else None,
         "position_key": position.key if position else None,
@@ -152,7 +172,8 @@ def progress_from_json(data: dict[str, object]) -> SavedProgress:
     return SavedProgress(position, bool(data["completed"]), int(str(data["rows_done"])))
 
 
-_IDENTITY_COLUMNS = "cache_type, cutoff, walk_order, target, shard"
+_IDENTITY_COLUMNS = "cache_type, cutoff, walk_order, target, shard, purpose"
+_IDENTITY_WIDTH = len(_IDENTITY_COLUMNS.split(","))
 _CREATE_PROGRESS_TABLE = (
     f"CREATE TABLE IF NOT EXISTS {PROGRESS_TABLE} ("
     " cache_type text NOT NULL, cutoff timestamptz NOT NULL, shard text NOT NULL,"
@@ -160,14 +181,17 @@ _CREATE_PROGRESS_TABLE = (
     " completed boolean NOT NULL DEFAULT false, rows_done bigint NOT NULL DEFAULT 0,"
     " updated_at timestamptz NOT NULL DEFAULT now(),"
     " walk_order text NOT NULL DEFAULT '', target text NOT NULL DEFAULT '',"
+    " purpose text NOT NULL DEFAULT 'copy',"
     f" CONSTRAINT {PROGRESS_TABLE}_pkey PRIMARY KEY ({_IDENTITY_COLUMNS}))"
 )
-# The earlier layout keyed records by (cache_type, cutoff, shard) alone: add the identity
-# columns (its records keep '' there, so no run ever matches them) and widen the key.
+# Earlier layouts keyed records by (cache_type, cutoff, shard) alone, then without purpose: add
+# the identity columns (older records keep '' there, so no run ever matches them, and every
+# record before repairs existed was a copy's) and widen the key.
 _UPGRADE_PROGRESS_TABLE = (
     f"ALTER TABLE {PROGRESS_TABLE}"
     " ADD COLUMN IF NOT EXISTS walk_order text NOT NULL DEFAULT '',"
-    " ADD COLUMN IF NOT EXISTS target text NOT NULL DEFAULT ''"
+    " ADD COLUMN IF NOT EXISTS target text NOT NULL DEFAULT '',"
+    " ADD COLUMN IF NOT EXISTS purpose text NOT NULL DEFAULT 'copy'"
 )
 _PRIMARY_KEY_WIDTH = (
     "SELECT cardinality(i.indkey) FROM pg_index i"
@@ -177,7 +201,10 @@ _WIDEN_PRIMARY_KEY = (
     f"ALTER TABLE {PROGRESS_TABLE} DROP CONSTRAINT {PROGRESS_TABLE}_pkey,"
     f" ADD CONSTRAINT {PROGRESS_TABLE}_pkey PRIMARY KEY ({_IDENTITY_COLUMNS})"
 )
-_WHERE_KEY = "cache_type = $1 AND cutoff = $2 AND walk_order = $3 AND target = $4 AND shard = $5"
+_WHERE_KEY = (
+    "cache_type = $1 AND cutoff = $2 AND walk_order = $3 AND target = $4 AND shard = $5"
+    " AND purpose = $6"
+)
 
 
 class PgProgressStore:
@@ -196,7 +223,7 @@ class PgProgressStore:
                 await connection.execute("SELECT pg_advisory_xact_lock(5157)")
                 await connection.execute(_CREATE_PROGRESS_TABLE)
                 await connection.execute(_UPGRADE_PROGRESS_TABLE)
-                if await connection.fetchval(_PRIMARY_KEY_WIDTH, PROGRESS_TABLE) != 5:
+                if await connection.fetchval(_PRIMARY_KEY_WIDTH, PROGRESS_TABLE) != _IDENTITY_WIDTH:
                     await connection.execute(_WIDEN_PRIMARY_KEY)
                 await connection.execute(
                     f"UPDATE {PROGRESS_TABLE} SET updated_at = updated_at WHERE false"
@@ -226,7 +253,7 @@ class PgProgressStore:
             await self.pool.execute(
                 f"INSERT INTO {PROGRESS_TABLE} AS p ({_IDENTITY_COLUMNS},"
                 " position_created_at, position_key, completed, rows_done)"
-                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)"
+                " VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)"
                 f" ON CONFLICT ({_IDENTITY_COLUMNS}) DO UPDATE SET"
                 " position_created_at = excluded.position_created_at,"
                 " position_key = excluded.position_key, completed = excluded.completed,"
@@ -242,39 +269,55 @@ class PgProgressStore:
         """Records of the same cache type and cutoff saved under other parameters."""
         with map_pg_errors(f"reading {PROGRESS_TABLE}"):
             records = await self.pool.fetch(
-                f"SELECT walk_order, target, shard FROM {PROGRESS_TABLE}"
+                f"SELECT walk_order, target, shard, purpose FROM {PROGRESS_TABLE}"
                 f" WHERE cache_type = $1 AND cutoff = $2 AND NOT ({_WHERE_KEY})"
                 " ORDER BY updated_at DESC LIMIT 100",
                 *_key_arguments(key),
             )
-        return [RecordIdentity(r["walk_order"], r["target"], r["shard"]) for r in records]
+        return [
+            RecordIdentity(r["walk_order"], r["target"], r["shard"], r["purpose"]) for r in records
+        ]
 
 
 def _key_arguments(key: ProgressKey) -> tuple[object, ...]:
     """The identity columns' values, in ``_IDENTITY_COLUMNS`` order."""
-    return (key.cache_type.value, key.cutoff, key.order.value, key.target, key.shard)
+    return (
+        key.cache_type.value,
+        key.cutoff,
+        key.order.value,
+        key.target,
+        key.shard,
+        key.purpose.value,
+    )
 
 
-def _s3_cutoff_prefix(cutoff: datetime, key_prefix: str | None) -> str:
+def _s3_walk_prefix(cutoff: datetime, purpose: WalkPurpose, key_prefix: str | None) -> str:
+    """The prefix of one cutoff's records of one purpose: a copy's directly below the cutoff
+    (as before repairs existed), a repair's below ``repair/``."""
     name = f"{S3_PROGRESS_PREFIX}/{cutoff.isoformat()}/"
+    if purpose is not WalkPurpose.COPY:
+        name += f"{purpose.value}/"
     return f"{key_prefix}/{name}" if key_prefix else name
 
 
 def s3_progress_object_key(key: ProgressKey, key_prefix: str | None) -> str:
-    """Where the S3 store keeps a record: one object per (cutoff, order, shard) in the cache's
-    bucket, under its key prefix (bucket and prefix are the target itself)."""
-    return f"{_s3_cutoff_prefix(key.cutoff, key_prefix)}{key.order.value}/{key.shard}.json"
+    """Where the S3 store keeps a record: one object per (cutoff, purpose, order, shard) in the
+    cache's bucket, under its key prefix (bucket and prefix are the target itself)."""
+    prefix = _s3_walk_prefix(key.cutoff, key.purpose, key_prefix)
+    return f"{prefix}{key.order.value}/{key.shard}.json"
 
 
-def s3_record_identity(relative_name: str, target: str) -> RecordIdentity | None:
-    """The identity of a record object from its name below the cutoff's prefix: ``order/shard
-    .json``, or ``shard.json`` as the earlier version named it (order unknown)."""
+def s3_record_identity(
+    relative_name: str, target: str, purpose: WalkPurpose = WalkPurpose.COPY
+) -> RecordIdentity | None:
+    """The identity of a record object from its name below its purpose's prefix: ``order/shard
+    .json``, or ``shard.json`` as the earliest version named it (order unknown)."""
     if not relative_name.endswith(".json"):
         return None
     order, _, shard = relative_name.removesuffix(".json").rpartition("/")
     if "/" in order:
         return None
-    return RecordIdentity(order, target, shard)
+    return RecordIdentity(order, target, shard, purpose.value)
 
 
 class S3ProgressStore:
@@ -301,7 +344,7 @@ class S3ProgressStore:
         """Records of the same cache type and cutoff saved under another order or shard (one
         listing of the cutoff's prefix; records for other targets live in other buckets)."""
         layer = self.layers[key.cache_type]
-        prefix = _s3_cutoff_prefix(key.cutoff, layer.key_prefix)
+        prefix = _s3_walk_prefix(key.cutoff, key.purpose, layer.key_prefix)
         ours = s3_progress_object_key(key, layer.key_prefix)
         found: list[RecordIdentity] = []
         token: str | None = None
@@ -309,21 +352,48 @@ class S3ProgressStore:
             entries, token = await layer.list_page(None, token, prefix=prefix)
             found.extend(
                 identity
-                for name, _size in entries
+                for name, _stored in entries
                 if name != ours
-                and (identity := s3_record_identity(name.removeprefix(prefix), key.target))
+                and (
+                    identity := s3_record_identity(
+                        name.removeprefix(prefix), key.target, key.purpose
+                    )
+                )
             )
             if token is None or len(found) >= 100:
                 return found
 
 
+def note_read_only_server(kind: ProgressStoreKind, reason: str, *, writes: bool) -> None:
+    """On a layer database that takes no writes, progress goes to S3: say so in one line, or
+    refuse ``postgres`` (``PreflightError``) when the run would save progress."""
+    if kind is ProgressStoreKind.POSTGRES and writes:
+        raise PreflightError(
+            f"the layer database is read-only ({reason}), so --backfill-progress-store postgres "
+            "cannot keep progress there; use --backfill-progress-store s3 (or auto)"
+        )
+    log.info("layer db is read-only", reason=reason, progress_store=ProgressStoreKind.S3)
+
+
 async def open_progress_store(
-    kind: ProgressStoreKind, pool: asyncpg.Pool, layers: dict[CacheType, S3Layer]
+    kind: ProgressStoreKind,
+    pool: asyncpg.Pool,
+    layers: dict[CacheType, S3Layer],
+    *,
+    read_only: str | None = None,
+    writes: bool = True,
 ) -> ProgressStore:
-    """The configured store; ``auto`` falls back to S3 when the role may not write Postgres."""
+    """The configured store: S3 on a server that takes no writes (``read_only`` says why);
+    otherwise ``auto`` falls back to S3 when the role may not write Postgres. A run that
+    ``writes`` no progress (a verification) creates nothing."""
+    if read_only is not None:
+        note_read_only_server(kind, read_only, writes=writes)
+        return S3ProgressStore(layers)
     if kind is ProgressStoreKind.S3:
         return S3ProgressStore(layers)
     store = PgProgressStore(pool)
+    if not writes:
+        return store
     try:
         await store.prepare()
     except StorageError as exc:

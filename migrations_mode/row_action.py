@@ -1,16 +1,23 @@
-"""What the backfill does with one row, per ``VerifyMode``: copy it, or compare its size or bytes.
+"""What the backfill does with one row, per ``VerifyMode``: copy it, compare it, or repair it.
 
-``ROW_ACTIONS`` maps each mode to its action. ``settle(row, stored)`` is pure: given the size S3
-reports (from the listing or a HEAD; ``UNKNOWN`` when the listing cannot tell) it says whether
-the row is settled now (skipped, or verified by size) or needs a HEAD or its value; ``finish``
-then PUTs the value (copy; first it awaits ``pace``, the process's upload rate limits) or GETs
-the object and compares (verify, never paced). The pipeline in
-``cache_backfill`` holds the slots, bytes and order; an action holds no resource and each call
-ends with its row, so nothing here needs shutting down.
+``ROW_ACTIONS`` maps each mode to its action. ``settle(row, stored)`` is pure: given what S3
+reports for the row's object (from the listing or a HEAD: size and ETag; None when absent;
+``UNKNOWN`` when the listing cannot tell) it says whether the row is settled now (skipped, or
+verified) or needs a HEAD or its value; ``finish`` then does the rest with the value in hand:
+PUT it (copy), GET the object and compare (verify content), or both where they differ (repair).
+Every PUT first awaits ``pace``, the process's upload rate limits; a GET is never paced.
+A content comparison trusts an ETag only when it *is* the row's MD5 (Postgres computes the MD5
+in the listing query): then the object holds the row's bytes and nothing is read. Any other ETag
+proves nothing (SSE-KMS, DSSE-KMS and SSE-C objects have ETags that look like MD5s and are not,
+multipart ones are no MD5 at all), so the object is read. Differences go to the run's
+``DifferenceReport``. The pipeline in ``cache_backfill`` holds the slots, bytes and order; an
+action holds no resource and each call ends with its row, so nothing here needs shutting down.
 """
 
 from __future__ import annotations
 
+import abc
+import hashlib
 import time
 from collections.abc import Awaitable, Callable
 from enum import Enum, auto
@@ -19,9 +26,10 @@ from typing import Protocol, TypeVar
 import structlog
 
 from layer_cache.pg import RowRef
-from layer_cache.s3 import S3Layer
-from migrations_mode.bucket_index import UNKNOWN
+from layer_cache.s3 import S3Layer, StoredObject
+from migrations_mode.bucket_index import UNKNOWN, Stored
 from migrations_mode.config import VerifyMode
+from migrations_mode.differences import Difference, DifferenceKind, DifferenceReport
 from migrations_mode.progress import CacheProgress
 
 log = structlog.get_logger(__name__)
@@ -52,8 +60,8 @@ class Decision(Enum):
 
     NEEDS_HEAD = auto()  # the listing could not tell: HEAD the object, then settle again
     SKIPPED = auto()  # copying, and the object is there with the row's size
-    VERIFIED = auto()  # verifying sizes: the size S3 reports is the verdict
-    NEEDS_VALUE = auto()  # read the row's value, then ``finish`` (PUT it, or compare content)
+    VERIFIED = auto()  # comparing, and what S3 reports is the verdict (size, or a vouching ETag)
+    NEEDS_VALUE = auto()  # read the row's value, then ``finish``
 
     @property
     def settled(self) -> bool:
@@ -61,21 +69,26 @@ class Decision(Enum):
         return self in (Decision.SKIPPED, Decision.VERIFIED)
 
 
-class Verdict(Enum):
-    """A verification's outcome (the value is what ``CacheProgress.verified`` counts)."""
-
-    OK = "ok"
-    MISSING = "missing"
-    MISMATCHED = "mismatched"
-
-
-def verdict(row_size: int, stored: int | None, *, matches: bool | None = None) -> Verdict:
-    """A row's object compared: absent, another size or other bytes, or the same."""
+def known_difference(row: RowRef, stored: StoredObject | None) -> DifferenceKind | None:
+    """What listing or HEAD alone proves: the object is missing or has another size."""
     if stored is None:
-        return Verdict.MISSING
-    if stored != row_size or matches is False:
-        return Verdict.MISMATCHED
-    return Verdict.OK
+        return DifferenceKind.MISSING
+    if stored.size != row.size:
+        return DifferenceKind.SIZE
+    return None
+
+
+def body_difference(value: bytes, body: bytes | None) -> DifferenceKind | None:
+    """What reading the object proves: missing, another size, other bytes, or nothing."""
+    if body is None:
+        return DifferenceKind.MISSING
+    if len(body) != len(value):
+        return DifferenceKind.SIZE
+    return None if body == value else DifferenceKind.CONTENT
+
+
+def _md5_hex(data: bytes) -> str:
+    return hashlib.md5(data, usedforsecurity=False).hexdigest()
 
 
 class RowAction(Protocol):
@@ -83,19 +96,24 @@ class RowAction(Protocol):
 
     writes: bool  # PUTs objects and saves progress (a verification writes nothing)
     counts_extra: bool  # reports objects in the walked range that no row accounts for
+    needs_md5: bool  # the listing should carry each row's MD5 (content comparisons)
 
-    def settle(self, row: RowRef, stored: int | None) -> Decision:
-        """What the row needs, given S3's size for it (None: absent; ``UNKNOWN``: not known)."""
+    def settle(self, row: RowRef, stored: Stored) -> Decision:
+        """What the row needs, given what S3 reports for it."""
 
-    def record_settled(self, row: RowRef, stored: int | None, decision: Decision) -> None:
+    def record_settled(self, row: RowRef, stored: Stored, decision: Decision) -> None:
         """Count a row that ``settle`` found ``SKIPPED`` or ``VERIFIED``."""
 
-    async def finish(self, row: RowRef, value: bytes, stored: int | None) -> None:
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
         """Do the row's work with its value in hand."""
 
 
-class _Action:
-    """What every mode shares: the counters, the S3 layer, and settled rows' bookkeeping."""
+class _Action(abc.ABC):
+    """What every mode shares: the counters, the S3 layer, the report, settled rows' counts."""
+
+    writes = False
+    counts_extra = False
+    needs_md5 = False
 
     def __init__(
         self,
@@ -103,85 +121,177 @@ class _Action:
         progress: CacheProgress,
         s3: S3Layer,
         storage_call: StorageCall,
+        report: DifferenceReport,
         pace: Pace = unpaced,
     ) -> None:
         self.progress = progress
         self.s3 = s3
         self.storage_call = storage_call
+        self.report = report
         self.pace = pace  # uploads only: a verification PUTs nothing
 
-    def record_settled(self, row: RowRef, stored: int | None, decision: Decision) -> None:
+    @staticmethod
+    @abc.abstractmethod
+    def settle(row: RowRef, stored: Stored) -> Decision:
+        """What the row needs, given what S3 reports for it."""
+
+    @abc.abstractmethod
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
+        """Do the row's work with its value in hand."""
+
+    def record_settled(self, row: RowRef, stored: Stored, decision: Decision) -> None:
         """Count a row that ``settle`` found ``SKIPPED`` or ``VERIFIED``."""
         if decision is Decision.SKIPPED:
             self.progress.skipped()
-        else:
-            self.record_verification(row, verdict(row.size, stored), stored)
+            return
+        assert stored is not UNKNOWN
+        self.record_verification(row, known_difference(row, stored), stored)
 
-    def record_verification(self, row: RowRef, outcome: Verdict, stored: int | None) -> None:
-        """Count a verification, with a warning for each object missing or differing."""
-        if outcome is Verdict.MISSING:
-            log.warning("verify: object missing", key=row.key)
-        elif outcome is Verdict.MISMATCHED:
-            log.warning("verify: object differs", key=row.key, row_size=row.size, size=stored)
-        self.progress.verified(outcome.value)
+    def record_verification(
+        self,
+        row: RowRef,
+        kind: DifferenceKind | None,
+        stored: Stored,
+        *,
+        body_md5: str | None = None,
+        repaired: bool = False,
+    ) -> None:
+        """Count a comparison; a difference also goes to the report."""
+        self.progress.verified(None if kind is None else kind.value)
+        if kind is None:
+            return
+        listed = stored if isinstance(stored, StoredObject) else None
+        self.report.record(
+            Difference(
+                self.progress.stats.cache_type,
+                row.key,
+                self.s3.object_key(row.key),
+                kind,
+                row_size=row.size,
+                object_size=None if listed is None else listed.size,
+                row_md5=row.md5,
+                object_etag=None if listed is None else listed.etag,
+                object_md5=body_md5,
+                repaired=repaired,
+            )
+        )
 
-
-class Copy(_Action):
-    """PUT every row whose object is absent or of another size (``repaired`` when replacing)."""
-
-    writes = True
-    counts_extra = False
-
-    @staticmethod
-    def settle(row: RowRef, stored: int | None) -> Decision:
-        """Skip a row whose object has its size; else its value is needed."""
-        if stored == UNKNOWN:
-            return Decision.NEEDS_HEAD
-        return Decision.SKIPPED if stored == row.size else Decision.NEEDS_VALUE
-
-    async def finish(self, row: RowRef, value: bytes, stored: int | None) -> None:
+    async def put(self, row: RowRef, value: bytes, *, repaired: bool) -> None:
         """PUT the value once the rate limits let it go, timed (retries included) and counted."""
         await self.pace(row.key, len(value))
         started = time.monotonic()
         await self.storage_call(lambda: self.s3.put(row.key, value), key=row.key)
         self.progress.upload_took(time.monotonic() - started)
         log.debug("uploaded to S3", key=row.key, size=len(value))
-        self.progress.uploaded(len(value), repaired=stored is not None)
+        self.progress.uploaded(len(value), repaired=repaired)
+
+
+class Copy(_Action):
+    """PUT every row whose object is absent or of another size (``repaired`` when replacing)."""
+
+    writes = True
+
+    @staticmethod
+    def settle(row: RowRef, stored: Stored) -> Decision:
+        """Skip a row whose object has its size; else its value is needed."""
+        if stored is UNKNOWN:
+            return Decision.NEEDS_HEAD
+        if stored is not None and stored.size == row.size:
+            return Decision.SKIPPED
+        return Decision.NEEDS_VALUE
+
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
+        """PUT the value."""
+        await self.put(row, value, repaired=stored is not None)
 
 
 class VerifyContent(_Action):
-    """Compare every row's value with its object's bytes; write nothing."""
+    """Compare every row's bytes with its object's; write nothing. An ETag that is the row's
+    MD5 settles the row; otherwise the object is read."""
 
-    writes = False
     counts_extra = True
+    needs_md5 = True
 
     @staticmethod
-    def settle(row: RowRef, stored: int | None) -> Decision:
-        """Every row's value is needed (even an absent object: the GET reports it missing)."""
-        return Decision.NEEDS_HEAD if stored == UNKNOWN else Decision.NEEDS_VALUE
+    def settle(row: RowRef, stored: Stored) -> Decision:
+        """A missing or other-sized object, or a vouching ETag, is the verdict; else read."""
+        if stored is UNKNOWN:
+            return Decision.NEEDS_HEAD
+        if known_difference(row, stored) is not None:
+            return Decision.VERIFIED
+        assert stored is not None
+        return Decision.VERIFIED if stored.etag_vouches_for(row.md5) else Decision.NEEDS_VALUE
 
-    async def finish(self, row: RowRef, value: bytes, stored: int | None) -> None:
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
         """GET the object and compare it with the value."""
         body = await self.storage_call(lambda: self.s3.get(row.key), key=row.key)
-        stored_size = None if body is None else len(body)
         self.record_verification(
-            row, verdict(row.size, stored_size, matches=body == value), stored_size
+            row,
+            body_difference(value, body),
+            _as_read(stored, body),
+            body_md5=None if body is None else _md5_hex(body),
         )
 
 
 class VerifySize(VerifyContent):
     """Compare every row's size with its object's; write nothing, read no value."""
 
+    needs_md5 = False
+
     @staticmethod
-    def settle(row: RowRef, stored: int | None) -> Decision:
+    def settle(row: RowRef, stored: Stored) -> Decision:
         """A known size is the verdict."""
-        return Decision.NEEDS_HEAD if stored == UNKNOWN else Decision.VERIFIED
+        return Decision.NEEDS_HEAD if stored is UNKNOWN else Decision.VERIFIED
 
 
-ROW_ACTIONS: dict[VerifyMode, type[Copy] | type[VerifyContent]] = {
+class Repair(VerifyContent):
+    """Compare as ``VerifyContent`` does and re-upload every object that is missing or differs
+    (same-size changes included); never delete anything, so extra objects are not looked for."""
+
+    writes = True
+    counts_extra = False
+
+    @staticmethod
+    def settle(row: RowRef, stored: Stored) -> Decision:
+        """A vouching ETag settles the row; anything else needs the value (to PUT or compare)."""
+        if stored is UNKNOWN:
+            return Decision.NEEDS_HEAD
+        vouched = (
+            stored is not None
+            and known_difference(row, stored) is None
+            and stored.etag_vouches_for(row.md5)
+        )
+        return Decision.VERIFIED if vouched else Decision.NEEDS_VALUE
+
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
+        """PUT the value where the listing already proves a difference; else read the object,
+        compare, and PUT only if it differs."""
+        assert stored is not UNKNOWN
+        kind = known_difference(row, stored)
+        body_md5 = None
+        if kind is None:
+            body = await self.storage_call(lambda: self.s3.get(row.key), key=row.key)
+            kind = body_difference(value, body)
+            body_md5 = None if body is None else _md5_hex(body)
+            stored = _as_read(stored, body)
+        if kind is not None:
+            await self.put(row, value, repaired=True)
+        self.record_verification(row, kind, stored, body_md5=body_md5, repaired=kind is not None)
+
+
+def _as_read(stored: Stored, body: bytes | None) -> Stored:
+    """What S3 holds once the object was read: the listing's ETag with the body's size."""
+    if body is None:
+        return None
+    etag = stored.etag if isinstance(stored, StoredObject) else None
+    return StoredObject(len(body), etag)
+
+
+ROW_ACTIONS: dict[VerifyMode, type[_Action]] = {
     VerifyMode.OFF: Copy,
     VerifyMode.SIZE: VerifySize,
     VerifyMode.CONTENT: VerifyContent,
+    VerifyMode.REPAIR: Repair,
 }
 
 
@@ -191,7 +301,11 @@ def row_action(
     progress: CacheProgress,
     s3: S3Layer,
     storage_call: StorageCall,
+    report: DifferenceReport,
     pace: Pace = unpaced,
 ) -> RowAction:
     """The action for ``mode``."""
-    return ROW_ACTIONS[mode](progress=progress, s3=s3, storage_call=storage_call, pace=pace)
+    action: RowAction = ROW_ACTIONS[mode](
+        progress=progress, s3=s3, storage_call=storage_call, report=report, pace=pace
+    )
+    return action

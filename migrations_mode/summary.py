@@ -1,13 +1,51 @@
-"""The end-of-run summary: per cache and in total, as log events and as a table."""
+"""The end-of-run summary: per cache and in total, as log events and as a table.
+
+A cache's status says how its walk ended: ``completed`` (copied, or compared and found nothing),
+``differences`` (a verification found objects that are not their rows' bytes), ``repaired`` (a
+repair re-uploaded some), or ``failed``, ``interrupted``, ``cancelled`` (the walk did not end).
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 
+from migrations_mode.config import VerifyMode
 from migrations_mode.progress import CacheStats
 from migrations_mode.tables import render_table
+
+
+class Status(StrEnum):
+    """How a cache's walk ended."""
+
+    COMPLETED = "completed"
+    DIFFERENCES = "differences"
+    REPAIRED = "repaired"
+    FAILED = "failed"
+    INTERRUPTED = "interrupted"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        """The walk reached the end of the cache's rows."""
+        return self in (Status.COMPLETED, Status.DIFFERENCES, Status.REPAIRED)
+
+
+def differences_in(stats: CacheStats) -> int:
+    """Objects a comparison found missing, other or without a row."""
+    return stats.missing + stats.mismatched + stats.extra
+
+
+def finished_status(mode: VerifyMode, stats: CacheStats) -> Status:
+    """The status of a walk that reached its end: what it found, for a comparison."""
+    if mode is VerifyMode.REPAIR and stats.repaired:
+        return Status.REPAIRED
+    if mode.compares and mode is not VerifyMode.REPAIR and differences_in(stats):
+        return Status.DIFFERENCES
+    return Status.COMPLETED
+
 
 _COLUMNS = (
     "cache",
@@ -29,7 +67,12 @@ class CacheOutcome:
     """A cache's stats and whether it finished."""
 
     stats: CacheStats
-    status: str  # completed | interrupted | failed | cancelled
+    status: Status
+
+    @property
+    def finished(self) -> bool:
+        """The walk reached the end of the cache's rows."""
+        return self.status.finished
 
     def as_fields(self) -> dict[str, object]:
         """The summary of this cache as log fields."""
@@ -45,7 +88,7 @@ def summary_fields(name: str, status: str, stats: Sequence[CacheStats]) -> dict[
     processed = sum(item.processed for item in stats)
     return {
         "cache_type": name,
-        "status": status,
+        "status": str(status),
         "processed": processed,
         "uploaded": sum(item.uploaded for item in stats),
         "skipped": sum(item.skipped for item in stats),
@@ -66,7 +109,13 @@ def summary_fields(name: str, status: str, stats: Sequence[CacheStats]) -> dict[
 def total_fields(outcomes: Sequence[CacheOutcome]) -> dict[str, object]:
     """The whole run's counts as log fields."""
     statuses = {outcome.status for outcome in outcomes}
-    status = statuses.pop() if len(statuses) == 1 else "partial"
+    if len(statuses) == 1:
+        status = str(statuses.pop())
+    elif all(outcome.finished for outcome in outcomes):
+        # Some completed, some found (or repaired) differences: the run did the latter.
+        status = str(Status.DIFFERENCES if Status.DIFFERENCES in statuses else Status.REPAIRED)
+    else:
+        status = "partial"
     return summary_fields("total", status, [outcome.stats for outcome in outcomes])
 
 
@@ -85,21 +134,47 @@ def _row(fields: dict[str, object]) -> list[str]:
     ]
 
 
-_VERIFY_COLUMNS = ("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "retried")
+_COMPARE_FIELDS = {
+    "checked": "processed",
+    "ok": "verified",
+    "missing": "missing",
+    "mismatched": "mismatched",
+    "extra": "extra",
+    "repaired": "repaired",
+    "retried": "retried",
+}
 
 
-def _verify_row(fields: dict[str, object]) -> list[str]:
-    names = ("processed", "verified", "missing", "mismatched", "extra", "retried")
-    return [str(fields["cache_type"]), str(fields["status"]), *(str(fields[n]) for n in names)]
+def _compare_columns(mode: VerifyMode) -> tuple[str, ...]:
+    """A verification's columns; a repair's say what it re-uploaded and not extras (which it
+    does not look for)."""
+    skipped = "extra" if mode is VerifyMode.REPAIR else "repaired"
+    return tuple(column for column in _COMPARE_FIELDS if column != skipped)
 
 
 def differences_found(outcomes: Sequence[CacheOutcome]) -> int:
-    """Missing, mismatched and extra objects a verification found, in total."""
-    return sum(o.stats.missing + o.stats.mismatched + o.stats.extra for o in outcomes)
+    """Missing, mismatched and extra objects a comparison found, in total."""
+    return sum(differences_in(outcome.stats) for outcome in outcomes)
 
 
-def format_summary_table(outcomes: Sequence[CacheOutcome], *, verifying: bool = False) -> str:
-    """A plain-text table: one line per cache and a total (verification columns if verifying)."""
-    columns, make_row = (_VERIFY_COLUMNS, _verify_row) if verifying else (_COLUMNS, _row)
-    rows = [make_row(outcome.as_fields()) for outcome in outcomes]
-    return render_table(columns, rows, total=make_row(total_fields(outcomes)), left_columns=2)
+def format_summary_table(
+    outcomes: Sequence[CacheOutcome], mode: VerifyMode = VerifyMode.OFF
+) -> str:
+    """A plain-text table: one line per cache and a total (comparison columns when comparing)."""
+    if not mode.compares:
+        rows = [_row(outcome.as_fields()) for outcome in outcomes]
+        total = _row(total_fields(outcomes))
+        return render_table(_COLUMNS, rows, total=total, left_columns=2)
+    columns = _compare_columns(mode)
+
+    def row(fields: dict[str, object]) -> list[str]:
+        values = [str(fields[_COMPARE_FIELDS[column]]) for column in columns]
+        return [str(fields["cache_type"]), str(fields["status"]), *values]
+
+    rows = [row(outcome.as_fields()) for outcome in outcomes]
+    return render_table(
+        ("cache", "status", *columns),
+        rows,
+        total=row(total_fields(outcomes)),
+        left_columns=2,
+    )

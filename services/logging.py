@@ -5,14 +5,17 @@ shutdown), ``warning`` for retried faults, ``error`` for what stops a run, ``deb
 (``-v``). Events carry data as fields; ``bind_contextvars(cache_type=…)`` in each cache task adds
 the cache to every line it logs. A processor redacts any field whose name says it holds a
 secret, as a second line of defence behind ``SecretStr``, and tracebacks (``-v``) never include
-frame locals, which would hold connection passwords.
+frame locals, which would hold connection passwords. With ``--log-file-directory`` every line is
+also appended as JSON to ``si-layer-cache.log`` there (rotated at 128 MiB, as sdf's file log).
 """
 
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import sys
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -20,6 +23,8 @@ import structlog.stdlib
 import structlog.tracebacks
 
 _SECRET_FIELD_MARKERS = ("password", "secret", "token", "credential")
+LOG_FILE_NAME = "si-layer-cache.log"
+LOG_FILE_MAX_BYTES = 128 * 1024 * 1024
 REDACTED = "**********"
 
 
@@ -57,15 +62,49 @@ class _CurrentStderr:
         return sys.stderr.isatty()
 
 
-def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None = None) -> None:
+class _JsonFileTee:
+    """A processor that also appends each event, as a JSON line, to a size-rotated file."""
+
+    def __init__(self, handler: logging.Handler) -> None:
+        self.handler = handler
+        self._render = structlog.processors.JSONRenderer()
+
+    def __call__(
+        self, logger: Any, method: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        line = self._render(logger, method, _JSON_TRACEBACKS(logger, method, dict(event_dict)))
+        self.handler.emit(logging.makeLogRecord({"msg": line, "levelname": method.upper()}))
+        return event_dict
+
+
+def log_file_handler(directory: Path) -> logging.Handler:
+    """``<directory>/si-layer-cache.log``, rotated at 128 MiB (upstream's size), 5 kept."""
+    directory.mkdir(parents=True, exist_ok=True)
+    return logging.handlers.RotatingFileHandler(
+        directory / LOG_FILE_NAME, maxBytes=LOG_FILE_MAX_BYTES, backupCount=5, encoding="utf-8"
+    )
+
+
+def configure_logging(
+    *,
+    json: bool,
+    verbosity: int = 0,
+    stream: TextIO | None = None,
+    colors: bool | None = None,
+    file_directory: Path | None = None,
+) -> None:
     """Configure structlog once for the process, and route library (stdlib) logging through the
-    same renderer, so JSON output stays one JSON object per line."""
+    same renderer, so JSON output stays one JSON object per line.
+
+    ``colors`` None colours the console when it is a terminal (``--no-color`` / ``--force-color``
+    decide otherwise); ``file_directory`` also appends every line as JSON to a rotated file there
+    (``--log-file-directory``, as sdf's)."""
     output: TextIO = stream or _CurrentStderr()  # type: ignore[assignment]
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json
         else structlog.dev.ConsoleRenderer(
-            colors=output.isatty(),
+            colors=output.isatty() if colors is None else colors,
             # Never show frame locals: they hold passwords and keys (e.g. connection arguments).
             exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
         )
@@ -75,8 +114,11 @@ def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None =
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
-        _JSON_TRACEBACKS if json else structlog.dev.set_exc_info,
     ]
+    file_handler = None if file_directory is None else log_file_handler(file_directory)
+    if file_handler is not None:
+        shared.append(_JsonFileTee(file_handler))
+    shared.append(_JSON_TRACEBACKS if json else structlog.dev.set_exc_info)
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(level_for_verbosity(verbosity)),
@@ -93,3 +135,8 @@ def configure_logging(*, json: bool, verbosity: int = 0, stream: TextIO | None =
     root = logging.getLogger()
     root.handlers = [handler]
     root.setLevel(logging.DEBUG if verbosity >= 2 else logging.WARNING)
+    # The OTLP exporters warn of every retry; ``services.telemetry`` reports failed exports
+    # itself (the first, and a count at exit), so theirs show only from -vv.
+    logging.getLogger("opentelemetry.exporter").setLevel(
+        logging.NOTSET if verbosity >= 2 else logging.ERROR
+    )

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import structlog
 from pydantic import (
@@ -56,6 +57,8 @@ from services.units import ByteSize
 
 ENV_PREFIX = "SI_SDF__"
 CONFIG_FILE_ENV = "SI_SDF_CONFIG"
+
+log = structlog.get_logger("services")
 
 
 class SettingsError(LayerCacheError):
@@ -208,6 +211,21 @@ class ObjectStorageConfig(_Section):
     key_prefix: str | None = None
     # ``iam_role`` uses the standard AWS credential chain (and its endpoint and region).
     auth: Annotated[StaticCredentialsAuth | Literal["iam_role"], NoDecode] = StaticCredentialsAuth()
+
+    @field_validator("endpoint")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        """An endpoint botocore can use: http(s), a host, a valid port (checked before any
+        client is built, so a bad one is one line, not a traceback)."""
+        parts = urlsplit(value.strip())
+        try:
+            parts.port  # noqa: B018 - raises on a port that is not a number in range
+        except ValueError:
+            raise ValueError(f"{value!r} has an invalid port") from None
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            hint = f"; did you mean https://{value.strip()}?" if "://" not in value else ""
+            raise ValueError(f"{value!r} is not an http:// or https:// URL with a host{hint}")
+        return value.strip()
 
     @field_validator("auth", mode="before")
     @classmethod
@@ -430,6 +448,23 @@ class _Node:
     use: SettingUse
     children: dict[str, _Node] = field(default_factory=dict)
     any_below: bool = False
+    upstream_section: bool = False  # upstream sdf's loader ignores names it lacks here
+
+
+# The sections of our tree that are upstream sdf's too (its config file's tables): upstream's
+# loader ignores a name it does not define there, so an unknown name below one is a warning, not
+# an error, unless it is a misspelling of a name read here. ``server`` is ours alone.
+UPSTREAM_SECTIONS: frozenset[str] = frozenset(
+    {
+        "",
+        "layer_db_config",
+        "layer_db_config.pg_pool_config",
+        "layer_db_config.pg_pool_config.certificate",
+        "layer_db_config.object_storage_config",
+        "layer_db_config.object_storage_config.auth",
+        "layer_db_config.object_storage_config.auth.static_credentials",
+    }
+)
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -461,15 +496,23 @@ def setting_tree(
         for part in setting.path.split("."):
             node = node.children.setdefault(part, _Node(SettingUse.IGNORED))
         node.any_below = setting.section
+    for section in UPSTREAM_SECTIONS:
+        node = root
+        for part in filter(None, section.split(".")):
+            node = node.children[part]
+        node.upstream_section = True
     return root
 
 
 @dataclass(frozen=True, slots=True)
 class Classified:
-    """A setting name's verdict; for an unknown name, the closest known one if any."""
+    """A setting name's verdict; for an unknown name, the closest known one if any, and whether
+    it is *tolerated*: below a section upstream's loader owns (which ignores names it lacks) and
+    no misspelling of a name read here."""
 
     use: SettingUse
     suggestion: tuple[str, ...] | None = None
+    tolerated: bool = False
 
 
 def classify_setting(tree: _Node, path: Sequence[str]) -> Classified:
@@ -480,17 +523,28 @@ def classify_setting(tree: _Node, path: Sequence[str]) -> Classified:
             return Classified(SettingUse.IGNORED)
         child = node.children.get(part)
         if child is None:
-            return Classified(SettingUse.UNKNOWN, _suggest(tree, path, depth, node))
+            suggestion = _suggest(tree, path, depth, node)
+            misspelled = (
+                suggestion is not None and classify_setting(tree, suggestion).use is SettingUse.USED
+            )
+            return Classified(
+                SettingUse.UNKNOWN, suggestion, node.upstream_section and not misspelled
+            )
         node = child
     return Classified(SettingUse.IGNORED if node.any_below else node.use)
 
 
 def _suggest(tree: _Node, path: Sequence[str], depth: int, node: _Node) -> tuple[str, ...] | None:
+    """The closest known name, read here ones first (the likelier intent of a typo)."""
+    known: list[tuple[SettingUse, tuple[str, ...]]] = []
     for match in difflib.get_close_matches(path[depth], list(node.children), n=3, cutoff=0.6):
         candidate = (*path[:depth], match, *path[depth + 1 :])
-        if classify_setting(tree, candidate).use is not SettingUse.UNKNOWN:
-            return candidate
-    return None
+        use = classify_setting(tree, candidate).use
+        if use is not SettingUse.UNKNOWN:
+            known.append((use, candidate))
+    used = [candidate for use, candidate in known if use is SettingUse.USED]
+    ranked = used or [candidate for _use, candidate in known]
+    return ranked[0] if ranked else None
 
 
 def env_setting_path(name: str, prefix: str = ENV_PREFIX) -> tuple[str, ...]:
@@ -509,19 +563,34 @@ def unknown_setting_message(name: str, suggestion: str | None) -> str:
     return f"unknown setting {name}{hint}"
 
 
+Suggested = tuple[tuple[str, str | None], ...]  # names, each with the closest known one
+
+
 @dataclass(frozen=True, slots=True)
 class SourceNames:
     """The names one source gave, split by verdict (the unknown ones with a suggestion)."""
 
     used: tuple[str, ...] = ()
     ignored: tuple[str, ...] = ()
-    unknown: tuple[tuple[str, str | None], ...] = ()
+    unknown: Suggested = ()
+    tolerated: Suggested = ()  # unknown, but where upstream ignores what it lacks: warned of
 
     def raise_for_unknown(self, where: str = "") -> None:
         """One SettingsError line for the first unknown name, if any."""
         if self.unknown:
             name, suggestion = self.unknown[0]
             raise SettingsError(unknown_setting_message(name, suggestion) + where)
+
+    def warn_of_tolerated(self, where: str = "") -> None:
+        """One warning per unknown name below a section upstream owns (it runs on)."""
+        for name, suggestion in self.tolerated:
+            log.warning(
+                "unknown setting ignored",
+                name=name,
+                closest_known=suggestion,
+                reason="no setting of this program or of upstream sdf has this name; upstream "
+                "ignores unknown names in its sections, and so does this program" + where,
+            )
 
 
 def classify_environment(
@@ -531,6 +600,7 @@ def classify_environment(
     used: list[str] = []
     ignored: list[str] = []
     unknown: list[tuple[str, str | None]] = []
+    tolerated: list[tuple[str, str | None]] = []
     for name in sorted(environ):
         if not name.upper().startswith(prefix):
             continue
@@ -541,14 +611,16 @@ def classify_environment(
             ignored.append(name)
         else:
             suggestion = verdict.suggestion
-            unknown.append((name, None if suggestion is None else env_setting_name(suggestion)))
-    return SourceNames(tuple(used), tuple(ignored), tuple(unknown))
+            entry = (name, None if suggestion is None else env_setting_name(suggestion))
+            (tolerated if verdict.tolerated else unknown).append(entry)
+    return SourceNames(tuple(used), tuple(ignored), tuple(unknown), tuple(tolerated))
 
 
 def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, Any], SourceNames]:
     """The config file's tables without upstream's ignored names, and every name classified."""
     ignored: list[str] = []
     unknown: list[tuple[str, str | None]] = []
+    tolerated: list[tuple[str, str | None]] = []
 
     def walk(table: Mapping[str, Any], path: tuple[str, ...]) -> dict[str, Any]:
         kept: dict[str, Any] = {}
@@ -559,9 +631,8 @@ def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, A
                 ignored.append(".".join(here))
             elif verdict.use is SettingUse.UNKNOWN:
                 suggestion = verdict.suggestion
-                unknown.append(
-                    (".".join(here), None if suggestion is None else ".".join(suggestion))
-                )
+                entry = (".".join(here), None if suggestion is None else ".".join(suggestion))
+                (tolerated if verdict.tolerated else unknown).append(entry)
             elif isinstance(value, Mapping):
                 kept[key] = walk(value, here)
             else:
@@ -569,7 +640,7 @@ def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, A
         return kept
 
     kept = walk(data, ())
-    return kept, SourceNames((), tuple(ignored), tuple(unknown))
+    return kept, SourceNames((), tuple(ignored), tuple(unknown), tuple(tolerated))
 
 
 class _UsedEnvSource(EnvSettingsSource):
@@ -629,16 +700,19 @@ def unknown_env_var(
     return None
 
 
-log = structlog.get_logger("services")
-
-
 def load_settings(
-    overrides: Mapping[str, Any] | None = None, *, config_file: Path | None = None
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    config_file: Path | None = None,
+    ignored_flags: Sequence[str] = (),
 ) -> Settings:
-    """Load the settings tree; flags come in as ``overrides`` and win over everything.
+    """Load the settings tree; flags come in as ``overrides`` (nested like the tree) and win
+    over everything.
 
     Upstream sdf's names that mean nothing here are dropped and listed (names only: values may
-    be secrets) in one debug line, ``ignored upstream sdf settings``.
+    be secrets) in one debug line, ``ignored upstream sdf settings``, with ``ignored_flags``
+    (sdf's flags given that mean nothing here). An unknown name where upstream's loader would
+    ignore it is one warning each (``unknown setting ignored``); any other is an error.
     """
     if config_file is None and os.environ.get(CONFIG_FILE_ENV):
         config_file = Path(os.environ[CONFIG_FILE_ENV])
@@ -650,7 +724,9 @@ def load_settings(
     if config_file is not None:
         tables, from_file = prune_config_file(read_config_file(config_file), tree)
         from_file.raise_for_unknown(f" in config file {config_file}")
-    ignored = [*from_env.ignored, *from_file.ignored]
+    from_env.warn_of_tolerated()
+    from_file.warn_of_tolerated(f" (config file {config_file})")
+    ignored = [*from_env.ignored, *from_file.ignored, *ignored_flags]
     if ignored:
         log.debug("ignored upstream sdf settings", names=ignored)
     token = _config_file_tables.set(tables)

@@ -12,7 +12,9 @@ scrape, or in-memory readers in tests). The variables and their defaults: README
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,6 +42,7 @@ from services.settings import SettingsError
 DEFAULT_SERVICE_NAME = "sdf"
 SERVICE_NAMESPACE = "si"
 METER_NAME = "si-layer-cache"
+PACKAGE_NAME = "si-layer-cache"
 # Upstream's PeriodicReader: every 1 s, 10 s per export (lib/telemetry-application-rs).
 DEFAULT_EXPORT_INTERVAL_MS = 1_000
 DEFAULT_EXPORT_TIMEOUT_MS = 10_000
@@ -56,6 +59,9 @@ PROTOCOL_VAR = "OTEL_EXPORTER_OTLP_PROTOCOL"
 METRICS_PROTOCOL_VAR = "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL"
 INTERVAL_VAR = "OTEL_METRIC_EXPORT_INTERVAL"
 TIMEOUT_VAR = "OTEL_METRIC_EXPORT_TIMEOUT"
+EXPORTER_VAR = "OTEL_METRICS_EXPORTER"
+SDK_DISABLED_VAR = "OTEL_SDK_DISABLED"
+DEFAULT_ENDPOINT_SETTING = "default"
 
 log = structlog.get_logger("services.telemetry")
 
@@ -65,6 +71,13 @@ class OtlpProtocol(StrEnum):
 
     GRPC = "grpc"
     HTTP_PROTOBUF = "http/protobuf"
+
+
+# The OTLP spec's default endpoints, used when no endpoint variable is set.
+DEFAULT_ENDPOINTS: dict[OtlpProtocol, str] = {
+    OtlpProtocol.GRPC: f"http://localhost:{GRPC_PORT}",
+    OtlpProtocol.HTTP_PROTOBUF: f"http://localhost:{HTTP_PORT}",
+}
 
 
 @dataclass(frozen=True)
@@ -170,17 +183,36 @@ def endpoint_suspicions(
     return tuple(found)
 
 
+def otlp_wanted(env: Mapping[str, str]) -> bool:
+    """Whether metrics go over OTLP: yes unless ``OTEL_METRICS_EXPORTER`` says ``none`` (or
+    ``prometheus``: scrape ``--metrics-port`` instead) or ``OTEL_SDK_DISABLED`` is true."""
+    if env.get(SDK_DISABLED_VAR, "").strip().lower() == "true":
+        return False
+    raw = env.get(EXPORTER_VAR, "").strip().lower()
+    names = {name.strip() for name in raw.split(",") if name.strip()} or {"otlp"}
+    unknown = names - {"otlp", "none", "prometheus"}
+    if unknown:
+        raise SettingsError(
+            f"{EXPORTER_VAR} must be otlp, none or prometheus (with --metrics-port), got {raw!r}"
+        )
+    return "otlp" in names
+
+
 def otlp_export_from_env(env: Mapping[str, str]) -> OtlpExport | None:
-    """The OTLP export the standard variables ask for; None when no endpoint is set.
+    """The OTLP export the standard variables ask for: without an endpoint, the spec's default
+    for the protocol (gRPC ``http://localhost:4317``), as upstream sdf exports; None when
+    ``otlp_wanted`` says no.
 
     Raises ``SettingsError`` for a value that cannot be used."""
+    if not otlp_wanted(env):
+        return None
     protocol, protocol_setting = _protocol(env)
     interval_ms = _milliseconds(env, INTERVAL_VAR, DEFAULT_EXPORT_INTERVAL_MS)
     timeout_ms = _milliseconds(env, TIMEOUT_VAR, DEFAULT_EXPORT_TIMEOUT_MS)
-    chosen = _first_set(env, METRICS_ENDPOINT_VAR, ENDPOINT_VAR)
-    if chosen is None:
-        return None
-    endpoint_setting, endpoint = chosen
+    endpoint_setting, endpoint = _first_set(env, METRICS_ENDPOINT_VAR, ENDPOINT_VAR) or (
+        DEFAULT_ENDPOINT_SETTING,
+        DEFAULT_ENDPOINTS[protocol],
+    )
     _check_url(endpoint_setting, endpoint, protocol)
     per_signal = endpoint_setting == METRICS_ENDPOINT_VAR
     suspicions = endpoint_suspicions(protocol, endpoint, per_signal=per_signal)
@@ -214,6 +246,7 @@ class CountingExporter(MetricExporter):
         self._lock = threading.Lock()
         self.attempts = 0
         self.failures = 0
+        self.report_first_failure = True  # off once the exit report will say it anyway
 
     def export(
         self, metrics_data: MetricsData, timeout_millis: float = 10_000, **kwargs: Any
@@ -228,7 +261,7 @@ class CountingExporter(MetricExporter):
             first_failure = result is MetricExportResult.FAILURE and self.failures == 0
             if result is MetricExportResult.FAILURE:
                 self.failures += 1
-        if first_failure:
+        if first_failure and self.report_first_failure:
             log.warning(
                 "otlp metrics export failed",
                 **_settings_fields(self.export_settings),
@@ -276,6 +309,23 @@ class Telemetry:
         return None if self.scrape_server is None else int(self.scrape_server.server_port)
 
     @property
+    def destination(self) -> str:
+        """Where metrics go, for the start-up line: OTLP (and from which setting), a scrape
+        port, or nowhere."""
+        places = []
+        if self.exporter is not None:
+            export = self.exporter.export_settings
+            where = f"OTLP {export.protocol.value} {export.shown_endpoint}"
+            if export.endpoint_setting == DEFAULT_ENDPOINT_SETTING:
+                where += f" (default: {ENDPOINT_VAR} unset)"
+            places.append(where)
+        if self.scrape_port is not None:
+            places.append(f"Prometheus scrape on port {self.scrape_port}")
+        if not places:
+            return f"nowhere ({EXPORTER_VAR} turns OTLP off and there is no --metrics-port)"
+        return " and ".join(places)
+
+    @property
     def failed_exports(self) -> int:
         """OTLP exports that failed so far (0 without OTLP)."""
         return 0 if self.exporter is None else self.exporter.failures
@@ -291,12 +341,29 @@ class Telemetry:
         except Exception as exc:
             log.warning("metrics shutdown incomplete", error=str(exc).splitlines()[0])
 
+    def _final_export_futile(self) -> str | None:
+        """Why a final export cannot get through (then nothing waits for one), or None."""
+        if self.exporter is None or self.exporter.attempts > self.exporter.failures:
+            return None  # no OTLP, or some export got through: the last one may too
+        if self.exporter.attempts:
+            return "no export got through"
+        endpoint = self.exporter.export_settings.endpoint
+        if endpoint_refuses(endpoint):
+            return f"nothing listens at {shown_endpoint(endpoint)}"
+        return None
+
     def shutdown(self) -> None:
         """Flush and stop every reader (bounded), report failed exports, then close the scrape
-        endpoint; call once at exit."""
+        endpoint; call once at exit. When no export got through (or none was tried and nothing
+        listens at the endpoint: a run without a collector), the exit does not wait for one
+        more: the exporter is stopped first, so the readers' last export fails at once."""
         if self._stopped:
             return
         self._stopped = True
+        futile = self._final_export_futile()
+        if futile is not None and self.exporter is not None:
+            self.exporter.report_first_failure = False
+            self.exporter.inner.shutdown()
         worker = threading.Thread(
             target=self._flush_and_stop, name="telemetry-shutdown", daemon=True
         )
@@ -307,16 +374,45 @@ class Telemetry:
                 self.exporter.inner.shutdown()  # ends the retry wait and closes the channel
             worker.join(ABORT_GRACE_S)
             log.warning("metrics flush timed out", timeout_s=SHUTDOWN_TIMEOUT_S)
-        if self.exporter is not None and self.exporter.failures:
+        if self.exporter is not None and (self.exporter.failures or futile is not None):
             log.warning(
                 "metrics export failures",
                 failed_exports=self.exporter.failures,
                 exports=self.exporter.attempts,
                 **_settings_fields(self.exporter.export_settings),
+                **({} if futile is None else {"reason": futile}),
+                hint=f"set {ENDPOINT_VAR} to a collector, or {EXPORTER_VAR}=none",
             )
         if self.scrape_server is not None:
             self.scrape_server.shutdown()
             self.scrape_server.server_close()
+
+
+ENDPOINT_PROBE_TIMEOUT_S = 0.5
+
+
+def endpoint_refuses(endpoint: str, timeout_s: float = ENDPOINT_PROBE_TIMEOUT_S) -> bool:
+    """True when a TCP connection to the endpoint's host and port is refused or fails within
+    ``timeout_s`` (a collector that is there but slow counts as there)."""
+    parts = urlsplit(endpoint if "://" in endpoint else f"//{endpoint}")
+    default_port = 443 if parts.scheme == "https" else GRPC_PORT
+    try:
+        with socket.create_connection(
+            (parts.hostname or "localhost", parts.port or default_port), timeout_s
+        ):
+            return False
+    except TimeoutError:
+        return False
+    except OSError:
+        return True
+
+
+def package_version() -> str:
+    """This program's version, as installed (``service.version``, ``--version``)."""
+    try:
+        return importlib.metadata.version(PACKAGE_NAME)
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def _warn_suspicions(export: OtlpExport) -> None:
@@ -363,6 +459,7 @@ def start_telemetry(
         {
             "service.name": env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
             "service.namespace": SERVICE_NAMESPACE,
+            "service.version": package_version(),
         }
     )
     provider = MeterProvider(resource=resource, metric_readers=readers)

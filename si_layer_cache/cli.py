@@ -23,7 +23,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from functools import partial
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -40,26 +39,34 @@ from layer_cache_server.server import (
 )
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
+    BackfillConfig,
     BackfillSettings,
     VerifyMode,
+    flag_for,
     load_backfill_config,
+    repair_flags,
 )
-from migrations_mode.coordinator import resolve_cutoff, run_backfill
+from migrations_mode.coordinator import BackfillReport, resolve_cutoff, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
 from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
 from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
-from services.logging import configure_logging
+from services.logging import LOG_FILE_NAME, configure_logging
+from services.sdf_flags import add_sdf_flags, sdf_flag_settings
 from services.settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
     MigrationMode,
     Settings,
     SettingsError,
+    SettingUse,
+    classify_setting,
     load_settings,
+    setting_tree,
 )
 from services.signals import StopRequest, capture_signals
+from services.telemetry import package_version
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -67,6 +74,7 @@ EXIT_INVALID_INPUT = 2
 EXIT_ENVIRONMENT = 3
 
 PROGRAM = "si-layer-cache"
+LOG_FILE_DIRECTORY_ENV = "SI_LOG_FILE_DIRECTORY"
 log = structlog.get_logger("services")
 
 
@@ -94,19 +102,14 @@ def _env_help(text: str, env: str, default: object = None) -> str:
     return f"{text} [env {env}{shown}]"
 
 
-def _package_version() -> str:
-    try:
-        return version("si-layer-cache")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 _BACKFILL_FLAGS: dict[str, str] = {
     "cutoff_timestamp": "copy rows with created_at strictly before this instant (RFC 3339, or a "
     "logged checkpoint such as '2026-01-13 17:30:26.445817 UTC'), or 'now': the database's "
     "clock at start, logged (saved progress is per cutoff: pass the logged instant to resume); "
     "required",
-    "cache_types": "comma-separated cache types to copy; required",
+    "cache_types": "comma-separated cache types to copy, of: "
+    + ", ".join(BACKFILLABLE_CACHE_TYPES)
+    + " (no 'all', on purpose); required",
     "key_batch_size": "rows listed per Postgres query",
     "checkpoint_interval_secs": "seconds between 'backfill checkpoint' log events",
     "max_concurrent_uploads": "uploads in flight per cache type: the ceiling with tuned "
@@ -124,12 +127,18 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "shard_count": "number of shards the key space is split into",
     "max_inflight_bytes": "cap on value bytes held in memory at once per cache (64MiB, 1GiB, …)",
     "max_uploads_per_second": "cap on uploads (PUTs) a second for the whole process, shared "
-    "by every cache type; verification PUTs nothing and is not limited (default: no limit)",
+    "by every cache type (a repair's too); verification PUTs nothing and is not limited "
+    "(default: no limit)",
     "max_bytes_per_second": "cap on value bytes uploaded a second for the whole process, "
     "shared by every cache type (50MiB, 1GiB, …); verification is not limited (default: no "
     "limit)",
-    "verify": "compare S3 with Postgres by size instead of copying; writes nothing",
-    "verify_content": "like --backfill-verify, but compare full content",
+    "verify": "compare S3 with Postgres by size instead of copying; writes nothing (one "
+    "LIST per 1,000 rows in key order)",
+    "verify_content": "like --backfill-verify, but compare content: an object whose ETag is the "
+    "row's MD5 is not read, any other is (every object under SSE-KMS or SSE-C)",
+    "repair": "compare content as --backfill-verify-content does and re-upload every object "
+    "that is missing or differs; never deletes; resumable (its own saved progress)",
+    "verify_report": "write each difference found (verify or repair) as one JSON line to this file",
     "dry_run": "validate everything, count rows and bytes, estimate the run time; write nothing",
 }
 
@@ -173,9 +182,34 @@ def build_parser() -> OneLineParser:
         ),
     )
     general.add_argument(
+        "--log-file-directory",
+        type=Path,
+        default=os.environ.get(LOG_FILE_DIRECTORY_ENV) or None,
+        help=_env_help(
+            f"also append JSON log lines to {LOG_FILE_NAME} there (rotated at 128 MiB)",
+            LOG_FILE_DIRECTORY_ENV,
+            "none",
+        ),
+    )
+    colours = general.add_mutually_exclusive_group()
+    colours.add_argument(
+        "--no-color",
+        action="store_true",
+        default=_env_flag("SI_NO_COLOR"),
+        help=_env_help("never colour console logs (also NO_COLOR)", "SI_NO_COLOR", "false"),
+    )
+    colours.add_argument(
+        "--force-color",
+        action="store_true",
+        default=_env_flag("SI_FORCE_COLOR"),
+        help=_env_help("colour console logs even off a terminal", "SI_FORCE_COLOR", "false"),
+    )
+    general.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logs (-v debug, -vv libraries)"
     )
-    general.add_argument("--version", action="version", version=f"%(prog)s {_package_version()}")
+    general.add_argument(
+        "-V", "--version", action="version", version=f"%(prog)s {package_version()}"
+    )
 
     backfill = parser.add_argument_group("backfill (--migration-mode backfillLayerCache)")
     for field, text in _BACKFILL_FLAGS.items():
@@ -218,6 +252,7 @@ def build_parser() -> OneLineParser:
         help="move the write queue's dead letters (all, or one cache type's) back into the "
         f"queue, then exit; opens only {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
     )
+    add_sdf_flags(parser)
     return parser
 
 
@@ -260,9 +295,8 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             live = not args.log_json and sys.stderr.isatty()
             console = Console(stderr=True) if live else None
             report = await run_backfill(context, config, stop, live_console=console)
-    verifying = config.verify is not VerifyMode.OFF
     if not args.log_json:
-        print(format_summary_table(report.outcomes, verifying=verifying), flush=True)
+        print(format_summary_table(report.outcomes, config.verify), flush=True)
     if report.failure is not None:
         failure = report.failure
         log.error(
@@ -275,10 +309,46 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if stop.exit_status is not None:
         return stop.exit_status
-    if verifying and differences_found(report.outcomes):
-        log.error("verification found differences", differences=differences_found(report.outcomes))
+    if not report.complete:
         return EXIT_FAILED
-    return EXIT_OK if report.complete else EXIT_FAILED
+    if config.verify.compares:
+        return _comparison_verdict(config, report)
+    return EXIT_OK
+
+
+def _comparison_verdict(config: BackfillConfig, report: BackfillReport) -> int:
+    """The last line of a complete verification or repair (with the report's path), and its
+    exit status: differences a verification found are a failure, naming the repair."""
+    stats = [outcome.stats for outcome in report.outcomes]
+    fields: dict[str, Any] = {
+        "checked": sum(item.processed for item in stats),
+        "missing": sum(item.missing for item in stats),
+        "mismatched": sum(item.mismatched for item in stats),
+        "report": None if config.verify_report is None else str(config.verify_report),
+    }
+    if config.verify is VerifyMode.REPAIR:
+        log.info("repair finished", repaired=sum(item.repaired for item in stats), **fields)
+        return EXIT_OK
+    differences = differences_found(report.outcomes)
+    if not differences:
+        log.info("verification found no differences", **fields)
+        return EXIT_OK
+    repairable = [
+        outcome.stats.cache_type
+        for outcome in report.outcomes
+        if outcome.stats.missing or outcome.stats.mismatched
+    ]
+    log.error(
+        "verification found differences",
+        differences=differences,
+        extra=sum(item.extra for item in stats),
+        **fields,
+        repair_with=repair_flags(config, repairable) if repairable else None,
+        note=None
+        if not any(item.extra for item in stats)
+        else "extra objects (no row) are not removed by a repair: review them in the report",
+    )
+    return EXIT_FAILED
 
 
 async def _serve(settings: Settings, args: argparse.Namespace, *, check_schema_first: bool) -> int:
@@ -305,8 +375,16 @@ MODE_HANDLERS: dict[MigrationMode, ModeHandler] = {
 
 
 def _write_queue_command(settings: Settings, args: argparse.Namespace) -> int:
-    """``--write-queue-status`` / ``--write-queue-replay``: the queue directory, nothing else."""
+    """``--write-queue-status`` / ``--write-queue-replay``: the queue directory, nothing else.
+    A directory that does not exist holds no queue: that is a wrong setting, and nothing is
+    created."""
     directory = settings.server.write_queue_dir
+    if not directory.is_dir():
+        flag = "--write-queue-status" if args.write_queue_status else "--write-queue-replay"
+        raise SettingsError(
+            f"{flag}: {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR {directory} is not a directory, so it "
+            "holds no write queue; point it at the server's queue volume"
+        )
     if args.write_queue_status:
         status = queue_status(directory)
         now = time.time()
@@ -344,14 +422,32 @@ def _fail(message: str, status: int, exc: BaseException, verbose: int) -> int:
     return status
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the exit status."""
-    parser = build_parser()
-    arguments = sys.argv[1:] if argv is None else list(argv)
-    parser.json_errors = "--log-json" in arguments or _env_flag("SI_LOG_JSON")
-    args = parser.parse_args(arguments)
-    configure_logging(json=args.log_json, verbosity=args.verbose)
-    overrides = {
+def _colors(args: argparse.Namespace) -> bool | None:
+    """Console colours: forced, refused (also by the standard NO_COLOR), or by the terminal."""
+    if args.no_color and args.force_color:
+        raise SettingsError("--no-color and --force-color (SI_NO_COLOR, SI_FORCE_COLOR) conflict")
+    if args.force_color:
+        return True
+    if args.no_color or os.environ.get("NO_COLOR", ""):
+        return False
+    return None
+
+
+def _backfill_flags_outside_backfill(args: argparse.Namespace, mode: MigrationMode) -> None:
+    """Backfill flags mean nothing to another mode: refuse them rather than run that mode."""
+    if mode is MigrationMode.BACKFILL_LAYER_CACHE:
+        return
+    given = [flag_for(field) for field, value in backfill_flags(args).items() if value is not None]
+    if given:
+        raise SettingsError(
+            f"{given[0]} is a backfill option but the migration mode is {mode.value}; did you "
+            "mean --migration-mode backfillLayerCache?"
+        )
+
+
+def _flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """This program's own setting flags, as overrides of the tree's top level."""
+    return {
         name: value
         for name, value in (
             ("migration_mode", args.migration_mode),
@@ -360,8 +456,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         if value is not None
     }
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    """The settings from flags (ours and sdf's), env and the config file."""
+    tree = setting_tree(Settings)
+    from_sdf = sdf_flag_settings(
+        args, lambda path: classify_setting(tree, path).use is SettingUse.USED, os.environ
+    )
+    if from_sdf.refusal is not None:
+        raise SettingsError(from_sdf.refusal)
+    for warning in from_sdf.warnings:
+        log.warning("sdf flag ignored", reason=warning)
+    settings = load_settings(
+        from_sdf.overrides | _flag_overrides(args),
+        config_file=args.config,
+        ignored_flags=from_sdf.ignored,
+    )
+    _backfill_flags_outside_backfill(args, settings.migration_mode)
+    return settings
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the exit status."""
+    parser = build_parser()
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    parser.json_errors = "--log-json" in arguments or _env_flag("SI_LOG_JSON")
+    args = parser.parse_args(arguments)
     try:
-        settings = load_settings(overrides, config_file=args.config)
+        colors = _colors(args)
+    except SettingsError as exc:
+        parser.error(str(exc))
+    configure_logging(
+        json=args.log_json,
+        verbosity=args.verbose,
+        colors=colors,
+        file_directory=args.log_file_directory,
+    )
+    try:
+        settings = _load(args)
         if args.write_queue_status or args.write_queue_replay is not None:
             return _write_queue_command(settings, args)
         status: int = asyncio.run(MODE_HANDLERS[settings.migration_mode](settings, args))

@@ -65,12 +65,16 @@ def backfill_args(
 
 def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
     """A clean environment for the CLI: no inherited SI_ settings, only the given ones (and a
-    fresh S3 write queue directory unless ``env`` names one, so servers never share a queue)."""
+    fresh S3 write queue directory unless ``env`` names one, so servers never share a queue).
+    Metrics are not exported over OTLP unless ``env`` sets an ``OTEL_`` variable (without one
+    the CLI exports to the default endpoint, where no collector listens here)."""
     base = {
         name: value
         for name, value in os.environ.items()
         if not name.startswith(("SI_", "OTEL_", "AWS_"))
     }
+    if not any(name.startswith("OTEL_") for name in env):
+        base["OTEL_METRICS_EXPORTER"] = "none"
     if WRITE_QUEUE_DIR_ENV not in env:
         base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="queue-", dir=_WRITE_QUEUE_ROOT.name)
     return base | dict(env)

@@ -15,6 +15,7 @@ puts each test's buckets.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -36,6 +37,20 @@ from services.settings import Settings, load_settings
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
+
+
+@pytest.fixture(scope="session", autouse=True)
+def no_default_otlp_export() -> Iterator[None]:
+    """Services contexts opened in the test process export no metrics over OTLP: without an
+    endpoint they would export to the default one, where no collector listens here. The tests of
+    the export pass their own variables (``start_telemetry(environ=…)``, or the CLI's env)."""
+    previous = os.environ.get("OTEL_METRICS_EXPORTER")
+    os.environ["OTEL_METRICS_EXPORTER"] = "none"
+    yield
+    if previous is None:
+        del os.environ["OTEL_METRICS_EXPORTER"]
+    else:
+        os.environ["OTEL_METRICS_EXPORTER"] = previous
 
 
 @pytest.fixture(scope="session")

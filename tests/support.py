@@ -84,3 +84,20 @@ async def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
 def expected_objects(rows: Mapping[str, bytes], key_prefix: str | None = None) -> dict[str, bytes]:
     """The objects a complete backfill of ``rows`` leaves: object key → bytes."""
     return {object_key(key, key_prefix=key_prefix): value for key, value in rows.items()}
+
+
+async def assert_bucket_holds_exactly_rows_below(
+    pool: asyncpg.Pool,
+    s3_client: S3Client,
+    bucket_prefix: str,
+    cache_type: CacheType,
+    cutoff: datetime,
+) -> dict[str, bytes]:
+    """The cache's bucket holds one object per row below the cutoff, byte for byte, and nothing
+    else (progress records aside: ``bucket_objects`` leaves them out); returns the objects."""
+    expected = expected_objects(await rows_below(pool, cache_type, cutoff))
+    stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+    assert sorted(stored.keys() - expected.keys()) == [], f"{cache_type}: objects not in the rows"
+    assert sorted(expected.keys() - stored.keys()) == [], f"{cache_type}: rows missing from S3"
+    assert stored == expected, f"{cache_type}: object bytes differ from the rows"
+    return stored

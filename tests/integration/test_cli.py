@@ -43,6 +43,7 @@ from tests.cli_harness import (
 from tests.conftest import LayerDb, service_env
 from tests.support import (
     SeedRow,
+    assert_bucket_holds_exactly_rows_below,
     bucket_objects,
     cache_bucket,
     expected_objects,
@@ -139,17 +140,6 @@ async def written_objects(s3_client: S3Client, bucket_prefix: str) -> dict[str, 
         if stored:
             written[cache_bucket(cache_type, bucket_prefix)] = sorted(stored)
     return written
-
-
-async def assert_bucket_holds_exactly_rows_below(
-    db: LayerDb, s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, cutoff: datetime
-) -> dict[str, bytes]:
-    expected = expected_objects(await rows_below(db.pool, cache_type, cutoff))
-    stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
-    assert sorted(stored.keys() - expected.keys()) == [], f"{cache_type}: objects not in the rows"
-    assert sorted(expected.keys() - stored.keys()) == [], f"{cache_type}: rows missing from S3"
-    assert stored == expected, f"{cache_type}: object bytes differ from the rows"
-    return stored
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +270,7 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     assert first.stdout == "", "with JSON logs the summary table must not go to stdout"
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         await assert_bucket_holds_exactly_rows_below(
-            layer_db, s3_client, bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, s3_client, bucket_prefix, cache_type, CUTOFF
         )
     for excluded in (CacheType.FUNC_RUN, CacheType.FUNC_RUN_LOG):
         assert await bucket_objects(s3_client, cache_bucket(excluded, bucket_prefix)) == {}
@@ -321,7 +311,7 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     assert sorted(event["cache_type"] for event in walked) == sorted(BACKFILLABLE_CACHE_TYPES)
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         await assert_bucket_holds_exactly_rows_below(
-            layer_db, s3_client, bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, s3_client, bucket_prefix, cache_type, CUTOFF
         )
 
 
@@ -372,10 +362,13 @@ async def test_console_verification_prints_its_table_and_exits_1_on_differences(
         *("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "retried")
     ], run.stdout
     assert table_rows(run.stdout) == [
-        ["cas", "completed", "10", "9", "1", "0", "0", "0"],
-        ["total", "completed", "10", "9", "1", "0", "0", "0"],
+        ["cas", "differences", "10", "9", "1", "0", "0", "0"],
+        ["total", "differences", "10", "9", "1", "0", "0", "0"],
     ], run.stdout
     assert "Traceback" not in run.stderr
+    last = run.stderr_lines[-1]
+    assert "verification found differences" in last
+    assert "--backfill-repair" in last
 
 
 async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(
@@ -394,7 +387,7 @@ async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(
     assert summaries == ["cas", "total"]
     assert run.summary()["uploaded"] == 10
     await assert_bucket_holds_exactly_rows_below(
-        layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
     )
 
 
@@ -438,7 +431,7 @@ async def test_now_is_the_database_clock_logged_copied_below_and_resumable(
         resolved["cutoff_timestamp"]
     }
     stored = await assert_bucket_holds_exactly_rows_below(
-        layer_db, s3_client, bucket_prefix, CacheType.CAS, cutoff
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, cutoff
     )
     assert len(stored) == len(past)
     assert first.summary()["uploaded"] == len(past)
@@ -467,7 +460,7 @@ async def test_now_is_the_database_clock_logged_copied_below_and_resumable(
     total = again.summary()
     assert (total["uploaded"], total["skipped"]) == (1, len(past))
     await assert_bucket_holds_exactly_rows_below(
-        layer_db, s3_client, bucket_prefix, CacheType.CAS, later_cutoff
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, later_cutoff
     )
 
 
@@ -565,12 +558,68 @@ BAD_INPUTS: dict[str, BadInput] = {
         (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-no-such-option"),
         ("--backfill-no-such-option",),
     ),
+    # issue 21: what an operator met first
+    "sdf-key-generation-flag": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--generate-symmetric-key-path", "/tmp/sdf.key"),
+        ("--generate-symmetric-key-path", "generates no keys", "run sdf"),
+    ),
+    "sdf-flag-bad-port": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--pg-port", "fivefourthreetwo"),
+        ("--pg-port", "port number"),
+    ),
+    "endpoint-without-scheme": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG),
+        (STORAGE + "ENDPOINT", "https://s3.us-east-1.amazonaws.com"),
+        ((STORAGE + "ENDPOINT", "s3.us-east-1.amazonaws.com"),),
+    ),
+    "server-endpoint-without-scheme": BadInput(
+        ("--migration-mode", "skip"),
+        (STORAGE + "ENDPOINT", "https://s3.us-east-1.amazonaws.com"),
+        ((STORAGE + "ENDPOINT", "s3.us-east-1.amazonaws.com"),),
+    ),
+    "backfill-flag-without-mode": BadInput(
+        ("--backfill-dry-run",),
+        ("--backfill-dry-run", "did you mean --migration-mode backfillLayerCache"),
+    ),
+    "backfill-flag-with-run-mode": BadInput(
+        ("--migration-mode", "run", "--backfill-verify"),
+        ("--backfill-verify", "run", "did you mean --migration-mode backfillLayerCache"),
+    ),
+    "verify-with-dry-run": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-verify", "--backfill-dry-run"),
+        ("--backfill-dry-run", "--backfill-verify"),
+    ),
+    "colours-forced-and-refused": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--no-color", "--force-color"),
+        ("--force-color", "--no-color"),
+    ),
+    "repair-with-verify": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-repair", "--backfill-verify"),
+        ("--backfill-repair", "--backfill-verify"),
+    ),
+    "report-without-a-comparison": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-verify-report", "differences.jsonl"),
+        ("--backfill-verify-report", "--backfill-repair"),
+    ),
+    "report-in-a-missing-directory": BadInput(
+        (
+            *(*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-verify"),
+            *("--backfill-verify-report", "/nonexistent/si/differences.jsonl"),
+        ),
+        ("--backfill-verify-report", "/nonexistent/si"),
+    ),
+    "byte-size-without-a-number": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-max-inflight-bytes", "lots"),
+        ("--backfill-max-inflight-bytes", "64MiB"),
+    ),
 }
 BAD_INPUTS_WITH_CONSOLE = {
     "missing-cutoff",
     "persister-mode-postgres-only",
     "unknown-nested-setting",
     "unknown-flag",
+    "sdf-key-generation-flag",
+    "backfill-flag-without-mode",
 }
 
 
@@ -855,7 +904,7 @@ async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothin
         assert resumed.named("resuming from saved progress"), "the re-run started over"
         assert resumed.summary()["processed"] < len(expected), "the re-run started over"
     await assert_bucket_holds_exactly_rows_below(
-        layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
     )
 
 
@@ -956,7 +1005,7 @@ async def test_shard_processes_side_by_side_copy_every_row_exactly_once(
     assert [run.status for run in runs] == [0, 0, 0], [run.stderr[-500:] for run in runs]
     uploaded = [run.summary()["uploaded"] for run in runs]
     stored = await assert_bucket_holds_exactly_rows_below(
-        layer_db, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
     )
     assert sum(uploaded) == len(stored), f"an object was written twice: {uploaded}"
     assert all(count > 0 for count in uploaded), uploaded

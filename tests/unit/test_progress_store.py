@@ -1,14 +1,25 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
+
+import asyncpg
+import pytest
+import structlog
 
 from layer_cache.cache_types import CacheType
+from layer_cache.pg import read_only_reason
 from migrations_mode.checkpoint import Position
+from migrations_mode.errors import PreflightError
 from migrations_mode.progress_store import (
+    PgProgressStore,
     ProgressKey,
+    ProgressStoreKind,
     RecordIdentity,
+    S3ProgressStore,
     SavedProgress,
     identity_differences,
+    open_progress_store,
     progress_from_json,
     progress_target,
     progress_to_json,
@@ -79,3 +90,68 @@ def test_unused_records_skip_sibling_shards_and_put_the_closest_first() -> None:
         (other_count, ["shard"]),
         (other_everything, ["walk order", "target"]),
     ]
+
+
+# --------------------------------------------------------------------------------------------
+# A layer database that takes no writes (a read replica)
+
+
+def test_a_standby_or_a_read_only_default_is_named_and_a_writable_server_is_not() -> None:
+    assert read_only_reason(True, "off") == "a standby in recovery"
+    assert read_only_reason(True, "on") == "a standby in recovery"
+    assert read_only_reason(False, "on") == "default_transaction_read_only=on"
+    assert read_only_reason(False, "off") is None
+
+
+class _UntouchedPool:
+    """Stands in for the pool where choosing a store must send nothing to Postgres."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"the pool was used: {name}")
+
+
+UNTOUCHED = cast(asyncpg.Pool, _UntouchedPool())
+
+
+@pytest.mark.parametrize("kind", [ProgressStoreKind.AUTO, ProgressStoreKind.S3])
+@pytest.mark.parametrize("writes", [True, False], ids=["copy", "verify"])
+async def test_on_a_read_only_server_progress_goes_to_s3_said_in_one_line_without_ddl(
+    kind: ProgressStoreKind, writes: bool
+) -> None:
+    with structlog.testing.capture_logs() as logs:
+        store = await open_progress_store(
+            kind, UNTOUCHED, {}, read_only="a standby in recovery", writes=writes
+        )
+    assert isinstance(store, S3ProgressStore)
+    assert logs == [
+        {
+            "event": "layer db is read-only",
+            "reason": "a standby in recovery",
+            "progress_store": "s3",
+            "log_level": "info",
+        }
+    ]
+
+
+async def test_a_postgres_store_on_a_read_only_server_is_refused_unless_nothing_is_saved() -> None:
+    with structlog.testing.capture_logs() as logs, pytest.raises(PreflightError) as refused:
+        await open_progress_store(
+            ProgressStoreKind.POSTGRES, UNTOUCHED, {}, read_only="a standby in recovery"
+        )
+    assert str(refused.value) == (
+        "the layer database is read-only (a standby in recovery), so --backfill-progress-store "
+        "postgres cannot keep progress there; use --backfill-progress-store s3 (or auto)"
+    )
+    assert logs == []  # the refusal is the run's one line
+    verification = await open_progress_store(
+        ProgressStoreKind.POSTGRES, UNTOUCHED, {}, read_only="a standby in recovery", writes=False
+    )
+    assert isinstance(verification, S3ProgressStore)
+
+
+@pytest.mark.parametrize("kind", [ProgressStoreKind.AUTO, ProgressStoreKind.POSTGRES])
+async def test_a_verification_on_a_writable_server_creates_no_progress_table(
+    kind: ProgressStoreKind,
+) -> None:
+    store = await open_progress_store(kind, UNTOUCHED, {}, writes=False)
+    assert isinstance(store, PgProgressStore)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import socket
 import threading
 import time
 from collections.abc import Sequence
@@ -20,6 +21,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from structlog.testing import capture_logs
 
+from devenv.process import free_port
 from services.logging import configure_logging
 from services.settings import SettingsError
 from services.telemetry import (
@@ -30,6 +32,7 @@ from services.telemetry import (
     OtlpExport,
     OtlpProtocol,
     otlp_export_from_env,
+    package_version,
     shown_endpoint,
     start_telemetry,
 )
@@ -37,10 +40,101 @@ from services.telemetry import (
 GRPC_ENDPOINT = "http://collector:4317"
 
 
-def test_no_endpoint_means_no_otlp_export() -> None:
-    assert otlp_export_from_env({}) is None
-    assert otlp_export_from_env({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}) is None
-    assert otlp_export_from_env({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}) is None
+NO_OTLP = {"OTEL_METRICS_EXPORTER": "none"}
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint"),
+    [
+        ({}, "http://localhost:4317"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}, "http://localhost:4317"),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "  "}, "http://localhost:4317"),
+        ({"OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf"}, "http://localhost:4318/v1/metrics"),
+        ({"OTEL_METRICS_EXPORTER": "otlp"}, "http://localhost:4317"),
+    ],
+)
+def test_no_endpoint_means_the_specs_default_endpoint_as_upstream_sdf_exports(
+    env: dict[str, str], endpoint: str
+) -> None:
+    export = otlp_export_from_env(env)
+
+    assert export is not None
+    assert (export.endpoint, export.endpoint_setting) == (endpoint, "default")
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        NO_OTLP,
+        {"OTEL_METRICS_EXPORTER": "none", "OTEL_EXPORTER_OTLP_ENDPOINT": GRPC_ENDPOINT},
+        {"OTEL_METRICS_EXPORTER": "prometheus"},
+        {"OTEL_SDK_DISABLED": "true"},
+    ],
+)
+def test_otlp_is_off_only_when_the_standard_variables_say_so(env: dict[str, str]) -> None:
+    assert otlp_export_from_env(env) is None
+
+
+def test_an_exporter_this_program_lacks_is_a_settings_error_naming_the_variable() -> None:
+    with pytest.raises(SettingsError, match="OTEL_METRICS_EXPORTER"):
+        otlp_export_from_env({"OTEL_METRICS_EXPORTER": "console"})
+
+
+@pytest.mark.parametrize(
+    ("env", "prometheus_port", "says"),
+    [
+        ({}, None, "OTLP grpc http://localhost:4317 (default: OTEL_EXPORTER_OTLP_ENDPOINT unset)"),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://user:pw@collector:4317"},
+            None,
+            "OTLP grpc http://collector:4317",
+        ),
+        (
+            NO_OTLP,
+            None,
+            "nowhere (OTEL_METRICS_EXPORTER turns OTLP off and there is no --metrics-port)",
+        ),
+        (NO_OTLP, 0, "Prometheus scrape on port "),
+    ],
+)
+def test_the_start_up_line_says_where_metrics_go(
+    env: dict[str, str], prometheus_port: int | None, says: str
+) -> None:
+    telemetry = start_telemetry(environ=env, prometheus_port=prometheus_port)
+    try:
+        assert telemetry.destination.startswith(says)
+        assert "pw" not in telemetry.destination
+    finally:
+        telemetry.shutdown()
+
+
+def test_the_resource_names_the_service_version() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = start_telemetry([reader], environ=NO_OTLP)
+    telemetry.meter.create_counter("probe").add(1)
+    data = reader.get_metrics_data()
+    telemetry.shutdown()
+
+    assert data is not None
+    [resource_metrics] = data.resource_metrics
+    assert resource_metrics.resource.attributes["service.version"] == package_version()
+    assert package_version() != "unknown"
+
+
+def test_exit_does_not_wait_for_a_collector_that_is_not_there() -> None:
+    port = free_port()  # nothing listens
+    telemetry = start_telemetry(environ={"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{port}"})
+    telemetry.meter.create_counter("probe").add(1)
+    started = time.monotonic()
+
+    with capture_logs() as logs:
+        telemetry.shutdown()
+
+    assert time.monotonic() - started < 2.0
+    [report] = [entry for entry in logs if entry["event"] == "metrics export failures"]
+    assert report["reason"] == f"nothing listens at http://127.0.0.1:{port}"
+    assert "OTEL_METRICS_EXPORTER=none" in report["hint"]
+    assert [entry["event"] for entry in logs] == ["metrics export failures"]
 
 
 def test_grpc_is_the_default_protocol_with_upstreams_interval_and_timeout() -> None:
@@ -258,7 +352,7 @@ def test_counting_exporter_counts_failures_and_logs_the_first_one_only() -> None
 
 
 def test_shutdown_reports_failed_exports_in_one_warning() -> None:
-    telemetry = start_telemetry(environ={})
+    telemetry = start_telemetry(environ=NO_OTLP)
     telemetry.exporter = CountingExporter(
         _ScriptedExporter([MetricExportResult.FAILURE] * 2), EXPORT
     )
@@ -289,12 +383,15 @@ class _StuckExporter(_ScriptedExporter):
 
 def test_shutdown_is_bounded_when_the_final_export_hangs() -> None:
     stuck = _StuckExporter([])
+    # A collector that accepts connections and never answers.
+    listener = socket.create_server(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
     export = OtlpExport(
-        OtlpProtocol.GRPC, "default", GRPC_ENDPOINT, "OTEL_EXPORTER_OTLP_ENDPOINT", 60_000, 60_000
+        OtlpProtocol.GRPC, "default", endpoint, "OTEL_EXPORTER_OTLP_ENDPOINT", 60_000, 60_000
     )
     telemetry = start_telemetry(
         environ={
-            "OTEL_EXPORTER_OTLP_ENDPOINT": GRPC_ENDPOINT,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
             "OTEL_METRIC_EXPORT_INTERVAL": "60000",
         }
     )
@@ -309,6 +406,7 @@ def test_shutdown_is_bounded_when_the_final_export_hangs() -> None:
         telemetry.shutdown()
     took = time.monotonic() - started
 
+    listener.close()
     assert took < SHUTDOWN_TIMEOUT_S + 3
     assert stuck.shut_down.is_set(), "the exporter's retries must be aborted"
     events = [entry["event"] for entry in logs]
@@ -345,7 +443,7 @@ def test_suspicious_endpoint_is_one_warning_naming_both_settings() -> None:
 
 def test_in_memory_readers_still_see_the_metrics_without_otlp() -> None:
     reader = InMemoryMetricReader()
-    telemetry = start_telemetry([reader], environ={})
+    telemetry = start_telemetry([reader], environ=NO_OTLP)
     telemetry.meter.create_counter("layer_cache.backfill.items_processed").add(3)
 
     data = reader.get_metrics_data()

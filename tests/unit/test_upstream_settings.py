@@ -98,15 +98,15 @@ def test_upstream_names_that_mean_nothing_here_are_ignored(name: str) -> None:
 @pytest.mark.parametrize(
     ("name", "suggestion"),
     [
+        # misspellings of names read here, wherever they are
         (PG + "HOSTNAM", PG + "HOSTNAME"),
         ("SI_SDF__MIGRATON_MODE", "SI_SDF__MIGRATION_MODE"),
-        ("SI_SDF__NATZ__URL", "SI_SDF__NATS__URL"),
         (STORAGE + "BUCKET_PREFX", STORAGE + "BUCKET_PREFIX"),
         ("SI_SDF__BACKFILL_CUTOF_TIMESTAMP", "SI_SDF__BACKFILL_CUTOFF_TIMESTAMP"),
         (PG + "CERTIFICATE__SORCE", PG + "CERTIFICATE__SOURCE"),
-        (PG + "PLAINLY_WRONG", None),
-        # a section we own: a name upstream does not define there either is unknown
-        (STORAGE + "READ_RETRIES", STORAGE + "READ_RETRY"),
+        # any unknown name in a section that is ours alone
+        ("SI_SDF__SERVER__GRACE_PERIOD_SEC", "SI_SDF__SERVER__GRACE_PERIOD_SECS"),
+        ("SI_SDF__SERVER__PLAINLY_WRONG", None),
     ],
 )
 def test_unknown_names_are_errors_with_the_closest_known_name(
@@ -117,6 +117,49 @@ def test_unknown_names_are_errors_with_the_closest_known_name(
     with pytest.raises(SettingsError, match="unknown setting") as raised:
         names.raise_for_unknown()
     assert (f"did you mean {suggestion}?" in str(raised.value)) is (suggestion is not None)
+
+
+@pytest.mark.parametrize(
+    ("name", "closest"),
+    [
+        # a real upstream field in some releases, unknown to both registries
+        (STORAGE + "RATE_LIMIT__REQUESTS_PER_SECOND", None),
+        (PG + "PLAINLY_WRONG", None),
+        ("SI_SDF__SOME_FUTURE_SECTION__X", None),
+        # close only to names upstream defines and this program ignores: no misspelling of ours
+        ("SI_SDF__NATZ__URL", "SI_SDF__NATS__URL"),
+        (STORAGE + "READ_RETRIES", STORAGE + "READ_RETRY"),
+    ],
+)
+def test_unknown_names_in_upstreams_sections_are_one_warning_each_and_the_run_goes_on(
+    name: str, closest: str | None
+) -> None:
+    names = classify_environment({name: "x"}, TREE)
+    assert names.unknown == ()
+    assert names.tolerated == ((name, closest),)
+
+    with capture_logs() as logs:
+        names.raise_for_unknown()
+        names.warn_of_tolerated()
+
+    [warning] = logs
+    assert (warning["event"], warning["log_level"]) == ("unknown setting ignored", "warning")
+    assert (warning["name"], warning["closest_known"]) == (name, closest)
+
+
+def test_an_unknown_upstream_name_loads_the_settings_with_one_warning(
+    clean_env: pytest.MonkeyPatch,
+) -> None:
+    clean_env.setenv(STORAGE + "RATE_LIMIT__REQUESTS_PER_SECOND", "50")
+    clean_env.setenv(PG + "HOSTNAME", "layer-db")
+
+    with capture_logs() as logs:
+        settings = load_settings()
+
+    assert settings.layer_db_config.pg_pool_config.hostname == "layer-db"
+    assert [entry["event"] for entry in logs if entry["log_level"] == "warning"] == [
+        "unknown setting ignored"
+    ]
 
 
 def test_every_used_upstream_name_is_a_field_and_no_ignored_one_is() -> None:

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 
 from layer_cache.budget import ByteBudget
 from layer_cache.pg import RowRef
-from layer_cache.s3 import content_md5, etag_contradicts
+from layer_cache.s3 import StoredObject, content_md5, etag_contradicts
 from migrations_mode.bucket_index import UNKNOWN, BucketIndex, ListingWindow
 from migrations_mode.display import RateMeter, eta_seconds, format_duration
 from migrations_mode.walk import KeyRange, Shard, plan_chunks
@@ -52,36 +52,47 @@ def test_chunks_stay_under_the_byte_cap_and_big_rows_travel_alone() -> None:
 
 def test_listing_window_answers_present_absent_and_unknown() -> None:
     window = ListingWindow(start_after="aa")
-    window.add([("ab/01", 5), ("ab/03", 7)], exhausted=False)
-    assert window.size_of("ab/01") == 5
-    assert window.size_of("ab/02") is None  # inside what was listed: absent
-    assert window.size_of("ab/09") == UNKNOWN  # beyond the listing so far
-    assert window.drop_through("ab/02") == ["ab/01"]
-    assert window.size_of("ab/01") == UNKNOWN  # already passed: the caller must HEAD
+    first, third = StoredObject(5, "e1"), StoredObject(7, "e3")
+    window.add([("ab/01", first), ("ab/03", third)], exhausted=False)
+    assert window.stored("ab/01") == first
+    assert window.stored("ab/02") is None  # inside what was listed: absent
+    assert window.stored("ab/09") is UNKNOWN  # beyond the listing so far
+    assert window.drop_through("ab/02") == [("ab/01", first)]
+    assert window.stored("ab/01") is UNKNOWN  # already passed: the caller must HEAD
     window.add([], exhausted=True)
-    assert window.size_of("zz") is None
+    assert window.stored("zz") is None
 
 
 async def test_bucket_index_lists_only_as_far_as_each_page_needs() -> None:
+    a1, a2, b1 = StoredObject(1, "x"), StoredObject(2), StoredObject(3, "y")
     pages = {
-        None: ([("a/1", 1), ("a/2", 2)], "t1"),
-        "t1": ([("b/1", 3)], None),
+        None: ([("a/1", a1), ("a/2", a2)], "t1"),
+        "t1": ([("b/1", b1)], None),
     }
     calls: list[str | None] = []
 
     async def list_page(
         start_after: str | None, token: str | None
-    ) -> tuple[list[tuple[str, int]], str | None]:
+    ) -> tuple[list[tuple[str, StoredObject]], str | None]:
         calls.append(token)
         return pages[token]
 
     index = BucketIndex(list_page, start_after=None, stop_at=None)
-    sizes, unmatched = await index.sizes_for(["a/1", "a/15"])
-    assert (sizes, unmatched, calls) == ([1, None], [], [None])
-    sizes, unmatched = await index.sizes_for(["b/0", "b/1"])
-    assert (sizes, unmatched, index.requests) == ([None, 3], ["a/2"], 2)
-    assert await index.sizes_for(["c/1"]) == ([None], [])
+    found, unmatched = await index.objects_for(["a/1", "a/15"])
+    assert (found, unmatched, calls) == ([a1, None], [], [None])
+    found, unmatched = await index.objects_for(["b/0", "b/1"])
+    assert (found, unmatched, index.requests) == ([None, b1], [("a/2", a2)], 2)
+    assert await index.objects_for(["c/1"]) == ([None], [])
     assert index.requests == 2  # exhausted: no more requests, ever
+
+
+def test_a_listed_etag_vouches_for_content_only_when_it_is_the_rows_md5() -> None:
+    md5 = hashlib.md5(b"value").hexdigest()
+    assert StoredObject.from_response(5, f'"{md5.upper()}"').etag_vouches_for(md5)
+    assert not StoredObject(5, md5).etag_vouches_for(None)
+    assert not StoredObject(5, "0" * 32).etag_vouches_for(md5)  # SSE-KMS looks like this too
+    assert not StoredObject(5, f"{md5}-2").etag_vouches_for(md5)  # multipart
+    assert not StoredObject(5, None).etag_vouches_for(md5)
 
 
 def test_etag_check_catches_a_stored_body_that_differs() -> None:
