@@ -2,10 +2,11 @@
 
 It starts a throwaway PostgreSQL and S3 server, seeds ``cas`` with the devenv sample rows, runs
 each scenario of ``bench.scenarios`` in its own subprocess against its own bucket, one at a time
-(then a concurrency sweep, scaling checks and the S3-latency section, ``bench.latency``, unless
-``--smoke``), prints one table plus the issue's targets (measured, never asserted) and writes
-JSON to the results directory. The exit status is 0 whenever every scenario ran; the servers are
-stopped on the way out. Flags, timings and what each column means: ``docs/bench.md``.
+(then a concurrency sweep, scaling checks, the S3-latency section, ``bench.latency``, and the
+rate-limit section, ``bench.rate_limit``, unless ``--smoke``), prints one table plus the issue's
+targets (measured, never asserted) and writes JSON to the results directory. The exit status is
+0 whenever every scenario ran; the servers are stopped on the way out. Flags, timings and what
+each column means: ``docs/bench.md``.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from bench.latency import (
     latency_report,
     run_latency_section,
 )
+from bench.rate_limit import add_rate_limit_flags, rate_limit_report, run_rate_limit_section
 from bench.report import (
     check_targets,
     cpu_per_object_table,
@@ -110,6 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--value-size", type=int, default=None)
     parser.add_argument("--no-latency", action="store_true", help="skip the latency section")
     add_latency_flags(parser)
+    add_rate_limit_flags(parser)
     add_scale_flags(parser)
     args = parser.parse_args(argv)
     check_latency_flags(parser, args)
@@ -120,6 +123,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.no_scaling = True
         args.no_sweep = True
         args.no_latency = True
+        args.no_rate_limit = True
     return args
 
 
@@ -546,6 +550,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         if not args.no_latency:
             document["latency"] = run_latency_section(runner, pg, args)
 
+        if not args.no_rate_limit:
+            document["rate_limit"] = run_rate_limit_section(runner, pg, args)
+
         scaling: dict[str, Any] | None = None
         if not args.no_scaling:
             scaling = document["scaling"] = run_scale_section(runner, pg, args)
@@ -562,7 +569,12 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         document["databases"] = {name: db.as_json() for name, db in databases.items()}
         document["code"]["fingerprints"] = runner.fingerprints
 
-    checks = check_targets(main, scaling=scaling, latency=document.get("latency"))
+    checks = check_targets(
+        main,
+        scaling=scaling,
+        latency=document.get("latency"),
+        rate_limit=document.get("rate_limit"),
+    )
     document["targets"] = [check.as_json() for check in checks]
     document["wall_seconds"] = round(time.monotonic() - started, 1)
     document["load_average"]["end"] = os.getloadavg()[0]
@@ -672,12 +684,24 @@ def _print_report(
     if "latency" in document:
         print()
         print(latency_report(document["latency"]))
+    if "rate_limit" in document:
+        print()
+        print(rate_limit_report(document["rate_limit"]))
     if scaling:
         print()
         print(scale_report(scaling))
     print()
     print("issue targets (measured, not asserted):")
-    print(targets_table(check_targets(main, scaling=scaling, latency=document.get("latency"))))
+    print(
+        targets_table(
+            check_targets(
+                main,
+                scaling=scaling,
+                latency=document.get("latency"),
+                rate_limit=document.get("rate_limit"),
+            )
+        )
+    )
     if "profile_top" in document:
         print()
         print(document["profile_top"])

@@ -218,6 +218,7 @@ class Run:
     results: Mapping[str, Summary]
     scaling: Mapping[str, Any] | None
     latency: Mapping[str, Any] | None = None
+    rate_limit: Mapping[str, Any] | None = None
 
     def value(self, scenario: str, name: str) -> Any:
         result = self.results.get(scenario)
@@ -324,6 +325,38 @@ def _tuned_shown(worst: float, run: Run) -> str:
     )
 
 
+def _limit_error(name: str) -> Callable[[Run], float | None]:
+    """The achieved rate's error against a limit, as a share (None: not run)."""
+
+    def measure(run: Run) -> float | None:
+        held = (run.rate_limit or {}).get(name)
+        return None if held is None else float(held["error_pct"]) / 100
+
+    return measure
+
+
+def _limit_held(name: str) -> Callable[[float, Run], bool]:
+    return lambda _error, run: bool((run.rate_limit or {})[name]["holds"])
+
+
+def _limit_shown(name: str) -> Callable[[float, Run], str]:
+    def shown(error: float, run: Run) -> str:
+        held = (run.rate_limit or {})[name]
+        return f"{100 * error:+.2f}% over {held['window_s']:.0f} s"
+
+    return shown
+
+
+def _kept_ratio(run: Run) -> float | None:
+    kept = (run.rate_limit or {}).get("kept")
+    return None if kept is None else float(kept["ratio"])
+
+
+def _kept_shown(ratio: float, run: Run) -> str:
+    kept = (run.rate_limit or {})["kept"]
+    return f"{ratio:.3f} x (noise {100 * float(kept['noise']):.1f}%)"
+
+
 def _scale_rows(scaling: Mapping[str, Any]) -> tuple[str, str]:
     return f"{scaling['rows']['smaller']:,}", f"{scaling['rows']['larger']:,}"
 
@@ -385,6 +418,24 @@ TARGETS = (
         _tuned_shown,
     ),
     Target(
+        "--backfill-max-uploads-per-second held within 5% over 60 s",
+        _limit_error("uploads_per_s"),
+        _limit_held("uploads_per_s"),
+        _limit_shown("uploads_per_s"),
+    ),
+    Target(
+        "--backfill-max-bytes-per-second held within 5% over 60 s",
+        _limit_error("bytes_per_s"),
+        _limit_held("bytes_per_s"),
+        _limit_shown("bytes_per_s"),
+    ),
+    Target(
+        "limits 10x above S3's pace keep >= 0.95 x throughput (or within the noise)",
+        _kept_ratio,
+        lambda _ratio, run: bool((run.rate_limit or {})["kept"]["holds"]),
+        _kept_shown,
+    ),
+    Target(
         "peak RSS grows < 50 MiB with rows",
         _scaled("rss_growth_mib"),
         _at_most(50),
@@ -422,9 +473,10 @@ def check_targets(
     *,
     scaling: Mapping[str, Any] | None,
     latency: Mapping[str, Any] | None = None,
+    rate_limit: Mapping[str, Any] | None = None,
 ) -> list[TargetCheck]:
     """Evaluate the issue's targets on this run's numbers."""
-    run = Run(results, scaling, latency)
+    run = Run(results, scaling, latency, rate_limit)
     return [target.check(run) for target in TARGETS if target.applies(run)]
 
 

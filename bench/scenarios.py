@@ -86,6 +86,10 @@ class Options:
     measure_pg: bool = True
     profile: str | None = None
     sample_in_flight: bool = False
+    max_uploads_per_second: float | None = None  # backfill: the process's rate limits
+    max_bytes_per_second: int | None = None
+    checkpoint_interval_s: float = 30.0  # backfill: between 'backfill checkpoint' events
+    stop_after_s: float | None = None  # backfill: stop (drain, as on SIGTERM) after this long
     app_name: str = field(default="")
 
     def __post_init__(self) -> None:
@@ -464,12 +468,14 @@ async def backfill(options: Options, *, restart: bool) -> Result:
         cutoff=target.cutoff,
         cache_types=(CacheType.CAS,),
         key_batch_size=options.key_batch_size,
-        checkpoint_interval=timedelta(seconds=30),
         max_concurrent_uploads=options.concurrency,
         concurrency=options.concurrency_mode,
         grace_period=timedelta(seconds=20),
         restart=restart,
         shard=shard,
+        checkpoint_interval=timedelta(seconds=options.checkpoint_interval_s),
+        max_uploads_per_second=options.max_uploads_per_second,
+        max_bytes_per_second=options.max_bytes_per_second,
     )
     counter = S3RequestCounter()
     meter = PgMeter(options)
@@ -486,12 +492,15 @@ async def backfill(options: Options, *, restart: bool) -> Result:
 
         async def run() -> Work:
             sampling = asyncio.create_task(sampler.run()) if sampler else None
+            stop = StopRequest()
+            if options.stop_after_s is not None:
+                asyncio.get_running_loop().call_later(options.stop_after_s, stop.event.set)
             try:
-                report = await run_backfill(context, config, StopRequest())
+                report = await run_backfill(context, config, stop)
             finally:
                 if sampling is not None:
                     sampling.cancel()
-            if report.failure is not None or not report.complete:
+            if report.failure is not None or not (report.complete or stop.event.is_set()):
                 raise RuntimeError(f"the backfill did not complete: {report.failure}")
             stats = report.outcomes[0].stats
             return Work(
@@ -659,6 +668,24 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, bool]:
         action="store_true",
         help="backfill: sample the uploads_in_flight gauge every 20 ms (costs some CPU)",
     )
+    parser.add_argument(
+        "--max-uploads-per-second", type=float, default=None, help="backfill: rate limit"
+    )
+    parser.add_argument(
+        "--max-bytes-per-second", type=int, default=None, help="backfill: rate limit (bytes)"
+    )
+    parser.add_argument(
+        "--checkpoint-interval-s",
+        type=float,
+        default=30.0,
+        help="backfill: seconds between 'backfill checkpoint' events (uploads so far)",
+    )
+    parser.add_argument(
+        "--stop-after-s",
+        type=float,
+        default=None,
+        help="backfill: stop after this long (draining, as on SIGTERM) instead of at the end",
+    )
     parser.add_argument("--app-name", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     options = Options(
@@ -674,6 +701,10 @@ def parse_options(argv: list[str] | None = None) -> tuple[Options, bool]:
         measure_pg=not args.no_pg_stats,
         profile=args.profile,
         sample_in_flight=args.sample_in_flight,
+        max_uploads_per_second=args.max_uploads_per_second,
+        max_bytes_per_second=args.max_bytes_per_second,
+        checkpoint_interval_s=args.checkpoint_interval_s,
+        stop_after_s=args.stop_after_s,
         app_name=args.app_name,
     )
     return options, bool(args.json)

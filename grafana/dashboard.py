@@ -332,7 +332,7 @@ def throughput(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
 
 
 def health(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
-    """Errors, retries, throttling, concurrency, latency, repairs."""
+    """Errors, retries, throttling, concurrency, the rate limit, latency, repairs."""
     throttled = 'error_class="throttled"'
     return [
         series(
@@ -375,6 +375,20 @@ def health(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
                     f"sum by (cache_type) ({m('uploads_in_flight')})",
                     "{{cache_type}} - in flight",
                 ),
+            ],
+        ),
+        series(
+            "Rate Limit: Uploads Waiting by Cache Type",
+            "Seconds spent waiting for the process's upload rate limits "
+            "(--backfill-max-uploads-per-second, --backfill-max-bytes-per-second) per second: "
+            "how many of the cache's uploads wait for their turn at once, on average. Zero "
+            "without a limit, or while the limit is above what S3 gives.",
+            "short",
+            [
+                query(
+                    f"sum by (cache_type) ({m.rate('rate_limit_wait_seconds_total')})",
+                    "{{cache_type}}",
+                )
             ],
         ),
         series(

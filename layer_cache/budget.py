@@ -38,7 +38,7 @@ class ByteBudget:
         except asyncio.CancelledError:
             if waiter.done() and not waiter.cancelled():
                 self.release(amount)
-            else:
+            elif entry in self._waiters:  # a release may have dropped it already
                 self._waiters.remove(entry)
             raise
 

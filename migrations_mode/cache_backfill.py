@@ -4,8 +4,10 @@ A producer task lists each page (``walk``), learns what S3 has from the bucket l
 (``BucketIndex``; rows it cannot vouch for are HEADed), settles what it can and reads the values
 the rest need in chunks bounded by the byte budget, a short queue ahead of the dispatch loop,
 which takes an upload slot (``UPLOAD_LIMITS``: fixed, or tuned by each row's S3 time) before
-creating each row's task. Finished rows go to the ``CheckpointTracker``, whose low-water position
-the ``ProgressSaver`` records. Shutdown: a set stop event ends dispatching and lets in-flight rows
+creating each row's task. A PUT first waits for the process's rate limits (``UploadPacer``,
+shared by every cache); that wait is not S3's time and is left out of what the tuned limit is
+fed. Finished rows go to the ``CheckpointTracker``, whose low-water position the
+``ProgressSaver`` records. Shutdown: a set stop event ends dispatching and lets in-flight rows
 finish; a cancel (grace period over, or another cache failed) cancels them too. Either way
 progress is saved (shielded from the cancellation) and the last line says where to resume
 (README: "How the backfill works").
@@ -29,6 +31,7 @@ from layer_cache.concurrency import ConcurrencyMode, TunedLimit, UploadLimit
 from layer_cache.errors import ErrorKind, StorageError
 from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
+from layer_cache.rate_limit import UploadPacer
 from layer_cache.retry import AdaptiveLimit, call_with_retries
 from layer_cache.s3 import S3Layer, StoredObject
 from migrations_mode.bucket_index import UNKNOWN, BucketIndex, Stored
@@ -94,6 +97,7 @@ class CacheBackfill:
         metrics: BackfillMetrics,
         progress_store: ProgressStore,
         report: DifferenceReport,
+        pacer: UploadPacer | None = None,
     ) -> None:
         self.cache_type = cache_type
         self.pg = pg
@@ -108,12 +112,15 @@ class CacheBackfill:
         self.completed = False
         self.log_progress = True  # off while a live display shows the same on a terminal
         self.report = report
+        self.pacer = pacer or UploadPacer()  # the process's; none: no rate limit
+        self._paced_s: dict[str, float] = {}  # row key -> seconds its PUT waited for the pacer
         self.action = row_action(
             config.verify,
             progress=self.progress,
             s3=s3,
             storage_call=self._storage_call,
             report=report,
+            pace=self._pace,
         )
         self.saver = ProgressSaver(
             progress_store,
@@ -447,10 +454,23 @@ class CacheBackfill:
             self.upload_limit.release()
 
     async def _finish_row(self, row: RowRef, value: bytes, stored: Stored) -> None:
-        """The row's S3 work (copying: its PUT, retries included), timed for the upload limit."""
+        """The row's S3 work (copying: its PUT, retries included), timed for the upload limit
+        without the wait for the rate limits (S3's time only: the tuner then sees the rate
+        flat at the limit and stops climbing, rather than latency it would blame on S3)."""
         started = time.monotonic()
-        await self.action.finish(row, value, stored)
-        self.upload_limit.record_latency(time.monotonic() - started)
+        try:
+            await self.action.finish(row, value, stored)
+        finally:
+            paced = self._paced_s.pop(row.key, 0.0)
+        self.upload_limit.record_latency(time.monotonic() - started - paced)
+
+    async def _pace(self, key: str, size: int) -> None:
+        """Wait for the process's rate limits before the PUT of row ``key``; the wait is
+        counted and kept for ``_finish_row``."""
+        waited = await self.pacer.acquire(size)
+        if waited > 0:
+            self._paced_s[key] = waited
+            self.progress.rate_limited(waited)
 
     async def _fetch_one(self, key: str) -> bytes | None:
         return await self._storage_call(lambda: self.pg.fetch_value(key), key=key)
@@ -526,6 +546,7 @@ class CacheBackfill:
                 upload_limit=self.upload_limit.limit,
                 processed=self.stats.processed,
                 uploaded=self.stats.uploaded,
+                bytes_uploaded=self.stats.bytes_uploaded,
                 skipped=self.stats.skipped,
                 retried=sum(self.stats.retries.values()),
             )

@@ -148,6 +148,8 @@ class BackfillSettings(BaseSettings):
     shard_index: int | None = Field(None, ge=0)
     shard_count: int = Field(1, ge=1, le=65536)
     max_inflight_bytes: ByteSize = Field(64 * 1024 * 1024, ge=1024 * 1024)
+    max_uploads_per_second: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_bytes_per_second: ByteSize | None = Field(None, gt=0)
     verify: bool = False
     verify_content: bool = False
     repair: bool = False
@@ -205,6 +207,8 @@ class BackfillConfig:
     order: WalkOrder = WalkOrder.KEY
     shard: Shard = field(default_factory=Shard)
     max_inflight_bytes: int = 64 * 1024 * 1024
+    max_uploads_per_second: float | None = None  # for the whole process; None: no limit
+    max_bytes_per_second: int | None = None  # value bytes, for the whole process
     verify: VerifyMode = VerifyMode.OFF
     verify_report: Path | None = None
     dry_run: bool = False
@@ -278,6 +282,8 @@ def load_backfill_config(
         order=options.order,
         shard=_shard(options),
         max_inflight_bytes=options.max_inflight_bytes,
+        max_uploads_per_second=options.max_uploads_per_second,
+        max_bytes_per_second=options.max_bytes_per_second,
         dry_run=options.dry_run,
         verify=_verify_mode(options),
         verify_report=options.verify_report,

@@ -1,6 +1,7 @@
 """The coordinator: one task per selected cache, sharing one services context, failing fast.
 
-It builds a ``CacheBackfill`` per cache type, checks every table and bucket (preflight), then runs
+It builds a ``CacheBackfill`` per cache type, all sharing one ``UploadPacer`` (the process's
+rate limits on uploads, logged at the start), checks every table and bucket (preflight), then runs
 the caches in one ``asyncio.TaskGroup``: the first cache to fail cancels the others at once and
 its ``CacheBackfillFailed`` is raised. On a stop request the caches stop dispatching and drain;
 after ``grace_period`` whatever is still running is cancelled. The summary (per cache and total)
@@ -21,6 +22,7 @@ import structlog
 from rich.console import Console
 
 from layer_cache.errors import StorageError, map_pg_errors
+from layer_cache.rate_limit import UploadPacer
 from layer_cache.retry import call_with_retries
 from migrations_mode.cache_backfill import CacheBackfill, resume_flag
 from migrations_mode.config import (
@@ -133,6 +135,8 @@ async def run_backfill(
             f"cannot keep progress in Postgres ({exc}); grant the role CREATE on the schema, "
             "or use --backfill-progress-store s3 (or auto)"
         ) from exc
+    # One pacer for the process: the rate limits hold for every cache together.
+    pacer = UploadPacer(config.max_uploads_per_second, config.max_bytes_per_second)
     with open_difference_report(config.verify_report) as differences:
         caches = [
             CacheBackfill(
@@ -144,6 +148,7 @@ async def run_backfill(
                 metrics=metrics,
                 progress_store=store,
                 report=differences,
+                pacer=pacer,
             )
             for cache_type in config.cache_types
         ]
@@ -173,6 +178,8 @@ async def _run_caches(
         cache_types=[cache.cache_type.value for cache in caches],
         cutoff_timestamp=format_checkpoint(config.cutoff),
         progress_store=store.kind,
+        max_uploads_per_second=config.max_uploads_per_second,
+        max_bytes_per_second=config.max_bytes_per_second,
         metrics=context.telemetry.destination,
     )
     failure: CacheBackfillFailed | None = None

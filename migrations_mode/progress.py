@@ -117,6 +117,11 @@ class BackfillMetrics:
         self.errors = meter.create_counter(
             _PREFIX + "errors", description="Failed calls by error class"
         )
+        self.rate_limit_wait_seconds = meter.create_counter(
+            _PREFIX + "rate_limit_wait_seconds",
+            description="Seconds uploads waited for the process's rate limits (summed over "
+            "uploads)",
+        )
 
     def per_cache_counters(self) -> tuple[Counter_, ...]:
         """The counters with only a ``cache_type`` attribute."""
@@ -127,6 +132,7 @@ class BackfillMetrics:
             self.bytes_uploaded,
             self.items_repaired,
             self.items_vanished,
+            self.rate_limit_wait_seconds,
         )
 
     def watch(self, source: GaugeSource) -> None:
@@ -169,6 +175,10 @@ class CacheProgress:
     def upload_took(self, seconds: float) -> None:
         """How long one PUT took, retries included."""
         self._metrics.upload_duration.record(seconds, self._attributes)
+
+    def rate_limited(self, seconds: float) -> None:
+        """An upload waited this long for the rate limits before its PUT."""
+        self._metrics.rate_limit_wait_seconds.add(seconds, self._attributes)
 
     def uploaded(self, size: int, *, repaired: bool) -> None:
         """A row was PUT (``repaired`` when it replaced a wrong-sized object)."""

@@ -5,6 +5,7 @@ reports for the row's object (from the listing or a HEAD: size and ETag; None wh
 ``UNKNOWN`` when the listing cannot tell) it says whether the row is settled now (skipped, or
 verified) or needs a HEAD or its value; ``finish`` then does the rest with the value in hand:
 PUT it (copy), GET the object and compare (verify content), or both where they differ (repair).
+Every PUT first awaits ``pace``, the process's upload rate limits; a GET is never paced.
 A content comparison trusts an ETag only when it *is* the row's MD5 (Postgres computes the MD5
 in the listing query): then the object holds the row's bytes and nothing is read. Any other ETag
 proves nothing (SSE-KMS, DSSE-KMS and SSE-C objects have ETags that look like MD5s and are not,
@@ -41,6 +42,17 @@ class StorageCall(Protocol):
 
     async def __call__(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
         """The call's result; raises ``CacheBackfillFailed`` once retries are exhausted."""
+
+
+class Pace(Protocol):
+    """Wait for the process's upload rate limits before PUTting ``size`` bytes for row ``key``."""
+
+    async def __call__(self, key: str, size: int) -> None:
+        """Returns when the upload may go."""
+
+
+async def unpaced(key: str, size: int) -> None:
+    """No rate limit."""
 
 
 class Decision(Enum):
@@ -110,11 +122,13 @@ class _Action(abc.ABC):
         s3: S3Layer,
         storage_call: StorageCall,
         report: DifferenceReport,
+        pace: Pace = unpaced,
     ) -> None:
         self.progress = progress
         self.s3 = s3
         self.storage_call = storage_call
         self.report = report
+        self.pace = pace  # uploads only: a verification PUTs nothing
 
     @staticmethod
     @abc.abstractmethod
@@ -163,7 +177,8 @@ class _Action(abc.ABC):
         )
 
     async def put(self, row: RowRef, value: bytes, *, repaired: bool) -> None:
-        """PUT the value, timed (retries included) and counted."""
+        """PUT the value once the rate limits let it go, timed (retries included) and counted."""
+        await self.pace(row.key, len(value))
         started = time.monotonic()
         await self.storage_call(lambda: self.s3.put(row.key, value), key=row.key)
         self.progress.upload_took(time.monotonic() - started)
@@ -287,9 +302,10 @@ def row_action(
     s3: S3Layer,
     storage_call: StorageCall,
     report: DifferenceReport,
+    pace: Pace = unpaced,
 ) -> RowAction:
     """The action for ``mode``."""
     action: RowAction = ROW_ACTIONS[mode](
-        progress=progress, s3=s3, storage_call=storage_call, report=report
+        progress=progress, s3=s3, storage_call=storage_call, report=report, pace=pace
     )
     return action

@@ -126,6 +126,12 @@ _BACKFILL_FLAGS: dict[str, str] = {
     "shard_index": "this process's shard, 0-based (default: JOB_COMPLETION_INDEX, else 0)",
     "shard_count": "number of shards the key space is split into",
     "max_inflight_bytes": "cap on value bytes held in memory at once per cache (64MiB, 1GiB, …)",
+    "max_uploads_per_second": "cap on uploads (PUTs) a second for the whole process, shared "
+    "by every cache type (a repair's too); verification PUTs nothing and is not limited "
+    "(default: no limit)",
+    "max_bytes_per_second": "cap on value bytes uploaded a second for the whole process, "
+    "shared by every cache type (50MiB, 1GiB, …); verification is not limited (default: no "
+    "limit)",
     "verify": "compare S3 with Postgres by size instead of copying; writes nothing (one "
     "LIST per 1,000 rows in key order)",
     "verify_content": "like --backfill-verify, but compare content: an object whose ETag is the "

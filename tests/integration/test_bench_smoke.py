@@ -1,5 +1,5 @@
 """``python -m bench --smoke``: every scenario runs end to end and lands in the table and JSON;
-a tiny run of the latency and scale sections does too.
+a tiny run of the latency and scale sections does too, and one of the rate-limit section.
 
 The benchmark starts its own PostgreSQL and SeaweedFS, so these tests need no fixture; each
 takes under a minute. Numbers are not checked: the benchmark measures targets, it does not
@@ -84,6 +84,7 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
         *("--latency-rows", "300", "--latency-sweep", "4,8", "--latency-ms", "5"),
         *("--latency-repeat", "1"),
         *("--throttle-rate", "40", "--scale-rows", "2000", "--scale-shards", "1,2"),
+        "--no-rate-limit",
         timeout_s=240,
     )
     assert "rows/s of the backfill with S3 behind a delay" in output
@@ -114,6 +115,41 @@ def test_latency_and_scale_sections_run_end_to_end_and_land_in_the_report(tmp_pa
     tuned = "self-tuned >= 0.9 x the best fixed level, medians of runs (S3 behind a delay)"
     assert tuned in names
     assert "PG tuples read <= 3 per row and flat (scale runs)" in names
+
+
+def test_rate_limit_section_runs_end_to_end_and_lands_in_the_report(tmp_path: Path) -> None:
+    output = run_bench(
+        tmp_path,
+        *("--rows", "300", "--key-batch-size", "100", "--concurrency", "8", "--no-sweep"),
+        *("--no-latency", "--no-scaling", "--rate-rows", "3000", "--rate-large-rows", "600"),
+        *("--rate-warmup-s", "0.5", "--rate-window-s", "2", "--rate-unlimited-window-s", "1"),
+        *("--rate-rounds", "1"),
+        timeout_s=240,
+    )
+    assert "rate limits (tuned concurrency up to 64" in output
+    assert "uploads/s limit" in output
+    assert "bytes/s limit" in output
+
+    section = json.loads((tmp_path / "latest.json").read_text())["rate_limit"]
+    assert list(section["runs"]) == [
+        "unlimited-1",
+        "above-10x-1",
+        "unlimited-2",
+        "uploads-limited",
+        "large-unlimited",
+        "bytes-limited",
+    ]
+    for label, run in section["runs"].items():
+        assert run["window"]["uploads"] > 0, label
+    limited = section["runs"]["uploads-limited"]["limits"]
+    assert limited[0] == "--max-uploads-per-second"
+    assert float(limited[1]) == section["uploads_per_s"]["limit"]
+    assert section["runs"]["bytes-limited"]["limits"][0] == "--max-bytes-per-second"
+    assert len(section["kept"]["unlimited_uploads_per_s"]) == 2
+    names = {
+        target["target"] for target in json.loads((tmp_path / "latest.json").read_text())["targets"]
+    }
+    assert "--backfill-max-uploads-per-second held within 5% over 60 s" in names
 
 
 def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(

@@ -525,6 +525,15 @@ BAD_INPUTS: dict[str, BadInput] = {
         (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-max-concurrent-uploads", "0"),
         ("--backfill-max-concurrent-uploads",),
     ),
+    "max-uploads-per-second-zero": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG, "--backfill-max-uploads-per-second", "0"),
+        ("--backfill-max-uploads-per-second", "SI_BACKFILL_MAX_UPLOADS_PER_SECOND"),
+    ),
+    "max-bytes-per-second-not-a-size": BadInput(
+        (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG),
+        ("--backfill-max-bytes-per-second", "'fast'", "not a byte size"),
+        (("SI_BACKFILL_MAX_BYTES_PER_SECOND", "fast"),),
+    ),
     "persister-mode-postgres-only": BadInput(
         (*MODE_FLAG, *CUTOFF_FLAG, *CAS_FLAG),
         ("SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE", "PostgresOnly"),

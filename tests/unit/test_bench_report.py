@@ -39,6 +39,13 @@ SCALING = {
 LATENCY = {
     "sweeps": [{"latency_ms": 20, "ratio_to_best": 0.95}, {"latency_ms": 60, "ratio_to_best": 0.9}]
 }
+RATE_LIMIT = {
+    "uploads_per_s": {"error_pct": -5.0, "window_s": 60.2, "holds": True},
+    "bytes_per_s": {"error_pct": 5.0, "window_s": 59.9, "holds": True},
+    "kept": {"ratio": 0.95, "noise": 0.02, "holds": True},
+}
+UPLOADS_HELD = "--backfill-max-uploads-per-second held within 5% over 60 s"
+KEPT = "limits 10x above S3's pace keep >= 0.95 x throughput (or within the noise)"
 RSS = "peak RSS of the 1,000,000-row run within 50 MiB of the 250,000-row run"
 LINEAR = "time grows linearly: 250,000 -> 1,000,000 rows, time ratio = rows ratio +-25%"
 TUNED = "self-tuned >= 0.9 x the best fixed level, medians of runs (S3 behind a delay)"
@@ -49,7 +56,7 @@ def by_name(checks: list[TargetCheck]) -> dict[str, TargetCheck]:
 
 
 def test_every_target_holds_at_its_limit() -> None:
-    checks = check_targets(AT_THE_LIMITS, scaling=SCALING, latency=LATENCY)
+    checks = check_targets(AT_THE_LIMITS, scaling=SCALING, latency=LATENCY, rate_limit=RATE_LIMIT)
     assert len(checks) == len(TARGETS)
     assert [check.name for check in checks if check.holds is not True] == []
     named = by_name(checks)
@@ -67,15 +74,24 @@ def test_every_target_holds_at_its_limit() -> None:
     assert named[LINEAR].measured == "5.00 x time for 4.00 x rows"
     assert named[TUNED].measured == "0.95 x at +20 ms, 0.90 x at +60 ms"
     assert named["PG tuples read <= 3 per row and flat (scale runs)"].measured == "2.90 -> 3.00"
+    assert named[UPLOADS_HELD].measured == "-5.00% over 60 s"
+    assert named[KEPT].measured == "0.950 x (noise 2.0%)"
 
 
 def test_a_target_past_its_limit_does_not_hold() -> None:
     results = dict(AT_THE_LIMITS)
     results["backfill_rerun"] = results["backfill_rerun"] | {"s3_requests_per_row": 0.021}
     slower = {"sweeps": [{"latency_ms": 20, "ratio_to_best": 0.89}]}
+    missed = RATE_LIMIT | {
+        "uploads_per_s": {"error_pct": -5.1, "window_s": 60.0, "holds": False},
+        "kept": {"ratio": 0.94, "noise": 0.02, "holds": False},
+    }
     named = by_name(
         check_targets(
-            results, scaling=SCALING | {"time_ratio": 5.01, "tuples_ok": False}, latency=slower
+            results,
+            scaling=SCALING | {"time_ratio": 5.01, "tuples_ok": False},
+            latency=slower,
+            rate_limit=missed,
         )
     )
     assert named["S3 requests <= 0.02/row, re-run over full bucket (backfill_rerun)"] == (
@@ -86,6 +102,8 @@ def test_a_target_past_its_limit_does_not_hold() -> None:
     assert named[LINEAR].holds is False
     assert named[TUNED].holds is False
     assert named["PG tuples read <= 3 per row and flat (scale runs)"].holds is False
+    assert named[UPLOADS_HELD] == TargetCheck(UPLOADS_HELD, "-5.10% over 60 s", False)
+    assert named[KEPT].holds is False
 
 
 def test_without_numbers_every_target_is_not_measured() -> None:

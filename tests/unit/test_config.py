@@ -26,6 +26,8 @@ def _no_backfill_env(monkeypatch: pytest.MonkeyPatch) -> None:
         "SI_BACKFILL_CACHE_TYPES",
         "SI_BACKFILL_KEY_BATCH_SIZE",
         "SI_BACKFILL_MAX_CONCURRENT_UPLOADS",
+        "SI_BACKFILL_MAX_UPLOADS_PER_SECOND",
+        "SI_BACKFILL_MAX_BYTES_PER_SECOND",
     ):
         monkeypatch.delenv(name, raising=False)
 
@@ -138,6 +140,68 @@ def test_concurrency_mode_comes_from_env_and_bad_values_name_the_flag(
             {"cutoff_timestamp": CUTOFF, "cache_types": "cas", "concurrency": "gradient"}
         )
     assert "invalid --backfill-concurrency (SI_BACKFILL_CONCURRENCY)" in str(caught.value)
+
+
+# ---------------------------------------------------------------------------------------------
+# --backfill-max-uploads-per-second, --backfill-max-bytes-per-second
+
+
+def test_rate_limits_are_off_unless_given() -> None:
+    config = load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas"})
+    assert (config.max_uploads_per_second, config.max_bytes_per_second) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("uploads", "byte_size", "expected"),
+    [
+        ("250", "50MiB", (250.0, 50 * 1024**2)),
+        ("0.5", "1048576", (0.5, 1024**2)),
+        ("1e3", "100MB", (1000.0, 100_000_000)),
+    ],
+)
+def test_rate_limits_take_a_rate_and_a_byte_size_from_flags_or_env(
+    uploads: str, byte_size: str, expected: tuple[float, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = {"cutoff_timestamp": CUTOFF, "cache_types": "cas"}
+    by_flags = load_backfill_config(
+        base | {"max_uploads_per_second": uploads, "max_bytes_per_second": byte_size}
+    )
+    monkeypatch.setenv("SI_BACKFILL_MAX_UPLOADS_PER_SECOND", uploads)
+    monkeypatch.setenv("SI_BACKFILL_MAX_BYTES_PER_SECOND", byte_size)
+    by_env = load_backfill_config(base)
+    flag_wins = load_backfill_config(base | {"max_uploads_per_second": "7"})
+
+    for config in (by_flags, by_env):
+        assert (config.max_uploads_per_second, config.max_bytes_per_second) == expected
+    assert flag_wins.max_uploads_per_second == 7.0
+    assert flag_wins.max_bytes_per_second == expected[1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("max_uploads_per_second", "0", "greater than 0"),
+        ("max_uploads_per_second", "-5", "greater than 0"),
+        ("max_uploads_per_second", "inf", "finite"),
+        ("max_uploads_per_second", "nan", "finite"),
+        ("max_uploads_per_second", "fast", "valid number"),
+        ("max_bytes_per_second", "0", "greater than 0"),
+        ("max_bytes_per_second", "0MiB", "greater than 0"),
+        ("max_bytes_per_second", "50 MiBs", "not a byte size"),
+        ("max_bytes_per_second", "1.5B", "whole number of bytes"),
+    ],
+)
+def test_a_bad_rate_limit_is_one_line_naming_the_flag_and_env_var(
+    field: str, value: str, message: str
+) -> None:
+    flags = {"cutoff_timestamp": CUTOFF, "cache_types": "cas", field: value}
+    with pytest.raises(BackfillConfigError) as caught:
+        load_backfill_config(flags)
+    text = str(caught.value)
+    flag = "--backfill-" + field.replace("_", "-")
+    assert f"invalid {flag} (SI_BACKFILL_{field.upper()})" in text
+    assert message in text
+    assert "\n" not in text
 
 
 def test_cache_types_run_in_registry_order_once() -> None:

@@ -183,6 +183,7 @@ def test_panels_keep_upstreams_and_add_the_new_metrics(dashboard: Json) -> None:
         "Retries by Class",
         "Throttling: Throttled Retries by Cache Type",
         "Upload Concurrency: Limit vs In Flight",
+        "Rate Limit: Uploads Waiting by Cache Type",
         "Upload Latency p50 / p99",
         "Repaired and Vanished Items",
         "Write Queue Depth by Cache",

@@ -266,3 +266,47 @@ def test_the_report_line_is_one_json_object_with_every_field() -> None:
     ).as_json()
     assert line.startswith('{"cache_type":"cas","key":"k","object_key":"k","kind":"size"')
     assert "\n" not in line
+
+
+@pytest.mark.parametrize(
+    ("mode", "stored", "expected"),
+    [
+        (VerifyMode.OFF, None, ["pace", "put"]),
+        (VerifyMode.REPAIR, SHORT, ["pace", "put"]),  # the listing proves it: PUT at once
+        (VerifyMode.REPAIR, KMS, ["get", "pace", "put"]),  # read, differs, then PUT
+        (VerifyMode.CONTENT, KMS, ["get"]),  # a verification PUTs nothing, so never waits
+    ],
+)
+async def test_every_put_waits_for_the_rate_limits_first_and_a_read_never_does(
+    mode: VerifyMode, stored: Stored, expected: list[str]
+) -> None:
+    s3 = FakeS3(b"0123456780")
+    calls: list[str] = []
+    get, put = s3.get, s3.put
+
+    async def recorded_get(key: str) -> bytes | None:
+        calls.append("get")
+        return await get(key)
+
+    async def recorded_put(key: str, body: bytes) -> None:
+        calls.append("put")
+        await put(key, body)
+
+    async def pace(key: str, size: int) -> None:
+        assert (key, size) == (ROW.key, len(VALUE))
+        calls.append("pace")
+
+    s3.get, s3.put = recorded_get, recorded_put  # type: ignore[method-assign]
+    progress = CacheProgress(CacheType.CAS, BackfillMetrics(MeterProvider().get_meter("t")))
+    action = row_action(
+        mode,
+        progress=progress,
+        s3=s3,  # type: ignore[arg-type]
+        storage_call=direct_call,
+        report=RecordingReport(),
+        pace=pace,
+    )
+
+    await action.finish(ROW, VALUE, stored)
+
+    assert calls == expected
