@@ -10,7 +10,8 @@ are bound by whichever is slower: latency / concurrency (with ``tuned`` concurre
 so this part is a best case) or the client's CPU per request (a PUT costs a little more than a
 HEAD, so this part is a lower bound too); the estimate is rows to upload x that bound plus one
 listing request per page, and the total is the slowest cache, or all caches' CPU when they share
-one saturated client. The result is a table on stdout and one ``backfill dry run`` log event per
+one saturated client, or the uploads and bytes to PUT at the process-wide rate limits, whichever
+is longest. The result is a table on stdout and one ``backfill dry run`` log event per
 cache; the connections close with the services context.
 
 On a layer database that takes no writes (a read replica) it logs the line a real run logs (where
@@ -76,6 +77,11 @@ class CacheEstimate:
         """Estimated rows a run would PUT."""
         return round(self.rows * (1 - self.share_in_s3))
 
+    @property
+    def bytes_to_upload(self) -> int:
+        """Estimated value bytes a run would PUT."""
+        return round(self.bytes * (1 - self.share_in_s3))
+
 
 def upload_bound(
     latency_s: float, cpu_s_per_request: float | None, config: BackfillConfig
@@ -105,12 +111,26 @@ def estimate_seconds(
     return rows_to_upload * per_upload + pages
 
 
-def total_seconds(estimates: Sequence[CacheEstimate]) -> float:
+def total_seconds(
+    estimates: Sequence[CacheEstimate],
+    *,
+    max_uploads_per_second: float | None = None,
+    max_bytes_per_second: int | None = None,
+) -> tuple[float, str]:
     """Caches run side by side: the slowest one, unless their uploads' CPU on the one shared
-    client adds up to more."""
-    slowest = max((e.estimated_s for e in estimates), default=0.0)
-    shared_cpu = sum(e.rows_to_upload * (e.cpu_s_per_request or 0.0) for e in estimates)
-    return max(slowest, shared_cpu)
+    client adds up to more, or the process-wide rate limits stretch all the uploads further; and
+    which of these sets the time."""
+    candidates = [
+        (max((e.estimated_s for e in estimates), default=0.0), "slowest cache"),
+        (sum(e.rows_to_upload * (e.cpu_s_per_request or 0.0) for e in estimates), "client CPU"),
+    ]
+    if max_uploads_per_second is not None:
+        uploads = sum(e.rows_to_upload for e in estimates)
+        candidates.append((uploads / max_uploads_per_second, "uploads/s limit"))
+    if max_bytes_per_second is not None:
+        upload_bytes = sum(e.bytes_to_upload for e in estimates)
+        candidates.append((upload_bytes / max_bytes_per_second, "bytes/s limit"))
+    return max(candidates, key=lambda candidate: candidate[0])
 
 
 async def _sample(pg: PgLayer, config: BackfillConfig, rng: random.Random) -> list[RowRef]:
@@ -226,8 +246,15 @@ async def run_dry_run(context: ServicesContext, config: BackfillConfig) -> list[
     return estimates
 
 
-def format_estimate_table(estimates: Sequence[CacheEstimate]) -> str:
-    """The dry run's table: one line per cache and a total."""
+def format_estimate_table(
+    estimates: Sequence[CacheEstimate], config: BackfillConfig | None = None
+) -> str:
+    """The dry run's table: one line per cache and a total (with ``config``'s rate limits)."""
+    total_s, total_bound = total_seconds(
+        estimates,
+        max_uploads_per_second=None if config is None else config.max_uploads_per_second,
+        max_bytes_per_second=None if config is None else config.max_bytes_per_second,
+    )
     header = (
         "cache",
         "rows",
@@ -258,7 +285,7 @@ def format_estimate_table(estimates: Sequence[CacheEstimate]) -> str:
         "",
         f"~{sum(e.rows_to_upload for e in estimates):,}",
         "",
-        "",
-        format_duration(total_seconds(estimates)),
+        total_bound,
+        format_duration(total_s),
     )
     return render_table(header, lines, total=total)

@@ -290,7 +290,7 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             config = await resolve_cutoff(context, config)
             if config.dry_run:
                 estimates = await run_dry_run(context, config)
-                print(format_estimate_table(estimates), flush=True)
+                print(format_estimate_table(estimates, config), flush=True)
                 return EXIT_OK
             live = not args.log_json and sys.stderr.isatty()
             console = Console(stderr=True) if live else None

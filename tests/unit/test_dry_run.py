@@ -52,11 +52,13 @@ def test_estimate_is_uploads_at_the_bound_plus_two_listings_per_page() -> None:
     assert estimate_seconds(rows=10, rows_to_upload=10, latency_s=None, config=CONFIG) == 0.0
 
 
-def estimate(cache: str, to_upload: int, seconds: float, cpu_s: float | None) -> CacheEstimate:
+def estimate(
+    cache: str, to_upload: int, seconds: float, cpu_s: float | None, value_bytes: int = 0
+) -> CacheEstimate:
     return CacheEstimate(
         cache_type=cache,
         rows=to_upload,
-        bytes=0,
+        bytes=value_bytes,
         sampled=10,
         sampled_in_s3=0,
         latency_s=0.02,
@@ -69,12 +71,26 @@ def estimate(cache: str, to_upload: int, seconds: float, cpu_s: float | None) ->
 
 def test_caches_side_by_side_take_the_slowest_unless_their_cpu_adds_up_to_more() -> None:
     apart = [estimate("cas", 1_000, 60.0, None), estimate("rebase_batch", 1_000, 90.0, None)]
-    assert total_seconds(apart) == 90.0
+    assert total_seconds(apart) == (90.0, "slowest cache")
     sharing = [
         estimate("cas", 100_000, 70.0, 0.0007),
         estimate("rebase_batch", 100_000, 70.0, 0.0007),
     ]
-    assert total_seconds(sharing) == pytest.approx(140.0)
+    seconds, bound = total_seconds(sharing)
+    assert (seconds, bound) == (pytest.approx(140.0), "client CPU")
     table = format_estimate_table(sharing)
     assert "client CPU" in table
     assert table.splitlines()[-1].split()[-1] == "2m20s"  # the total line
+
+
+def test_the_process_wide_rate_limits_stretch_the_estimate_when_they_bind() -> None:
+    caches = [
+        estimate("cas", 6_000, 30.0, None, value_bytes=600 * 2**20),
+        estimate("rebase_batch", 4_000, 20.0, None, value_bytes=400 * 2**20),
+    ]
+    assert total_seconds(caches, max_uploads_per_second=1_000.0) == (30.0, "slowest cache")
+    assert total_seconds(caches, max_uploads_per_second=100.0) == (100.0, "uploads/s limit")
+    assert total_seconds(caches, max_uploads_per_second=100.0, max_bytes_per_second=5 * 2**20) == (
+        200.0,
+        "bytes/s limit",
+    )
