@@ -129,25 +129,29 @@ async def fetch_remote_ca(url: str, *, timeout_s: float = REMOTE_CA_TIMEOUT_S) -
 def pg_ssl_option(
     config: PgPoolConfig, *, remote_ca: str | bytes | None = None
 ) -> ssl.SSLContext | SslModeName:
-    """asyncpg's ``ssl`` argument: a verifying context when a CA is given, else the mode name.
+    """asyncpg's ``ssl`` argument: for ``verify-ca``/``verify-full`` a verifying context (the CA
+    given, else the system's trust store, as upstream verifies with its built-in roots when it
+    has no certificate), else the mode name.
 
     ``remote_ca`` is what ``fetch_remote_ca`` returned for a ``remote`` certificate. The CA is
-    read here, before any connection: a file that is missing, unreadable or holds no
-    certificate (or an inline CA that is not one) raises ``SettingsError`` naming the setting.
+    read here, before any connection, as upstream reads a certificate source (a file may hold
+    PEM, base64 DER or DER): one that is missing, unreadable or holds no certificate (or an
+    inline CA that is not one) raises ``SettingsError`` naming the setting.
     """
-    cadata = remote_ca if remote_ca is not None else config.ssl_ca_data
-    if (config.ssl_ca_cert is None and cadata is None) or not _verifying(config):
+    if not _verifying(config):
         return config.sslmode.value
-    if config.ssl_ca_cert is not None:
-        setting = SSL_CA_CERT_ENV
-        if config.certificate is not None:
-            setting += f" (or {CERTIFICATE_SOURCE_ENV})"
-        what = f"cannot read the CA certificate file {config.ssl_ca_cert}"
-    else:
-        setting, what = CERTIFICATE_SOURCE_ENV, "the CA is not a PEM or DER certificate"
-    cafile = None if config.ssl_ca_cert is None else str(config.ssl_ca_cert)
-    try:  # reads the file (OSError) and parses the certificates (ssl.SSLError, an OSError)
-        context = ssl.create_default_context(cafile=cafile, cadata=cadata)
+    cadata = remote_ca if remote_ca is not None else config.ssl_ca_data
+    setting, what = CERTIFICATE_SOURCE_ENV, "the CA is not a PEM or DER certificate"
+    try:  # the file (OSError), then the certificates in it (ssl.SSLError, an OSError, or none)
+        if config.ssl_ca_cert is not None:
+            setting = SSL_CA_CERT_ENV
+            if config.certificate is not None:
+                setting += f" (or {CERTIFICATE_SOURCE_ENV})"
+            what = f"cannot read the CA certificate file {config.ssl_ca_cert}"
+            cadata = parse_ca_certificates(config.ssl_ca_cert.read_bytes())
+            if cadata is None:
+                raise ValueError("no PEM, base64 DER or DER certificate in it")
+        context = ssl.create_default_context(cadata=cadata)
     except (OSError, ValueError) as exc:
         raise SettingsError(f"{setting}: {what} ({type(exc).__name__}: {exc})") from exc
     context.check_hostname = config.sslmode is PgSslMode.VERIFY_FULL

@@ -21,6 +21,7 @@ import base64
 import json
 import os
 import pwd
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -253,6 +254,34 @@ async def test_base64_of_the_ca_pem_file_verifies_the_server(tls_pg: LocalPostgr
     )
 
     assert run.status == 0, run.describe()
+
+
+async def test_a_der_ca_file_by_path_verifies_the_server_as_upstream_reads_it(
+    tls_pg: LocalPostgres, tmp_path: Path
+) -> None:
+    """si-tls reads a ``path`` source's bytes as PEM, base64 DER or DER; before, a DER file was
+    handed to ``ssl`` as PEM and refused (exit 2)."""
+    der = tmp_path / "ca.der"
+    der.write_bytes(ssl.PEM_cert_to_DER_cert(tls_pg.pki.ca_pem.decode()))
+
+    run = await cli(
+        ["--log-json"], pg_env(tls_pg, CERTIFICATE__TYPE="path", CERTIFICATE__SOURCE=str(der))
+    )
+
+    assert run.status == 0, run.describe()
+
+
+async def test_verify_full_without_a_ca_uses_the_system_roots_and_says_what_to_set(
+    tls_pg: LocalPostgres,
+) -> None:
+    """Before: asyncpg looked for ``~/.postgresql/root.crt`` and ended in a
+    ``ClientConfigurationError`` that named neither the problem nor a setting."""
+    run = await cli(["--log-json"], pg_env(tls_pg, SSLMODE="verify-full"))
+
+    message = one_error_line(run)
+    assert run.status == 3, run.describe()
+    assert message.startswith("the Postgres server's TLS certificate is not trusted;"), message
+    assert SSL_CA_CERT in message
 
 
 SECRET_URL_PARTS = ("ca-user", "ca-token", "sig=secret")
