@@ -234,6 +234,7 @@ class FaultProxy:
             raise ValueError(f"upstream_url must have no path or query, got {upstream_url!r}")
         self.upstream_url = str(upstream.origin())
         self.counts: Counter[str] = Counter()
+        self.operations: Counter[str] = Counter()  # forwarded requests by S3 operation
         self._plan = plan
         self._rng = random.Random(plan.seed)
         self._gate = RateGate.for_plan(plan)
@@ -378,7 +379,7 @@ class FaultProxy:
                 else:
                     upstream = _rewrite_read_etags(request, upstream, self._plan.put_etag)
             self._count(method, planned)
-            self.counts[f"op:{s3_operation(request)}"] += 1
+            self.operations[s3_operation(request)] += 1
             if planned == RESET:
                 return await _reset(request, upstream)
             return await _relay(request, upstream)

@@ -158,21 +158,13 @@ async def test_the_operators_day_dry_run_backfill_corruption_verify_repair_verif
 ROWS = 300  # one listing page holds them all
 
 
-def operations(proxy: FaultProxy) -> dict[str, int]:
-    """The S3 operations forwarded since the counts were last cleared."""
-    found = {name.removeprefix("op:"): count for name, count in proxy.counts.items()}
-    return {name: count for name, count in found.items() if name in OPERATIONS and count}
-
-
-OPERATIONS = ("ListObjectsV2", "HeadObject", "GetObject", "PutObject", "DeleteObject")
-
-
 async def run_counted(
     proxy: FaultProxy, args: list[str], env: Mapping[str, str]
 ) -> tuple[CliRun, dict[str, int]]:
-    proxy.counts.clear()
+    """A CLI run through the proxy, and the S3 operations it sent."""
+    proxy.operations.clear()
     run = await cli(args, env)
-    return run, operations(proxy)
+    return run, {name: count for name, count in proxy.operations.items() if count}
 
 
 @pytest.mark.parametrize(
