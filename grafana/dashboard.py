@@ -18,8 +18,9 @@ down), and every metric selector filters ``{$job_label=~"$service", cache_type=~
 ``job_label`` is a custom variable naming the Prometheus label that carries the service:
 ``exported_job`` (default) when the metrics pass through an OTel collector's Prometheus exporter,
 whose own scrape job displaces the exporter's ``job`` (upstream's pipeline), ``job`` when
-Prometheus scrapes the backfill's ``--metrics-port`` directly (a PodMonitor or ServiceMonitor). Grafana interpolates variables as text
-before it parses a query, label names included, so one JSON file serves both.
+Prometheus scrapes the backfill's ``--metrics-port`` directly (a PodMonitor or ServiceMonitor).
+Grafana interpolates variables as text before it parses a query, label names included, so one
+JSON file serves both.
 """
 
 from __future__ import annotations
