@@ -430,9 +430,18 @@ OWNED_ENV = {
 }
 
 
+# Names that hold credentials: never a literal value in a manifest, only a Secret reference.
+CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET|ACCESS_KEY|TOKEN|CREDS", re.IGNORECASE)
+
+
 def _check_env(env: Mapping[str, Scalar], rendered: set[str], where: str) -> None:
     for name in env:
         _require(bool(ENV_NAME.match(name)), f"{where}.{name}: not an environment variable name")
+        _require(
+            CREDENTIAL_NAME.search(name) is None,
+            f"{where}.{name}: a credential as a literal value; put it in a Secret (secret.name "
+            "or sdf.secret)",
+        )
         _require(
             name not in rendered | OWNED_ENV,
             f"{where}.{name}: rendered from the settings already; change that setting instead",
@@ -445,7 +454,10 @@ def check(values: Values) -> None:
     prometheus = values.metrics.prometheus
     if values.namespace is not None:
         _check_name(values.namespace, "namespace")
-    _require(bool(values.image.repository and values.image.tag), "image: repository and tag")
+    _require(
+        bool(values.image.repository and values.image.tag),
+        "image.repository and image.tag: both must be set",
+    )
     _check_port(values.postgres.port, "postgres.port")
     _check_port(prometheus.port, "metrics.prometheus.port")
     _check_port(server.port, "server.port")

@@ -342,6 +342,10 @@ def test_values_yaml_sets_every_setting_once() -> None:
             "backfill.env.SI_BACKFILL_CUTOFF_TIMESTAMP: rendered from the settings already",
         ),
         ({"server": {"env": {"BAD-NAME": "1"}}}, "server.env.BAD-NAME: not an environment"),
+        (
+            {"backfill": {"env": {"AWS_SECRET_ACCESS_KEY": "x"}}},
+            "backfill.env.AWS_SECRET_ACCESS_KEY: a credential as a literal value",
+        ),
         ({"secret": {"name": None}}, "postgres.caSecretKey: needs postgres.caSecretName"),
         (
             {"secret": {"name": None}, "postgres": {"caSecretKey": None}},
@@ -1016,6 +1020,24 @@ def readme_quotes() -> list[tuple[str, object]]:
         ),
         (r"port (\d+) \(`metrics`\)", defaults.metrics.prometheus.port),
         (r"API on port (\d+)", defaults.server.port),
+        (
+            r"`SI_BACKFILL_CHECKPOINT_INTERVAL_SECS` \((\d+) s\)",
+            backfill["checkpoint_interval_secs"].default,
+        ),
+        (
+            r"`SI_SDF__SERVER__READINESS_TIMEOUT_SECS`, (\d+) s",
+            ServerConfig.model_fields["readiness_timeout_secs"].default,
+        ),
+        (r"`activeDeadlineSeconds` \((\d+) h\)", defaults.backfill.active_deadline_seconds / 3600),
+        (r"`backfill.maxFailedIndexes` \((\d+)\)", defaults.backfill.max_failed_indexes),
+        (r"`server.preStopSleepSecs` \((\d+) s\)", defaults.server.pre_stop_sleep_secs),
+        (r"(\d+) s above the grace period", render.BACKFILL_SHUTDOWN_HEADROOM_S),
+        (r"(\d+) s above the two together", render.SERVER_SHUTDOWN_HEADROOM_S),
+        (r"a (\d+)Mi `emptyDir`", int(render.TMP_SIZE_LIMIT.removesuffix("Mi"))),
+        (
+            r"`metrics.prometheus.interval` \((\d+)s\)",
+            int(defaults.metrics.prometheus.interval[:-1]),
+        ),
     ]
 
 
