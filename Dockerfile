@@ -24,7 +24,6 @@ COPY services/ services/
 COPY migrations_mode/ migrations_mode/
 COPY layer_cache_server/ layer_cache_server/
 COPY si_layer_cache/ si_layer_cache/
-COPY devenv/ devenv/
 
 # pip compiles the installed modules to .pyc here, so the read-only final image never needs to.
 # The last command is a smoke test: every module of the CLI imports.

@@ -1,5 +1,6 @@
 # make demo  — run the whole backfill on this machine against local servers it starts and stops
 # make test  — install everything, run the quality gates and the whole test suite
+# make manifests — render deploy/values.yaml and deploy/examples/ into deploy/rendered/
 # make bench — the backfill benchmark (prints a table, writes bench/results/); bench-server: the
 #              layer cache server's load test
 SHELL := /bin/bash
@@ -12,7 +13,7 @@ STAMP := $(VENV)/.installed
 TEST_WORKERS ?= 2
 PYTEST := $(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal
 
-.PHONY: install pgbouncer tools demo lint test coverage unit integration bench bench-smoke bench-server clean
+.PHONY: install pgbouncer tools demo manifests lint test coverage unit integration bench bench-smoke bench-server clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +24,11 @@ install: $(STAMP)
 
 demo: install
 	$(BIN)/python -m devenv.demo
+
+# The Kubernetes manifests of the committed examples (deploy/README.md); yours:
+# .venv/bin/python -m deploy.render -f my-values.yaml -o manifests/
+manifests: install
+	$(BIN)/python -m deploy.render --examples
 
 lint: install
 	$(BIN)/ruff check .
