@@ -752,6 +752,20 @@ async def test_environment_not_ready_exits_3_with_one_actionable_line_and_writes
     assert buckets_after["Buckets"] == buckets_before["Buckets"], "the run created a bucket"
 
 
+async def test_a_verbose_traceback_written_to_a_file_or_pipe_carries_no_colour_codes(
+    tmp_path: Path,
+) -> None:
+    # stderr is a pipe here, as it is for ``-v 2> run.log``: console logs, uncoloured.
+    run = await cli(
+        ["--migration-mode", "runAndQuit", "-v"], absent_servers_env(tmp_path / "queue")
+    )
+
+    assert run.status == 3, run.stderr
+    assert "cannot reach Postgres" in run.stderr
+    assert "Traceback" in run.stderr, "-v must add the traceback"
+    assert "\x1b[" not in run.stderr, run.stderr[:2000]
+
+
 @pytest.mark.parametrize(
     ("credential", "code"),
     [(S3_SECRET_KEY, "SignatureDoesNotMatch"), (S3_ACCESS_KEY, "InvalidAccessKeyId")],
