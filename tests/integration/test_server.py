@@ -802,11 +802,14 @@ async def test_cli_with_metrics_port_0_logs_the_port_it_got_and_serves_metrics_t
         )
         await job.expect(lambda event: event["event"] == "layer cache server listening", 30.0)
         port = endpoint["metrics_port"]
-        assert isinstance(port, int) and port > 0, endpoint
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"http://127.0.0.1:{port}/metrics") as response:
-                assert response.status == 200
-                assert "layer_cache" in await response.text()
+        assert isinstance(port, int), endpoint
+        assert port > 0, endpoint
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            assert response.status == 200
+            assert "layer_cache" in await response.text()
         job.send(signal.SIGTERM)
         run = await job.finish(30.0)
     assert run.status == 143, run.stderr
