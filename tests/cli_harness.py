@@ -178,25 +178,17 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120
 
 
 def run_cli_on_a_terminal(
-    args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    timeout: float = 120,
+    interrupt_when: Callable[[str], bool] | None = None,
 ) -> CliRun:
     """``run_cli`` with stderr on a pseudo-terminal, as an operator's shell runs it (console
     logs, the live display); ``CliRun.stderr`` is what the terminal received, escape codes
-    included."""
+    included. ``interrupt_when``: Ctrl-C (SIGINT) once the terminal's text so far satisfies it."""
     controller, terminal = pty.openpty()
     received: list[bytes] = []
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(controller, 65536)
-            except OSError:  # EIO: the process ended and closed the terminal
-                return
-            if not chunk:
-                return
-            received.append(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
     try:
         process = subprocess.Popen(
             _command(args),
@@ -207,6 +199,26 @@ def run_cli_on_a_terminal(
             text=True,
         )
         os.close(terminal)
+
+        def read() -> None:
+            interrupted = False
+            while True:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the process ended and closed the terminal
+                    return
+                if not chunk:
+                    return
+                received.append(chunk)
+                if (
+                    interrupt_when is not None
+                    and not interrupted
+                    and interrupt_when(b"".join(received).decode(errors="replace"))
+                ):
+                    process.send_signal(signal.SIGINT)
+                    interrupted = True
+
+        reader = threading.Thread(target=read, daemon=True)
         reader.start()
         stdout, _ = process.communicate(timeout=timeout)
         reader.join(10)

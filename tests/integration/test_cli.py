@@ -71,6 +71,8 @@ BASE_COLUMNS = ["key", "sort_key", "created_at", "value", "serialization_lib"]
 UPSTREAM_ONLY_TABLES = {"func_executions", "func_execution_messages", "refinery_schema_history"}
 
 ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+# A console log line's ``processed=N`` (its colours removed).
+CONSOLE_PROCESSED = re.compile(r"processed=(\d+)")
 
 OutputFormat = Literal["json", "console"]
 OUTPUT_FORMATS = pytest.mark.parametrize("output", ["json", "console"])
@@ -371,15 +373,44 @@ async def test_on_a_terminal_the_summary_is_the_table_not_also_log_lines(
         ["total", "completed", "22"],
     ], run.stdout
     # The display's last frame, left on screen: the summary's counts, status and rate.
-    last_frame = ANSI_CODES.sub("", terminal).split("Layer cache backfill")[-1]
-    frame_rows = {
-        cells[0]: cells
-        for cells in (line.split() for line in last_frame.splitlines())
-        if cells and cells[0] in ("cas", "change_batch")
-    }
+    frame = last_live_frame(terminal)
     for cache, status, processed, *_, rate in summary[:2]:
-        shown = frame_rows[cache]
-        assert (shown[1], shown[4], shown[5]) == (processed, rate, status), last_frame
+        shown = frame[cache]
+        assert (shown[1], shown[4], shown[5]) == (processed, rate, status), terminal[-3000:]
+
+
+def last_live_frame(terminal: str) -> dict[str, list[str]]:
+    """The cells of each cache's row in the live display's last frame, left on screen."""
+    frame = ANSI_CODES.sub("", terminal).split("Layer cache backfill")[-1]
+    caches = {cache_type.value for cache_type in CacheType}
+    return {
+        cells[0]: cells
+        for cells in (line.split() for line in frame.splitlines())
+        if cells and cells[0] in caches
+    }
+
+
+async def test_after_ctrl_c_on_a_terminal_the_last_frame_shows_the_summarys_figures(
+    layer_db: LayerDb, env: dict[str, str]
+) -> None:
+    rng = random.Random(149)
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(rng, 1200))
+    args = backfill_args(*SIGNAL_RUN_FLAGS, cache_types="cas", json_logs=False)
+
+    def some_rows_done(terminal: str) -> bool:
+        text = ANSI_CODES.sub("", terminal)
+        return any(int(done) >= 100 for done in CONSOLE_PROCESSED.findall(text))
+
+    run = await asyncio.to_thread(run_cli_on_a_terminal, args, env, interrupt_when=some_rows_done)
+
+    assert run.status == 130, run.stderr[-3000:]
+    [cas] = table_rows(run.stdout)[:1]
+    assert cas[:2] == ["cas", "interrupted"], run.stdout
+    assert int(cas[2]) < 600, "it finished before the interrupt"
+    shown = last_live_frame(run.stderr)["cas"]
+    # cache, processed, left ~, %, rows/s, status (in the ETA column), in flight, retries
+    assert (shown[1], shown[4], shown[5]) == (cas[2], cas[-1], "interrupted"), run.stdout
+    assert "backfill summary" not in run.stderr
 
 
 def table_rows(stdout: str) -> list[list[str]]:
