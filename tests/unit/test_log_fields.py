@@ -66,6 +66,19 @@ def _produced_fields(tree: ast.AST, where: str) -> Iterator[LogCall]:
                     yield LogCall(f"{where}:{inner.lineno} ({node.name})", None, names)
 
 
+def _dict_literals(tree: ast.AST, where: str) -> Iterator[LogCall]:
+    """Dicts with string keys (the command line's verdict fields are built as one)."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Dict) and node.keys:
+            names = [
+                key.value
+                for key in node.keys
+                if isinstance(key, ast.Constant) and isinstance(key.value, str)
+            ]
+            if len(names) == len(node.keys):
+                yield LogCall(f"{where}:{node.lineno} (dict)", None, tuple(names))
+
+
 def backfill_log_calls() -> list[LogCall]:
     """Every log call of the backfill, and every dict of fields it spreads into one."""
     calls: list[LogCall] = []
@@ -80,6 +93,7 @@ def backfill_log_calls() -> list[LogCall]:
             and node.name in CLI_BACKFILL_FUNCTIONS
         ):
             calls += _log_calls(node, "cli.py")
+            calls += _dict_literals(node, "cli.py")
     return calls
 
 
