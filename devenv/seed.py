@@ -60,6 +60,19 @@ def sample_rows(
         yield key, created_at, rng.randbytes(sizes.draw(rng))
 
 
+@dataclass(frozen=True)
+class Seeded:
+    """What ``seed`` inserted into one table, on either side of the cutoff."""
+
+    rows: int
+    at_or_after_cutoff: int  # newer than the cutoff: a backfill below it does not copy them
+
+    @property
+    def below_cutoff(self) -> int:
+        """The rows a backfill with this cutoff copies."""
+        return self.rows - self.at_or_after_cutoff
+
+
 async def seed(
     pool: asyncpg.Pool,
     cache_type: CacheType,
@@ -68,8 +81,9 @@ async def seed(
     cutoff: datetime,
     seed_value: int = 0,
     sizes: SizeMix | None = None,
-) -> None:
-    """Insert ``count`` sample rows into one cache table."""
+) -> Seeded:
+    """Insert ``count`` sample rows into one cache table; says how many lie at or after the
+    cutoff (keys are random 128- or 256-bit hex: none collide)."""
     rng = random.Random(f"{seed_value}-{cache_type}")
     table = CACHE_SPECS[cache_type].table
     statement = (
@@ -77,10 +91,13 @@ async def seed(
         " ON CONFLICT DO NOTHING"
     )
     chunk: list[tuple[str, datetime, bytes]] = []
+    after = 0
     for row in sample_rows(cache_type, count, cutoff=cutoff, rng=rng, sizes=sizes or SizeMix()):
         chunk.append(row)
+        after += row[1] >= cutoff
         if len(chunk) == _INSERT_CHUNK:
             await pool.executemany(statement, chunk)
             chunk.clear()
     if chunk:
         await pool.executemany(statement, chunk)
+    return Seeded(count, after)

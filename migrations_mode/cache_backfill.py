@@ -110,6 +110,7 @@ class CacheBackfill:
         self.upload_limit = UPLOAD_LIMITS[config.concurrency](config.max_concurrent_uploads)
         self.bytes_budget = ByteBudget(config.max_inflight_bytes)
         self.completed = False
+        self.already_complete = False  # saved progress said complete: nothing to do this run
         self.log_progress = True  # off while a live display shows the same on a terminal
         self.report = report
         self.pacer = pacer or UploadPacer()  # the process's; none: no rate limit
@@ -193,9 +194,13 @@ class CacheBackfill:
         resume_after = await self._resume()
         self._table_estimate = await self._storage_call(self.pg.estimated_rows)
         if self.completed:
+            self.already_complete = True
             self.progress.finish()
             log.info(
-                "completed backfill", already_complete=True, progress_store=self.saver.store.kind
+                "completed backfill",
+                already_complete=True,
+                progress_store=self.saver.store.kind,
+                **self._counts(),
             )
             return self.stats
         log.info(
@@ -246,7 +251,7 @@ class CacheBackfill:
                 "resuming from saved progress",
                 progress_store=self.saver.store.kind,
                 checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
-                rows_done_before=saved.rows_done,
+                rows_done_earlier_runs=saved.rows_done,
             )
         return saved.position
 
@@ -518,7 +523,7 @@ class CacheBackfill:
                 delay_s=round(delay_s, 3),
                 key=key,
                 error=str(exc),
-                upload_limit=self.upload_limit.limit,
+                upload_concurrency_limit=self.upload_limit.limit,
             )
 
         try:
@@ -529,49 +534,62 @@ class CacheBackfill:
         self.upload_limit.record_success()
         return result
 
+    def _counts(self) -> dict[str, int]:
+        """This run's counts, as every per-cache event carries them (``log_fields``)."""
+        stats = self.stats
+        return {
+            "processed": stats.processed,
+            "uploaded": stats.uploaded,
+            "skipped": stats.skipped,
+            "repaired": stats.repaired,
+            "vanished": stats.vanished,
+            "bytes_uploaded": stats.bytes_uploaded,
+            "retried": sum(stats.retries.values()),
+        }
+
     async def _log_checkpoints(self) -> None:
         interval = self.config.checkpoint_interval.total_seconds()
         meter = RateMeter()
-        meter.add(time.monotonic(), self.rows_done)
+        meter.add(time.monotonic(), self.stats.processed)
         while True:
             await asyncio.sleep(interval)
-            meter.add(time.monotonic(), self.rows_done)
+            meter.add(time.monotonic(), self.stats.processed)
             self.progress.export()
             if self.log_progress:
                 log.info("backfill progress", **progress_report(self, meter.rate).as_fields())
             log.info(
                 "backfill checkpoint",
                 checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
-                active_uploads=self.upload_limit.in_use,
-                upload_limit=self.upload_limit.limit,
-                processed=self.stats.processed,
-                uploaded=self.stats.uploaded,
-                bytes_uploaded=self.stats.bytes_uploaded,
-                skipped=self.stats.skipped,
-                retried=sum(self.stats.retries.values()),
+                active_uploads=self.upload_limit.in_use,  # upstream's name on upstream's event
+                upload_concurrency_limit=self.upload_limit.limit,
+                **self._counts(),
             )
 
     def _log_outcome(self, outcome: str) -> None:
-        fields = {
-            "processed": self.stats.processed,
-            "uploaded": self.stats.uploaded,
-            "skipped": self.stats.skipped,
-            "repaired": self.stats.repaired,
-            "vanished": self.stats.vanished,
-            "bytes_uploaded": self.stats.bytes_uploaded,
-        }
         if outcome == "completed":
-            log.info("completed backfill", **fields)
+            log.info("completed backfill", already_complete=False, **self._counts())
             return
-        checkpoint = self.checkpoint_timestamp
-        event = "backfill shutting down gracefully" if self._stop.is_set() else "backfill stopped"
-        log.info(
-            event,
-            reason=outcome,
-            checkpoint_timestamp=format_checkpoint(checkpoint),
-            in_flight_uploads=self.upload_limit.in_use,
-            rows_pending=self.tracker.in_flight,
-            progress_store=self.saver.store.kind,
-            resume_with=resume_flag(checkpoint),
-            **fields,
-        )
+        checkpoint = format_checkpoint(self.checkpoint_timestamp)
+        resume_with = resume_flag(self.checkpoint_timestamp)
+        if self._stop.is_set():
+            log.info(
+                "backfill shutting down gracefully",
+                checkpoint_timestamp=checkpoint,
+                in_flight_uploads=self.upload_limit.in_use,  # upstream's name on upstream's event
+                reason=outcome,
+                rows_pending=self.tracker.in_flight,
+                progress_store=self.saver.store.kind,
+                resume_with=resume_with,
+                **self._counts(),
+            )
+        else:
+            log.info(
+                "backfill stopped",
+                checkpoint_timestamp=checkpoint,
+                uploads_in_flight=self.upload_limit.in_use,
+                reason=outcome,
+                rows_pending=self.tracker.in_flight,
+                progress_store=self.saver.store.kind,
+                resume_with=resume_with,
+                **self._counts(),
+            )

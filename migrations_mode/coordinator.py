@@ -5,7 +5,9 @@ rate limits on uploads, logged at the start), checks every table and bucket (pre
 the caches in one ``asyncio.TaskGroup``: the first cache to fail cancels the others at once and
 its ``CacheBackfillFailed`` is raised. On a stop request the caches stop dispatching and drain;
 after ``grace_period`` whatever is still running is cancelled. The summary (per cache and total)
-is logged in every case, and ``BackfillReport`` says which caches completed.
+is logged in every case as ``backfill summary`` events, except under the live display of a
+terminal, where the command prints it as a table instead (and the display's last frame shows the
+same figures); ``BackfillReport`` says which caches completed.
 
 ``resolve_cutoff`` runs first, once connected: a ``now`` cutoff becomes the database's ``now()``,
 logged so that a resume can pass the same instant.
@@ -185,11 +187,8 @@ async def _run_caches(
     failure: CacheBackfillFailed | None = None
     tasks: list[asyncio.Task[object]] = []
     watchdog: asyncio.Task[None] | None = None
-    display = (
-        asyncio.create_task(LiveProgress(caches, live_console).run())
-        if live_console is not None
-        else None
-    )
+    live = LiveProgress(caches, live_console) if live_console is not None else None
+    display = asyncio.create_task(live.run()) if live is not None else None
     try:
         async with asyncio.TaskGroup() as group:
             tasks.extend(group.create_task(cache.run()) for cache in caches)
@@ -199,26 +198,37 @@ async def _run_caches(
         assert isinstance(first, CacheBackfillFailed)
         failure = first
     finally:
+        report = BackfillReport(
+            [
+                CacheOutcome(
+                    cache.stats,
+                    _status(cache, config.verify, stop, failure),
+                    already_complete=cache.already_complete,
+                )
+                for cache in caches
+            ],
+            failure,
+        )
+        if live is not None:
+            live.finish(report.outcomes)  # the last frame: the summary's figures
         for helper in (watchdog, display):
             if helper is not None:
                 helper.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await helper
-        report = BackfillReport(
-            [
-                CacheOutcome(cache.stats, _status(cache, config.verify, stop, failure))
-                for cache in caches
-            ],
-            failure,
-        )
-        _log_report(report, caches)
+        _log_report(report, caches, summary_events=live is None)
     return report
 
 
-def _log_report(report: BackfillReport, caches: list[CacheBackfill]) -> None:
-    for outcome in report.outcomes:
-        log.info("backfill summary", **outcome.as_fields())
-    log.info("backfill summary", **total_fields(report.outcomes))
+def _log_report(
+    report: BackfillReport, caches: list[CacheBackfill], *, summary_events: bool
+) -> None:
+    """The summary events (the machine-readable summary; left out under a live display, whose
+    command prints the table), then whether the run is complete and how to resume it."""
+    if summary_events:
+        for outcome in report.outcomes:
+            log.info("backfill summary", **outcome.as_fields())
+        log.info("backfill summary", **total_fields(report.outcomes))
     if report.complete:
         log.info("completed backfill for all cache types")
         return

@@ -88,7 +88,7 @@ class DifferenceReport:
                 object_key=difference.object_key,
                 kind=difference.kind.value,
                 row_size=difference.row_size,
-                size=difference.object_size,
+                object_size=difference.object_size,
                 repaired=difference.repaired,
             )
         if count == WARNINGS_PER_CACHE:

@@ -34,7 +34,6 @@ from layer_cache.pg import PgLayer, RowRef
 from layer_cache.retry import call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.config import BackfillConfig
-from migrations_mode.display import format_duration
 from migrations_mode.errors import PreflightError
 from migrations_mode.preflight import (
     WriteCheck,
@@ -43,7 +42,7 @@ from migrations_mode.preflight import (
     run_preflight,
 )
 from migrations_mode.progress_store import note_read_only_server
-from migrations_mode.tables import render_table
+from migrations_mode.tables import format_duration, render_table
 from services.context import ServicesContext
 
 log = structlog.get_logger(__name__)

@@ -182,7 +182,7 @@ class _Action(abc.ABC):
         started = time.monotonic()
         await self.storage_call(lambda: self.s3.put(row.key, value), key=row.key)
         self.progress.upload_took(time.monotonic() - started)
-        log.debug("uploaded to S3", key=row.key, size=len(value))
+        log.debug("uploaded to S3", key=row.key, row_size=len(value))
         self.progress.uploaded(len(value), repaired=repaired)
 
 

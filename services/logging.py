@@ -100,13 +100,19 @@ def configure_logging(
     decide otherwise); ``file_directory`` also appends every line as JSON to a rotated file there
     (``--log-file-directory``, as sdf's)."""
     output: TextIO = stream or _CurrentStderr()  # type: ignore[assignment]
+    coloured = output.isatty() if colors is None else colors
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json
         else structlog.dev.ConsoleRenderer(
-            colors=output.isatty() if colors is None else colors,
-            # Never show frame locals: they hold passwords and keys (e.g. connection arguments).
-            exception_formatter=structlog.dev.RichTracebackFormatter(show_locals=False),
+            colors=coloured,
+            exception_formatter=structlog.dev.RichTracebackFormatter(
+                # Never show frame locals: they hold passwords and keys (e.g. connection
+                # arguments). Rich colours a traceback whatever it is written to, so one sent
+                # to a file or a pipe (``-v 2> run.log``) would carry escape codes: say none.
+                show_locals=False,
+                color_system="truecolor" if coloured else None,
+            ),
         )
     )
     shared: list[structlog.typing.Processor] = [

@@ -7,7 +7,9 @@ failures are never silent and never fatal: ``CountingExporter`` counts them and 
 with the settings involved. ``Telemetry.shutdown`` flushes and stops the readers on a helper
 thread bounded by ``SHUTDOWN_TIMEOUT_S`` (aborting the exporter's retries past it), then logs the
 number of failed exports. Without OTLP the metrics are only aggregated in-process (Prometheus
-scrape, or in-memory readers in tests). The variables and their defaults: README, Observability.
+scrape, or in-memory readers in tests). The Prometheus endpoint (``--metrics-port``) logs the
+port it bound once at start (``metrics endpoint listening``, ``metrics_port``: port 0 picks
+one). The variables and their defaults: README, Observability.
 """
 
 from __future__ import annotations
@@ -454,6 +456,13 @@ def start_telemetry(
         readers.append(PrometheusMetricReader(registry=registry))
         scrape_server, _thread = start_http_server(
             prometheus_port, addr=prometheus_host, registry=registry
+        )
+        # Once, in every mode, with the port bound: what a scraper needs with --metrics-port 0.
+        log.info(
+            "metrics endpoint listening",
+            host=prometheus_host,
+            metrics_port=int(scrape_server.server_port),
+            path="/metrics",
         )
     resource = Resource.create(
         {

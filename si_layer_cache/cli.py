@@ -304,7 +304,7 @@ async def _backfill(settings: Settings, args: argparse.Namespace) -> int:
             failed_cache_type=failure.cache_type.value,
             key=failure.key,
             error_class=failure.cause.kind.value,
-            cause=str(failure.cause),
+            error=str(failure.cause),
         )
         return EXIT_FAILED
     if stop.exit_status is not None:
@@ -321,7 +321,7 @@ def _comparison_verdict(config: BackfillConfig, report: BackfillReport) -> int:
     exit status: differences a verification found are a failure, naming the repair."""
     stats = [outcome.stats for outcome in report.outcomes]
     fields: dict[str, Any] = {
-        "checked": sum(item.processed for item in stats),
+        "processed": sum(item.processed for item in stats),
         "missing": sum(item.missing for item in stats),
         "mismatched": sum(item.mismatched for item in stats),
         "report": None if config.verify_report is None else str(config.verify_report),

@@ -15,6 +15,7 @@ import asyncio
 import json
 import logging
 import os
+import pty
 import signal
 import subprocess
 import sys
@@ -30,6 +31,7 @@ import pytest
 import structlog
 
 from layer_cache.cache_types import CacheType
+from migrations_mode.log_fields import FIELDS, UPSTREAM_EVENTS, UPSTREAM_SYNONYMS
 from si_layer_cache.cli import main as cli_main
 from tests.support import REPO_ROOT
 
@@ -139,6 +141,19 @@ class CliRun:
     def describe(self) -> str:
         return f"exit status {self.status}\n--- stderr ---\n{self.stderr[-6000:]}"
 
+    def assert_log_vocabulary(self) -> None:
+        """Every field of every event is in the backfill's vocabulary (``log_fields``), with
+        upstream's names for the uploads in flight only on upstream's events, and upstream's
+        events carry upstream's fields."""
+        for event in self.events:
+            name = event.get("event")
+            fields = set(event) - {"event", "level", "timestamp"}
+            unknown = sorted(fields - set(FIELDS))
+            assert not unknown, f"{name!r}: fields outside log_fields.FIELDS: {unknown}"
+            for field, owner in UPSTREAM_SYNONYMS.items():
+                assert field not in fields or name == owner, f"{name!r} says {field}"
+            assert set(UPSTREAM_EVENTS.get(str(name), ())) <= fields, event
+
 
 # --------------------------------------------------------------------------------------------
 # Running to the end
@@ -160,6 +175,56 @@ def run_cli(args: Sequence[str], env: Mapping[str, str], *, timeout: float = 120
         check=False,
     )
     return CliRun(result.returncode, result.stdout, result.stderr)
+
+
+def run_cli_on_a_terminal(
+    args: Sequence[str],
+    env: Mapping[str, str],
+    *,
+    timeout: float = 120,
+    interrupt_when: Callable[[str], bool] | None = None,
+) -> CliRun:
+    """``run_cli`` with stderr on a pseudo-terminal, as an operator's shell runs it (console
+    logs, the live display); ``CliRun.stderr`` is what the terminal received, escape codes
+    included. ``interrupt_when``: Ctrl-C (SIGINT) once the terminal's text so far satisfies it."""
+    controller, terminal = pty.openpty()
+    received: list[bytes] = []
+    try:
+        process = subprocess.Popen(
+            _command(args),
+            env=cli_environment(env) | {"COLUMNS": "100", "TERM": "xterm"},
+            cwd=REPO_ROOT,
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            text=True,
+        )
+        os.close(terminal)
+
+        def read() -> None:
+            interrupted = False
+            while True:
+                try:
+                    chunk = os.read(controller, 65536)
+                except OSError:  # EIO: the process ended and closed the terminal
+                    return
+                if not chunk:
+                    return
+                received.append(chunk)
+                if (
+                    interrupt_when is not None
+                    and not interrupted
+                    and interrupt_when(b"".join(received).decode(errors="replace"))
+                ):
+                    process.send_signal(signal.SIGINT)
+                    interrupted = True
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        stdout, _ = process.communicate(timeout=timeout)
+        reader.join(10)
+    finally:
+        os.close(controller)
+    return CliRun(process.returncode, stdout, b"".join(received).decode(errors="replace"))
 
 
 async def cli(

@@ -147,7 +147,11 @@ async def test_tuned_concurrency_copies_every_row_within_its_ceiling(
     await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CAS)
     started = next(event for event in events if event["event"] == "starting backfill")
     assert (started["concurrency"], started["max_concurrent"]) == ("tuned", 32)
-    limits = [event["upload_limit"] for event in events if event["event"] == "backfill checkpoint"]
+    limits = [
+        event["upload_concurrency_limit"]
+        for event in events
+        if event["event"] == "backfill checkpoint"
+    ]
     assert limits, "no checkpoint was logged"
     assert all(1 <= limit <= 32 for limit in limits)
     assert limits[0] <= 2 * INITIAL_TUNED_LIMIT  # it starts low, not at the ceiling

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import signal
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -39,6 +40,7 @@ from tests.cli_harness import (
     cli,
     parse_event,
     run_cli_in_process,
+    run_cli_on_a_terminal,
 )
 from tests.conftest import LayerDb, service_env
 from tests.support import (
@@ -67,6 +69,10 @@ ALL_TABLES = {spec.table for spec in CACHE_SPECS.values()}
 BACKFILLABLE_TABLES = {CACHE_SPECS[cache_type].table for cache_type in BACKFILLABLE_CACHE_TYPES}
 BASE_COLUMNS = ["key", "sort_key", "created_at", "value", "serialization_lib"]
 UPSTREAM_ONLY_TABLES = {"func_executions", "func_execution_messages", "refinery_schema_history"}
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
+# A console log line's ``processed=N`` (its colours removed).
+CONSOLE_PROCESSED = re.compile(r"processed=(\d+)")
 
 OutputFormat = Literal["json", "console"]
 OUTPUT_FORMATS = pytest.mark.parametrize("output", ["json", "console"])
@@ -294,6 +300,9 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
 
     assert second.status == 0, second.stderr
     assert second.summary()["uploaded"] == 0
+    assert second.summary()["rows_per_s"] is None, "nothing ran: no rate"
+    for run in (first, second):
+        run.assert_log_vocabulary()
     rerun = second.named("completed backfill")
     assert sorted(event["cache_type"] for event in rerun) == sorted(BACKFILLABLE_CACHE_TYPES)
 
@@ -333,15 +342,85 @@ async def test_console_run_prints_a_summary_table_with_each_cache_and_a_total_on
         ("change_batch", "completed", "7", "7"),
         ("total", "completed", "22", "22"),
     ], run.stdout
-    assert lines[-1].startswith("total")
+    assert lines[-2].startswith("total")
+    assert lines[-1].startswith("elapsed "), "the run's time under the table"
+    assert max(len(line) for line in lines) <= 100
     assert "starting backfill" not in run.stdout, "log lines belong on stderr"
     assert "starting backfill" in run.stderr
 
 
+async def test_on_a_terminal_the_summary_is_the_table_not_also_log_lines(
+    layer_db: LayerDb, env: dict[str, str]
+) -> None:
+    rng = random.Random(139)
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(rng, 30))
+    await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, rows_around_cutoff(rng, 14))
+
+    run = await asyncio.to_thread(
+        run_cli_on_a_terminal, backfill_args(cache_types="cas,change_batch", json_logs=False), env
+    )
+
+    assert run.status == 0, run.stderr
+    terminal = run.stderr
+    assert "Layer cache backfill" in terminal, "no live display on the terminal"
+    assert "starting backfill" in terminal, "console logs go to the terminal"
+    assert "backfill summary" not in terminal, "the summary's figures were also logged"
+    assert "completed backfill for all cache types" in terminal
+    summary = table_rows(run.stdout)
+    assert [row[:3] for row in summary] == [
+        ["cas", "completed", "15"],
+        ["change_batch", "completed", "7"],
+        ["total", "completed", "22"],
+    ], run.stdout
+    # The display's last frame, left on screen: the summary's counts, status and rate.
+    frame = last_live_frame(terminal)
+    for cache, status, processed, *_, rate in summary[:2]:
+        shown = frame[cache]
+        assert (shown[1], shown[4], shown[5]) == (processed, rate, status), terminal[-3000:]
+
+
+def last_live_frame(terminal: str) -> dict[str, list[str]]:
+    """The cells of each cache's row in the live display's last frame, left on screen."""
+    frame = ANSI_CODES.sub("", terminal).split("Layer cache backfill")[-1]
+    caches = {cache_type.value for cache_type in CacheType}
+    return {
+        cells[0]: cells
+        for cells in (line.split() for line in frame.splitlines())
+        if cells and cells[0] in caches
+    }
+
+
+async def test_after_ctrl_c_on_a_terminal_the_last_frame_shows_the_summarys_figures(
+    layer_db: LayerDb, env: dict[str, str]
+) -> None:
+    rng = random.Random(149)
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(rng, 1200))
+    args = backfill_args(*SIGNAL_RUN_FLAGS, cache_types="cas", json_logs=False)
+
+    def some_rows_done(terminal: str) -> bool:
+        text = ANSI_CODES.sub("", terminal)
+        return any(int(done) >= 100 for done in CONSOLE_PROCESSED.findall(text))
+
+    run = await asyncio.to_thread(run_cli_on_a_terminal, args, env, interrupt_when=some_rows_done)
+
+    assert run.status == 130, run.stderr[-3000:]
+    [cas] = table_rows(run.stdout)[:1]
+    assert cas[:2] == ["cas", "interrupted"], run.stdout
+    assert int(cas[2]) < 600, "it finished before the interrupt"
+    shown = last_live_frame(run.stderr)["cas"]
+    # cache, processed, left ~, %, rows/s, status (in the ETA column), in flight, retries
+    assert (shown[1], shown[4], shown[5]) == (cas[2], cas[-1], "interrupted"), run.stdout
+    assert "backfill summary" not in run.stderr
+
+
 def table_rows(stdout: str) -> list[list[str]]:
-    """The cells of a printed table's rows (not its header or rules)."""
+    """The cells of a printed table's rows, up to the total (not its header, rules or the
+    lines under it)."""
     lines = stdout.strip().splitlines()
-    return [line.split() for line in lines if line.strip() and not set(line) <= {"-", "─", " "}][1:]
+    cells = [line.split() for line in lines if line.strip() and not set(line) <= {"-", "─", " "}]
+    rows = cells[1:]
+    end = next((index for index, row in enumerate(rows) if row[0] == "total"), len(rows) - 1)
+    return rows[: end + 1]
 
 
 @pytest.mark.parametrize("flag", ["--backfill-verify", "--backfill-verify-content"])
@@ -359,12 +438,13 @@ async def test_console_verification_prints_its_table_and_exits_1_on_differences(
     assert run.status == 1, run.stderr
     lines = run.stdout.strip().splitlines()
     assert lines[0].split() == [
-        *("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "retried")
+        *("cache", "status", "checked", "ok", "missing", "mismatched", "extra", "rows/s")
     ], run.stdout
-    assert table_rows(run.stdout) == [
-        ["cas", "differences", "10", "9", "1", "0", "0", "0"],
-        ["total", "differences", "10", "9", "1", "0", "0", "0"],
+    assert [row[:-1] for row in table_rows(run.stdout)] == [
+        ["cas", "differences", "10", "9", "1", "0", "0"],
+        ["total", "differences", "10", "9", "1", "0", "0"],
     ], run.stdout
+    assert lines[-1].startswith("elapsed "), run.stdout
     assert "Traceback" not in run.stderr
     last = run.stderr_lines[-1]
     assert "verification found differences" in last
@@ -752,6 +832,20 @@ async def test_environment_not_ready_exits_3_with_one_actionable_line_and_writes
     assert buckets_after["Buckets"] == buckets_before["Buckets"], "the run created a bucket"
 
 
+async def test_a_verbose_traceback_written_to_a_file_or_pipe_carries_no_colour_codes(
+    tmp_path: Path,
+) -> None:
+    # stderr is a pipe here, as it is for ``-v 2> run.log``: console logs, uncoloured.
+    run = await cli(
+        ["--migration-mode", "runAndQuit", "-v"], absent_servers_env(tmp_path / "queue")
+    )
+
+    assert run.status == 3, run.stderr
+    assert "cannot reach Postgres" in run.stderr
+    assert "Traceback" in run.stderr, "-v must add the traceback"
+    assert "\x1b[" not in run.stderr, run.stderr[:2000]
+
+
 @pytest.mark.parametrize(
     ("credential", "code"),
     [(S3_SECRET_KEY, "SignatureDoesNotMatch"), (S3_ACCESS_KEY, "InvalidAccessKeyId")],
@@ -898,6 +992,8 @@ async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothin
     resumed = await cli(resume_args, env)
 
     assert resumed.status == 0, resumed.stderr
+    interrupted.assert_log_vocabulary()
+    resumed.assert_log_vocabulary()
     assert [event["cache_type"] for event in resumed.named("completed backfill")] == ["cas"]
     assert resumed.summary()["uploaded"] == len(expected) - len(stored)
     if interruption.resume == "same-arguments":

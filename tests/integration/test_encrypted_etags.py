@@ -129,7 +129,7 @@ async def test_backfill_still_fails_on_an_etag_that_differs_without_encryption(
     assert run.status == 1, run.describe()
     [failed] = run.named("backfill failed")
     assert failed["error_class"] == "transient", failed
-    assert "BadDigest" in failed["cause"] or "not the MD5" in failed["cause"], failed
+    assert "BadDigest" in failed["error"] or "not the MD5" in failed["error"], failed
     retried = run.named("retrying storage call")
     assert retried, run.describe()
     assert all("not the MD5" in event["error"] for event in retried), retried

@@ -241,7 +241,10 @@ async def test_a_backfill_from_a_standby_killed_and_resumed_copies_every_row_and
     assert resumed.status == 0, resumed.describe()
     assert_said_once_it_is_a_standby(resumed)
     [resuming] = resumed.named("resuming from saved progress", CacheType.CAS)
-    assert (resuming["progress_store"], resuming["rows_done_before"]) == ("s3", saved.rows_done)
+    assert (resuming["progress_store"], resuming["rows_done_earlier_runs"]) == (
+        "s3",
+        saved.rows_done,
+    )
     [start] = resumed.named("starting backfill", CacheType.CAS)
     assert start["resume_after_key"] == saved.position.key, start
     after = [key for key in rows[CacheType.CAS] if key > saved.position.key]

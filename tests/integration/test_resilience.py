@@ -134,7 +134,7 @@ def check_resume_events(
         # position, from the store the previous runs wrote to.
         [event] = resumed
         assert event["progress_store"] == store_kind, event
-        assert event["rows_done_before"] == saved.rows_done, event
+        assert event["rows_done_earlier_runs"] == saved.rows_done, event
         assert started[0]["resume_after_key"] == position.key, (started[0], position)
 
 
@@ -411,7 +411,7 @@ async def test_s3_faults_are_retried_by_class_throttling_lowers_the_upload_limit
         assert retries.get(error_class, 0) > 0, f"no {error_class} retries counted: {retries}"
     assert set(retries) <= {"throttled", "transient"}, retries
     throttled_limits = [
-        event["upload_limit"]
+        event["upload_concurrency_limit"]
         for event in run.named("retrying storage call")
         if event["error_class"] == "throttled"
     ]
@@ -455,7 +455,7 @@ async def test_slowdown_past_the_retry_budget_fails_with_one_line_naming_cache_a
     assert failed["level"] == "error", failed
     assert failed["failed_cache_type"] == "cas", failed
     assert failed["error_class"] == "throttled", failed
-    assert "SlowDown" in failed["cause"], failed
+    assert "SlowDown" in failed["error"], failed
     errors = [event for event in run.events if event.get("level") == "error"]
     assert errors == [failed], f"more than one error line: {errors}"
     assert run.summary("cas")["status"] == "failed"
@@ -857,7 +857,7 @@ async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after
     assert resumed.status == 0, resumed.describe()
     [resuming] = resumed.named("resuming from saved progress", CacheType.CAS)
     assert resuming["progress_store"] == "s3", resuming
-    assert resuming["rows_done_before"] == saved.rows_done, resuming
+    assert resuming["rows_done_earlier_runs"] == saved.rows_done, resuming
     [start] = resumed.named("starting backfill", CacheType.CAS)
     assert start["resume_after_key"] == saved.position.key, start
     after = [key for key in rows if key > saved.position.key]

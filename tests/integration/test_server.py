@@ -791,6 +791,31 @@ async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sig
     }
 
 
+async def test_cli_with_metrics_port_0_logs_the_port_it_got_and_serves_metrics_there(
+    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+) -> None:
+    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
+    args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--metrics-port", "0"]
+    async with Job([*args, "--log-json"], env) as job:
+        endpoint = await job.expect(
+            lambda event: event["event"] == "metrics endpoint listening", 30.0
+        )
+        await job.expect(lambda event: event["event"] == "layer cache server listening", 30.0)
+        port = endpoint["metrics_port"]
+        assert isinstance(port, int), endpoint
+        assert port > 0, endpoint
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{port}/metrics") as response,
+        ):
+            assert response.status == 200
+            assert "layer_cache" in await response.text()
+        job.send(signal.SIGTERM)
+        run = await job.finish(30.0)
+    assert run.status == 143, run.stderr
+    assert len(run.named("metrics endpoint listening")) == 1, "logged once"
+
+
 async def test_cli_refuses_a_bad_address_with_2_and_a_taken_port_with_3(
     layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
 ) -> None:

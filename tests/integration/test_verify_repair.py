@@ -291,7 +291,7 @@ async def test_a_repair_killed_mid_way_resumes_from_its_own_progress_and_loses_n
 
     assert resumed.status == 0, resumed.describe()
     [resuming] = resumed.named("resuming from saved progress")
-    assert int(str(resuming["rows_done_before"])) >= 25  # at least one batch was saved
+    assert int(str(resuming["rows_done_earlier_runs"])) >= 25  # at least one batch was saved
     assert 0 < resumed.summary()["repaired"] < len(rows)
     await assert_bucket_holds_exactly_rows_below(
         layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF

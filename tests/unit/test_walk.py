@@ -12,7 +12,8 @@ from layer_cache.budget import ByteBudget
 from layer_cache.pg import RowRef
 from layer_cache.s3 import StoredObject, content_md5, etag_contradicts
 from migrations_mode.bucket_index import UNKNOWN, BucketIndex, ListingWindow
-from migrations_mode.display import RateMeter, eta_seconds, format_duration
+from migrations_mode.display import RateMeter, eta_seconds
+from migrations_mode.tables import format_duration
 from migrations_mode.walk import KeyRange, Shard, plan_chunks
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
