@@ -22,6 +22,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from migrations_mode.config import DEFAULT_MAX_CONCURRENT_UPLOADS, BackfillSettings
+from migrations_mode.log_fields import FIELDS
 from services.settings import ENV_PREFIX, Settings
 from tests.support import REPO_ROOT
 
@@ -208,3 +209,9 @@ def test_the_readmes_kubernetes_commands_are_the_deploy_guides() -> None:
     verbs = {command.split()[1] for command in commands if command.startswith("kubectl ")}
     for verb in verbs:
         assert f"kubectl {verb} " in guide, f"the README says kubectl {verb}, the guide does not"
+
+
+def test_every_log_field_of_the_backfill_is_in_the_observability_page() -> None:
+    page = (REPO_ROOT / "docs" / "observability.md").read_text(encoding="utf-8")
+    quoted = set(re.findall(r"`([a-z0-9_]+)`", page))
+    assert sorted(set(FIELDS) - quoted) == []
