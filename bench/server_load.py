@@ -100,6 +100,9 @@ def server_env(
         | {
             "SI_SDF__SERVER__GRACE_PERIOD_SECS": "10",
             "SI_SDF__SERVER__WRITE_QUEUE_DIR": str(write_queue_dir),
+            # Open on purpose: these rows measure storage, not access control.
+            "SI_SDF__SERVER__AUTH": "none",
+            "OTEL_METRICS_EXPORTER": "none",
         }
     )
 

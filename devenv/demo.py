@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -104,14 +105,28 @@ def seed_report(seeded: Mapping[CacheType, Seeded], cutoff: datetime) -> str:
     )
 
 
+def server_environment(work_dir: Path) -> dict[str, str]:
+    """The layer cache server's write queue and a fresh read and write token (files in
+    ``work_dir``), so the server can be tried as production runs it: with tokens."""
+    tokens = {}
+    for role in ("read", "write"):
+        token_file = work_dir / f"{role}-tokens"
+        token_file.write_text(secrets.token_urlsafe(24) + "\n")
+        tokens[f"SI_SDF__SERVER__{role.upper()}_TOKENS_FILE"] = str(token_file)
+    return {WRITE_QUEUE_DIR: str(work_dir / "write-queue")} | tokens
+
+
 def export_block(env: Mapping[str, str], cutoff: datetime) -> str:
-    """The shell lines that reach the servers, and an example command to paste after them."""
+    """The shell lines that reach the servers, and example commands to paste after them."""
     lines = [
         "# In another shell, from the repository: . .venv/bin/activate, then paste:",
         *(f"export {name}={shlex.quote(value)}" for name, value in env.items()),
         f"# Rows were seeded around the cutoff {format_checkpoint(cutoff)}, e.g.:",
         "#   python -m services --migration-mode backfillLayerCache --backfill-cache-types cas \\",
         f"#     --backfill-cutoff-timestamp {shlex.quote(format_checkpoint(cutoff))}",
+        "# The server (--migration-mode run) asks for the tokens in those files, e.g.:",
+        '#   curl -H "Authorization: Bearer $(cat $SI_SDF__SERVER__READ_TOKENS_FILE)" \\',
+        "#     http://localhost:5156/v1/cas/<key>",
     ]
     return "\n".join(lines)
 
@@ -191,15 +206,15 @@ def main() -> None:
     with (
         start_postgres() as postgres,
         start_s3(kind=options.s3) as s3_server,
-        tempfile.TemporaryDirectory(prefix="si-demo-queue-") as queue_dir,
+        tempfile.TemporaryDirectory(prefix="si-demo-") as work_dir,
     ):
         pg, s3 = postgres.endpoint, s3_server.endpoint
         print(f"  postgres {pg.host}:{pg.port}  s3 {s3.url} ({s3.kind})", flush=True)
         create_buckets(
             s3, [bucket_name(spec.table, BUCKET_PREFIX) for spec in CACHE_SPECS.values()]
         )
-        # The server's write queue too, so `--migration-mode run` works as well.
-        env = service_environment(pg, s3) | {WRITE_QUEUE_DIR: str(Path(queue_dir))}
+        # The server's write queue and token files too, so `--migration-mode run` works as well.
+        env = service_environment(pg, s3) | server_environment(Path(work_dir))
         run_service(["--migration-mode", "runAndQuit"], env)
         seeded = asyncio.run(seed_all(pg, options.rows_per_cache, cutoff))
         print(seed_report(seeded, cutoff), flush=True)

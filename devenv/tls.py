@@ -1,17 +1,17 @@
-"""Throwaway TLS for local servers: a CA and a server certificate made at run time, and a relay
-that puts TLS in front of a plain-TCP server.
+"""Throwaway TLS for local servers: a CA and certificates made at run time, and a relay that
+puts TLS in front of a plain-TCP server.
 
-``make_local_pki(directory)`` writes a fresh CA (``ca.pem``) and a server certificate for
-``127.0.0.1`` and ``localhost`` signed by it (``server.pem``, key ``server-key.pem``, mode
-0600), ECDSA P-256, valid from a day ago for a week; nothing is reused between runs, so no
-private key is ever committed. ``TlsRelay(upstream_url, pki)`` listens on a free loopback port,
-completes the TLS handshake with the server certificate and copies bytes both ways to the
-upstream over plain TCP, so an S3 server that speaks only HTTP (moto, SeaweedFS) is reached at
-``https://127.0.0.1:<port>`` exactly as a client reaches an on-premises MinIO or Ceph behind a
-private CA. The relay runs its own event loop on a thread, so a session fixture, a synchronous
-test and child processes can all use it. Shutting down: ``stop()`` closes the listener and every
-relayed connection, then ends the thread.
-"""
+``make_local_pki(directory)`` writes a fresh CA (``ca.pem``), a server certificate for
+``127.0.0.1`` and ``localhost`` signed by it (``server.pem``, key ``server-key.pem``, mode 0600)
+and a client certificate for mutual TLS (``client.pem``, ``client-key.pem``), ECDSA P-256, valid
+from a day ago for a week; nothing is reused between runs, so no private key is ever committed.
+``TlsRelay(upstream_url, pki)`` listens on a free loopback port, completes the TLS handshake
+with the server certificate and copies bytes both ways to the upstream over plain TCP, so an S3
+server that speaks only HTTP (moto, SeaweedFS) is reached at ``https://127.0.0.1:<port>``
+exactly as a client reaches an on-premises MinIO or Ceph behind a private CA. The relay runs its
+own event loop on a thread, so a session fixture, a synchronous test and child processes can all
+use it. Shutting down: ``stop()`` closes the listener and every relayed connection, then ends
+the thread."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from cryptography import x509
@@ -40,11 +41,13 @@ RELAY_CHUNK_BYTES = 256 * 1024
 
 @dataclass(frozen=True)
 class LocalPki:
-    """A CA and one server certificate it signed, as PEM files."""
+    """A CA, one server certificate and one client certificate it signed, as PEM files."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    client_cert_file: Path
+    client_key_file: Path
 
     @property
     def ca_pem(self) -> bytes:
@@ -106,38 +109,55 @@ def make_local_pki(
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    server_key = ec.generate_private_key(ec.SECP256R1())
-    server_cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(f"{name} server"))
-        .issuer_name(ca_name)
-        .public_key(server_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before)
-        .not_valid_after(not_after)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(_subject_alternative_names(hosts), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(
-            x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False
+
+    def leaf(common_name: str, usage: x509.ObjectIdentifier, *, sans: bool) -> tuple[Any, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(_name(common_name))
+            .issuer_name(ca_name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
         )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
+        if sans:
+            builder = builder.add_extension(_subject_alternative_names(hosts), critical=False)
+        return key, builder.sign(ca_key, hashes.SHA256())
+
+    server_key, server_cert = leaf(f"{name} server", ExtendedKeyUsageOID.SERVER_AUTH, sans=True)
+    client_key, client_cert = leaf(f"{name} client", ExtendedKeyUsageOID.CLIENT_AUTH, sans=False)
     directory.mkdir(parents=True, exist_ok=True)
-    pki = LocalPki(directory / "ca.pem", directory / "server.pem", directory / "server-key.pem")
-    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    pki.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    key_bytes = server_key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+    pki = LocalPki(
+        directory / "ca.pem",
+        directory / "server.pem",
+        directory / "server-key.pem",
+        directory / "client.pem",
+        directory / "client-key.pem",
     )
-    descriptor = os.open(pki.key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "wb") as key_out:
-        key_out.write(key_bytes)
+    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    for cert_file, cert, key_file, key in (
+        (pki.cert_file, server_cert, pki.key_file, server_key),
+        (pki.client_cert_file, client_cert, pki.client_key_file, client_key),
+    ):
+        cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_bytes = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+        descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as key_out:
+            key_out.write(key_bytes)
     return pki
 
 

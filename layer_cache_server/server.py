@@ -32,6 +32,17 @@ from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
 from layer_cache.schema import check_layer_db_schema
 from layer_cache.write_queue import QueueBudget, WriteBehind
+from layer_cache_server.auth import (
+    TOO_MANY_FAILURES,
+    FailureLimiter,
+    TokenFiles,
+    bearer_token,
+    decide,
+    required_role,
+    server_access,
+)
+from layer_cache_server.auth import describe as describe_access
+from layer_cache_server.tls import ServerTls, server_tls
 from services.context import ServicesContext, open_services_context
 from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
 from services.signals import StopRequest
@@ -44,6 +55,9 @@ SERVED_CACHE_TYPES: tuple[CacheType, ...] = BACKFILLABLE_CACHE_TYPES
 OCTET_STREAM = "application/octet-stream"
 CANCEL_WAIT_S = 0.25
 """After the grace period: how long a cancelled request gets to unwind."""
+REQUESTS_METRIC = "layer_cache_server.requests"
+# Refusals answered before the body was read: the connection is closed rather than drained.
+_CLOSING_STATUSES = frozenset({401, 403, 429})
 
 
 class ListenError(LayerCacheError):
@@ -66,11 +80,14 @@ def parse_socket_addr(text: str) -> tuple[str, int]:
 class ApiError(Exception):
     """A request the API refuses, answered as a JSON error."""
 
-    def __init__(self, status: int, code: str, message: str) -> None:
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
+        self.headers = headers
 
 
 def error_response(
@@ -111,9 +128,24 @@ _NO_QUEUE = _NoWriteQueue()
 class LayerCacheServer:
     """The HTTP application and its persisters; ``run`` serves until asked to stop."""
 
-    def __init__(self, context: ServicesContext, config: ServerConfig) -> None:
+    def __init__(
+        self,
+        context: ServicesContext,
+        config: ServerConfig,
+        *,
+        access: TokenFiles | None,
+        tls: ServerTls | None = None,
+    ) -> None:
+        """``access`` None serves every client (``AUTH=none``, on purpose); ``tls`` None is
+        plain HTTP. Both come from ``server_access`` / ``server_tls`` before anything opens."""
         self.context = context
         self.config = config
+        self.access = access
+        self.tls = tls
+        self.auth_failures = FailureLimiter()
+        self._requests = context.telemetry.meter.create_counter(
+            REQUESTS_METRIC, description="HTTP requests answered, by method, route and status"
+        )
         self.mode = context.settings.layer_db_config.persister_mode
         self.route = ROUTES[self.mode]
         stores = {
@@ -182,10 +214,16 @@ class LayerCacheServer:
         await runner.setup()
         if self.write_back is not None:
             self.write_back.start()
+        watchers = [
+            asyncio.create_task(watched.watch())
+            for watched in (self.access, self.tls)
+            if watched is not None
+        ]
         loop = asyncio.get_running_loop()
         try:
             try:
-                await web.TCPSite(runner, host, port).start()
+                ssl_context = None if self.tls is None else self.tls.context
+                await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
             except OSError as exc:
                 raise ListenError(
                     f"cannot listen on {host}:{port}: {exc.strerror or exc}; "
@@ -199,6 +237,8 @@ class LayerCacheServer:
                 port=bound_port,
                 persister_mode=self.mode.value,
                 cache_types=[cache_type.value for cache_type in SERVED_CACHE_TYPES],
+                auth=describe_access(self.access),
+                transport="http" if self.tls is None else self.tls.mode,
                 metrics=self.context.telemetry.destination,
             )
             if on_listening is not None:
@@ -212,6 +252,8 @@ class LayerCacheServer:
                 grace_period_s=grace,
             )
         finally:
+            for watcher in watchers:
+                watcher.cancel()
             self._ready = False
             self._stopping = True
             deadline = loop.time() + grace
@@ -238,8 +280,10 @@ class LayerCacheServer:
         started = time.perf_counter()
         try:
             response = await self._answer(request, handler)
-            if self._stopping:
-                response.force_close()  # answer, then close: the connection takes no more
+            if self._stopping or response.status in _CLOSING_STATUSES:
+                # Answer, then close: the connection takes no more (shutting down), or the
+                # request was refused before its body was read (not worth draining).
+                response.force_close()
             # Sent here, so a request stays "in flight" (and shutdown waits) until its body is
             # written; aiohttp sees a prepared response and only finishes it.
             await response.prepare(request)
@@ -248,6 +292,15 @@ class LayerCacheServer:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+        route = request.match_info.route.resource
+        self._requests.add(
+            1,
+            {
+                "method": request.method,
+                "route": route.canonical if route is not None else "unmatched",
+                "status": str(response.status),
+            },
+        )
         log.debug(
             "request",
             method=request.method,
@@ -257,11 +310,35 @@ class LayerCacheServer:
         )
         return response
 
+    def _authorize(self, request: web.Request) -> None:
+        """Raise the refusal of a request its token does not allow (``layer_cache_server.auth``);
+        never reads the body, never logs a token."""
+        if self.access is None:
+            return
+        required = required_role(request.method, request.path)
+        if required is None:
+            return
+        token = bearer_token(request.headers.get("Authorization"))
+        presented = None if token is None else self.access.role_of(token)
+        refusal = decide(required, presented, had_token=token is not None)
+        if refusal.allowed:
+            return
+        if refusal.status == 401:
+            # A valid token is never held back; a peer that keeps failing is answered at once,
+            # its connection closed, until it slows down (other clients behind the same
+            # address, e.g. a NAT, still get in with their tokens).
+            peer = request.remote or "unknown"
+            if self.auth_failures.blocked(peer):
+                refusal = TOO_MANY_FAILURES
+            self.auth_failures.failed(peer)
+        raise ApiError(refusal.status, refusal.code, refusal.message, headers=refusal.headers)
+
     async def _answer(self, request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
+            self._authorize(request)
             return await handler(request)
         except ApiError as exc:
-            return error_response(exc.status, exc.code, exc.message)
+            return error_response(exc.status, exc.code, exc.message, headers=exc.headers)
         except web.HTTPException as exc:  # aiohttp's own: no route, wrong method, body too big
             if exc.status == web.HTTPRequestEntityTooLarge.status_code:
                 message = f"request body exceeds {self.config.max_body_bytes} bytes"
@@ -438,6 +515,8 @@ async def serve_layer_cache(
     """Open the services, optionally check the layer-db schema (``SchemaError`` when it is not
     in place; never DDL), serve until ``stop``."""
     parse_socket_addr(settings.socket_addr)  # refuse a bad address before connecting
+    access = server_access(config)  # tokens and TLS files too: exit 2 before anything opens
+    tls = server_tls(config)
     async with open_services_context(settings) as context:
         if check_schema_first:
             tables = [CACHE_SPECS[cache_type].table for cache_type in SERVED_CACHE_TYPES]
@@ -447,5 +526,5 @@ async def serve_layer_cache(
             )
         if stop.event.is_set():
             return
-        server = LayerCacheServer(context, config)
+        server = LayerCacheServer(context, config, access=access, tls=tls)
         await server.run(stop, socket_addr=settings.socket_addr, on_listening=on_listening)

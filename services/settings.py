@@ -308,9 +308,25 @@ def read_config_file(path: Path) -> dict[str, Any]:
         raise SettingsError(f"config file {path} is not valid TOML: {exc}") from exc
 
 
+class ServerAuth(StrEnum):
+    """Whether the server asks for bearer tokens (``tokens``, the default) or lets every client
+    read and write (``none``: only on purpose, e.g. behind a mesh that authenticates)."""
+
+    TOKENS = "tokens"
+    NONE = "none"
+
+
 class ServerConfig(_Section):
     """The layer cache server's tunables (``SI_SDF__SERVER__…``)."""
 
+    # Access control (layer_cache_server.auth): token files, one token a line, re-read on change.
+    auth: ServerAuth = ServerAuth.TOKENS
+    read_tokens_file: Path | None = None
+    write_tokens_file: Path | None = None
+    # TLS (layer_cache_server.tls): certificate and key reloaded on change; a client CA for mTLS.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
     max_body_bytes: ByteSize = Field(64 * 1024 * 1024, ge=1)
     max_bulk_keys: int = Field(1000, ge=1, le=100_000)
     grace_period_secs: float = Field(25.0, ge=0)
@@ -322,6 +338,26 @@ class ServerConfig(_Section):
     write_queue_max_age_secs: float = Field(86_400.0, gt=0)
     write_queue_base_delay_secs: float = Field(0.5, gt=0)
     write_queue_max_delay_secs: float = Field(60.0, gt=0)
+
+    @model_validator(mode="after")
+    def _consistent_access(self) -> ServerConfig:
+        tokens = self.read_tokens_file or self.write_tokens_file
+        if self.auth is ServerAuth.NONE and tokens:
+            raise ValueError(
+                "AUTH is none but a TOKENS_FILE is set; drop SI_SDF__SERVER__AUTH=none to ask "
+                "for the tokens, or the token files to run the server open"
+            )
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError(
+                "SI_SDF__SERVER__TLS_CERT_FILE and __TLS_KEY_FILE go together: set both or "
+                "neither"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ValueError(
+                "SI_SDF__SERVER__TLS_CLIENT_CA_FILE (mutual TLS) needs __TLS_CERT_FILE and "
+                "__TLS_KEY_FILE"
+            )
+        return self
 
 
 UPSTREAM_BACKFILL_PREFIX = "backfill_"

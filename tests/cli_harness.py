@@ -40,6 +40,11 @@ Event = dict[str, Any]
 CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
 CLI_TIMEOUT_S = 60.0
 WRITE_QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
+_SERVER_ACCESS_SETTINGS = (
+    "SI_SDF__SERVER__AUTH",
+    "SI_SDF__SERVER__READ_TOKENS_FILE",
+    "SI_SDF__SERVER__WRITE_TOKENS_FILE",
+)
 
 # Every CLI run's own write queue directory lives under this one, removed when the test process
 # exits (a run's directory outlives the run: a test may restart a server on the same queue).
@@ -69,7 +74,8 @@ def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
     """A clean environment for the CLI: no inherited SI_ settings, only the given ones (and a
     fresh S3 write queue directory unless ``env`` names one, so servers never share a queue).
     Metrics are not exported over OTLP unless ``env`` sets an ``OTEL_`` variable (without one
-    the CLI exports to the default endpoint, where no collector listens here)."""
+    the CLI exports to the default endpoint, where no collector listens here), and a server runs
+    open (``SI_SDF__SERVER__AUTH=none``) unless ``env`` sets the auth mode or a token file."""
     base = {
         name: value
         for name, value in os.environ.items()
@@ -77,6 +83,8 @@ def cli_environment(env: Mapping[str, str]) -> dict[str, str]:
     }
     if not any(name.startswith("OTEL_") for name in env):
         base["OTEL_METRICS_EXPORTER"] = "none"
+    if not any(name.startswith(_SERVER_ACCESS_SETTINGS) for name in env):
+        base["SI_SDF__SERVER__AUTH"] = "none"  # a test of access control sets its own
     if WRITE_QUEUE_DIR_ENV not in env:
         base[WRITE_QUEUE_DIR_ENV] = tempfile.mkdtemp(prefix="queue-", dir=_WRITE_QUEUE_ROOT.name)
     return base | dict(env)

@@ -200,7 +200,9 @@ async def test_server_put_into_an_encrypted_bucket_answers_created_and_keeps_the
         settings = load_settings()
         async with (
             open_services_context(settings) as context,
-            serving(LayerCacheServer(context, ServerConfig(write_queue_dir=tmp_path))) as url,
+            serving(
+                LayerCacheServer(context, ServerConfig(write_queue_dir=tmp_path), access=None)
+            ) as url,
             aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as http,
         ):
             async with http.put(f"{url}/v1/cas/{key}", data=value) as response:

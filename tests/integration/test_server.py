@@ -32,11 +32,13 @@ from devenv.s3 import S3Server
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from layer_cache.write_queue import queue_status
+from layer_cache_server.auth import server_access
 from layer_cache_server.server import LayerCacheServer, serve_layer_cache
+from layer_cache_server.tls import server_tls
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
 from services.context import ServicesContext, open_services_context
-from services.settings import ServerConfig, Settings, load_settings
+from services.settings import ServerAuth, ServerConfig, Settings, load_settings
 from services.signals import StopRequest
 from services.telemetry import start_telemetry
 from tests.cli_harness import Job, cli
@@ -99,10 +101,17 @@ def settings_for(
 async def serve_in_task(
     context: ServicesContext, config: ServerConfig, metrics: InMemoryMetricReader
 ) -> RunningServer:
-    """Start a server on a free loopback port; returns once it listens."""
+    """Start a server on a free loopback port; returns once it listens. Unless the config asks
+    for tokens (token files, or ``auth`` set explicitly), the server runs open (``AUTH=none``):
+    the tests of access control say what they want."""
     stop = StopRequest()
     listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    server = LayerCacheServer(context, config)
+    asks_for_tokens = "auth" in config.model_fields_set or (
+        config.read_tokens_file or config.write_tokens_file
+    )
+    if not asks_for_tokens:
+        config = config.model_copy(update={"auth": ServerAuth.NONE})
+    server = LayerCacheServer(context, config, access=server_access(config), tls=server_tls(config))
     task = asyncio.create_task(
         server.run(
             stop,
@@ -737,7 +746,7 @@ async def test_run_mode_checks_the_schema_then_serves(
     task = asyncio.create_task(
         serve_layer_cache(
             settings.model_copy(update={"socket_addr": "127.0.0.1:0"}),
-            ServerConfig(),
+            ServerConfig(auth=ServerAuth.NONE),
             stop,
             check_schema_first=True,
             on_listening=lambda host, port: listening.set_result((host, port)),
