@@ -349,8 +349,7 @@ class ServerConfig(_Section):
             )
         if (self.tls_cert_file is None) != (self.tls_key_file is None):
             raise ValueError(
-                "SI_SDF__SERVER__TLS_CERT_FILE and __TLS_KEY_FILE go together: set both or "
-                "neither"
+                "SI_SDF__SERVER__TLS_CERT_FILE and __TLS_KEY_FILE go together: set both or neither"
             )
         if self.tls_client_ca_file is not None and self.tls_cert_file is None:
             raise ValueError(
