@@ -18,7 +18,11 @@ written. ``render`` is pure: values in, manifests out (``OUTPUT_FILES``):
   are retried in a new pod that resumes from the saved progress.
 * ``server.yaml``: the layer cache server, a Service and a StatefulSet whose replicas each get
   their own PersistentVolumeClaim for the S3 write queue (a queue directory must never be shared
-  or opened by two processes, which a Deployment's one claim cannot promise).
+  or opened by two processes, which a Deployment's one claim cannot promise), and a
+  NetworkPolicy that admits only the named clients to the API port and the named scrapers to the
+  metrics port. The server's token files, TLS pair and client CA are Secret (or ConfigMap)
+  volumes mounted whole and read-only, never through env or subPath, so that a rotation reaches
+  the running server.
 * ``monitoring.yaml``: the Prometheus Operator's PodMonitor (backfill pods) and ServiceMonitor
   (the server's Service), when the values ask for them.
 
@@ -68,6 +72,19 @@ TMP_SIZE_LIMIT = "64Mi"
 PG_CA_DIR = "/etc/si/pg-ca"
 PG_CA_FILE = "ca.crt"
 
+# The server's access files (docs/server.md#access-control), each a key of a Secret (the client
+# CA: or of a ConfigMap) mounted as a whole volume, read-only: the kubelet updates such a volume
+# in place when the Secret changes and the server re-reads the files, so a token or certificate is
+# rotated without a restart (a subPath mount is never updated; an env var needs a restart).
+TOKENS_DIR = "/etc/si/server-tokens"
+READ_TOKENS_FILE = "read-tokens"
+WRITE_TOKENS_FILE = "write-tokens"
+TLS_DIR = "/etc/si/server-tls"
+TLS_CERT_FILE = "tls.crt"  # the keys of a kubernetes.io/tls Secret, as cert-manager writes them
+TLS_KEY_FILE = "tls.key"
+CLIENT_CA_DIR = "/etc/si/server-client-ca"
+CLIENT_CA_FILE = "ca.crt"
+
 # The keys of our Secret (deploy/secret.example.yaml).
 PG_PASSWORD_KEY = "pg-password"
 S3_ACCESS_KEY_KEY = "s3-access-key"
@@ -94,6 +111,7 @@ CONTAINER_NAMES = {"backfill": "backfill", "server": "server"}
 MONITORING_API = "monitoring.coreos.com/v1"
 
 SI = "SI_SDF__"
+SERVER = SI + "SERVER__"
 PG = SI + "LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 STORAGE = SI + "LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 
@@ -215,6 +233,71 @@ class WriteQueue:
 
 
 @dataclass(frozen=True)
+class ServerAuth:
+    mode: Literal["tokens", "none"]
+    secret_name: str | None
+    read_tokens_key: str | None
+    write_tokens_key: str | None
+
+    @property
+    def token_keys(self) -> dict[str, str]:
+        """The token files the server reads (file name in the mount → the Secret's key)."""
+        if self.mode == "none":
+            return {}
+        keys = {READ_TOKENS_FILE: self.read_tokens_key, WRITE_TOKENS_FILE: self.write_tokens_key}
+        return {file: key for file, key in keys.items() if key is not None}
+
+    @property
+    def secret(self) -> str | None:
+        """The token Secret the pods mount (none when the server runs open)."""
+        return self.secret_name if self.token_keys else None
+
+
+@dataclass(frozen=True)
+class ClientCa:
+    secret_name: str | None
+    config_map_name: str | None
+    key: str
+
+
+@dataclass(frozen=True)
+class ServerTls:
+    secret_name: str | None
+    client_ca: ClientCa
+
+    @property
+    def enabled(self) -> bool:
+        return self.secret_name is not None
+
+    @property
+    def mutual(self) -> bool:
+        """Clients must present a certificate (a client CA is named)."""
+        ca = self.client_ca
+        return self.enabled and (ca.secret_name or ca.config_map_name) is not None
+
+
+@dataclass(frozen=True)
+class LabelSelector:
+    match_labels: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Peer:
+    """A NetworkPolicy peer: pods by namespace labels, pod labels, or both."""
+
+    namespace_selector: LabelSelector | None = None
+    pod_selector: LabelSelector | None = None
+
+
+@dataclass(frozen=True)
+class NetworkPolicy:
+    enabled: bool
+    allow_from: list[Peer]
+    metrics_from: list[Peer]
+    deny_all: bool
+
+
+@dataclass(frozen=True)
 class Server:
     enabled: bool
     name: str
@@ -223,6 +306,9 @@ class Server:
     migration_mode: Literal["run", "skip"]
     grace_period_secs: int
     pre_stop_sleep_secs: int
+    auth: ServerAuth
+    tls: ServerTls
+    network_policy: NetworkPolicy
     write_queue: WriteQueue
     resources: Resources
     env: dict[str, Scalar]
@@ -286,6 +372,10 @@ def _convert(hint: Any, value: Any, where: str) -> Any:
     if dataclasses.is_dataclass(hint):
         return _section(hint, value, where)
     if origin in (Union, types.UnionType):
+        section = [option for option in get_args(hint) if dataclasses.is_dataclass(option)]
+        if section and isinstance(value, dict):
+            # A mapping can only be the section: its own error names the setting inside it.
+            return _convert(section[0], value, where)
         for option in get_args(hint):
             try:
                 return _convert(option, value, where)
@@ -320,19 +410,21 @@ def _section(cls: Any, value: Any, where: str) -> Any:
     if not isinstance(value, dict):
         raise ValuesError(f"{where or 'the values'}: expected a mapping, got {value!r}")
     hints = get_type_hints(cls)
-    by_key = {setting_key(field.name): field.name for field in dataclasses.fields(cls)}
+    by_key = {setting_key(field.name): field for field in dataclasses.fields(cls)}
     for key in value:
         if key not in by_key:
             close = difflib.get_close_matches(str(key), list(by_key), n=1)
             hint = f" (did you mean {_path(where, close[0])}?)" if close else ""
             raise ValuesError(f"unknown setting {_path(where, key)}{hint}")
-    for key in by_key:
-        if key not in value:
+    for key, field in by_key.items():
+        # Only a list entry's fields have defaults (a peer names one selector or both).
+        if key not in value and field.default is dataclasses.MISSING:
             raise ValuesError(f"missing setting {_path(where, key)}")
     return cls(
         **{
-            name: _convert(hints[name], value[key], _path(where, key))
-            for key, name in by_key.items()
+            field.name: _convert(hints[field.name], value[key], _path(where, key))
+            for key, field in by_key.items()
+            if key in value
         }
     )
 
@@ -416,8 +508,15 @@ def _check_port(port: int | None, where: str) -> None:
 
 
 # Variables a setting owns even when the values leave them out (an unsharded Job must not be
-# told it is one of several shards; metrics go where metrics.* says).
+# told it is one of several shards; metrics go where metrics.* says; access is server.auth's and
+# server.tls's, never a literal path to a file the pod does not mount).
 OWNED_ENV = {
+    SERVER + "AUTH",
+    SERVER + "READ_TOKENS_FILE",
+    SERVER + "WRITE_TOKENS_FILE",
+    SERVER + "TLS_CERT_FILE",
+    SERVER + "TLS_KEY_FILE",
+    SERVER + "TLS_CLIENT_CA_FILE",
     "SI_BACKFILL_SHARD_COUNT",
     "SI_BACKFILL_SHARD_INDEX",
     "JOB_COMPLETION_INDEX",
@@ -438,14 +537,108 @@ def _check_env(env: Mapping[str, Scalar], rendered: set[str], where: str) -> Non
     for name in env:
         _require(bool(ENV_NAME.match(name)), f"{where}.{name}: not an environment variable name")
         _require(
+            name not in rendered | OWNED_ENV,
+            f"{where}.{name}: rendered from the settings already; change that setting instead",
+        )
+        _require(
             CREDENTIAL_NAME.search(name) is None,
             f"{where}.{name}: a credential as a literal value; put it in a Secret (secret.name "
             "or sdf.secret)",
         )
+
+
+# A label's name (an optional DNS-subdomain prefix and '/') and value, as the API server checks
+# them in a selector; a key of a Secret or ConfigMap.
+_LABEL_PART = r"([A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?)"
+LABEL_NAME = re.compile(rf"^([a-z0-9]([-a-z0-9.]{{0,251}}[a-z0-9])?/)?{_LABEL_PART}$")
+LABEL_VALUE = re.compile(rf"^{_LABEL_PART}?$")
+DATA_KEY = re.compile(r"^[-._A-Za-z0-9]{1,253}$")
+
+
+def _check_key(key: str, where: str) -> None:
+    _require(
+        bool(DATA_KEY.match(key)) and key not in (".", ".."),
+        f"{where}: {key!r} is not a key of a Secret or ConfigMap (letters, digits, '-', '_', '.')",
+    )
+
+
+def _check_peers(peers: Sequence[Peer], where: str) -> None:
+    for index, peer in enumerate(peers):
+        at = f"{where}[{index}]"
+        selectors = {
+            "namespaceSelector": (peer.namespace_selector, "namespace"),
+            "podSelector": (peer.pod_selector, "pod"),
+        }
         _require(
-            name not in rendered | OWNED_ENV,
-            f"{where}.{name}: rendered from the settings already; change that setting instead",
+            any(selector is not None for selector, _what in selectors.values()),
+            f"{at}: name a namespaceSelector, a podSelector or both",
         )
+        for key, (selector, what) in selectors.items():
+            if selector is None:
+                continue
+            labels_at = f"{at}.{key}.matchLabels"
+            # An empty selector matches every namespace (or pod): never what "name who may
+            # connect" means; networkPolicy.enabled false is the honest way to admit everyone.
+            _require(bool(selector.match_labels), f"{labels_at}: empty, which matches every {what}")
+            for name, value in selector.match_labels.items():
+                _require(bool(LABEL_NAME.match(name)), f"{labels_at}: {name!r} is not a label name")
+                _require(
+                    bool(LABEL_VALUE.match(value)),
+                    f"{labels_at}.{name}: {value!r} is not a label value (at most 63 letters, "
+                    "digits, '-', '_' and '.')",
+                )
+
+
+def _check_access(values: Values) -> None:
+    """server.auth, server.tls and server.networkPolicy."""
+    auth, tls, policy = values.server.auth, values.server.tls, values.server.network_policy
+    if auth.mode == "tokens":
+        _require(
+            auth.secret_name is not None,
+            "server.auth.secretName: mode tokens reads the tokens from a Secret; name it (or set "
+            "mode none to let every client in)",
+        )
+        _require(
+            bool(auth.token_keys),
+            "server.auth: mode tokens needs readTokensKey, writeTokensKey or both",
+        )
+        for name in ("read_tokens_key", "write_tokens_key"):
+            key = getattr(auth, name)
+            if key is not None:
+                _check_key(key, f"server.auth.{setting_key(name)}")
+    ca = tls.client_ca
+    _require(
+        ca.secret_name is None or ca.config_map_name is None,
+        "server.tls.clientCa: secretName or configMapName, not both",
+    )
+    _require(
+        tls.enabled or (ca.secret_name is None and ca.config_map_name is None),
+        "server.tls.clientCa: mutual TLS needs server.tls.secretName",
+    )
+    _check_key(ca.key, "server.tls.clientCa.key")
+    if not policy.enabled:
+        return
+    _check_peers(policy.allow_from, "server.networkPolicy.allowFrom")
+    _check_peers(policy.metrics_from, "server.networkPolicy.metricsFrom")
+    if policy.deny_all:
+        _require(
+            not policy.allow_from and not policy.metrics_from,
+            "server.networkPolicy.denyAll: admits no one, so allowFrom and metricsFrom must be "
+            "empty (or set denyAll false)",
+        )
+        return
+    _require(
+        bool(policy.allow_from),
+        "server.networkPolicy.allowFrom: empty, which admits no client; name the clients' "
+        "namespaces or pods (denyAll: true to admit no one on purpose, enabled: false for no "
+        "policy)",
+    )
+    _require(
+        not values.metrics.prometheus.service_monitor or bool(policy.metrics_from),
+        "server.networkPolicy.metricsFrom: empty, which keeps Prometheus out of the "
+        "ServiceMonitor's port; name its namespace (or set metrics.prometheus.serviceMonitor "
+        "false)",
+    )
 
 
 def check(values: Values) -> None:
@@ -515,23 +708,52 @@ def check(values: Values) -> None:
             _require(getattr(server, name) >= 0, f"server.{setting_key(name)}: at least 0")
         rendered = {entry["name"] for entry in server_env(values, extra=False)}
         _check_env(server.env, rendered, "server.env")
+        _check_access(values)
 
 
 PLACEHOLDER = re.compile(r"REPLACE|(^|[./])example\.(com|internal|org)\b")
 
 
 def placeholders(values: Values) -> list[str]:
-    """The settings still holding a placeholder (REPLACE…, example.com hosts)."""
+    """The settings still holding a placeholder (REPLACE…, example.com hosts), in what the
+    values render (not in a disabled section, nor metricsFrom without a metrics port)."""
     found: list[str] = []
+    unused = set()
+    if values.metrics.prometheus.port is None:
+        unused.add("server.networkPolicy.metricsFrom")
 
     def walk(node: Any, where: str) -> None:
+        if where in unused:
+            return
         if dataclasses.is_dataclass(node):
+            if getattr(node, "enabled", True) is False:
+                return
             for field in dataclasses.fields(node):
                 walk(getattr(node, field.name), _path(where, setting_key(field.name)))
+        elif isinstance(node, list):
+            for index, item in enumerate(node):
+                walk(item, f"{where}[{index}]")
+        elif isinstance(node, dict):
+            for key, item in node.items():
+                walk(item, _path(where, key))
         elif isinstance(node, str) and PLACEHOLDER.search(node):
             found.append(where)
 
     walk(values, "")
+    return found
+
+
+def notices(values: Values) -> list[str]:
+    """What the operator should know before applying, one line each (never an error)."""
+    found = []
+    left = placeholders(values)
+    if left:
+        found.append("still placeholders, edit them before applying: " + ", ".join(left))
+    if values.server.enabled and values.server.auth.mode == "none":
+        found.append(
+            "server.auth.mode none: the server will let every client that reaches it read and "
+            "write, without a token"
+        )
     return found
 
 
@@ -655,12 +877,31 @@ def server_env(values: Values, *, extra: bool = True) -> list[dict[str, Any]]:
         _literal("SI_LOG_JSON", True),
         _literal(SI + "SOCKET_ADDR", f"0.0.0.0:{server.port}"),
         *storage_env(values, server.name),
-        _literal(SI + "SERVER__GRACE_PERIOD_SECS", server.grace_period_secs),
-        _literal(SI + "SERVER__WRITE_QUEUE_DIR", WRITE_QUEUE_DIR),
+        _literal(SERVER + "GRACE_PERIOD_SECS", server.grace_period_secs),
+        _literal(SERVER + "WRITE_QUEUE_DIR", WRITE_QUEUE_DIR),
+        *access_env(values),
     ]
     env += metrics_env(values)
     if extra:
         env += [_literal(name, value) for name, value in sorted(server.env.items())]
+    return env
+
+
+TOKEN_FILE_SETTINGS = {READ_TOKENS_FILE: "READ_TOKENS_FILE", WRITE_TOKENS_FILE: "WRITE_TOKENS_FILE"}
+
+
+def access_env(values: Values) -> list[dict[str, Any]]:
+    """The server's access control: the mode, always explicit (sdf's ConfigMap cannot turn it
+    off), and the token, certificate and client-CA files where their volumes are mounted."""
+    auth, tls = values.server.auth, values.server.tls
+    env = [_literal(SERVER + "AUTH", auth.mode)]
+    for file in auth.token_keys:
+        env.append(_literal(SERVER + TOKEN_FILE_SETTINGS[file], f"{TOKENS_DIR}/{file}"))
+    if tls.enabled:
+        env.append(_literal(SERVER + "TLS_CERT_FILE", f"{TLS_DIR}/{TLS_CERT_FILE}"))
+        env.append(_literal(SERVER + "TLS_KEY_FILE", f"{TLS_DIR}/{TLS_KEY_FILE}"))
+    if tls.mutual:
+        env.append(_literal(SERVER + "TLS_CLIENT_CA_FILE", f"{CLIENT_CA_DIR}/{CLIENT_CA_FILE}"))
     return env
 
 
@@ -733,7 +974,7 @@ def ca_secret(values: Values) -> str | None:
     return values.postgres.ca_secret_name or values.secret.name
 
 
-def _volumes(values: Values) -> list[dict[str, Any]]:
+def _volumes(values: Values, extra: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
     volumes = []
     secret = ca_secret(values)
     if values.postgres.ca_secret_key is not None and secret is not None:
@@ -746,9 +987,51 @@ def _volumes(values: Values) -> list[dict[str, Any]]:
                 },
             }
         )
+    volumes += extra
     # The root file system is read-only; a small scratch /tmp for libraries that expect one.
     volumes.append({"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE_LIMIT}})
     return volumes
+
+
+TOKENS_VOLUME = "server-tokens"
+TLS_VOLUME = "server-tls"
+CLIENT_CA_VOLUME = "server-client-ca"
+
+
+def _files_volume(
+    name: str,
+    directory: str,
+    kind: Literal["secret", "configMap"],
+    source: str,
+    files: Mapping[str, str],
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A volume of the keys ``files`` maps file names to, and its read-only mount: the whole
+    volume at ``directory`` (never subPath, which the kubelet does not update)."""
+    items = [{"key": key, "path": path} for path, key in files.items()]
+    reference = {"secretName": source} if kind == "secret" else {"name": source}
+    volume = {"name": name, kind: reference | {"items": items}}
+    return volume, {"name": name, "mountPath": directory, "readOnly": True}
+
+
+def access_volumes(values: Values) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """The server's token, certificate and client-CA volumes, each with its mount."""
+    auth, tls = values.server.auth, values.server.tls
+    found = []
+    if auth.secret is not None:
+        found.append(
+            _files_volume(TOKENS_VOLUME, TOKENS_DIR, "secret", auth.secret, auth.token_keys)
+        )
+    if tls.secret_name is not None:
+        pair = {TLS_CERT_FILE: TLS_CERT_FILE, TLS_KEY_FILE: TLS_KEY_FILE}
+        found.append(_files_volume(TLS_VOLUME, TLS_DIR, "secret", tls.secret_name, pair))
+    ca = tls.client_ca
+    if tls.mutual:
+        kind: Literal["secret", "configMap"] = "secret" if ca.secret_name else "configMap"
+        source = ca.secret_name or ca.config_map_name
+        assert source is not None
+        ca_files = {CLIENT_CA_FILE: ca.key}
+        found.append(_files_volume(CLIENT_CA_VOLUME, CLIENT_CA_DIR, kind, source, ca_files))
+    return found
 
 
 def _pod_spec(
@@ -757,6 +1040,7 @@ def _pod_spec(
     *,
     restart_policy: str,
     termination_grace_period_s: int,
+    volumes: Sequence[dict[str, Any]] = (),
 ) -> dict[str, Any]:
     spec: dict[str, Any] = {"restartPolicy": restart_policy}
     spec["terminationGracePeriodSeconds"] = termination_grace_period_s
@@ -782,7 +1066,7 @@ def _pod_spec(
     if values.tolerations:
         spec["tolerations"] = list(values.tolerations)
     spec["containers"] = [container]
-    spec["volumes"] = _volumes(values)
+    spec["volumes"] = _volumes(values, volumes)
     return spec
 
 
@@ -867,26 +1151,43 @@ def server_service(values: Values) -> dict[str, Any]:
     }
 
 
+def _probe(values: Values, path: str) -> dict[str, Any]:
+    """What a probe asks: ``path`` over HTTP, or over HTTPS with TLS (the kubelet does not
+    verify the certificate); with mutual TLS only whether the port accepts connections, as the
+    kubelet cannot present a client certificate and the handshake would fail."""
+    tls = values.server.tls
+    if tls.mutual:
+        return {"tcpSocket": {"port": HTTP_PORT_NAME}}
+    request = {"path": path, "port": HTTP_PORT_NAME}
+    if tls.enabled:
+        request["scheme"] = "HTTPS"
+    return {"httpGet": request}
+
+
 def server_statefulset(values: Values) -> dict[str, Any]:
     """The server's replicas, each with its own write-queue volume."""
     server = values.server
     server_labels = labels("server", server.name)
     probe = {"timeoutSeconds": 3}
+    access = access_volumes(values)
     container = _container(
         values,
         CONTAINER_NAMES["server"],
         server_env(values),
         server.resources,
         ports=[{"name": HTTP_PORT_NAME, "containerPort": server.port}],
-        mounts=[{"name": WRITE_QUEUE_VOLUME, "mountPath": WRITE_QUEUE_DIR}],
+        mounts=[
+            {"name": WRITE_QUEUE_VOLUME, "mountPath": WRITE_QUEUE_DIR},
+            *(mount for _volume, mount in access),
+        ],
         readinessProbe={
-            "httpGet": {"path": "/readyz", "port": HTTP_PORT_NAME},
+            **_probe(values, "/readyz"),
             "periodSeconds": 5,
             "failureThreshold": 2,
             **probe,
         },
         livenessProbe={
-            "httpGet": {"path": "/healthz", "port": HTTP_PORT_NAME},
+            **_probe(values, "/healthz"),
             "periodSeconds": 10,
             "failureThreshold": 6,
             **probe,
@@ -922,6 +1223,7 @@ def server_statefulset(values: Values) -> dict[str, Any]:
                     container,
                     restart_policy="Always",
                     termination_grace_period_s=server.termination_grace_period_s,
+                    volumes=[volume for volume, _mount in access],
                 ),
             },
             "volumeClaimTemplates": [
@@ -930,6 +1232,49 @@ def server_statefulset(values: Values) -> dict[str, Any]:
                     "spec": claim_spec,
                 }
             ],
+        },
+    }
+
+
+def _peer(peer: Peer) -> dict[str, Any]:
+    """A peer as Kubernetes' NetworkPolicyPeer."""
+    found = {}
+    if peer.namespace_selector is not None:
+        found["namespaceSelector"] = {"matchLabels": dict(peer.namespace_selector.match_labels)}
+    if peer.pod_selector is not None:
+        found["podSelector"] = {"matchLabels": dict(peer.pod_selector.match_labels)}
+    return found
+
+
+def server_network_policy(values: Values) -> dict[str, Any]:
+    """Who reaches the server's pods: the named clients the API port, the named scrapers the
+    metrics port, no one anything else (no rule at all with denyAll). Ingress only."""
+    server, policy = values.server, values.server.network_policy
+    server_labels = labels("server", server.name)
+    ingress = []
+    if policy.allow_from:
+        ingress.append(
+            {
+                "from": [_peer(peer) for peer in policy.allow_from],
+                "ports": [{"protocol": "TCP", "port": server.port}],
+            }
+        )
+    metrics_port = values.metrics.prometheus.port
+    if policy.metrics_from and metrics_port is not None:
+        ingress.append(
+            {
+                "from": [_peer(peer) for peer in policy.metrics_from],
+                "ports": [{"protocol": "TCP", "port": metrics_port}],
+            }
+        )
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": metadata(values, server.name, server_labels),
+        "spec": {
+            "podSelector": {"matchLabels": server_labels},
+            "policyTypes": ["Ingress"],
+            "ingress": ingress,
         },
     }
 
@@ -968,7 +1313,9 @@ def render(values: Values) -> dict[str, list[dict[str, Any]]]:
     if values.backfill.enabled:
         files[BACKFILL_FILE] = [backfill_job(values)]
     if values.server.enabled:
-        files[SERVER_FILE] = [server_service(values), server_statefulset(values)]
+        # The policy first: applied in order, no replica is ever reachable without it.
+        policy = [server_network_policy(values)] if values.server.network_policy.enabled else []
+        files[SERVER_FILE] = [*policy, server_service(values), server_statefulset(values)]
     found = monitors(values)
     if found:
         files[MONITORING_FILE] = found
@@ -1112,13 +1459,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             values = load_values(args.values)
             sources = [_shown(VALUES_PATH), *(str(path) for path in args.values)]
-            left = placeholders(values)
-            if left and not args.check:
-                print(
-                    "deploy.render: still placeholders, edit them before applying: "
-                    + ", ".join(left),
-                    file=sys.stderr,
-                )
+            if not args.check:
+                for notice in notices(values):
+                    print(f"deploy.render: {notice}", file=sys.stderr)
             if args.output is None:
                 documents = [doc for file in render(values).values() for doc in file]
                 sys.stdout.write(header(sources) + to_yaml(documents))

@@ -19,11 +19,14 @@ everything. The one series left out is ``checkpoint_lag_seconds``, which only a 
 reports; the Job walks in key order, the default, and its panel says so.
 
 The server runs from the rendered StatefulSet's container environment, pointed at the test
-servers the same way, with free ports for the API and the metrics and a temporary directory for
-the write queue the pod would mount from its claim: the readiness and liveness probes' paths
-answer 200 on the port the probes name, a PUT goes through the write queue to S3, and the
-dashboard's write-queue gauges and counters of a healthy queue are on the metrics port. SIGTERM
-stops it with 143.
+servers the same way, with free ports for the API and the metrics, a temporary directory for
+the write queue the pod would mount from its claim, and its token Secret's volume projected into
+a temporary directory as the kubelet would (a fresh token per role; the rendered
+``…_TOKENS_FILE`` paths moved there): the readiness and liveness probes' paths answer 200 without
+a token on the port the probes name, the API answers 401 without a token and to an unknown one,
+a read token reads (404 for a key not written yet, then 200) and is refused a PUT (403), a write
+token's PUT goes through the write queue to S3, and the dashboard's write-queue gauges and
+counters of a healthy queue are on the metrics port. SIGTERM stops it with 143.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import asyncio
 import json
 import random
 import re
+import secrets
 import signal
 import time
 import urllib.error
@@ -53,6 +57,9 @@ from tests.manifests import (
     container_env,
     literal,
     load_documents,
+    pod_spec,
+    project_volumes,
+    relocated,
     the_container,
 )
 from tests.support import SeedRow, insert_rows, random_key
@@ -94,11 +101,16 @@ def scrape(port: int) -> set[str] | None:
 
 
 def pointed_at_the_test_servers(
-    container: Manifest, layer_db: LayerDb, env: dict[str, str], replaced: dict[str, str]
+    container: Manifest,
+    layer_db: LayerDb,
+    env: dict[str, str],
+    replaced: dict[str, str],
+    projected: dict[str, Path] | None = None,
 ) -> dict[str, str]:
     """The container's environment as the kubelet would set it (the Secret references read a
     Secret holding the test servers' credentials), with the test servers and ``replaced`` in
-    place of what the manifest names; each replaced variable must be one the manifest sets."""
+    place of what the manifest names, and paths into ``projected`` volumes moved to where their
+    files were written; each replaced variable must be one the manifest sets."""
     assert "envFrom" not in container, "the default example loads nothing of sdf's"
     secret_name = render.load_values().secret.name
     assert secret_name is not None
@@ -108,7 +120,7 @@ def pointed_at_the_test_servers(
         render.S3_ACCESS_KEY_KEY: env[credentials + "ACCESS_KEY"],
         render.S3_SECRET_KEY_KEY: env[credentials + "SECRET_KEY"],
     }
-    rendered = container_env(container, secrets={secret_name: secret})
+    rendered = relocated(container_env(container, secrets={secret_name: secret}), projected or {})
     servers = {
         name: value
         for name, value in env.items()
@@ -185,26 +197,36 @@ WRITE_QUEUE_SERIES = {
 }
 
 
-def get(url: str) -> tuple[int, bytes]:
+def request(url: str, *, token: str | None = None, body: bytes | None = None) -> int:
+    """The status of a GET (or, with ``body``, a PUT), with ``token`` as the bearer token."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    method = "GET" if body is None else "PUT"
+    call = urllib.request.Request(url, data=body, headers=headers, method=method)
     try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
-            return answer.status, answer.read()
+        with urllib.request.urlopen(call, timeout=10) as answer:
+            answer.read()
+            status: int = answer.status
+            return status
     except urllib.error.HTTPError as refused:
-        return refused.code, refused.read()
+        refused.read()
+        return refused.code
 
 
-def put(url: str, body: bytes) -> int:
-    request = urllib.request.Request(url, data=body, method="PUT")
-    with urllib.request.urlopen(request, timeout=10) as answer:
-        status: int = answer.status
-        return status
+def token_secret(statefulset: Manifest, tokens: dict[str, str]) -> dict[str, dict[str, str]]:
+    """The token Secret the StatefulSet mounts, holding ``tokens`` (file in the mount → token)
+    under the keys the volume projects to those files."""
+    (volume,) = [v for v in pod_spec(statefulset)["volumes"] if v["name"] == render.TOKENS_VOLUME]
+    source = volume["secret"]
+    items = {item["path"]: item["key"] for item in source["items"]}
+    assert set(items) == set(tokens), "a token file per role"
+    return {source["secretName"]: {items[file]: token + "\n" for file, token in tokens.items()}}
 
 
 async def test_the_rendered_server_answers_its_probes_and_serves_its_queue_metrics(
     layer_db: LayerDb, env: dict[str, str], tmp_path: Path
 ) -> None:
     assert dashboard_series(re.compile(r"\blayer_cache_write_queue_\w+")) >= WRITE_QUEUE_SERIES
-    _service, statefulset = load_documents(SERVER_FILE)
+    (statefulset,) = [d for d in load_documents(SERVER_FILE) if d["kind"] == "StatefulSet"]
     container = the_container(statefulset)
     api_port, metrics_port = free_port(), free_port()
     queue_dir = tmp_path / "write-queue"
@@ -213,8 +235,19 @@ async def test_the_rendered_server_answers_its_probes_and_serves_its_queue_metri
         METRICS_PORT: str(metrics_port),
         "SI_SDF__SERVER__WRITE_QUEUE_DIR": str(queue_dir),
     }
-    environment = pointed_at_the_test_servers(container, layer_db, env, replaced)
+    reader, writer = secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+    tokens = {render.READ_TOKENS_FILE: reader, render.WRITE_TOKENS_FILE: writer}
+    projected = project_volumes(
+        statefulset,
+        tmp_path / "volumes",
+        secrets=token_secret(statefulset, tokens),
+        only={render.TOKENS_VOLUME},  # the Postgres CA is left out: the test server is plain TCP
+    )
+    environment = pointed_at_the_test_servers(container, layer_db, env, replaced, projected)
     assert environment["SI_SDF__LAYER_DB_CONFIG__PERSISTER_MODE"] == "DualWrite"
+    assert environment["SI_SDF__SERVER__AUTH"] == "tokens"
+    for name in ("SI_SDF__SERVER__READ_TOKENS_FILE", "SI_SDF__SERVER__WRITE_TOKENS_FILE"):
+        assert Path(environment[name]).is_relative_to(tmp_path), f"{name} not projected"
     probes = {
         probe: (container[probe]["httpGet"]["path"], container[probe]["httpGet"]["port"])
         for probe in ("readinessProbe", "livenessProbe")
@@ -225,10 +258,15 @@ async def test_the_rendered_server_answers_its_probes_and_serves_its_queue_metri
     async with Job([], environment) as server:
         await server.wait_for_event("layer cache server listening", within_s=60)
         for probe, (path, _port) in probes.items():
-            status, body = await asyncio.to_thread(get, http + path)
-            assert status == 200, f"{probe} {path}: {status} {body!r}"
-        key = "0123456789abcdef0123456789abcdef"
-        assert await asyncio.to_thread(put, f"{http}/v1/cas/{key}", b"value") == 201
+            status = await asyncio.to_thread(request, http + path)
+            assert status == 200, f"{probe} {path} without a token: {status}"
+        url = f"{http}/v1/cas/0123456789abcdef0123456789abcdef"
+        assert await asyncio.to_thread(request, url) == 401
+        assert await asyncio.to_thread(request, url, token=secrets.token_urlsafe(32)) == 401
+        assert await asyncio.to_thread(request, url, token=reader) == 404  # not written yet
+        assert await asyncio.to_thread(request, url, token=reader, body=b"value") == 403
+        assert await asyncio.to_thread(request, url, token=writer, body=b"value") == 201
+        assert await asyncio.to_thread(request, url, token=reader) == 200
         seen: set[str] = set()
         deadline = time.monotonic() + 30
         while not seen >= WRITE_QUEUE_SERIES:

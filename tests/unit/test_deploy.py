@@ -19,6 +19,15 @@ only to /tmp and the server's own write-queue volume; every ``SI_…`` variable 
 reads and the service accepts the settings as the kubelet would set them (sdf's ConfigMap and
 Secret under our env); the metrics port, the monitors and the OTLP variables agree; defaults
 quoted in deploy/ equal the code's; and the wheel and the image hold the product packages only.
+
+The server's access control: its token files, TLS pair and client CA come from Secret (or
+ConfigMap) volumes mounted whole and read-only, never subPath (which the kubelet never updates,
+so a rotation would not arrive), and the server's own loaders (``server_access``,
+``server_tls``) accept them as the kubelet would project them (stand-in tokens, a CA and
+certificates made at test time); mode none renders no token and says ``AUTH=none``; the probes
+speak HTTPS with TLS and only open a connection with mutual TLS; the NetworkPolicy selects
+exactly the server's pods and admits the API port only from the named peers, the metrics port
+only from the named scrapers.
 """
 
 from __future__ import annotations
@@ -44,7 +53,10 @@ import yaml
 
 from deploy import render
 from deploy.render import Values
+from devenv.tls import LocalPki, make_local_pki
 from layer_cache.persister import PersisterMode
+from layer_cache_server.auth import Role, TokenFileError, parse_tokens, server_access
+from layer_cache_server.tls import server_tls
 from migrations_mode.config import BackfillSettings, load_backfill_config
 from migrations_mode.errors import BackfillConfigError
 from services.settings import (
@@ -66,6 +78,8 @@ from tests.manifests import (
     load_documents,
     pod_spec,
     pod_template,
+    project_volumes,
+    relocated,
     the_container,
 )
 
@@ -74,6 +88,7 @@ DEPLOY = REPO / "deploy"
 DOCKERFILE = REPO / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 SECRET_EXAMPLE = DEPLOY / "secret.example.yaml"
+TOKENS_SECRET_EXAMPLE = DEPLOY / "server-tokens.example.yaml"
 DEPLOY_README = DEPLOY / "README.md"
 DATA = REPO / "tests" / "data"
 MONITOR_SCHEMA = json.loads((DATA / "prometheus-operator-monitors.schema.json").read_text())
@@ -99,6 +114,22 @@ STORAGE = SI_SDF + "LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 
 # The Secret as the kubelet would read it: our keys with stand-in values, plus a PEM file.
 STAND_IN = {key: f"stand-in-{key}" for key in ("pg-password", "s3-access-key", "s3-secret-key")}
+# A token per role, as the token Secret's files would hold them.
+STAND_IN_TOKENS = {
+    render.READ_TOKENS_FILE: "stand-in-read-token-0123456789",
+    render.WRITE_TOKENS_FILE: "stand-in-write-token-0123456789",
+}
+TOKEN_ROLES = {render.READ_TOKENS_FILE: Role.READ, render.WRITE_TOKENS_FILE: Role.WRITE}
+ACCESS_FILE_ENV = tuple(
+    SI_SDF + "SERVER__" + name
+    for name in (
+        "READ_TOKENS_FILE",
+        "WRITE_TOKENS_FILE",
+        "TLS_CERT_FILE",
+        "TLS_KEY_FILE",
+        "TLS_CLIENT_CA_FILE",
+    )
+)
 
 
 # --- the variants ----------------------------------------------------------------------------
@@ -127,6 +158,27 @@ EVERYTHING_SET: dict[str, Any] = {
         "migrationMode": "skip",
         "port": 8080,
         "gracePeriodSecs": 40,
+        "auth": {
+            "secretName": "layer-cache-tokens",
+            "readTokensKey": "readers.txt",
+            "writeTokensKey": "writers.txt",
+        },
+        "tls": {
+            "secretName": "layer-cache-tls",
+            "clientCa": {"secretName": "layer-cache-clients-ca", "key": "ca.pem"},
+        },
+        "networkPolicy": {
+            "allowFrom": [
+                {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sdf"}}},
+                {
+                    "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "tools"}},
+                    "podSelector": {"matchLabels": {"role": "layer-cache-client"}},
+                },
+            ],
+            "metricsFrom": [
+                {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "obs"}}}
+            ],
+        },
         "writeQueue": {"size": "20Gi", "storageClassName": "gp3"},
         "env": {"SI_SDF__SERVER__WRITE_QUEUE_WORKERS": "64"},
     },
@@ -155,6 +207,55 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "backfill": {"enabled": False},
     },
     "everything-set": EVERYTHING_SET,
+    "auth-none": {"server": {"auth": {"mode": "none"}}, "backfill": {"enabled": False}},
+    "write-tokens-only": {
+        "server": {"auth": {"readTokensKey": None}},
+        "backfill": {"enabled": False},
+    },
+    "tls": {
+        "server": {"tls": {"secretName": "si-layer-cache-server-tls"}},
+        "backfill": {"enabled": False},
+    },
+    "mutual-tls-ca-from-a-config-map": {
+        "server": {
+            "tls": {
+                "secretName": "si-layer-cache-server-tls",
+                "clientCa": {"configMapName": "clients-ca-bundle", "key": "bundle.pem"},
+            }
+        },
+        "backfill": {"enabled": False},
+    },
+    "network-policy-selectors": {
+        "server": {
+            "networkPolicy": {
+                "allowFrom": [
+                    {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "si"}}},
+                    {"podSelector": {"matchLabels": {"app.kubernetes.io/name": "sdf"}}},
+                    {
+                        "namespaceSelector": {"matchLabels": {"team": "platform"}},
+                        "podSelector": {"matchLabels": {"layer-cache-client": "true"}},
+                    },
+                ],
+                "metricsFrom": [
+                    {
+                        "namespaceSelector": {
+                            "matchLabels": {"kubernetes.io/metadata.name": "monitoring"}
+                        },
+                        "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
+                    }
+                ],
+            }
+        },
+        "backfill": {"enabled": False},
+    },
+    "network-policy-deny-all": {
+        "server": {"networkPolicy": {"allowFrom": [], "metricsFrom": [], "denyAll": True}},
+        "backfill": {"enabled": False},
+    },
+    "no-network-policy": {
+        "server": {"networkPolicy": {"enabled": False}},
+        "backfill": {"enabled": False},
+    },
 }
 
 
@@ -178,11 +279,18 @@ def backfill_job(variant: str) -> Manifest:
     return job
 
 
+def server_documents(variant: str) -> dict[str, Manifest]:
+    """The server's objects by kind (each kind once)."""
+    documents = rendered(variant)[render.SERVER_FILE]
+    by_kind = {document["kind"]: document for document in documents}
+    assert len(by_kind) == len(documents), [document["kind"] for document in documents]
+    return by_kind
+
+
 def server_objects(variant: str) -> tuple[Manifest, Manifest]:
     """The server's Service and StatefulSet."""
-    service, statefulset = rendered(variant)[render.SERVER_FILE]
-    assert (service["kind"], statefulset["kind"]) == ("Service", "StatefulSet")
-    return service, statefulset
+    documents = server_documents(variant)
+    return documents["Service"], documents["StatefulSet"]
 
 
 def workloads(variant: str) -> list[Manifest]:
@@ -212,6 +320,43 @@ def stand_in_secrets(values: Values) -> dict[str, dict[str, str]]:
     if values.secret.name is not None:
         secrets[values.secret.name] = dict(STAND_IN)
     return secrets
+
+
+def stand_in_volume_sources(
+    values: Values, pki: LocalPki
+) -> tuple[dict[str, dict[str, str]], dict[str, dict[str, str]]]:
+    """Every Secret and ConfigMap the variant reads (env and volumes), with stand-in values: a
+    token per role, and a CA and a server certificate made at test time."""
+    secrets = stand_in_secrets(values)
+    config_maps: dict[str, dict[str, str]] = {}
+    ca_pem = pki.ca_file.read_text(encoding="utf-8")
+    pg_ca = render.ca_secret(values)
+    if values.postgres.ca_secret_key is not None and pg_ca is not None:
+        secrets.setdefault(pg_ca, {})[values.postgres.ca_secret_key] = ca_pem
+    auth, tls = values.server.auth, values.server.tls
+    if auth.secret is not None:
+        tokens = secrets.setdefault(auth.secret, {})
+        for file, key in auth.token_keys.items():
+            tokens[key] = STAND_IN_TOKENS[file] + "\n"
+    if tls.secret_name is not None:
+        secrets.setdefault(tls.secret_name, {}).update(
+            {
+                render.TLS_CERT_FILE: pki.cert_file.read_text(encoding="utf-8"),
+                render.TLS_KEY_FILE: pki.key_file.read_text(encoding="utf-8"),
+            }
+        )
+    ca = tls.client_ca
+    if ca.secret_name is not None:
+        secrets.setdefault(ca.secret_name, {})[ca.key] = ca_pem
+    if ca.config_map_name is not None:
+        config_maps.setdefault(ca.config_map_name, {})[ca.key] = ca_pem
+    return secrets, config_maps
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> LocalPki:
+    """A CA and a server certificate it signed, made for this test module."""
+    return make_local_pki(tmp_path_factory.mktemp("pki"))
 
 
 def load_settings_as_kubelet_would(
@@ -271,11 +416,14 @@ def test_the_examples_show_each_shape() -> None:
     }
     assert shapes[render.DEFAULT_EXAMPLE] == {
         "Job",
+        "NetworkPolicy",
         "Service",
         "StatefulSet",
         "PodMonitor",
         "ServiceMonitor",
     }
+    assert shapes["server-tls"] == {"NetworkPolicy", "Service", "StatefulSet", "ServiceMonitor"}
+    assert values_of("server-tls").server.tls.mutual
     assert backfill_job("sharded")["spec"]["completionMode"] == "Indexed"
     assert "completionMode" not in backfill_job(render.DEFAULT_EXAMPLE)["spec"]
     assert shapes["otel-collector"] == {"Job"}
@@ -355,6 +503,89 @@ def test_values_yaml_sets_every_setting_once() -> None:
         ({"server": {"port": 9464}}, "server.port: the same port as metrics.prometheus.port"),
         ({"metrics": {"prometheus": {"interval": "15"}}}, "is not a duration like 15s"),
         ({"tolerations": {"key": "x"}}, "tolerations: expected a list"),
+        ({"server": {"auth": {"mode": "open"}}}, "server.auth.mode: expected one of tokens, none"),
+        (
+            {"server": {"auth": {"readTokensKey": None, "writeTokensKey": None}}},
+            "server.auth: mode tokens needs readTokensKey, writeTokensKey or both",
+        ),
+        (
+            {"server": {"auth": {"secretName": None}}},
+            "server.auth.secretName: mode tokens reads the tokens from a Secret",
+        ),
+        (
+            {"server": {"auth": {"readTokensKey": "read/tokens"}}},
+            "server.auth.readTokensKey: 'read/tokens' is not a key of a Secret",
+        ),
+        (
+            {"server": {"env": {"SI_SDF__SERVER__AUTH": "none"}}},
+            "server.env.SI_SDF__SERVER__AUTH: rendered from the settings already",
+        ),
+        (
+            {"server": {"env": {"SI_SDF__SERVER__READ_TOKENS_FILE": "/tmp/tokens"}}},
+            "server.env.SI_SDF__SERVER__READ_TOKENS_FILE: rendered from the settings already",
+        ),
+        (
+            {"server": {"tls": {"clientCa": {"secretName": "ca"}}}},
+            "server.tls.clientCa: mutual TLS needs server.tls.secretName",
+        ),
+        (
+            {
+                "server": {
+                    "tls": {
+                        "secretName": "tls",
+                        "clientCa": {"secretName": "ca", "configMapName": "ca"},
+                    }
+                }
+            },
+            "server.tls.clientCa: secretName or configMapName, not both",
+        ),
+        (
+            {"server": {"networkPolicy": {"allowFrom": []}}},
+            "server.networkPolicy.allowFrom: empty, which admits no client",
+        ),
+        (
+            {"server": {"networkPolicy": {"denyAll": True}}},
+            "server.networkPolicy.denyAll: admits no one, so allowFrom and metricsFrom must be "
+            "empty",
+        ),
+        (
+            {"server": {"networkPolicy": {"metricsFrom": []}}},
+            "server.networkPolicy.metricsFrom: empty, which keeps Prometheus out",
+        ),
+        (
+            {"server": {"networkPolicy": {"allowFrom": [{}]}}},
+            "server.networkPolicy.allowFrom[0]: name a namespaceSelector, a podSelector or both",
+        ),
+        (
+            {"server": {"networkPolicy": {"allowFrom": [{"podSelector": {"matchLabels": {}}}]}}},
+            "server.networkPolicy.allowFrom[0].podSelector.matchLabels: empty, which matches "
+            "every pod",
+        ),
+        (
+            {"server": {"networkPolicy": {"allowFrom": [{"ipBlock": {"cidr": "10.0.0.0/8"}}]}}},
+            "unknown setting server.networkPolicy.allowFrom[0].ipBlock",
+        ),
+        (
+            {
+                "server": {
+                    "networkPolicy": {
+                        "allowFrom": [{"namespaceSelector": {"matchExpressions": []}}]
+                    }
+                }
+            },
+            "unknown setting server.networkPolicy.allowFrom[0].namespaceSelector.matchExpressions",
+        ),
+        (
+            {
+                "server": {
+                    "networkPolicy": {
+                        "metricsFrom": [{"namespaceSelector": {"matchLabels": {"team": "a b"}}}]
+                    }
+                }
+            },
+            "server.networkPolicy.metricsFrom[0].namespaceSelector.matchLabels.team: 'a b' is "
+            "not a label value",
+        ),
     ],
 )
 def test_values_the_pods_would_refuse_are_one_line(
@@ -448,8 +679,9 @@ def test_every_variant_is_valid_for_kubernetes(variant: str, version: str) -> No
 
 @pytest.mark.usefixtures("no_network")
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_the_secret_example_is_valid_for_kubernetes(version: str) -> None:
-    (secret,) = load_documents(SECRET_EXAMPLE)
+@pytest.mark.parametrize("example", [SECRET_EXAMPLE, TOKENS_SECRET_EXAMPLE], ids=lambda p: p.name)
+def test_the_secret_examples_are_valid_for_kubernetes(example: Path, version: str) -> None:
+    (secret,) = load_documents(example)
     _validate(secret, version)
 
 
@@ -522,7 +754,7 @@ def test_credentials_come_only_from_secrets(variant: str, kind: str) -> None:
         assert ref["key"] in secret_keys, f"{name} reads key {ref['key']!r} the Secret lacks"
         assert not ref.get("optional", False), f"{name} must not be optional"
     for volume in pod_spec(found)["volumes"]:
-        if "secret" in volume:
+        if volume["name"] == "pg-ca":
             assert volume["secret"]["secretName"] == render.ca_secret(values)
             (item,) = volume["secret"]["items"]
             assert item["key"] == values.postgres.ca_secret_key
@@ -615,7 +847,7 @@ def test_only_tmp_and_the_write_queue_are_writable(variant: str, kind: str) -> N
     writable = {}
     for mount in the_container(found)["volumeMounts"]:
         if mount.get("readOnly"):
-            assert "secret" in volumes[mount["name"]], mount
+            assert {"secret", "configMap"} & set(volumes[mount["name"]]), mount
             continue
         writable[mount["mountPath"]] = mount["name"]
     expected = {"/tmp": "tmp"}
@@ -773,6 +1005,7 @@ def test_our_settings_are_explicit_so_they_win_over_sdfs(variant: str, kind: str
         owned |= {"SI_BACKFILL_CUTOFF_TIMESTAMP", "SI_BACKFILL_CACHE_TYPES"}
     else:
         owned |= {SI_SDF + "SOCKET_ADDR", SI_SDF + "SERVER__WRITE_QUEUE_DIR"}
+        owned |= {SI_SDF + "SERVER__AUTH"}  # sdf's ConfigMap cannot turn access control off
     assert owned <= set(env)
 
 
@@ -879,14 +1112,30 @@ def test_the_monitors_scrape_the_metrics_ports(variant: str) -> None:
 # --- the server ------------------------------------------------------------------------------
 
 
+def server_settings_as_kubelet_would(
+    variant: str, monkeypatch: pytest.MonkeyPatch, root: Path, pki: LocalPki
+) -> Settings:
+    """The rendered server's settings as the service loads them in the pod: its Secret and
+    ConfigMap volumes projected under ``root`` (stand-in tokens and certificates) and the env's
+    paths into them pointed there."""
+    values = values_of(variant)
+    _service, statefulset = server_objects(variant)
+    secrets, config_maps = stand_in_volume_sources(values, pki)
+    projected = project_volumes(statefulset, root, secrets=secrets, config_maps=config_maps)
+    env = container_env(the_container(statefulset), secrets=secrets, config_maps=config_maps)
+    for name, value in relocated(env, projected).items():
+        monkeypatch.setenv(name, value)
+    return load_settings()
+
+
 @pytest.mark.parametrize("variant", SERVER_VARIANTS)
 def test_the_server_listens_where_the_service_and_probes_look(
-    variant: str, clean_env: pytest.MonkeyPatch
+    variant: str, clean_env: pytest.MonkeyPatch, tmp_path: Path, pki: LocalPki
 ) -> None:
     values = values_of(variant)
     service, statefulset = server_objects(variant)
     container = the_container(statefulset)
-    settings = load_settings_as_kubelet_would(container, clean_env, values)
+    settings = server_settings_as_kubelet_would(variant, clean_env, tmp_path, pki)
     assert settings.migration_mode is MigrationMode(values.server.migration_mode)
     port = int(settings.socket_addr.rsplit(":", 1)[1])
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -897,10 +1146,246 @@ def test_the_server_listens_where_the_service_and_probes_look(
     assert statefulset["spec"]["selector"]["matchLabels"] == service["spec"]["selector"]
     assert statefulset["spec"]["serviceName"] == service["metadata"]["name"]
     readiness, liveness = container["readinessProbe"], container["livenessProbe"]
-    assert (readiness["httpGet"]["path"], liveness["httpGet"]["path"]) == ("/readyz", "/healthz")
-    assert readiness["httpGet"]["port"] == liveness["httpGet"]["port"] == "http"
+    for probe, path in ((readiness, "/readyz"), (liveness, "/healthz")):
+        ((kind, check),) = [(k, v) for k, v in probe.items() if k in ("httpGet", "tcpSocket")]
+        assert check["port"] == "http"
+        assert kind == "tcpSocket" or check["path"] == path
     assert readiness["timeoutSeconds"] > settings.server.readiness_timeout_secs
     assert settings.server.grace_period_secs == values.server.grace_period_secs
+
+
+@pytest.mark.parametrize("variant", SERVER_VARIANTS)
+def test_the_server_accepts_its_rendered_tokens_and_certificates(
+    variant: str, clean_env: pytest.MonkeyPatch, tmp_path: Path, pki: LocalPki
+) -> None:
+    """The server's own loaders take the files where the rendered env says they are mounted:
+    a token per role the values name, the TLS pair and the client CA."""
+    values = values_of(variant)
+    settings = server_settings_as_kubelet_would(variant, clean_env, tmp_path, pki)
+    auth, tls = values.server.auth, values.server.tls
+    access = server_access(settings.server)
+    if auth.mode == "none":
+        assert access is None
+    else:
+        assert access is not None
+        roles = {TOKEN_ROLES[file] for file in auth.token_keys}
+        assert access.counts() == {role.value: 1 for role in roles}
+        for file, role in TOKEN_ROLES.items():
+            assert access.role_of(STAND_IN_TOKENS[file]) is (role if role in roles else None)
+    served = server_tls(settings.server)
+    if not tls.enabled:
+        assert served is None
+    else:
+        assert served is not None
+        assert served.mode == ("mutual tls" if tls.mutual else "tls")
+
+
+@pytest.mark.parametrize("variant", SERVER_VARIANTS)
+def test_the_token_files_come_from_the_named_secret(variant: str) -> None:
+    """mode tokens: AUTH=tokens and a file per key named, from the token Secret's volume;
+    mode none: AUTH=none, no token file and no token volume."""
+    values = values_of(variant)
+    auth = values.server.auth
+    _service, statefulset = server_objects(variant)
+    env = env_entries(statefulset)
+    assert literal(statefulset, SI_SDF + "SERVER__AUTH") == auth.mode
+    token_env = {name for name in env if name.endswith("_TOKENS_FILE")}
+    volumes = {volume["name"]: volume for volume in pod_spec(statefulset)["volumes"]}
+    if auth.mode == "none":
+        assert not token_env
+        assert render.TOKENS_VOLUME not in volumes
+        return
+    settings = {"READ_TOKENS_FILE": render.READ_TOKENS_FILE}
+    settings |= {"WRITE_TOKENS_FILE": render.WRITE_TOKENS_FILE}
+    wanted = {
+        SI_SDF + "SERVER__" + name for name, file in settings.items() if file in auth.token_keys
+    }
+    assert token_env == wanted
+    source = volumes[render.TOKENS_VOLUME]["secret"]
+    assert source["secretName"] == auth.secret_name
+    assert not source.get("optional", False), "a missing token Secret must stop the pod"
+    files = {item["path"]: item["key"] for item in source["items"]}
+    assert files == auth.token_keys
+    for name in token_env:
+        path = Path(literal(statefulset, name))
+        assert str(path.parent) == render.TOKENS_DIR
+        assert files[path.name] in (auth.read_tokens_key, auth.write_tokens_key)
+
+
+@pytest.mark.parametrize(("variant", "kind"), WORKLOADS)
+def test_access_files_are_whole_read_only_volumes_never_subpath(variant: str, kind: str) -> None:
+    """Every file the server re-reads (tokens, TLS pair, client CA) is a key of a Secret or
+    ConfigMap volume mounted whole and read-only where its variable points: the kubelet updates
+    such a volume in place, never a subPath mount."""
+    found = workload(variant, kind)
+    mounts = {mount["mountPath"]: mount for mount in the_container(found)["volumeMounts"]}
+    volumes = {volume["name"]: volume for volume in pod_spec(found)["volumes"]}
+    for mount in mounts.values():
+        assert not {"subPath", "subPathExpr"} & set(mount), mount
+    files = {name: entry for name, entry in env_entries(found).items() if name in ACCESS_FILE_ENV}
+    if kind == "Job":
+        assert not files, "the backfill serves nothing"
+        return
+    for name, entry in files.items():
+        assert "value" in entry, f"{name} is a path, never a Secret's content"
+        path = Path(entry["value"])
+        mount = mounts.get(str(path.parent))
+        assert mount is not None, f"{name}: {path.parent} is not mounted"
+        assert mount["readOnly"] is True
+        volume = volumes[mount["name"]]
+        ((source_kind, source),) = [(k, v) for k, v in volume.items() if k != "name"]
+        assert source_kind in ("secret", "configMap"), f"{name}: from a {source_kind} volume"
+        assert path.name in {item["path"] for item in source["items"]}, f"{name}: not projected"
+
+
+@pytest.mark.parametrize("variant", SERVER_VARIANTS)
+def test_the_tls_files_come_from_the_named_secrets(variant: str) -> None:
+    values = values_of(variant)
+    tls = values.server.tls
+    _service, statefulset = server_objects(variant)
+    env = env_entries(statefulset)
+    volumes = {volume["name"]: volume for volume in pod_spec(statefulset)["volumes"]}
+    tls_env = {SI_SDF + "SERVER__TLS_CERT_FILE", SI_SDF + "SERVER__TLS_KEY_FILE"}
+    ca_env = SI_SDF + "SERVER__TLS_CLIENT_CA_FILE"
+    assert (tls_env <= set(env)) == tls.enabled == (render.TLS_VOLUME in volumes)
+    assert (ca_env in env) == tls.mutual == (render.CLIENT_CA_VOLUME in volumes)
+    if tls.enabled:
+        pair = volumes[render.TLS_VOLUME]["secret"]
+        assert pair["secretName"] == tls.secret_name
+        assert {item["key"] for item in pair["items"]} == {"tls.crt", "tls.key"}
+    if tls.mutual:
+        volume = volumes[render.CLIENT_CA_VOLUME]
+        ca = tls.client_ca
+        if ca.secret_name is not None:
+            assert volume["secret"]["secretName"] == ca.secret_name
+        else:
+            assert volume["configMap"]["name"] == ca.config_map_name
+        ((_kind, source),) = [(k, v) for k, v in volume.items() if k != "name"]
+        assert [item["key"] for item in source["items"]] == [ca.key]
+
+
+@pytest.mark.parametrize("variant", SERVER_VARIANTS)
+def test_the_probes_speak_the_apis_protocol(variant: str) -> None:
+    """Plain HTTP; HTTPS with TLS (the kubelet does not verify the certificate); with mutual
+    TLS only a connection, as the kubelet has no client certificate to present."""
+    tls = values_of(variant).server.tls
+    _service, statefulset = server_objects(variant)
+    container = the_container(statefulset)
+    for probe in (container["readinessProbe"], container["livenessProbe"]):
+        if tls.mutual:
+            assert probe["tcpSocket"] == {"port": "http"}
+            assert "httpGet" not in probe
+        else:
+            scheme = probe["httpGet"].get("scheme", "HTTP")
+            assert scheme == ("HTTPS" if tls.enabled else "HTTP")
+
+
+def rendered_peers(peers: list[render.Peer]) -> list[Manifest]:
+    """The values' peers as Kubernetes' NetworkPolicyPeer."""
+    found = []
+    for peer in peers:
+        entry: Manifest = {}
+        if peer.namespace_selector is not None:
+            entry["namespaceSelector"] = {"matchLabels": peer.namespace_selector.match_labels}
+        if peer.pod_selector is not None:
+            entry["podSelector"] = {"matchLabels": peer.pod_selector.match_labels}
+        found.append(entry)
+    return found
+
+
+@pytest.mark.parametrize("variant", SERVER_VARIANTS)
+def test_the_network_policy_admits_only_the_named_peers(variant: str) -> None:
+    """The policy selects exactly the server's pods; the API port admits only allowFrom, the
+    metrics port only metricsFrom, and no rule admits everyone (an empty from or selector)."""
+    values = values_of(variant)
+    policy_values = values.server.network_policy
+    documents = server_documents(variant)
+    if not policy_values.enabled:
+        assert "NetworkPolicy" not in documents
+        return
+    policy, statefulset = documents["NetworkPolicy"], documents["StatefulSet"]
+    assert policy["metadata"].get("namespace") == values.namespace
+    selector = policy["spec"]["podSelector"]["matchLabels"]
+    assert set(policy["spec"]["podSelector"]) == {"matchLabels"}
+    assert selector == pod_template(statefulset)["metadata"]["labels"]
+    assert selector == statefulset["spec"]["selector"]["matchLabels"]
+    backfill_pods = render.labels("backfill", values.backfill.name)
+    assert not selector.items() <= backfill_pods.items(), "the policy must not select the Job"
+    assert policy["spec"]["policyTypes"] == ["Ingress"], "egress is left alone"
+    rules = policy["spec"]["ingress"]
+    admitted: dict[int, list[Manifest]] = {}
+    for rule in rules:
+        assert rule["from"], "a rule without peers admits everyone"
+        for peer in rule["from"]:
+            assert peer, "an empty peer admits everyone"
+            assert all(selector["matchLabels"] for selector in peer.values()), peer
+        (port,) = rule["ports"]
+        assert port["protocol"] == "TCP"
+        assert port["port"] not in admitted, "one rule per port"
+        admitted[port["port"]] = rule["from"]
+    wanted = {}
+    if policy_values.allow_from:
+        wanted[values.server.port] = rendered_peers(policy_values.allow_from)
+    metrics_port = values.metrics.prometheus.port
+    if policy_values.metrics_from and metrics_port is not None:
+        wanted[metrics_port] = rendered_peers(policy_values.metrics_from)
+    assert admitted == wanted
+    container_ports = {port["containerPort"] for port in the_container(statefulset)["ports"]}
+    assert set(admitted) <= container_ports
+    if policy_values.deny_all:
+        assert rules == []
+
+
+def test_the_tokens_secret_example_holds_only_placeholders_the_server_refuses() -> None:
+    """Applied unedited, the example lets no one in: its lines are not tokens."""
+    (secret,) = load_documents(TOKENS_SECRET_EXAMPLE)
+    assert "data" not in secret, "use stringData with visible placeholders"
+    auth = render.load_values().server.auth
+    assert secret["metadata"]["name"] == auth.secret_name
+    assert set(secret["stringData"]) == set(auth.token_keys.values())
+    for key, value in secret["stringData"].items():
+        assert "REPLACE-ME" in value, f"{key} looks like a real token"
+        with pytest.raises(TokenFileError):
+            parse_tokens(value, key)
+
+
+def test_the_deploy_guide_creates_the_tokens_secret_the_values_name() -> None:
+    auth = render.load_values().server.auth
+    guide = DEPLOY_README.read_text(encoding="utf-8")
+    # kubectl create secret generic NAME \ (newline) --from-…=… \ (newline) --from-…=…
+    command = re.compile(r"kubectl create secret generic (\S+)((?: \\\n\s+--from-\S+)+)")
+    created: dict[str, str] = {}
+    for name, flags in command.findall(guide):
+        created.setdefault(name, flags)  # the first command that creates it
+    assert auth.secret_name in created, f"deploy/README.md does not create {auth.secret_name}"
+    for key in auth.token_keys.values():
+        assert f"--from-file={key}=" in created[auth.secret_name]
+    assert "openssl rand -base64 32" in guide
+    assert "docs/server.md#access-control" in guide
+
+
+def test_the_access_mounts_quoted_in_deploy_are_the_renderers() -> None:
+    """deploy/README.md and values.yaml name the directories the server's files are mounted at
+    and the token Secret's name and keys as the renderer has them, and no other."""
+    auth = render.load_values().server.auth
+    mounts = {render.TOKENS_DIR, render.TLS_DIR, render.CLIENT_CA_DIR}
+    for path in (DEPLOY_README, render.VALUES_PATH):
+        text = path.read_text(encoding="utf-8")
+        assert set(re.findall(r"/etc/si/server-[a-z-]+", text)) == mounts, path.name
+        assert auth.secret_name is not None
+        for word in (auth.secret_name, *auth.token_keys.values()):
+            assert word in text, f"{path.name} does not name {word}"
+
+
+def test_an_open_server_is_one_warning(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "values.yaml"
+    path.write_text("server:\n  auth:\n    mode: none\n", encoding="utf-8")
+    assert render.main(["-f", str(path), "-o", str(tmp_path / "out")]) == 0
+    warned = [line for line in capsys.readouterr().err.splitlines() if "auth.mode none" in line]
+    assert len(warned) == 1
+    assert "every client" in warned[0]
+    assert render.main(["-o", str(tmp_path / "default")]) == 0
+    assert "auth.mode" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("variant", SERVER_VARIANTS)
