@@ -26,7 +26,9 @@ from rich.console import Console
 from layer_cache.errors import StorageError, map_pg_errors
 from layer_cache.rate_limit import UploadPacer
 from layer_cache.retry import call_with_retries
-from migrations_mode.cache_backfill import CacheBackfill, resume_flag
+from migrations_mode.cache_backfill import CacheBackfill
+from migrations_mode.cache_events import resume_flag
+from migrations_mode.cache_parts import cache_parts
 from migrations_mode.config import (
     BackfillConfig,
     VerifyMode,
@@ -73,7 +75,9 @@ async def _cancel_after_grace(
     stop: StopRequest, grace_period: timedelta, tasks: list[asyncio.Task[object]]
 ) -> None:
     await stop.event.wait()
-    log.info("stop requested, draining in-flight uploads", grace_period_s=grace_period.seconds)
+    log.info(
+        "stop requested, draining in-flight uploads", grace_period_s=grace_period.total_seconds()
+    )
     await asyncio.sleep(grace_period.total_seconds())
     for task in tasks:
         task.cancel()
@@ -143,14 +147,17 @@ async def run_backfill(
         caches = [
             CacheBackfill(
                 cache_type,
-                pg=pg_layers[cache_type],
-                s3=s3_layers[cache_type],
                 config=config,
                 stop=stop.event,
-                metrics=metrics,
-                progress_store=store,
-                report=differences,
-                pacer=pacer,
+                parts=cache_parts(
+                    pg=pg_layers[cache_type],
+                    s3=s3_layers[cache_type],
+                    config=config,
+                    metrics=metrics,
+                    progress_store=store,
+                    report=differences,
+                    pacer=pacer,
+                ),
             )
             for cache_type in config.cache_types
         ]

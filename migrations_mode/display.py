@@ -72,7 +72,10 @@ class ProgressSource(Protocol):
     """What a running cache exposes for progress."""
 
     cache_type: CacheType
-    completed: bool
+
+    @property
+    def completed(self) -> bool:
+        """Every row of the walk is done."""
 
     @property
     def stats(self) -> CacheStats:

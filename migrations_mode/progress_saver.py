@@ -1,9 +1,12 @@
-"""Loading and saving one cache's backfill progress (a copy's only; a verification records nothing).
+"""Loading and saving one cache's backfill progress (a copy's and a repair's; a verification
+records nothing).
 
-``load`` returns the record to resume from (none with ``--backfill-restart``, and a warning when
-records exist only under other parameters). While the cache runs, ``finished`` wakes the
-``save_when_due`` loop each time another batch of rows has finished in order since the last
-save was taken; a failed save is a warning, never a failure (it costs re-work, not data).
+``WalkProgress`` is where the walk stands (the checkpoint tracker, whether it completed, the rows
+earlier runs finished): the pipeline moves it, the saver records it. ``resume`` takes up the
+saved record into it (none with ``--backfill-restart``, and a warning when records exist only
+under other parameters; a completed repair is a fresh pass). While the cache runs, ``finished``
+wakes the ``save_when_due`` loop each time another batch of rows has finished in order since the
+last save was taken; a failed save is a warning, never a failure (it costs re-work, not data).
 Shutdown: the cache cancels the loop, then ``final_save`` writes the last position, shielded
 from cancellation.
 """
@@ -12,19 +15,45 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+from dataclasses import dataclass
 
 import structlog
 
-from migrations_mode.checkpoint import Position
+from migrations_mode.checkpoint import CheckpointTracker, Position
+from migrations_mode.config import format_checkpoint
 from migrations_mode.errors import CacheBackfillFailed
-from migrations_mode.progress_store import ProgressKey, ProgressStore, SavedProgress, unused_records
-from migrations_mode.row_action import StorageCall
+from migrations_mode.progress_store import (
+    ProgressKey,
+    ProgressStore,
+    SavedProgress,
+    WalkPurpose,
+    unused_records,
+)
+from migrations_mode.storage_caller import StorageCall
+from migrations_mode.walk import WalkOrder
 
 log = structlog.get_logger(__name__)
 
-# What to save now, and ``finished_in_order`` at that moment.
-Snapshot = Callable[[], tuple[SavedProgress, int]]
+
+@dataclass
+class WalkProgress:
+    """Where one cache's walk stands: the checkpoint tracker, whether the walk completed, and
+    the rows the runs it resumed finished. The pipeline moves it; the saver records it."""
+
+    tracker: CheckpointTracker
+    completed: bool = False
+    rows_done_earlier: int = 0
+
+    @property
+    def rows_done(self) -> int:
+        """Rows finished in walk order, this run and the runs it resumed (rows finished out of
+        order count once the rows before them are done, so a resume never counts a row twice)."""
+        return self.rows_done_earlier + self.tracker.finished_in_order
+
+    def snapshot(self) -> tuple[SavedProgress, int]:
+        """What to save now, and ``finished_in_order`` at that moment."""
+        record = SavedProgress(self.tracker.low_water, self.completed, self.rows_done)
+        return record, self.tracker.finished_in_order
 
 
 class ProgressSaver:
@@ -35,16 +64,16 @@ class ProgressSaver:
         store: ProgressStore,
         key: ProgressKey,
         *,
-        snapshot: Snapshot,
-        storage_call: StorageCall,
+        walk: WalkProgress,
+        storage: StorageCall,
         writes: bool,
         restart: bool,
         batch_size: int,
     ) -> None:
         self.store = store
         self.key = key
-        self._snapshot = snapshot
-        self._storage_call = storage_call
+        self.walk = walk
+        self._storage = storage
         self._writes = writes
         self._restart = restart
         self._batch_size = batch_size
@@ -59,18 +88,47 @@ class ProgressSaver:
         if self._restart:
             log.info("ignoring saved progress (--backfill-restart)")
             return None
-        saved = await self._storage_call(lambda: self.store.load(self.key))
+        saved = await self._storage(lambda: self.store.load(self.key))
         if saved is None:
             await self._report_unused_records()
             return None
         self._saved_position = saved.position
         return saved
 
+    async def resume(self) -> Position | None:
+        """Take up the saved progress, if any, into the walk; the position it starts after. A
+        repair that completed is a fresh pass (only one cut short resumes)."""
+        saved = await self.load()
+        if saved is None:
+            return None
+        if saved.completed and self.key.purpose is WalkPurpose.REPAIR:
+            log.info("previous repair pass completed; starting a new pass")
+            return None
+        walk = self.walk
+        walk.completed = saved.completed
+        walk.rows_done_earlier = saved.rows_done
+        if saved.position is not None:
+            walk.tracker = CheckpointTracker(self.key.cutoff, low_water=saved.position)
+            # In key order any row may still be pending whatever its timestamp: the cutoff
+            # resumes it (with the saved key); newest first, the tracker's checkpoint does.
+            checkpoint = (
+                self.key.cutoff
+                if self.key.order is WalkOrder.KEY
+                else walk.tracker.checkpoint_timestamp
+            )
+            log.info(
+                "resuming from saved progress",
+                progress_store=self.store.kind,
+                checkpoint_timestamp=format_checkpoint(checkpoint),
+                rows_done_earlier_runs=saved.rows_done,
+            )
+        return saved.position
+
     async def _report_unused_records(self) -> None:
         """One log line when progress for this cache and cutoff exists only under other
         parameters: it is not used (its position means nothing for this walk)."""
         key = self.key
-        others = await self._storage_call(lambda: self.store.others(key))
+        others = await self._storage(lambda: self.store.others(key))
         unused = unused_records(key.identity, others)
         if not unused:
             return
@@ -112,14 +170,14 @@ class ProgressSaver:
         """Save the current progress unless it says nothing new."""
         if not self._writes:
             return
-        record, finished_in_order = self._snapshot()
+        record, finished_in_order = self.walk.snapshot()
         if record.position == self._saved_position and not record.completed:
             return
         # Counted from this snapshot while it is written, so rows finishing meanwhile do not
         # ask for another save at once; a failed save gives the count back.
         previous, self._saved_at = self._saved_at, finished_in_order
         try:
-            await self._storage_call(lambda: self.store.save(self.key, record))
+            await self._storage(lambda: self.store.save(self.key, record))
         except CacheBackfillFailed as exc:
             # Losing a save costs re-work on the next run, never data: carry on.
             log.warning("could not save backfill progress", error=str(exc.cause))

@@ -5,7 +5,8 @@ reports for the row's object (from the listing or a HEAD: size and ETag; None wh
 ``UNKNOWN`` when the listing cannot tell) it says whether the row is settled now (skipped, or
 verified) or needs a HEAD or its value; ``finish`` then does the rest with the value in hand:
 PUT it (copy), GET the object and compare (verify content), or both where they differ (repair).
-Every PUT first awaits ``pace``, the process's upload rate limits; a GET is never paced.
+Every PUT first waits for the process's upload rate limits (``UploadPacer``), and ``finish``
+returns how long it waited, which is not S3's time; a GET is never paced.
 A content comparison trusts an ETag only when it *is* the row's MD5 (Postgres computes the MD5
 in the listing query): then the object holds the row's bytes and nothing is read. Any other ETag
 proves nothing (SSE-KMS, DSSE-KMS and SSE-C objects have ETags that look like MD5s and are not,
@@ -19,40 +20,23 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
-from collections.abc import Awaitable, Callable
 from enum import Enum, auto
 from typing import Protocol, TypeVar
 
 import structlog
 
 from layer_cache.pg import RowRef
+from layer_cache.rate_limit import UploadPacer
 from layer_cache.s3 import S3Layer, StoredObject
 from migrations_mode.bucket_index import UNKNOWN, Stored
 from migrations_mode.config import VerifyMode
 from migrations_mode.differences import Difference, DifferenceKind, DifferenceReport
 from migrations_mode.progress import CacheProgress
+from migrations_mode.storage_caller import StorageCall
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-
-class StorageCall(Protocol):
-    """One storage call under the retry policy; ``key`` names the row in retries and failures."""
-
-    async def __call__(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
-        """The call's result; raises ``CacheBackfillFailed`` once retries are exhausted."""
-
-
-class Pace(Protocol):
-    """Wait for the process's upload rate limits before PUTting ``size`` bytes for row ``key``."""
-
-    async def __call__(self, key: str, size: int) -> None:
-        """Returns when the upload may go."""
-
-
-async def unpaced(key: str, size: int) -> None:
-    """No rate limit."""
 
 
 class Decision(Enum):
@@ -104,8 +88,9 @@ class RowAction(Protocol):
     def record_settled(self, row: RowRef, stored: Stored, decision: Decision) -> None:
         """Count a row that ``settle`` found ``SKIPPED`` or ``VERIFIED``."""
 
-    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
-        """Do the row's work with its value in hand."""
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
+        """Do the row's work with its value in hand; the seconds it waited for the rate limits
+        (not S3's time)."""
 
 
 class _Action(abc.ABC):
@@ -120,15 +105,15 @@ class _Action(abc.ABC):
         *,
         progress: CacheProgress,
         s3: S3Layer,
-        storage_call: StorageCall,
+        storage: StorageCall,
         report: DifferenceReport,
-        pace: Pace = unpaced,
+        pacer: UploadPacer,
     ) -> None:
         self.progress = progress
         self.s3 = s3
-        self.storage_call = storage_call
+        self.storage = storage
         self.report = report
-        self.pace = pace  # uploads only: a verification PUTs nothing
+        self.pacer = pacer  # uploads only: a verification PUTs nothing
 
     @staticmethod
     @abc.abstractmethod
@@ -136,8 +121,9 @@ class _Action(abc.ABC):
         """What the row needs, given what S3 reports for it."""
 
     @abc.abstractmethod
-    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
-        """Do the row's work with its value in hand."""
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
+        """Do the row's work with its value in hand; the seconds it waited for the rate limits
+        (not S3's time)."""
 
     def record_settled(self, row: RowRef, stored: Stored, decision: Decision) -> None:
         """Count a row that ``settle`` found ``SKIPPED`` or ``VERIFIED``."""
@@ -176,14 +162,18 @@ class _Action(abc.ABC):
             )
         )
 
-    async def put(self, row: RowRef, value: bytes, *, repaired: bool) -> None:
-        """PUT the value once the rate limits let it go, timed (retries included) and counted."""
-        await self.pace(row.key, len(value))
+    async def put(self, row: RowRef, value: bytes, *, repaired: bool) -> float:
+        """PUT the value once the rate limits let it go, timed (retries included) and counted;
+        returns the seconds it waited for the rate limits."""
+        waited = await self.pacer.acquire(len(value))
+        if waited > 0:
+            self.progress.rate_limited(waited)
         started = time.monotonic()
-        await self.storage_call(lambda: self.s3.put(row.key, value), key=row.key)
+        await self.storage(lambda: self.s3.put(row.key, value), key=row.key)
         self.progress.upload_took(time.monotonic() - started)
         log.debug("uploaded to S3", key=row.key, row_size=len(value))
         self.progress.uploaded(len(value), repaired=repaired)
+        return waited
 
 
 class Copy(_Action):
@@ -200,9 +190,9 @@ class Copy(_Action):
             return Decision.SKIPPED
         return Decision.NEEDS_VALUE
 
-    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
         """PUT the value."""
-        await self.put(row, value, repaired=stored is not None)
+        return await self.put(row, value, repaired=stored is not None)
 
 
 class VerifyContent(_Action):
@@ -222,15 +212,16 @@ class VerifyContent(_Action):
         assert stored is not None
         return Decision.VERIFIED if stored.etag_vouches_for(row.md5) else Decision.NEEDS_VALUE
 
-    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
         """GET the object and compare it with the value."""
-        body = await self.storage_call(lambda: self.s3.get(row.key), key=row.key)
+        body = await self.storage(lambda: self.s3.get(row.key), key=row.key)
         self.record_verification(
             row,
             body_difference(value, body),
             _as_read(stored, body),
             body_md5=None if body is None else _md5_hex(body),
         )
+        return 0.0
 
 
 class VerifySize(VerifyContent):
@@ -263,20 +254,22 @@ class Repair(VerifyContent):
         )
         return Decision.VERIFIED if vouched else Decision.NEEDS_VALUE
 
-    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> None:
+    async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
         """PUT the value where the listing already proves a difference; else read the object,
         compare, and PUT only if it differs."""
         assert stored is not UNKNOWN
         kind = known_difference(row, stored)
         body_md5 = None
         if kind is None:
-            body = await self.storage_call(lambda: self.s3.get(row.key), key=row.key)
+            body = await self.storage(lambda: self.s3.get(row.key), key=row.key)
             kind = body_difference(value, body)
             body_md5 = None if body is None else _md5_hex(body)
             stored = _as_read(stored, body)
+        waited = 0.0
         if kind is not None:
-            await self.put(row, value, repaired=True)
+            waited = await self.put(row, value, repaired=True)
         self.record_verification(row, kind, stored, body_md5=body_md5, repaired=kind is not None)
+        return waited
 
 
 def _as_read(stored: Stored, body: bytes | None) -> Stored:
@@ -300,12 +293,12 @@ def row_action(
     *,
     progress: CacheProgress,
     s3: S3Layer,
-    storage_call: StorageCall,
+    storage: StorageCall,
     report: DifferenceReport,
-    pace: Pace = unpaced,
+    pacer: UploadPacer,
 ) -> RowAction:
     """The action for ``mode``."""
     action: RowAction = ROW_ACTIONS[mode](
-        progress=progress, s3=s3, storage_call=storage_call, report=report, pace=pace
+        progress=progress, s3=s3, storage=storage, report=report, pacer=pacer
     )
     return action

@@ -23,7 +23,7 @@ LEVELS = {"debug", "info", "warning", "error", "exception", "critical"}
 # The command line's backfill parts (the rest of it is not the backfill's).
 CLI_BACKFILL_FUNCTIONS = {"_backfill", "_comparison_verdict"}
 # Functions whose returned dict literal becomes an event's fields.
-FIELD_PRODUCERS = {"as_fields", "_counts"}
+FIELD_PRODUCERS = {"as_fields", "counts"}
 
 
 @dataclass(frozen=True)

@@ -6,21 +6,23 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
-from datetime import UTC, datetime
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 import structlog
 
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
-from migrations_mode.checkpoint import Position
+from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.errors import CacheBackfillFailed
-from migrations_mode.progress_saver import ProgressSaver
+from migrations_mode.progress_saver import ProgressSaver, WalkProgress
 from migrations_mode.progress_store import (
     ProgressKey,
     ProgressStoreKind,
     RecordIdentity,
     SavedProgress,
+    WalkPurpose,
 )
 from migrations_mode.walk import WalkOrder
 
@@ -65,29 +67,29 @@ async def direct_call(call: Callable[[], Awaitable[T]], *, key: str | None = Non
         raise CacheBackfillFailed(CacheType.CAS, key, exc) from exc
 
 
-class Walk:
-    """What the saver snapshots: the record to save and rows finished in order."""
+def walk_at_start() -> WalkProgress:
+    return WalkProgress(CheckpointTracker(CUTOFF))
 
-    def __init__(self) -> None:
-        self.record = SavedProgress(None, completed=False, rows_done=0)
-        self.finished_in_order = 0
 
-    def snapshot(self) -> tuple[SavedProgress, int]:
-        return self.record, self.finished_in_order
+def advance(walk: WalkProgress, rows: int, key: str) -> None:
+    """``rows`` more rows finish in order, the last one at ``key``."""
+    for row in range(rows):
+        position = Position(CUTOFF, key if row == rows - 1 else f"{key}-{row}")
+        walk.tracker.finish(walk.tracker.dispatch(position))
 
-    def advance(self, rows: int, key: str) -> None:
-        self.finished_in_order += rows
-        self.record = SavedProgress(Position(CUTOFF, key), False, self.finished_in_order)
+
+def record_of(walk: WalkProgress) -> SavedProgress:
+    return walk.snapshot()[0]
 
 
 def saver_for(
-    store: MemoryStore, walk: Walk, *, writes: bool = True, restart: bool = False
+    store: MemoryStore, walk: WalkProgress, *, writes: bool = True, restart: bool = False
 ) -> ProgressSaver:
     return ProgressSaver(
         store,
         KEY,
-        snapshot=walk.snapshot,
-        storage_call=direct_call,
+        walk=walk,
+        storage=direct_call,
         writes=writes,
         restart=restart,
         batch_size=10,
@@ -97,17 +99,17 @@ def saver_for(
 async def test_load_returns_the_saved_record_unless_restarting_or_verifying() -> None:
     store = MemoryStore()
     store.records[KEY] = SavedProgress(Position(CUTOFF, "ab"), completed=False, rows_done=7)
-    assert await saver_for(store, Walk()).load() == store.records[KEY]
+    assert await saver_for(store, walk_at_start()).load() == store.records[KEY]
     with structlog.testing.capture_logs() as logs:
-        assert await saver_for(store, Walk(), restart=True).load() is None
+        assert await saver_for(store, walk_at_start(), restart=True).load() is None
     assert [log["event"] for log in logs] == ["ignoring saved progress (--backfill-restart)"]
-    assert await saver_for(store, Walk(), writes=False).load() is None
+    assert await saver_for(store, walk_at_start(), writes=False).load() is None
 
 
 async def test_records_under_other_parameters_are_reported_once_and_not_used() -> None:
     other = RecordIdentity(WalkOrder.NEWEST_FIRST.value, KEY.target, KEY.shard)
     with structlog.testing.capture_logs() as logs:
-        assert await saver_for(MemoryStore([other]), Walk()).load() is None
+        assert await saver_for(MemoryStore([other]), walk_at_start()).load() is None
     assert len(logs) == 1
     assert logs[0]["event"] == "saved progress not used: it was saved for other parameters"
     assert logs[0]["differs"] == ["walk order"]
@@ -115,30 +117,30 @@ async def test_records_under_other_parameters_are_reported_once_and_not_used() -
 
 
 async def test_save_writes_only_what_changed_and_a_completed_record_always() -> None:
-    store, walk = MemoryStore(), Walk()
+    store, walk = MemoryStore(), walk_at_start()
     saver = saver_for(store, walk)
     await saver.save()  # nothing finished, same as loaded: nothing to write
     assert store.saves == 0
-    walk.advance(3, "ab")
+    advance(walk, 3, "ab")
     await saver.save()
     await saver.save()
-    assert (store.saves, store.records[KEY]) == (1, walk.record)
-    walk.record = SavedProgress(walk.record.position, completed=True, rows_done=3)
+    assert (store.saves, store.records[KEY]) == (1, record_of(walk))
+    walk.completed = True
     await saver.save()
     assert store.records[KEY].completed
 
 
 async def test_a_verification_saves_nothing() -> None:
-    store, walk = MemoryStore(), Walk()
-    walk.advance(50, "ff")
+    store, walk = MemoryStore(), walk_at_start()
+    advance(walk, 50, "ff")
     await saver_for(store, walk, writes=False).save()
     assert store.saves == 0
 
 
 async def test_a_failed_save_is_a_warning_and_the_next_save_tries_again() -> None:
-    store, walk = MemoryStore(), Walk()
+    store, walk = MemoryStore(), walk_at_start()
     saver = saver_for(store, walk)
-    walk.advance(3, "ab")
+    advance(walk, 3, "ab")
     store.failing = True
     with structlog.testing.capture_logs() as logs:
         await saver.save()
@@ -147,25 +149,25 @@ async def test_a_failed_save_is_a_warning_and_the_next_save_tries_again() -> Non
     ]
     store.failing = False
     await saver.save()
-    assert store.records[KEY] == walk.record
+    assert store.records[KEY] == record_of(walk)
 
 
 async def test_the_loop_saves_once_a_batch_has_finished_in_order_since_the_last_save() -> None:
-    store, walk = MemoryStore(), Walk()
+    store, walk = MemoryStore(), walk_at_start()
     saver = saver_for(store, walk)
-    walk.advance(5, "a0")
+    advance(walk, 5, "a0")
     await saver.save()  # saved at 5 rows finished
     loop = asyncio.create_task(saver.save_when_due())
     try:
-        walk.advance(9, "b0")
-        saver.finished(walk.finished_in_order)
+        advance(walk, 9, "b0")
+        saver.finished(walk.tracker.finished_in_order)
         for _ in range(5):
             await asyncio.sleep(0)  # the loop would run and save within these turns
         assert store.saves == 1, "9 rows since the last save are less than a batch of 10"
-        walk.advance(1, "b1")
-        saver.finished(walk.finished_in_order)
+        advance(walk, 1, "b1")
+        saver.finished(walk.tracker.finished_in_order)
         await asyncio.wait_for(store.saved.wait(), timeout=5)
-        assert (store.saves, store.records[KEY]) == (2, walk.record)
+        assert (store.saves, store.records[KEY]) == (2, record_of(walk))
     finally:
         loop.cancel()
         with contextlib.suppress(asyncio.CancelledError):
@@ -173,13 +175,57 @@ async def test_the_loop_saves_once_a_batch_has_finished_in_order_since_the_last_
 
 
 async def test_the_final_save_completes_even_when_the_caller_is_cancelled() -> None:
-    store, walk = MemoryStore(), Walk()
+    store, walk = MemoryStore(), walk_at_start()
     store.delay = asyncio.Event()
     saver = saver_for(store, walk)
-    walk.advance(3, "ab")
+    advance(walk, 3, "ab")
     caller = asyncio.create_task(saver.final_save())
     await asyncio.sleep(0)
     caller.cancel()
     store.delay.set()
     await asyncio.wait_for(store.saved.wait(), timeout=5)
-    assert store.records[KEY] == walk.record
+    assert store.records[KEY] == record_of(walk)
+
+
+async def test_resume_takes_up_the_saved_position_and_rows_into_the_walk() -> None:
+    store, walk = MemoryStore(), walk_at_start()
+    saved_at = Position(CUTOFF - timedelta(hours=1), "ab")
+    store.records[KEY] = SavedProgress(saved_at, completed=False, rows_done=7)
+    with structlog.testing.capture_logs() as logs:
+        assert await saver_for(store, walk).resume() == saved_at
+    assert (walk.tracker.low_water, walk.rows_done_earlier, walk.rows_done) == (saved_at, 7, 7)
+    assert not walk.completed
+    # In key order the cutoff resumes (any key may still be pending whatever its timestamp).
+    assert [(log["event"], log["checkpoint_timestamp"]) for log in logs] == [
+        ("resuming from saved progress", "2026-01-13 17:30:00.000000 UTC")
+    ]
+
+
+async def test_resume_newest_first_starts_from_the_tracker_checkpoint() -> None:
+    key = replace(KEY, order=WalkOrder.NEWEST_FIRST)
+    store, walk = MemoryStore(), walk_at_start()
+    store.records[key] = SavedProgress(Position(CUTOFF - timedelta(hours=1), "ab"), False, 7)
+    saver = ProgressSaver(
+        store, key, walk=walk, storage=direct_call, writes=True, restart=False, batch_size=10
+    )
+    with structlog.testing.capture_logs() as logs:
+        await saver.resume()
+    assert logs[0]["checkpoint_timestamp"] == "2026-01-13 16:30:00.000001 UTC"
+
+
+async def test_a_completed_copy_stays_completed_and_a_completed_repair_starts_again() -> None:
+    store, walk = MemoryStore(), walk_at_start()
+    store.records[KEY] = SavedProgress(Position(CUTOFF, "ff"), completed=True, rows_done=9)
+    await saver_for(store, walk).resume()
+    assert (walk.completed, walk.rows_done) == (True, 9)
+
+    repair = replace(KEY, purpose=WalkPurpose.REPAIR)
+    store.records[repair] = SavedProgress(Position(CUTOFF, "ff"), completed=True, rows_done=9)
+    fresh = walk_at_start()
+    saver = ProgressSaver(
+        store, repair, walk=fresh, storage=direct_call, writes=True, restart=False, batch_size=10
+    )
+    with structlog.testing.capture_logs() as logs:
+        assert await saver.resume() is None
+    assert (fresh.completed, fresh.rows_done, fresh.tracker.low_water) == (False, 0, None)
+    assert [log["event"] for log in logs] == ["previous repair pass completed; starting a new pass"]

@@ -13,6 +13,7 @@ from opentelemetry.sdk.metrics import MeterProvider
 
 from layer_cache.cache_types import CacheType
 from layer_cache.pg import RowRef
+from layer_cache.rate_limit import UploadPacer
 from layer_cache.s3 import StoredObject
 from migrations_mode.bucket_index import UNKNOWN, Stored
 from migrations_mode.config import VerifyMode
@@ -201,8 +202,9 @@ def make(mode: VerifyMode, body: bytes | None) -> tuple[Any, FakeS3, RecordingRe
         mode,
         progress=progress,
         s3=s3,  # type: ignore[arg-type]
-        storage_call=direct_call,
+        storage=direct_call,
         report=report,
+        pacer=UploadPacer(),
     )
     return action, s3, report
 
@@ -292,9 +294,11 @@ async def test_every_put_waits_for_the_rate_limits_first_and_a_read_never_does(
         calls.append("put")
         await put(key, body)
 
-    async def pace(key: str, size: int) -> None:
-        assert (key, size) == (ROW.key, len(VALUE))
-        calls.append("pace")
+    class RecordingPacer(UploadPacer):
+        async def acquire(self, size: int) -> float:
+            assert size == len(VALUE)
+            calls.append("pace")
+            return 0.0
 
     s3.get, s3.put = recorded_get, recorded_put  # type: ignore[method-assign]
     progress = CacheProgress(CacheType.CAS, BackfillMetrics(MeterProvider().get_meter("t")))
@@ -302,9 +306,9 @@ async def test_every_put_waits_for_the_rate_limits_first_and_a_read_never_does(
         mode,
         progress=progress,
         s3=s3,  # type: ignore[arg-type]
-        storage_call=direct_call,
+        storage=direct_call,
         report=RecordingReport(),
-        pace=pace,
+        pacer=RecordingPacer(),
     )
 
     await action.finish(ROW, VALUE, stored)
