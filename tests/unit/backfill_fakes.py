@@ -267,7 +267,7 @@ class MemoryBucket(S3Layer):
         self.put_started: list[str] = []
         self.put_cancelled: list[str] = []
         # Awaited before a row's PUT stores anything: hold it back, or raise to refuse it.
-        self.before_put: dict[str, Callable[[], Awaitable[None]]] = {}
+        self.before_put: dict[str, Callable[[], Awaitable[object]]] = {}
         self._changed = asyncio.Event()
 
     def store(self, key: str, body: bytes) -> None:
