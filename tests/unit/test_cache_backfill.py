@@ -412,8 +412,10 @@ async def test_a_row_that_cannot_be_put_fails_the_cache_naming_the_row() -> None
     assert not saved.completed
     assert saved.position is not None
     assert saved.position < position(4)
+    # Every upload slot is given back, those of uploads cancelled before they started too.
+    assert walk.parts.upload_limit.in_use == 0
     [last] = [log for log in logs if log["event"] == "backfill stopped"]
-    assert last["reason"] == "failed"
+    assert (last["reason"], last["uploads_in_flight"]) == ("failed", 0)
 
 
 async def test_a_cancelled_walk_cuts_its_uploads_and_saves_where_to_resume() -> None:
