@@ -1,12 +1,14 @@
-"""In-memory stand-ins for one cache's storage, for the backfill's unit tests.
+"""In-memory stand-ins for one cache's storage, and its pipeline over them, for the
+backfill's unit tests.
 
 ``MemoryTable`` is a ``PgLayer`` and ``MemoryBucket`` an ``S3Layer`` whose calls are answered
 from dicts with the real queries' semantics (cutoff, key range, ``after``, order, limit; a
 listing in key order, paged, ``StartAfter`` and continuation tokens), and recorded. A bucket's
 PUTs can be held back or refused per key (``before_put``), so a test decides which uploads are in
 flight when it stops, cancels or fails a walk. ``MemoryStore`` is our ``ProgressStore`` protocol
-in a dict. Nothing here opens a connection: the integration tests run the real layers against
-real servers.
+in a dict. ``pipeline`` builds a cache's ``CacheBackfill`` over them with ``cache_parts``, as
+the coordinator does. Nothing here opens a connection: the integration tests run the real
+layers against real servers.
 """
 
 from __future__ import annotations
@@ -31,7 +33,11 @@ from layer_cache.errors import ErrorKind, StorageError
 from layer_cache.pg import PgLayer, RowRef
 from layer_cache.retry import RetryPolicy
 from layer_cache.s3 import S3Layer, StoredObject
+from migrations_mode.cache_backfill import CacheBackfill
+from migrations_mode.cache_parts import CacheParts, cache_parts
+from migrations_mode.checkpoint import Position
 from migrations_mode.config import BackfillConfig
+from migrations_mode.differences import DifferenceReport
 from migrations_mode.progress import BackfillMetrics
 from migrations_mode.progress_store import (
     ProgressKey,
@@ -387,3 +393,80 @@ class MemoryStore:
 
     async def others(self, key: ProgressKey) -> list[RecordIdentity]:
         return self.other_records
+
+
+def hold(bucket: MemoryBucket, *indexes: int) -> asyncio.Event:
+    """Hold the PUTs of these rows until the returned event is set."""
+    release = asyncio.Event()
+    for index in indexes:
+        bucket.before_put[row_key(index)] = release.wait
+    return release
+
+
+# --------------------------------------------------------------------------------------------
+# A cache's pipeline over the fakes
+
+
+def created_at(index: int) -> datetime:
+    """Row ``index``'s creation time: key order and newest-first order differ."""
+    return CUTOFF - timedelta(minutes=1 + (index * 7) % 11, seconds=index)
+
+
+def table_of(count: int, cache_type: CacheType = CacheType.CAS) -> MemoryTable:
+    """Rows ``0 … count - 1`` below the cutoff."""
+    return MemoryTable(((row_key(index), created_at(index)) for index in range(count)), cache_type)
+
+
+def position(index: int) -> Position:
+    """Row ``index``'s place in a walk."""
+    return Position(created_at(index), row_key(index))
+
+
+@dataclass
+class Walk:
+    """A cache's pipeline and the fakes it runs over."""
+
+    cache: CacheBackfill
+    parts: CacheParts
+    table: MemoryTable
+    bucket: MemoryBucket
+    store: MemoryStore
+    stop: asyncio.Event
+    report: DifferenceReport
+
+    @property
+    def saved(self) -> SavedProgress | None:
+        """The progress saved for this walk."""
+        return self.store.records.get(self.parts.saver.key)
+
+    async def run(self) -> None:
+        async with asyncio.timeout(DEADLINE_S):
+            await self.cache.run()
+
+
+def pipeline(
+    table: MemoryTable,
+    bucket: MemoryBucket | None = None,
+    store: MemoryStore | None = None,
+    *,
+    stop: asyncio.Event | None = None,
+    **config_changes: Any,
+) -> Walk:
+    """The table's cache's pipeline, built as the coordinator builds it (pages of 4 rows, 3
+    uploads at a time unless changed)."""
+    cache_type = table.spec.cache_type
+    bucket = MemoryBucket(cache_type) if bucket is None else bucket
+    store = MemoryStore() if store is None else store
+    stop = asyncio.Event() if stop is None else stop
+    config = backfill_config(**config_changes)
+    report = DifferenceReport()
+    parts = cache_parts(
+        pg=table,
+        s3=bucket,
+        config=config,
+        metrics=BackfillMetrics(MeterProvider().get_meter("test")),
+        progress_store=store,
+        report=report,
+    )
+    cache = CacheBackfill(cache_type, config=config, stop=stop, parts=parts)
+    return Walk(cache, parts, table, bucket, store, stop, report)

@@ -8,104 +8,33 @@ from __future__ import annotations
 
 import asyncio
 from collections import Counter
-from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import pytest
 import structlog
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from opentelemetry.sdk.metrics import MeterProvider
 from structlog.typing import EventDict
 
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
-from migrations_mode.cache_backfill import CacheBackfill
-from migrations_mode.cache_parts import CacheParts, cache_parts
-from migrations_mode.checkpoint import Position
 from migrations_mode.config import VerifyMode
-from migrations_mode.differences import DifferenceReport
 from migrations_mode.errors import CacheBackfillFailed
-from migrations_mode.progress import BackfillMetrics
 from migrations_mode.progress_store import SavedProgress
 from migrations_mode.walk import WalkOrder
 from tests.unit.backfill_fakes import (
-    CUTOFF,
     DEADLINE_S,
     MemoryBucket,
     MemoryStore,
-    MemoryTable,
-    backfill_config,
+    Walk,
+    hold,
+    pipeline,
+    position,
     refuse,
     row_key,
+    table_of,
     value_of,
 )
-
-
-def created_at(index: int) -> datetime:
-    """Row ``index``'s creation time: key order and newest-first order differ."""
-    return CUTOFF - timedelta(minutes=1 + (index * 7) % 11, seconds=index)
-
-
-def table_of(count: int) -> MemoryTable:
-    return MemoryTable((row_key(index), created_at(index)) for index in range(count))
-
-
-def position(index: int) -> Position:
-    return Position(created_at(index), row_key(index))
-
-
-@dataclass
-class Walk:
-    """A cache's pipeline and the fakes it runs over."""
-
-    cache: CacheBackfill
-    parts: CacheParts
-    table: MemoryTable
-    bucket: MemoryBucket
-    store: MemoryStore
-    stop: asyncio.Event
-    report: DifferenceReport
-
-    @property
-    def saved(self) -> SavedProgress | None:
-        return self.store.records.get(self.parts.saver.key)
-
-    async def run(self) -> None:
-        async with asyncio.timeout(DEADLINE_S):
-            await self.cache.run()
-
-
-def pipeline(
-    table: MemoryTable,
-    bucket: MemoryBucket | None = None,
-    store: MemoryStore | None = None,
-    **config_changes: object,
-) -> Walk:
-    """A cas cache's pipeline (pages of 4 rows, 3 uploads at a time unless changed)."""
-    bucket = MemoryBucket() if bucket is None else bucket
-    store = MemoryStore() if store is None else store
-    config = backfill_config(**config_changes)
-    report = DifferenceReport()
-    parts = cache_parts(
-        pg=table,
-        s3=bucket,
-        config=config,
-        metrics=BackfillMetrics(MeterProvider().get_meter("test")),
-        progress_store=store,
-        report=report,
-    )
-    stop = asyncio.Event()
-    cache = CacheBackfill(CacheType.CAS, config=config, stop=stop, parts=parts)
-    return Walk(cache, parts, table, bucket, store, stop, report)
-
-
-def hold(bucket: MemoryBucket, *indexes: int) -> asyncio.Event:
-    """Hold the PUTs of these rows until the returned event is set."""
-    release = asyncio.Event()
-    for index in indexes:
-        bucket.before_put[row_key(index)] = release.wait
-    return release
 
 
 def walk_order(count: int, order: WalkOrder) -> list[int]:
