@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -174,7 +175,10 @@ class CacheBackfill:
                         producer.cancel()
                         self._release_unstarted(batch[index:], jobs)
                         return  # stopping: in-flight uploads drain as the task group exits
-                    tasks.create_task(self._run_job(job))
+                    upload = tasks.create_task(self._run_job(job))
+                    # Given back when the task ends: a task cancelled before it started (another
+                    # row failed, the grace period ended) never runs a ``finally`` of its own.
+                    upload.add_done_callback(functools.partial(self._release_job, job))
         self.walk.completed = self._listing_done and self.walk.tracker.in_flight == 0
 
     async def _produce(
@@ -253,31 +257,33 @@ class CacheBackfill:
         return True
 
     async def _run_job(self, job: _Job) -> None:
-        """One row's work, with an upload slot held (and, with a value, its bytes); gives both
-        back. A row the listing could not vouch for is HEADed first, then settled or finished."""
-        try:
-            stored, value = job.stored, job.value
+        """One row's work, with an upload slot held (and, with a value, its bytes) until its
+        task ends. A row the listing could not vouch for is HEADed first, then settled or
+        finished."""
+        stored, value = job.stored, job.value
+        if value is None:
+            stored = await self.storage(lambda: self.s3.stat(job.row.key), key=job.row.key)
+            decision = self.action.settle(job.row, stored)
+            if decision.settled:
+                self.action.record_settled(job.row, stored, decision)
+                self._finish(job.sequence)
+                return
+            value = await self._fetch_one(job.row.key)
             if value is None:
-                stored = await self.storage(lambda: self.s3.stat(job.row.key), key=job.row.key)
-                decision = self.action.settle(job.row, stored)
-                if decision.settled:
-                    self.action.record_settled(job.row, stored, decision)
-                    self._finish(job.sequence)
-                    return
-                value = await self._fetch_one(job.row.key)
-                if value is None:
-                    self._vanished(job.row, job.sequence)
-                    return
-            started = time.monotonic()
-            paced = await self.action.finish(job.row, value, stored)
-            # S3's time only, not the rate limits' wait: under a binding limit the tuner then
-            # sees the rate flat and stops climbing, rather than latency it would blame on S3.
-            self.upload_limit.record_latency(time.monotonic() - started - paced)
-            self._finish(job.sequence)
-        finally:
-            self.upload_limit.release()
-            if job.value is not None:
-                self.bytes_budget.release(job.row.size)
+                self._vanished(job.row, job.sequence)
+                return
+        started = time.monotonic()
+        paced = await self.action.finish(job.row, value, stored)
+        # S3's time only, not the rate limits' wait: under a binding limit the tuner then
+        # sees the rate flat and stops climbing, rather than latency it would blame on S3.
+        self.upload_limit.record_latency(time.monotonic() - started - paced)
+        self._finish(job.sequence)
+
+    def _release_job(self, job: _Job, _upload: asyncio.Task[None]) -> None:
+        """Give back a row's upload slot (and its bytes) once its task has ended, however."""
+        self.upload_limit.release()
+        if job.value is not None:
+            self.bytes_budget.release(job.row.size)
 
     async def _fetch_one(self, key: str) -> bytes | None:
         return await self.storage(lambda: self.pg.fetch_value(key), key=key)

@@ -13,51 +13,22 @@ from typing import TypeVar
 import structlog
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import StorageError
 from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_saver import ProgressSaver, WalkProgress
 from migrations_mode.progress_store import (
     ProgressKey,
-    ProgressStoreKind,
     RecordIdentity,
     SavedProgress,
     WalkPurpose,
 )
 from migrations_mode.walk import WalkOrder
+from tests.unit.backfill_fakes import MemoryStore
 
 T = TypeVar("T")
 CUTOFF = datetime(2026, 1, 13, 17, 30, tzinfo=UTC)
 KEY = ProgressKey(CacheType.CAS, CUTOFF, WalkOrder.KEY, "http://s3/bucket")
-
-
-class MemoryStore:
-    """Records in a dict; ``failing`` makes every save raise as retries exhausted would."""
-
-    kind = ProgressStoreKind.POSTGRES
-
-    def __init__(self, others: list[RecordIdentity] | None = None) -> None:
-        self.records: dict[ProgressKey, SavedProgress] = {}
-        self.saves = 0
-        self.failing = False
-        self.saved = asyncio.Event()
-        self.delay: asyncio.Event | None = None  # when set, a save waits for it
-        self._others = others or []
-
-    async def load(self, key: ProgressKey) -> SavedProgress | None:
-        return self.records.get(key)
-
-    async def save(self, key: ProgressKey, progress: SavedProgress) -> None:
-        if self.failing:
-            raise StorageError("connection refused", kind=ErrorKind.TRANSIENT)
-        if self.delay is not None:
-            await self.delay.wait()
-        self.saves += 1
-        self.records[key] = progress
-        self.saved.set()
-
-    async def others(self, key: ProgressKey) -> list[RecordIdentity]:
-        return self._others
 
 
 async def direct_call(call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
@@ -109,7 +80,7 @@ async def test_load_returns_the_saved_record_unless_restarting_or_verifying() ->
 async def test_records_under_other_parameters_are_reported_once_and_not_used() -> None:
     other = RecordIdentity(WalkOrder.NEWEST_FIRST.value, KEY.target, KEY.shard)
     with structlog.testing.capture_logs() as logs:
-        assert await saver_for(MemoryStore([other]), walk_at_start()).load() is None
+        assert await saver_for(MemoryStore(other_records=[other]), walk_at_start()).load() is None
     assert len(logs) == 1
     assert logs[0]["event"] == "saved progress not used: it was saved for other parameters"
     assert logs[0]["differs"] == ["walk order"]
