@@ -13,20 +13,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.metadata
 import io
 import json
 import os
-import platform
 import pstats
 import secrets
 import shutil
 import subprocess
-import sys
-import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -38,12 +32,10 @@ from aiobotocore.config import AioConfig
 from bench.common import (
     CUTOFF,
     TABLE,
-    Target,
     code_fingerprint,
     comma_ints,
     obstore_available,
 )
-from bench.cpu import find_process
 from bench.data import BENCH_SIZES, SeededDatabase, seed_and_report, uniform_sizes
 from bench.latency import (
     add_latency_flags,
@@ -51,6 +43,7 @@ from bench.latency import (
     latency_report,
     run_latency_section,
 )
+from bench.machine import machine_info, pg_version, s3_server_pid
 from bench.rate_limit import add_rate_limit_flags, rate_limit_report, run_rate_limit_section
 from bench.report import (
     check_targets,
@@ -60,10 +53,10 @@ from bench.report import (
     sweep_table,
     targets_table,
 )
+from bench.runner import Runner, logs_dir
 from bench.scale import add_scale_flags, run_scale_section, scale_report
 from devenv.postgres import PostgresEndpoint, PostgresServer, start_postgres
-from devenv.s3 import S3Endpoint, create_buckets, start_s3
-from devenv.tools import S3RVER_VERSION
+from devenv.s3 import S3Endpoint, start_s3
 from layer_cache.keys import bucket_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -128,42 +121,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 # --------------------------------------------------------------------------------------------
-# the machine and the servers
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def _memory_gib() -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemTotal:"):
-                return round(int(line.split()[1]) / 1024 / 1024, 1)
-    except OSError:
-        pass
-    return None
-
-
-def _version(package: str) -> str:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def _node_version() -> str:
-    node = shutil.which("node")
-    if node is None:
-        return "none"
-    result = subprocess.run([node, "--version"], capture_output=True, text=True, check=False)
-    return result.stdout.strip()
+# the code measured and the servers (the machine's facts: bench.machine)
 
 
 def code_state() -> dict[str, Any]:
@@ -181,36 +139,6 @@ def code_state() -> dict[str, Any]:
         "modified": changed,
         "fingerprint_at_start": code_fingerprint(),
     }
-
-
-def machine_info(s3: S3Endpoint, pg_version: str) -> dict[str, Any]:
-    """Where the numbers came from."""
-    os_release = Path("/etc/debian_version")
-    s3_server = {"s3rver": f"s3rver {S3RVER_VERSION} (Node {_node_version()})"}.get(
-        s3.kind, f"{s3.kind} {_version('moto') if s3.kind == 'moto' else ''}".strip()
-    )
-    return {
-        "nproc": len(os.sched_getaffinity(0)),
-        "cpu_model": _cpu_model(),
-        "memory_gib": _memory_gib(),
-        "os": f"{platform.system()} {platform.release()}"
-        + (f", Debian {os_release.read_text().strip()}" if os_release.exists() else ""),
-        "python": platform.python_version(),
-        "postgres": pg_version,
-        "s3_server": s3_server,
-        "libraries": {
-            name: _version(name) for name in ("aiobotocore", "botocore", "aiohttp", "asyncpg")
-        },
-    }
-
-
-async def _pg_version(pg: PostgresEndpoint) -> str:
-    connection = await asyncpg.connect(pg.dsn(dbname="postgres", superuser=True))
-    try:
-        version = str(await connection.fetchval("SHOW server_version"))
-    finally:
-        await connection.close()
-    return f"PostgreSQL {version}"
 
 
 async def _try_load_statements(pg: PostgresEndpoint) -> bool:
@@ -269,144 +197,7 @@ async def _warm_up(s3: S3Endpoint, bucket: str, concurrency: int, objects: int) 
 
 
 # --------------------------------------------------------------------------------------------
-# running scenarios
-
-
-class Runner:
-    """Runs scenarios in subprocesses, each against a fresh bucket set unless one is named."""
-
-    def __init__(
-        self,
-        args: argparse.Namespace,
-        pg: PostgresEndpoint,
-        s3: S3Endpoint,
-        *,
-        statements: bool,
-        logs_dir: Path,
-    ) -> None:
-        self.args = args
-        self.pg = pg
-        self.s3 = s3
-        self.statements = statements
-        self.logs_dir = logs_dir
-        self.run_id = "b" + secrets.token_hex(3)
-        self._counter = 0
-        self.s3_pid: int | None = None
-        self.pg_pid: int | None = None
-        self.fingerprints: dict[str, str] = {}  # scenario label -> product code it ran
-
-    def new_prefix(self, label: str) -> str:
-        """A bucket prefix no other scenario uses, with its ``cas`` bucket created."""
-        self._counter += 1
-        prefix = f"{self.run_id}-{self._counter:02d}-{label.replace('_', '-')}"[:40]
-        create_buckets(self.s3, [bucket_name(TABLE, prefix)])
-        return prefix
-
-    def target(self, database: SeededDatabase, prefix: str) -> Target:
-        """The ``--target`` of a scenario."""
-        return Target(
-            pg=self.pg,
-            s3=self.s3,
-            dbname=database.dbname,
-            bucket_prefix=prefix,
-            cutoff=CUTOFF,
-            statements=self.statements,
-            s3_pid=self.s3_pid,
-            pg_pid=self.pg_pid,
-        )
-
-    def run(
-        self,
-        name: str,
-        target: Target,
-        *,
-        concurrency: int,
-        rows: int,
-        extra_args: tuple[str, ...] = (),
-        label: str | None = None,
-    ) -> dict[str, Any]:
-        """Run one scenario process; its JSON summary."""
-        label = label or f"{name}-c{concurrency}-{target.dbname}"
-        command = [
-            sys.executable, "-m", "bench.scenarios", name,
-            "--target", target.to_json(),
-            "--json",
-            "--concurrency", str(concurrency),
-            "--key-batch-size", str(self.args.key_batch_size),
-            "--shards", str(self.args.shards),
-            *extra_args,
-        ]  # fmt: skip
-        log_path = self.logs_dir / f"{label}.log"
-        timeout_s = 120 + rows / 20
-        print(f"  {label:<40} ...", end="", flush=True)
-        with log_path.open("w") as log:
-            try:
-                completed = subprocess.run(
-                    command,
-                    stdout=subprocess.PIPE,
-                    stderr=log,
-                    stdin=subprocess.DEVNULL,
-                    text=True,
-                    cwd=REPO_ROOT,
-                    env=_scenario_environment(),
-                    timeout=timeout_s,
-                    check=False,
-                )
-            except subprocess.TimeoutExpired:
-                print(" timed out", flush=True)
-                raise SystemExit(
-                    f"{label} took over {timeout_s:.0f} s\n{_tail(log_path)}"
-                ) from None
-        if completed.returncode != 0:
-            print(" failed", flush=True)
-            raise SystemExit(
-                f"{label} exited with {completed.returncode}\n{completed.stdout}\n{_tail(log_path)}"
-            )
-        lines = [line for line in completed.stdout.splitlines() if line.startswith("{")]
-        summary: dict[str, Any] = json.loads(lines[-1])
-        self.fingerprints[label] = summary.get("code_fingerprint", "?")
-        print(
-            f" {summary['rows']:>7,} rows {summary['seconds']:>7.2f} s"
-            f" {summary['rows_per_s']:>8,.0f} rows/s",
-            flush=True,
-        )
-        return summary
-
-
-def _s3_server_pid(s3: S3Endpoint) -> int | None:
-    port = s3.url.rsplit(":", 1)[-1]
-    if s3.kind == "s3rver":
-        return find_process("s3rver.js", f"--port {port} ")
-    if s3.kind == "moto":
-        return find_process(f"_serve_moto({port})")
-    if s3.kind == "seaweedfs":
-        return find_process(" mini ", f"-s3.port={port} ")
-    return None  # in a container: not visible from here
-
-
-def _scenario_environment() -> dict[str, str]:
-    """This environment minus the service's own settings, so only the target configures it."""
-    return {
-        name: value
-        for name, value in os.environ.items()
-        if not name.startswith(("SI_", "OTEL_", "PG"))
-    }
-
-
-def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    except OSError:
-        return ""
-
-
-@contextmanager
-def _logs_dir() -> Iterator[Path]:
-    directory = Path(tempfile.mkdtemp(prefix="si-bench-logs-"))
-    try:
-        yield directory
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
+# running scenarios (each in a process of its own: bench.runner)
 
 
 def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -453,11 +244,11 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
     with (
         start_postgres() as pg_server,
         start_s3(kind=args.s3) as s3_server,
-        _logs_dir() as logs_dir,
+        logs_dir() as logs,
     ):
         pg, s3 = pg_server.endpoint, s3_server.endpoint
         statements = enable_statements(pg_server)
-        machine = machine_info(s3, asyncio.run(_pg_version(pg)))
+        machine = machine_info(s3, asyncio.run(pg_version(pg)))
         document["machine"] = machine
         document["config"] = {
             "rows": args.rows,
@@ -477,9 +268,9 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
         print(_machine_lines(machine, statements), flush=True)
         main_db = seed_and_report(pg, f"bench_{args.rows}", args.rows, cutoff=CUTOFF, sizes=sizes)
         databases = {"main": main_db}
-        runner = Runner(args, pg, s3, statements=statements, logs_dir=logs_dir)
+        runner = Runner(args, pg, s3, statements=statements, logs_dir=logs)
         runner.pg_pid = pg_server.pid
-        runner.s3_pid = _s3_server_pid(s3)
+        runner.s3_pid = s3_server_pid(s3)
         warm_bucket = runner.new_prefix("warmup")
         warm_up_objects = 50 if args.smoke else WARMUP_OBJECTS
         asyncio.run(
@@ -564,7 +355,7 @@ def run_all(args: argparse.Namespace) -> dict[str, Any]:
             )
         if args.keep_logs:
             kept = results_dir / f"{stamp}-logs"
-            shutil.copytree(logs_dir, kept)
+            shutil.copytree(logs, kept)
             document["logs"] = str(kept)
         document["databases"] = {name: db.as_json() for name, db in databases.items()}
         document["code"]["fingerprints"] = runner.fingerprints

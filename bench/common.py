@@ -385,7 +385,7 @@ def comma_ints(text: str) -> list[int]:
 
 
 class ScenarioRunner(Protocol):
-    """What the latency and scale sections need of ``bench.__main__.Runner``."""
+    """What the latency, scale and rate-limit sections need of ``bench.runner.Runner``."""
 
     s3: S3Endpoint
 

@@ -38,7 +38,9 @@ from typing import Any, TypeVar
 from bench.common import CUTOFF, ScenarioRunner, Target, comma_ints
 from bench.data import SeededDatabase, seed_and_report, uniform_sizes
 from bench.delay_proxy import delayed_endpoint
+from bench.machine import machine_info, pg_version, s3_server_pid
 from bench.report import format_table
+from bench.runner import Runner, logs_dir
 from devenv.faults import SLOWDOWN
 from devenv.postgres import PostgresEndpoint, start_postgres
 from devenv.s3 import S3Endpoint, start_s3
@@ -418,20 +420,18 @@ def run_latency_section(
 
 def run_latency(args: argparse.Namespace) -> dict[str, Any]:
     """Only the latency section, on servers of its own; the results document."""
-    from bench.__main__ import Runner, _logs_dir, _pg_version, _s3_server_pid, machine_info
-
     document: dict[str, Any] = {
         "started_at": datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ"),
         "load_average": {"start": os.getloadavg()[0]},
         "config": vars(args) | {"results_dir": str(args.results_dir)},
     }
     started = time.monotonic()
-    with start_postgres() as pg_server, start_s3(kind=args.s3) as s3_server, _logs_dir() as logs:
+    with start_postgres() as pg_server, start_s3(kind=args.s3) as s3_server, logs_dir() as logs:
         pg, s3 = pg_server.endpoint, s3_server.endpoint
-        document["machine"] = machine_info(s3, asyncio.run(_pg_version(pg)))
+        document["machine"] = machine_info(s3, asyncio.run(pg_version(pg)))
         runner = Runner(args, pg, s3, statements=False, logs_dir=logs)
         runner.pg_pid = pg_server.pid
-        runner.s3_pid = _s3_server_pid(s3)
+        runner.s3_pid = s3_server_pid(s3)
         document["latency"] = run_latency_section(runner, pg, args)
     document["wall_seconds"] = round(time.monotonic() - started, 1)
     document["load_average"]["end"] = os.getloadavg()[0]

@@ -6,28 +6,20 @@ is the rule, with no clock and no I/O of its own: it is fed each upload's latenc
 ended and the slots in use, and judges the limit one window at a time by the window's completion
 rate and median latency. By Little's law, rate = in flight / latency: while raising the limit
 raises the rate, latency is not just queueing and the higher limit is kept; when the rate stays
-flat, the extra uploads only queue (latency grew in step with the limit) and the limit goes
-back. So it doubles from a low start while each doubling brings at least 5 % more (TCP's slow
-start), judged on short windows (``max(32, limit)`` uploads, a quarter second at least); a
-doubling that seems not to pay is measured again over a long window (``max(64, limit)``
-uploads, 0.6 s at least: one quarter second's rate varies by +-15 % at a steady limit), then
-the level below it too, and kept only if it brings 5 % more. After every rise one window is
-measured and dropped: the first uploads through new slots open connections (TCP, and against
-AWS TLS, handshakes) and ran at about 60 % of the level's rate in traces. Then it holds: the
-accepted level's rate and latency are the mean and median of its last 8 windows, kept across
-probes that go back to it; every few windows it tries 1.25x (kept for 3 % more, and then tried
-again) or 0.75x (kept if nothing is lost). A probe that does not pay doubles the hold before the
-next (4 windows, up to 32), so at the ceiling or a settled level futile probes grow rare; one
-that pays resets it. A window whose median latency is 1.5x the level's halves it at once, and
-again while halving costs under 3 % of the rate (the rise was queueing). A throttle ends the
-climb and acts once per burst (throttles from requests sent at the old rate are ignored): one
-that answers a probe or a doubling up sends the limit back to the level below, which ran
-without throttles, and halves the next probe's step (1.25x, 1.125x, ...; a probe that pays
-doubles it back), so under a request-rate cap the limit closes in on the highest level that
-draws none; any other throttle lowers the limit to 3/4.
-Uploads that started under another limit are not counted in the next window, and a limit the
-walk does not fill is not raised. The limit stays between 1 and the ceiling. Nothing here owns
-a resource: a cancelled ``acquire`` gives back or forgets its slot.
+flat, the extra uploads only queue (latency grew in step with the limit) and the limit goes back.
+
+The rule is a state machine, all of it in ``TRANSITIONS``: the ``Phase`` says what the current
+window measures, each judged window and each throttle is classified into an ``Outcome``, and the
+row for the two names the ``Move`` of the estimate, the next phase and why. It climbs from a low
+start by doublings judged on short windows (TCP's slow start), measuring a doubling that seems
+not to pay again on long ones; then it holds, probing up or down every few windows, halves the
+limit when latency jumps, and answers a throttle once per burst (throttles from requests sent at
+the old rate are ignored). Three rules hold in every row: a move the ceiling or the whole number
+of slots leaves no room for, or a rise the walk does not fill (under half the slots were busy),
+holds instead; the window after a rise is measured and dropped (new slots open connections
+first); uploads that started under another limit are not counted in the next window. The limit
+stays between 1 and the ceiling. Nothing here owns a resource: a cancelled ``acquire`` gives
+back or forgets its slot.
 """
 
 from __future__ import annotations
@@ -37,12 +29,15 @@ import math
 import statistics
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Protocol
+from types import MappingProxyType
+from typing import Protocol, assert_never
 
 # A window is judged after max(samples, limit) uploads and this long at least: short while
-# climbing (a doubling from a low start gains far more than the noise), long otherwise.
+# climbing (a doubling from a low start gains far more than the noise), long otherwise (one
+# quarter second's rate varies by +-15 % at a steady limit).
 MIN_WINDOW_SAMPLES, MIN_WINDOW_S = 64, 0.6
 CLIMB_WINDOW_SAMPLES, CLIMB_WINDOW_S = 32, 0.25
 INITIAL_TUNED_LIMIT = 5  # upstream's default uploads in flight: where the tuned limit starts
@@ -131,6 +126,150 @@ class Phase(StrEnum):
     ALARM = "alarm"  # half the level, after latency jumped
 
 
+class Outcome(StrEnum):
+    """What a judged window, or a throttle, says in the phase it came in."""
+
+    FIRST = "first"  # the start's first window: nothing to compare it with
+    PAID = "paid"  # the window's rate over the level's reached its phase's ``PAYS``
+    NOT_PAID = "not_paid"
+    MEASURED = "measured"  # the doubling over a long window
+    KEPT = "kept"  # over long windows the doubling brings ``CLIMB_GAIN`` more than the level below
+    KEPT_AT_CEILING = "kept_at_ceiling"  # and the ceiling leaves no room to double it again
+    REFUSED = "refused"  # it brings less, or the walk did not fill it
+    HELD = "held"  # one more window at the accepted level
+    LATENCY_JUMP = "latency_jump"  # its median latency is ``LATENCY_ALARM`` times the level's
+    PROBE_UP_DUE = "probe_up_due"  # held long enough: a probe is due, up
+    PROBE_DOWN_DUE = "probe_down_due"  # down, every third probe
+    THROTTLED_RISE = "throttled_rise"  # a throttle answering a rise above the accepted level
+    THROTTLED = "throttled"  # any other throttle
+
+
+class Move(StrEnum):
+    """What a transition does to the estimate. To try a level is to go to it from a fresh window
+    (the old level becomes the accepted one); to settle is to make it the accepted level and
+    measure its rate afresh, keeping the latency it is held to."""
+
+    STAY = "stay"  # the estimate as it is
+    DOUBLE = "double"  # try twice the estimate
+    HALVE = "halve"  # try half of it
+    PROBE_UP = "probe_up"  # try the probe step above it (1.25x, one slot more at least)
+    PROBE_UP_FURTHER = "probe_up_further"  # double the step (to 1.25x at most), then PROBE_UP
+    PROBE_DOWN = "probe_down"  # try 3/4 of it (one slot less at least)
+    TRY_BELOW = "try_below"  # try the accepted level, the one below the doubling
+    CLIMB_ON = "climb_on"  # try twice the doubling (the accepted level), which stays accepted
+    TO_DOUBLING = "to_doubling"  # try the doubling itself, which stays accepted
+    RETURN = "return"  # back to the accepted level, its windows still counted; hold twice as long
+    BACK = "back"  # settle at the accepted level
+    BACK_CLOSER = "back_closer"  # settle at the accepted level, and halve the probe up's step
+    DOWN = "down"  # settle at 3/4 of the estimate
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    """One row of the tuner's state machine."""
+
+    move: Move
+    phase: Phase  # the next one (hold, when the move cannot be tried)
+    why: str
+
+
+_P, _O, _M = Phase, Outcome, Move
+
+TRANSITIONS: Mapping[tuple[Phase, Outcome], Transition] = MappingProxyType(
+    {
+        (_P.CLIMB, _O.FIRST): Transition(
+            _M.DOUBLE, _P.CLIMB, "the start's rate is measured: try twice the limit"
+        ),
+        (_P.CLIMB, _O.PAID): Transition(
+            _M.DOUBLE, _P.CLIMB, "the doubling brought 5 % more: double again"
+        ),
+        (_P.CLIMB, _O.NOT_PAID): Transition(
+            _M.STAY, _P.CONFIRM, "a short window can mislead: measure the doubling over a long one"
+        ),
+        (_P.CLIMB, _O.THROTTLED_RISE): Transition(
+            _M.BACK, _P.HOLD, "the climb is over at the level below, which ran without throttles"
+        ),
+        (_P.CLIMB, _O.THROTTLED): Transition(
+            _M.DOWN, _P.HOLD, "throttled at the start, with no level below: 3/4, the climb is over"
+        ),
+        (_P.CONFIRM, _O.MEASURED): Transition(
+            _M.TRY_BELOW, _P.RECHECK, "measure the level below over a long window too"
+        ),
+        (_P.CONFIRM, _O.THROTTLED): Transition(
+            _M.DOWN, _P.HOLD, "3/4 of the doubling that ran without one so far; the climb is over"
+        ),
+        (_P.RECHECK, _O.KEPT): Transition(
+            _M.CLIMB_ON, _P.CLIMB, "the doubling pays after all: the climb goes on from it"
+        ),
+        (_P.RECHECK, _O.KEPT_AT_CEILING): Transition(
+            _M.TO_DOUBLING, _P.HOLD, "the doubling pays and is as high as the ceiling allows"
+        ),
+        (_P.RECHECK, _O.REFUSED): Transition(
+            _M.STAY, _P.HOLD, "the doubling does not pay: the climb ends at the level below"
+        ),
+        (_P.RECHECK, _O.THROTTLED): Transition(
+            _M.DOWN, _P.HOLD, "3/4 of the level below, which ran without one; the climb is over"
+        ),
+        (_P.HOLD, _O.HELD): Transition(
+            _M.STAY, _P.HOLD, "one more window of the level's rate and latency"
+        ),
+        (_P.HOLD, _O.LATENCY_JUMP): Transition(
+            _M.HALVE, _P.ALARM, "queueing, or a slower S3: see what half the limit costs"
+        ),
+        (_P.HOLD, _O.PROBE_UP_DUE): Transition(
+            _M.PROBE_UP, _P.PROBE_UP, "see whether more pays (3 % more rate)"
+        ),
+        (_P.HOLD, _O.PROBE_DOWN_DUE): Transition(
+            _M.PROBE_DOWN,
+            _P.PROBE_DOWN,
+            "see whether less loses nothing (a lucky climb's overshoot)",
+        ),
+        (_P.HOLD, _O.THROTTLED): Transition(
+            _M.DOWN, _P.HOLD, "a throttle at a level that ran without one: 3/4"
+        ),
+        (_P.PROBE_UP, _O.PAID): Transition(
+            _M.PROBE_UP_FURTHER,
+            _P.PROBE_UP,
+            "more paid: keep it and go on up, the step twice as big",
+        ),
+        (_P.PROBE_UP, _O.NOT_PAID): Transition(
+            _M.RETURN, _P.HOLD, "more did not pay: back, and probe half as often"
+        ),
+        (_P.PROBE_UP, _O.THROTTLED_RISE): Transition(
+            _M.BACK_CLOSER,
+            _P.HOLD,
+            "the cap lies between: back below it, and look closer next time",
+        ),
+        (_P.PROBE_DOWN, _O.PAID): Transition(_M.STAY, _P.HOLD, "less lost nothing: keep it"),
+        (_P.PROBE_DOWN, _O.NOT_PAID): Transition(
+            _M.RETURN, _P.HOLD, "less lost rate: back, and probe half as often"
+        ),
+        (_P.PROBE_DOWN, _O.THROTTLED): Transition(
+            _M.DOWN, _P.HOLD, "a throttle at a level that ran without one: 3/4"
+        ),
+        (_P.ALARM, _O.PAID): Transition(
+            _M.HALVE, _P.ALARM, "half lost under 3 % of the rate (the rise was queueing): again"
+        ),
+        (_P.ALARM, _O.NOT_PAID): Transition(
+            _M.BACK, _P.HOLD, "half cost rate: back up, held to the latency that raised the alarm"
+        ),
+        (_P.ALARM, _O.THROTTLED): Transition(
+            _M.DOWN, _P.HOLD, "a throttle at a level that ran without one: 3/4"
+        ),
+    }
+)
+
+# A change is kept (its window PAID) when its rate over the level's reaches this.
+PAYS: Mapping[Phase, float] = MappingProxyType(
+    {
+        Phase.CLIMB: 1 + CLIMB_GAIN,
+        Phase.PROBE_UP: 1 + PROBE_UP_GAIN,
+        Phase.PROBE_DOWN: 1.0,
+        Phase.ALARM: ALARM_KEEP,
+    }
+)
+
+
 @dataclass(frozen=True, slots=True)
 class WindowStats:
     """One window's completion rate (per second) and median latency (seconds)."""
@@ -140,7 +279,9 @@ class WindowStats:
 
 
 class ConcurrencyTuner:
-    """The self-tuning rule: deterministic in the samples and throttles it is fed."""
+    """The self-tuning rule: deterministic in the samples and throttles it is fed. Each judged
+    window and each throttle is classified (``_classify``, which changes nothing), recorded
+    (``_learn``) and answered by its row of ``TRANSITIONS`` (``_apply``)."""
 
     def __init__(
         self,
@@ -164,7 +305,7 @@ class ConcurrencyTuner:
         self._probes = 0
         self._hold_windows = HOLD_WINDOWS
         self._up_step = PROBE_UP  # a probe up that draws a throttle halves the next one's step
-        self._doubled: tuple[float, WindowStats] | None = None  # CONFIRM's estimate and window
+        self._doubling: WindowStats | None = None  # CONFIRM's window, for RECHECK
         self._ends: list[float] = []
         self._latencies: list[float] = []
         self._peak_in_use = 0
@@ -202,7 +343,12 @@ class ConcurrencyTuner:
         if self._warming_up:
             self._warming_up = False
             return
-        self._judge(window, used, in_use)
+        first = self.level is None
+        if self.phase is Phase.HOLD or first:
+            self._record(window)
+        outcome = self._classify(window, used=used, first=first)
+        self._learn(outcome, window)
+        self._apply(TRANSITIONS[self.phase, outcome], in_use, used=used)
 
     def throttled(self, in_use: int) -> None:
         """S3 asked us to slow down, once per burst: a probe (or a doubling) up goes back to the
@@ -210,97 +356,115 @@ class ConcurrencyTuner:
         if self._stale_throttles > 0:
             self._stale_throttles -= 1
             return
-        probing_up = self.phase in (Phase.CLIMB, Phase.PROBE_UP) and self.accepted < self.estimate
-        if probing_up and self.phase is Phase.PROBE_UP:
-            self._up_step = 1 + (self._up_step - 1) / 2  # the cap lies below: look closer
-        self._settle(self.accepted if probing_up else THROTTLE_DOWN * self.estimate, in_use)
+        # A probe up is always above the accepted level; the climb is, once it has doubled.
+        rise = self.phase is Phase.PROBE_UP or (
+            self.phase is Phase.CLIMB and self.accepted < self.estimate
+        )
+        outcome = Outcome.THROTTLED_RISE if rise else Outcome.THROTTLED
+        self._apply(TRANSITIONS[self.phase, outcome], in_use)
         self._stale_throttles = max(0, in_use - 1)
 
     def succeeded(self) -> None:
         """A call succeeded: one fewer throttle of the last burst can still be on its way."""
         self._stale_throttles = max(0, self._stale_throttles - 1)
 
-    def _judge(self, window: WindowStats, used: bool, in_use: int) -> None:
+    def _record(self, window: WindowStats) -> None:
+        """One more window at the accepted level: its rate and latency are the mean and median of
+        the last ``LEVEL_HISTORY``; the first after a settle keeps the latency held to before."""
         level = self.level
-        if self.phase is Phase.HOLD or level is None:
-            carried = level.latency_s if level is not None and not self._hold else None
-            self._hold.append(window)
-            del self._hold[:-LEVEL_HISTORY]
-            self._held += 1
-            latency = statistics.median(w.latency_s for w in self._hold)
-            self.level = WindowStats(
-                statistics.fmean(w.rate for w in self._hold),
-                latency if carried is None else carried,  # a settle keeps the old reference
-            )
-            if self.phase is Phase.CLIMB:
-                self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
-            elif window.latency_s >= LATENCY_ALARM * self.level.latency_s:
-                self.level = window  # the halves are judged against what changed, not before
-                self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
-            elif self._held >= self._hold_windows:
-                self._probe(in_use, used=used)
-            return
-        if self.phase is Phase.CONFIRM:
-            self._doubled = (self.estimate, window)
-            self._move(self.accepted, Phase.RECHECK, in_use)
-            return
-        if self.phase is Phase.RECHECK:
-            self._recheck(window, used, in_use)
-            return
-        gained = window.rate / level.rate if level.rate > 0 else math.inf
-        keep = {
-            Phase.CLIMB: 1 + CLIMB_GAIN,
-            Phase.PROBE_UP: 1 + PROBE_UP_GAIN,
-            Phase.PROBE_DOWN: 1.0,
-            Phase.ALARM: ALARM_KEEP,
-        }[self.phase]
-        if gained < keep and self.phase is Phase.CLIMB:
-            self.phase = Phase.CONFIRM  # stay, and measure it over a long window
-            return
-        if gained < keep and self.phase in (Phase.PROBE_UP, Phase.PROBE_DOWN):
-            self._hold_windows = min(MAX_HOLD_WINDOWS, 2 * self._hold_windows)
-            self._return(in_use)
-            return
-        if gained < keep:
-            self._settle(self.accepted, in_use)
-            return
-        self.accepted = self.estimate
-        self._measure_from(window)
-        self._hold_windows = HOLD_WINDOWS
-        if self.phase is Phase.CLIMB:
-            self._move(2 * self.estimate, Phase.CLIMB, in_use, used=used)
-        elif self.phase is Phase.ALARM:  # half lost (almost) nothing: try half again
-            self._move(ALARM_DOWN * self.estimate, Phase.ALARM, in_use)
-        elif self.phase is Phase.PROBE_UP:  # more paid off: keep going up, a step twice as big
-            self._up_step = 1 + min(PROBE_UP - 1, 2 * (self._up_step - 1))
-            self._move(self._probe_up_target(), Phase.PROBE_UP, in_use, used=used)
-        else:
-            self.phase = Phase.HOLD
+        carried = level.latency_s if level is not None and not self._hold else None
+        self._hold.append(window)
+        del self._hold[:-LEVEL_HISTORY]
+        self._held += 1
+        latency = statistics.median(w.latency_s for w in self._hold)
+        self.level = WindowStats(
+            statistics.fmean(w.rate for w in self._hold),
+            latency if carried is None else carried,
+        )
 
-    def _recheck(self, below: WindowStats, used: bool, in_use: int) -> None:
-        """Both levels measured over long windows: the doubling is kept (and the climb goes on
-        from it) if it brings ``CLIMB_GAIN`` more, else the limit stays at the level below."""
-        assert self._doubled is not None
-        (doubled, above), self._doubled = self._doubled, None
-        if above.rate < (1 + CLIMB_GAIN) * below.rate or not used:
-            self._measure_from(below)
-            self.phase = Phase.HOLD
-            return
-        self._measure_from(above)
-        if math.floor(min(2 * doubled, self.maximum)) > math.floor(doubled):
-            self._move(2 * doubled, Phase.CLIMB, in_use)
-        else:
-            self._move(doubled, Phase.HOLD, in_use)
-        self.accepted = doubled  # what a refused climb goes back to
+    def _classify(self, window: WindowStats, *, used: bool, first: bool) -> Outcome:
+        """What ``window`` says in the current phase (in hold, once recorded)."""
+        level = self.level
+        assert level is not None  # recorded if this is the first window
+        if first and self.phase is Phase.CLIMB:
+            return Outcome.FIRST
+        match self.phase:
+            case Phase.HOLD:
+                if window.latency_s >= LATENCY_ALARM * level.latency_s:
+                    return Outcome.LATENCY_JUMP
+                if self._held < self._hold_windows:
+                    return Outcome.HELD
+                down = (self._probes + 1) % 3 == 0
+                return Outcome.PROBE_DOWN_DUE if down else Outcome.PROBE_UP_DUE
+            case Phase.CONFIRM:
+                return Outcome.MEASURED
+            case Phase.RECHECK:  # the doubling (now the accepted level) against the level below
+                above = self._doubling
+                assert above is not None
+                if above.rate < (1 + CLIMB_GAIN) * window.rate or not used:
+                    return Outcome.REFUSED
+                room = math.floor(min(2 * self.accepted, self.maximum)) > math.floor(self.accepted)
+                return Outcome.KEPT if room else Outcome.KEPT_AT_CEILING
+            case _:
+                gained = window.rate / level.rate if level.rate > 0 else math.inf
+                return Outcome.NOT_PAID if gained < PAYS[self.phase] else Outcome.PAID
 
-    def _probe(self, in_use: int, *, used: bool) -> None:
-        """Every third probe goes down, the others up (when the ceiling or the walk leaves no
-        room above, an up turn is skipped)."""
-        self._probes += 1
-        if self._probes % 3 == 0:
-            self._move(min(PROBE_DOWN * self.estimate, self.estimate - 1), Phase.PROBE_DOWN, in_use)
-        else:
-            self._move(self._probe_up_target(), Phase.PROBE_UP, in_use, used=used)
+    def _learn(self, outcome: Outcome, window: WindowStats) -> None:
+        """What the window leaves on record, whatever the move."""
+        match outcome:
+            case Outcome.PAID:  # the level is accepted, and the next hold is short again
+                self.accepted = self.estimate
+                self._measure_from(window)
+                self._hold_windows = HOLD_WINDOWS
+            case Outcome.LATENCY_JUMP:  # the halves are judged against what changed, not before
+                self.level = window
+            case Outcome.PROBE_UP_DUE | Outcome.PROBE_DOWN_DUE:
+                self._probes += 1
+            case Outcome.MEASURED:
+                self._doubling = window
+            case Outcome.KEPT | Outcome.KEPT_AT_CEILING:
+                assert self._doubling is not None
+                self._measure_from(self._doubling)
+            case Outcome.REFUSED:
+                self._measure_from(window)
+
+    def _apply(self, transition: Transition, in_use: int, *, used: bool = True) -> None:
+        """Make ``transition``'s move and go to its phase."""
+        phase, estimate = transition.phase, self.estimate
+        match transition.move:
+            case Move.STAY:
+                self.phase = phase
+            case Move.DOUBLE:
+                self._move(2 * estimate, phase, in_use, used=used)
+            case Move.HALVE:
+                self._move(ALARM_DOWN * estimate, phase, in_use, used=used)
+            case Move.PROBE_UP:
+                self._move(self._probe_up_target(), phase, in_use, used=used)
+            case Move.PROBE_UP_FURTHER:
+                self._up_step = 1 + min(PROBE_UP - 1, 2 * (self._up_step - 1))
+                self._move(self._probe_up_target(), phase, in_use, used=used)
+            case Move.PROBE_DOWN:
+                self._move(min(PROBE_DOWN * estimate, estimate - 1), phase, in_use, used=used)
+            case Move.TRY_BELOW:
+                self._move(self.accepted, phase, in_use, used=used)
+            case Move.CLIMB_ON | Move.TO_DOUBLING:
+                doubled = self.accepted
+                factor = 2 if transition.move is Move.CLIMB_ON else 1
+                self._move(factor * doubled, phase, in_use, used=used)
+                self.accepted = doubled  # what a refused climb goes back to
+            case Move.RETURN:  # the accepted level's connections are still open: no warm-up
+                self._hold_windows = min(MAX_HOLD_WINDOWS, 2 * self._hold_windows)
+                self.estimate = self.accepted
+                self._restart(phase, in_use)
+            case Move.BACK:
+                self._settle(self.accepted, phase, in_use)
+            case Move.BACK_CLOSER:
+                self._up_step = 1 + (self._up_step - 1) / 2
+                self._settle(self.accepted, phase, in_use)
+            case Move.DOWN:
+                self._settle(THROTTLE_DOWN * estimate, phase, in_use)
+            case _:
+                assert_never(transition.move)
 
     def _probe_up_target(self) -> float:
         """The next probe up: the current step above the estimate, one slot at least."""
@@ -310,39 +474,33 @@ class ConcurrencyTuner:
         """The accepted level's history starts afresh with ``window``."""
         self.level, self._hold, self._held = window, [window], 1
 
-    def _move(self, estimate: float, phase: Phase, in_use: int, *, used: bool = True) -> None:
+    def _move(self, estimate: float, phase: Phase, in_use: int, *, used: bool) -> None:
         """Try ``estimate`` for a window (stay in hold when it cannot be tried)."""
         target = max(1.0, min(float(self.maximum), estimate))
         if (not used and target > self.estimate) or math.floor(target) == self.limit:
             self.phase, self._held = Phase.HOLD, 1
             return
         # After a rise, the first uploads through the new slots open connections (a TCP, and
-        # against AWS a TLS, handshake each) and queue behind one another: that window is not
-        # the level's, so it is measured and dropped.
+        # against AWS a TLS, handshake each) and queue behind one another (in traces, at about
+        # 60 % of the level's rate): that window is not the level's, so it is measured and dropped.
         self._warming_up = math.floor(target) > self.limit
         self.accepted = self.estimate
         self.estimate, self.phase = target, phase
         self._stale_samples = in_use  # those in flight started under the old limit
 
-    def _settle(self, estimate: float, in_use: int) -> None:
+    def _settle(self, estimate: float, phase: Phase, in_use: int) -> None:
         """Go (back) to ``estimate`` and measure its rate afresh; the latency it is held to
         stays (so a change that struck during a probe still raises the alarm)."""
         self.accepted = self.estimate = max(1.0, min(float(self.maximum), estimate))
         if self.level is not None:
             self.level = WindowStats(0.0, self.level.latency_s)
         self._hold = []
-        self._hold_again(in_use)
+        self._restart(phase, in_use)
 
-    def _return(self, in_use: int) -> None:
-        """A probe did not pay: back to the accepted level, whose windows still count (its
-        connections are still open, so no warm-up)."""
-        self.estimate = self.accepted
-        self._hold_again(in_use)
-
-    def _hold_again(self, in_use: int) -> None:
-        """Hold at the estimate from a fresh window; those in flight started under the old
-        limit and are not counted."""
-        self.phase, self._held = Phase.HOLD, 0
+    def _restart(self, phase: Phase, in_use: int) -> None:
+        """Go on in ``phase`` from a fresh window; those in flight started under the old limit
+        and are not counted."""
+        self.phase, self._held = phase, 0
         self._ends, self._latencies, self._peak_in_use = [], [], 0
         self._stale_samples, self._warming_up = in_use, False
 

@@ -6,6 +6,7 @@ import asyncio
 import itertools
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import pytest
 
@@ -17,8 +18,11 @@ from layer_cache.concurrency import (
     MAX_HOLD_WINDOWS,
     MIN_WINDOW_S,
     MIN_WINDOW_SAMPLES,
+    TRANSITIONS,
     ConcurrencyTuner,
+    Outcome,
     Phase,
+    Transition,
     TunedLimit,
 )
 
@@ -249,18 +253,24 @@ def test_windows_after_the_climb_last_longer() -> None:
 
 
 def _window(
-    tuner: ConcurrencyTuner, start: float, rate: float, *, warm_up_rate: float | None = None
+    tuner: ConcurrencyTuner,
+    start: float,
+    rate: float,
+    *,
+    warm_up_rate: float | None = None,
+    latency_s: float = BASE_S,
 ) -> float:
-    """One judged window of uploads ending ``rate`` per second from ``start``, after those still
-    in flight from before the last change and, after a rise, the warm-up window (at
-    ``warm_up_rate``, ``rate`` unless given), neither judged; when it ended."""
+    """One judged window of uploads ending ``rate`` per second from ``start``, each taking
+    ``latency_s``, after those still in flight from before the last change and, after a rise,
+    the warm-up window (at ``warm_up_rate``, ``rate`` unless given), neither judged; when it
+    ended."""
     while True:
         warming_up = tuner._warming_up
         floor = CLIMB_WINDOW_SAMPLES if tuner.phase is Phase.CLIMB else MIN_WINDOW_SAMPLES
         samples = tuner._stale_samples + max(floor, tuner.limit)
         pace = (warm_up_rate or rate) if warming_up else rate
         for number in range(samples):
-            tuner.observe(BASE_S, start + number / pace, tuner.limit)
+            tuner.observe(latency_s, start + number / pace, tuner.limit)
         start += samples / pace + 1
         if not warming_up:
             return start
@@ -346,6 +356,158 @@ def test_a_throttled_probe_up_halves_the_next_probes_step_and_one_that_pays_doub
     assert tuner.limit == 54  # 1.125x: the cap lies between 48 and 60
     _window(tuner, now, rate=1100)  # 54 pays: the next step is twice as big again
     assert (tuner.limit, tuner.phase) == (67, Phase.PROBE_UP)
+
+
+# Every row of the transition table, reached the way a run reaches it. A tuner in each phase:
+# ``start`` functions return it with the time its last window ended.
+Start = Callable[[], tuple[ConcurrencyTuner, float]]
+LEVEL_RATE = 1000.0  # the held level's rate in the hold, probe and alarm rows
+
+
+def _started(maximum: int = 64, initial: int = 8) -> tuple[ConcurrencyTuner, float]:
+    return tuner_for(maximum=maximum, initial=initial), 0.0
+
+
+def _climbing() -> tuple[ConcurrencyTuner, float]:
+    """At 16 after the first window (8 in flight, 400/s)."""
+    tuner, now = _started()
+    return tuner, _window(tuner, now, rate=400)
+
+
+def _confirming() -> tuple[ConcurrencyTuner, float]:
+    """At 16, whose short window brought 1 % more."""
+    tuner, now = _climbing()
+    return tuner, _window(tuner, now, rate=404)
+
+
+def _rechecking(maximum: int = 64, doubled_rate: float = 600) -> Start:
+    """Back at 8 after 16's long window at ``doubled_rate``."""
+
+    def start() -> tuple[ConcurrencyTuner, float]:
+        tuner, now = _started(maximum)
+        for rate in (400, 404, doubled_rate):
+            now = _window(tuner, now, rate=rate)
+        return tuner, now
+
+    return start
+
+
+def _holding(windows: int = 0) -> Start:
+    """At 48 (a throttle ended the climb at its start, 64), after ``windows`` at
+    ``LEVEL_RATE``."""
+
+    def start() -> tuple[ConcurrencyTuner, float]:
+        tuner, now = _started(maximum=128, initial=64)
+        tuner.throttled(in_use=0)
+        for _ in range(windows):
+            now = _window(tuner, now, rate=LEVEL_RATE)
+        return tuner, now
+
+    return start
+
+
+def _probing_up() -> tuple[ConcurrencyTuner, float]:
+    """At 60 (48 x 1.25), after the hold."""
+    return _holding(HOLD_WINDOWS)()
+
+
+def _before_a_probe_down() -> tuple[ConcurrencyTuner, float]:
+    """At 48, one window short of the third probe (two refused probes up made the hold 4x)."""
+    tuner, now = _probing_up()
+    now = _window(tuner, now, rate=1.01 * LEVEL_RATE)
+    now, _ = _hold_until_probe(tuner, now, rate=LEVEL_RATE)
+    now = _window(tuner, now, rate=1.01 * LEVEL_RATE)
+    for _ in range(4 * HOLD_WINDOWS - 1):
+        now = _window(tuner, now, rate=LEVEL_RATE)
+    return tuner, now
+
+
+def _probing_down() -> tuple[ConcurrencyTuner, float]:
+    """At 36 (48 x 3/4)."""
+    tuner, now = _before_a_probe_down()
+    return tuner, _window(tuner, now, rate=LEVEL_RATE)
+
+
+def _alarmed() -> tuple[ConcurrencyTuner, float]:
+    """At 24, after a window at 48 with thrice the latency."""
+    tuner, now = _holding(2)()
+    return tuner, _window(tuner, now, rate=LEVEL_RATE, latency_s=3 * BASE_S)
+
+
+def _at(rate: float, latency_s: float = BASE_S) -> Callable[[ConcurrencyTuner, float], object]:
+    """One judged window at ``rate``."""
+    return lambda tuner, now: _window(tuner, now, rate=rate, latency_s=latency_s)
+
+
+def _throttle(tuner: ConcurrencyTuner, _now: float) -> None:
+    tuner.throttled(in_use=0)
+
+
+@dataclass(frozen=True)
+class Row:
+    """How a row is reached: a tuner in its phase, the event it classifies as the row's
+    outcome, and the estimate after."""
+
+    start: Start
+    event: Callable[[ConcurrencyTuner, float], object]
+    estimate: float
+
+
+ROWS: dict[tuple[Phase, Outcome], Row] = {
+    (Phase.CLIMB, Outcome.FIRST): Row(_started, _at(400), 16),
+    (Phase.CLIMB, Outcome.PAID): Row(_climbing, _at(800), 32),
+    (Phase.CLIMB, Outcome.NOT_PAID): Row(_climbing, _at(404), 16),
+    (Phase.CLIMB, Outcome.THROTTLED_RISE): Row(_climbing, _throttle, 8),
+    (Phase.CLIMB, Outcome.THROTTLED): Row(_started, _throttle, 6),
+    (Phase.CONFIRM, Outcome.MEASURED): Row(_confirming, _at(600), 8),
+    (Phase.CONFIRM, Outcome.THROTTLED): Row(_confirming, _throttle, 12),
+    (Phase.RECHECK, Outcome.KEPT): Row(_rechecking(), _at(400), 32),
+    (Phase.RECHECK, Outcome.KEPT_AT_CEILING): Row(_rechecking(maximum=16), _at(400), 16),
+    (Phase.RECHECK, Outcome.REFUSED): Row(_rechecking(doubled_rate=410), _at(400), 8),
+    (Phase.RECHECK, Outcome.THROTTLED): Row(_rechecking(), _throttle, 6),
+    (Phase.HOLD, Outcome.HELD): Row(_holding(), _at(LEVEL_RATE), 48),
+    (Phase.HOLD, Outcome.LATENCY_JUMP): Row(_holding(2), _at(LEVEL_RATE, 3 * BASE_S), 24),
+    (Phase.HOLD, Outcome.PROBE_UP_DUE): Row(_holding(HOLD_WINDOWS - 1), _at(LEVEL_RATE), 60),
+    (Phase.HOLD, Outcome.PROBE_DOWN_DUE): Row(_before_a_probe_down, _at(LEVEL_RATE), 36),
+    (Phase.HOLD, Outcome.THROTTLED): Row(_holding(), _throttle, 36),
+    (Phase.PROBE_UP, Outcome.PAID): Row(_probing_up, _at(1.1 * LEVEL_RATE), 75),
+    (Phase.PROBE_UP, Outcome.NOT_PAID): Row(_probing_up, _at(1.01 * LEVEL_RATE), 48),
+    (Phase.PROBE_UP, Outcome.THROTTLED_RISE): Row(_probing_up, _throttle, 48),
+    (Phase.PROBE_DOWN, Outcome.PAID): Row(_probing_down, _at(1.05 * LEVEL_RATE), 36),
+    (Phase.PROBE_DOWN, Outcome.NOT_PAID): Row(_probing_down, _at(0.9 * LEVEL_RATE), 48),
+    (Phase.PROBE_DOWN, Outcome.THROTTLED): Row(_probing_down, _throttle, 27),
+    (Phase.ALARM, Outcome.PAID): Row(_alarmed, _at(0.99 * LEVEL_RATE), 12),
+    (Phase.ALARM, Outcome.NOT_PAID): Row(_alarmed, _at(0.5 * LEVEL_RATE), 48),
+    (Phase.ALARM, Outcome.THROTTLED): Row(_alarmed, _throttle, 18),
+}
+
+
+def test_every_row_of_the_transition_table_has_a_case_here() -> None:
+    assert ROWS.keys() == TRANSITIONS.keys()
+
+
+@pytest.mark.parametrize(
+    ("key", "transition"),
+    TRANSITIONS.items(),
+    ids=[f"{phase}-{outcome}" for phase, outcome in TRANSITIONS],
+)
+def test_each_row_of_the_transition_table_is_the_one_its_event_takes(
+    key: tuple[Phase, Outcome], transition: Transition, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    row = ROWS[key]
+    tuner, now = row.start()
+    assert tuner.phase is key[0]
+    applied: list[Transition] = []
+    apply = tuner._apply
+
+    def spy(transition: Transition, in_use: int, *, used: bool = True) -> None:
+        applied.append(transition)
+        apply(transition, in_use, used=used)
+
+    monkeypatch.setattr(tuner, "_apply", spy)
+    row.event(tuner, now)
+    assert applied == [transition]  # the event was classified as the row's outcome
+    assert (tuner.phase, tuner.estimate) == (transition.phase, row.estimate)
 
 
 def test_a_maximum_below_one_is_refused() -> None:
