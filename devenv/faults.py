@@ -6,7 +6,7 @@ may swap it) and answers an S3 error (SlowDown, InternalError, ExpiredToken, Inv
 cuts the connection mid-body, or forwards the request intact (``Host`` as signed, body unchanged)
 and relays the answer, optionally with a rewritten PUT ETag. It can also refuse a bucket (403
 AccessDenied), answer conditional PUTs 501 NotImplemented or forward them without the condition,
-as servers without conditional writes do. Draws come from
+as servers without conditional writes do, and damage PUT bodies on the way. Draws come from
 ``random.Random(plan.seed)``, two per covered request, so a seed and a request order give the
 same faults; ``proxy.counts`` records every outcome before the client sees it. ``stop()`` closes
 the listener, lets requests finish for ``stop_timeout_s``, then cancels (and counts) the rest and
@@ -45,6 +45,7 @@ __all__ = [
     "BAD_GATEWAY",
     "CANCELLED",
     "CONDITION_IGNORED",
+    "DAMAGED",
     "ETAG_REWRITTEN",
     "EXPIRED_TOKEN",
     "FORWARDED",
@@ -73,6 +74,7 @@ REFUSED: Final = "refused"
 ACCESS_DENIED: Final = "access_denied"
 NOT_IMPLEMENTED: Final = "not_implemented"
 CONDITION_IGNORED: Final = "condition_ignored"
+DAMAGED: Final = "damaged"
 SLOWDOWN: Final = "slowdown"
 INTERNAL_ERROR: Final = "internal_error"
 RESET: Final = "reset"
@@ -195,11 +197,17 @@ class FaultPlan:
     """Buckets whose every request is answered 403 AccessDenied, never forwarded."""
     conditional_puts: ConditionalPuts | None = None
     """Refuse (501) or strip the ``If-None-Match`` condition of every PUT that carries one."""
+    damaged_puts: int = 0
+    """The next this many PUTs with a body are forwarded with their last byte changed: a body
+    damaged on the way, which a server that checks ``Content-MD5`` refuses and one that does not
+    (moto) stores, answering the ETag of what it stored."""
     max_rate_per_s: float | None = None
     """Covered requests beyond this rate (a token bucket holding one tenth of a second's worth,
     at least one) are answered 503 SlowDown, never forwarded, as S3 throttles a prefix."""
 
     def __post_init__(self) -> None:
+        if self.damaged_puts < 0:
+            raise ValueError(f"damaged_puts must be >= 0: {self.damaged_puts}")
         if self.max_rate_per_s is not None and not (0 < self.max_rate_per_s < math.inf):
             raise ValueError(f"max_rate_per_s must be positive and finite: {self.max_rate_per_s}")
         shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
@@ -267,6 +275,7 @@ class FaultProxy:
         self._plan = plan
         self._rng = random.Random(plan.seed)
         self._gate = RateGate.for_plan(plan)
+        self._damage_left = plan.damaged_puts
         self._max_body_bytes = max_body_bytes
         self._upstream_timeout_s = upstream_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -284,6 +293,7 @@ class FaultProxy:
         self._plan = plan
         self._rng = random.Random(plan.seed)
         self._gate = RateGate.for_plan(plan)
+        self._damage_left = plan.damaged_puts
 
     @property
     def url(self) -> str:
@@ -404,6 +414,10 @@ class FaultProxy:
             if delay > 0:
                 await asyncio.sleep(delay)
             dropped = {"if-none-match"} if condition is ConditionalPuts.IGNORED else set()
+            damaged = method == "PUT" and bool(body) and self._damage_left > 0
+            if damaged:
+                self._damage_left -= 1
+                body = body[:-1] + bytes([body[-1] ^ 0xFF])
             try:
                 upstream = await self._forward(request, body, dropped)
             except (aiohttp.ClientError, TimeoutError) as exc:
@@ -416,7 +430,9 @@ class FaultProxy:
                     upstream, planned = rewritten, ETAG_REWRITTEN
                 else:
                     upstream = _rewrite_read_etags(request, upstream, self._plan.put_etag)
-            if planned == FORWARDED and dropped:
+            if planned == FORWARDED and damaged:
+                planned = DAMAGED
+            elif planned == FORWARDED and dropped:
                 planned = CONDITION_IGNORED
             self._count(method, planned)
             self.operations[s3_operation(request)] += 1

@@ -14,7 +14,8 @@ that from the PUT's answer): their ETags are not judged, and S3 has checked ``Co
 
 ``put_if_absent`` (the live write path) never deletes: an ETag that contradicts the body is only
 a reason to read the object and, if its bytes differ, write it again (a server that ignores
-``If-None-Match`` may have overwritten an object that existed, in ``S3Only`` the only copy). A
+``If-None-Match`` may have overwritten an object that existed, in ``S3Only`` the only copy; a
+repair that fails is tried again on the key's next write rather than trusting its 412). A
 server without conditional writes (501 ``NotImplemented``, as VersityGW before its 2025-09
 release answers) switches the client to unconditional PUTs, upstream's only kind, once
 (``ConditionalPuts``, one ``warning``).
@@ -206,6 +207,9 @@ class S3Layer:
         self.bucket = bucket
         self.key_prefix = key_prefix
         self.conditional_puts = conditional_puts or ConditionalPuts()
+        # Object keys whose repair has not succeeded yet: the next write of the key repairs
+        # again instead of trusting the 412 its conditional PUT would get.
+        self._unrepaired: set[str] = set()
 
     def object_key(self, key: str) -> str:
         """Where a row key lives in this bucket."""
@@ -297,14 +301,18 @@ class S3Layer:
 
         A conflict with a concurrent conditional PUT is transient. An answer whose ETag is an MD5
         that contradicts the body (an upload damaged on the way, or a server that ignored the
-        condition and overwrote), or a 412 for an object whose ETag contradicts it (left damaged
-        earlier), is checked by reading the object: if its bytes differ it is written again,
-        unconditionally (``repair``). Nothing is ever deleted. Encrypted objects' ETags are no
-        MD5s and are not judged. After a 501 to the condition (``ConditionalPuts``) every PUT is
-        unconditional and answers True.
+        condition and overwrote an object) is checked by reading the object: if its bytes differ
+        it is written again, unconditionally (``repair``). Nothing is ever deleted. Encrypted
+        objects' ETags are no MD5s and are not judged. A 412 is taken at its word (first write
+        wins), except for an object whose repair failed in this process: that is repaired again.
+        After a 501 to the condition (``ConditionalPuts``) every PUT is unconditional and
+        answers True.
         """
         object_key = self.object_key(key)
         digest = BodyDigest(body)
+        if object_key in self._unrepaired:
+            await self.repair(object_key, body)
+            return True
         if self.conditional_puts.supported:
             try:
                 with self._s3_call("PutObject", object_key):
@@ -317,7 +325,6 @@ class S3Layer:
                     )
             except S3LayerError as exc:
                 if exc.code == "PreconditionFailed" or exc.status == _PRECONDITION_FAILED:
-                    await self._check_existing(object_key, body, digest)
                     return False
                 if exc.code == "ConditionalRequestConflict":
                     exc.kind = ErrorKind.TRANSIENT
@@ -336,26 +343,14 @@ class S3Layer:
             await self.repair(object_key, body)
         return True
 
-    async def _check_existing(self, object_key: str, body: bytes, digest: BodyDigest) -> None:
-        """After a 412: HEAD the object; repair it when its ETag is an MD5 that contradicts the
-        body (or it is gone again)."""
-        try:
-            with self._s3_call("HeadObject", object_key):
-                head = await self.client.head_object(Bucket=self.bucket, Key=object_key)
-        except S3LayerError as exc:
-            if exc.kind is not ErrorKind.NOT_FOUND:
-                raise
-            await self.repair(object_key, body)
-            return
-        if digest.contradicted_by_put(head):
-            await self.repair(object_key, body)
-
     async def repair(self, object_key: str, body: bytes) -> None:
         """Make the object hold ``body`` after an answer said it may not: read it, and if its
         bytes differ (or it is missing) PUT ``body`` unconditionally, checked like ``put_raw``
-        (a transient ``BadDigest`` if that answer contradicts it too). Never deletes."""
+        (a transient ``BadDigest`` if that answer contradicts it too; the key's next write
+        repairs again). Never deletes."""
         stored = await self.get_raw(object_key)
         if stored == body:
+            self._unrepaired.discard(object_key)
             log.debug("s3 object checked: its bytes are the ones sent", key=object_key)
             return
         log.warning(
@@ -365,7 +360,9 @@ class S3Layer:
             stored_size=None if stored is None else len(stored),
             size=len(body),
         )
+        self._unrepaired.add(object_key)
         await self.put_raw(object_key, body)
+        self._unrepaired.discard(object_key)
 
     async def get_raw(self, object_key: str) -> bytes | None:
         """An object by its full object key (not a row key), or None when it does not exist."""
