@@ -215,6 +215,16 @@ class QueueBudget:
         )
 
 
+def drain_limit(workers: int, *, busy: bool, lag_s: float, yield_lag_s: float) -> int:
+    """How many writes the queue runs at once. All its ``workers`` while the server is idle;
+    while it serves requests, one, growing linearly with the lag of the oldest due entry to all
+    of them at ``yield_lag_s`` (0: never yield). The drain's CPU then goes to requests during a
+    burst, and a backlog still cannot grow without bound."""
+    if not busy or yield_lag_s <= 0 or lag_s >= yield_lag_s:
+        return workers
+    return min(workers, 1 + int((workers - 1) * max(0.0, lag_s) / yield_lag_s))
+
+
 @dataclass
 class Hold:
     """A cache type whose target refuses writes until an operator acts."""
@@ -443,6 +453,23 @@ class WriteQueueStore:
         )
         return None if row is None else _entry(row)
 
+    def oldest_due(
+        self, now: float, exclude: Iterable[int], held: Iterable[CacheType] = ()
+    ) -> float | None:
+        """When the first due entry (in enqueue order) not in ``exclude`` and not held was
+        enqueued; None if none is due."""
+        excluded, types = list(exclude), [cache_type.value for cache_type in held]
+        row = self._run(
+            lambda db: db.execute(
+                "SELECT enqueued_at FROM queue WHERE next_attempt_at <= ?"
+                f" AND id NOT IN ({_marks(excluded)}) AND cache_type NOT IN ({_marks(types)})"
+                " ORDER BY id LIMIT 1",
+                (now, *excluded, *types),
+            ).fetchone(),
+            write=False,
+        )
+        return None if row is None else float(row[0])
+
     def next_due_at(self, exclude: Iterable[int], held: Iterable[CacheType] = ()) -> float | None:
         """When the next entry not in ``exclude`` and not held is due; None if there is none."""
         excluded, types = list(exclude), [cache_type.value for cache_type in held]
@@ -579,6 +606,10 @@ class _Waiting:
     added: asyncio.Future[bool]
 
 
+_YIELD_RECHECK_S = 0.05
+"""While the drain yields to requests and is at its limit: how soon it looks again."""
+
+
 def _read_outcome(future: asyncio.Future[bool]) -> None:
     if not future.cancelled():
         future.exception()
@@ -596,10 +627,14 @@ class WriteBehind:
         workers: int,
         budget: QueueBudget,
         kind: QueueKind = S3_WRITE_QUEUE,
+        busy: Callable[[], bool] | None = None,
+        yield_lag_s: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.kind = kind
+        self.busy = busy
+        self.yield_lag_s = yield_lag_s
         self.store = WriteQueueStore(directory, kind.file_name)
         self.targets = targets
         self.worker_count = workers
@@ -780,6 +815,11 @@ class WriteBehind:
             self._wake.clear()
             free = self.worker_count - len(self._in_flight)
             timeout: float | None = None
+            if free > 0 and self.busy is not None and self.yield_lag_s > 0 and self.busy():
+                with contextlib.suppress(WriteQueueError):  # the claim below reports it
+                    free = await self._yielding_limit() - len(self._in_flight)
+                if free <= 0:  # look again soon: the requests may be over by then
+                    timeout = _YIELD_RECHECK_S
             if free > 0:
                 try:
                     claimed = await self._claim(free)
@@ -803,6 +843,13 @@ class WriteBehind:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def _yielding_limit(self) -> int:
+        """``drain_limit`` while the server is busy, from the lag of the oldest due entry."""
+        now = time.time()
+        head = await self._db(self.store.oldest_due, now, list(self._in_flight), self.holds.held)
+        lag = 0.0 if head is None else now - head
+        return drain_limit(self.worker_count, busy=True, lag_s=lag, yield_lag_s=self.yield_lag_s)
 
     async def _claim(self, free: int) -> list[Entry]:
         """Due entries of targets not held, then one probe per held target whose turn it is."""

@@ -136,6 +136,8 @@ class LayerCacheServer:
                 workers=config.write_queue_workers,
                 budget=budget,
                 kind=S3_WRITE_QUEUE,
+                busy=self._busy,
+                yield_lag_s=config.write_queue_yield_lag_secs,
             )
         # Postgres rows whose INSERT failed after their S3 PUT was queued (DualWrite, S3Primary);
         # a PostgresOnly server drains what such a server left behind, and queues nothing.
@@ -149,6 +151,8 @@ class LayerCacheServer:
                 workers=config.retry_queue_workers,
                 budget=budget,
                 kind=PG_RETRY_QUEUE,
+                busy=self._busy,
+                yield_lag_s=config.write_queue_yield_lag_secs,
             )
         self.persisters: dict[CacheType, CachePersister] = {
             cache_type: CachePersister(
@@ -168,6 +172,10 @@ class LayerCacheServer:
         self._ready = False
         self._stopping = False
         self.app = self._build_app()
+
+    def _busy(self) -> bool:
+        """Requests are in flight: the queues' drain yields to them."""
+        return self.in_flight > 0
 
     def _build_app(self) -> web.Application:
         app = web.Application(

@@ -323,6 +323,9 @@ class ServerConfig(_Section):
     write_queue_max_age_secs: float | None = Field(None, gt=0)
     write_queue_base_delay_secs: float = Field(0.5, gt=0)
     write_queue_max_delay_secs: float = Field(60.0, gt=0)
+    # While requests are in flight the queues drain one write at a time, more as their oldest
+    # due entry ages, all workers at this lag; 0 never yields.
+    write_queue_yield_lag_secs: float = Field(60.0, ge=0)
     retry_queue_workers: int = Field(4, ge=1, le=64)
 
 

@@ -32,6 +32,7 @@ from layer_cache.write_queue import (
     WriteQueueError,
     WriteQueueStore,
     WriteQueueUnavailable,
+    drain_limit,
     queue_status,
     replay_dead_letters,
     verdict,
@@ -88,6 +89,24 @@ def test_errors_an_operator_fixes_hold_the_target_and_the_rest_are_retried(
     kind: ErrorKind | None, expected: Verdict
 ) -> None:
     assert verdict(kind) is expected
+
+
+@pytest.mark.parametrize(
+    ("busy", "lag_s", "yield_lag_s", "limit"),
+    [
+        (False, 0.0, 60.0, 32),  # idle: every worker
+        (True, 0.0, 60.0, 1),  # serving requests: the drain yields
+        (True, 30.0, 60.0, 16),  # and takes more as its backlog ages
+        (True, 59.9, 60.0, 31),
+        (True, 60.0, 60.0, 32),  # a full minute behind: every worker
+        (True, 1e9, 60.0, 32),
+        (True, 0.0, 0.0, 32),  # 0: never yield
+    ],
+)
+def test_the_drain_yields_to_requests_less_as_its_backlog_ages(
+    busy: bool, lag_s: float, yield_lag_s: float, limit: int
+) -> None:
+    assert drain_limit(32, busy=busy, lag_s=lag_s, yield_lag_s=yield_lag_s) == limit
 
 
 def test_a_hold_probes_one_at_a_time_under_a_capped_backoff_and_ends_on_success() -> None:
