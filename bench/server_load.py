@@ -5,11 +5,13 @@ subprocess per persister mode and drives it over loopback (a PUT phase of new ``
 a GET phase, each capped by ``--requests`` or ``--phase-secs``); with DualWrite it also runs the
 PUT phase with S3 behind ``bench.delay_proxy``, and counts the objects in S3 after each PUT phase
 and again once SIGTERM has stopped the server, to show write-behind. Then, for each of
-``--write-concurrencies`` (8 and 64 in flight), a PUT phase against a fresh PostgresOnly and a fresh
-DualWrite server: the write-latency rows, DualWrite's p50/p99 against PostgresOnly's (the durable
-queue's group commit is what keeps them close). Each server's write queue lives in a temporary
-directory removed at the end. A benchmark, not a test: nothing is asserted beyond every request
-having an answer. Details and output: ``docs/bench.md``.
+``--write-concurrencies`` (8 and 64 in flight), a PUT phase against a fresh PostgresOnly and a
+fresh DualWrite server: the write-latency rows, DualWrite's p50/p99 against PostgresOnly's (the
+durable queue's group commit is what keeps them close), with the throwaway Postgres (no fsync)
+and again with a durable one (fsync and synchronous commits on, as in production; not with
+``--smoke``). Each server's write queue lives in a temporary directory removed at the end. A
+benchmark, not a test: nothing is asserted beyond every request having an answer. Details and
+output: ``docs/bench.md``.
 """
 
 from __future__ import annotations
@@ -87,6 +89,8 @@ class WriteLatency:
     concurrency: int
     postgres_only: PhaseResult
     dual_write: PhaseResult
+    postgres_fsync: bool = False
+    """Postgres flushed its commits to disk (as in production), or not (a throwaway one)."""
 
     @property
     def p50_ratio(self) -> float:
@@ -100,6 +104,7 @@ class WriteLatency:
     def as_json(self) -> dict[str, Any]:
         return {
             "concurrency": self.concurrency,
+            "postgres_fsync": self.postgres_fsync,
             "postgres_only": asdict(self.postgres_only),
             "dual_write": asdict(self.dual_write),
             "p50_ratio": self.p50_ratio,
@@ -114,6 +119,7 @@ def _ratio(numerator: float, denominator: float) -> float:
 def format_write_latency(rows: Sequence[WriteLatency]) -> str:
     """The write-latency rows: per number in flight, both modes' PUT p50/p99 and the ratios."""
     header = (
+        "Postgres fsync",
         "in flight",
         "PostgresOnly req/s",
         "p50 ms",
@@ -126,6 +132,7 @@ def format_write_latency(rows: Sequence[WriteLatency]) -> str:
     )
     table = [
         (
+            "on" if row.postgres_fsync else "off",
             row.concurrency,
             row.postgres_only.requests_per_s,
             row.postgres_only.p50_ms,
@@ -138,7 +145,7 @@ def format_write_latency(rows: Sequence[WriteLatency]) -> str:
         )
         for row in rows
     ]
-    return render_table(header, table, left_columns=0)
+    return render_table(header, table, left_columns=1)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -430,6 +437,49 @@ def delay_label(args: argparse.Namespace) -> str:
     return f"{args.s3_delay_ms:g} ms"
 
 
+async def measure_write_latency(
+    args: argparse.Namespace,
+    rng: random.Random,
+    pg: PostgresEndpoint,
+    s3: S3Endpoint,
+    fresh_prefix: Callable[[], tuple[str, Callable[[], Awaitable[int]]]],
+    queues: Path,
+) -> list[WriteLatency]:
+    """The write-latency rows: PostgresOnly and DualWrite PUT phases per number in flight, with
+    the run's throwaway Postgres and (unless ``--smoke``) a durable one started for them."""
+    rows: list[WriteLatency] = []
+    if not args.write_concurrencies:
+        return rows
+    durable = None if args.smoke else start_postgres(durable=True)
+    try:
+        if durable is not None:
+            await prepare_database(durable.endpoint)
+        targets = [(False, pg)] + ([(True, durable.endpoint)] if durable is not None else [])
+        for fsync, postgres in targets:
+            for concurrency in args.write_concurrencies:
+                measured: dict[str, PhaseResult] = {}
+                for mode in ("PostgresOnly", "DualWrite"):
+                    prefix, _ = fresh_prefix()
+                    env = server_env(postgres, s3, prefix, mode, queues / prefix)
+                    async with running_server(env) as base_url:
+                        [measured[mode]] = await load_mode(
+                            mode,
+                            base_url,
+                            replace_concurrency(args, concurrency),
+                            rng,
+                            with_reads=False,
+                        )
+                rows.append(
+                    WriteLatency(
+                        concurrency, measured["PostgresOnly"], measured["DualWrite"], fsync
+                    )
+                )
+    finally:
+        if durable is not None:
+            durable.stop()
+    return rows
+
+
 def replace_concurrency(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
     """The flags with another number of requests in flight."""
     return argparse.Namespace(**(vars(args) | {"concurrency": concurrency}))
@@ -503,23 +553,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                 results.extend(await after_stop(phases, counter))
                 proxy_counts = delayed.counts
-        write_latency: list[WriteLatency] = []
-        for concurrency in args.write_concurrencies:
-            measured = {}
-            for mode in ("PostgresOnly", "DualWrite"):
-                prefix, _ = fresh_prefix()
-                env = server_env(pg, s3, prefix, mode, queues / prefix)
-                async with running_server(env) as base_url:
-                    [measured[mode]] = await load_mode(
-                        mode,
-                        base_url,
-                        replace_concurrency(args, concurrency),
-                        rng,
-                        with_reads=False,
-                    )
-            write_latency.append(
-                WriteLatency(concurrency, measured["PostgresOnly"], measured["DualWrite"])
-            )
+        write_latency = await measure_write_latency(args, rng, pg, s3, fresh_prefix, queues)
         return {
             "benchmark": "server_load",
             "machine": {
@@ -626,6 +660,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             row["concurrency"],
             PhaseResult(**row["postgres_only"]),
             PhaseResult(**row["dual_write"]),
+            row["postgres_fsync"],
         )
         for row in report["write_latency"]
     ]

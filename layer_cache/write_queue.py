@@ -457,11 +457,12 @@ class WriteQueueStore:
         self, now: float, exclude: Iterable[int], held: Iterable[CacheType] = ()
     ) -> float | None:
         """When the first due entry (in enqueue order) not in ``exclude`` and not held was
-        enqueued; None if none is due."""
+        enqueued; None if none is due. A scan in id order that stops at the first due entry,
+        as ``claim_due``'s (the due-time index would sort every due entry first)."""
         excluded, types = list(exclude), [cache_type.value for cache_type in held]
         row = self._run(
             lambda db: db.execute(
-                "SELECT enqueued_at FROM queue WHERE next_attempt_at <= ?"
+                "SELECT enqueued_at FROM queue NOT INDEXED WHERE next_attempt_at <= ?"
                 f" AND id NOT IN ({_marks(excluded)}) AND cache_type NOT IN ({_marks(types)})"
                 " ORDER BY id LIMIT 1",
                 (now, *excluded, *types),
@@ -775,6 +776,7 @@ class WriteBehind:
 
     async def _commit_waiting(self) -> None:
         """Commit what waits, one transaction (one fsync) per round, until nothing waits."""
+        batch: list[_Waiting] = []
         try:
             while self._waiting:
                 batch, self._waiting = self._waiting, []
@@ -782,16 +784,24 @@ class WriteBehind:
                     added = await self._db(
                         self.store.enqueue_many, [w.entry for w in batch], time.time()
                     )
-                except WriteQueueError as exc:
+                except Exception as exc:  # every caller of the round hears of it
+                    failure = (
+                        exc
+                        if isinstance(exc, WriteQueueError)
+                        else WriteQueueError(f"{self.kind.name} {self.store.path}: {exc!r}")
+                    )
                     for waiting in batch:
                         if not waiting.added.done():
-                            waiting.added.set_exception(exc)
+                            waiting.added.set_exception(failure)
                     continue
                 for waiting, was_added in zip(batch, added, strict=True):
                     if not waiting.added.done():
                         waiting.added.set_result(was_added)
         finally:
             self._committer = None
+            for waiting in batch:  # cancelled mid-round: its callers must not wait forever
+                if not waiting.added.done():
+                    waiting.added.cancel()
 
     def offer(self, store: Store, key: str, value: bytes) -> None:
         """Queue a read-through write-back without making the read wait."""

@@ -202,6 +202,7 @@ def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(
     # The write-latency rows: DualWrite's PUTs against PostgresOnly's at 8 in flight.
     [latency] = report["write_latency"]
     assert latency["concurrency"] == 8
+    assert latency["postgres_fsync"] is False  # --smoke: the throwaway Postgres only
     for mode in ("postgres_only", "dual_write"):
         assert latency[mode]["requests"] > 0
         assert latency[mode]["errors"] == 0, latency[mode]["first_error"]

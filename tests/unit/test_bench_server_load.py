@@ -122,9 +122,12 @@ def test_write_latency_rows_give_both_modes_and_dual_writes_ratios() -> None:
             p99_ms=p99,
         )
 
-    row = WriteLatency(8, put("PostgresOnly", 2.0, 8.0), put("DualWrite", 2.5, 10.0))
+    row = WriteLatency(8, put("PostgresOnly", 2.0, 8.0), put("DualWrite", 2.5, 10.0), True)
     assert (row.p50_ratio, row.p99_ratio) == (1.25, 1.25)
     assert row.as_json()["dual_write"]["p50_ms"] == 2.5
+    assert row.as_json()["postgres_fsync"] is True
     lines = format_write_latency([row]).splitlines()
-    assert lines[0].split()[:3] == ["in", "flight", "PostgresOnly"]
-    assert lines[2].split() == ["8", "100.0", "2.0", "8.0", "100.0", "2.5", "10.0", "1.25", "1.25"]
+    assert lines[0].split()[:5] == ["Postgres", "fsync", "in", "flight", "PostgresOnly"]
+    assert lines[2].split() == [
+        "on", "8", "100.0", "2.0", "8.0", "100.0", "2.5", "10.0", "1.25", "1.25",
+    ]  # fmt: skip
