@@ -4,9 +4,14 @@
 subprocess per persister mode and drives it over loopback (a PUT phase of new ``cas`` values, then
 a GET phase, each capped by ``--requests`` or ``--phase-secs``); with DualWrite it also runs the
 PUT phase with S3 behind ``bench.delay_proxy``, and counts the objects in S3 after each PUT phase
-and again once SIGTERM has stopped the server, to show write-behind. Each server's write queue
-lives in a temporary directory removed at the end. A benchmark, not a test: nothing is asserted
-beyond every request having an answer. Details and output: ``docs/bench.md``.
+and again once SIGTERM has stopped the server, to show write-behind. Then, for each of
+``--write-concurrencies`` (8 and 64 in flight), a PUT phase against a fresh PostgresOnly and a
+fresh DualWrite server: the write-latency rows, DualWrite's p50/p99 against PostgresOnly's (the
+durable queue's group commit is what keeps them close), with the throwaway Postgres (no fsync)
+and again with a durable one (fsync and synchronous commits on, as in production; not with
+``--smoke``). Each server's write queue lives in a temporary directory removed at the end. A
+benchmark, not a test: nothing is asserted beyond every request having an answer. Details and
+output: ``docs/bench.md``.
 """
 
 from __future__ import annotations
@@ -75,6 +80,72 @@ class PhaseResult:
     """Objects in the cas bucket once the server had stopped (SIGTERM drains what it can)."""
     first_error: str | None = None
     """What the first failed request got (status and the start of the body), if any failed."""
+
+
+@dataclass(frozen=True)
+class WriteLatency:
+    """PUT latency of DualWrite against PostgresOnly at one number of requests in flight."""
+
+    concurrency: int
+    postgres_only: PhaseResult
+    dual_write: PhaseResult
+    postgres_fsync: bool = False
+    """Postgres flushed its commits to disk (as in production), or not (a throwaway one)."""
+
+    @property
+    def p50_ratio(self) -> float:
+        """DualWrite's median PUT latency over PostgresOnly's."""
+        return _ratio(self.dual_write.p50_ms, self.postgres_only.p50_ms)
+
+    @property
+    def p99_ratio(self) -> float:
+        return _ratio(self.dual_write.p99_ms, self.postgres_only.p99_ms)
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "concurrency": self.concurrency,
+            "postgres_fsync": self.postgres_fsync,
+            "postgres_only": asdict(self.postgres_only),
+            "dual_write": asdict(self.dual_write),
+            "p50_ratio": self.p50_ratio,
+            "p99_ratio": self.p99_ratio,
+        }
+
+
+def _ratio(numerator: float, denominator: float) -> float:
+    return round(numerator / denominator, 2) if denominator else math.inf
+
+
+def format_write_latency(rows: Sequence[WriteLatency]) -> str:
+    """The write-latency rows: per number in flight, both modes' PUT p50/p99 and the ratios."""
+    header = (
+        "Postgres fsync",
+        "in flight",
+        "PostgresOnly req/s",
+        "p50 ms",
+        "p99 ms",
+        "DualWrite req/s",
+        "p50 ms",
+        "p99 ms",
+        "p50 ratio",
+        "p99 ratio",
+    )
+    table = [
+        (
+            "on" if row.postgres_fsync else "off",
+            row.concurrency,
+            row.postgres_only.requests_per_s,
+            row.postgres_only.p50_ms,
+            row.postgres_only.p99_ms,
+            row.dual_write.requests_per_s,
+            row.dual_write.p50_ms,
+            row.dual_write.p99_ms,
+            row.p50_ratio,
+            row.p99_ratio,
+        )
+        for row in rows
+    ]
+    return render_table(header, table, left_columns=1)
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -369,6 +440,54 @@ def delay_label(args: argparse.Namespace) -> str:
     return f"{args.s3_delay_ms:g} ms"
 
 
+async def measure_write_latency(
+    args: argparse.Namespace,
+    rng: random.Random,
+    pg: PostgresEndpoint,
+    s3: S3Endpoint,
+    fresh_prefix: Callable[[], tuple[str, Callable[[], Awaitable[int]]]],
+    queues: Path,
+) -> list[WriteLatency]:
+    """The write-latency rows: PostgresOnly and DualWrite PUT phases per number in flight, with
+    the run's throwaway Postgres and (unless ``--smoke``) a durable one started for them."""
+    rows: list[WriteLatency] = []
+    if not args.write_concurrencies:
+        return rows
+    durable = None if args.smoke else start_postgres(durable=True)
+    try:
+        if durable is not None:
+            await prepare_database(durable.endpoint)
+        targets = [(False, pg)] + ([(True, durable.endpoint)] if durable is not None else [])
+        for fsync, postgres in targets:
+            for concurrency in args.write_concurrencies:
+                measured: dict[str, PhaseResult] = {}
+                for mode in ("PostgresOnly", "DualWrite"):
+                    prefix, _ = fresh_prefix()
+                    env = server_env(postgres, s3, prefix, mode, queues / prefix)
+                    async with running_server(env) as base_url:
+                        [measured[mode]] = await load_mode(
+                            mode,
+                            base_url,
+                            replace_concurrency(args, concurrency),
+                            rng,
+                            with_reads=False,
+                        )
+                rows.append(
+                    WriteLatency(
+                        concurrency, measured["PostgresOnly"], measured["DualWrite"], fsync
+                    )
+                )
+    finally:
+        if durable is not None:
+            durable.stop()
+    return rows
+
+
+def replace_concurrency(args: argparse.Namespace, concurrency: int) -> argparse.Namespace:
+    """The flags with another number of requests in flight."""
+    return argparse.Namespace(**(vars(args) | {"concurrency": concurrency}))
+
+
 async def prepare_database(pg: PostgresEndpoint) -> None:
     pool = await asyncpg.create_pool(pg.dsn(), min_size=1, max_size=2)
     try:
@@ -437,6 +556,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                 results.extend(await after_stop(phases, counter))
                 proxy_counts = delayed.counts
+        write_latency = await measure_write_latency(args, rng, pg, s3, fresh_prefix, queues)
         return {
             "benchmark": "server_load",
             "machine": {
@@ -458,6 +578,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             },
             "results": [asdict(result) for result in results],
             "delay_proxy_counts": proxy_counts,
+            "write_latency": [row.as_json() for row in write_latency],
         }
     finally:
         if s3_server is not None:
@@ -480,6 +601,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="S3 latency of the extra DualWrite PUT phase (0: no such phase)",
     )
     parser.add_argument("--s3-jitter-ms", type=float, default=5.0, help="+- around the delay")
+    parser.add_argument(
+        "--write-concurrencies",
+        type=int,
+        nargs="*",
+        default=[8, 64],
+        help="requests in flight of the write-latency rows (DualWrite against PostgresOnly "
+        "PUTs); none: no such rows",
+    )
     parser.add_argument("--s3", choices=("moto", "minio", "s3rver", "seaweedfs"), default=None)
     parser.add_argument("--seed", type=int, default=5156)
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
@@ -501,9 +630,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         args.requests = 100
         args.concurrency = 8
         args.phase_secs = 3.0
-    if args.requests < 1 or args.concurrency < 1 or args.value_bytes < 0 or args.phase_secs <= 0:
+        args.write_concurrencies = [8]
+    if (
+        args.requests < 1
+        or args.concurrency < 1
+        or any(concurrency < 1 for concurrency in args.write_concurrencies)
+        or args.value_bytes < 0
+        or args.phase_secs <= 0
+    ):
         parser.error(
-            "--requests and --concurrency must be >= 1, --value-bytes >= 0, --phase-secs > 0"
+            "--requests, --concurrency and --write-concurrencies must be >= 1, --value-bytes"
+            " >= 0, --phase-secs > 0"
         )
     if args.s3_delay_ms < 0 or args.s3_jitter_ms < 0:
         parser.error("--s3-delay-ms and --s3-jitter-ms must be >= 0")
@@ -521,7 +658,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{report['s3_server']}, {args.concurrency} in flight, {args.value_bytes}-byte values"
     )
     print(format_table(results))
-    for result in results:
+    rows = [
+        WriteLatency(
+            row["concurrency"],
+            PhaseResult(**row["postgres_only"]),
+            PhaseResult(**row["dual_write"]),
+            row["postgres_fsync"],
+        )
+        for row in report["write_latency"]
+    ]
+    if rows:
+        print("write latency, PUT, S3 healthy: DualWrite against PostgresOnly")
+        print(format_write_latency(rows))
+    for result in [*results, *(r for row in rows for r in (row.postgres_only, row.dual_write))]:
         if result.first_error is not None:
             print(f"{result.mode} {result.operation} first error: {result.first_error}")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")

@@ -4,7 +4,9 @@
 request it reads the whole body, consults the current ``FaultPlan`` (read per request, so a test
 may swap it) and answers an S3 error (SlowDown, InternalError, ExpiredToken, InvalidRequest),
 cuts the connection mid-body, or forwards the request intact (``Host`` as signed, body unchanged)
-and relays the answer, optionally with a rewritten PUT ETag. Draws come from
+and relays the answer, optionally with a rewritten PUT ETag. It can also refuse a bucket (403
+AccessDenied), answer conditional PUTs 501 NotImplemented or forward them without the condition,
+as servers without conditional writes do, and damage PUT bodies on the way. Draws come from
 ``random.Random(plan.seed)``, two per covered request, so a seed and a request order give the
 same faults; ``proxy.counts`` records every outcome before the client sees it. ``stop()`` closes
 the listener, lets requests finish for ``stop_timeout_s``, then cancels (and counts) the rest and
@@ -39,20 +41,26 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 __all__ = [
+    "ACCESS_DENIED",
     "BAD_GATEWAY",
     "CANCELLED",
+    "CONDITION_IGNORED",
+    "DAMAGED",
     "ETAG_REWRITTEN",
     "EXPIRED_TOKEN",
     "FORWARDED",
     "INTERNAL_ERROR",
+    "NOT_IMPLEMENTED",
     "REFUSED",
     "RESET",
     "SLOWDOWN",
     "UPSTREAM_ERROR",
+    "ConditionalPuts",
     "EtagRewrite",
     "FaultPlan",
     "FaultProxy",
     "RateGate",
+    "path_style_bucket",
     "path_style_object",
     "signing_access_key",
 ]
@@ -63,6 +71,10 @@ FORWARDED: Final = "forwarded"
 ETAG_REWRITTEN: Final = "etag_rewritten"
 EXPIRED_TOKEN: Final = "expired_token"
 REFUSED: Final = "refused"
+ACCESS_DENIED: Final = "access_denied"
+NOT_IMPLEMENTED: Final = "not_implemented"
+CONDITION_IGNORED: Final = "condition_ignored"
+DAMAGED: Final = "damaged"
 SLOWDOWN: Final = "slowdown"
 INTERNAL_ERROR: Final = "internal_error"
 RESET: Final = "reset"
@@ -94,6 +106,10 @@ _NO_AUTO_HEADERS: Final = ("Accept", "Accept-Encoding", "Content-Type", "User-Ag
 _SLOWDOWN_MESSAGE: Final = "Please reduce your request rate."
 _INTERNAL_ERROR_MESSAGE: Final = "We encountered an internal error. Please try again."
 _REFUSED_MESSAGE: Final = "The fault proxy refuses writes to this key."
+_ACCESS_DENIED_MESSAGE: Final = "Access Denied"
+_NOT_IMPLEMENTED_MESSAGE: Final = (
+    "A header you provided implies functionality that is not implemented"
+)
 
 DEFAULT_MAX_BODY_BYTES: Final = 64 * 1024 * 1024
 DEFAULT_UPSTREAM_TIMEOUT_S: Final = 60.0
@@ -144,6 +160,17 @@ class EtagRewrite(StrEnum):
         return f'"{rewritten.hexdigest()}"'
 
 
+class ConditionalPuts(StrEnum):
+    """What ``FaultPlan.conditional_puts`` does to a PUT carrying ``If-None-Match``."""
+
+    NOT_IMPLEMENTED = "not_implemented"
+    """Answer 501 ``NotImplemented``, never forwarded: a server without conditional writes
+    (VersityGW before its 2025-09 release)."""
+    IGNORED = "ignored"
+    """Forward it without ``If-None-Match``: a server that ignores the condition and overwrites.
+    The header is signed, so only a server that does not check signatures (moto) accepts it."""
+
+
 @dataclass
 class FaultPlan:
     """Which faults the proxy injects, and how often; validated when constructed."""
@@ -166,11 +193,21 @@ class FaultPlan:
     """Access key ids whose requests are answered 400 ExpiredToken, never forwarded."""
     refused_keys: frozenset[str] = frozenset()
     """Object keys whose PUTs are answered 400 InvalidRequest (not retryable), never forwarded."""
+    access_denied_buckets: frozenset[str] = frozenset()
+    """Buckets whose every request is answered 403 AccessDenied, never forwarded."""
+    conditional_puts: ConditionalPuts | None = None
+    """Refuse (501) or strip the ``If-None-Match`` condition of every PUT that carries one."""
+    damaged_puts: int = 0
+    """The next this many PUTs with a body are forwarded with their last byte changed: a body
+    damaged on the way, which a server that checks ``Content-MD5`` refuses and one that does not
+    (moto) stores, answering the ETag of what it stored."""
     max_rate_per_s: float | None = None
     """Covered requests beyond this rate (a token bucket holding one tenth of a second's worth,
     at least one) are answered 503 SlowDown, never forwarded, as S3 throttles a prefix."""
 
     def __post_init__(self) -> None:
+        if self.damaged_puts < 0:
+            raise ValueError(f"damaged_puts must be >= 0: {self.damaged_puts}")
         if self.max_rate_per_s is not None and not (0 < self.max_rate_per_s < math.inf):
             raise ValueError(f"max_rate_per_s must be positive and finite: {self.max_rate_per_s}")
         shares = (self.slowdown_share, self.internal_error_share, self.reset_share)
@@ -238,6 +275,7 @@ class FaultProxy:
         self._plan = plan
         self._rng = random.Random(plan.seed)
         self._gate = RateGate.for_plan(plan)
+        self._damage_left = plan.damaged_puts
         self._max_body_bytes = max_body_bytes
         self._upstream_timeout_s = upstream_timeout_s
         self._stop_timeout_s = stop_timeout_s
@@ -255,6 +293,7 @@ class FaultProxy:
         self._plan = plan
         self._rng = random.Random(plan.seed)
         self._gate = RateGate.for_plan(plan)
+        self._damage_left = plan.damaged_puts
 
     @property
     def url(self) -> str:
@@ -350,11 +389,19 @@ class FaultProxy:
             if signing_access_key(request.headers, request.query) in self._plan.expired_access_keys:
                 self._count(method, EXPIRED_TOKEN)
                 return _s3_error(request, 400, "ExpiredToken", "The provided token has expired.")
+            if path_style_bucket(request.raw_path) in self._plan.access_denied_buckets:
+                self._count(method, ACCESS_DENIED)
+                return _s3_error(request, 403, "AccessDenied", _ACCESS_DENIED_MESSAGE)
             if method == "PUT" and self._plan.refused_keys:
                 target = path_style_object(request.raw_path)
                 if target is not None and target[1] in self._plan.refused_keys:
                     self._count(method, REFUSED)
                     return _s3_error(request, 400, "InvalidRequest", _REFUSED_MESSAGE)
+            conditional = method == "PUT" and "If-None-Match" in request.headers
+            condition = self._plan.conditional_puts if conditional else None
+            if condition is ConditionalPuts.NOT_IMPLEMENTED:
+                self._count(method, NOT_IMPLEMENTED)
+                return _s3_error(request, 501, "NotImplemented", _NOT_IMPLEMENTED_MESSAGE)
             planned, delay = self._draw(method)
             if planned != SLOWDOWN and self._over_rate(method):
                 planned = SLOWDOWN
@@ -366,8 +413,13 @@ class FaultProxy:
                 return _s3_error(request, 500, "InternalError", _INTERNAL_ERROR_MESSAGE)
             if delay > 0:
                 await asyncio.sleep(delay)
+            dropped = {"if-none-match"} if condition is ConditionalPuts.IGNORED else set()
+            damaged = method == "PUT" and bool(body) and self._damage_left > 0
+            if damaged:
+                self._damage_left -= 1
+                body = body[:-1] + bytes([body[-1] ^ 0xFF])
             try:
-                upstream = await self._forward(request, body)
+                upstream = await self._forward(request, body, dropped)
             except (aiohttp.ClientError, TimeoutError) as exc:
                 logger.warning("fault proxy: %s %s upstream failed: %r", method, request.path, exc)
                 self._count(method, UPSTREAM_ERROR)
@@ -378,6 +430,10 @@ class FaultProxy:
                     upstream, planned = rewritten, ETAG_REWRITTEN
                 else:
                     upstream = _rewrite_read_etags(request, upstream, self._plan.put_etag)
+            if planned == FORWARDED and damaged:
+                planned = DAMAGED
+            elif planned == FORWARDED and dropped:
+                planned = CONDITION_IGNORED
             self._count(method, planned)
             self.operations[s3_operation(request)] += 1
             if planned == RESET:
@@ -388,9 +444,11 @@ class FaultProxy:
             self._count(method, CANCELLED)
             raise
 
-    async def _forward(self, request: web.Request, body: bytes) -> _Upstream:
+    async def _forward(
+        self, request: web.Request, body: bytes, dropped: set[str] | None = None
+    ) -> _Upstream:
         assert self._session is not None
-        headers = _without(request.headers, _NOT_FORWARDED)
+        headers = _without(request.headers, _NOT_FORWARDED | frozenset(dropped or ()))
         has_body = bool(body) or request.content_length is not None or _is_chunked(request)
         url = URL(self.upstream_url + request.raw_path, encoded=True)
         async with self._session.request(
@@ -482,6 +540,12 @@ def signing_access_key(headers: Mapping[str, str], query: Mapping[str, str]) -> 
         return None
     credential = query.get("X-Amz-Credential")
     return credential.split("/", 1)[0] if credential else None
+
+
+def path_style_bucket(raw_path: str) -> str | None:
+    """The bucket a path-style request path names, percent-decoded; None for the service root."""
+    bucket = raw_path.partition("?")[0].removeprefix("/").partition("/")[0]
+    return unquote(bucket) if bucket else None
 
 
 def path_style_object(raw_path: str) -> tuple[str, str] | None:

@@ -3,7 +3,9 @@
 ``LocalPostgres`` runs the binaries under ``/usr/lib/postgresql/<version>/bin`` (or
 ``$SI_DEVENV_PG_BIN``) in a private temporary directory holding the data directory, the
 unix-socket directory and the log: ``initdb`` (``--locale=C.UTF-8``, falling back to
-``--no-locale``), then ``pg_ctl`` on a free port, tuned for throwaway data (``fsync=off``...).
+``--no-locale``), then ``pg_ctl`` on a free port, tuned for throwaway data (``fsync=off``...)
+unless ``durable=True`` (fsync and synchronous commits on, as a production server, for
+benchmarks that compare durable writes).
 Socket connections are trusted, TCP ones need a password (SCRAM), so the app role
 ``si``/``bugbear`` really authenticates; the superuser ``postgres``/``postgres-dev`` is kept for
 tests that create roles or databases. ``LocalPostgres(tls=True)`` also serves TLS (``ssl=on``)
@@ -115,10 +117,11 @@ class PostgresServer(_ManagedServer[PostgresEndpoint]):
         """Restart the running server, keeping its port and data, and wait until it answers."""
 
 
-def start_postgres(*, prefer_docker: bool | None = None) -> PostgresServer:
-    """Start PostgreSQL: True = in Docker, False = local binaries, None = Docker if it answers."""
+def start_postgres(*, prefer_docker: bool | None = None, durable: bool = False) -> PostgresServer:
+    """Start PostgreSQL: True = in Docker, False = local binaries, None = Docker if it answers.
+    ``durable``: fsync and synchronous commits on (a container always has them)."""
     use_docker = docker_available() if prefer_docker is None else prefer_docker
-    server: PostgresServer = ContainerPostgres() if use_docker else LocalPostgres()
+    server: PostgresServer = ContainerPostgres() if use_docker else LocalPostgres(durable=durable)
     server.start()
     return server
 
@@ -147,10 +150,13 @@ def _sql_literal(value: str) -> str:
 class LocalPostgres(PostgresServer):
     """PostgreSQL run from the machine's binaries in a temporary directory."""
 
-    def __init__(self, *, bin_dir: Path | None = None, tls: bool = False) -> None:
+    def __init__(
+        self, *, bin_dir: Path | None = None, tls: bool = False, durable: bool = False
+    ) -> None:
         super().__init__()
         self._bin_dir = bin_dir if bin_dir is not None else _postgres_bin_dir()
         self._tls = tls
+        self._durable = durable
         self._pki: LocalPki | None = None
         # PostgreSQL refuses to run as root; root runs it as the postgres OS user instead.
         self._os_user = pwd.getpwnam(POSTGRES_OS_USER) if os.geteuid() == 0 else None
@@ -235,13 +241,21 @@ class LocalPostgres(PostgresServer):
                 *("-p", str(self._port)),
                 *("-k", str(self._socket_dir)),
                 *("-c", "listen_addresses=127.0.0.1"),
-                *("-c", "fsync=off"),
-                *("-c", "synchronous_commit=off"),
-                *("-c", "full_page_writes=off"),
+                *self._throwaway_options(),
                 *("-c", "max_connections=200"),
                 *self._tls_options(),
             ]
         )
+
+    def _throwaway_options(self) -> list[str]:
+        """Skip the disk flushes a throwaway database does not need (none when durable)."""
+        if self._durable:
+            return []
+        return [
+            *("-c", "fsync=off"),
+            *("-c", "synchronous_commit=off"),
+            *("-c", "full_page_writes=off"),
+        ]
 
     def _tls_options(self) -> list[str]:
         if self._pki is None:

@@ -440,8 +440,10 @@ def server_rate(name: str) -> str:
 
 
 def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
-    """The layer cache server's durable S3 write queue (DualWrite, S3Primary)."""
+    """The layer cache server's durable S3 write queue and Postgres retry queue (DualWrite,
+    S3Primary)."""
     q = "layer_cache_write_queue_"
+    retry = "layer_cache_retry_queue_"
     fallback = "layer_cache_fallback_writeback_"
     return [
         series(
@@ -466,8 +468,9 @@ def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
         ),
         series(
             "Write Queue Dead Letters",
-            "Queued PUTs moved to the dead letters (a non-retryable error or the retry budget "
-            "spent): check the log, then replay with python -m services --write-queue-replay.",
+            "Queued PUTs moved to the dead letters: only with the opt-in caps "
+            "(SI_SDF__SERVER__WRITE_QUEUE_MAX_ATTEMPTS, …_MAX_AGE_SECS) set. Check the log, then "
+            "replay with python -m services --write-queue-replay.",
             "short",
             [
                 query(
@@ -494,6 +497,52 @@ def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
                 query(
                     f"sum by (cache_name) ({server_rate(q + 'retried_total')})",
                     "{{cache_name}} - retried",
+                ),
+            ],
+        ),
+        series(
+            "Write Queues Held",
+            "1 while a queue's target refuses every write until an operator acts (reason: "
+            "access_denied, invalid_credentials, missing_bucket, missing_table, …): its entries "
+            "wait, one is retried at a time. S3 write queue and Postgres retry queue.",
+            "short",
+            [
+                query(
+                    f"max by (cache_name, reason) ({server_metric(q + 'blocked')})",
+                    "{{cache_name}} - S3 - {{reason}}",
+                ),
+                query(
+                    f"max by (cache_name, reason) ({server_metric(retry + 'blocked')})",
+                    "{{cache_name}} - Postgres - {{reason}}",
+                ),
+            ],
+        ),
+        series(
+            "Postgres Retry Queue",
+            "Rows acknowledged in DualWrite and S3Primary while Postgres failed (their S3 PUT was "
+            "queued): waiting, and per second written, retried and dead-lettered.",
+            "short",
+            [
+                query(f"sum by (cache_name) ({server_metric(retry + 'depth')})", "{{cache_name}}"),
+                query(
+                    f"max by (cache_name) ({server_metric(retry + 'oldest_age_seconds')})",
+                    "{{cache_name}} - oldest age (s)",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(retry + 'enqueued_total')})",
+                    "{{cache_name}} - enqueued/s",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(retry + 'success_total')})",
+                    "{{cache_name}} - written/s",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(retry + 'failed_total')})",
+                    "{{cache_name}} - retried/s",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_rate(retry + 'permanent_failure_total')})",
+                    "{{cache_name}} - dead-lettered/s",
                 ),
             ],
         ),

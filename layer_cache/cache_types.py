@@ -1,7 +1,10 @@
-"""The registry of layer cache types: name → table, bucket, key strategy, backfillable.
+"""The registry of layer cache types: name → table, bucket, key strategy, backfillable, sort key.
 
 Every other part looks a cache up here instead of dispatching on its name. The CLI names are the
 upstream ones (singular, e.g. ``workspace_snapshot``); tables and bucket names follow the table.
+``sort_key`` is the constant upstream's ``db/*.rs`` writes into every row of the cache's table
+(``cas`` → ``"cas"``, ``workspace_snapshots`` → ``"workspace_snapshot"``, ``change_batches`` →
+``"change_batches"``: upstream's own mix of singular and plural, kept as it is).
 """
 
 from __future__ import annotations
@@ -42,28 +45,45 @@ class CacheSpec:
     table: str
     key_strategy: KeyStrategy
     backfillable: bool
+    sort_key: str
+    """The ``sort_key`` column upstream writes for every row of this cache."""
 
 
-def _spec(cache_type: CacheType, table: str, *, backfillable: bool = True) -> CacheSpec:
+def _spec(
+    cache_type: CacheType, table: str, sort_key: str, *, backfillable: bool = True
+) -> CacheSpec:
     strategy = KeyStrategy.PASSTHROUGH if backfillable else KeyStrategy.REVERSE_KEY
-    return CacheSpec(cache_type, table, strategy, backfillable)
+    return CacheSpec(cache_type, table, strategy, backfillable, sort_key)
 
 
 CACHE_SPECS: Mapping[CacheType, CacheSpec] = MappingProxyType(
     {
         spec.cache_type: spec
         for spec in (
-            _spec(CacheType.CAS, "cas"),
-            _spec(CacheType.WORKSPACE_SNAPSHOT, "workspace_snapshots"),
-            _spec(CacheType.ENCRYPTED_SECRET, "encrypted_secrets"),
-            _spec(CacheType.REBASE_BATCH, "rebase_batches"),
-            _spec(CacheType.CHANGE_BATCH, "change_batches"),
-            _spec(CacheType.SPLIT_SNAPSHOT_SUBGRAPH, "split_snapshot_subgraphs"),
-            _spec(CacheType.SPLIT_SNAPSHOT_SUPERGRAPH, "split_snapshot_supergraphs"),
-            _spec(CacheType.SPLIT_SNAPSHOT_REBASE_BATCH, "split_snapshot_rebase_batches"),
-            # func runs are moving out of the layer cache: never backfilled.
-            _spec(CacheType.FUNC_RUN, "func_runs", backfillable=False),
-            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", backfillable=False),
+            _spec(CacheType.CAS, "cas", "cas"),
+            _spec(CacheType.WORKSPACE_SNAPSHOT, "workspace_snapshots", "workspace_snapshot"),
+            _spec(CacheType.ENCRYPTED_SECRET, "encrypted_secrets", "encrypted_secret"),
+            _spec(CacheType.REBASE_BATCH, "rebase_batches", "rebase_batches"),
+            _spec(CacheType.CHANGE_BATCH, "change_batches", "change_batches"),
+            _spec(
+                CacheType.SPLIT_SNAPSHOT_SUBGRAPH,
+                "split_snapshot_subgraphs",
+                "split_snapshot_subgraph",
+            ),
+            _spec(
+                CacheType.SPLIT_SNAPSHOT_SUPERGRAPH,
+                "split_snapshot_supergraphs",
+                "split_snapshot_supergraph",
+            ),
+            _spec(
+                CacheType.SPLIT_SNAPSHOT_REBASE_BATCH,
+                "split_snapshot_rebase_batches",
+                "split_snapshot_rebase_batches",
+            ),
+            # func runs are moving out of the layer cache: never backfilled. Upstream keys their
+            # rows by workspace (sort_key = the workspace pk); this service never writes them.
+            _spec(CacheType.FUNC_RUN, "func_runs", "", backfillable=False),
+            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", "", backfillable=False),
         )
     }
 )

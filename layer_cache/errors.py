@@ -57,6 +57,26 @@ class ErrorKind(StrEnum):
         are refreshed) are worth another attempt; nothing else is."""
         return self in (ErrorKind.THROTTLED, ErrorKind.TRANSIENT, ErrorKind.CREDENTIALS_EXPIRED)
 
+    @property
+    def needs_operator(self) -> bool:
+        """Refusals an operator fixes (a permission, the credentials, creating the bucket, table
+        or database, trusting a CA, enabling TLS): nothing changes until they act, and then
+        every write works again. A durable write queue holds its entries on these."""
+        return self in _NEEDS_OPERATOR
+
+
+_NEEDS_OPERATOR = frozenset(
+    {
+        ErrorKind.ACCESS_DENIED,
+        ErrorKind.INVALID_CREDENTIALS,
+        ErrorKind.MISSING_BUCKET,
+        ErrorKind.MISSING_TABLE,
+        ErrorKind.MISSING_DATABASE,
+        ErrorKind.UNTRUSTED_CERTIFICATE,
+        ErrorKind.TLS_REFUSED,
+    }
+)
+
 
 class LayerCacheError(Exception):
     """Root of every error this project raises on purpose."""

@@ -6,10 +6,13 @@ Each backend has one write path (``PgStore.put``: ``INSERT … ON CONFLICT DO NO
 and the order reads try them. A *deferred* target (S3 in ``DualWrite`` and ``S3Primary``) is
 durably queued (``WriteBackSink``) instead of written on the request path. ``put`` returns True
 only when the key was new to every direct target, and a failed write or enqueue raises after the
-others finish, so a retry completes it. A read returns the first hit and reports a miss only when
-every backend said "no such key"; bulk reads apply that per key (``Store.get_many`` reports
-per-key failures). A value found on a later backend is queued for each earlier backend that
-*missed* it (not one that failed), which only ``S3Primary`` can do. Every storage call runs under
+others finish, so a retry completes it. Except, as upstream does: where a deferred target holds a
+durable copy once queued, a direct write failing with an error worth retrying or one an operator
+fixes is queued too (``retry_later``, the Postgres retry queue) and the write is acknowledged. A
+read returns the first hit and reports a miss only when every backend said "no such key"; bulk
+reads apply that per key (``Store.get_many`` reports per-key failures). A value found on a later
+backend is queued for each earlier backend that missed it or failed to read it (upstream counts a
+failed S3 GET as a miss), which only ``S3Primary`` can do. Every storage call runs under
 ``call_with_retries`` with a short policy. Nothing here needs closing: the stores use the services
 context's pool and S3 client. The mode table and bulk-read rules: ``docs/server.md``.
 """
@@ -231,6 +234,7 @@ class CachePersister:
         write_back: WriteBackSink,
         *,
         policy: RetryPolicy = REQUEST_RETRY_POLICY,
+        retry_later: WriteBackSink | None = None,
     ) -> None:
         missing = route.backends - stores.keys()
         if missing:
@@ -239,6 +243,7 @@ class CachePersister:
         self.stores = stores
         self.write_back = write_back
         self.policy = policy
+        self.retry_later = retry_later
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         return await call_with_retries(call, self.policy)
@@ -255,10 +260,32 @@ class CachePersister:
             *(self.write_back.enqueue(store, key, value) for store in deferred),
             return_exceptions=True,
         )
-        for result in results:  # let every target finish before failing, so a retry heals
+        for result in results[len(direct) :]:  # every target finished: a retry heals
             if isinstance(result, BaseException):
                 raise result
-        return all(results[: len(direct)])
+        stored: list[bool] = []
+        for store, result in zip(direct, results[: len(direct)], strict=True):
+            if isinstance(result, BaseException):
+                result = await self._retry_later(store, key, value, result, queued=bool(deferred))
+            stored.append(bool(result))
+        return all(stored)
+
+    async def _retry_later(
+        self, store: Store, key: str, value: bytes, failure: BaseException, *, queued: bool
+    ) -> bool:
+        """A direct write failed. With the value durably queued for a deferred target, an error
+        worth retrying or one an operator fixes sends it to the retry queue (True: acknowledged,
+        as if new); anything else fails the write."""
+        deferrable = isinstance(failure, StorageError) and (
+            failure.kind.retryable or failure.kind.needs_operator
+        )
+        if self.retry_later is None or not queued or not deferrable:
+            raise failure
+        try:
+            await self.retry_later.enqueue(store, key, value)
+        except StorageError as exc:
+            raise failure from exc
+        return True
 
     async def get(self, key: str) -> bytes | None:
         """The first hit in read order; None only if every backend missed."""
@@ -270,6 +297,7 @@ class CachePersister:
                 value = await self._call(partial(store.get, key))
             except StorageError as exc:
                 failure = failure or exc
+                missed.append(backend)  # filled like a miss, as upstream does
                 continue
             if value is not None:
                 self._fill(missed, {key: value})
@@ -312,9 +340,8 @@ class CachePersister:
             for key, exc in read.failed.items():
                 failures.setdefault(key, exc)
             remaining = [key for key in remaining if key not in read.found]
-            for key in remaining:
-                if key not in read.failed:
-                    missed[key].append(backend)
+            for key in remaining:  # a failed read is filled like a miss, as upstream does
+                missed[key].append(backend)
         for key in remaining:  # on no backend that answered, and some backend failed: unknown
             if key in failures:
                 raise failures[key]

@@ -106,9 +106,10 @@ class PgLayer:
             " AS row"
         )
         self._sql_existing_keys = f"SELECT key FROM {table} WHERE key = ANY($1::text[])"
-        # The live write path: first write wins, and RETURNING says whether this one did.
+        # The live write path: first write wins, and RETURNING says whether this one did. The
+        # sort_key is the cache's constant, as upstream's db/*.rs writes it.
         self._sql_insert = (
-            f"INSERT INTO {table} (key, sort_key, value) VALUES ($1, $1, $2)"
+            f"INSERT INTO {table} (key, sort_key, value) VALUES ($1, $2, $3)"
             " ON CONFLICT DO NOTHING RETURNING true"
         )
         self._sql_size = f"SELECT octet_length(value) FROM {table} WHERE key = $1"
@@ -191,9 +192,12 @@ class PgLayer:
         return size
 
     async def insert(self, key: str, value: bytes) -> bool:
-        """Insert one row (sort_key = key); True if stored, False if the key already existed."""
+        """Insert one row (``sort_key`` as upstream writes it for this cache); True if stored,
+        False if the key already existed."""
         with map_pg_errors(f"inserting into {self.spec.table} key {key}"):
-            inserted: bool | None = await self.pool.fetchval(self._sql_insert, key, value)
+            inserted: bool | None = await self.pool.fetchval(
+                self._sql_insert, key, self.spec.sort_key, value
+            )
         return bool(inserted)
 
     async def ping(self) -> None:

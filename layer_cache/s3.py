@@ -11,6 +11,14 @@ PUT's ``ETag`` is checked too: for a single-part upload it is the hex MD5 of the
 a mismatch is raised as a transient ``BadDigest`` so the upload is retried. Objects stored with
 SSE-KMS, DSSE-KMS or SSE-C have 32-hex ETags that are *not* the MD5 (``put_etag_is_md5`` reads
 that from the PUT's answer): their ETags are not judged, and S3 has checked ``Content-MD5``.
+
+``put_if_absent`` (the live write path) never deletes: an ETag that contradicts the body is only
+a reason to read the object and, if its bytes differ, write it again (a server that ignores
+``If-None-Match`` may have overwritten an object that existed, in ``S3Only`` the only copy; a
+repair that fails is tried again on the key's next write rather than trusting its 412). A
+server without conditional writes (501 ``NotImplemented``, as VersityGW before its 2025-09
+release answers) switches the client to unconditional PUTs, upstream's only kind, once
+(``ConditionalPuts``, one ``warning``).
 """
 
 from __future__ import annotations
@@ -23,6 +31,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from aiobotocore.credentials import AioRefreshableCredentials
 
 from layer_cache.cache_types import CacheSpec
@@ -38,7 +47,10 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 
+log = structlog.get_logger(__name__)
+
 _PRECONDITION_FAILED = 412
+_NOT_IMPLEMENTED = 501
 
 
 _PLAIN_MD5_ETAG = re.compile(r"[0-9a-f]{32}")
@@ -106,6 +118,35 @@ class StoredObject:
         return md5_hex is not None and self.etag == md5_hex.lower()
 
 
+class ConditionalPuts:
+    """Whether one S3 client's server honours ``If-None-Match: *`` on PutObject (shared by the
+    client's layers). It starts true; a server that answers the condition 501 NotImplemented
+    turns it false for the rest of the process, with one log line."""
+
+    def __init__(self) -> None:
+        self.supported = True
+
+    def unsupported(self, error: S3LayerError) -> None:
+        """The server refused the condition itself: PUT unconditionally from now on."""
+        if not self.supported:
+            return
+        self.supported = False
+        log.warning(
+            "s3 conditional writes not supported; using unconditional PUTs",
+            bucket=error.bucket,
+            code=error.code,
+            status=error.status,
+            note="as upstream writes: the first write no longer wins, and a write of a key that"
+            " exists is answered as created",
+        )
+
+
+def refuses_conditional_writes(error: S3LayerError) -> bool:
+    """True when a conditional PutObject was refused because the server does not implement the
+    condition (501 ``NotImplemented``), not because of the object."""
+    return error.code == "NotImplemented" or error.status == _NOT_IMPLEMENTED
+
+
 def content_md5(body: bytes) -> str:
     """The base64 MD5 digest S3 expects in ``Content-MD5``."""
     return BodyDigest(body).content_md5
@@ -159,11 +200,16 @@ class S3Layer:
         *,
         bucket: str,
         key_prefix: str | None = None,
+        conditional_puts: ConditionalPuts | None = None,
     ) -> None:
         self.client = client
         self.spec = spec
         self.bucket = bucket
         self.key_prefix = key_prefix
+        self.conditional_puts = conditional_puts or ConditionalPuts()
+        # Object keys whose repair has not succeeded yet: the next write of the key repairs
+        # again instead of trusting the 412 its conditional PUT would get.
+        self._unrepaired: set[str] = set()
 
     def object_key(self, key: str) -> str:
         """Where a row key lives in this bucket."""
@@ -253,34 +299,70 @@ class S3Layer:
         """Store ``body`` unless the key's object exists (``If-None-Match: *``): first write
         wins. True if stored, False if an object was already there.
 
-        A server that ignores the condition overwrites instead, which is harmless for
-        content-addressed keys; a conflict with a concurrent conditional PUT is transient. An
-        object whose ETag is an MD5 that contradicts the body was created by this call, damaged:
-        it is deleted (or the condition would keep it forever) and a transient ``BadDigest`` is
-        raised. An encrypted object's ETag is no MD5, so it never causes a delete.
+        A conflict with a concurrent conditional PUT is transient. An answer whose ETag is an MD5
+        that contradicts the body (an upload damaged on the way, or a server that ignored the
+        condition and overwrote an object) is checked by reading the object: if its bytes differ
+        it is written again, unconditionally (``repair``). Nothing is ever deleted. Encrypted
+        objects' ETags are no MD5s and are not judged. A 412 is taken at its word (first write
+        wins), except for an object whose repair failed in this process: that is repaired again.
+        After a 501 to the condition (``ConditionalPuts``) every PUT is unconditional and
+        answers True.
         """
         object_key = self.object_key(key)
         digest = BodyDigest(body)
-        try:
-            with self._s3_call("PutObject", object_key):
-                response = await self.client.put_object(
-                    Bucket=self.bucket,
-                    Key=object_key,
-                    Body=body,
-                    ContentMD5=digest.content_md5,
-                    IfNoneMatch="*",
-                )
-        except S3LayerError as exc:
-            if exc.code == "PreconditionFailed" or exc.status == _PRECONDITION_FAILED:
-                return False
-            if exc.code == "ConditionalRequestConflict":
-                exc.kind = ErrorKind.TRANSIENT
-            raise
+        if object_key in self._unrepaired:
+            await self.repair(object_key, body)
+            return True
+        if self.conditional_puts.supported:
+            try:
+                with self._s3_call("PutObject", object_key):
+                    response = await self.client.put_object(
+                        Bucket=self.bucket,
+                        Key=object_key,
+                        Body=body,
+                        ContentMD5=digest.content_md5,
+                        IfNoneMatch="*",
+                    )
+            except S3LayerError as exc:
+                if exc.code == "PreconditionFailed" or exc.status == _PRECONDITION_FAILED:
+                    return False
+                if exc.code == "ConditionalRequestConflict":
+                    exc.kind = ErrorKind.TRANSIENT
+                if not refuses_conditional_writes(exc):
+                    raise
+                self.conditional_puts.unsupported(exc)
+            else:
+                if digest.contradicted_by_put(response):
+                    await self.repair(object_key, body)
+                return True
+        with self._s3_call("PutObject", object_key):
+            response = await self.client.put_object(
+                Bucket=self.bucket, Key=object_key, Body=body, ContentMD5=digest.content_md5
+            )
         if digest.contradicted_by_put(response):
-            with self._s3_call("DeleteObject", object_key):
-                await self.client.delete_object(Bucket=self.bucket, Key=object_key)
-            raise self._damaged_upload(object_key, "; deleted it")
+            await self.repair(object_key, body)
         return True
+
+    async def repair(self, object_key: str, body: bytes) -> None:
+        """Make the object hold ``body`` after an answer said it may not: read it, and if its
+        bytes differ (or it is missing) PUT ``body`` unconditionally, checked like ``put_raw``
+        (a transient ``BadDigest`` if that answer contradicts it too; the key's next write
+        repairs again). Never deletes."""
+        stored = await self.get_raw(object_key)
+        if stored == body:
+            self._unrepaired.discard(object_key)
+            log.debug("s3 object checked: its bytes are the ones sent", key=object_key)
+            return
+        log.warning(
+            "s3 object damaged; writing it again",
+            bucket=self.bucket,
+            key=object_key,
+            stored_size=None if stored is None else len(stored),
+            size=len(body),
+        )
+        self._unrepaired.add(object_key)
+        await self.put_raw(object_key, body)
+        self._unrepaired.discard(object_key)
 
     async def get_raw(self, object_key: str) -> bytes | None:
         """An object by its full object key (not a row key), or None when it does not exist."""
@@ -305,11 +387,11 @@ class S3Layer:
         if digest.contradicted_by_put(response):
             raise self._damaged_upload(object_key)
 
-    def _damaged_upload(self, object_key: str, action: str = "") -> S3LayerError:
+    def _damaged_upload(self, object_key: str) -> S3LayerError:
         """The transient error for a PUT whose stored bytes are not the ones sent."""
         return S3LayerError(
             f"PutObject s3://{self.bucket}/{object_key}: the stored object's ETag is not the"
-            f" MD5 of the bytes sent{action}",
+            " MD5 of the bytes sent",
             kind=ErrorKind.TRANSIENT,
             operation="PutObject",
             bucket=self.bucket,

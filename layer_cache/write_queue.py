@@ -1,17 +1,38 @@
-"""Durable S3 write-behind: a queue of S3 PUTs on local disk, drained by workers.
+"""Durable write-behind: writes queued on local disk, drained by workers, never given up by default.
 
-In ``DualWrite`` and ``S3Primary`` a write (and ``S3Primary``'s read-through write-back) is
-acknowledged once Postgres has the row and the PUT is committed to ``<dir>/write-queue.sqlite3``
-(WAL, ``synchronous=FULL``: a 2xx survives kill -9). SQLite rather than files because an entry's
-life (claim, retry, dead-letter, replay) is a few atomic row updates, deduplication on (cache
-type, key) is a UNIQUE constraint and due-order scans use an index. A dispatcher claims due
-entries in enqueue order for at most ``workers`` PUTs at once, reschedules retryable failures with
-full-jitter backoff (``QueueBudget``) and moves the rest to ``dead_letters``; it sleeps until an
-entry is due or an enqueue or finished PUT wakes it, and looks again at least every
-``max_delay_s`` (entries replayed by another process wake nothing). ``drain(within_s)`` shuts it
-down: everything pending is made due, workers run until the queue is empty or time is up, then are
-cancelled, and what remains stays on disk for the next start. Operator view (settings, status,
-replay, metrics): ``docs/server.md``.
+Two queues share this machinery (``QueueKind``), each one SQLite file in the queue directory:
+``S3_WRITE_QUEUE`` (``write-queue.sqlite3``) holds every S3 PUT of ``DualWrite`` and
+``S3Primary`` (and ``S3Primary``'s read-through write-backs); ``PG_RETRY_QUEUE``
+(``retry-queue-postgres.sqlite3``) holds the Postgres rows whose INSERT failed in those modes after
+the S3 PUT was queued, upstream's retry queue. A write is acknowledged once its entry is committed
+(WAL, ``synchronous=FULL``: a 2xx survives kill -9 and power loss). SQLite rather than files
+because an entry's life (claim, retry, dead-letter, replay) is a few atomic row updates,
+deduplication on (cache type, key) is a UNIQUE constraint and due-order scans use an index.
+
+**Group commit.** Enqueues wait in memory for the one commit in progress; the next commit takes
+every entry that arrived meanwhile, so one fsync covers them all and each caller returns only after
+the fsync that covers its entry. The bookkeeping commits (a finished, retried or dead-lettered
+entry) use ``synchronous=NORMAL``: they reach the WAL at once (kill -9 loses none) and the next
+enqueue's fsync covers them; losing one to a power cut only repeats an idempotent write.
+
+**Failures.** A dispatcher claims due entries in enqueue order for at most ``workers`` writes at
+once. Every failure is retried, as upstream retries every failed PUT; how depends on the error
+(``verdict``): a transient one, an unmapped code or a bug waits a full-jitter backoff
+(``QueueBudget``) per entry; one an operator fixes (access denied, bad or expired credentials, a
+missing bucket or table, an untrusted certificate) **holds** that cache type's target
+(``Holds``): its other entries wait, one probe at a time is tried after a capped backoff, the
+``…_blocked`` gauge is 1 and one warning says why; the first success releases it (one info line)
+and makes its entries due at once. Other cache types' entries (other buckets) keep flowing. The
+attempt and age caps are opt-in (``QueueBudget``, default off); an entry past one becomes a dead
+letter, replayable from the CLI.
+
+The dispatcher sleeps until an entry or a probe is due or an enqueue or finished write wakes it,
+and looks again at least every ``max_delay_s`` (entries replayed by another process wake nothing).
+``drain(within_s)`` shuts it down: pending commits finish, everything pending is made due, workers
+run until the queue is empty or time is up, then are cancelled, and what remains stays on disk for
+the next start. Logs: ``warning`` for a hold, a dead letter, an entry's first unexplained failure
+and a failed enqueue; ``info`` for a release and the stop; ``debug`` per attempt. Operator view
+(settings, status, replay, metrics): ``docs/server.md``.
 """
 
 from __future__ import annotations
@@ -22,35 +43,88 @@ import random
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import structlog
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, LayerCacheError, StorageError
-from layer_cache.persister import Store
+from layer_cache.persister import Backend, Store
 from layer_cache.retry import full_jitter_delay_s
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-DB_FILE_NAME = "write-queue.sqlite3"
-
-DEPTH_METRIC = "layer_cache_write_queue_depth"
-OLDEST_AGE_METRIC = "layer_cache_write_queue_oldest_age_seconds"
-ENQUEUED_METRIC = "layer_cache_write_queue_enqueued"
-SUCCESS_METRIC = "layer_cache_write_queue_success"
-RETRIED_METRIC = "layer_cache_write_queue_retried"
-DEAD_LETTER_METRIC = "layer_cache_write_queue_permanent_failure"
 FALLBACK_ATTEMPTED_METRIC = "layer_cache_fallback_writeback_attempted"
 FALLBACK_FAILED_METRIC = "layer_cache_fallback_writeback_failed"
+
+
+@dataclass(frozen=True)
+class QueueMetrics:
+    """The metric names of one queue."""
+
+    depth: str
+    oldest_age: str
+    enqueued: str
+    success: str
+    retried: str
+    dead_letter: str
+    blocked: str
+
+
+@dataclass(frozen=True)
+class QueueKind:
+    """One durable queue: where its file lives, what it writes to, what it is called."""
+
+    backend: Backend
+    file_name: str
+    name: str
+    """The queue's name in log events (``write queue held``, ``postgres retry queue stopped``)."""
+    metrics: QueueMetrics
+
+
+S3_WRITE_QUEUE = QueueKind(
+    Backend.S3,
+    "write-queue.sqlite3",
+    "write queue",
+    QueueMetrics(
+        depth="layer_cache_write_queue_depth",
+        oldest_age="layer_cache_write_queue_oldest_age_seconds",
+        enqueued="layer_cache_write_queue_enqueued",
+        success="layer_cache_write_queue_success",
+        retried="layer_cache_write_queue_retried",
+        dead_letter="layer_cache_write_queue_permanent_failure",
+        blocked="layer_cache_write_queue_blocked",
+    ),
+)
+
+# Upstream's retry queue (retry_queue.rs) names its series layer_cache_retry_queue_{enqueued,
+# success,failed,permanent_failure,depth} with backend="postgres"; the rest follow ours.
+PG_RETRY_QUEUE = QueueKind(
+    Backend.POSTGRES,
+    "retry-queue-postgres.sqlite3",
+    "postgres retry queue",
+    QueueMetrics(
+        depth="layer_cache_retry_queue_depth",
+        oldest_age="layer_cache_retry_queue_oldest_age_seconds",
+        enqueued="layer_cache_retry_queue_enqueued",
+        success="layer_cache_retry_queue_success",
+        retried="layer_cache_retry_queue_failed",
+        dead_letter="layer_cache_retry_queue_permanent_failure",
+        blocked="layer_cache_retry_queue_blocked",
+    ),
+)
+
+QUEUE_KINDS: tuple[QueueKind, ...] = (S3_WRITE_QUEUE, PG_RETRY_QUEUE)
+
+DB_FILE_NAME = S3_WRITE_QUEUE.file_name
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS queue (
@@ -99,15 +173,31 @@ class Origin(StrEnum):
 
 
 # --------------------------------------------------------------------------------------------
-# The pure part: backoff and budget
+# The pure part: what a failure means, backoff and caps, holds
+
+
+class Verdict(StrEnum):
+    """What a failed write means for the queue."""
+
+    RETRY = "retry"
+    """This entry waits its own backoff; the rest of the queue is not affected."""
+    HOLD = "hold"
+    """The target refuses every write until an operator acts: hold the cache type's entries."""
+
+
+def verdict(kind: ErrorKind | None) -> Verdict:
+    """``HOLD`` for an error an operator fixes (``ErrorKind.needs_operator``); ``RETRY`` for the
+    rest: transient faults, codes we do not know (``OTHER``: they may concern this object only,
+    so they must not stop the others) and bugs (``None``)."""
+    return Verdict.HOLD if kind is not None and kind.needs_operator else Verdict.RETRY
 
 
 @dataclass(frozen=True)
 class QueueBudget:
-    """How a failing entry is retried, and when it gives up."""
+    """How a failing entry is retried, and (opt-in) when it gives up."""
 
-    max_attempts: int = 1000
-    max_age_s: float = 86_400.0
+    max_attempts: int | None = None
+    max_age_s: float | None = None
     base_delay_s: float = 0.5
     max_delay_s: float = 60.0
     rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
@@ -118,9 +208,96 @@ class QueueBudget:
             self.rng, attempts_made, base_s=self.base_delay_s, cap_s=self.max_delay_s
         )
 
-    def gives_up(self, *, retryable: bool, attempts_made: int, age_s: float) -> bool:
-        """True when the entry goes to the dead letters instead of being retried."""
-        return not retryable or attempts_made >= self.max_attempts or age_s >= self.max_age_s
+    def gives_up(self, *, attempts_made: int, age_s: float) -> bool:
+        """True when the entry goes to the dead letters: only past a cap that is set."""
+        return (self.max_attempts is not None and attempts_made >= self.max_attempts) or (
+            self.max_age_s is not None and age_s >= self.max_age_s
+        )
+
+
+def drain_limit(workers: int, *, busy: bool, lag_s: float, yield_lag_s: float) -> int:
+    """How many writes the queue runs at once. All its ``workers`` while the server is idle;
+    while it serves requests, one, growing linearly with the lag of the oldest due entry to all
+    of them at ``yield_lag_s`` (0: never yield). The drain's CPU then goes to requests during a
+    burst, and a backlog still cannot grow without bound."""
+    if not busy or yield_lag_s <= 0 or lag_s >= yield_lag_s:
+        return workers
+    return min(workers, 1 + int((workers - 1) * max(0.0, lag_s) / yield_lag_s))
+
+
+@dataclass
+class Hold:
+    """A cache type whose target refuses writes until an operator acts."""
+
+    reason: ErrorKind
+    cause: str
+    since: float
+    failed_probes: int = 0
+    next_probe_at: float = 0.0
+    probing: bool = False
+
+
+class Holds:
+    """Which cache types are held, and when each may be probed next (one probe at a time,
+    capped full-jitter backoff between them). Pure: the time is passed in."""
+
+    def __init__(self, budget: QueueBudget) -> None:
+        self.budget = budget
+        self._holds: dict[CacheType, Hold] = {}
+
+    @property
+    def held(self) -> frozenset[CacheType]:
+        return frozenset(self._holds)
+
+    def get(self, cache_type: CacheType) -> Hold | None:
+        return self._holds.get(cache_type)
+
+    def snapshot(self) -> dict[CacheType, ErrorKind]:
+        """Held cache types and why (for the gauge, read from another thread)."""
+        return {cache_type: hold.reason for cache_type, hold in list(self._holds.items())}
+
+    def hold(self, cache_type: CacheType, reason: ErrorKind, cause: str, now: float) -> bool:
+        """A write of ``cache_type`` failed with an error an operator fixes. True when this
+        starts a hold or changes its reason (say so once), False when it was held already."""
+        current = self._holds.get(cache_type)
+        if current is None:
+            self._holds[cache_type] = Hold(
+                reason, cause, since=now, failed_probes=1, next_probe_at=now + self._delay(1)
+            )
+            return True
+        changed = current.reason is not reason
+        current.reason, current.cause = reason, cause
+        return changed
+
+    def start_probe(self, cache_type: CacheType) -> None:
+        self._holds[cache_type].probing = True
+
+    def probe_failed(self, cache_type: CacheType, now: float) -> None:
+        """The probe (or any attempt while held) did not get through: wait longer."""
+        current = self._holds.get(cache_type)
+        if current is None:
+            return
+        current.failed_probes += 1
+        current.probing = False
+        current.next_probe_at = now + self._delay(current.failed_probes)
+
+    def release(self, cache_type: CacheType) -> Hold | None:
+        """A write got through: the hold (if there was one) ends; returns it."""
+        return self._holds.pop(cache_type, None)
+
+    def probes_due(self, now: float) -> list[CacheType]:
+        return [
+            cache_type
+            for cache_type, hold in self._holds.items()
+            if not hold.probing and hold.next_probe_at <= now
+        ]
+
+    def next_probe_at(self) -> float | None:
+        waiting = [hold.next_probe_at for hold in self._holds.values() if not hold.probing]
+        return min(waiting, default=None)
+
+    def _delay(self, failed_probes: int) -> float:
+        return self.budget.delay_s(failed_probes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -129,7 +306,7 @@ class QueueBudget:
 
 @dataclass(frozen=True)
 class Entry:
-    """One queued PUT."""
+    """One queued write."""
 
     id: int
     cache_type: CacheType
@@ -141,6 +318,16 @@ class Entry:
 
 
 @dataclass(frozen=True)
+class NewEntry:
+    """A write to queue."""
+
+    cache_type: CacheType
+    key: str
+    value: bytes = field(repr=False)
+    origin: Origin
+
+
+@dataclass(frozen=True)
 class CacheQueueStatus:
     """One cache type's share of the queue."""
 
@@ -149,12 +336,16 @@ class CacheQueueStatus:
     dead_letters: int = 0
 
 
+def _marks(values: Sequence[object]) -> str:
+    return ",".join("?" * len(values))
+
+
 class WriteQueueStore:
     """The queue's SQLite file. Every method is one transaction; safe from any thread."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, file_name: str = DB_FILE_NAME) -> None:
         self.directory = directory
-        self.path = directory / DB_FILE_NAME
+        self.path = directory / file_name
         try:
             directory.mkdir(parents=True, exist_ok=True)
             self._db = sqlite3.connect(
@@ -169,15 +360,28 @@ class WriteQueueStore:
                 "writable or set SI_SDF__SERVER__WRITE_QUEUE_DIR"
             ) from exc
         self._lock = threading.Lock()
+        self._synchronous = "FULL"
 
     def close(self) -> None:
         with self._lock:
             self._db.close()
 
-    def _run(self, body: Callable[[sqlite3.Connection], T], *, write: bool = True) -> T:
+    def _run(
+        self,
+        body: Callable[[sqlite3.Connection], T],
+        *,
+        write: bool = True,
+        durable: bool = True,
+    ) -> T:
+        """``body`` in one transaction. ``durable=False`` commits without an fsync (the WAL
+        still has it, so kill -9 loses nothing; the next durable commit's fsync covers it)."""
         with self._lock:
             db = self._db
             try:
+                synchronous = "FULL" if durable else "NORMAL"
+                if write and synchronous != self._synchronous:
+                    db.execute(f"PRAGMA synchronous={synchronous}")
+                    self._synchronous = synchronous
                 # A reader (WAL) neither waits for nor blocks the file's writer.
                 db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
                 result = body(db)
@@ -194,54 +398,104 @@ class WriteQueueStore:
     def enqueue(
         self, cache_type: CacheType, key: str, value: bytes, origin: Origin, now: float
     ) -> bool:
-        """Queue a PUT (committed and fsynced on return); False if it was already queued."""
-        cursor = self._run(
-            lambda db: db.execute(
-                "INSERT OR IGNORE INTO queue (cache_type, key, value, origin, enqueued_at,"
-                " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)",
-                (cache_type.value, key, value, origin.value, now, now),
-            )
-        )
-        return cursor.rowcount == 1
+        """Queue a write (committed and fsynced on return); False if it was already queued."""
+        return self.enqueue_many([NewEntry(cache_type, key, value, origin)], now)[0]
 
-    def claim_due(self, now: float, limit: int, exclude: Iterable[int]) -> list[Entry]:
-        """Up to ``limit`` entries due at ``now``, oldest first, not in ``exclude``."""
-        excluded = list(exclude)
-        marks = ",".join("?" * len(excluded))
+    def enqueue_many(self, entries: Sequence[NewEntry], now: float) -> list[bool]:
+        """Queue writes in one transaction, one fsync; per entry, False if already queued."""
+
+        def insert(db: sqlite3.Connection) -> list[bool]:
+            return [
+                db.execute(
+                    "INSERT OR IGNORE INTO queue (cache_type, key, value, origin, enqueued_at,"
+                    " next_attempt_at) VALUES (?, ?, ?, ?, ?, ?)",
+                    (entry.cache_type.value, entry.key, entry.value, entry.origin.value, now, now),
+                ).rowcount
+                == 1
+                for entry in entries
+            ]
+
+        return self._run(insert)
+
+    def claim_due(
+        self,
+        now: float,
+        limit: int,
+        exclude: Iterable[int],
+        held: Iterable[CacheType] = (),
+    ) -> list[Entry]:
+        """Up to ``limit`` entries due at ``now``, oldest first, not in ``exclude`` and not of a
+        ``held`` cache type."""
+        excluded, types = list(exclude), [cache_type.value for cache_type in held]
         rows = self._run(
             lambda db: db.execute(
                 "SELECT id, cache_type, key, value, origin, enqueued_at, attempts FROM queue"
-                f" WHERE next_attempt_at <= ? AND id NOT IN ({marks}) ORDER BY id LIMIT ?",
-                (now, *excluded, limit),
+                f" WHERE next_attempt_at <= ? AND id NOT IN ({_marks(excluded)})"
+                f" AND cache_type NOT IN ({_marks(types)}) ORDER BY id LIMIT ?",
+                (now, *excluded, *types, limit),
             ).fetchall(),
             write=False,
         )
-        return [
-            Entry(row[0], CacheType(row[1]), row[2], row[3], Origin(row[4]), row[5], row[6])
-            for row in rows
-        ]
+        return [_entry(row) for row in rows]
 
-    def next_due_at(self, exclude: Iterable[int]) -> float | None:
-        """When the next entry not in ``exclude`` is due; None for an empty queue."""
+    def claim_probe(self, cache_type: CacheType, exclude: Iterable[int]) -> Entry | None:
+        """The entry of ``cache_type`` to probe a held target with: the one waiting longest for
+        its next attempt (so a refused object does not keep the others from being tried)."""
         excluded = list(exclude)
-        marks = ",".join("?" * len(excluded))
         row = self._run(
             lambda db: db.execute(
-                f"SELECT min(next_attempt_at) FROM queue WHERE id NOT IN ({marks})", excluded
+                "SELECT id, cache_type, key, value, origin, enqueued_at, attempts FROM queue"
+                f" WHERE cache_type = ? AND id NOT IN ({_marks(excluded)})"
+                " ORDER BY next_attempt_at, id LIMIT 1",
+                (cache_type.value, *excluded),
+            ).fetchone(),
+            write=False,
+        )
+        return None if row is None else _entry(row)
+
+    def oldest_due(
+        self, now: float, exclude: Iterable[int], held: Iterable[CacheType] = ()
+    ) -> float | None:
+        """When the first due entry (in enqueue order) not in ``exclude`` and not held was
+        enqueued; None if none is due. A scan in id order that stops at the first due entry,
+        as ``claim_due``'s (the due-time index would sort every due entry first)."""
+        excluded, types = list(exclude), [cache_type.value for cache_type in held]
+        row = self._run(
+            lambda db: db.execute(
+                "SELECT enqueued_at FROM queue NOT INDEXED WHERE next_attempt_at <= ?"
+                f" AND id NOT IN ({_marks(excluded)}) AND cache_type NOT IN ({_marks(types)})"
+                " ORDER BY id LIMIT 1",
+                (now, *excluded, *types),
+            ).fetchone(),
+            write=False,
+        )
+        return None if row is None else float(row[0])
+
+    def next_due_at(self, exclude: Iterable[int], held: Iterable[CacheType] = ()) -> float | None:
+        """When the next entry not in ``exclude`` and not held is due; None if there is none."""
+        excluded, types = list(exclude), [cache_type.value for cache_type in held]
+        row = self._run(
+            lambda db: db.execute(
+                f"SELECT min(next_attempt_at) FROM queue WHERE id NOT IN ({_marks(excluded)})"
+                f" AND cache_type NOT IN ({_marks(types)})",
+                (*excluded, *types),
             ).fetchone(),
             write=False,
         )
         return None if row is None or row[0] is None else float(row[0])
 
     def complete(self, entry_id: int) -> None:
-        self._run(lambda db: db.execute("DELETE FROM queue WHERE id = ?", (entry_id,)))
+        self._run(
+            lambda db: db.execute("DELETE FROM queue WHERE id = ?", (entry_id,)), durable=False
+        )
 
     def retry_later(self, entry_id: int, attempts: int, next_attempt_at: float, error: str) -> None:
         self._run(
             lambda db: db.execute(
                 "UPDATE queue SET attempts = ?, next_attempt_at = ?, last_error = ? WHERE id = ?",
                 (attempts, next_attempt_at, error, entry_id),
-            )
+            ),
+            durable=False,
         )
 
     def dead_letter(self, entry_id: int, attempts: int, error: str, now: float) -> None:
@@ -254,13 +508,17 @@ class WriteQueueStore:
             )
             db.execute("DELETE FROM queue WHERE id = ?", (entry_id,))
 
-        self._run(move)
+        self._run(move, durable=False)
 
-    def make_all_due(self, now: float) -> None:
+    def make_all_due(self, now: float, cache_type: CacheType | None = None) -> None:
+        """Every entry (or every entry of ``cache_type``) due at ``now``."""
+        where, args = ("AND cache_type = ?", (cache_type.value,)) if cache_type else ("", ())
         self._run(
             lambda db: db.execute(
-                "UPDATE queue SET next_attempt_at = ? WHERE next_attempt_at > ?", (now, now)
-            )
+                f"UPDATE queue SET next_attempt_at = ? WHERE next_attempt_at > ? {where}",
+                (now, now, *args),
+            ),
+            durable=False,
         )
 
     def replay(self, cache_type: CacheType | None, now: float) -> int:
@@ -308,38 +566,58 @@ class WriteQueueStore:
         return int(row[0])
 
 
-def queue_status(directory: Path) -> dict[CacheType, CacheQueueStatus]:
-    """The status of the queue in ``directory`` (for the CLI; opens nothing else)."""
-    store = WriteQueueStore(directory)
+def _entry(row: Sequence[Any]) -> Entry:
+    return Entry(row[0], CacheType(row[1]), row[2], row[3], Origin(row[4]), row[5], row[6])
+
+
+def queue_status(
+    directory: Path, kind: QueueKind = S3_WRITE_QUEUE
+) -> dict[CacheType, CacheQueueStatus]:
+    """The status of one queue in ``directory`` (for the CLI; opens nothing else)."""
+    store = WriteQueueStore(directory, kind.file_name)
     try:
         return store.status()
     finally:
         store.close()
 
 
-def replay_dead_letters(directory: Path, cache_type: CacheType | None) -> int:
-    """Move the dead letters in ``directory`` back into its queue; returns how many."""
-    store = WriteQueueStore(directory)
+def replay_dead_letters(
+    directory: Path, cache_type: CacheType | None, kind: QueueKind = S3_WRITE_QUEUE
+) -> int:
+    """Move one queue's dead letters in ``directory`` back into it; returns how many."""
+    store = WriteQueueStore(directory, kind.file_name)
     try:
         return store.replay(cache_type, time.time())
     finally:
         store.close()
 
 
+def existing_queues(directory: Path) -> list[QueueKind]:
+    """The queues that have a file in ``directory`` (the S3 queue's first)."""
+    return [kind for kind in QUEUE_KINDS if (directory / kind.file_name).exists()]
+
+
 # --------------------------------------------------------------------------------------------
-# The service: enqueue from requests, drain with workers
+# The service: enqueue from requests (group commit), drain with workers
 
 
-def _attributes(cache_type: CacheType) -> dict[str, str]:
-    return {
-        "cache_name": CACHE_SPECS[cache_type].table,
-        "cache_type": cache_type.value,
-        "backend": "s3",
-    }
+@dataclass
+class _Waiting:
+    entry: NewEntry
+    added: asyncio.Future[bool]
+
+
+_YIELD_RECHECK_S = 0.05
+"""While the drain yields to requests and is at its limit: how soon it looks again."""
+
+
+def _read_outcome(future: asyncio.Future[bool]) -> None:
+    if not future.cancelled():
+        future.exception()
 
 
 class WriteBehind:
-    """The durable queue and its workers; ``start`` them, ``drain`` them on shutdown."""
+    """One durable queue and its workers; ``start`` them, ``drain`` them on shutdown."""
 
     def __init__(
         self,
@@ -349,30 +627,43 @@ class WriteBehind:
         *,
         workers: int,
         budget: QueueBudget,
+        kind: QueueKind = S3_WRITE_QUEUE,
+        busy: Callable[[], bool] | None = None,
+        yield_lag_s: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
-        self.store = WriteQueueStore(directory)
+        self.kind = kind
+        self.busy = busy
+        self.yield_lag_s = yield_lag_s
+        self.store = WriteQueueStore(directory, kind.file_name)
         self.targets = targets
         self.worker_count = workers
         self.budget = budget
+        self.holds = Holds(budget)
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="write-queue")
         self._wake = asyncio.Event()
         self._in_flight: dict[int, asyncio.Task[None]] = {}
+        self._probes: dict[int, CacheType] = {}  # entry id → the held cache type it probes
+        self._failed_before: set[int] = set()  # entries whose failure was already logged
         self._fills: set[asyncio.Task[None]] = set()
+        self._waiting: list[_Waiting] = []
+        self._committer: asyncio.Task[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
+        names = kind.metrics
+        what = "S3 PUTs" if kind.backend is Backend.S3 else "Postgres rows"
         self._enqueued = meter.create_counter(
-            ENQUEUED_METRIC, description="S3 PUTs added to the durable write queue"
+            names.enqueued, description=f"{what} added to the durable queue"
         )
         self._success = meter.create_counter(
-            SUCCESS_METRIC, description="queued S3 PUTs that reached S3"
+            names.success, description=f"queued {what} that were written"
         )
         self._retried = meter.create_counter(
-            RETRIED_METRIC, description="queued S3 PUT attempts that failed and wait"
+            names.retried, description=f"queued {what}: attempts that failed and wait"
         )
         self._dead = meter.create_counter(
-            DEAD_LETTER_METRIC, description="queued S3 PUTs moved to the dead letters"
+            names.dead_letter, description=f"queued {what} moved to the dead letters"
         )
         self._fill_attempted = meter.create_counter(
             FALLBACK_ATTEMPTED_METRIC, description="values offered for write-back"
@@ -381,15 +672,26 @@ class WriteBehind:
             FALLBACK_FAILED_METRIC, description="write-backs that did not complete"
         )
         meter.create_observable_gauge(
-            DEPTH_METRIC,
-            [self._observe_depth],
-            description="S3 PUTs waiting in the durable write queue",
+            names.depth, [self._observe_depth], description=f"{what} waiting in the queue"
         )
         meter.create_observable_gauge(
-            OLDEST_AGE_METRIC,
+            names.oldest_age,
             [self._observe_oldest_age],
-            description="age of the oldest entry in the durable write queue",
+            description="age of the oldest entry in the queue",
+            unit="s",
         )
+        meter.create_observable_gauge(
+            names.blocked,
+            [self._observe_blocked],
+            description="1 while the target refuses writes until an operator acts (reason)",
+        )
+
+    def _attributes(self, cache_type: CacheType) -> dict[str, str]:
+        return {
+            "cache_name": CACHE_SPECS[cache_type].table,
+            "cache_type": cache_type.value,
+            "backend": self.kind.backend.value,
+        }
 
     # Observations run on the exporter's thread: they read the file under the store's lock.
 
@@ -405,7 +707,7 @@ class WriteBehind:
         status = self._status_or_empty()
         for cache_type in self.targets:
             queued = status.get(cache_type, CacheQueueStatus()).queued
-            yield Observation(queued, _attributes(cache_type))
+            yield Observation(queued, self._attributes(cache_type))
 
     def _observe_oldest_age(self, _options: CallbackOptions) -> Iterable[Observation]:
         status = self._status_or_empty()
@@ -413,7 +715,16 @@ class WriteBehind:
         for cache_type in self.targets:
             oldest = status.get(cache_type, CacheQueueStatus()).oldest_enqueued_at
             age = 0.0 if oldest is None else max(0.0, now - oldest)
-            yield Observation(age, _attributes(cache_type))
+            yield Observation(age, self._attributes(cache_type))
+
+    def _observe_blocked(self, _options: CallbackOptions) -> Iterable[Observation]:
+        held = self.holds.snapshot()
+        for cache_type in self.targets:
+            reason = held.get(cache_type)
+            if reason is None:
+                yield Observation(0, self._attributes(cache_type))
+            else:
+                yield Observation(1, self._attributes(cache_type) | {"reason": reason.value})
 
     async def _db(self, call: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, call, *args)
@@ -429,20 +740,29 @@ class WriteBehind:
         """Start draining (everything already on disk first)."""
         if self._dispatcher is not None:
             raise RuntimeError("write queue already started")
-        self._dispatcher = asyncio.create_task(self._dispatch(), name="write-queue-dispatcher")
+        self._dispatcher = asyncio.create_task(self._dispatch(), name=f"{self.kind.name} dispatch")
 
     async def enqueue(self, store: Store, key: str, value: bytes) -> None:
-        """Durably queue a client's PUT; ``WriteQueueError`` (answered 503) if it cannot be."""
+        """Durably queue a client's write; ``WriteQueueError`` (answered 503) if it cannot be."""
         await self._enqueue(store.cache_type, key, value, Origin.WRITE)
 
     async def _enqueue(self, cache_type: CacheType, key: str, value: bytes, origin: Origin) -> bool:
         if self._closed:
-            raise WriteQueueError("the write queue is closed: the server is shutting down")
+            raise WriteQueueError(f"the {self.kind.name} is closed: the server is shutting down")
+        waiting = _Waiting(
+            NewEntry(cache_type, key, value, origin), asyncio.get_running_loop().create_future()
+        )
+        # A caller that gave up leaves its outcome unread: read it here, so none goes unseen.
+        waiting.added.add_done_callback(_read_outcome)
+        self._waiting.append(waiting)
+        if self._committer is None:
+            self._committer = asyncio.create_task(self._commit_waiting())
         try:
-            added = await self._db(self.store.enqueue, cache_type, key, value, origin, time.time())
+            # Shielded: a caller that gives up does not take the entry out of the commit.
+            added = await asyncio.shield(waiting.added)
         except WriteQueueError as exc:
             log.error(
-                "write queue enqueue failed",
+                f"{self.kind.name} enqueue failed",
                 cache_type=cache_type.value,
                 key=key,
                 directory=str(self.store.directory),
@@ -450,9 +770,38 @@ class WriteBehind:
             )
             raise
         if added:
-            self._enqueued.add(1, _attributes(cache_type))
+            self._enqueued.add(1, self._attributes(cache_type))
             self._wake.set()
         return added
+
+    async def _commit_waiting(self) -> None:
+        """Commit what waits, one transaction (one fsync) per round, until nothing waits."""
+        batch: list[_Waiting] = []
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting, []
+                try:
+                    added = await self._db(
+                        self.store.enqueue_many, [w.entry for w in batch], time.time()
+                    )
+                except Exception as exc:  # every caller of the round hears of it
+                    failure = (
+                        exc
+                        if isinstance(exc, WriteQueueError)
+                        else WriteQueueError(f"{self.kind.name} {self.store.path}: {exc!r}")
+                    )
+                    for waiting in batch:
+                        if not waiting.added.done():
+                            waiting.added.set_exception(failure)
+                    continue
+                for waiting, was_added in zip(batch, added, strict=True):
+                    if not waiting.added.done():
+                        waiting.added.set_result(was_added)
+        finally:
+            self._committer = None
+            for waiting in batch:  # cancelled mid-round: its callers must not wait forever
+                if not waiting.added.done():
+                    waiting.added.cancel()
 
     def offer(self, store: Store, key: str, value: bytes) -> None:
         """Queue a read-through write-back without making the read wait."""
@@ -464,11 +813,11 @@ class WriteBehind:
         try:
             added = await self._enqueue(cache_type, key, value, Origin.FILL)
         except WriteQueueError:
-            self._fill_attempted.add(1, _attributes(cache_type))
-            self._fill_failed.add(1, _attributes(cache_type))
+            self._fill_attempted.add(1, self._attributes(cache_type))
+            self._fill_failed.add(1, self._attributes(cache_type))
             return
         if added:
-            self._fill_attempted.add(1, _attributes(cache_type))
+            self._fill_attempted.add(1, self._attributes(cache_type))
 
     async def _dispatch(self) -> None:
         await self._db(self.store.make_all_due, time.time())  # a restart retries everything now
@@ -476,79 +825,166 @@ class WriteBehind:
             self._wake.clear()
             free = self.worker_count - len(self._in_flight)
             timeout: float | None = None
+            if free > 0 and self.busy is not None and self.yield_lag_s > 0 and self.busy():
+                with contextlib.suppress(WriteQueueError):  # the claim below reports it
+                    free = await self._yielding_limit() - len(self._in_flight)
+                if free <= 0:  # look again soon: the requests may be over by then
+                    timeout = _YIELD_RECHECK_S
             if free > 0:
                 try:
-                    claimed = await self._db(
-                        self.store.claim_due, time.time(), free, list(self._in_flight)
-                    )
-                    next_due = await self._db(self.store.next_due_at, list(self._in_flight))
+                    claimed = await self._claim(free)
+                    held = self.holds.held
+                    next_due = await self._db(self.store.next_due_at, list(self._in_flight), held)
                 except WriteQueueError as exc:
-                    log.error("write queue unreadable; retrying in 1 s", cause=str(exc))
+                    log.error(f"{self.kind.name} unreadable; retrying in 1 s", cause=str(exc))
                     await asyncio.sleep(1.0)
                     continue
                 for entry in claimed:
                     self._in_flight[entry.id] = asyncio.create_task(self._deliver(entry))
                 if claimed:
                     continue
-                # Until the next entry is due, and at least every max_delay_s: a replay by
-                # another process (the CLI) adds entries without waking this one.
+                # Until the next entry or probe is due, and at least every max_delay_s: a replay
+                # by another process (the CLI) adds entries without waking this one.
+                now = time.time()
                 timeout = self.budget.max_delay_s
-                if next_due is not None:
-                    timeout = min(timeout, max(0.0, next_due - time.time()) + 0.001)
+                for due in (next_due, self.holds.next_probe_at()):
+                    if due is not None:
+                        timeout = min(timeout, max(0.0, due - now) + 0.001)
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(timeout):
                     await self._wake.wait()
+
+    async def _yielding_limit(self) -> int:
+        """``drain_limit`` while the server is busy, from the lag of the oldest due entry."""
+        now = time.time()
+        head = await self._db(self.store.oldest_due, now, list(self._in_flight), self.holds.held)
+        lag = 0.0 if head is None else now - head
+        return drain_limit(self.worker_count, busy=True, lag_s=lag, yield_lag_s=self.yield_lag_s)
+
+    async def _claim(self, free: int) -> list[Entry]:
+        """Due entries of targets not held, then one probe per held target whose turn it is."""
+        now = time.time()
+        claimed = await self._db(
+            self.store.claim_due, now, free, list(self._in_flight), self.holds.held
+        )
+        for cache_type in self.holds.probes_due(now)[: free - len(claimed)]:
+            probe = await self._db(self.store.claim_probe, cache_type, list(self._in_flight))
+            if probe is None:  # nothing of it left queued (all in flight)
+                self.holds.probe_failed(cache_type, now)
+                continue
+            self.holds.start_probe(cache_type)
+            self._probes[probe.id] = cache_type
+            claimed.append(probe)
+        return claimed
 
     async def _deliver(self, entry: Entry) -> None:
         try:
             await self._attempt(entry)
         except WriteQueueError as exc:  # the entry stays queued; do not spin on a broken disk
-            log.error("write queue update failed; retrying in 1 s", cause=str(exc))
+            log.error(f"{self.kind.name} update failed; retrying in 1 s", cause=str(exc))
             await asyncio.sleep(1.0)
         finally:
             self._in_flight.pop(entry.id, None)
+            probed = self._probes.pop(entry.id, None)
+            if probed is not None:
+                hold = self.holds.get(probed)
+                if hold is not None and hold.probing:  # it ended without an answer
+                    self.holds.probe_failed(probed, time.time())
             self._wake.set()
 
     async def _attempt(self, entry: Entry) -> None:
-        attributes = _attributes(entry.cache_type)
+        cache_type = entry.cache_type
+        attributes = self._attributes(cache_type)
+        kind: ErrorKind | None
         try:
-            await self.targets[entry.cache_type].put(entry.key, entry.value)
+            await self.targets[cache_type].put(entry.key, entry.value)
         except StorageError as exc:
-            error, retryable, before_retry = f"{exc.kind.value}: {exc}", exc.kind.retryable, exc
+            error, kind, before_retry = f"{exc.kind.value}: {exc}", exc.kind, exc.before_retry
         except Exception as exc:  # a bug must not kill the worker: the entry is kept
-            log.exception("write queue put failed", cache_type=entry.cache_type.value)
-            error, retryable, before_retry = f"internal: {exc!r}", False, None
+            if entry.id not in self._failed_before:
+                log.exception(
+                    f"{self.kind.name} entry failed unexpectedly", cache_type=cache_type.value
+                )
+            error, kind, before_retry = f"internal: {exc!r}", None, None
         else:
             await self._db(self.store.complete, entry.id)
             self._success.add(1, attributes)
-            log.debug("write queue put done", cache_type=entry.cache_type.value, key=entry.key)
+            self._failed_before.discard(entry.id)
+            log.debug(f"{self.kind.name} entry written", cache_type=cache_type.value, key=entry.key)
+            await self._release(cache_type)
             return
+        await self._failed(entry, error, kind, before_retry)
+
+    async def _release(self, cache_type: CacheType) -> None:
+        hold = self.holds.release(cache_type)
+        if hold is None:
+            return
+        await self._db(self.store.make_all_due, time.time(), cache_type)
+        log.info(
+            f"{self.kind.name} resumed",
+            cache_type=cache_type.value,
+            backend=self.kind.backend.value,
+            held_s=round(time.time() - hold.since, 3),
+            reason=hold.reason.value,
+        )
+
+    async def _failed(
+        self,
+        entry: Entry,
+        error: str,
+        kind: ErrorKind | None,
+        before_retry: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        cache_type = entry.cache_type
+        attributes = self._attributes(cache_type)
         attempts = entry.attempts + 1
         now = time.time()
-        if self.budget.gives_up(
-            retryable=retryable, attempts_made=attempts, age_s=now - entry.enqueued_at
-        ):
+        if entry.id in self._probes:  # the held target still refuses (or failed otherwise)
+            self.holds.probe_failed(cache_type, now)
+        if kind is not None and verdict(kind) is Verdict.HOLD:
+            if self.holds.hold(cache_type, kind, error, now):
+                log.warning(
+                    f"{self.kind.name} held",
+                    cache_type=cache_type.value,
+                    backend=self.kind.backend.value,
+                    reason=kind.value,
+                    cause=error,
+                    queued=await self._db(self.store.depth),
+                    note="an operator must fix this; one write is retried at a time, at most "
+                    f"every {self.budget.max_delay_s:g} s, until one gets through",
+                )
+        elif (kind is None or not kind.retryable) and entry.id not in self._failed_before:
+            self._failed_before.add(entry.id)  # one line per entry, not per attempt
+            log.warning(
+                f"{self.kind.name} entry failing",
+                cache_type=cache_type.value,
+                key=entry.key,
+                cause=error,
+                note="retried with backoff; the rest of the queue is not held",
+            )
+        if self.budget.gives_up(attempts_made=attempts, age_s=now - entry.enqueued_at):
             await self._db(self.store.dead_letter, entry.id, attempts, error, now)
+            self._failed_before.discard(entry.id)
             self._dead.add(1, attributes)
             if entry.origin is Origin.FILL:
                 self._fill_failed.add(1, attributes)
             log.warning(
-                "write queue entry dead-lettered",
-                cache_type=entry.cache_type.value,
+                f"{self.kind.name} entry dead-lettered",
+                cache_type=cache_type.value,
                 key=entry.key,
                 attempts=attempts,
                 cause=error,
             )
             return
-        if before_retry is not None and before_retry.before_retry is not None:
+        if before_retry is not None:
             with contextlib.suppress(StorageError):
-                await before_retry.before_retry()
+                await before_retry()
         delay = self.budget.delay_s(attempts)
         await self._db(self.store.retry_later, entry.id, attempts, now + delay, error)
         self._retried.add(1, attributes)
         log.debug(
-            "write queue put retrying",
-            cache_type=entry.cache_type.value,
+            f"{self.kind.name} entry retrying",
+            cache_type=cache_type.value,
             key=entry.key,
             attempt=attempts,
             delay_s=round(delay, 3),
@@ -559,7 +995,13 @@ class WriteBehind:
         """Try to empty the queue within ``within_s`` s, then stop; returns entries left."""
         if self._fills:
             await asyncio.gather(*self._fills, return_exceptions=True)
+        if self._committer is not None:
+            await asyncio.gather(self._committer, return_exceptions=True)
         await self._db(self.store.make_all_due, time.time())
+        for cache_type in self.holds.held:  # one more try each, now
+            hold = self.holds.get(cache_type)
+            if hold is not None and not hold.probing:
+                hold.next_probe_at = 0.0
         self._wake.set()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(0.0, within_s)
@@ -574,13 +1016,13 @@ class WriteBehind:
         self._executor.shutdown(wait=True)
         if remaining:
             log.warning(
-                "write queue stopped",
+                f"{self.kind.name} stopped",
                 remaining=remaining,
                 directory=str(self.store.directory),
                 note="kept on disk; drained on the next start",
             )
         else:
-            log.info("write queue stopped", remaining=0)
+            log.info(f"{self.kind.name} stopped", remaining=0)
         return remaining
 
     async def _stop_tasks(self) -> None:
@@ -593,3 +1035,4 @@ class WriteBehind:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._dispatcher = None
         self._in_flight.clear()
+        self._probes.clear()

@@ -8,8 +8,9 @@ stop event), within one grace period: ``/readyz`` turns 503 and the listener clo
 flight run to completion (one arriving on an open keep-alive connection is answered with
 ``Connection: close``); idle connections close, and what still runs at the end is cancelled with
 ``CANCEL_WAIT_S`` to unwind (a cancelled PUT may be on some targets only, which a retry
-completes); the write queue drains with the time left; then the caller leaves the services
-context. The API, settings and stopping as operators see them: ``docs/server.md``.
+completes); the write queue and the Postgres retry queue drain with the time left; then the
+caller leaves the services context. The API, settings and stopping as operators see them:
+``docs/server.md``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, Cache
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
 from layer_cache.schema import check_layer_db_schema
-from layer_cache.write_queue import QueueBudget, WriteBehind
+from layer_cache.write_queue import PG_RETRY_QUEUE, S3_WRITE_QUEUE, QueueBudget, WriteBehind
 from layer_cache_server.auth import (
     TOO_MANY_FAILURES,
     FailureLimiter,
@@ -152,6 +153,12 @@ class LayerCacheServer:
             cache_type: {b: _STORE_FACTORIES[b](context, cache_type) for b in self.route.backends}
             for cache_type in SERVED_CACHE_TYPES
         }
+        budget = QueueBudget(
+            max_attempts=config.write_queue_max_attempts,
+            max_age_s=config.write_queue_max_age_secs,
+            base_delay_s=config.write_queue_base_delay_secs,
+            max_delay_s=config.write_queue_max_delay_secs,
+        )
         self.write_back: WriteBehind | None = None
         if self.route.deferred:  # DualWrite, S3Primary: S3 through the durable write queue
             self.write_back = WriteBehind(
@@ -159,15 +166,33 @@ class LayerCacheServer:
                 {cache_type: stores[cache_type][Backend.S3] for cache_type in SERVED_CACHE_TYPES},
                 context.telemetry.meter,
                 workers=config.write_queue_workers,
-                budget=QueueBudget(
-                    max_attempts=config.write_queue_max_attempts,
-                    max_age_s=config.write_queue_max_age_secs,
-                    base_delay_s=config.write_queue_base_delay_secs,
-                    max_delay_s=config.write_queue_max_delay_secs,
-                ),
+                budget=budget,
+                kind=S3_WRITE_QUEUE,
+                busy=self._busy,
+                yield_lag_s=config.write_queue_yield_lag_secs,
+            )
+        # Postgres rows whose INSERT failed after their S3 PUT was queued (DualWrite, S3Primary);
+        # a PostgresOnly server drains what such a server left behind, and queues nothing.
+        self.retry_later: WriteBehind | None = None
+        leftover = (config.write_queue_dir / PG_RETRY_QUEUE.file_name).exists()
+        if Backend.POSTGRES in self.route.writes and (self.route.deferred or leftover):
+            self.retry_later = WriteBehind(
+                config.write_queue_dir,
+                {ct: stores[ct][Backend.POSTGRES] for ct in SERVED_CACHE_TYPES},
+                context.telemetry.meter,
+                workers=config.retry_queue_workers,
+                budget=budget,
+                kind=PG_RETRY_QUEUE,
+                busy=self._busy,
+                yield_lag_s=config.write_queue_yield_lag_secs,
             )
         self.persisters: dict[CacheType, CachePersister] = {
-            cache_type: CachePersister(self.route, stores[cache_type], self.write_back or _NO_QUEUE)
+            cache_type: CachePersister(
+                self.route,
+                stores[cache_type],
+                self.write_back or _NO_QUEUE,
+                retry_later=self.retry_later if self.route.deferred else None,
+            )
             for cache_type in SERVED_CACHE_TYPES
         }
         # Readiness asks each backend once, through the first served cache's store.
@@ -179,6 +204,10 @@ class LayerCacheServer:
         self._ready = False
         self._stopping = False
         self.app = self._build_app()
+
+    def _busy(self) -> bool:
+        """Requests are in flight: the queues' drain yields to them."""
+        return self.in_flight > 0
 
     def _build_app(self) -> web.Application:
         app = web.Application(
@@ -212,8 +241,9 @@ class LayerCacheServer:
             self.app, handle_signals=False, access_log=None, shutdown_timeout=CANCEL_WAIT_S
         )
         await runner.setup()
-        if self.write_back is not None:
-            self.write_back.start()
+        queues = [queue for queue in (self.write_back, self.retry_later) if queue is not None]
+        for queue in queues:
+            queue.start()
         watchers = [
             asyncio.create_task(watched.watch())
             for watched in (self.access, self.tls)
@@ -249,6 +279,7 @@ class LayerCacheServer:
                 signal=stop.signal.name if stop.signal else None,
                 in_flight_requests=self.in_flight,
                 queued_s3_writes=await self.write_back.depth() if self.write_back else 0,
+                queued_postgres_retries=await self.retry_later.depth() if self.retry_later else 0,
                 grace_period_s=grace,
             )
         finally:
@@ -264,13 +295,13 @@ class LayerCacheServer:
                     await self._idle.wait()
             cancelled = self.in_flight
             await runner.cleanup()  # close idle connections, cancel what still runs
-            remaining = 0
-            if self.write_back is not None:
-                remaining = await self.write_back.drain(deadline - loop.time())
+            left = await asyncio.gather(*(q.drain(deadline - loop.time()) for q in queues))
+            remaining = dict(zip([q.kind.backend for q in queues], left, strict=True))
             log.info(
                 "layer cache server stopped",
                 cancelled_requests=cancelled,
-                queued_s3_writes_left=remaining,
+                queued_s3_writes_left=remaining.get(Backend.S3, 0),
+                queued_postgres_retries_left=remaining.get(Backend.POSTGRES, 0),
             )
 
     @web.middleware

@@ -13,7 +13,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import AsyncIterator, Sequence
 from contextlib import AsyncExitStack, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,7 +28,7 @@ from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, PgLayerError, map_pg_connect_errors
 from layer_cache.keys import bucket_name
 from layer_cache.pg import PgLayer
-from layer_cache.s3 import S3Layer
+from layer_cache.s3 import ConditionalPuts, S3Layer
 from services.pg_lifetime import lifetime_pool_arguments
 from services.pg_tls import (
     TLS_REQUIRED,
@@ -182,6 +182,8 @@ class ServicesContext:
     pg_pool: asyncpg.Pool
     s3_client: S3Client | None
     telemetry: Telemetry
+    s3_conditional_puts: ConditionalPuts = field(default_factory=ConditionalPuts)
+    """What the S3 client's server does with ``If-None-Match``, learnt once for all layers."""
 
     def pg_layer(self, cache_type: CacheType) -> PgLayer:
         """The Postgres layer for one cache type."""
@@ -198,6 +200,7 @@ class ServicesContext:
             spec,
             bucket=bucket_name(spec.table, storage.bucket_prefix, storage.bucket_suffix),
             key_prefix=storage.key_prefix,
+            conditional_puts=self.s3_conditional_puts,
         )
 
 

@@ -331,13 +331,18 @@ class ServerConfig(_Section):
     max_bulk_keys: int = Field(1000, ge=1, le=100_000)
     grace_period_secs: float = Field(25.0, ge=0)
     readiness_timeout_secs: float = Field(2.0, gt=0)
-    # The durable S3 write queue (layer_cache.write_queue), used in DualWrite and S3Primary.
+    # The durable S3 write queue and the Postgres retry queue (layer_cache.write_queue), used in
+    # DualWrite and S3Primary. Every failed write is retried; the caps are opt-in (None: off).
     write_queue_dir: Path = Path("/var/lib/si-layer-cache/write-queue")
     write_queue_workers: int = Field(32, ge=1, le=256)
-    write_queue_max_attempts: int = Field(1000, ge=1)
-    write_queue_max_age_secs: float = Field(86_400.0, gt=0)
+    write_queue_max_attempts: int | None = Field(None, ge=1)
+    write_queue_max_age_secs: float | None = Field(None, gt=0)
     write_queue_base_delay_secs: float = Field(0.5, gt=0)
     write_queue_max_delay_secs: float = Field(60.0, gt=0)
+    # While requests are in flight the queues drain one write at a time, more as their oldest
+    # due entry ages, all workers at this lag; 0 never yields.
+    write_queue_yield_lag_secs: float = Field(60.0, ge=0)
+    retry_queue_workers: int = Field(4, ge=1, le=64)
 
     @model_validator(mode="after")
     def _consistent_access(self) -> ServerConfig:

@@ -32,7 +32,13 @@ from rich.console import Console
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.schema import SchemaError, migrate_layer_db
-from layer_cache.write_queue import WriteQueueUnavailable, queue_status, replay_dead_letters
+from layer_cache.write_queue import (
+    PG_RETRY_QUEUE,
+    S3_WRITE_QUEUE,
+    WriteQueueUnavailable,
+    queue_status,
+    replay_dead_letters,
+)
 from layer_cache_server.server import (
     ListenError,
     serve_layer_cache,
@@ -243,14 +249,15 @@ def build_parser() -> OneLineParser:
     queue.add_argument(
         "--write-queue-status",
         action="store_true",
-        help="print the S3 write queue's entries and dead letters per cache type (JSON), then "
-        f"exit; opens only {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
+        help="print the S3 write queue's and the Postgres retry queue's entries and dead "
+        "letters per cache type (JSON), then exit; opens only "
+        f"{ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
     )
     queue.add_argument(
         "--write-queue-replay",
         metavar="CACHE_TYPE",
-        help="move the write queue's dead letters (all, or one cache type's) back into the "
-        f"queue, then exit; opens only {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
+        help="move both queues' dead letters (all, or one cache type's) back into the queues, "
+        f"then exit; opens only {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR",
     )
     add_sdf_flags(parser)
     return parser
@@ -385,20 +392,27 @@ def _write_queue_command(settings: Settings, args: argparse.Namespace) -> int:
             f"{flag}: {ENV_PREFIX}SERVER__WRITE_QUEUE_DIR {directory} is not a directory, so it "
             "holds no write queue; point it at the server's queue volume"
         )
+    # The S3 queue is always there (opening it creates an empty one); the Postgres retry queue
+    # only once a server has needed it.
+    kinds = [S3_WRITE_QUEUE] + [
+        kind for kind in (PG_RETRY_QUEUE,) if (directory / kind.file_name).exists()
+    ]
     if args.write_queue_status:
-        status = queue_status(directory)
         now = time.time()
         print(
             json.dumps(
                 {
-                    cache_type.value: {
-                        "queued": entry.queued,
-                        "oldest_age_s": None
-                        if entry.oldest_enqueued_at is None
-                        else round(now - entry.oldest_enqueued_at, 3),
-                        "dead_letters": entry.dead_letters,
+                    kind.backend.value: {
+                        cache_type.value: {
+                            "queued": entry.queued,
+                            "oldest_age_s": None
+                            if entry.oldest_enqueued_at is None
+                            else round(now - entry.oldest_enqueued_at, 3),
+                            "dead_letters": entry.dead_letters,
+                        }
+                        for cache_type, entry in queue_status(directory, kind).items()
                     }
-                    for cache_type, entry in status.items()
+                    for kind in kinds
                 }
             ),
             flush=True,
@@ -412,7 +426,7 @@ def _write_queue_command(settings: Settings, args: argparse.Namespace) -> int:
             + ", ".join(served)
         )
     cache_type = None if name == "all" else CacheType(name)
-    replayed = replay_dead_letters(directory, cache_type)
+    replayed = sum(replay_dead_letters(directory, cache_type, kind) for kind in kinds)
     log.info("write queue dead letters replayed", count=replayed, cache_types=name)
     return EXIT_OK
 

@@ -156,7 +156,8 @@ def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(
     tmp_path: Path,
 ) -> None:
     """``python -m bench.server_load --smoke``: DualWrite writes with S3 direct and behind the
-    60 ms delay proxy, PostgresOnly for reference; every request answered, one table, one JSON."""
+    60 ms delay proxy, PostgresOnly for reference, and the write-latency rows; every request
+    answered, two tables, one JSON."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
     completed = subprocess.run(
         [sys.executable, "-m", "bench.server_load", "--smoke", "--results-dir", str(tmp_path)],
@@ -198,6 +199,17 @@ def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(
         assert 0 <= row["in_s3_at_end"] <= row["in_s3_after_stop"] <= row["requests"], key
         # 100 writes drain within the server's grace period, even at 60 ms per S3 request.
         assert row["in_s3_after_stop"] == row["requests"], key
+    # The write-latency rows: DualWrite's PUTs against PostgresOnly's at 8 in flight.
+    [latency] = report["write_latency"]
+    assert latency["concurrency"] == 8
+    assert latency["postgres_fsync"] is False  # --smoke: the throwaway Postgres only
+    for mode in ("postgres_only", "dual_write"):
+        assert latency[mode]["requests"] > 0
+        assert latency[mode]["errors"] == 0, latency[mode]["first_error"]
+    assert latency["p50_ratio"] == round(
+        latency["dual_write"]["p50_ms"] / latency["postgres_only"]["p50_ms"], 2
+    )
+    assert "write latency, PUT, S3 healthy" in output
     # The delayed server's S3 traffic went through the proxy and none of it failed there.
     counts = report["delay_proxy_counts"]
     assert counts["forwarded"] > 0

@@ -5,7 +5,8 @@ rewrites every stored PUT's answer as an encrypting bucket sends it: another 32-
 encryption headers (``EtagRewrite``). The backfill (``python -m services``) and the layer cache
 server (``put_if_absent`` under DualWrite and S3Primary) must take such an answer as success and
 keep the object; an ETag that differs *without* an encryption header is still a damaged upload
-(``BadDigest``), as before.
+(``BadDigest``) for an unconditional PUT, and for ``put_if_absent`` a reason to read the object
+back (never to delete it).
 """
 
 from __future__ import annotations
@@ -157,21 +158,22 @@ async def test_encrypted_put_answers_are_success_on_both_put_paths_and_nothing_i
     }
 
 
-async def test_an_etag_that_differs_without_encryption_is_still_a_bad_digest(
+async def test_an_etag_that_differs_without_encryption_is_a_bad_digest_and_deletes_nothing(
     s3_server: S3Server, s3_client: S3Client, bucket_prefix: str
 ) -> None:
     async with layer_via_proxy(s3_server, bucket_prefix, EtagRewrite.PLAIN) as (layer, proxy):
         with pytest.raises(S3LayerError) as put_error:
             await layer.put("c" * 64, b"damaged on the way")
-        with pytest.raises(S3LayerError) as conditional_error:
-            await layer.put_if_absent("d" * 64, b"damaged on the way")
-        assert proxy.counts["DELETE:forwarded"] == 1, proxy.counts  # the damaged object
+        # put_if_absent reads the object back: its bytes are the ones sent, so it is kept.
+        assert await layer.put_if_absent("d" * 64, b"intact after all") is True
+        assert proxy.counts["DELETE:forwarded"] == 0, proxy.counts
 
-    for error in (put_error.value, conditional_error.value):
-        assert (error.code, error.kind) == ("BadDigest", ErrorKind.TRANSIENT), error
+    assert (put_error.value.code, put_error.value.kind) == ("BadDigest", ErrorKind.TRANSIENT)
     stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
-    # put_if_absent deleted what it created (or the condition would keep it forever).
-    assert list(stored) == [layer.object_key("c" * 64)]
+    assert stored == {
+        layer.object_key("c" * 64): b"damaged on the way",
+        layer.object_key("d" * 64): b"intact after all",
+    }
 
 
 # --------------------------------------------------------------------------------------------

@@ -32,7 +32,7 @@ from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
 from botocore.exceptions import ClientError, ConnectionClosedError, EndpointConnectionError
 
-from devenv.faults import EtagRewrite, FaultPlan, FaultProxy
+from devenv.faults import ConditionalPuts, EtagRewrite, FaultPlan, FaultProxy
 from devenv.process import free_port
 from devenv.s3 import S3Endpoint, S3Server, create_buckets
 
@@ -509,6 +509,51 @@ async def test_refused_puts_take_no_fault_draws(
     assert proxy.counts["PUT:refused"] == 30
 
 
+async def test_access_denied_buckets_answer_403_without_reaching_upstream(
+    proxy: FaultProxy, proxied: S3Client, s3_client: S3Client, bucket: str
+) -> None:
+    key = f"denied-{uuid.uuid4().hex[:8]}"
+    await s3_client.put_object(Bucket=bucket, Key=key, Body=b"stored directly")
+    proxy.plan = FaultPlan(access_denied_buckets=frozenset({bucket}))
+    for call in (
+        proxied.put_object(Bucket=bucket, Key=f"{key}-new", Body=b"never stored"),
+        proxied.get_object(Bucket=bucket, Key=key),
+        proxied.list_objects_v2(Bucket=bucket),
+    ):
+        with pytest.raises(ClientError) as error:
+            await bounded(call)
+        assert error_of(error.value) == ("AccessDenied", 403)
+    proxy.plan = FaultPlan()  # the policy is fixed
+    assert await bounded(get_bytes(proxied, bucket, key)) == b"stored directly"
+    assert proxy.counts["access_denied"] == 3
+    assert proxy.operations == Counter({"GetObject": 1})
+    with pytest.raises(ClientError):
+        await s3_client.head_object(Bucket=bucket, Key=f"{key}-new")
+
+
+async def test_conditional_puts_are_refused_with_501_or_forwarded_without_the_condition(
+    proxy: FaultProxy, proxied: S3Client, s3_client: S3Client, bucket: str
+) -> None:
+    key = f"conditional-{uuid.uuid4().hex[:8]}"
+    await s3_client.put_object(Bucket=bucket, Key=key, Body=b"first")
+    with pytest.raises(ClientError) as error:  # the upstream honours the condition
+        await bounded(proxied.put_object(Bucket=bucket, Key=key, Body=b"x", IfNoneMatch="*"))
+    assert error_of(error.value)[1] == 412
+
+    proxy.plan = FaultPlan(conditional_puts=ConditionalPuts.NOT_IMPLEMENTED)
+    with pytest.raises(ClientError) as error:
+        await bounded(proxied.put_object(Bucket=bucket, Key=key, Body=b"x", IfNoneMatch="*"))
+    assert error_of(error.value) == ("NotImplemented", 501)
+    await bounded(proxied.put_object(Bucket=f"{bucket}", Key=f"{key}-plain", Body=b"plain"))
+
+    proxy.plan = FaultPlan(conditional_puts=ConditionalPuts.IGNORED)
+    await bounded(proxied.put_object(Bucket=bucket, Key=key, Body=b"second", IfNoneMatch="*"))
+    assert await bounded(get_bytes(s3_client, bucket, key)) == b"second"  # overwritten
+    assert proxy.counts["not_implemented"] == 1
+    assert proxy.counts["PUT:condition_ignored"] == 1
+    assert proxy.counts["PUT:forwarded"] == 2  # the 412 and the unconditional PUT
+
+
 # --------------------------------------------------------------------------------------------
 # Latency, reproducibility, bookkeeping
 
@@ -673,5 +718,7 @@ def test_plan_validation() -> None:
         FaultPlan(internal_error_share=-0.1)
     with pytest.raises(ValueError, match="latency_s"):
         FaultPlan(latency_s=(0.5, 0.1))
+    with pytest.raises(ValueError, match="damaged_puts"):
+        FaultPlan(damaged_puts=-1)
     with pytest.raises(ValueError, match="upstream_url"):
         FaultProxy("http://127.0.0.1:9000/prefix", FaultPlan())

@@ -241,9 +241,11 @@ class RequestRecorder(FaultProxy):
         super().__init__(upstream_url, FaultPlan())
         self.requests: list[tuple[str, str]] = []
 
-    async def _forward(self, request: web.Request, body: bytes) -> Any:
+    async def _forward(
+        self, request: web.Request, body: bytes, dropped: set[str] | None = None
+    ) -> Any:
         self.requests.append((request.method, request.path))
-        return await super()._forward(request, body)
+        return await super()._forward(request, body, dropped)
 
     def bucket_writes(self) -> list[tuple[str, str]]:
         """Writes to a bucket itself rather than to an object: CreateBucket and the like."""

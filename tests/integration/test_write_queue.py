@@ -1,15 +1,19 @@
-"""The durable S3 write queue end to end: the server over the suite's real Postgres and S3, with
-S3 made unavailable by the fault proxy (503 to everything), by a closed port (connection
-refused), by kill -9 of the server process, and by poison objects the proxy refuses with a 400.
+"""The durable S3 write queue and the Postgres retry queue end to end: the server over the suite's
+real Postgres and S3, with S3 made unavailable by the fault proxy (503 to everything), by a closed
+port (connection refused), by kill -9 of the server process, by poison objects the proxy refuses
+with a 400, by a bucket the proxy refuses with a 403 or that does not exist, and by a server
+without conditional writes (501); and Postgres made unavailable by closing a TCP relay in front
+of it.
 
-What S3 holds is read directly from the buckets, byte for byte; the queue's state is read from
-its SQLite file with ``queue_status`` while the server runs (WAL readers do not block it).
+What S3 holds is read directly from the buckets, byte for byte; the queues' state is read from
+their SQLite files with ``queue_status`` while the server runs (WAL readers do not block it).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import random
 import signal
 import sqlite3
@@ -17,18 +21,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from structlog.testing import capture_logs
 
-from devenv.faults import FaultPlan, FaultProxy
+from devenv.faults import ConditionalPuts, FaultPlan, FaultProxy
 from devenv.process import free_port
 from devenv.s3 import S3Server
-from layer_cache.cache_types import CacheType
-from layer_cache.keys import object_key
-from layer_cache.write_queue import queue_status
+from layer_cache.cache_types import CACHE_SPECS, CacheType
+from layer_cache.keys import bucket_name, object_key
+from layer_cache.write_queue import PG_RETRY_QUEUE, queue_status
 from services.context import open_services_context
 from services.settings import ServerConfig
 from tests.cli_harness import Job, run_cli
@@ -47,18 +52,20 @@ if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 ENDPOINT_ENV = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
+PG_PORT_ENV = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__PORT"
 QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
 OUTAGE_S = 30.0
 RECOVERY_DEADLINE_S = 60.0
 CACHE = CacheType.CAS
 
 
-def fast_queue(directory: Path) -> ServerConfig:
+def fast_queue(directory: Path, max_attempts: int | None = None) -> ServerConfig:
     """Short backoff (0.2 s doubling to 2 s), so recovery shows within seconds."""
     return ServerConfig(
         write_queue_dir=directory,
         write_queue_base_delay_secs=0.2,
         write_queue_max_delay_secs=2.0,
+        write_queue_max_attempts=max_attempts,
         grace_period_secs=3.0,
     )
 
@@ -85,11 +92,14 @@ async def serve(
     bucket_prefix: str,
     s3_url: str,
     config: ServerConfig,
+    *,
+    mode: str = "DualWrite",
+    pg_port: int | None = None,
 ) -> RunningServer:
-    """A DualWrite server in this loop whose S3 client talks to ``s3_url``."""
-    settings = settings_for(
-        layer_db, s3_server, bucket_prefix, "DualWrite", **{ENDPOINT_ENV: s3_url}
-    )
+    """A server (DualWrite unless told) in this loop whose S3 client talks to ``s3_url`` (and
+    whose Postgres pool to ``pg_port``, when given)."""
+    overrides = {ENDPOINT_ENV: s3_url} | ({PG_PORT_ENV: str(pg_port)} if pg_port else {})
+    settings = settings_for(layer_db, s3_server, bucket_prefix, mode, **overrides)
     metrics = InMemoryMetricReader()
     context = await stack.enter_async_context(
         open_services_context(settings, metric_readers=[metrics])
@@ -105,7 +115,11 @@ async def _stop_if_running(server: RunningServer) -> None:
 
 
 async def write_all(
-    http: aiohttp.ClientSession, url: str, values: dict[str, bytes], spread_s: float
+    http: aiohttp.ClientSession,
+    url: str,
+    values: dict[str, bytes],
+    spread_s: float,
+    cache_type: CacheType = CACHE,
 ) -> list[int]:
     """PUT every value from 8 concurrent clients, spread over ``spread_s`` seconds."""
     pending = list(values.items())
@@ -115,7 +129,7 @@ async def write_all(
     async def client() -> None:
         while pending:
             key, value = pending.pop()
-            async with http.put(f"{url}/v1/{CACHE}/{key}", data=value) as response:
+            async with http.put(f"{url}/v1/{cache_type}/{key}", data=value) as response:
                 statuses.append(response.status)
             await asyncio.sleep(pause)
 
@@ -128,8 +142,38 @@ def random_values(seed: int, count: int) -> dict[str, bytes]:
     return {hex_key(rng): rng.randbytes(rng.randint(1, 20_000)) for _ in range(count)}
 
 
-async def s3_has(s3_client: S3Client, bucket_prefix: str, expected: dict[str, bytes]) -> bool:
-    return await s3_values(s3_client, bucket_prefix, CACHE) == expected
+async def s3_has(
+    s3_client: S3Client,
+    bucket_prefix: str,
+    expected: dict[str, bytes],
+    cache_type: CacheType = CACHE,
+) -> bool:
+    return await s3_values(s3_client, bucket_prefix, cache_type) == expected
+
+
+def gauge_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
+    """Sorted attribute items → value, for one gauge."""
+    values: dict[tuple[Any, ...], float] = {}
+    data = reader.get_metrics_data()
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        assert isinstance(point, NumberDataPoint)
+                        values[tuple(sorted((point.attributes or {}).items()))] = point.value
+    return values
+
+
+def blocked(server: RunningServer, cache_type: CacheType) -> tuple[float, str | None]:
+    """The write queue's blocked gauge for one cache type: (value, reason)."""
+    for attributes, value in gauge_values(
+        server.metrics, "layer_cache_write_queue_blocked"
+    ).items():
+        labels = dict(attributes)
+        if labels["cache_type"] == cache_type.value:
+            return value, labels.get("reason")
+    raise AssertionError(f"no blocked gauge for {cache_type}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -276,7 +320,7 @@ async def test_a_server_killed_with_a_full_queue_drains_it_after_restart(
 # (c) poison objects: dead letters, then replay
 
 
-async def test_poison_objects_end_as_dead_letters_and_reach_s3_after_replay(
+async def test_poison_objects_end_as_dead_letters_with_the_opt_in_cap_and_reach_s3_after_replay(
     layer_db: LayerDb,
     s3_server: S3Server,
     bucket_prefix: str,
@@ -291,7 +335,12 @@ async def test_poison_objects_end_as_dead_letters_and_reach_s3_after_replay(
     async with AsyncExitStack() as stack:
         proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
         server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(queue_dir)
+            stack,
+            layer_db,
+            s3_server,
+            bucket_prefix,
+            proxy.url,
+            fast_queue(queue_dir, max_attempts=3),
         )
         statuses = await write_all(http, server.url, values, spread_s=0.5)
         assert statuses == [201] * len(values)
@@ -303,14 +352,14 @@ async def test_poison_objects_end_as_dead_letters_and_reach_s3_after_replay(
 
         await until(settled, "3 dead letters and an empty queue", RECOVERY_DEADLINE_S)
         assert await s3_values(s3_client, bucket_prefix, CACHE) == healthy
-        assert proxy.counts["refused"] == 3  # a 400 is not retried
+        assert proxy.counts["refused"] == 3 * 3  # retried up to the cap, then given up
         dead = counter_values(server.metrics, "layer_cache_write_queue_permanent_failure")
         assert list(dead.values()) == [3]
 
         proxy.plan = FaultPlan()
         status = run_cli(["--write-queue-status"], {QUEUE_DIR_ENV: str(queue_dir)})
         assert status.status == 0, status.stderr
-        assert '"dead_letters": 3' in status.stdout
+        assert json.loads(status.stdout)["s3"]["cas"]["dead_letters"] == 3
         replay = run_cli(["--write-queue-replay", "cas"], {QUEUE_DIR_ENV: str(queue_dir)})
         assert replay.status == 0, replay.stderr
         await until(
@@ -320,6 +369,240 @@ async def test_poison_objects_end_as_dead_letters_and_reach_s3_after_replay(
         )
         assert queue_status(queue_dir) == {}  # nothing queued, no dead letters
         await server.shut_down()
+
+
+async def test_poison_objects_are_retried_by_default_and_never_hold_the_others(
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    s3_client: S3Client,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    values = random_values(14, 20)
+    poison = dict(list(values.items())[:2])
+    queue_dir = tmp_path / "q"
+    plan = FaultPlan(refused_keys=frozenset(object_key(key) for key in poison))
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
+        server = await serve(
+            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(queue_dir)
+        )
+        with capture_logs() as events:
+            assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
+            healthy = {key: value for key, value in values.items() if key not in poison}
+            await until(
+                lambda: s3_has(s3_client, bucket_prefix, healthy), "the healthy objects", 30.0
+            )
+
+            async def retried() -> bool:
+                return proxy.counts["refused"] >= 3 * len(poison)
+
+            await until(retried, "the poison objects retried", 30.0)
+            status = queue_status(queue_dir)[CACHE]
+            assert (status.queued, status.dead_letters) == (len(poison), 0)  # kept, not given up
+            assert blocked(server, CACHE) == (0, None)  # an unexplained 400 holds nothing
+
+            proxy.plan = FaultPlan()  # the server takes them now
+            await until(
+                lambda: s3_has(s3_client, bucket_prefix, values),
+                "every object",
+                RECOVERY_DEADLINE_S,
+            )
+            await server.shut_down()
+    failing = [event for event in events if event["event"] == "write queue entry failing"]
+    assert sorted(event["key"] for event in failing) == sorted(poison)  # once per entry
+    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+
+
+HELD = CacheType.WORKSPACE_SNAPSHOT
+
+
+@pytest.mark.parametrize("refusal", ["access_denied", "missing_bucket"])
+async def test_an_error_an_operator_fixes_holds_that_cache_type_until_fixed_and_others_flow(
+    refusal: str,
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    s3_client: S3Client,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    flowing, held = random_values(15, 12), random_values(16, 12)
+    queue_dir = tmp_path / "q"
+    held_bucket = bucket_name(CACHE_SPECS[HELD].table, bucket_prefix)
+    plan = FaultPlan()
+    if refusal == "access_denied":  # a bucket policy that denies this server
+        plan = FaultPlan(access_denied_buckets=frozenset({held_bucket}))
+    else:  # the bucket was never created: S3's own NoSuchBucket
+        await s3_client.delete_bucket(Bucket=held_bucket)
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
+        server = await serve(
+            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(queue_dir)
+        )
+        with capture_logs() as events:
+            statuses = await write_all(http, server.url, held, spread_s=0.5, cache_type=HELD)
+            statuses += await write_all(http, server.url, flowing, spread_s=0.5)
+            assert statuses == [201] * (len(held) + len(flowing))
+            await until(
+                lambda: s3_has(s3_client, bucket_prefix, flowing), "the other bucket's objects", 30
+            )
+            await asyncio.sleep(4.0)  # held: one probe at a time, at most every 2 s
+            status = queue_status(queue_dir)[HELD]
+            assert (status.queued, status.dead_letters) == (len(held), 0)
+            assert blocked(server, HELD) == (1, refusal)
+            assert blocked(server, CACHE) == (0, None)
+            attempts = proxy.operations["PutObject"] + proxy.counts["PUT:access_denied"]
+            assert attempts < len(flowing) + len(held) + 8, proxy.counts  # probes, not a storm
+
+            if refusal == "access_denied":  # the operator fixes it
+                proxy.plan = FaultPlan()
+            else:
+                await s3_client.create_bucket(Bucket=held_bucket)
+            await until(
+                lambda: s3_has(s3_client, bucket_prefix, held, HELD),
+                "the held objects once fixed",
+                RECOVERY_DEADLINE_S,
+            )
+            assert queue_status(queue_dir) == {}
+            assert blocked(server, HELD) == (0, None)
+            await server.shut_down()
+    said = [
+        (event["event"], event["cache_type"])
+        for event in events
+        if event["event"] in ("write queue held", "write queue resumed")
+    ]
+    assert said == [("write queue held", HELD.value), ("write queue resumed", HELD.value)]
+    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+
+
+async def test_a_server_without_conditional_writes_gets_unconditional_puts_after_one_501(
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    s3_client: S3Client,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    values = random_values(17, 20)
+    plan = FaultPlan(conditional_puts=ConditionalPuts.NOT_IMPLEMENTED)
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
+        server = await serve(
+            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(tmp_path / "q")
+        )
+        with capture_logs() as events:
+            assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
+            await until(lambda: s3_has(s3_client, bucket_prefix, values), "every object", 30.0)
+            await server.shut_down()
+    switched = [e for e in events if e["event"].startswith("s3 conditional writes not supported")]
+    assert len(switched) == 1, switched
+    # Every 501 came from PUTs sent before the switch (at most one per queue worker in flight).
+    assert 1 <= proxy.counts["not_implemented"] <= ServerConfig().write_queue_workers
+    assert proxy.operations["PutObject"] == len(values)
+    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+
+
+# --------------------------------------------------------------------------------------------
+# Postgres down: the retry queue
+
+
+def pg_upstream_port(layer_db: LayerDb) -> int:
+    return layer_db.endpoint.port
+
+
+@pytest.mark.parametrize("mode", ["DualWrite", "S3Primary"])
+async def test_postgres_down_during_puts_acknowledges_them_and_the_rows_arrive_after_recovery(
+    mode: str,
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    s3_client: S3Client,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    values = random_values(18, 15)
+    queue_dir = tmp_path / "q"
+    async with AsyncExitStack() as stack:
+        relay = Relay(free_port(), pg_upstream_port(layer_db))
+        await relay.open()
+        stack.push_async_callback(relay.close)
+        server = await serve(
+            stack,
+            layer_db,
+            s3_server,
+            bucket_prefix,
+            s3_server.endpoint.url,
+            fast_queue(queue_dir),
+            mode=mode,
+            pg_port=relay.port,
+        )
+        await relay.close()  # Postgres is gone: connections cut, new ones refused
+        statuses = await write_all(http, server.url, values, spread_s=0.5)
+        assert statuses == [201] * len(values)  # acknowledged: S3 has them queued
+        assert await pg_rows(layer_db, CACHE) == {}
+        assert queue_status(queue_dir, PG_RETRY_QUEUE)[CACHE].queued == len(values)
+        await until(lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", 30)
+        status = run_cli(["--write-queue-status"], {QUEUE_DIR_ENV: str(queue_dir)})
+        assert status.status == 0, status.stderr
+        assert json.loads(status.stdout)["postgres"]["cas"]["queued"] == len(values)
+
+        await relay.open()
+        await until(lambda: pg_has(layer_db, values), "every row in Postgres", RECOVERY_DEADLINE_S)
+        assert queue_status(queue_dir, PG_RETRY_QUEUE) == {}
+        await server.shut_down()
+
+    enqueued = counter_values(server.metrics, "layer_cache_retry_queue_enqueued")
+    assert sum(enqueued.values()) == len(values)
+    assert all(dict(attributes)["backend"] == "postgres" for attributes in enqueued)
+    success = counter_values(server.metrics, "layer_cache_retry_queue_success")
+    assert sum(success.values()) == len(values)
+
+
+async def pg_has(layer_db: LayerDb, expected: dict[str, bytes]) -> bool:
+    return await pg_rows(layer_db, CACHE) == expected
+
+
+async def test_acknowledged_postgres_retries_survive_kill_9_and_arrive_after_restart(
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    s3_client: S3Client,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    values = random_values(19, 30)
+    queue_dir = tmp_path / "q"
+    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
+    env |= {QUEUE_DIR_ENV: str(queue_dir), "SI_SDF__SERVER__WRITE_QUEUE_MAX_DELAY_SECS": "2"}
+    args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
+
+    relay = Relay(free_port(), pg_upstream_port(layer_db))
+    await relay.open()
+    try:
+        async with Job(args, env | {PG_PORT_ENV: str(relay.port)}) as job:
+            port = await listening_port(job)
+            await relay.close()
+            statuses = await write_all(http, f"http://127.0.0.1:{port}", values, spread_s=1.0)
+            assert statuses == [201] * len(values)
+            job.send(signal.SIGKILL)
+            assert (await job.finish(10)).status == -signal.SIGKILL
+    finally:
+        await relay.close()
+    assert queue_status(queue_dir, PG_RETRY_QUEUE)[CACHE].queued == len(values)
+    assert await pg_rows(layer_db, CACHE) == {}
+
+    async with Job(args, env) as job:  # Postgres reachable again
+        await listening_port(job)
+        await until(lambda: pg_has(layer_db, values), "every row in Postgres", RECOVERY_DEADLINE_S)
+        await until(lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", 30)
+        job.send(signal.SIGTERM)
+        restarted = await job.finish(30)
+        assert restarted.status == 143
+    assert queue_status(queue_dir, PG_RETRY_QUEUE) == {}
+    stopped = [e for e in restarted.events if e["event"] == "postgres retry queue stopped"]
+    assert [event["remaining"] for event in stopped] == [0]
 
 
 # --------------------------------------------------------------------------------------------

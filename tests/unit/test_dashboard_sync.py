@@ -14,6 +14,7 @@ import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -26,16 +27,25 @@ from prometheus_client import CollectorRegistry, generate_latest
 from grafana.dashboard import JSON_PATH, SERVICE_LABELS, main, render
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
-from layer_cache.persister import Backend
-from layer_cache.write_queue import CacheQueueStatus, QueueBudget, WriteBehind, queue_status
+from layer_cache.write_queue import (
+    PG_RETRY_QUEUE,
+    S3_WRITE_QUEUE,
+    CacheQueueStatus,
+    QueueBudget,
+    QueueKind,
+    WriteBehind,
+    queue_status,
+)
 from migrations_mode.progress import GAUGES, BackfillMetrics, CacheProgress
 from tests.unit.test_persister import MemoryStore, transient
 from tests.unit.test_write_queue import until, until_depth
 
 DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
-# The backfill's metrics, and the layer cache server's write queue and write-back metrics.
-METRIC = re.compile(r"\blayer_cache_(?:backfill|write_queue|fallback_writeback)_\w+")
-SELECTOR = re.compile(r"\b(layer_cache_(?:backfill|write_queue|fallback_writeback)_\w+)\{([^}]*)\}")
+# The backfill's metrics, and the layer cache server's queue and write-back metrics.
+METRIC = re.compile(r"\blayer_cache_(?:backfill|write_queue|retry_queue|fallback_writeback)_\w+")
+SELECTOR = re.compile(
+    r"\b(layer_cache_(?:backfill|write_queue|retry_queue|fallback_writeback)_\w+)\{([^}]*)\}"
+)
 RANGE = re.compile(r"\[([^\]]+)\]")
 UPSTREAM_TITLES = {
     "Total Items Processed",
@@ -235,22 +245,29 @@ def exported_metric_names() -> set[str]:
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if METRIC.match(line)}
 
 
+def dead_letters(directory: Path, kind: QueueKind) -> bool:
+    return queue_status(directory, kind).get(CacheType.CAS, CacheQueueStatus()).dead_letters == 1
+
+
 async def exercise_write_queue(directory: Path, meter: Meter) -> None:
-    """The server's write queue, made to count every one of its metrics once."""
-    s3 = MemoryStore(Backend.S3)
-    s3.failing, s3.fail_once = transient(), True
-    budget = QueueBudget(base_delay_s=0.001, max_delay_s=0.002)
-    queue = WriteBehind(directory, {CacheType.CAS: s3}, meter, workers=1, budget=budget)
-    queue.start()
-    await queue.enqueue(s3, "a", b"1")  # retried once, then reaches S3
-    await until_depth(queue, 0)
-    s3.failing = StorageError("denied", kind=ErrorKind.ACCESS_DENIED)
-    queue.offer(s3, "b", b"2")  # a read-through write-back that ends as a dead letter
-    await until(
-        lambda: queue_status(directory).get(CacheType.CAS, CacheQueueStatus()).dead_letters == 1,
-        "a dead letter",
-    )
-    await queue.drain(1.0)
+    """The server's two queues, made to count every one of their metrics once."""
+    for kind in (S3_WRITE_QUEUE, PG_RETRY_QUEUE):
+        target = MemoryStore(kind.backend)
+        target.failing, target.fail_once = transient(), True
+        budget = QueueBudget(max_attempts=2, base_delay_s=0.001, max_delay_s=0.002)
+        queue = WriteBehind(
+            directory, {CacheType.CAS: target}, meter, workers=1, budget=budget, kind=kind
+        )
+        queue.start()
+        await queue.enqueue(target, "a", b"1")  # retried once, then written
+        await until_depth(queue, 0)
+        target.failing, target.fail_once = (
+            StorageError("denied", kind=ErrorKind.ACCESS_DENIED),
+            False,
+        )
+        queue.offer(target, "b", b"2")  # held, then a dead letter (the opt-in cap)
+        await until(partial(dead_letters, directory, kind), "a dead letter")
+        await queue.drain(1.0)
 
 
 def test_queried_metrics_are_exported_and_every_exported_metric_is_shown(

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from devenv.faults import FaultPlan, RateGate, path_style_object, signing_access_key
+from devenv.faults import (
+    FaultPlan,
+    RateGate,
+    path_style_bucket,
+    path_style_object,
+    signing_access_key,
+)
 from layer_cache.errors import ErrorKind, classify_s3_error
 
 
@@ -91,3 +97,12 @@ def test_unsigned_or_other_schemes_have_no_access_key() -> None:
     assert signing_access_key({}, {}) is None
     assert signing_access_key({"Authorization": "AWS AKIDV2:signature"}, {}) is None
     assert signing_access_key({"Authorization": "AWS4-HMAC-SHA256 SignedHeaders=host"}, {}) is None
+
+
+def test_the_bucket_of_a_path_is_its_first_segment_and_the_root_has_none() -> None:
+    assert path_style_bucket("/layers") == "layers"
+    assert path_style_bucket("/layers/") == "layers"
+    assert path_style_bucket("/layers/a/b?list-type=2") == "layers"
+    assert path_style_bucket("/my%2Dbucket?location") == "my-bucket"
+    assert path_style_bucket("/") is None
+    assert path_style_bucket("") is None

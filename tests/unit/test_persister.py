@@ -89,18 +89,21 @@ class MemoryStore:
 
 
 class RecordingSink:
-    """The write queue's interface: ``enqueue`` delivers at once (or raises ``failing``)."""
+    """The write queue's interface: ``enqueue`` delivers at once (or raises ``failing``); with
+    ``deliver=False`` it only records, as a queue whose target is down."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, deliver: bool = True) -> None:
         self.offers: list[tuple[Backend, str, bytes]] = []
         self.enqueued: list[tuple[Backend, str]] = []
         self.failing: StorageError | None = None
+        self.deliver = deliver
 
     async def enqueue(self, store: Store, key: str, value: bytes) -> None:
         if self.failing is not None:
             raise self.failing
         self.enqueued.append((store.backend, key))
-        await store.put(key, value)
+        if self.deliver:
+            await store.put(key, value)
 
     def offer(self, store: Store, key: str, value: bytes) -> None:
         self.offers.append((store.backend, key, value))
@@ -168,6 +171,59 @@ async def test_a_failed_enqueue_fails_the_put_after_postgres_finished() -> None:
     assert stores[Backend.POSTGRES].values == {"ab": b"v"}
 
 
+def persister_with_retry_queue(
+    mode: str,
+) -> tuple[CachePersister, dict[Backend, MemoryStore], RecordingSink, RecordingSink]:
+    stores = {backend: MemoryStore(backend) for backend in Backend}
+    sink, retries = RecordingSink(), RecordingSink(deliver=False)
+    route = ROUTES[PersisterMode(mode)]
+    cache = CachePersister(route, stores, sink, policy=NO_RETRY, retry_later=retries)
+    return cache, stores, sink, retries
+
+
+@pytest.mark.parametrize("mode", ["DualWrite", "S3Primary"])
+@pytest.mark.parametrize(
+    "kind", [ErrorKind.TRANSIENT, ErrorKind.THROTTLED, ErrorKind.ACCESS_DENIED]
+)
+async def test_a_postgres_failure_goes_to_the_retry_queue_once_s3_is_queued(
+    mode: str, kind: ErrorKind
+) -> None:
+    cache, stores, sink, retries = persister_with_retry_queue(mode)
+    stores[Backend.POSTGRES].failing = StorageError("connection refused", kind=kind)
+    assert await cache.put("ab", b"v")  # acknowledged: S3's copy is durable, Postgres queued
+    assert sink.enqueued == [(Backend.S3, "ab")]
+    assert retries.enqueued == [(Backend.POSTGRES, "ab")]
+
+
+async def test_a_postgres_failure_is_not_deferred_without_a_durable_copy_or_a_retryable_kind() -> (
+    None
+):
+    cache, stores, _, retries = persister_with_retry_queue("PostgresOnly")
+    stores[Backend.POSTGRES].failing = transient()
+    with pytest.raises(StorageError):
+        await cache.put("ab", b"v")  # nothing else holds the value
+    cache, stores, _, retries = persister_with_retry_queue("DualWrite")
+    stores[Backend.POSTGRES].failing = StorageError("value too long", kind=ErrorKind.OTHER)
+    with pytest.raises(StorageError):
+        await cache.put("ab", b"v")  # not a fault a retry or an operator fixes
+    cache, stores, sink, retries = persister_with_retry_queue("DualWrite")
+    stores[Backend.POSTGRES].failing = transient()
+    sink.failing = transient()
+    with pytest.raises(StorageError):
+        await cache.put("ab", b"v")  # S3 was not queued either
+    assert retries.enqueued == []
+
+
+async def test_a_failed_retry_enqueue_fails_the_put_with_the_postgres_error() -> None:
+    cache, stores, _, retries = persister_with_retry_queue("DualWrite")
+    failure = transient()
+    stores[Backend.POSTGRES].failing = failure
+    retries.failing = StorageError("disk full", kind=ErrorKind.TRANSIENT)
+    with pytest.raises(StorageError) as raised:
+        await cache.put("ab", b"v")
+    assert raised.value is failure
+
+
 async def test_s3_only_writes_s3_on_the_request_path() -> None:
     cache, stores, sink = persister("S3Only")
     stores[Backend.S3].failing = transient()
@@ -194,13 +250,15 @@ async def test_bulk_reads_fill_only_the_keys_found_on_the_later_backend() -> Non
     assert sink.offers == [(Backend.S3, "b", b"2")]
 
 
-async def test_a_failing_first_backend_falls_back_without_a_write_back() -> None:
+async def test_a_failing_first_backend_falls_back_and_is_written_back_as_upstream_does() -> None:
     cache, stores, sink = persister("S3Primary")
     stores[Backend.S3].failing = transient()
     stores[Backend.POSTGRES].values["pg"] = b"v"
     assert await cache.get("pg") == b"v"
     assert await cache.get_many(["pg"]) == {"pg": b"v"}
-    assert sink.offers == []  # S3 did not say "missing"; it did not answer
+    # A failed S3 read counts as a miss: the value is queued for S3 (a conditional PUT, so an
+    # object S3 had but could not serve is left as it is).
+    assert sink.offers == [(Backend.S3, "pg", b"v")] * 2
 
 
 async def test_a_transient_fault_on_the_request_path_is_retried() -> None:
@@ -368,8 +426,11 @@ async def test_s3_primary_retries_each_key_then_falls_back_to_postgres_per_key()
         {"retried": 2, "broken": FAST_RETRY.max_attempts, "pg_only": 1, "nowhere": 1}
     )
     assert pg.queries == [["broken", "pg_only", "nowhere"]]  # one query, only what S3 lacked
-    # Written back: a key S3 said it lacks, not one S3 failed to read.
-    assert sink.offers == [(Backend.S3, "pg_only", b"pg value")]
+    # Written back: a key S3 said it lacks, and one S3 failed to read (a miss, as upstream).
+    assert sink.offers == [
+        (Backend.S3, "broken", b"pg copy"),
+        (Backend.S3, "pg_only", b"pg value"),
+    ]
 
 
 async def test_a_bulk_read_matches_single_reads_key_by_key() -> None:
@@ -384,7 +445,7 @@ async def test_a_bulk_read_matches_single_reads_key_by_key() -> None:
     bulk = await cache.get_many(singles)
 
     assert bulk == {key: value for key, value in singles.items() if value is not None}
-    assert sink.offers == single_offers == [(Backend.S3, "pg", b"3")]
+    assert sink.offers == single_offers == [(Backend.S3, "broken", b"2"), (Backend.S3, "pg", b"3")]
     assert pg.queries == [["broken", "pg", "nowhere"]]
 
 
@@ -433,7 +494,7 @@ async def test_a_non_retryable_error_is_not_retried_but_still_falls_back() -> No
     pg.values["denied"] = b"v"
     assert await cache.get_many(["denied"]) == {"denied": b"v"}
     assert s3.gets["denied"] == 1
-    assert sink.offers == []
+    assert sink.offers == [(Backend.S3, "denied", b"v")]  # the write queue holds it until fixed
 
 
 async def test_s3_bulk_reads_are_concurrent_and_bounded() -> None:

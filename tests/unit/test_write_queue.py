@@ -8,13 +8,14 @@ import asyncio
 import random
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from structlog.testing import capture_logs
 
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
@@ -22,14 +23,19 @@ from layer_cache.persister import Backend
 from layer_cache.write_queue import (
     DB_FILE_NAME,
     CacheQueueStatus,
+    Holds,
+    NewEntry,
     Origin,
     QueueBudget,
+    Verdict,
     WriteBehind,
     WriteQueueError,
     WriteQueueStore,
     WriteQueueUnavailable,
+    drain_limit,
     queue_status,
     replay_dead_letters,
+    verdict,
 )
 from tests.unit.test_persister import MemoryStore, transient
 
@@ -49,20 +55,87 @@ def test_backoff_is_full_jitter_under_a_doubling_ceiling_and_the_cap() -> None:
 
 
 @pytest.mark.parametrize(
-    ("retryable", "attempts", "age_s", "gives_up"),
+    ("caps", "attempts", "age_s", "gives_up"),
     [
-        (True, 1, 0.0, False),
-        (True, 9, 99.0, False),
-        (True, 10, 0.0, True),  # attempts spent
-        (True, 1, 100.0, True),  # too old
-        (False, 1, 0.0, True),  # not worth another attempt
+        ({}, 1, 0.0, False),
+        ({}, 1_000_000, 1e9, False),  # no cap by default: every failed write is retried
+        ({"max_attempts": 10, "max_age_s": 100.0}, 9, 99.0, False),
+        ({"max_attempts": 10}, 10, 0.0, True),  # attempts spent
+        ({"max_age_s": 100.0}, 1, 100.0, True),  # too old
     ],
 )
-def test_budget_decides_between_retry_and_dead_letter(
-    retryable: bool, attempts: int, age_s: float, gives_up: bool
+def test_only_an_opt_in_cap_sends_an_entry_to_the_dead_letters(
+    caps: dict[str, Any], attempts: int, age_s: float, gives_up: bool
 ) -> None:
-    budget = QueueBudget(max_attempts=10, max_age_s=100.0)
-    assert budget.gives_up(retryable=retryable, attempts_made=attempts, age_s=age_s) is gives_up
+    assert QueueBudget(**caps).gives_up(attempts_made=attempts, age_s=age_s) is gives_up
+
+
+@pytest.mark.parametrize(
+    ("kind", "expected"),
+    [
+        (ErrorKind.THROTTLED, Verdict.RETRY),
+        (ErrorKind.TRANSIENT, Verdict.RETRY),
+        (ErrorKind.CREDENTIALS_EXPIRED, Verdict.RETRY),
+        (ErrorKind.OTHER, Verdict.RETRY),  # an unmapped code may be about this object only
+        (None, Verdict.RETRY),  # a bug: the entry is kept and retried
+        (ErrorKind.ACCESS_DENIED, Verdict.HOLD),
+        (ErrorKind.INVALID_CREDENTIALS, Verdict.HOLD),
+        (ErrorKind.MISSING_BUCKET, Verdict.HOLD),
+        (ErrorKind.MISSING_TABLE, Verdict.HOLD),
+        (ErrorKind.UNTRUSTED_CERTIFICATE, Verdict.HOLD),
+    ],
+)
+def test_errors_an_operator_fixes_hold_the_target_and_the_rest_are_retried(
+    kind: ErrorKind | None, expected: Verdict
+) -> None:
+    assert verdict(kind) is expected
+
+
+@pytest.mark.parametrize(
+    ("busy", "lag_s", "yield_lag_s", "limit"),
+    [
+        (False, 0.0, 60.0, 32),  # idle: every worker
+        (True, 0.0, 60.0, 1),  # serving requests: the drain yields
+        (True, 30.0, 60.0, 16),  # and takes more as its backlog ages
+        (True, 59.9, 60.0, 31),
+        (True, 60.0, 60.0, 32),  # a full minute behind: every worker
+        (True, 1e9, 60.0, 32),
+        (True, 0.0, 0.0, 32),  # 0: never yield
+    ],
+)
+def test_the_drain_yields_to_requests_less_as_its_backlog_ages(
+    busy: bool, lag_s: float, yield_lag_s: float, limit: int
+) -> None:
+    assert drain_limit(32, busy=busy, lag_s=lag_s, yield_lag_s=yield_lag_s) == limit
+
+
+def test_a_hold_probes_one_at_a_time_under_a_capped_backoff_and_ends_on_success() -> None:
+    holds = Holds(QueueBudget(base_delay_s=1.0, max_delay_s=8.0, rng=random.Random(3)))
+    assert holds.hold(CAS, ErrorKind.ACCESS_DENIED, "denied", now=100.0)  # starts: say so
+    assert not holds.hold(CAS, ErrorKind.ACCESS_DENIED, "denied again", now=100.1)  # quiet
+    assert holds.held == {CAS}
+    first = holds.get(CAS)
+    assert first is not None
+    assert 100.0 <= first.next_probe_at <= 101.0
+    assert holds.probes_due(100.0 + 1.01) == [CAS]
+    holds.start_probe(CAS)
+    assert holds.probes_due(1e9) == []  # one probe at a time
+    assert holds.next_probe_at() is None
+    waits = []
+    for _ in range(20):
+        holds.probe_failed(CAS, now=200.0)
+        hold = holds.get(CAS)
+        assert hold is not None
+        waits.append(hold.next_probe_at - 200.0)
+    assert all(0.0 <= wait <= 8.0 for wait in waits)  # capped
+    assert max(waits) > 4.0  # and growing to the cap
+    assert holds.hold(CAS, ErrorKind.MISSING_BUCKET, "gone", now=201.0)  # a new reason: say so
+    assert holds.snapshot() == {CAS: ErrorKind.MISSING_BUCKET}
+    released = holds.release(CAS)
+    assert released is not None
+    assert released.since == 100.0
+    assert holds.held == frozenset()
+    assert holds.release(CAS) is None
 
 
 # --------------------------------------------------------------------------------------------
@@ -200,25 +273,185 @@ async def test_workers_put_retry_transient_faults_and_delete_on_success(tmp_path
     assert totals["layer_cache_write_queue_depth"] == 0
 
 
-async def test_non_retryable_faults_and_spent_budgets_end_as_dead_letters(
+class KeyedStore(MemoryStore):
+    """A MemoryStore that refuses the keys in ``refused`` and counts PUTs in flight."""
+
+    def __init__(self, cache_type: CacheType = CAS) -> None:
+        super().__init__(Backend.S3, cache_type)
+        self.refused: dict[str, StorageError] = {}
+        self.in_flight = 0
+        self.peak_in_flight = 0
+
+    async def put(self, key: str, value: bytes) -> bool:
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+        try:
+            await asyncio.sleep(0.001)
+            if key in self.refused:
+                self.puts += 1
+                raise self.refused[key]
+            return await super().put(key, value)
+        finally:
+            self.in_flight -= 1
+
+
+def gauge_points(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
+    data = reader.get_metrics_data()
+    points: dict[tuple[Any, ...], float] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        assert isinstance(point, NumberDataPoint)
+                        points[tuple(sorted((point.attributes or {}).items()))] = point.value
+    return points
+
+
+def blocked(reader: InMemoryMetricReader) -> dict[str, tuple[float, str | None]]:
+    """cache_type → (gauge value, reason) of layer_cache_write_queue_blocked."""
+    return {
+        dict(attributes)["cache_type"]: (value, dict(attributes).get("reason"))
+        for attributes, value in gauge_points(reader, "layer_cache_write_queue_blocked").items()
+    }
+
+
+async def test_access_denied_holds_its_cache_type_and_other_buckets_keep_flowing(
     tmp_path: Path,
 ) -> None:
+    cas, snapshots = KeyedStore(), KeyedStore(CacheType.WORKSPACE_SNAPSHOT)
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    budget = QueueBudget(base_delay_s=0.05, max_delay_s=0.1)
+    queue = WriteBehind(
+        tmp_path,
+        {CAS: cas, CacheType.WORKSPACE_SNAPSHOT: snapshots},
+        meter,
+        workers=8,
+        budget=budget,
+    )
+    denied = StorageError("AccessDenied", kind=ErrorKind.ACCESS_DENIED)
+    keys = [f"k{index}" for index in range(12)]
+    cas.refused = dict.fromkeys(keys, denied)
+    with capture_logs() as events:
+        queue.start()
+        for key in keys:
+            await queue.enqueue(cas, key, b"v")
+            await queue.enqueue(snapshots, key, b"v")
+        await until(lambda: len(snapshots.values) == len(keys), "every snapshot written")
+        await asyncio.sleep(0.5)  # cas stays held: only probes, one at a time
+        status = queue_status(tmp_path)
+        assert status[CAS] == CacheQueueStatus(len(keys), status[CAS].oldest_enqueued_at, 0)
+        assert blocked(reader)["cas"] == (1, "access_denied")
+        assert blocked(reader)["workspace_snapshot"] == (0, None)
+        probes = cas.puts
+        assert probes < len(keys) + 12, probes  # a probe per backoff, not a PUT per entry
+        cas.refused = {}  # the operator fixed the bucket policy
+        await until(lambda: len(cas.values) == len(keys), "every cas entry written")
+        assert await queue.drain(1) == 0
+    held = [event for event in events if event["event"] == "write queue held"]
+    assert [(event["cache_type"], event["reason"]) for event in held] == [("cas", "access_denied")]
+    assert [event["cache_type"] for event in events if event["event"] == "write queue resumed"] == [
+        "cas"
+    ]
+    assert not [event for event in events if event["event"] == "write queue entry dead-lettered"]
+    assert blocked(reader)["cas"] == (0, None)
+
+
+async def test_an_unmapped_error_retries_that_entry_only_and_logs_it_once(tmp_path: Path) -> None:
+    s3 = KeyedStore()
+    s3.refused["poison"] = StorageError("InvalidRequest", kind=ErrorKind.OTHER)
+    queue, reader = write_behind(tmp_path, s3)
+    with capture_logs() as events:
+        queue.start()
+        await queue.enqueue(s3, "poison", b"0")
+        for index in range(5):
+            await queue.enqueue(s3, f"fine{index}", b"1")
+        await until(lambda: len(s3.values) == 5 and s3.puts >= 4, "the rest, and retries")
+        assert queue_status(tmp_path)[CAS] == CacheQueueStatus(
+            1, queue_status(tmp_path)[CAS].oldest_enqueued_at, 0
+        )
+        s3.refused = {}
+        await until(lambda: "poison" in s3.values, "the poison entry, once accepted")
+        assert await queue.drain(1) == 0
+    failing = [event for event in events if event["event"] == "write queue entry failing"]
+    assert [event["key"] for event in failing] == ["poison"]  # once, not per attempt
+    assert not [event for event in events if event["event"] == "write queue held"]
+    assert counters(reader).get("layer_cache_write_queue_permanent_failure", 0) == 0
+
+
+async def test_spent_opt_in_budgets_end_as_dead_letters(tmp_path: Path) -> None:
     s3 = MemoryStore(Backend.S3)
     s3.failing = StorageError("access denied", kind=ErrorKind.ACCESS_DENIED)
-    queue, reader = write_behind(tmp_path, s3)
+    queue, reader = write_behind(tmp_path, s3, max_attempts=2)
     queue.start()
     await queue.enqueue(s3, "denied", b"1")
     await until_depth(queue, 0)
     s3.failing = transient()
-    queue.budget = QueueBudget(max_attempts=3, base_delay_s=0.001, max_delay_s=0.002)
     queue.offer(s3, "flaky", b"2")  # a read-through write-back takes the same path
     await until(lambda: queue_status(tmp_path)[CAS].dead_letters == 2, "two dead letters")
     assert await queue.drain(1) == 0
     totals = counters(reader)
     assert totals["layer_cache_write_queue_permanent_failure"] == 2
-    assert totals["layer_cache_write_queue_retried"] == 2  # flaky: attempts 1 and 2 retried
+    assert totals["layer_cache_write_queue_retried"] == 2  # attempt 1 of each retried
     assert totals["layer_cache_fallback_writeback_attempted"] == 1
     assert totals["layer_cache_fallback_writeback_failed"] == 1
+
+
+async def test_concurrent_enqueues_share_one_fsynced_commit_and_return_after_it(
+    tmp_path: Path,
+) -> None:
+    s3 = MemoryStore(Backend.S3)
+    queue, _ = write_behind(tmp_path, s3)
+    store = queue.store
+    committed: set[str] = set()
+    batches: list[int] = []
+    enqueue_many = store.enqueue_many
+
+    def counted(entries: Sequence[NewEntry], now: float) -> list[bool]:
+        time.sleep(0.02)  # a slow fsync: the next callers arrive while it runs
+        added = enqueue_many(entries, now)
+        batches.append(len(entries))
+        committed.update(entry.key for entry in entries)
+        return added
+
+    store.enqueue_many = counted  # type: ignore[method-assign]
+    returned_after_commit: list[bool] = []
+
+    async def write(key: str) -> None:
+        await queue.enqueue(s3, key, b"v")
+        returned_after_commit.append(key in committed)
+
+    await asyncio.gather(*(write(f"k{index}") for index in range(50)))
+    assert returned_after_commit == [True] * 50
+    assert sum(batches) == 50
+    assert len(batches) <= 3, batches  # not one fsync per enqueue
+    assert await queue.depth() == 50
+    assert await queue.drain(0) == 50
+
+
+async def test_a_failed_group_commit_fails_each_of_its_enqueues_and_the_next_one_works(
+    tmp_path: Path,
+) -> None:
+    s3 = MemoryStore(Backend.S3)
+    queue, _ = write_behind(tmp_path, s3)
+    store = queue.store
+    enqueue_many = store.enqueue_many
+    failures = [WriteQueueError("disk full")]
+
+    def failing_once(entries: Sequence[NewEntry], now: float) -> list[bool]:
+        if failures:
+            raise failures.pop()
+        return enqueue_many(entries, now)
+
+    store.enqueue_many = failing_once  # type: ignore[method-assign]
+    results = await asyncio.gather(
+        *(queue.enqueue(s3, f"k{index}", b"v") for index in range(5)), return_exceptions=True
+    )
+    assert all(isinstance(result, WriteQueueError) for result in results), results
+    await queue.enqueue(s3, "after", b"v")
+    assert await queue.depth() == 1
+    assert await queue.drain(0) == 1
 
 
 async def test_nothing_due_means_no_polling_and_drain_leaves_the_rest_on_disk(
