@@ -42,28 +42,32 @@ class CacheSpec:
     table: str
     key_strategy: KeyStrategy
     backfillable: bool
+    evictable: bool = True
+    """Upstream has an evict for it (``db/*.rs``): not cas, encrypted secrets or func runs."""
 
 
-def _spec(cache_type: CacheType, table: str, *, backfillable: bool = True) -> CacheSpec:
+def _spec(
+    cache_type: CacheType, table: str, *, backfillable: bool = True, evictable: bool = True
+) -> CacheSpec:
     strategy = KeyStrategy.PASSTHROUGH if backfillable else KeyStrategy.REVERSE_KEY
-    return CacheSpec(cache_type, table, strategy, backfillable)
+    return CacheSpec(cache_type, table, strategy, backfillable, evictable)
 
 
 CACHE_SPECS: Mapping[CacheType, CacheSpec] = MappingProxyType(
     {
         spec.cache_type: spec
         for spec in (
-            _spec(CacheType.CAS, "cas"),
+            _spec(CacheType.CAS, "cas", evictable=False),
             _spec(CacheType.WORKSPACE_SNAPSHOT, "workspace_snapshots"),
-            _spec(CacheType.ENCRYPTED_SECRET, "encrypted_secrets"),
+            _spec(CacheType.ENCRYPTED_SECRET, "encrypted_secrets", evictable=False),
             _spec(CacheType.REBASE_BATCH, "rebase_batches"),
             _spec(CacheType.CHANGE_BATCH, "change_batches"),
             _spec(CacheType.SPLIT_SNAPSHOT_SUBGRAPH, "split_snapshot_subgraphs"),
             _spec(CacheType.SPLIT_SNAPSHOT_SUPERGRAPH, "split_snapshot_supergraphs"),
             _spec(CacheType.SPLIT_SNAPSHOT_REBASE_BATCH, "split_snapshot_rebase_batches"),
             # func runs are moving out of the layer cache: never backfilled.
-            _spec(CacheType.FUNC_RUN, "func_runs", backfillable=False),
-            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", backfillable=False),
+            _spec(CacheType.FUNC_RUN, "func_runs", backfillable=False, evictable=False),
+            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", backfillable=False, evictable=False),
         )
     }
 )

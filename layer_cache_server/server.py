@@ -27,11 +27,14 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from layer_cache.cache_tier import CacheTier, TieredPersister
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.disk_tier import DiskTier
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
 from layer_cache.schema import check_layer_db_schema
 from layer_cache.write_queue import QueueBudget, WriteBehind
+from services.cache_sizing import TierPlan, plan_tier
 from services.context import ServicesContext, open_services_context
 from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
 from services.signals import StopRequest
@@ -111,9 +114,12 @@ _NO_QUEUE = _NoWriteQueue()
 class LayerCacheServer:
     """The HTTP application and its persisters; ``run`` serves until asked to stop."""
 
-    def __init__(self, context: ServicesContext, config: ServerConfig) -> None:
+    def __init__(
+        self, context: ServicesContext, config: ServerConfig, tier: CacheTier | None = None
+    ) -> None:
         self.context = context
         self.config = config
+        self.tier = tier or CacheTier(0)  # none given: every read goes to the backends
         self.mode = context.settings.layer_db_config.persister_mode
         self.route = ROUTES[self.mode]
         stores = {
@@ -134,13 +140,17 @@ class LayerCacheServer:
                     max_delay_s=config.write_queue_max_delay_secs,
                 ),
             )
-        self.persisters: dict[CacheType, CachePersister] = {
-            cache_type: CachePersister(self.route, stores[cache_type], self.write_back or _NO_QUEUE)
+        self.persisters: dict[CacheType, TieredPersister] = {
+            cache_type: TieredPersister(
+                CachePersister(self.route, stores[cache_type], self.write_back or _NO_QUEUE),
+                self.tier,
+                cache_type,
+            )
             for cache_type in SERVED_CACHE_TYPES
         }
         # Readiness asks each backend once, through the first served cache's store.
-        first = self.persisters[SERVED_CACHE_TYPES[0]]
-        self._probes = {backend: first.stores[backend] for backend in sorted(self.route.backends)}
+        first = stores[SERVED_CACHE_TYPES[0]]
+        self._probes = {backend: first[backend] for backend in sorted(self.route.backends)}
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -158,6 +168,7 @@ class LayerCacheServer:
         app.router.add_get("/v1/{cache_type}/{key}", self._get, allow_head=False)
         app.router.add_route("HEAD", "/v1/{cache_type}/{key}", self._head)
         app.router.add_put("/v1/{cache_type}/{key}", self._put)
+        app.router.add_delete("/v1/{cache_type}/{key}", self._evict)
         return app
 
     # ---------------------------------------------------------------------------------------
@@ -180,9 +191,14 @@ class LayerCacheServer:
             self.app, handle_signals=False, access_log=None, shutdown_timeout=CANCEL_WAIT_S
         )
         await runner.setup()
+        loop = asyncio.get_running_loop()
+        try:
+            self.tier.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         if self.write_back is not None:
             self.write_back.start()
-        loop = asyncio.get_running_loop()
         try:
             try:
                 await web.TCPSite(runner, host, port).start()
@@ -225,6 +241,7 @@ class LayerCacheServer:
             remaining = 0
             if self.write_back is not None:
                 remaining = await self.write_back.drain(deadline - loop.time())
+            await self.tier.close()
             log.info(
                 "layer cache server stopped",
                 cancelled_requests=cancelled,
@@ -344,6 +361,18 @@ class LayerCacheServer:
         created = await persister.put(key, value)
         return web.Response(status=201 if created else 200)
 
+    async def _evict(self, request: web.Request) -> web.Response:
+        persister, key = self._target(request)
+        if not CACHE_SPECS[persister.cache_type].evictable:
+            raise ApiError(
+                405,
+                "method_not_allowed",
+                f"{persister.cache_type} values are never evicted (upstream has no evict for "
+                "them: they are shared by content)",
+            )
+        await persister.evict(key)
+        return web.Response(status=204)
+
     async def _get_bulk(self, request: web.Request) -> web.Response:
         persister = self._persister(request)
         self._check_declared_length(request)
@@ -361,7 +390,7 @@ class LayerCacheServer:
     # ---------------------------------------------------------------------------------------
     # Input checks
 
-    def _persister(self, request: web.Request) -> CachePersister:
+    def _persister(self, request: web.Request) -> TieredPersister:
         name = request.match_info["cache_type"]
         try:
             cache_type = CacheType(name)
@@ -380,7 +409,7 @@ class LayerCacheServer:
             )
         return self.persisters[cache_type]
 
-    def _target(self, request: web.Request) -> tuple[CachePersister, str]:
+    def _target(self, request: web.Request) -> tuple[TieredPersister, str]:
         persister = self._persister(request)
         key = request.match_info["key"]
         _check_key(key)
@@ -447,5 +476,40 @@ async def serve_layer_cache(
             )
         if stop.event.is_set():
             return
-        server = LayerCacheServer(context, config)
+        plan = plan_tier(settings)
+        tier = build_cache_tier(plan, config, context)
+        server = LayerCacheServer(context, config, tier)
         await server.run(stop, socket_addr=settings.socket_addr, on_listening=on_listening)
+
+
+def build_cache_tier(plan: TierPlan, config: ServerConfig, context: ServicesContext) -> CacheTier:
+    """The cache tier the plan sizes (nothing opened yet: ``CacheTier.start`` does), logged."""
+    cache = context.settings.layer_db_config.cache_config
+    disk = None
+    if plan.disk_path is not None and plan.disk_bytes > 0:
+        disk = DiskTier(
+            plan.disk_path,
+            plan.disk_bytes,
+            policy=config.cache_eviction_policy,
+            min_entry_bytes=plan.disk_min_entry_bytes,
+            reserve_free_bytes=plan.disk_reserve_free_bytes,
+            admission_bytes_per_s=cache.disk_admission_rate_limit or None,
+            buffer_bytes=cache.disk_buffer_size,
+        )
+    log.info(
+        "cache tier sized",
+        memory_bytes=plan.memory_bytes,
+        memory_source=plan.memory_source,
+        disk_bytes=plan.disk_bytes,
+        disk_source=plan.disk_source,
+        disk_path=None if disk is None else str(plan.disk_path),
+        eviction_policy=config.cache_eviction_policy.value,
+        max_entry_percent=config.cache_max_entry_percent,
+    )
+    return CacheTier(
+        plan.memory_bytes,
+        policy=config.cache_eviction_policy,
+        max_entry_percent=config.cache_max_entry_percent,
+        disk=disk,
+        meter=context.telemetry.meter,
+    )
