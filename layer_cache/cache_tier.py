@@ -42,7 +42,7 @@ from layer_cache.eviction import DEFAULT_POLICY, EvictionPolicy, make_policy
 from layer_cache.persister import Backend, CachePersister
 
 TIER_BACKEND = "foyer"
-MEMORY_ENTRY_OVERHEAD_BYTES = 450
+MEMORY_ENTRY_OVERHEAD_BYTES = 700
 """Memory one entry costs beyond its value bytes and key characters: the policy's structures,
 the key tuple and string, the bytes object's header and a ghost slot (measured by
 tests/unit/test_cache_tier.py)."""

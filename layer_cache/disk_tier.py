@@ -136,7 +136,9 @@ class DiskTier:
         )
         self._ops: deque[_Write | _Delete] = deque()
         self._buffered = 0
+        self._pending: set[DiskKey] = set()
         self._wake = asyncio.Event()
+        self._idle = asyncio.Event()
         self.generation = 0
         """Bumped by ``remove``: a write queued before it is never indexed."""
         self._evicted_while_scanning: set[DiskKey] = set()
@@ -224,8 +226,7 @@ class DiskTier:
         for key, value in zip(wanted, results, strict=True):
             if value is None:
                 if self._index.pop(key) is not None:
-                    self._ops.append(_Delete(key))
-                    self._wake.set()
+                    self._queue(_Delete(key))
             else:
                 found[key] = value
         return found
@@ -251,7 +252,7 @@ class DiskTier:
     def admit(self, key: DiskKey, value: bytes, generation: int) -> bool:
         """Queue ``value`` for writing (never waits); False when it is not admitted: held
         already, too large, past the buffer or the admission rate, or closing."""
-        if self._closing or key in self._index:
+        if self._closing or key in self._index or key in self._pending:
             return False
         stored = HEADER.size + len(value)
         if charged_bytes(stored, self.min_entry_bytes) > self.configured_capacity:
@@ -260,9 +261,18 @@ class DiskTier:
             self.dropped_writes += 1
             return False
         self._buffered += len(value)
-        self._ops.append(_Write(key, value, generation))
-        self._wake.set()
+        self._pending.add(key)
+        self._queue(_Write(key, value, generation))
         return True
+
+    def _queue(self, op: _Write | _Delete) -> None:
+        self._ops.append(op)
+        self._idle.clear()
+        self._wake.set()
+
+    async def idle(self) -> None:
+        """Wait until the start-up scan and every queued write and delete are done."""
+        await self._idle.wait()
 
     def _rate_allows(self, size: int) -> bool:
         if self._bucket is None:
@@ -281,8 +291,7 @@ class DiskTier:
         if self._scanning:
             self._evicted_while_scanning.add(key)
         done = asyncio.get_running_loop().create_future()
-        self._ops.append(_Delete(key, done))
-        self._wake.set()
+        self._queue(_Delete(key, done))
         await done
 
     async def _write_loop(self) -> None:
@@ -290,6 +299,8 @@ class DiskTier:
         next_space_check = 0.0
         while not self._closing:
             if not self._ops:
+                if not self._scanning:
+                    self._idle.set()
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(SPACE_CHECK_S):
                         await self._wake.wait()
@@ -310,11 +321,12 @@ class DiskTier:
                         op.done.set_result(None)
                     continue
                 self._buffered -= len(op.value)
+                self._pending.discard(op.key)
                 if outcome is None:
                     short_of_space = True
                     continue
                 if op.generation != self.generation or self._closing:
-                    self._ops.append(_Delete(op.key))  # evicted meanwhile: never index it
+                    self._queue(_Delete(op.key))  # evicted meanwhile: never index it
                     continue
                 self._index_put(op.key, outcome)
             if short_of_space:
@@ -352,9 +364,7 @@ class DiskTier:
     def _index_put(self, key: DiskKey, stored: int) -> None:
         charged = charged_bytes(stored, self.min_entry_bytes)
         for evicted, _charged in self._index.put(key, charged, charged):
-            self._ops.append(_Delete(evicted))
-        if self._ops:
-            self._wake.set()
+            self._queue(_Delete(evicted))
 
     async def _fit_free_space(self) -> None:
         """Resize to leave ``reserve_free_bytes`` free on the volume (the write queue's room)."""
@@ -369,7 +379,7 @@ class DiskTier:
         )
         if capacity != self._index.capacity:
             for evicted, _charged in self._index.resize(capacity):
-                self._ops.append(_Delete(evicted))
+                self._queue(_Delete(evicted))
 
     # ---------------------------------------------------------------------------------------
     # Start-up scan
@@ -389,11 +399,13 @@ class DiskTier:
         indexed = 0
         for _mtime, key, stored in found:  # oldest first, so the FIFO order is kept
             if key in skipped:
-                self._ops.append(_Delete(key))
+                self._queue(_Delete(key))
                 continue
             if key not in self._index:
                 self._index_put(key, stored)
                 indexed += 1
+        if not self._ops:
+            self._idle.set()
         log.info(
             "disk cache indexed",
             directory=str(self.directory),

@@ -119,7 +119,7 @@ class LayerCacheServer:
     ) -> None:
         self.context = context
         self.config = config
-        self.tier = tier or CacheTier(0)  # none given: every read goes to the backends
+        self.tier = CacheTier(0) if tier is None else tier  # none: reads go to the backends
         self.mode = context.settings.layer_db_config.persister_mode
         self.route = ROUTES[self.mode]
         stores = {
