@@ -20,9 +20,10 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from typing import Any, Protocol
 
-from layer_cache.eviction import POLICIES
+from layer_cache.eviction import POLICIES, PolicyName
 from migrations_mode.tables import render_table
 
 SIZE_SHARES = (0.01, 0.05, 0.20)
@@ -60,7 +61,7 @@ class Tier(Protocol):
 
 
 class _OurPolicy:
-    def __init__(self, name: str, capacity: int) -> None:
+    def __init__(self, name: PolicyName, capacity: int) -> None:
         self.cache: Any = POLICIES[name](capacity)
 
     def lookup(self, key: int) -> bool:
@@ -72,7 +73,7 @@ class _OurPolicy:
 
 class _CachetoolsLru:
     def __init__(self, capacity: int) -> None:
-        import cachetools  # type: ignore[import-not-found, unused-ignore]
+        import cachetools  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
         self.cache: Any = cachetools.LRUCache(maxsize=capacity, getsizeof=lambda size: size)
 
@@ -86,7 +87,7 @@ class _CachetoolsLru:
 
 class _Moka:
     def __init__(self, capacity: int, policy: str) -> None:
-        import moka_py  # type: ignore[import-not-found, unused-ignore]
+        import moka_py  # type: ignore[import-untyped, import-not-found, unused-ignore]
 
         self.cache: Any = moka_py.Moka(capacity, policy=policy, weigher=lambda _key, size: size)
 
@@ -100,19 +101,19 @@ class _Moka:
 def available_tiers() -> dict[str, Callable[[int], Tier]]:
     """Our policies, then each library that is installed."""
     tiers: dict[str, Callable[[int], Tier]] = {
-        name: (lambda capacity, name=name: _OurPolicy(name, capacity)) for name in POLICIES
+        name.value: partial(_OurPolicy, name) for name in POLICIES
     }
     try:
-        import cachetools  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        import cachetools  # type: ignore[import-untyped, import-not-found, unused-ignore]  # noqa: F401
 
         tiers["cachetools LRUCache"] = _CachetoolsLru
     except ImportError:
         pass
     try:
-        import moka_py  # type: ignore[import-not-found, unused-ignore]  # noqa: F401
+        import moka_py  # type: ignore[import-untyped, import-not-found, unused-ignore]  # noqa: F401
 
-        tiers["moka-py lru"] = lambda capacity: _Moka(capacity, "lru")
-        tiers["moka-py tiny_lfu"] = lambda capacity: _Moka(capacity, "tiny_lfu")
+        tiers["moka-py lru"] = partial(_Moka, policy="lru")
+        tiers["moka-py tiny_lfu"] = partial(_Moka, policy="tiny_lfu")
     except ImportError:
         pass
     return tiers

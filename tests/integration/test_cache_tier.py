@@ -109,8 +109,9 @@ async def start_tiered(
                     on_listening=lambda host, port: listening.set_result((host, port)),
                 )
             )
+            waiters: list[asyncio.Future[Any]] = [listening, task]
             async with asyncio.timeout(DEADLINE_S):
-                await asyncio.wait([listening, task], return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
             if task.done():
                 task.result()
             host, port = listening.result()
