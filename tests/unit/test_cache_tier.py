@@ -11,7 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from layer_cache.cache_tier import MEMORY_ENTRY_OVERHEAD_BYTES, CacheTier, memory_weight
+from layer_cache.cache_tier import (
+    MEMORY_ENTRY_OVERHEAD_BYTES,
+    CacheTier,
+    HeapTrimmer,
+    _malloc_trim,
+    memory_weight,
+)
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.disk_tier import (
     BLOCK_BYTES,
@@ -271,3 +277,20 @@ async def test_a_memory_miss_reads_disk_and_promotes_evict_clears_both(tmp_path:
         assert tier.memory_weight <= MIB
     finally:
         await tier.close()
+
+
+async def test_the_heap_is_trimmed_once_a_share_of_the_budget_was_evicted() -> None:
+    calls: list[int] = []
+    trimmer = HeapTrimmer(1000, lambda pad: calls.append(pad) or 1)
+    trimmer.freed(600)
+    assert calls == []
+    trimmer.freed(600)  # 1,200 bytes freed: one trim, on a thread
+    await trimmer.close()
+    assert calls == [0]
+    trimmer.freed(999)
+    await trimmer.close()
+    assert calls == [0]
+
+
+def test_this_platforms_c_library_can_trim() -> None:
+    assert _malloc_trim() is not None  # glibc, as in the image (python:slim is Debian)
