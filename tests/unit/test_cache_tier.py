@@ -281,7 +281,12 @@ async def test_a_memory_miss_reads_disk_and_promotes_evict_clears_both(tmp_path:
 
 async def test_the_heap_is_trimmed_once_a_share_of_the_budget_was_evicted() -> None:
     calls: list[int] = []
-    trimmer = HeapTrimmer(1000, lambda pad: calls.append(pad) or 1)
+
+    def trim(pad: int) -> int:
+        calls.append(pad)
+        return 1
+
+    trimmer = HeapTrimmer(1000, trim)
     trimmer.freed(600)
     assert calls == []
     trimmer.freed(600)  # 1,200 bytes freed: one trim, on a thread
