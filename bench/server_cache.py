@@ -238,6 +238,8 @@ async def hot_set(
         ("PostgresOnly", "disk", small_memory, 256 * MIB),
         ("S3Only", "disk", small_memory, 256 * MIB),
     ]
+    if args.smoke:  # one of each tier, both modes
+        scenarios = [scenarios[0], scenarios[3], scenarios[4]]
     rows: list[HotRow] = []
     for mode, tier, memory, disk in scenarios:
         prefix = fresh_prefix(s3)
@@ -599,11 +601,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=5156)
     parser.add_argument("--results-dir", type=Path, default=DEFAULT_RESULTS_DIR)
     parser.add_argument("--note", default="", help="free text kept in the JSON")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CI size: every scenario, a few seconds each"
+    )
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+SMOKE = {
+    "hot_keys": 100,
+    "requests": 500,
+    "phase_secs": 2.0,
+    "zipf_keys": 400,
+    "zipf_requests": 1000,
+    "soak_secs": 4.0,
+    "soak_baseline_secs": 3.0,
+    "soak_memory_mib": 2,
+    "concurrency": 8,
+}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The flags, with ``--smoke`` applied."""
     args = build_parser().parse_args(argv)
+    if args.smoke:
+        for name, value in SMOKE.items():
+            setattr(args, name, value)
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
     started = time.monotonic()
     report = asyncio.run(run(args))
     report["wall_secs"] = round(time.monotonic() - started, 1)
