@@ -333,10 +333,13 @@ class TieredPersister:
         return size if size is not None else await self.persister.size(key)
 
     async def put(self, key: str, value: bytes) -> bool:
-        """Write through the persister; once every target took it, the tier holds it too."""
+        """Write through the persister; once every target took it, the tier holds it too. Only
+        when this write stored it: an existing key keeps its first value (first write wins),
+        which may not be these bytes."""
         since = self.tier.generation
         created = await self.persister.put(key, value)
-        self.tier.add(self.cache_type, key, value, since=since)
+        if created:
+            self.tier.add(self.cache_type, key, value, since=since)
         return created
 
     async def evict(self, key: str) -> None:

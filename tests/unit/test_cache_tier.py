@@ -15,6 +15,7 @@ from layer_cache.cache_tier import (
     MEMORY_ENTRY_OVERHEAD_BYTES,
     CacheTier,
     HeapTrimmer,
+    TieredPersister,
     _malloc_trim,
     memory_weight,
 )
@@ -30,6 +31,8 @@ from layer_cache.disk_tier import (
     decode,
     encode,
 )
+from layer_cache.persister import ROUTES, Backend, CachePersister, PersisterMode
+from tests.unit.test_persister import NO_RETRY, MemoryStore, RecordingSink
 
 CAS = CacheType.CAS
 SNAPSHOT = CacheType.WORKSPACE_SNAPSHOT
@@ -299,3 +302,17 @@ async def test_the_heap_is_trimmed_once_a_share_of_the_budget_was_evicted() -> N
 
 def test_this_platforms_c_library_can_trim() -> None:
     assert _malloc_trim() is not None  # glibc, as in the image (python:slim is Debian)
+
+
+async def test_a_second_write_of_a_key_never_puts_its_bytes_in_the_tier() -> None:
+    stores = {Backend.POSTGRES: MemoryStore(Backend.POSTGRES)}
+    persister = CachePersister(
+        ROUTES[PersisterMode.POSTGRES_ONLY], stores, RecordingSink(), policy=NO_RETRY
+    )
+    tier = CacheTier(MIB)
+    tiered = TieredPersister(persister, tier, CAS)
+    assert await tiered.put("k", b"first")
+    await tier.discard(CAS, "k")  # as if the tier had evicted it under pressure
+    assert not await tiered.put("k", b"second")  # the key exists: the first value stays
+    assert await tiered.get("k") == b"first"
+    assert await tier.get(CAS, "k") == b"first"  # the read filled it with the stored bytes
