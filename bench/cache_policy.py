@@ -98,6 +98,17 @@ class _Moka:
         self.cache.set(key, size)
 
 
+class _Fifo(_OurPolicy):
+    """First in, first out (foyer's ``FifoPicker``, upstream's disk tier): a read changes
+    nothing."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(PolicyName.LRU, capacity)
+
+    def lookup(self, key: int) -> bool:
+        return self.cache.peek(key) is not None
+
+
 def available_tiers() -> dict[str, Callable[[int], Tier]]:
     """Our policies, then each library that is installed."""
     tiers: dict[str, Callable[[int], Tier]] = {
@@ -160,18 +171,36 @@ def make_trace(
     return Trace(trace, sum(sizes))
 
 
-def replay(name: str, make: Callable[[int], Tier], trace: Trace, share: float) -> HitRatio:
-    """Run the trace through one tier; the hit ratios over the second half (warmed up)."""
+def replay(
+    name: str,
+    make: Callable[[int], Tier],
+    trace: Trace,
+    share: float,
+    behind_memory: float | None = None,
+) -> HitRatio:
+    """Run the trace through one tier; the hit ratios over the second half (warmed up). With
+    ``behind_memory``, the tier is a disk tier behind an S3-FIFO memory tier of that share, as
+    the server has it: every insert goes to both, the disk tier sees the memory tier's misses,
+    and the ratios are the disk tier's hits over all reads."""
     capacity = max(1, int(trace.read_bytes * share))
     tier = make(capacity)
+    memory: Tier | None = None
+    if behind_memory is not None:
+        memory = _OurPolicy(PolicyName.S3FIFO, max(1, int(trace.read_bytes * behind_memory)))
     warm = len(trace.requests) // 2
     reads = hits = read_bytes = hit_bytes = 0
     started = time.perf_counter_ns()
     for index, (key, size, is_read) in enumerate(trace.requests):
         if not is_read:
             tier.insert(key, size)
+            if memory is not None:
+                memory.insert(key, size)
             continue
+        if memory is not None and memory.lookup(key):
+            continue  # the memory tier answered: the disk tier never saw the read
         hit = tier.lookup(key)
+        if memory is not None:
+            memory.insert(key, size)
         if not hit:
             tier.insert(key, size)
         if index >= warm:
@@ -204,8 +233,14 @@ def run(args: argparse.Namespace) -> list[HitRatio]:
         seed=args.seed,
     )
     tiers = available_tiers()
+    if args.behind_memory is not None:
+        tiers = {name: tiers[name] for name in POLICIES} | {"fifo": _Fifo}
     chosen = args.policies or list(tiers)
-    return [replay(name, tiers[name], trace, share) for share in args.sizes for name in chosen]
+    return [
+        replay(name, tiers[name], trace, share, args.behind_memory)
+        for share in args.sizes
+        for name in chosen
+    ]
 
 
 def format_table(results: Sequence[HitRatio]) -> str:
@@ -234,6 +269,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sigma", type=float, default=1.2, help="log-normal size spread")
     parser.add_argument("--sizes", type=float, nargs="+", default=list(SIZE_SHARES))
     parser.add_argument("--policies", nargs="+", default=None, help="default: all available")
+    parser.add_argument(
+        "--behind-memory",
+        type=float,
+        default=None,
+        help="measure a disk tier behind an S3-FIFO memory tier of this share (e.g. 0.01)",
+    )
     parser.add_argument("--seed", type=int, default=5156)
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     return parser
@@ -248,6 +289,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(
         f"Zipf alpha {args.alpha}, {args.keys} keys read, {args.requests} reads, "
         f"{args.write_share:.0%} never-read writes, median value {args.median_bytes} B"
+        + (
+            ""
+            if args.behind_memory is None
+            else f"; disk tiers behind a {args.behind_memory:.0%} S3-FIFO memory tier"
+        )
     )
     print(format_table(results))
 
