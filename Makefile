@@ -70,8 +70,10 @@ bench: install tools  ## the backfill benchmark (prints a table, writes bench/re
 bench-smoke: install tools  ## the benchmark, small and quick
 	$(BIN)/python -m bench --smoke
 
-bench-server: install  ## the layer cache server's load test
+# SOAK_SECS=600: the cache tier's memory soak for 10 minutes (default 60 s).
+bench-server: install  ## the layer cache server's load test, then its cache tier's
 	$(BIN)/python -m bench.server_load
+	$(BIN)/python -m bench.server_cache --soak-secs $(or $(SOAK_SECS),60)
 
 clean:  ## remove .venv, .devenv and the tools' caches
 	rm -rf $(VENV) .devenv .pytest_cache .mypy_cache .ruff_cache

@@ -198,8 +198,11 @@ async def _drain(stream: asyncio.StreamReader, seen: list[str]) -> None:
 
 
 @asynccontextmanager
-async def running_server(env: Mapping[str, str]) -> AsyncIterator[str]:
-    """The server as a subprocess; yields its base URL; SIGTERM and wait on the way out."""
+async def running_server(
+    env: Mapping[str, str], *, on_started: Callable[[int], None] | None = None
+) -> AsyncIterator[str]:
+    """The server as a subprocess; yields its base URL; SIGTERM and wait on the way out.
+    ``on_started`` is told the process id (to sample its memory)."""
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "services", "--migration-mode", "skip", "--log-json"),
         *("--socket-addr", "127.0.0.1:0"),
@@ -209,6 +212,8 @@ async def running_server(env: Mapping[str, str]) -> AsyncIterator[str]:
         stderr=asyncio.subprocess.PIPE,
     )
     assert process.stderr is not None
+    if on_started is not None:
+        on_started(process.pid)
     seen: list[str] = []
     drain: asyncio.Task[None] | None = None
     try:

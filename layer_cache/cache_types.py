@@ -47,22 +47,31 @@ class CacheSpec:
     backfillable: bool
     sort_key: str
     """The ``sort_key`` column upstream writes for every row of this cache."""
+    evictable: bool = True
+    """Upstream has an evict for it (``db/*.rs``): not cas, encrypted secrets or func runs."""
 
 
 def _spec(
-    cache_type: CacheType, table: str, sort_key: str, *, backfillable: bool = True
+    cache_type: CacheType,
+    table: str,
+    sort_key: str,
+    *,
+    backfillable: bool = True,
+    evictable: bool = True,
 ) -> CacheSpec:
     strategy = KeyStrategy.PASSTHROUGH if backfillable else KeyStrategy.REVERSE_KEY
-    return CacheSpec(cache_type, table, strategy, backfillable, sort_key)
+    return CacheSpec(cache_type, table, strategy, backfillable, sort_key, evictable)
 
 
 CACHE_SPECS: Mapping[CacheType, CacheSpec] = MappingProxyType(
     {
         spec.cache_type: spec
         for spec in (
-            _spec(CacheType.CAS, "cas", "cas"),
+            _spec(CacheType.CAS, "cas", "cas", evictable=False),
             _spec(CacheType.WORKSPACE_SNAPSHOT, "workspace_snapshots", "workspace_snapshot"),
-            _spec(CacheType.ENCRYPTED_SECRET, "encrypted_secrets", "encrypted_secret"),
+            _spec(
+                CacheType.ENCRYPTED_SECRET, "encrypted_secrets", "encrypted_secret", evictable=False
+            ),
             _spec(CacheType.REBASE_BATCH, "rebase_batches", "rebase_batches"),
             _spec(CacheType.CHANGE_BATCH, "change_batches", "change_batches"),
             _spec(
@@ -82,8 +91,8 @@ CACHE_SPECS: Mapping[CacheType, CacheSpec] = MappingProxyType(
             ),
             # func runs are moving out of the layer cache: never backfilled. Upstream keys their
             # rows by workspace (sort_key = the workspace pk); this service never writes them.
-            _spec(CacheType.FUNC_RUN, "func_runs", "", backfillable=False),
-            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", "", backfillable=False),
+            _spec(CacheType.FUNC_RUN, "func_runs", "", backfillable=False, evictable=False),
+            _spec(CacheType.FUNC_RUN_LOG, "func_run_logs", "", backfillable=False, evictable=False),
         )
     }
 )

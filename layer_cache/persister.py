@@ -121,6 +121,10 @@ class PgStore:
     async def check(self) -> None:
         await self.layer.ping()
 
+    async def delete(self, key: str) -> bool:
+        """Delete the row (the evict path); True if there was one."""
+        return await self.layer.delete(key)
+
 
 class S3Store:
     """A cache bucket in S3."""
@@ -346,6 +350,14 @@ class CachePersister:
             if key in failures:
                 raise failures[key]
         return found
+
+    async def evict(self, key: str) -> bool:
+        """Upstream's ``evict_from_pg``: delete the key's Postgres row where the mode has
+        Postgres; S3 objects are never deleted (nor are they upstream). True if a row went."""
+        store = self.stores.get(Backend.POSTGRES)
+        if not isinstance(store, PgStore):
+            return False
+        return await self._call(partial(store.delete, key))
 
     def _fill(self, missed: Sequence[Backend], values: Mapping[str, bytes]) -> None:
         for backend in missed:

@@ -115,6 +115,8 @@ class PgLayer:
         self._sql_size = f"SELECT octet_length(value) FROM {table} WHERE key = $1"
         self._sql_table_exists = "SELECT to_regclass($1) IS NOT NULL"
         self._sql_can_select = "SELECT has_table_privilege($1, 'SELECT')"
+        # Upstream's evict_from_pg: the row goes; RETURNING says whether there was one.
+        self._sql_delete = f"DELETE FROM {table} WHERE key = $1 RETURNING true"
 
     async def list_by_key(
         self,
@@ -199,6 +201,12 @@ class PgLayer:
                 self._sql_insert, key, self.spec.sort_key, value
             )
         return bool(inserted)
+
+    async def delete(self, key: str) -> bool:
+        """Delete one row (upstream's evict); True if there was one."""
+        with map_pg_errors(f"deleting from {self.spec.table} key {key}"):
+            deleted: bool | None = await self.pool.fetchval(self._sql_delete, key)
+        return bool(deleted)
 
     async def ping(self) -> None:
         """Raise ``PgLayerError`` unless the database answers ``SELECT 1``."""

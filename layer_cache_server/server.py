@@ -28,7 +28,9 @@ import structlog
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from layer_cache.cache_tier import CacheTier, TieredPersister
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.disk_tier import DiskTier
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
 from layer_cache.schema import check_layer_db_schema
@@ -44,6 +46,7 @@ from layer_cache_server.auth import (
 )
 from layer_cache_server.auth import describe as describe_access
 from layer_cache_server.tls import ServerTls, server_tls
+from services.cache_sizing import TierPlan, plan_tier
 from services.context import ServicesContext, open_services_context
 from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
 from services.signals import StopRequest
@@ -136,6 +139,7 @@ class LayerCacheServer:
         *,
         access: TokenFiles | None,
         tls: ServerTls | None = None,
+        tier: CacheTier | None = None,
     ) -> None:
         """``access`` None serves every client (``AUTH=none``, on purpose); ``tls`` None is
         plain HTTP. Both come from ``server_access`` / ``server_tls`` before anything opens."""
@@ -143,6 +147,7 @@ class LayerCacheServer:
         self.config = config
         self.access = access
         self.tls = tls
+        self.tier = CacheTier(0) if tier is None else tier  # none: reads go to the backends
         self.auth_failures = FailureLimiter()
         self._requests = context.telemetry.meter.create_counter(
             REQUESTS_METRIC, description="HTTP requests answered, by method, route and status"
@@ -186,18 +191,22 @@ class LayerCacheServer:
                 busy=self._busy,
                 yield_lag_s=config.write_queue_yield_lag_secs,
             )
-        self.persisters: dict[CacheType, CachePersister] = {
-            cache_type: CachePersister(
-                self.route,
-                stores[cache_type],
-                self.write_back or _NO_QUEUE,
-                retry_later=self.retry_later if self.route.deferred else None,
+        self.persisters: dict[CacheType, TieredPersister] = {
+            cache_type: TieredPersister(
+                CachePersister(
+                    self.route,
+                    stores[cache_type],
+                    self.write_back or _NO_QUEUE,
+                    retry_later=self.retry_later if self.route.deferred else None,
+                ),
+                self.tier,
+                cache_type,
             )
             for cache_type in SERVED_CACHE_TYPES
         }
         # Readiness asks each backend once, through the first served cache's store.
-        first = self.persisters[SERVED_CACHE_TYPES[0]]
-        self._probes = {backend: first.stores[backend] for backend in sorted(self.route.backends)}
+        first = stores[SERVED_CACHE_TYPES[0]]
+        self._probes = {backend: first[backend] for backend in sorted(self.route.backends)}
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -219,6 +228,7 @@ class LayerCacheServer:
         app.router.add_get("/v1/{cache_type}/{key}", self._get, allow_head=False)
         app.router.add_route("HEAD", "/v1/{cache_type}/{key}", self._head)
         app.router.add_put("/v1/{cache_type}/{key}", self._put)
+        app.router.add_delete("/v1/{cache_type}/{key}", self._evict)
         return app
 
     # ---------------------------------------------------------------------------------------
@@ -241,6 +251,12 @@ class LayerCacheServer:
             self.app, handle_signals=False, access_log=None, shutdown_timeout=CANCEL_WAIT_S
         )
         await runner.setup()
+        loop = asyncio.get_running_loop()
+        try:
+            self.tier.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
         queues = [queue for queue in (self.write_back, self.retry_later) if queue is not None]
         for queue in queues:
             queue.start()
@@ -249,7 +265,6 @@ class LayerCacheServer:
             for watched in (self.access, self.tls)
             if watched is not None
         ]
-        loop = asyncio.get_running_loop()
         try:
             try:
                 ssl_context = None if self.tls is None else self.tls.context
@@ -297,6 +312,7 @@ class LayerCacheServer:
             await runner.cleanup()  # close idle connections, cancel what still runs
             left = await asyncio.gather(*(q.drain(deadline - loop.time()) for q in queues))
             remaining = dict(zip([q.kind.backend for q in queues], left, strict=True))
+            await self.tier.close()
             log.info(
                 "layer cache server stopped",
                 cancelled_requests=cancelled,
@@ -452,6 +468,18 @@ class LayerCacheServer:
         created = await persister.put(key, value)
         return web.Response(status=201 if created else 200)
 
+    async def _evict(self, request: web.Request) -> web.Response:
+        persister, key = self._target(request)
+        if not CACHE_SPECS[persister.cache_type].evictable:
+            raise ApiError(
+                405,
+                "method_not_allowed",
+                f"{persister.cache_type} values are never evicted (upstream has no evict for "
+                "them: they are shared by content)",
+            )
+        await persister.evict(key)
+        return web.Response(status=204)
+
     async def _get_bulk(self, request: web.Request) -> web.Response:
         persister = self._persister(request)
         self._check_declared_length(request)
@@ -469,7 +497,7 @@ class LayerCacheServer:
     # ---------------------------------------------------------------------------------------
     # Input checks
 
-    def _persister(self, request: web.Request) -> CachePersister:
+    def _persister(self, request: web.Request) -> TieredPersister:
         name = request.match_info["cache_type"]
         try:
             cache_type = CacheType(name)
@@ -488,7 +516,7 @@ class LayerCacheServer:
             )
         return self.persisters[cache_type]
 
-    def _target(self, request: web.Request) -> tuple[CachePersister, str]:
+    def _target(self, request: web.Request) -> tuple[TieredPersister, str]:
         persister = self._persister(request)
         key = request.match_info["key"]
         _check_key(key)
@@ -557,5 +585,40 @@ async def serve_layer_cache(
             )
         if stop.event.is_set():
             return
-        server = LayerCacheServer(context, config, access=access, tls=tls)
+        plan = plan_tier(settings)
+        tier = build_cache_tier(plan, config, context)
+        server = LayerCacheServer(context, config, access=access, tls=tls, tier=tier)
         await server.run(stop, socket_addr=settings.socket_addr, on_listening=on_listening)
+
+
+def build_cache_tier(plan: TierPlan, config: ServerConfig, context: ServicesContext) -> CacheTier:
+    """The cache tier the plan sizes (nothing opened yet: ``CacheTier.start`` does), logged."""
+    cache = context.settings.layer_db_config.cache_config
+    disk = None
+    if plan.disk_path is not None and plan.disk_bytes > 0:
+        disk = DiskTier(
+            plan.disk_path,
+            plan.disk_bytes,
+            policy=config.cache_eviction_policy,
+            min_entry_bytes=plan.disk_min_entry_bytes,
+            reserve_free_bytes=plan.disk_reserve_free_bytes,
+            admission_bytes_per_s=cache.disk_admission_rate_limit or None,
+            buffer_bytes=cache.disk_buffer_size,
+        )
+    log.info(
+        "cache tier sized",
+        memory_bytes=plan.memory_bytes,
+        memory_source=plan.memory_source,
+        disk_bytes=plan.disk_bytes,
+        disk_source=plan.disk_source,
+        disk_path=None if disk is None else str(plan.disk_path),
+        eviction_policy=config.cache_eviction_policy.value,
+        max_entry_percent=config.cache_max_entry_percent,
+    )
+    return CacheTier(
+        plan.memory_bytes,
+        policy=config.cache_eviction_policy,
+        max_entry_percent=config.cache_max_entry_percent,
+        disk=disk,
+        meter=context.telemetry.meter,
+    )

@@ -53,6 +53,7 @@ from pydantic_settings import (
 )
 
 from layer_cache.errors import LayerCacheError
+from layer_cache.eviction import DEFAULT_POLICY, PolicyName
 from layer_cache.persister import PersisterMode
 from services.units import ByteSize
 
@@ -274,12 +275,37 @@ class ObjectStorageConfig(_Section):
         return IAM_ROLE
 
 
+class CacheConfig(_Section):
+    """Upstream's ``layer_db_config.cache_config``: the size and place of the server's cache
+    tier (``services.cache_sizing``, docs/server.md).
+
+    The memory tier is ``memory_usable_max_percent`` of what ``memory_reserved_percent`` leaves
+    of the pod's memory limit; the disk tier (``disk_layer``) is the same for the volume holding
+    ``disk_path`` (unset: ``cache`` inside the server's write queue directory, on its volume;
+    upstream's default is a fresh temporary directory), which also keeps
+    ``disk_reserved_percent`` of the volume free for the write queue. ``disk_admission_rate_limit``
+    caps the bytes a second written to the disk tier (0: no cap) and ``disk_buffer_size`` the
+    values waiting to be written. Upstream overrides the two usable percents per cache with
+    fixed shares that add up to 100; here they scale the one tier every cache shares.
+    """
+
+    memory_reserved_percent: int = Field(40, ge=0, le=100)
+    memory_usable_max_percent: int = Field(100, ge=0, le=100)
+    disk_layer: bool = True
+    disk_reserved_percent: int = Field(5, ge=0, le=100)
+    disk_usable_max_percent: int = Field(100, ge=0, le=100)
+    disk_path: Path | None = None
+    disk_admission_rate_limit: ByteSize = Field(1024 * 1024 * 1024, ge=0)
+    disk_buffer_size: ByteSize = Field(128 * 1024 * 1024, ge=1)
+
+
 class LayerDbConfig(_Section):
     """The layer cache's storage."""
 
     persister_mode: PersisterMode = PersisterMode.POSTGRES_ONLY
     pg_pool_config: PgPoolConfig = PgPoolConfig()
     object_storage_config: ObjectStorageConfig = ObjectStorageConfig()
+    cache_config: CacheConfig = CacheConfig()
 
 
 _config_file_tables: ContextVar[dict[str, Any] | None] = ContextVar(
@@ -343,6 +369,13 @@ class ServerConfig(_Section):
     # due entry ages, all workers at this lag; 0 never yields.
     write_queue_yield_lag_secs: float = Field(60.0, ge=0)
     retry_queue_workers: int = Field(4, ge=1, le=64)
+
+    # The cache tier (layer_cache.cache_tier); sized by layer_db_config.cache_config's shares
+    # unless these give bytes (0 turns a tier off).
+    cache_memory_bytes: ByteSize | None = Field(None, ge=0)
+    cache_disk_bytes: ByteSize | None = Field(None, ge=0)
+    cache_max_entry_percent: float = Field(10.0, gt=0, le=100)
+    cache_eviction_policy: PolicyName = DEFAULT_POLICY
 
     @model_validator(mode="after")
     def _consistent_access(self) -> ServerConfig:
@@ -445,6 +478,7 @@ def _ignored(path: str, note: str, *, section: bool = False) -> UpstreamSetting:
 _PG = "layer_db_config.pg_pool_config."
 _STORAGE = "layer_db_config.object_storage_config."
 _AUTH = _STORAGE + "auth"
+_CACHE = "layer_db_config.cache_config."
 
 UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
     _used("migration_mode", "what to do"),
@@ -475,7 +509,29 @@ UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
     _ignored(_STORAGE + "num_workers", "sdf's write queue; the backfill has its own concurrency"),
     _ignored(_STORAGE + "max_parallel_per_worker", "sdf's write queue"),
     _ignored("layer_db_config.nats_config", "NATS: not used here", section=True),
-    _ignored("layer_db_config.cache_config", "sdf's memory/disk cache", section=True),
+    *(
+        _used(_CACHE + name, "the server's cache tier size")
+        for name in (
+            "memory_reserved_percent",
+            "memory_usable_max_percent",
+            "disk_reserved_percent",
+            "disk_usable_max_percent",
+        )
+    ),
+    _used(_CACHE + "disk_layer", "the disk tier on or off"),
+    _used(_CACHE + "disk_path", "the disk tier's directory"),
+    _used(_CACHE + "disk_admission_rate_limit", "bytes a second written to the disk tier"),
+    _used(_CACHE + "disk_buffer_size", "values waiting to be written to the disk tier"),
+    _ignored(_CACHE + "name", "set per cache by sdf; only in its logs"),
+    *(
+        _ignored(_CACHE + name, "foyer's disk engine internals")
+        for name in (
+            "disk_buffer_flushers",
+            "disk_indexer_shards",
+            "disk_reclaimers",
+            "disk_recover_concurrency",
+        )
+    ),
     _ignored("layer_db_config.disk_path", "set by sdf's --layer-db-disk-path; not a field"),
     *(
         _used(UPSTREAM_BACKFILL_PREFIX + name, f"--backfill-{name.replace('_', '-')} (below it)")
@@ -537,6 +593,7 @@ UPSTREAM_SECTIONS: frozenset[str] = frozenset(
         "layer_db_config.object_storage_config",
         "layer_db_config.object_storage_config.auth",
         "layer_db_config.object_storage_config.auth.static_credentials",
+        "layer_db_config.cache_config",
     }
 )
 

@@ -30,6 +30,7 @@ import structlog
 from rich.console import Console
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
+from layer_cache.disk_tier import CacheTierUnavailable
 from layer_cache.errors import LayerCacheError, StorageError
 from layer_cache.schema import SchemaError, migrate_layer_db
 from layer_cache.write_queue import (
@@ -514,7 +515,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         status: int = asyncio.run(MODE_HANDLERS[settings.migration_mode](settings, args))
     except (SettingsError, BackfillConfigError) as exc:
         return _fail(str(exc), EXIT_INVALID_INPUT, exc, args.verbose)
-    except (PreflightError, SchemaError, WriteQueueUnavailable) as exc:
+    except (PreflightError, SchemaError, WriteQueueUnavailable, CacheTierUnavailable) as exc:
         return _fail(str(exc), EXIT_ENVIRONMENT, exc, args.verbose)
     except StorageError as exc:
         return _fail(explain_storage_error(exc), EXIT_ENVIRONMENT, exc, args.verbose)

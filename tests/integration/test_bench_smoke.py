@@ -240,3 +240,42 @@ async def test_request_counter_counts_each_http_attempt(s3_server: S3Server) -> 
             await client.put_object(Bucket="never-forwarded", Key="k", Body=b"x")
     assert counter.by_operation == {"PutObject": 3}
     assert proxy.counts["slowdown"] == 3
+
+
+def test_server_cache_smoke_reports_hot_reads_hit_ratios_and_the_memory_soak(
+    tmp_path: Path,
+) -> None:
+    """``python -m bench.server_cache --smoke``: hot-set reads with the tier off, from memory
+    and from disk (the server's counts say which answered), Zipf hit ratios growing with the
+    tier, and the soak's RSS samples; every request answered."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.server_cache", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        check=False,
+    )
+    output = completed.stdout
+    assert completed.returncode == 0, f"{output[-4000:]}\n{completed.stderr[-4000:]}"
+    assert "hit ratio" in output
+    (written,) = tmp_path.glob("server-cache-*.json")
+    report = json.loads(written.read_text())
+    rows = {(row["mode"], row["tier"]): row for row in report["hot_set"]}
+    off, memory, disk = ("PostgresOnly", "off"), ("S3Only", "memory"), ("PostgresOnly", "disk")
+    assert set(rows) == {off, memory, disk}
+    for key, row in rows.items():
+        assert row["requests"] > 0, key
+        assert row["errors"] == 0, (key, row["first_error"])
+    assert rows[off]["memory_hits"] == rows[off]["disk_hits"] == 0
+    assert rows[memory]["memory_hits"] == rows[memory]["requests"]
+    assert rows[disk]["disk_hits"] > 0
+    ratios = [row["hit_ratio"] for row in report["zipf"]]
+    assert len(ratios) == 3
+    assert 0 < ratios[0] < ratios[2] <= 1
+    soak = report["soak"]
+    assert soak["errors"] == 0
+    assert soak["samples"]

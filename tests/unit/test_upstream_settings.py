@@ -30,6 +30,7 @@ from services.settings import (
 
 PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
+CACHE = "SI_SDF__LAYER_DB_CONFIG__CACHE_CONFIG__"
 TREE = setting_tree(Settings)
 CUTOFF = "2026-01-13T17:30:26.445817Z"
 
@@ -65,6 +66,14 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
         "SI_SDF__BACKFILL_MAX_CONCURRENT_UPLOADS",
         "SI_SDF__SERVER__GRACE_PERIOD_SECS",
         "si_sdf__migration_mode",  # case does not matter, as in pydantic-settings
+        CACHE + "DISK_PATH",
+        CACHE + "MEMORY_RESERVED_PERCENT",
+        CACHE + "MEMORY_USABLE_MAX_PERCENT",
+        CACHE + "DISK_LAYER",
+        CACHE + "DISK_RESERVED_PERCENT",
+        CACHE + "DISK_USABLE_MAX_PERCENT",
+        CACHE + "DISK_ADMISSION_RATE_LIMIT",
+        CACHE + "DISK_BUFFER_SIZE",
     ],
 )
 def test_names_read_here_are_used(name: str) -> None:
@@ -89,7 +98,12 @@ def test_names_read_here_are_used(name: str) -> None:
         STORAGE + "NUM_WORKERS",
         STORAGE + "MAX_PARALLEL_PER_WORKER",
         "SI_SDF__LAYER_DB_CONFIG__NATS_CONFIG__URL",
-        "SI_SDF__LAYER_DB_CONFIG__CACHE_CONFIG__DISK_PATH",
+        "SI_SDF__LAYER_DB_CONFIG__DISK_PATH",
+        CACHE + "NAME",
+        CACHE + "DISK_BUFFER_FLUSHERS",
+        CACHE + "DISK_INDEXER_SHARDS",
+        CACHE + "DISK_RECLAIMERS",
+        CACHE + "DISK_RECOVER_CONCURRENCY",
     ],
 )
 def test_upstream_names_that_mean_nothing_here_are_ignored(name: str) -> None:
