@@ -199,10 +199,14 @@ async def _drain(stream: asyncio.StreamReader, seen: list[str]) -> None:
 
 @asynccontextmanager
 async def running_server(
-    env: Mapping[str, str], *, on_started: Callable[[int], None] | None = None
+    env: Mapping[str, str],
+    *,
+    on_started: Callable[[int], None] | None = None,
+    https: bool = False,
 ) -> AsyncIterator[str]:
-    """The server as a subprocess; yields its base URL; SIGTERM and wait on the way out.
-    ``on_started`` is told the process id (to sample its memory)."""
+    """The server as a subprocess; yields its base URL (``https`` when ``env`` gives it a
+    certificate); SIGTERM and wait on the way out. ``on_started`` is told the process id (to
+    sample its memory)."""
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "services", "--migration-mode", "skip", "--log-json"),
         *("--socket-addr", "127.0.0.1:0"),
@@ -220,7 +224,7 @@ async def running_server(
         async with asyncio.timeout(LISTEN_TIMEOUT_S):
             port = await _listening_port(process.stderr, seen)
         drain = asyncio.create_task(_drain(process.stderr, seen))
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if https else 'http'}://127.0.0.1:{port}"
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)

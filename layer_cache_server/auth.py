@@ -226,6 +226,18 @@ class TokenFiles:
             await asyncio.to_thread(self.reload_changed)
 
 
+def request_decision(
+    access: TokenFiles, method: str, path: str, authorization: str | None
+) -> Decision:
+    """How to answer a request, as far as its token goes (the per-peer failure limit aside)."""
+    required = required_role(method, path)
+    if required is None:
+        return ALLOWED
+    token = bearer_token(authorization)
+    presented = None if token is None else access.role_of(token)
+    return decide(required, presented, had_token=token is not None)
+
+
 def server_access(config: ServerConfig) -> TokenFiles | None:
     """The tokens the server asks for, loaded before anything is opened; None when it runs
     open on purpose (``AUTH=none``). ``SettingsError`` (exit 2) when tokens are asked for and

@@ -39,9 +39,7 @@ from layer_cache_server.auth import (
     TOO_MANY_FAILURES,
     FailureLimiter,
     TokenFiles,
-    bearer_token,
-    decide,
-    required_role,
+    request_decision,
     server_access,
 )
 from layer_cache_server.auth import describe as describe_access
@@ -362,12 +360,8 @@ class LayerCacheServer:
         never reads the body, never logs a token."""
         if self.access is None:
             return
-        required = required_role(request.method, request.path)
-        if required is None:
-            return
-        token = bearer_token(request.headers.get("Authorization"))
-        presented = None if token is None else self.access.role_of(token)
-        refusal = decide(required, presented, had_token=token is not None)
+        authorization = request.headers.get("Authorization")
+        refusal = request_decision(self.access, request.method, request.path, authorization)
         if refusal.allowed:
             return
         if refusal.status == 401:
