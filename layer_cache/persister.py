@@ -182,8 +182,15 @@ class Route:
 
     @property
     def backends(self) -> frozenset[Backend]:
-        """Every backend the mode touches (what readiness must check)."""
+        """Every backend the mode touches (what readiness checks)."""
         return self.writes | frozenset(self.reads)
+
+    @property
+    def required(self) -> frozenset[Backend]:
+        """The backends the mode cannot serve without: its direct write targets. A deferred
+        target is queued durably and reads fall back past it, so its outage is no reason to
+        take the server out of service (readiness reports it, and does not fail on it)."""
+        return self.writes - self.deferred
 
 
 class PersisterMode(StrEnum):

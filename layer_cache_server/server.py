@@ -419,7 +419,10 @@ class LayerCacheServer:
             backend.value: problem or "ok"
             for backend, problem in zip(self._probes, problems, strict=True)
         }
-        if any(problems):
+        if any(
+            problem is not None and backend in self.route.required
+            for backend, problem in zip(self._probes, problems, strict=True)
+        ):
             failing = ", ".join(name for name, state in checks.items() if state != "ok")
             return web.json_response(
                 {
