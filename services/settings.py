@@ -566,6 +566,8 @@ def load_settings(
     if ignored:
         log.debug("ignored upstream sdf settings", names=ignored)
     flags = dict(overrides or {})
+    # The env names were classified above as given (pydantic-settings never reads the ones that
+    # name no field); its nested values lose upstream's names as the file's tables did.
     environment, _names = prune_upstream_names(EnvSettingsSource(Settings)(), tree)
     sources = (
         InitSettingsSource(Settings, flags),
