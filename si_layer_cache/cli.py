@@ -61,16 +61,14 @@ from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
 from services.logging import LOG_FILE_NAME, configure_logging
 from services.sdf_flags import add_sdf_flags, sdf_flag_settings
+from services.setting_names import SettingUse, classify_setting, setting_tree
 from services.settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
     MigrationMode,
     Settings,
     SettingsError,
-    SettingUse,
-    classify_setting,
     load_settings,
-    setting_tree,
 )
 from services.signals import StopRequest, capture_signals
 from services.telemetry import package_version
