@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import os
 import re
 import tomllib
@@ -54,6 +55,7 @@ from pydantic_settings import (
     NoDecode,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
 from layer_cache.errors import LayerCacheError
 from layer_cache.eviction import DEFAULT_POLICY, PolicyName
@@ -536,6 +538,31 @@ def describe_validation_error(
     return f"invalid {where}: {reason[:1].lower()}{reason[1:]}"
 
 
+def _read_environment(tree: SettingNode) -> dict[str, Any]:
+    """The environment as pydantic-settings reads it; a section given as one variable that is
+    not JSON is a ``SettingsError`` naming the variable (pydantic-settings' own error names only
+    the field)."""
+    try:
+        return EnvSettingsSource(Settings)()
+    except PydanticSettingsError:
+        for name, value in sorted(os.environ.items()):
+            if not name.upper().startswith(ENV_PREFIX):
+                continue
+            node: SettingNode | None = tree
+            for part in env_setting_path(name):
+                node = None if node is None else node.children.get(part)
+            if node is None or not node.children:
+                continue
+            try:
+                json.loads(value)
+            except ValueError:
+                raise SettingsError(
+                    f"invalid {name}: a whole section in one variable must be a JSON object; "
+                    f"or set its names one by one ({name}__<NAME>)"
+                ) from None
+        raise
+
+
 def load_settings(
     overrides: Mapping[str, Any] | None = None,
     *,
@@ -568,7 +595,7 @@ def load_settings(
     flags = dict(overrides or {})
     # The env names were classified above as given (pydantic-settings never reads the ones that
     # name no field); its nested values lose upstream's names as the file's tables did.
-    environment, _names = prune_upstream_names(EnvSettingsSource(Settings)(), tree)
+    environment, _names = prune_upstream_names(_read_environment(tree), tree)
     sources = (
         InitSettingsSource(Settings, flags),
         InitSettingsSource(Settings, environment),

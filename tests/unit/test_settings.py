@@ -104,6 +104,15 @@ def test_a_typo_inside_a_json_section_value_is_still_refused(
         load_settings()
 
 
+@pytest.mark.parametrize("value", ["notjson", "{", '["a", '])
+def test_a_section_value_that_is_not_json_is_one_line_naming_the_variable(
+    clean_env: pytest.MonkeyPatch, value: str
+) -> None:
+    clean_env.setenv(PG_POOL, value)
+    with pytest.raises(SettingsError, match=f"^invalid {PG_POOL}: a whole section in one"):
+        load_settings()
+
+
 def test_pruning_drops_upstreams_names_and_keeps_unknown_ones_for_validation() -> None:
     data = {
         "pg": {"hostname": "main-db"},
