@@ -54,7 +54,12 @@ import structlog
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import ErrorKind, LayerCacheError, StorageError
+from layer_cache.errors import (
+    ErrorKind,
+    StorageError,
+    WriteQueueError,
+    WriteQueueUnavailable,
+)
 from layer_cache.persister import Backend, Store
 from layer_cache.retry import full_jitter_delay_s
 
@@ -152,17 +157,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
     PRIMARY KEY (cache_type, key)
 );
 """
-
-
-class WriteQueueError(StorageError):
-    """The queue's directory or database cannot be used (unwritable, disk full, corrupt)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, kind=ErrorKind.TRANSIENT)
-
-
-class WriteQueueUnavailable(LayerCacheError):
-    """The queue cannot be opened at all (a settings or environment problem)."""
 
 
 class Origin(StrEnum):

@@ -31,7 +31,7 @@ from aiohttp.typedefs import Handler
 from layer_cache.cache_tier import CacheTier, TieredPersister
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.disk_tier import DiskTier
-from layer_cache.errors import LayerCacheError, StorageError
+from layer_cache.errors import ApiError, ListenError, SettingsError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
 from layer_cache.schema import check_layer_db_schema
 from layer_cache.write_queue import PG_RETRY_QUEUE, S3_WRITE_QUEUE, QueueBudget, WriteBehind
@@ -48,7 +48,7 @@ from layer_cache_server.auth import describe as describe_access
 from layer_cache_server.tls import ServerTls, server_tls
 from services.cache_sizing import TierPlan, plan_tier
 from services.context import ServicesContext, open_services_context
-from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
+from services.settings import ENV_PREFIX, ServerConfig, Settings
 from services.signals import StopRequest
 
 log = structlog.get_logger(__name__)
@@ -64,10 +64,6 @@ REQUESTS_METRIC = "layer_cache_server.requests"
 _CLOSING_STATUSES = frozenset({401, 403, 429})
 
 
-class ListenError(LayerCacheError):
-    """The server could not bind its socket (address in use, not permitted…)."""
-
-
 def parse_socket_addr(text: str) -> tuple[str, int]:
     """``host:port`` or ``[ipv6]:port`` → (host, port); port 0 asks for a free one."""
     host, separator, port_text = text.strip().rpartition(":")
@@ -79,19 +75,6 @@ def parse_socket_addr(text: str) -> tuple[str, int]:
             "(e.g. 0.0.0.0:5156, [::]:5156, 127.0.0.1:0)"
         )
     return host, int(port_text)
-
-
-class ApiError(Exception):
-    """A request the API refuses, answered as a JSON error."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 def error_response(

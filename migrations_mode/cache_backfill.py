@@ -22,6 +22,7 @@ import structlog
 
 from layer_cache.budget import ByteBudget
 from layer_cache.cache_types import CacheType
+from layer_cache.errors import CacheBackfillFailed, first_exception
 from layer_cache.pg import RowRef
 from migrations_mode.bucket_index import UNKNOWN, Stored
 from migrations_mode.cache_events import CacheEvents
@@ -29,7 +30,6 @@ from migrations_mode.cache_parts import CacheParts
 from migrations_mode.checkpoint import Position
 from migrations_mode.config import BackfillConfig
 from migrations_mode.display import RateMeter, progress_report
-from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.estimates import WalkState
 from migrations_mode.progress import CacheStats
 from migrations_mode.row_action import Decision

@@ -35,8 +35,8 @@ from pydantic_settings import (
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.concurrency import ConcurrencyMode
+from layer_cache.errors import BackfillConfigError
 from layer_cache.retry import RetryPolicy
-from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
 from migrations_mode.walk import Shard, WalkOrder
 from services.settings import ENV_PREFIX, describe_validation_error, unknown_env_var

@@ -19,9 +19,9 @@ from dataclasses import dataclass
 
 import structlog
 
+from layer_cache.errors import CacheBackfillFailed
 from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.config import format_checkpoint
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_store import (
     ProgressKey,
     ProgressStore,

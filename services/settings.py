@@ -52,7 +52,7 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
-from layer_cache.errors import LayerCacheError
+from layer_cache.errors import SettingsError
 from layer_cache.eviction import DEFAULT_POLICY, PolicyName
 from layer_cache.persister import PersisterMode
 from services.units import ByteSize
@@ -61,10 +61,6 @@ ENV_PREFIX = "SI_SDF__"
 CONFIG_FILE_ENV = "SI_SDF_CONFIG"
 
 log = structlog.get_logger("services")
-
-
-class SettingsError(LayerCacheError):
-    """A setting is missing, unknown or invalid; the message names it."""
 
 
 class MigrationMode(StrEnum):

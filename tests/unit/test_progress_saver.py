@@ -13,9 +13,8 @@ from typing import TypeVar
 import structlog
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import StorageError
+from layer_cache.errors import CacheBackfillFailed, StorageError
 from migrations_mode.checkpoint import CheckpointTracker, Position
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_saver import ProgressSaver, WalkProgress
 from migrations_mode.progress_store import (
     ProgressKey,

@@ -12,9 +12,8 @@ import pytest
 import structlog
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import CacheBackfillFailed, ErrorKind, StorageError
 from layer_cache.retry import RetryPolicy
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress import CacheProgress
 from migrations_mode.storage_caller import StorageCaller
 from tests.unit.backfill_fakes import DEADLINE_S, FAST_RETRIES, counter_values, metrics_reader

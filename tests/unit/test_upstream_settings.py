@@ -9,15 +9,14 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from layer_cache.errors import BackfillConfigError, SettingsError
 from migrations_mode.config import load_backfill_config
-from migrations_mode.errors import BackfillConfigError
 from services.context import pg_pool_tuning
 from services.settings import (
     UPSTREAM_SDF_SETTINGS,
     PgPoolConfig,
     PgSslMode,
     Settings,
-    SettingsError,
     SettingUse,
     classify_environment,
     classify_setting,

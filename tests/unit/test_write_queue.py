@@ -18,7 +18,7 @@ from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoi
 from structlog.testing import capture_logs
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import ErrorKind, StorageError, WriteQueueError, WriteQueueUnavailable
 from layer_cache.persister import Backend
 from layer_cache.write_queue import (
     DB_FILE_NAME,
@@ -29,9 +29,7 @@ from layer_cache.write_queue import (
     QueueBudget,
     Verdict,
     WriteBehind,
-    WriteQueueError,
     WriteQueueStore,
-    WriteQueueUnavailable,
     drain_limit,
     queue_status,
     replay_dead_letters,
