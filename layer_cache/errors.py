@@ -1,4 +1,4 @@
-"""Every error the project raises on purpose, in one tree, and the only place library errors
+"""Every error the product raises on purpose, in one tree, and the only place library errors
 are translated.
 
     LayerCacheError          the root: every error raised on purpose
@@ -18,9 +18,11 @@ are translated.
         PreflightError       the environment is not ready (table, bucket, permission, credential)
         CacheBackfillFailed  one cache's backfill failed: the cache, the key and the cause
 
-The one exception class of this repository defined elsewhere is ``deploy.render.ValuesError``: the
-manifest renderer stands alone and imports nothing of the product. A test walks the packages and
-holds this tree to the classes below.
+A test reads the product's packages (``layer_cache``, ``services``, ``migrations_mode``,
+``layer_cache_server``, ``si_layer_cache``) for exception classes defined anywhere else, and holds
+this tree to the classes below. Outside the product, ``deploy.render.ValuesError`` stays with the
+manifest renderer, which stands alone and imports nothing of the product; the benchmark and the
+development tools keep their own.
 
 Library errors are mapped here, once, at the boundary, by code. Storage failures become
 ``PgLayerError`` or ``S3LayerError`` carrying an ``ErrorKind``, and callers decide (retry, skip,
