@@ -33,6 +33,7 @@ from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, Cache
 from layer_cache.disk_tier import DiskTier
 from layer_cache.errors import ApiError, ListenError, SettingsError, StorageError
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
+from layer_cache.retry import Backoff
 from layer_cache.schema import check_layer_db_schema
 from layer_cache.write_queue import PG_RETRY_QUEUE, S3_WRITE_QUEUE, QueueBudget, WriteBehind
 from layer_cache_server.auth import (
@@ -144,8 +145,10 @@ class LayerCacheServer:
         budget = QueueBudget(
             max_attempts=config.write_queue_max_attempts,
             max_age_s=config.write_queue_max_age_secs,
-            base_delay_s=config.write_queue_base_delay_secs,
-            max_delay_s=config.write_queue_max_delay_secs,
+            backoff=Backoff(
+                base_delay_s=config.write_queue_base_delay_secs,
+                max_delay_s=config.write_queue_max_delay_secs,
+            ),
         )
         self.write_back: WriteBehind | None = None
         if self.route.deferred:  # DualWrite, S3Primary: S3 through the durable write queue
