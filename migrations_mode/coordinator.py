@@ -246,7 +246,7 @@ def _log_report(
         return
     done = [cache.cache_type.value for cache in caches if cache.completed]
     unfinished = [cache for cache in caches if not cache.completed]
-    resume = min(cache.checkpoint_timestamp for cache in unfinished)
+    resume = min(cache.saver.checkpoint_timestamp for cache in unfinished)
     log.info(
         "backfill incomplete",
         completed_caches=done,
