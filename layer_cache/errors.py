@@ -37,7 +37,8 @@ help. An expired session token is ``CREDENTIALS_EXPIRED``: retryable, with a ``b
 (set by the S3 layer) that makes the credential chain fetch new credentials. What an error means
 to the user is decided by class at the two edges: the exit status in ``si_layer_cache.cli`` (the
 command line), the HTTP answer in ``layer_cache_server.server`` (``ApiError`` as it says, a
-``StorageError`` by its kind). Nothing here holds a resource.
+``StorageError`` by its kind). ``first_exception`` takes the error that stopped a task group out
+of the exception group it raises. Nothing here holds a resource.
 """
 
 from __future__ import annotations
