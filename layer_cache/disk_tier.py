@@ -42,7 +42,7 @@ from pathlib import Path
 import structlog
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import LayerCacheError
+from layer_cache.errors import CacheTierUnavailable
 from layer_cache.eviction import EvictionPolicy, make_policy
 from layer_cache.rate_limit import TokenBucket
 
@@ -60,10 +60,6 @@ READ_THREADS = 4
 WRITE_BATCH = 64
 
 DiskKey = tuple[CacheType, str]
-
-
-class CacheTierUnavailable(LayerCacheError):
-    """The disk tier's directory cannot be used (a settings or environment problem)."""
 
 
 def encode(value: bytes) -> bytes:

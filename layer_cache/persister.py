@@ -30,7 +30,7 @@ from typing import Protocol, TypeVar
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import StorageError
 from layer_cache.pg import PgLayer
-from layer_cache.retry import RetryPolicy, call_with_retries
+from layer_cache.retry import Backoff, RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
 
 T = TypeVar("T")
@@ -39,7 +39,7 @@ S3_BULK_READ_CONCURRENCY = 16
 """GETs in flight per bulk read on S3, which has no multi-get."""
 
 REQUEST_RETRY_POLICY = RetryPolicy(
-    max_attempts=3, max_elapsed_s=2.0, base_delay_s=0.05, max_delay_s=0.5
+    max_attempts=3, max_elapsed_s=2.0, backoff=Backoff(base_delay_s=0.05, max_delay_s=0.5)
 )
 """Retries on the request path: short, a client is waiting."""
 

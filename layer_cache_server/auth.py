@@ -40,8 +40,9 @@ from pathlib import Path
 
 import structlog
 
+from layer_cache.errors import SettingsError, TokenFileError
 from layer_cache_server.watched import FileIdentity, file_identity
-from services.settings import ENV_PREFIX, ServerAuth, ServerConfig, SettingsError
+from services.settings import ENV_PREFIX, ServerAuth, ServerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +63,6 @@ class Role(StrEnum):
 
     READ = "read"
     WRITE = "write"
-
-
-class TokenFileError(ValueError):
-    """A token file that cannot be used; the message names the file, never a token."""
 
 
 def parse_tokens(text: str, source: str) -> frozenset[str]:

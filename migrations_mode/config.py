@@ -36,8 +36,8 @@ from pydantic_settings import (
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.concurrency import ConcurrencyMode
+from layer_cache.errors import BackfillConfigError
 from layer_cache.retry import RetryPolicy
-from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
 from migrations_mode.walk import Shard, WalkOrder
 from services.setting_names import ENV_PREFIX, unknown_env_var

@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from layer_cache.errors import StorageError
+from layer_cache.errors import PreflightError, StorageError
 from layer_cache.pg import PgLayer, RowRef
 from layer_cache.retry import call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.config import BackfillConfig
-from migrations_mode.errors import PreflightError
 from migrations_mode.preflight import (
     WriteCheck,
     check_read_only,

@@ -4,7 +4,8 @@ records nothing).
 ``WalkProgress`` is where the walk stands (the checkpoint tracker, whether it completed, the rows
 earlier runs finished): the pipeline moves it, the saver records it. ``resume`` takes up the
 saved record into it (none with ``--backfill-restart``, and a warning when records exist only
-under other parameters; a completed repair is a fresh pass). While the cache runs, ``finished``
+under other parameters; a completed repair is a fresh pass); ``checkpoint_timestamp`` is the
+cutoff a resume starts from, which the events quote. While the cache runs, ``finished``
 wakes the ``save_when_due`` loop each time another batch of rows has finished in order since the
 last save was taken; a failed save is a warning, never a failure (it costs re-work, not data).
 Shutdown: the cache cancels the loop, then ``final_save`` writes the last position, shielded
@@ -16,12 +17,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from dataclasses import dataclass
+from datetime import datetime
 
 import structlog
 
+from layer_cache.errors import CacheBackfillFailed
 from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.config import format_checkpoint
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_store import (
     ProgressKey,
     ProgressStore,
@@ -81,6 +83,15 @@ class ProgressSaver:
         self._saved_at = 0  # finished_in_order at the last save
         self._save_due = asyncio.Event()
 
+    @property
+    def checkpoint_timestamp(self) -> datetime:
+        """The cutoff that resumes the walk without loss. In key order any row may still be
+        pending whatever its timestamp: the cutoff resumes it (with the saved key position);
+        newest first, the tracker's checkpoint does."""
+        if self.key.order is WalkOrder.KEY:
+            return self.key.cutoff
+        return self.walk.tracker.checkpoint_timestamp
+
     async def load(self) -> SavedProgress | None:
         """The saved progress to resume from, or None to start from the beginning."""
         if not self._writes:
@@ -109,17 +120,10 @@ class ProgressSaver:
         walk.rows_done_earlier = saved.rows_done
         if saved.position is not None:
             walk.tracker = CheckpointTracker(self.key.cutoff, low_water=saved.position)
-            # In key order any row may still be pending whatever its timestamp: the cutoff
-            # resumes it (with the saved key); newest first, the tracker's checkpoint does.
-            checkpoint = (
-                self.key.cutoff
-                if self.key.order is WalkOrder.KEY
-                else walk.tracker.checkpoint_timestamp
-            )
             log.info(
                 "resuming from saved progress",
                 progress_store=self.store.kind,
-                checkpoint_timestamp=format_checkpoint(checkpoint),
+                checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
                 rows_done_earlier_runs=saved.rows_done,
             )
         return saved.position

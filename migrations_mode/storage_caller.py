@@ -20,9 +20,8 @@ import structlog
 
 from layer_cache.cache_types import CacheType
 from layer_cache.concurrency import UploadLimit
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import CacheBackfillFailed, ErrorKind, StorageError
 from layer_cache.retry import RetryPolicy, call_with_retries
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress import CacheProgress
 
 log = structlog.get_logger(__name__)

@@ -57,7 +57,7 @@ from pydantic_settings import (
 )
 from pydantic_settings import SettingsError as PydanticSettingsError
 
-from layer_cache.errors import LayerCacheError
+from layer_cache.errors import SettingsError
 from layer_cache.eviction import DEFAULT_POLICY, PolicyName
 from layer_cache.persister import PersisterMode
 from services.setting_names import ENV_PREFIX as ENV_PREFIX  # the tree's prefix, re-exported
@@ -76,10 +76,6 @@ from services.units import ByteSize
 CONFIG_FILE_ENV = "SI_SDF_CONFIG"
 
 log = structlog.get_logger("services")
-
-
-class SettingsError(LayerCacheError):
-    """A setting is missing, unknown or invalid; the message names it."""
 
 
 class MigrationMode(StrEnum):

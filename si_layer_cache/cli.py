@@ -30,20 +30,25 @@ import structlog
 from rich.console import Console
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
-from layer_cache.disk_tier import CacheTierUnavailable
-from layer_cache.errors import LayerCacheError, StorageError
-from layer_cache.schema import SchemaError, migrate_layer_db
+from layer_cache.errors import (
+    BackfillConfigError,
+    CacheTierUnavailable,
+    LayerCacheError,
+    ListenError,
+    PreflightError,
+    SchemaError,
+    SettingsError,
+    StorageError,
+    WriteQueueUnavailable,
+)
+from layer_cache.schema import migrate_layer_db
 from layer_cache.write_queue import (
     PG_RETRY_QUEUE,
     S3_WRITE_QUEUE,
-    WriteQueueUnavailable,
     queue_status,
     replay_dead_letters,
 )
-from layer_cache_server.server import (
-    ListenError,
-    serve_layer_cache,
-)
+from layer_cache_server.server import serve_layer_cache
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
     BackfillConfig,
@@ -55,7 +60,6 @@ from migrations_mode.config import (
 )
 from migrations_mode.coordinator import BackfillReport, resolve_cutoff, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
-from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
 from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
@@ -67,7 +71,6 @@ from services.settings import (
     ENV_PREFIX,
     MigrationMode,
     Settings,
-    SettingsError,
     load_settings,
 )
 from services.signals import StopRequest, capture_signals

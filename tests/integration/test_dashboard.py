@@ -50,6 +50,7 @@ from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
 from layer_cache.keys import object_key
 from layer_cache.persister import S3Store
+from layer_cache.retry import Backoff
 from layer_cache.write_queue import QueueBudget, WriteBehind, queue_status
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
@@ -193,7 +194,7 @@ async def exercise_write_queue(
         {WRITE_QUEUE_CACHE: store},
         context.telemetry.meter,
         workers=2,
-        budget=QueueBudget(base_delay_s=0.05, max_delay_s=0.1),
+        budget=QueueBudget(backoff=Backoff(base_delay_s=0.05, max_delay_s=0.1)),
     )
     queue.start()
     stack.push_async_callback(queue.drain, 1.0)

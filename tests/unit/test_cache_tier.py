@@ -24,13 +24,13 @@ from layer_cache.disk_tier import (
     BLOCK_BYTES,
     HEADER,
     TEMP_SUFFIX,
-    CacheTierUnavailable,
     DiskTier,
     capacity_for_free_space,
     charged_bytes,
     decode,
     encode,
 )
+from layer_cache.errors import CacheTierUnavailable
 from layer_cache.persister import ROUTES, Backend, CachePersister, PersisterMode
 from tests.unit.test_persister import NO_RETRY, MemoryStore, RecordingSink
 

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from pydantic_settings import EnvSettingsSource
 
+from layer_cache.errors import BackfillConfigError, SettingsError
 from migrations_mode.config import load_backfill_config
-from migrations_mode.errors import BackfillConfigError
 from services.setting_names import setting_tree
-from services.settings import Settings, SettingsError, load_settings, prune_upstream_names
+from services.settings import Settings, load_settings, prune_upstream_names
 
 PG_POOL = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG"
 CUTOFF = "2026-01-13T17:30:26.445817Z"

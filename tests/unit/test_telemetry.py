@@ -22,8 +22,8 @@ from opentelemetry.sdk.metrics.export import (
 from structlog.testing import capture_logs
 
 from devenv.process import free_port
+from layer_cache.errors import SettingsError
 from services.logging import configure_logging
-from services.settings import SettingsError
 from services.telemetry import (
     DEFAULT_EXPORT_INTERVAL_MS,
     DEFAULT_EXPORT_TIMEOUT_MS,

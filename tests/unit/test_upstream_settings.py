@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from layer_cache.errors import BackfillConfigError, SettingsError
 from migrations_mode.config import load_backfill_config
-from migrations_mode.errors import BackfillConfigError
 from services.context import pg_pool_tuning
 from services.setting_names import (
     UPSTREAM_SDF_SETTINGS,
@@ -24,7 +24,6 @@ from services.settings import (
     PgPoolConfig,
     PgSslMode,
     Settings,
-    SettingsError,
     classify_environment,
     load_settings,
     prune_upstream_names,
