@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol, TypeVar
 
@@ -103,6 +104,7 @@ class RowAction(Protocol):
         (not S3's time)."""
 
 
+@dataclass(kw_only=True)
 class _Action(abc.ABC):
     """What every mode shares: the counters, the S3 layer, the report, settled rows' counts, and
     the HEAD a row needs whatever the mode when the listing cannot tell."""
@@ -111,20 +113,11 @@ class _Action(abc.ABC):
     counts_extra = False
     needs_md5 = False
 
-    def __init__(
-        self,
-        *,
-        progress: CacheProgress,
-        s3: S3Layer,
-        storage: StorageCall,
-        report: DifferenceReport,
-        pacer: UploadPacer,
-    ) -> None:
-        self.progress = progress
-        self.s3 = s3
-        self.storage = storage
-        self.report = report
-        self.pacer = pacer  # uploads only: a verification PUTs nothing
+    progress: CacheProgress
+    s3: S3Layer
+    storage: StorageCall
+    report: DifferenceReport
+    pacer: UploadPacer  # uploads only: a verification PUTs nothing
 
     @classmethod
     def settle(cls, row: RowRef, stored: Stored) -> Decision:
