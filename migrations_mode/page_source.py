@@ -15,7 +15,7 @@ serves one walk, and is done with it.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
@@ -46,26 +46,17 @@ class ExtraObjects:
     progress: CacheProgress
 
 
+@dataclass(kw_only=True)
 class PageSource:
     """One cache's rows below the cutoff in walk order, and what its bucket holds for them."""
 
-    def __init__(
-        self,
-        *,
-        pg: PgLayer,
-        s3: S3Layer,
-        config: BackfillConfig,
-        storage: StorageCall,
-        with_md5: bool,
-        extra: ExtraObjects | None,
-    ) -> None:
-        self.pg = pg
-        self.s3 = s3
-        self.config = config
-        self.storage = storage
-        self.with_md5 = with_md5
-        self.extra = extra  # None: objects without a row are not looked for
-        self._bucket_index: BucketIndex | None = None
+    pg: PgLayer
+    s3: S3Layer
+    config: BackfillConfig
+    storage: StorageCall
+    with_md5: bool
+    extra: ExtraObjects | None  # None: objects without a row are not looked for
+    _bucket_index: BucketIndex | None = field(default=None, init=False, repr=False)
 
     @property
     def in_key_order(self) -> bool:
