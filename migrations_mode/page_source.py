@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
@@ -90,25 +91,17 @@ class PageSource:
         return found
 
     async def _list(self, cursor: Position | None, limit: int) -> list[RowRef]:
-        key_range = self.config.shard.key_range
-        cutoff = self.config.cutoff
+        """The page after ``cursor``: the walk order picks the query and the cursor's form (a
+        key, or a position); the bounds are the same."""
         if self.in_key_order:
-            after_key = cursor.key if cursor else None
-            return await self.storage(
-                lambda: self.pg.list_by_key(
-                    cutoff=cutoff,
-                    after=after_key,
-                    low=key_range.low,
-                    high=key_range.high,
-                    limit=limit,
-                    with_md5=self.with_md5,
-                )
-            )
-        after = (cursor.created_at, cursor.key) if cursor else None
+            query = partial(self.pg.list_by_key, after=cursor.key if cursor else None)
+        else:
+            after = (cursor.created_at, cursor.key) if cursor else None
+            query = partial(self.pg.list_newest_first, after=after)
+        key_range = self.config.shard.key_range
         return await self.storage(
-            lambda: self.pg.list_newest_first(
-                cutoff=cutoff,
-                after=after,
+            lambda: query(
+                cutoff=self.config.cutoff,
                 low=key_range.low,
                 high=key_range.high,
                 limit=limit,
