@@ -57,7 +57,7 @@ from devenv.tls import make_local_pki
 from layer_cache.cache_types import CACHE_SPECS
 from layer_cache.keys import bucket_name
 from layer_cache_server.auth import Role, TokenFiles, request_decision
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 VARIANTS = ("open", "tokens", "tokens over HTTPS")
 TOKEN_COUNTS = (1, 2, 10)
@@ -261,7 +261,7 @@ async def measure_end_to_end(
 def format_checks(costs: Sequence[CheckCost]) -> str:
     header = ("tokens per role", "read token µs/call", "bad token µs/call")
     rows = [(c.tokens_per_role, c.read_token_us, c.bad_token_us) for c in costs]
-    return render_table(header, rows, left_columns=0)
+    return render_table(build_table(header, rows, left_columns=0))
 
 
 def end_to_end_rows(results: Sequence[VariantResult]) -> list[dict[str, Any]]:
@@ -291,7 +291,7 @@ def format_end_to_end(rows: Sequence[dict[str, Any]]) -> str:
         )
         for row in rows
     ]
-    return render_table(header, table, left_columns=2)
+    return render_table(build_table(header, table, left_columns=2))
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:

@@ -46,7 +46,7 @@ from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name
 from layer_cache.schema import migrate_layer_db
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -145,7 +145,7 @@ def format_write_latency(rows: Sequence[WriteLatency]) -> str:
         )
         for row in rows
     ]
-    return render_table(header, table, left_columns=1)
+    return render_table(build_table(header, table, left_columns=1))
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -433,7 +433,7 @@ def format_table(results: Sequence[PhaseResult]) -> str:
         )
         for r in results
     ]
-    return render_table(header, rows, left_columns=3)
+    return render_table(build_table(header, rows, left_columns=3))
 
 
 def delay_bounds(args: argparse.Namespace) -> tuple[float, float]:

@@ -41,7 +41,7 @@ from migrations_mode.preflight import (
     run_preflight,
 )
 from migrations_mode.progress_store import note_read_only_server
-from migrations_mode.tables import format_duration, render_table
+from migrations_mode.tables import build_table, format_duration, render_table
 from services.context import ServicesContext
 
 log = structlog.get_logger(__name__)
@@ -286,4 +286,4 @@ def format_estimate_table(
         total_bound,
         format_duration(total_s),
     )
-    return render_table(header, lines, total=total)
+    return render_table(build_table(header, lines, total=total))

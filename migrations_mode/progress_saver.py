@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
 from datetime import datetime
 
 import structlog
@@ -58,30 +58,21 @@ class WalkProgress:
         return record, self.tracker.finished_in_order
 
 
+@dataclass
 class ProgressSaver:
     """Saves a cache's progress under its key each time a batch's worth has finished in order."""
 
-    def __init__(
-        self,
-        store: ProgressStore,
-        key: ProgressKey,
-        *,
-        walk: WalkProgress,
-        storage: StorageCall,
-        writes: bool,
-        restart: bool,
-        batch_size: int,
-    ) -> None:
-        self.store = store
-        self.key = key
-        self.walk = walk
-        self._storage = storage
-        self._writes = writes
-        self._restart = restart
-        self._batch_size = batch_size
-        self._saved_position: Position | None = None
-        self._saved_at = 0  # finished_in_order at the last save
-        self._save_due = asyncio.Event()
+    store: ProgressStore
+    key: ProgressKey
+    _: KW_ONLY
+    walk: WalkProgress
+    storage: StorageCall
+    writes: bool
+    restart: bool
+    batch_size: int
+    _saved_position: Position | None = field(default=None, init=False)
+    _saved_at: int = field(default=0, init=False)  # finished_in_order at the last save
+    _save_due: asyncio.Event = field(default_factory=asyncio.Event, init=False)
 
     @property
     def checkpoint_timestamp(self) -> datetime:
@@ -94,12 +85,12 @@ class ProgressSaver:
 
     async def load(self) -> SavedProgress | None:
         """The saved progress to resume from, or None to start from the beginning."""
-        if not self._writes:
+        if not self.writes:
             return None  # a verification walks everything and records nothing
-        if self._restart:
+        if self.restart:
             log.info("ignoring saved progress (--backfill-restart)")
             return None
-        saved = await self._storage(lambda: self.store.load(self.key))
+        saved = await self.storage(lambda: self.store.load(self.key))
         if saved is None:
             await self._report_unused_records()
             return None
@@ -132,7 +123,7 @@ class ProgressSaver:
         """One log line when progress for this cache and cutoff exists only under other
         parameters: it is not used (its position means nothing for this walk)."""
         key = self.key
-        others = await self._storage(lambda: self.store.others(key))
+        others = await self.storage(lambda: self.store.others(key))
         unused = unused_records(key.identity, others)
         if not unused:
             return
@@ -155,7 +146,7 @@ class ProgressSaver:
         last save was taken. A kill then redoes at most that batch, the rows that finished
         while the next save was being written (about one upload's time: up to the uploads in
         flight) and the uploads in flight, so one batch plus twice the uploads in flight."""
-        if finished_in_order - self._saved_at >= self._batch_size:
+        if finished_in_order - self._saved_at >= self.batch_size:
             self._save_due.set()
 
     async def save_when_due(self) -> None:
@@ -172,7 +163,7 @@ class ProgressSaver:
 
     async def save(self) -> None:
         """Save the current progress unless it says nothing new."""
-        if not self._writes:
+        if not self.writes:
             return
         record, finished_in_order = self.walk.snapshot()
         if record.position == self._saved_position and not record.completed:
@@ -181,7 +172,7 @@ class ProgressSaver:
         # ask for another save at once; a failed save gives the count back.
         previous, self._saved_at = self._saved_at, finished_in_order
         try:
-            await self._storage(lambda: self.store.save(self.key, record))
+            await self.storage(lambda: self.store.save(self.key, record))
         except CacheBackfillFailed as exc:
             # Losing a save costs re-work on the next run, never data: carry on.
             log.warning("could not save backfill progress", error=str(exc.cause))

@@ -14,6 +14,7 @@ cancelled call stops in its backoff sleep.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Protocol, TypeVar
 
 import structlog
@@ -36,21 +37,15 @@ class StorageCall(Protocol):
         """The call's result; raises ``CacheBackfillFailed`` once retries are exhausted."""
 
 
+@dataclass
 class StorageCaller:
     """Storage calls of one cache: retried within ``policy``, counted, fed to ``upload_limit``."""
 
-    def __init__(
-        self,
-        cache_type: CacheType,
-        *,
-        policy: RetryPolicy,
-        progress: CacheProgress,
-        upload_limit: UploadLimit,
-    ) -> None:
-        self.cache_type = cache_type
-        self.policy = policy
-        self.progress = progress
-        self.upload_limit = upload_limit
+    cache_type: CacheType
+    _: KW_ONLY
+    policy: RetryPolicy
+    progress: CacheProgress
+    upload_limit: UploadLimit
 
     async def __call__(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
         """``call``'s result; ``CacheBackfillFailed`` once the retries are spent."""
