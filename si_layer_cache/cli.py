@@ -110,6 +110,19 @@ def _env_help(text: str, env: str, default: object = None) -> str:
     return f"{text} [env {env}{shown}]"
 
 
+def _add_env_switch(group: Any, flag: str, env: str, text: str) -> None:
+    """An on/off flag that the environment variable ``env`` can also turn on."""
+    group.add_argument(
+        flag, action="store_true", default=_env_flag(env), help=_env_help(text, env, "false")
+    )
+
+
+def _add_env_path(group: Any, flag: str, env: str, text: str) -> None:
+    """A path option that defaults to the environment variable ``env``."""
+    default = os.environ.get(env) or None
+    group.add_argument(flag, type=Path, default=default, help=_env_help(text, env, "none"))
+
+
 _BACKFILL_FLAGS: dict[str, str] = {
     "cutoff_timestamp": "copy rows with created_at strictly before this instant (RFC 3339, or a "
     "logged checkpoint such as '2026-01-13 17:30:26.445817 UTC'), or 'now': the database's "
@@ -168,18 +181,8 @@ def build_parser() -> OneLineParser:
         choices=[mode.value for mode in MigrationMode],
         help=_env_help("what to do", f"{ENV_PREFIX}MIGRATION_MODE", MigrationMode.RUN.value),
     )
-    general.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get(CONFIG_FILE_ENV) or None,
-        help=_env_help("TOML config file", CONFIG_FILE_ENV, "none"),
-    )
-    general.add_argument(
-        "--log-json",
-        action="store_true",
-        default=_env_flag("SI_LOG_JSON"),
-        help=_env_help("log JSON lines instead of console text", "SI_LOG_JSON", "false"),
-    )
+    _add_env_path(general, "--config", CONFIG_FILE_ENV, "TOML config file")
+    _add_env_switch(general, "--log-json", "SI_LOG_JSON", "log JSON lines instead of console text")
     general.add_argument(
         "--metrics-port",
         type=int,
@@ -189,28 +192,18 @@ def build_parser() -> OneLineParser:
             "off",
         ),
     )
-    general.add_argument(
+    _add_env_path(
+        general,
         "--log-file-directory",
-        type=Path,
-        default=os.environ.get(LOG_FILE_DIRECTORY_ENV) or None,
-        help=_env_help(
-            f"also append JSON log lines to {LOG_FILE_NAME} there (rotated at 128 MiB)",
-            LOG_FILE_DIRECTORY_ENV,
-            "none",
-        ),
+        LOG_FILE_DIRECTORY_ENV,
+        f"also append JSON log lines to {LOG_FILE_NAME} there (rotated at 128 MiB)",
     )
     colours = general.add_mutually_exclusive_group()
-    colours.add_argument(
-        "--no-color",
-        action="store_true",
-        default=_env_flag("SI_NO_COLOR"),
-        help=_env_help("never colour console logs (also NO_COLOR)", "SI_NO_COLOR", "false"),
+    _add_env_switch(
+        colours, "--no-color", "SI_NO_COLOR", "never colour console logs (also NO_COLOR)"
     )
-    colours.add_argument(
-        "--force-color",
-        action="store_true",
-        default=_env_flag("SI_FORCE_COLOR"),
-        help=_env_help("colour console logs even off a terminal", "SI_FORCE_COLOR", "false"),
+    _add_env_switch(
+        colours, "--force-color", "SI_FORCE_COLOR", "colour console logs even off a terminal"
     )
     general.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logs (-v debug, -vv libraries)"
