@@ -42,7 +42,7 @@ from devenv.seed import seed
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.config import format_checkpoint
-from migrations_mode.progress_store import PROGRESS_TABLE
+from migrations_mode.progress_store import PROGRESS_TABLE, S3_PROGRESS_PREFIX
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
@@ -166,12 +166,15 @@ class Servers:
                     found[bucket][item["Key"]] = body.read()
         return found
 
-    def empty(self) -> None:
-        """No objects, no saved progress."""
+    def empty(self, *, keep_progress_table: bool = False) -> None:
+        """No objects, no saved progress (the progress table dropped, or only emptied)."""
         for bucket, keys in self.objects().items():
             for key in keys:
                 self.client.delete_object(Bucket=bucket, Key=key)
-        asyncio.run(self._sql(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}"))
+        if not keep_progress_table:
+            asyncio.run(self._sql(f"DROP TABLE IF EXISTS {PROGRESS_TABLE}"))
+        elif asyncio.run(self._progress_rows()):
+            asyncio.run(self._sql(f"DELETE FROM {PROGRESS_TABLE}"))
 
     def snapshot(self) -> Snapshot:
         """The objects and the saved progress, to restore later."""
@@ -180,7 +183,7 @@ class Servers:
     def restore(self, snapshot: Snapshot) -> None:
         """Exactly ``snapshot``'s objects and saved progress."""
         objects, rows = snapshot
-        self.empty()
+        self.empty(keep_progress_table=True)
         for bucket, keys in objects.items():
             for key, body in keys.items():
                 self.client.put_object(Bucket=bucket, Key=key, Body=body)
@@ -259,15 +262,18 @@ class Side:
         )
         return outcome_of(done.returncode, (done.stderr + done.stdout).splitlines())
 
-    def run_and_kill(self, args: Sequence[str], after_processed: int) -> None:
-        """Run until a progress event reports ``after_processed`` rows, then SIGKILL."""
+    def run_and_kill(self, args: Sequence[str], after_processed: int) -> list[bytes]:
+        """Run until a progress event reports ``after_processed`` rows, then SIGKILL; the last
+        lines it logged."""
         command, env = self.command(args)
         process = subprocess.Popen(
             command, env=env, cwd=self.tree, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL
         )
         assert process.stderr is not None
         deadline = time.monotonic() + 300
+        tail: list[bytes] = []
         for raw in process.stderr:
+            tail = [*tail[-19:], raw]
             try:
                 event = json.loads(raw)
             except json.JSONDecodeError:
@@ -280,6 +286,7 @@ class Side:
                 break
         process.send_signal(signal.SIGKILL)
         process.wait()
+        return tail
 
 
 def backfill(*extra: str) -> list[str]:
@@ -348,15 +355,24 @@ def compare(name: str, old: RunOutcome, new: RunOutcome, status: int = 0) -> Non
 
 def kill_and_resume(servers: Servers, old: Side, new: Side, after: int) -> None:
     """Kill REF's run part-way, then resume both sides from the state it left."""
-    limited = backfill("--backfill-max-uploads-per-second", "200")
+    # Pages of 50 rows: progress is saved a page at a time, so the kill finds some saved.
+    limited = backfill(
+        "--backfill-max-uploads-per-second", "200", "--backfill-key-batch-size", "50"
+    )
     servers.empty()
-    old.run_and_kill(limited, after)
+    tail = old.run_and_kill(limited, after)
     killed = servers.snapshot()
-    if not killed[1]:
-        raise SystemExit("the killed run saved no progress: raise --kill-after")
-    old_resumed = old.run(backfill())
+    objects, rows = killed
+    saved_in_s3 = any(
+        key.startswith(S3_PROGRESS_PREFIX) for keys in objects.values() for key in keys
+    )
+    if not rows and not saved_in_s3:
+        logged = b"".join(tail).decode(errors="replace")
+        raise SystemExit(f"the killed run saved no progress; its last lines:\n{logged}")
+    resumed = backfill("--backfill-key-batch-size", "50")  # the same walk: its saved progress
+    old_resumed = old.run(resumed)
     servers.restore(killed)
-    new_resumed = new.run(backfill())
+    new_resumed = new.run(resumed)
     compare(f"resume after SIGKILL at {after} rows", old_resumed, new_resumed)
 
 
