@@ -265,7 +265,6 @@ class CachePersister:
     async def put(self, key: str, value: bytes) -> bool:
         """Write to every direct target and queue the deferred ones, concurrently; True if the
         key was new to every direct target."""
-        started = time.perf_counter()
         event_kind = self.spec.write_event_kind
         self.metrics.write_attempted(self.cache_name, self.route.reads[0], event_kind)
         direct = [
@@ -273,7 +272,7 @@ class CachePersister:
         ]
         deferred = [self.stores[backend] for backend in sorted(self.route.deferred)]
         results = await asyncio.gather(
-            *(self._write(store, key, value, started) for store in direct),
+            *(self._write(store, key, value) for store in direct),
             *(self._enqueue(store, key, value) for store in deferred),
             return_exceptions=True,
         )
@@ -287,7 +286,7 @@ class CachePersister:
             stored.append(bool(result))
         return all(stored)
 
-    async def _write(self, store: Store, key: str, value: bytes, started: float) -> bool:
+    async def _write(self, store: Store, key: str, value: bytes) -> bool:
         """One direct target's write (with the request's retries), measured."""
         event_kind = self.spec.write_event_kind
         began = time.perf_counter()
@@ -305,7 +304,7 @@ class CachePersister:
             self.cache_name, store.backend, event_kind, elapsed_s=ended - began, failure=None
         )
         self.metrics.write_succeeded(self.cache_name, store.backend, event_kind)
-        self.metrics.persisted(self.cache_name, store.backend, "write", event_kind, ended - started)
+        self.metrics.persisted(self.cache_name, store.backend, "write", event_kind, ended - began)
         return stored
 
     async def _enqueue(self, store: Store, key: str, value: bytes) -> None:
