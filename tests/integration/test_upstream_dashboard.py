@@ -91,7 +91,7 @@ READS_S3 = ("S3Primary", "S3Only")
 QUEUED = ("DualWrite", "S3Primary")  # the modes with both durable queues
 ROUNDS = 4
 ROUND_GAP_S = 1.1
-MAX_ATTEMPTS = 6  # the opt-in cap: a refused object is a dead letter after 6 PUTs
+MAX_ATTEMPTS = 8  # the opt-in cap: a refused object is a dead letter after 8 PUTs
 SERIALIZATION_FAILURE, RAISED = "40001", "P0001"  # transient; an error no retry fixes
 RETRIED_ONCE = 3 + 1  # the request's 3 attempts, then the retry queue's first
 FOREVER = 1_000
@@ -299,6 +299,19 @@ async def until(condition: Callable[[], bool], what: str, within_s: float = 30.0
         await asyncio.sleep(0.05)
 
 
+async def two_samples_of_every_series(prometheus: MetricStore, selector: str) -> None:
+    """Wait until every series ``selector`` matches has two samples in the last 5 s."""
+    deadline = time.monotonic() + 30.0
+    while True:
+        answer = await prometheus.query(f"{selector}[5s]")
+        assert answer["status"] == "success", answer
+        fewest = min((len(series["values"]) for series in answer["data"]["result"]), default=0)
+        if fewest >= 2:
+            return
+        assert time.monotonic() < deadline, f"a series of {selector} has {fewest} samples"
+        await asyncio.sleep(0.25)
+
+
 def s3_retries(server: RunningServer) -> int:
     return sum(
         value
@@ -358,8 +371,8 @@ async def faults(
     value = b"a value"
     proxy.plan = FaultPlan(slowdown_share=1.0, methods=frozenset({"PUT"}))
     await clients["S3Only"].put(keys.slow["S3Only"], value, expected=503)  # after its retries
-    for mode in QUEUED:
-        await clients[mode].put(keys.slow[mode], value)  # queued; its first PUT answered 503
+    # Queued at once, so each queue's first PUT is answered 503 long before its 8th could be.
+    await asyncio.gather(*(clients[mode].put(keys.slow[mode], value) for mode in QUEUED))
     await until(
         lambda: all(s3_retries(clients[mode].server) > 0 for mode in QUEUED), "a retried S3 PUT"
     )
@@ -463,6 +476,8 @@ async def test_every_panel_of_upstreams_dashboard_has_data_but_the_listed_ones(
             lambda values: bool(values) and values[0] > finished_at,
             "a scrape of every server after the load, federated",
         )
+        # rate() needs two samples in its window, the series that appeared last included.
+        await two_samples_of_every_series(prometheus, f"{{{service}}}")
         options = await resolve_variables(prometheus, dashboard)
         answers = {
             target: [await prometheus.query(promql) for promql in instances(target, options)]
