@@ -71,8 +71,9 @@ bench-smoke: install tools  ## the benchmark, small and quick
 	$(BIN)/python -m bench --smoke
 
 # SOAK_SECS=600: the cache tier's memory soak for 10 minutes (default 60 s).
-bench-server: install  ## the layer cache server's load test, then its cache tier's
+bench-server: install  ## the layer cache server's load test, its access control's cost, its cache tier's
 	$(BIN)/python -m bench.server_load
+	$(BIN)/python -m bench.server_auth
 	$(BIN)/python -m bench.server_cache --soak-secs $(or $(SOAK_SECS),60)
 
 clean:  ## remove .venv, .devenv and the tools' caches

@@ -24,7 +24,7 @@ from functools import partial
 from typing import Any, Protocol
 
 from layer_cache.eviction import POLICIES, PolicyName
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 SIZE_SHARES = (0.01, 0.05, 0.20)
 MIN_VALUE_BYTES = 64
@@ -256,7 +256,7 @@ def format_table(results: Sequence[HitRatio]) -> str:
         )
         for result in results
     ]
-    return render_table(header, rows, left_columns=2)
+    return render_table(build_table(header, rows, left_columns=2))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -34,7 +34,7 @@ from typing import Any
 from bench.server_load import percentile
 from layer_cache.cache_types import CacheType
 from layer_cache.disk_tier import READ_THREADS, DiskTier, decode
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 CAS = CacheType.CAS
 
@@ -175,13 +175,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{args.reads} random reads of {args.values} values of {args.value_bytes} bytes, "
         f"{args.concurrency} in flight, {os.cpu_count()} CPUs"
     )
-    print(
-        render_table(
-            ("method", "reads/s", "p50 µs", "p99 µs", "worst loop lag ms"),
-            [(r.method, r.reads_per_s, r.p50_us, r.p99_us, r.worst_loop_lag_ms) for r in results],
-            left_columns=1,
-        )
+    table = build_table(
+        ("method", "reads/s", "p50 µs", "p99 µs", "worst loop lag ms"),
+        [(r.method, r.reads_per_s, r.p50_us, r.p99_us, r.worst_loop_lag_ms) for r in results],
+        left_columns=1,
     )
+    print(render_table(table))
 
 
 if __name__ == "__main__":

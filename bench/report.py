@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 Summary = Mapping[str, Any]
 
@@ -33,7 +33,7 @@ def _number(value: Any, digits: int) -> str:
 
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A plain-text table: first column left-aligned, the others right-aligned."""
-    return render_table(headers, rows)
+    return render_table(build_table(headers, rows))
 
 
 def _ratio(numerator: float | None, denominator: float | None) -> float | None:

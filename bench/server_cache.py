@@ -59,7 +59,7 @@ from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS
 from layer_cache.disk_tier import INDEX_ENTRY_BYTES
 from layer_cache.keys import bucket_name
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 MIB = 1024 * 1024
 SERVER = "SI_SDF__SERVER__"
@@ -524,52 +524,56 @@ def format_report(report: dict[str, Any]) -> str:
         lines.append("hot-set reads")
         lines.append(
             render_table(
-                (
-                    "mode",
-                    "tier",
-                    "requests",
-                    "errors",
-                    "req/s",
-                    "p50 ms",
-                    "p99 ms",
-                    "memory hits",
-                    "disk hits",
-                    "tier misses",
-                ),
-                [
+                build_table(
                     (
-                        r.mode,
-                        r.tier,
-                        r.requests,
-                        r.errors,
-                        r.requests_per_s,
-                        r.p50_ms,
-                        r.p99_ms,
-                        r.memory_hits,
-                        r.disk_hits,
-                        r.tier_misses,
-                    )
-                    for r in rows
-                ],
-                left_columns=2,
+                        "mode",
+                        "tier",
+                        "requests",
+                        "errors",
+                        "req/s",
+                        "p50 ms",
+                        "p99 ms",
+                        "memory hits",
+                        "disk hits",
+                        "tier misses",
+                    ),
+                    [
+                        (
+                            r.mode,
+                            r.tier,
+                            r.requests,
+                            r.errors,
+                            r.requests_per_s,
+                            r.p50_ms,
+                            r.p99_ms,
+                            r.memory_hits,
+                            r.disk_hits,
+                            r.tier_misses,
+                        )
+                        for r in rows
+                    ],
+                    left_columns=2,
+                )
             )
         )
     if "zipf" in report:
         lines.append("Zipf reads through the memory tier (PostgresOnly)")
         lines.append(
             render_table(
-                ("tier size", "hit ratio", "req/s", "p50 ms", "p99 ms"),
-                [
-                    (
-                        f"{row['size_share']:.0%} ({row['tier_bytes'] / MIB:.1f} MiB)",
-                        f"{row['hit_ratio']:.3f}",
-                        row["requests_per_s"],
-                        row["p50_ms"],
-                        row["p99_ms"],
-                    )
-                    for row in report["zipf"]
-                ],
-                left_columns=1,
+                build_table(
+                    ("tier size", "hit ratio", "req/s", "p50 ms", "p99 ms"),
+                    [
+                        (
+                            f"{row['size_share']:.0%} ({row['tier_bytes'] / MIB:.1f} MiB)",
+                            f"{row['hit_ratio']:.3f}",
+                            row["requests_per_s"],
+                            row["p50_ms"],
+                            row["p99_ms"],
+                        )
+                        for row in report["zipf"]
+                    ],
+                    left_columns=1,
+                )
             )
         )
     if "soak" in report:

@@ -46,7 +46,7 @@ from devenv.s3 import S3Endpoint, create_buckets, start_s3
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name
 from layer_cache.schema import migrate_layer_db
-from migrations_mode.tables import render_table
+from migrations_mode.tables import build_table, render_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -145,7 +145,7 @@ def format_write_latency(rows: Sequence[WriteLatency]) -> str:
         )
         for row in rows
     ]
-    return render_table(header, table, left_columns=1)
+    return render_table(build_table(header, table, left_columns=1))
 
 
 def percentile(sorted_values: Sequence[float], fraction: float) -> float:
@@ -199,10 +199,14 @@ async def _drain(stream: asyncio.StreamReader, seen: list[str]) -> None:
 
 @asynccontextmanager
 async def running_server(
-    env: Mapping[str, str], *, on_started: Callable[[int], None] | None = None
+    env: Mapping[str, str],
+    *,
+    on_started: Callable[[int], None] | None = None,
+    https: bool = False,
 ) -> AsyncIterator[str]:
-    """The server as a subprocess; yields its base URL; SIGTERM and wait on the way out.
-    ``on_started`` is told the process id (to sample its memory)."""
+    """The server as a subprocess; yields its base URL (``https`` when ``env`` gives it a
+    certificate); SIGTERM and wait on the way out. ``on_started`` is told the process id (to
+    sample its memory)."""
     process = await asyncio.create_subprocess_exec(
         *(sys.executable, "-m", "services", "--migration-mode", "skip", "--log-json"),
         *("--socket-addr", "127.0.0.1:0"),
@@ -220,7 +224,7 @@ async def running_server(
         async with asyncio.timeout(LISTEN_TIMEOUT_S):
             port = await _listening_port(process.stderr, seen)
         drain = asyncio.create_task(_drain(process.stderr, seen))
-        yield f"http://127.0.0.1:{port}"
+        yield f"{'https' if https else 'http'}://127.0.0.1:{port}"
     finally:
         if process.returncode is None:
             process.send_signal(signal.SIGTERM)
@@ -429,7 +433,7 @@ def format_table(results: Sequence[PhaseResult]) -> str:
         )
         for r in results
     ]
-    return render_table(header, rows, left_columns=3)
+    return render_table(build_table(header, rows, left_columns=3))
 
 
 def delay_bounds(args: argparse.Namespace) -> tuple[float, float]:

@@ -41,7 +41,7 @@ from devenv.seed import Seeded, seed
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.config import format_checkpoint
-from migrations_mode.tables import format_count, render_table
+from migrations_mode.tables import build_table, format_count, render_table
 
 WRITE_QUEUE_DIR = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
 # No collector runs here: say so, rather than have every command try the default endpoint.
@@ -89,7 +89,7 @@ def seed_report(seeded: Mapping[CacheType, Seeded], cutoff: datetime) -> str:
         sum(counts.rows for counts in seeded.values()),
         sum(counts.at_or_after_cutoff for counts in seeded.values()),
     )
-    table = render_table(
+    table = build_table(
         ("cache", "seeded", "at/after cutoff", "to copy"),
         [cells(cache_type.value, counts) for cache_type, counts in seeded.items()],
         total=cells("total", total),
@@ -97,7 +97,7 @@ def seed_report(seeded: Mapping[CacheType, Seeded], cutoff: datetime) -> str:
     return "\n".join(
         [
             f"seeded sample rows around the cutoff {format_checkpoint(cutoff)}:",
-            table,
+            render_table(table),
             "the backfill copies the rows created before the cutoff; those at or after it stand"
             " for writes made",
             "once DualWrite was on (the live path puts them in S3), so it leaves them alone",

@@ -42,7 +42,7 @@ from pathlib import Path
 import structlog
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import LayerCacheError
+from layer_cache.errors import CacheTierUnavailable
 from layer_cache.eviction import EvictionPolicy, make_policy
 from layer_cache.rate_limit import TokenBucket
 
@@ -60,10 +60,6 @@ READ_THREADS = 4
 WRITE_BATCH = 64
 
 DiskKey = tuple[CacheType, str]
-
-
-class CacheTierUnavailable(LayerCacheError):
-    """The disk tier's directory cannot be used (a settings or environment problem)."""
 
 
 def encode(value: bytes) -> bytes:
@@ -232,19 +228,18 @@ class DiskTier:
         return found
 
     def _read_files(self, keys: list[DiskKey]) -> list[bytes | None]:
-        values: list[bytes | None] = []
-        for key in keys:
-            try:
-                data = self._path(key).read_bytes()
-            except FileNotFoundError:
-                values.append(None)
-                continue
-            except OSError as exc:
-                self._warn_once("read", exc)
-                values.append(None)
-                continue
-            values.append(decode(data))
-        return values
+        return [self._read_file(key) for key in keys]
+
+    def _read_file(self, key: DiskKey) -> bytes | None:
+        """Reader thread: the value, or None when the file is gone, unreadable or damaged."""
+        try:
+            data = self._path(key).read_bytes()
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            self._warn_once("read", exc)
+            return None
+        return decode(data)
 
     # ---------------------------------------------------------------------------------------
     # Writes and deletes (event loop: queueing and the index; writer thread: the files)
@@ -337,29 +332,36 @@ class DiskTier:
         """Writer thread: run each op in order; a write's stored size, or None if not written."""
         outcomes: list[int | None] = []
         for op in batch:
-            path = self._path(op.key)
             if isinstance(op, _Delete):
-                try:
-                    path.unlink(missing_ok=True)
-                except OSError as exc:
-                    self._warn_once("delete", exc)
+                self._delete_file(op.key)
                 outcomes.append(None)
-                continue
-            data = encode(op.value)
-            try:
-                if self._free_space(self.directory) - len(data) < self.reserve_free_bytes:
-                    outcomes.append(None)
-                    continue
-                path.parent.mkdir(exist_ok=True)
-                temporary = path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
-                temporary.write_bytes(data)
-                temporary.replace(path)
-            except OSError as exc:
-                self._warn_once("write", exc)
-                outcomes.append(None)
-                continue
-            outcomes.append(len(data))
+            else:
+                outcomes.append(self._write_file(op))
         return outcomes
+
+    def _write_file(self, op: _Write) -> int | None:
+        """Writer thread: the stored size, or None when the file was not written (the volume
+        is short of the reserve, or the write failed)."""
+        path = self._path(op.key)
+        data = encode(op.value)
+        try:
+            if self._free_space(self.directory) - len(data) < self.reserve_free_bytes:
+                return None
+            path.parent.mkdir(exist_ok=True)
+            temporary = path.with_name(f"{path.name}.{os.getpid()}{TEMP_SUFFIX}")
+            temporary.write_bytes(data)
+            temporary.replace(path)
+        except OSError as exc:
+            self._warn_once("write", exc)
+            return None
+        return len(data)
+
+    def _delete_file(self, key: DiskKey) -> None:
+        """Writer thread: the file goes (a failure is warned about, once per kind)."""
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as exc:
+            self._warn_once("delete", exc)
 
     def _index_put(self, key: DiskKey, stored: int) -> None:
         charged = charged_bytes(stored, self.min_entry_bytes)

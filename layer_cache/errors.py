@@ -1,28 +1,58 @@
-"""One error tree for the layer cache, and the only place library errors are translated.
+"""Every error the product raises on purpose, in one tree, and the only place library errors
+are translated.
 
-``LayerCacheError`` is the root; storage failures become ``PgLayerError`` or ``S3LayerError``
-carrying an ``ErrorKind``, and callers decide (retry, skip, stop) from the kind alone. The
-context managers ``map_s3_errors()``, ``map_pg_errors()`` and ``map_pg_connect_errors()`` wrap
-every storage call, so no botocore, aiohttp or asyncpg exception escapes this package. They read
-error codes, SQLSTATEs and HTTP statuses, never message text (messages are localizable and change
-between servers; codes do not). An ``OSError`` counts as a lost connection only around opening
-one; around a query it is not a database answer and is not relabelled. A TLS certificate that
-fails verification is found by type wherever the transport wrapped it (``untrusted_certificate``)
-and is ``UNTRUSTED_CERTIFICATE``: trying again cannot help. An expired session token
-is ``CREDENTIALS_EXPIRED``: retryable, with a ``before_retry`` (set by the S3 layer) that makes
-the credential chain fetch new credentials. Nothing here holds a resource.
+    LayerCacheError          the root: every error raised on purpose
+      StorageError           a storage call failed; its ``ErrorKind`` says how
+        PgLayerError         a Postgres call failed (and its SQLSTATE)
+        S3LayerError         an S3 call failed (operation, bucket, key, code, HTTP status)
+        WriteQueueError      the write queue's directory or database cannot be used
+      SchemaError            the layer-db schema is missing, or its history is not upstream's
+      WriteQueueUnavailable  the durable write queue cannot be opened at all
+      CacheTierUnavailable   the disk tier's directory cannot be used
+      SettingsError          a setting is missing, unknown or invalid; the message names it
+      TokenFileError         a token file the server cannot use; names the file, never a token
+      ListenError            the server cannot bind its socket
+      ApiError               a request the server refuses: HTTP status, code and message
+      BackfillError          anything that stops a backfill
+        BackfillConfigError  a backfill option is missing or invalid (before any connection)
+        PreflightError       the environment is not ready (table, bucket, permission, credential)
+        CacheBackfillFailed  one cache's backfill failed: the cache, the key and the cause
+
+A test reads the product's packages (``layer_cache``, ``services``, ``migrations_mode``,
+``layer_cache_server``, ``si_layer_cache``) for exception classes defined anywhere else, and holds
+this tree to the classes below. Outside the product, ``deploy.render.ValuesError`` stays with the
+manifest renderer, which stands alone and imports nothing of the product; the benchmark and the
+development tools keep their own.
+
+Library errors are mapped here, once, at the boundary, by code. Storage failures become
+``PgLayerError`` or ``S3LayerError`` carrying an ``ErrorKind``, and callers decide (retry, skip,
+stop) from the kind alone. The context managers ``map_s3_errors()``, ``map_pg_errors()`` and
+``map_pg_connect_errors()`` wrap every storage call, so no botocore, aiohttp or asyncpg exception
+escapes ``layer_cache``. They read error codes, SQLSTATEs and HTTP statuses, never message text
+(messages are localizable and change between servers; codes do not). An ``OSError`` counts as a
+lost connection only around opening one; around a query it is not a database answer and is not
+relabelled. A TLS certificate that fails verification is found by type wherever the transport
+wrapped it (``untrusted_certificate``) and is ``UNTRUSTED_CERTIFICATE``: trying again cannot
+help. An expired session token is ``CREDENTIALS_EXPIRED``: retryable, with a ``before_retry``
+(set by the S3 layer) that makes the credential chain fetch new credentials. What an error means
+to the user is decided by class at the two edges: the exit status in ``si_layer_cache.cli`` (the
+command line), the HTTP answer in ``layer_cache_server.server`` (``ApiError`` as it says, a
+``StorageError`` by its kind). ``first_exception`` takes the error that stopped a task group out
+of the exception group it raises. Nothing here holds a resource.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ssl
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from contextlib import contextmanager
 from enum import StrEnum
 
 import asyncpg
 import botocore.exceptions
+
+from layer_cache.cache_types import CacheType
 
 try:  # aiohttp is aiobotocore's transport; its connection errors surface unwrapped at times.
     import aiohttp
@@ -126,6 +156,81 @@ class S3LayerError(StorageError):
         self.code = code
         self.status = status
         self.detail = detail  # what the transport said, when it helps (why a certificate failed)
+
+
+class WriteQueueError(StorageError):
+    """The queue's directory or database cannot be used (unwritable, disk full, corrupt)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, kind=ErrorKind.TRANSIENT)
+
+
+class SchemaError(LayerCacheError):
+    """The layer-db schema is missing, or its migration history is not upstream's."""
+
+
+class WriteQueueUnavailable(LayerCacheError):
+    """The queue cannot be opened at all (a settings or environment problem)."""
+
+
+class CacheTierUnavailable(LayerCacheError):
+    """The disk tier's directory cannot be used (a settings or environment problem)."""
+
+
+class SettingsError(LayerCacheError):
+    """A setting is missing, unknown or invalid; the message names it."""
+
+
+class TokenFileError(LayerCacheError):
+    """A token file that cannot be used; the message names the file, never a token."""
+
+
+class ListenError(LayerCacheError):
+    """The server could not bind its socket (address in use, not permitted…)."""
+
+
+class ApiError(LayerCacheError):
+    """A request the API refuses, answered as a JSON error."""
+
+    def __init__(
+        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers
+
+
+class BackfillError(LayerCacheError):
+    """Anything that stops a backfill."""
+
+
+class BackfillConfigError(BackfillError):
+    """An option is missing or invalid; raised before any connection is opened."""
+
+
+class PreflightError(BackfillError):
+    """The environment is not ready: a table, bucket, permission or credential is missing."""
+
+
+class CacheBackfillFailed(BackfillError):
+    """One cache's backfill failed; the run stops and names the cache, key and cause."""
+
+    def __init__(self, cache_type: CacheType, key: str | None, cause: StorageError) -> None:
+        where = f"cache {cache_type}" + (f" at key {key}" if key else "")
+        super().__init__(f"{where}: {cause}")
+        self.cache_type = cache_type
+        self.key = key
+        self.cause = cause
+
+
+def first_exception(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The first leaf of a (possibly nested) exception group, which task groups raise."""
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
 
 
 _S3_CODE_KINDS: dict[str, ErrorKind] = {

@@ -28,6 +28,7 @@ Three policies, the ones foyer offers upstream, compared on a Zipf read mix by
 
 from __future__ import annotations
 
+import abc
 from collections import OrderedDict
 from collections.abc import Hashable, Iterator, Mapping
 from enum import StrEnum
@@ -94,11 +95,52 @@ def _check(capacity: int) -> int:
     return capacity
 
 
-class LruCache(Generic[K, V]):
-    """Least recently used first."""
+class _Policy(abc.ABC, Generic[K, V]):
+    """The part of the contract every policy keeps alike: ``peek`` records nothing, ``put``
+    holds a key once and refuses a value heavier than the capacity, ``resize`` evicts down to
+    the new capacity. A policy says where its entries are (``_find``), where a new one goes
+    (``_add``) and what leaves first (``_shrink``)."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = _check(capacity)
+
+    @abc.abstractmethod
+    def __contains__(self, key: object) -> bool: ...
+
+    @abc.abstractmethod
+    def _find(self, key: K) -> _Entry[V] | None:
+        """The key's entry, recording nothing."""
+
+    @abc.abstractmethod
+    def _add(self, key: K, entry: _Entry[V]) -> None:
+        """Hold a new entry, not yet evicting."""
+
+    @abc.abstractmethod
+    def _shrink(self) -> Evicted[K, V]:
+        """Evict until the weight fits the capacity; what left, in order."""
+
+    def peek(self, key: K) -> V | None:
+        entry = self._find(key)
+        return None if entry is None else entry.value
+
+    def put(self, key: K, value: V, weight: int) -> Evicted[K, V]:
+        if key in self:
+            return []
+        if weight > self.capacity:
+            return [(key, value)]
+        self._add(key, _Entry(value, weight))
+        return self._shrink()
+
+    def resize(self, capacity: int) -> Evicted[K, V]:
+        self.capacity = _check(capacity)
+        return self._shrink()
+
+
+class LruCache(_Policy[K, V]):
+    """Least recently used first."""
+
+    def __init__(self, capacity: int) -> None:
+        super().__init__(capacity)
         self._entries: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._weight = 0
 
@@ -119,18 +161,12 @@ class LruCache(Generic[K, V]):
         self._entries.move_to_end(key)
         return entry.value
 
-    def peek(self, key: K) -> V | None:
-        entry = self._entries.get(key)
-        return None if entry is None else entry.value
+    def _find(self, key: K) -> _Entry[V] | None:
+        return self._entries.get(key)
 
-    def put(self, key: K, value: V, weight: int) -> Evicted[K, V]:
-        if key in self._entries:
-            return []
-        if weight > self.capacity:
-            return [(key, value)]
-        self._entries[key] = _Entry(value, weight)
-        self._weight += weight
-        return self._shrink()
+    def _add(self, key: K, entry: _Entry[V]) -> None:
+        self._entries[key] = entry
+        self._weight += entry.weight
 
     def pop(self, key: K) -> V | None:
         entry = self._entries.pop(key, None)
@@ -138,10 +174,6 @@ class LruCache(Generic[K, V]):
             return None
         self._weight -= entry.weight
         return entry.value
-
-    def resize(self, capacity: int) -> Evicted[K, V]:
-        self.capacity = _check(capacity)
-        return self._shrink()
 
     def items(self) -> Iterator[tuple[K, V]]:
         return ((key, entry.value) for key, entry in list(self._entries.items()))
@@ -160,11 +192,11 @@ S3FIFO_SMALL_SHARE = 0.10
 S3FIFO_MAX_FREQ = 3
 
 
-class S3FifoCache(Generic[K, V]):
+class S3FifoCache(_Policy[K, V]):
     """S3-FIFO: a small probationary FIFO, a main FIFO with second chances, a ghost FIFO."""
 
     def __init__(self, capacity: int, *, small_share: float = S3FIFO_SMALL_SHARE) -> None:
-        self.capacity = _check(capacity)
+        super().__init__(capacity)
         self.small_share = small_share
         self._small: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._main: OrderedDict[K, _Entry[V]] = OrderedDict()
@@ -185,35 +217,25 @@ class S3FifoCache(Generic[K, V]):
     def __contains__(self, key: object) -> bool:
         return key in self._small or key in self._main
 
-    def _entry(self, key: K) -> _Entry[V] | None:
+    def _find(self, key: K) -> _Entry[V] | None:
         entry = self._small.get(key)
         return self._main.get(key) if entry is None else entry
 
     def get(self, key: K) -> V | None:
-        entry = self._entry(key)
+        entry = self._find(key)
         if entry is None:
             return None
         if entry.freq < S3FIFO_MAX_FREQ:
             entry.freq += 1
         return entry.value
 
-    def peek(self, key: K) -> V | None:
-        entry = self._entry(key)
-        return None if entry is None else entry.value
-
-    def put(self, key: K, value: V, weight: int) -> Evicted[K, V]:
-        if key in self:
-            return []
-        if weight > self.capacity:
-            return [(key, value)]
-        entry = _Entry(value, weight)
+    def _add(self, key: K, entry: _Entry[V]) -> None:
         if self._ghost_pop(key):
             self._main[key] = entry
-            self._main_weight += weight
+            self._main_weight += entry.weight
         else:
             self._small[key] = entry
-            self._small_weight += weight
-        return self._shrink()
+            self._small_weight += entry.weight
 
     def pop(self, key: K) -> V | None:
         entry = self._small.pop(key, None)
@@ -228,8 +250,7 @@ class S3FifoCache(Generic[K, V]):
         return None
 
     def resize(self, capacity: int) -> Evicted[K, V]:
-        self.capacity = _check(capacity)
-        evicted = self._shrink()
+        evicted = super().resize(capacity)
         self._trim_ghost()
         return evicted
 
@@ -334,11 +355,11 @@ WTINYLFU_SKETCH_BYTES_PER_ENTRY = 4096
 """The sketch is sized for capacity / this many entries (clamped to 2**10..2**22 counters)."""
 
 
-class WTinyLfuCache(Generic[K, V]):
+class WTinyLfuCache(_Policy[K, V]):
     """W-TinyLFU: an LRU window, a segmented LRU main, and frequency-based admission."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = _check(capacity)
+        super().__init__(capacity)
         self._window: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._probation: OrderedDict[K, _Entry[V]] = OrderedDict()
         self._protected: OrderedDict[K, _Entry[V]] = OrderedDict()
@@ -387,22 +408,13 @@ class WTinyLfuCache(Generic[K, V]):
             self._probation_weight += old.weight
         return entry.value
 
-    def peek(self, key: K) -> V | None:
-        entry = self._find(key)
-        return None if entry is None else entry.value
-
     @property
     def _window_cap(self) -> float:
         return self.capacity * WTINYLFU_WINDOW_SHARE
 
-    def put(self, key: K, value: V, weight: int) -> Evicted[K, V]:
-        if key in self:
-            return []
-        if weight > self.capacity:
-            return [(key, value)]
-        self._window[key] = _Entry(value, weight)
-        self._window_weight += weight
-        return self._shrink()
+    def _add(self, key: K, entry: _Entry[V]) -> None:
+        self._window[key] = entry
+        self._window_weight += entry.weight
 
     def pop(self, key: K) -> V | None:
         for segment, attribute in (
@@ -415,10 +427,6 @@ class WTinyLfuCache(Generic[K, V]):
                 setattr(self, attribute, getattr(self, attribute) - entry.weight)
                 return entry.value
         return None
-
-    def resize(self, capacity: int) -> Evicted[K, V]:
-        self.capacity = _check(capacity)
-        return self._shrink()
 
     def items(self) -> Iterator[tuple[K, V]]:
         entries = [*self._window.items(), *self._probation.items(), *self._protected.items()]

@@ -35,7 +35,7 @@ from layer_cache.cache_types import CACHE_SPECS, CacheSpec, CacheType
 from layer_cache.errors import StorageError
 from layer_cache.persister_metrics import PersisterMetrics
 from layer_cache.pg import PgLayer
-from layer_cache.retry import RetryPolicy, call_with_retries
+from layer_cache.retry import Backoff, RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
 
 T = TypeVar("T")
@@ -44,7 +44,7 @@ S3_BULK_READ_CONCURRENCY = 16
 """GETs in flight per bulk read on S3, which has no multi-get."""
 
 REQUEST_RETRY_POLICY = RetryPolicy(
-    max_attempts=3, max_elapsed_s=2.0, base_delay_s=0.05, max_delay_s=0.5
+    max_attempts=3, max_elapsed_s=2.0, backoff=Backoff(base_delay_s=0.05, max_delay_s=0.5)
 )
 """Retries on the request path: short, a client is waiting."""
 
@@ -187,8 +187,15 @@ class Route:
 
     @property
     def backends(self) -> frozenset[Backend]:
-        """Every backend the mode touches (what readiness must check)."""
+        """Every backend the mode touches (what readiness checks)."""
         return self.writes | frozenset(self.reads)
+
+    @property
+    def required(self) -> frozenset[Backend]:
+        """The backends the mode cannot serve without: its direct write targets. A deferred
+        target is queued durably and reads fall back past it, so its outage is no reason to
+        take the server out of service (readiness reports it, and does not fail on it)."""
+        return self.writes - self.deferred
 
 
 class PersisterMode(StrEnum):

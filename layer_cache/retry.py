@@ -1,11 +1,12 @@
 """Retrying storage calls: exponential backoff with full jitter, within a budget, and AIMD.
 
-``RetryPolicy`` is pure: full-jitter delays (which spread clients out instead of synchronising
-their retries) and whether another attempt fits the budget. ``call_with_retries`` retries only
-errors whose ``ErrorKind`` is retryable and raises the rest at once; before the next attempt it
-awaits the error's ``before_retry``, which for an expired token forces a refresh of the S3
-client's credential chain (static credentials have nothing to refresh, so they fail the same way
-until the budget is spent). ``AdaptiveLimit`` is one cache's upload cap and slot pool
+``Backoff`` is pure: full-jitter delays, which spread clients out instead of synchronising their
+retries (the write queue's entries wait by it too). ``RetryPolicy`` is a backoff and a budget,
+and says whether another attempt fits the budget. ``call_with_retries`` retries only errors whose
+``ErrorKind`` is retryable and raises the rest at once; before the next attempt it awaits the
+error's ``before_retry``, which for an expired token forces a refresh of the S3 client's
+credential chain (static credentials have nothing to refresh, so they fail the same way until
+the budget is spent). ``AdaptiveLimit`` is one cache's upload cap and slot pool
 (``concurrency.SlotPool``): additive increase after a run of successes, multiplicative decrease
 on throttling. Nothing here owns a resource: a cancelled call stops in its backoff sleep, and a
 cancelled ``acquire`` gives back or forgets its slot.
@@ -26,28 +27,30 @@ from layer_cache.errors import StorageError
 T = TypeVar("T")
 
 
-def full_jitter_delay_s(rng: random.Random, attempt: int, *, base_s: float, cap_s: float) -> float:
-    """Full-jitter backoff: uniform in [0, min(cap, base · 2^(attempt - 1))], where attempt 1 is
-    the first retry (the exponent is capped, so any attempt count is safe)."""
-    exponent = min(max(attempt - 1, 0), 62)
-    return rng.uniform(0.0, min(cap_s, base_s * 2**exponent))
+@dataclass(frozen=True)
+class Backoff:
+    """Exponential backoff with full jitter: before retry ``attempt`` (1 for the first), a delay
+    uniform in [0, min(``max_delay_s``, ``base_delay_s`` · 2^(attempt - 1))]. Full jitter spreads
+    clients out instead of synchronising their retries; the exponent is capped, so any attempt
+    count is safe. The storage calls' retries and the write queue's entries both wait by it."""
+
+    base_delay_s: float
+    max_delay_s: float
+    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
+
+    def delay_s(self, attempt: int) -> float:
+        """The delay before retry number ``attempt``."""
+        exponent = min(max(attempt - 1, 0), 62)
+        return self.rng.uniform(0.0, min(self.max_delay_s, self.base_delay_s * 2**exponent))
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How often and how long to retry one call."""
+    """How often and how long to retry one call, and how long to wait between attempts."""
 
     max_attempts: int = 8
     max_elapsed_s: float = 120.0
-    base_delay_s: float = 0.1
-    max_delay_s: float = 10.0
-    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
-
-    def delay_s(self, attempt: int) -> float:
-        """Full-jitter delay before retry number ``attempt`` (1 for the first retry)."""
-        return full_jitter_delay_s(
-            self.rng, attempt, base_s=self.base_delay_s, cap_s=self.max_delay_s
-        )
+    backoff: Backoff = field(default_factory=lambda: Backoff(base_delay_s=0.1, max_delay_s=10.0))
 
     def allows(self, attempts_made: int, elapsed_s: float, next_delay_s: float) -> bool:
         """True if one more attempt after ``next_delay_s`` stays within the budget."""
@@ -70,7 +73,7 @@ async def call_with_retries(
         except StorageError as exc:
             if not exc.kind.retryable:
                 raise
-            delay = policy.delay_s(attempt)
+            delay = policy.backoff.delay_s(attempt)
             if not policy.allows(attempt, time.monotonic() - started, delay):
                 raise
             if on_retry is not None:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, TypeAlias
 
 import asyncpg
 
-from layer_cache.errors import LayerCacheError, map_pg_errors
+from layer_cache.errors import SchemaError, map_pg_errors
 from layer_cache.siphash import siphash13
 
 HISTORY_TABLE = "refinery_schema_history"
@@ -55,10 +55,6 @@ if TYPE_CHECKING:
     _Connection: TypeAlias = PoolConnectionProxy[asyncpg.Record]
 
 RUN_AND_QUIT_HINT = "run --migration-mode runAndQuit (or upstream sdf's migrations) first"
-
-
-class SchemaError(LayerCacheError):
-    """The layer-db schema is missing, or its migration history is not upstream's."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -27,7 +27,8 @@ attempt and age caps are opt-in (``QueueBudget``, default off); an entry past on
 letter, replayable from the CLI.
 
 The dispatcher sleeps until an entry or a probe is due or an enqueue or finished write wakes it,
-and looks again at least every ``max_delay_s`` (entries replayed by another process wake nothing).
+and looks again at least every ``max_delay_s`` of the budget's ``Backoff`` (entries replayed by
+another process wake nothing).
 ``drain(within_s)`` shuts it down: pending commits finish, everything pending is made due, workers
 run until the queue is empty or time is up, then are cancelled, and what remains stays on disk for
 the next start. Logs: ``warning`` for a hold, a dead letter, an entry's first unexplained failure
@@ -52,7 +53,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 import sqlite3
 import threading
 import time
@@ -67,11 +67,16 @@ import structlog
 from opentelemetry.metrics import CallbackOptions, Meter, Observation
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import ErrorKind, LayerCacheError, StorageError
+from layer_cache.errors import (
+    ErrorKind,
+    StorageError,
+    WriteQueueError,
+    WriteQueueUnavailable,
+)
 from layer_cache.instruments import UpstreamCounter, ms_histogram
 from layer_cache.persister import Backend, Store
 from layer_cache.persister_metrics import FILL_EVENT_KIND, PersisterMetrics
-from layer_cache.retry import full_jitter_delay_s
+from layer_cache.retry import Backoff
 
 log = structlog.get_logger(__name__)
 
@@ -207,17 +212,6 @@ CREATE TABLE IF NOT EXISTS dead_letters (
 """
 
 
-class WriteQueueError(StorageError):
-    """The queue's directory or database cannot be used (unwritable, disk full, corrupt)."""
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, kind=ErrorKind.TRANSIENT)
-
-
-class WriteQueueUnavailable(LayerCacheError):
-    """The queue cannot be opened at all (a settings or environment problem)."""
-
-
 class Origin(StrEnum):
     """Why an entry is queued: a client's write, or a read-through write-back."""
 
@@ -247,19 +241,12 @@ def verdict(kind: ErrorKind | None) -> Verdict:
 
 @dataclass(frozen=True)
 class QueueBudget:
-    """How a failing entry is retried, and (opt-in) when it gives up."""
+    """How long a failing entry waits before its next attempt (after ``attempts_made``
+    failures), and (opt-in) when it gives up."""
 
     max_attempts: int | None = None
     max_age_s: float | None = None
-    base_delay_s: float = 0.5
-    max_delay_s: float = 60.0
-    rng: random.Random = field(default_factory=random.Random, compare=False, repr=False)
-
-    def delay_s(self, attempts_made: int) -> float:
-        """Full jitter: uniform in [0, min(cap, base · 2^(attempts_made - 1))]."""
-        return full_jitter_delay_s(
-            self.rng, attempts_made, base_s=self.base_delay_s, cap_s=self.max_delay_s
-        )
+    backoff: Backoff = field(default_factory=lambda: Backoff(base_delay_s=0.5, max_delay_s=60.0))
 
     def gives_up(self, *, attempts_made: int, age_s: float) -> bool:
         """True when the entry goes to the dead letters: only past a cap that is set."""
@@ -350,7 +337,7 @@ class Holds:
         return min(waiting, default=None)
 
     def _delay(self, failed_probes: int) -> float:
-        return self.budget.delay_s(failed_probes)
+        return self.budget.backoff.delay_s(failed_probes)
 
 
 # --------------------------------------------------------------------------------------------
@@ -978,7 +965,7 @@ class WriteBehind:
                 # Until the next entry or probe is due, and at least every max_delay_s: a replay
                 # by another process (the CLI) adds entries without waking this one.
                 now = time.time()
-                timeout = self.budget.max_delay_s
+                timeout = self.budget.backoff.max_delay_s
                 for due in (next_due, self.holds.next_probe_at()):
                     if due is not None:
                         timeout = min(timeout, max(0.0, due - now) + 0.001)
@@ -1104,7 +1091,7 @@ class WriteBehind:
                     cause=error,
                     queued=await self._db(self.store.depth),
                     note="an operator must fix this; one write is retried at a time, at most "
-                    f"every {self.budget.max_delay_s:g} s, until one gets through",
+                    f"every {self.budget.backoff.max_delay_s:g} s, until one gets through",
                 )
         elif (kind is None or not kind.retryable) and entry.id not in self._failed_before:
             self._failed_before.add(entry.id)  # one line per entry, not per attempt
@@ -1132,7 +1119,7 @@ class WriteBehind:
         if before_retry is not None:
             with contextlib.suppress(StorageError):
                 await before_retry()
-        delay = self.budget.delay_s(attempts)
+        delay = self.budget.backoff.delay_s(attempts)
         await self._db(self.store.retry_later, entry.id, attempts, now + delay, error)
         self._count(Outcome.RETRY, cache_type)
         log.debug(

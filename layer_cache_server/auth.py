@@ -40,8 +40,9 @@ from pathlib import Path
 
 import structlog
 
+from layer_cache.errors import SettingsError, TokenFileError
 from layer_cache_server.watched import FileIdentity, file_identity
-from services.settings import ENV_PREFIX, ServerAuth, ServerConfig, SettingsError
+from services.settings import ENV_PREFIX, ServerAuth, ServerConfig
 
 log = structlog.get_logger(__name__)
 
@@ -62,10 +63,6 @@ class Role(StrEnum):
 
     READ = "read"
     WRITE = "write"
-
-
-class TokenFileError(ValueError):
-    """A token file that cannot be used; the message names the file, never a token."""
 
 
 def parse_tokens(text: str, source: str) -> frozenset[str]:
@@ -224,6 +221,18 @@ class TokenFiles:
         while True:
             await asyncio.sleep(interval_s)
             await asyncio.to_thread(self.reload_changed)
+
+
+def request_decision(
+    access: TokenFiles, method: str, path: str, authorization: str | None
+) -> Decision:
+    """How to answer a request, as far as its token goes (the per-peer failure limit aside)."""
+    required = required_role(method, path)
+    if required is None:
+        return ALLOWED
+    token = bearer_token(authorization)
+    presented = None if token is None else access.role_of(token)
+    return decide(required, presented, had_token=token is not None)
 
 
 def server_access(config: ServerConfig) -> TokenFiles | None:

@@ -34,26 +34,25 @@ from aiohttp.typedefs import Handler
 from layer_cache.cache_tier import CacheTier, TieredPersister
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.disk_tier import DiskTier
-from layer_cache.errors import LayerCacheError, StorageError
+from layer_cache.errors import ApiError, ListenError, SettingsError, StorageError
 from layer_cache.instruments import ms_histogram
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
 from layer_cache.persister_metrics import PersisterMetrics
+from layer_cache.retry import Backoff
 from layer_cache.schema import check_layer_db_schema
 from layer_cache.write_queue import PG_RETRY_QUEUE, S3_WRITE_QUEUE, QueueBudget, WriteBehind
 from layer_cache_server.auth import (
     TOO_MANY_FAILURES,
     FailureLimiter,
     TokenFiles,
-    bearer_token,
-    decide,
-    required_role,
+    request_decision,
     server_access,
 )
 from layer_cache_server.auth import describe as describe_access
 from layer_cache_server.tls import ServerTls, server_tls
 from services.cache_sizing import TierPlan, plan_tier
 from services.context import ServicesContext, open_services_context
-from services.settings import ENV_PREFIX, ServerConfig, Settings, SettingsError
+from services.settings import ENV_PREFIX, ServerConfig, Settings
 from services.signals import StopRequest
 
 log = structlog.get_logger(__name__)
@@ -70,10 +69,6 @@ REQUEST_DURATION_METRIC = "layer_cache_server.request_duration_ms"
 _CLOSING_STATUSES = frozenset({401, 403, 429})
 
 
-class ListenError(LayerCacheError):
-    """The server could not bind its socket (address in use, not permitted…)."""
-
-
 def parse_socket_addr(text: str) -> tuple[str, int]:
     """``host:port`` or ``[ipv6]:port`` → (host, port); port 0 asks for a free one."""
     host, separator, port_text = text.strip().rpartition(":")
@@ -85,19 +80,6 @@ def parse_socket_addr(text: str) -> tuple[str, int]:
             "(e.g. 0.0.0.0:5156, [::]:5156, 127.0.0.1:0)"
         )
     return host, int(port_text)
-
-
-class ApiError(Exception):
-    """A request the API refuses, answered as a JSON error."""
-
-    def __init__(
-        self, status: int, code: str, message: str, *, headers: Mapping[str, str] | None = None
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
-        self.headers = headers
 
 
 def error_response(
@@ -174,8 +156,10 @@ class LayerCacheServer:
         budget = QueueBudget(
             max_attempts=config.write_queue_max_attempts,
             max_age_s=config.write_queue_max_age_secs,
-            base_delay_s=config.write_queue_base_delay_secs,
-            max_delay_s=config.write_queue_max_delay_secs,
+            backoff=Backoff(
+                base_delay_s=config.write_queue_base_delay_secs,
+                max_delay_s=config.write_queue_max_delay_secs,
+            ),
         )
         self.write_back: WriteBehind | None = None
         if self.route.deferred:  # DualWrite, S3Primary: S3 through the durable write queue
@@ -376,12 +360,8 @@ class LayerCacheServer:
         never reads the body, never logs a token."""
         if self.access is None:
             return
-        required = required_role(request.method, request.path)
-        if required is None:
-            return
-        token = bearer_token(request.headers.get("Authorization"))
-        presented = None if token is None else self.access.role_of(token)
-        refusal = decide(required, presented, had_token=token is not None)
+        authorization = request.headers.get("Authorization")
+        refusal = request_decision(self.access, request.method, request.path, authorization)
         if refusal.allowed:
             return
         if refusal.status == 401:
@@ -439,7 +419,10 @@ class LayerCacheServer:
             backend.value: problem or "ok"
             for backend, problem in zip(self._probes, problems, strict=True)
         }
-        if any(problems):
+        if any(
+            problem is not None and backend in self.route.required
+            for backend, problem in zip(self._probes, problems, strict=True)
+        ):
             failing = ", ".join(name for name, state in checks.items() if state != "ok")
             return web.json_response(
                 {

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import structlog
 
+from layer_cache.errors import SettingsError
 from layer_cache_server.watched import FileIdentity, file_identity
-from services.settings import ENV_PREFIX, ServerConfig, SettingsError
+from services.settings import ENV_PREFIX, ServerConfig
 
 log = structlog.get_logger(__name__)
 

@@ -16,12 +16,12 @@ import contextlib
 import functools
 import time
 from dataclasses import dataclass
-from datetime import datetime
 
 import structlog
 
 from layer_cache.budget import ByteBudget
 from layer_cache.cache_types import CacheType
+from layer_cache.errors import CacheBackfillFailed, first_exception
 from layer_cache.pg import RowRef
 from migrations_mode.bucket_index import UNKNOWN, Stored
 from migrations_mode.cache_events import CacheEvents
@@ -29,7 +29,6 @@ from migrations_mode.cache_parts import CacheParts
 from migrations_mode.checkpoint import Position
 from migrations_mode.config import BackfillConfig
 from migrations_mode.display import RateMeter, progress_report
-from migrations_mode.errors import CacheBackfillFailed, first_exception
 from migrations_mode.estimates import WalkState
 from migrations_mode.progress import CacheStats
 from migrations_mode.row_action import Decision
@@ -88,14 +87,6 @@ class CacheBackfill:
         return self.progress.stats
 
     @property
-    def checkpoint_timestamp(self) -> datetime:
-        """The cutoff that resumes this cache without loss (newest first; in key order, the
-        cutoff: the saved key position is what resumes)."""
-        if self.source.in_key_order:
-            return self.config.cutoff
-        return self.walk.tracker.checkpoint_timestamp
-
-    @property
     def rows_done(self) -> int:
         """Rows finished in walk order, this run and the runs it resumed."""
         return self.walk.rows_done
@@ -112,7 +103,7 @@ class CacheBackfill:
             table_estimate=self._table_estimate,
             uploads_in_flight=self.upload_limit.in_use,
             upload_limit=self.upload_limit.limit,
-            checkpoint_lag_s=(self.config.cutoff - self.checkpoint_timestamp).total_seconds(),
+            checkpoint_lag_s=(self.config.cutoff - self.saver.checkpoint_timestamp).total_seconds(),
         )
 
     def gauge_values(self) -> dict[str, float]:
@@ -152,7 +143,7 @@ class CacheBackfill:
             self.events.outcome(
                 outcome,
                 signalled=self._stop.is_set(),
-                checkpoint=self.checkpoint_timestamp,
+                checkpoint=self.saver.checkpoint_timestamp,
                 limit=self.upload_limit,
                 rows_pending=self.walk.tracker.in_flight,
                 stats=self.stats,
@@ -303,4 +294,4 @@ class CacheBackfill:
             self.progress.export()
             if self.log_progress:
                 log.info("backfill progress", **progress_report(self, meter.rate).as_fields())
-            self.events.checkpoint(self.checkpoint_timestamp, self.upload_limit, self.stats)
+            self.events.checkpoint(self.saver.checkpoint_timestamp, self.upload_limit, self.stats)

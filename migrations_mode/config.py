@@ -1,7 +1,8 @@
 """Backfill options: raw flags and ``SI_BACKFILL_*`` env vars in, a validated config out.
 
 Precedence, as upstream sdf: flags > ``SI_BACKFILL_*`` > upstream's ``SI_SDF__BACKFILL_*`` names
-(and the config file's ``backfill_*`` keys, passed in as ``upstream``) > defaults. Upstream's
+(and the config file's ``backfill_*`` keys, passed in as ``upstream``) > defaults;
+``load_backfill_config`` builds these three sources itself on each call. Upstream's
 ``SI_BACKFILL_FUNC_RUN*_CUTOFF_ID`` are accepted and ignored (func runs are not backfilled here).
 ``load_backfill_config`` runs before any connection is opened. Every problem becomes one
 ``BackfillConfigError`` line naming the flag, its env var and what is allowed. The cutoff takes
@@ -14,10 +15,10 @@ so the pod's clock skew cannot leave rows out); the resolved instant is logged f
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
-from contextvars import ContextVar
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
@@ -27,19 +28,20 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BeforeValidator, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     InitSettingsSource,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.concurrency import ConcurrencyMode
+from layer_cache.errors import BackfillConfigError
 from layer_cache.retry import RetryPolicy
-from migrations_mode.errors import BackfillConfigError
 from migrations_mode.progress_store import ProgressStoreKind
 from migrations_mode.walk import Shard, WalkOrder
-from services.settings import ENV_PREFIX, describe_validation_error, unknown_env_var
+from services.setting_names import ENV_PREFIX, unknown_env_var
+from services.settings import describe_validation_error
 from services.units import ByteSize
 
 BACKFILL_ENV_PREFIX = "SI_BACKFILL_"
@@ -117,21 +119,9 @@ def _cache_types(value: Any) -> Any:
 
 
 class BackfillSettings(BaseSettings):
-    """The backfill's options; flags come in as init values and win over env."""
+    """The backfill's options, from the sources ``load_backfill_config`` builds."""
 
     model_config = SettingsConfigDict(env_prefix=BACKFILL_ENV_PREFIX, extra="ignore", frozen=True)
-
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        upstream = InitSettingsSource(settings_cls, init_kwargs=_upstream_options.get() or {})
-        return init_settings, env_settings, upstream
 
     cutoff_timestamp: Annotated[datetime | Literal["now"], BeforeValidator(_cutoff)]
     cache_types: Annotated[frozenset[CacheType], NoDecode, BeforeValidator(_cache_types)]
@@ -223,18 +213,16 @@ class BackfillConfig:
         return max(1, self.max_inflight_bytes // 2)
 
 
-_upstream_options: ContextVar[dict[str, Any] | None] = ContextVar("_upstream_options", default=None)
-
-
 def flag_for(field: str) -> str:
     """The CLI flag for a backfill option field."""
     return "--backfill-" + field.replace("_", "-")
 
 
-def _flag_and_env(loc: tuple[int | str, ...]) -> str:
+def _flag_and_env(loc: tuple[int | str, ...], upstream: Mapping[str, Any]) -> str:
+    """The flag and env vars of an option, upstream's too when it came from there."""
     field = str(loc[0])
     names = f"{BACKFILL_ENV_PREFIX}{field.upper()}"
-    if field in (_upstream_options.get() or {}):
+    if field in upstream:
         names += f" or {ENV_PREFIX}BACKFILL_{field.upper()}"
     return f"{flag_for(field)} ({names})"
 
@@ -245,6 +233,7 @@ def load_backfill_config(
     """Validate flags (None = not given) over ``SI_BACKFILL_*`` env over ``upstream`` (sdf's
     ``backfill_*`` settings, by option name) into a ``BackfillConfig``."""
     given = {name: value for name, value in flags.items() if value is not None}
+    upstream_options = dict(upstream or {})
     unknown = unknown_env_var(
         os.environ,
         BACKFILL_ENV_PREFIX,
@@ -254,13 +243,16 @@ def load_backfill_config(
     )
     if unknown is not None:
         raise BackfillConfigError(unknown)
-    token = _upstream_options.set(dict(upstream or {}))
+    sources = (
+        InitSettingsSource(BackfillSettings, given),
+        EnvSettingsSource(BackfillSettings),
+        InitSettingsSource(BackfillSettings, upstream_options),
+    )
     try:
-        options = BackfillSettings(**given)
+        options = BackfillSettings(_build_sources=(sources, given))
     except ValidationError as exc:
-        raise BackfillConfigError(describe_validation_error(exc, _flag_and_env)) from None
-    finally:
-        _upstream_options.reset(token)
+        name_of = functools.partial(_flag_and_env, upstream=upstream_options)
+        raise BackfillConfigError(describe_validation_error(exc, name_of)) from None
     _refuse_conflicting_modes(options)
     cutoff = options.cutoff_timestamp
     return BackfillConfig(

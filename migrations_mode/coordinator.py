@@ -23,7 +23,13 @@ from datetime import datetime, timedelta
 import structlog
 from rich.console import Console
 
-from layer_cache.errors import StorageError, map_pg_errors
+from layer_cache.errors import (
+    CacheBackfillFailed,
+    PreflightError,
+    StorageError,
+    first_exception,
+    map_pg_errors,
+)
 from layer_cache.rate_limit import UploadPacer
 from layer_cache.retry import call_with_retries
 from migrations_mode.cache_backfill import CacheBackfill
@@ -37,7 +43,6 @@ from migrations_mode.config import (
 )
 from migrations_mode.differences import open_difference_report
 from migrations_mode.display import LiveProgress
-from migrations_mode.errors import CacheBackfillFailed, PreflightError, first_exception
 from migrations_mode.preflight import check_read_only, run_preflight
 from migrations_mode.progress import BackfillMetrics
 from migrations_mode.progress_store import ProgressStore, open_progress_store
@@ -241,7 +246,7 @@ def _log_report(
         return
     done = [cache.cache_type.value for cache in caches if cache.completed]
     unfinished = [cache for cache in caches if not cache.completed]
-    resume = min(cache.checkpoint_timestamp for cache in unfinished)
+    resume = min(cache.saver.checkpoint_timestamp for cache in unfinished)
     log.info(
         "backfill incomplete",
         completed_caches=done,

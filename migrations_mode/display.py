@@ -1,8 +1,8 @@
 """Progress you can see: rows processed, rows left, rate, ETA, uploads in flight, retries.
 
-``RateMeter`` (pure) turns (time, rows processed) samples into a rate over a sliding window and
-an ETA. ``progress_report`` is the one place a cache's progress becomes fields (named as in
-``migrations_mode.log_fields``); it feeds both outputs:
+``RateMeter`` (pure) turns (time, rows processed) samples into a rate over a sliding window, and
+``eta_seconds`` a rate into an ETA. ``progress_report`` is the one place a cache's progress
+becomes fields (named as in ``migrations_mode.log_fields``); it feeds both outputs:
   * the structured ``backfill progress`` log event, once per checkpoint interval per cache, for
     Kubernetes logs (no terminal);
   * ``LiveProgress``, a ``rich`` live table redrawn twice a second on a terminal, whose columns

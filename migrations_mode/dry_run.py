@@ -29,12 +29,11 @@ from dataclasses import dataclass
 
 import structlog
 
-from layer_cache.errors import StorageError
+from layer_cache.errors import PreflightError, StorageError
 from layer_cache.pg import PgLayer, RowRef
 from layer_cache.retry import call_with_retries
 from layer_cache.s3 import S3Layer
 from migrations_mode.config import BackfillConfig
-from migrations_mode.errors import PreflightError
 from migrations_mode.preflight import (
     WriteCheck,
     check_read_only,
@@ -42,7 +41,7 @@ from migrations_mode.preflight import (
     run_preflight,
 )
 from migrations_mode.progress_store import note_read_only_server
-from migrations_mode.tables import format_duration, render_table
+from migrations_mode.tables import build_table, format_duration, render_table
 from services.context import ServicesContext
 
 log = structlog.get_logger(__name__)
@@ -287,4 +286,4 @@ def format_estimate_table(
         total_bound,
         format_duration(total_s),
     )
-    return render_table(header, lines, total=total)
+    return render_table(build_table(header, lines, total=total))

@@ -15,7 +15,8 @@ serves one walk, and is done with it.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import partial
 
 from layer_cache.keys import key_levels
 from layer_cache.pg import PgLayer, RowRef
@@ -46,26 +47,17 @@ class ExtraObjects:
     progress: CacheProgress
 
 
+@dataclass(kw_only=True)
 class PageSource:
     """One cache's rows below the cutoff in walk order, and what its bucket holds for them."""
 
-    def __init__(
-        self,
-        *,
-        pg: PgLayer,
-        s3: S3Layer,
-        config: BackfillConfig,
-        storage: StorageCall,
-        with_md5: bool,
-        extra: ExtraObjects | None,
-    ) -> None:
-        self.pg = pg
-        self.s3 = s3
-        self.config = config
-        self.storage = storage
-        self.with_md5 = with_md5
-        self.extra = extra  # None: objects without a row are not looked for
-        self._bucket_index: BucketIndex | None = None
+    pg: PgLayer
+    s3: S3Layer
+    config: BackfillConfig
+    storage: StorageCall
+    with_md5: bool
+    extra: ExtraObjects | None  # None: objects without a row are not looked for
+    _bucket_index: BucketIndex | None = field(default=None, init=False, repr=False)
 
     @property
     def in_key_order(self) -> bool:
@@ -99,25 +91,17 @@ class PageSource:
         return found
 
     async def _list(self, cursor: Position | None, limit: int) -> list[RowRef]:
-        key_range = self.config.shard.key_range
-        cutoff = self.config.cutoff
+        """The page after ``cursor``: the walk order picks the query and the cursor's form (a
+        key, or a position); the bounds are the same."""
         if self.in_key_order:
-            after_key = cursor.key if cursor else None
-            return await self.storage(
-                lambda: self.pg.list_by_key(
-                    cutoff=cutoff,
-                    after=after_key,
-                    low=key_range.low,
-                    high=key_range.high,
-                    limit=limit,
-                    with_md5=self.with_md5,
-                )
-            )
-        after = (cursor.created_at, cursor.key) if cursor else None
+            query = partial(self.pg.list_by_key, after=cursor.key if cursor else None)
+        else:
+            after = (cursor.created_at, cursor.key) if cursor else None
+            query = partial(self.pg.list_newest_first, after=after)
+        key_range = self.config.shard.key_range
         return await self.storage(
-            lambda: self.pg.list_newest_first(
-                cutoff=cutoff,
-                after=after,
+            lambda: query(
+                cutoff=self.config.cutoff,
                 low=key_range.low,
                 high=key_range.high,
                 limit=limit,

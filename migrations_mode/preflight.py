@@ -13,11 +13,17 @@ from enum import StrEnum
 import asyncpg
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, PgLayerError, S3LayerError, StorageError
+from layer_cache.errors import (
+    ErrorKind,
+    PgLayerError,
+    PreflightError,
+    S3LayerError,
+    StorageError,
+    first_exception,
+)
 from layer_cache.pg import PgLayer, server_read_only_reason
 from layer_cache.retry import RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
-from migrations_mode.errors import PreflightError, first_exception
 from migrations_mode.progress_store import S3_PROGRESS_PREFIX
 
 _S3_ADVICE: dict[ErrorKind, str] = {

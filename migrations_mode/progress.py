@@ -67,6 +67,21 @@ GAUGES = {
     "rows_remaining_estimate": "Rows left to walk, estimated",
 }
 
+# The counters that export a ``CacheStats`` count, in batches (``CacheProgress.export``): the
+# name (after the prefix), the description, and the count.
+STATS_COUNTERS: tuple[tuple[str, str, Callable[[CacheStats], int]], ...] = (
+    ("items_processed", "Rows finished", lambda s: s.processed),
+    ("items_uploaded", "Rows PUT to S3", lambda s: s.uploaded),
+    ("items_skipped", "Rows already in S3", lambda s: s.skipped),
+    ("bytes_uploaded", "Value bytes PUT to S3", lambda s: s.bytes_uploaded),
+    (
+        "items_repaired",
+        "Rows re-uploaded because the stored object had the wrong size",
+        lambda s: s.repaired,
+    ),
+    ("items_vanished", "Rows deleted between listing and reading", lambda s: s.vanished),
+)
+
 
 class GaugeSource(Protocol):
     """A running cache whose state the gauges read."""
@@ -91,26 +106,10 @@ class BackfillMetrics:
             meter.create_observable_gauge(
                 _PREFIX + name, callbacks=[self._observer(name)], description=description
             )
-        self.items_processed = meter.create_counter(
-            _PREFIX + "items_processed", description="Rows finished"
-        )
-        self.items_uploaded = meter.create_counter(
-            _PREFIX + "items_uploaded", description="Rows PUT to S3"
-        )
-        self.items_skipped = meter.create_counter(
-            _PREFIX + "items_skipped", description="Rows already in S3"
-        )
-        self.bytes_uploaded = meter.create_counter(
-            _PREFIX + "bytes_uploaded", description="Value bytes PUT to S3"
-        )
-        self.items_repaired = meter.create_counter(
-            _PREFIX + "items_repaired",
-            description="Rows re-uploaded because the stored object had the wrong size",
-        )
-        self.items_vanished = meter.create_counter(
-            _PREFIX + "items_vanished",
-            description="Rows deleted between listing and reading",
-        )
+        self.stats_counters = [
+            (name, meter.create_counter(_PREFIX + name, description=description), count)
+            for name, description, count in STATS_COUNTERS
+        ]
         self.retries = meter.create_counter(
             _PREFIX + "retries", description="Retried calls by error class"
         )
@@ -125,15 +124,7 @@ class BackfillMetrics:
 
     def per_cache_counters(self) -> tuple[Counter_, ...]:
         """The counters with only a ``cache_type`` attribute."""
-        return (
-            self.items_processed,
-            self.items_uploaded,
-            self.items_skipped,
-            self.bytes_uploaded,
-            self.items_repaired,
-            self.items_vanished,
-            self.rate_limit_wait_seconds,
-        )
+        return (*(counter for _, counter, _ in self.stats_counters), self.rate_limit_wait_seconds)
 
     def watch(self, source: GaugeSource) -> None:
         """Report a cache's gauges from now on."""
@@ -225,15 +216,8 @@ class CacheProgress:
     def export(self) -> None:
         """Add what the counters have not seen yet."""
         self._exported_at = self.stats.processed
-        metrics, stats = self._metrics, self.stats
-        for name, counter, value in (
-            ("processed", metrics.items_processed, stats.processed),
-            ("uploaded", metrics.items_uploaded, stats.uploaded),
-            ("skipped", metrics.items_skipped, stats.skipped),
-            ("bytes", metrics.bytes_uploaded, stats.bytes_uploaded),
-            ("repaired", metrics.items_repaired, stats.repaired),
-            ("vanished", metrics.items_vanished, stats.vanished),
-        ):
+        for name, counter, count in self._metrics.stats_counters:
+            value = count(self.stats)
             delta = value - self._exported.get(name, 0)
             if delta:
                 counter.add(delta, self._attributes)

@@ -4,7 +4,8 @@ records nothing).
 ``WalkProgress`` is where the walk stands (the checkpoint tracker, whether it completed, the rows
 earlier runs finished): the pipeline moves it, the saver records it. ``resume`` takes up the
 saved record into it (none with ``--backfill-restart``, and a warning when records exist only
-under other parameters; a completed repair is a fresh pass). While the cache runs, ``finished``
+under other parameters; a completed repair is a fresh pass); ``checkpoint_timestamp`` is the
+cutoff a resume starts from, which the events quote. While the cache runs, ``finished``
 wakes the ``save_when_due`` loop each time another batch of rows has finished in order since the
 last save was taken; a failed save is a warning, never a failure (it costs re-work, not data).
 Shutdown: the cache cancels the loop, then ``final_save`` writes the last position, shielded
@@ -15,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass, field
+from datetime import datetime
 
 import structlog
 
+from layer_cache.errors import CacheBackfillFailed
 from migrations_mode.checkpoint import CheckpointTracker, Position
 from migrations_mode.config import format_checkpoint
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_store import (
     ProgressKey,
     ProgressStore,
@@ -56,39 +58,39 @@ class WalkProgress:
         return record, self.tracker.finished_in_order
 
 
+@dataclass
 class ProgressSaver:
     """Saves a cache's progress under its key each time a batch's worth has finished in order."""
 
-    def __init__(
-        self,
-        store: ProgressStore,
-        key: ProgressKey,
-        *,
-        walk: WalkProgress,
-        storage: StorageCall,
-        writes: bool,
-        restart: bool,
-        batch_size: int,
-    ) -> None:
-        self.store = store
-        self.key = key
-        self.walk = walk
-        self._storage = storage
-        self._writes = writes
-        self._restart = restart
-        self._batch_size = batch_size
-        self._saved_position: Position | None = None
-        self._saved_at = 0  # finished_in_order at the last save
-        self._save_due = asyncio.Event()
+    store: ProgressStore
+    key: ProgressKey
+    _: KW_ONLY
+    walk: WalkProgress
+    storage: StorageCall
+    writes: bool
+    restart: bool
+    batch_size: int
+    _saved_position: Position | None = field(default=None, init=False)
+    _saved_at: int = field(default=0, init=False)  # finished_in_order at the last save
+    _save_due: asyncio.Event = field(default_factory=asyncio.Event, init=False)
+
+    @property
+    def checkpoint_timestamp(self) -> datetime:
+        """The cutoff that resumes the walk without loss. In key order any row may still be
+        pending whatever its timestamp: the cutoff resumes it (with the saved key position);
+        newest first, the tracker's checkpoint does."""
+        if self.key.order is WalkOrder.KEY:
+            return self.key.cutoff
+        return self.walk.tracker.checkpoint_timestamp
 
     async def load(self) -> SavedProgress | None:
         """The saved progress to resume from, or None to start from the beginning."""
-        if not self._writes:
+        if not self.writes:
             return None  # a verification walks everything and records nothing
-        if self._restart:
+        if self.restart:
             log.info("ignoring saved progress (--backfill-restart)")
             return None
-        saved = await self._storage(lambda: self.store.load(self.key))
+        saved = await self.storage(lambda: self.store.load(self.key))
         if saved is None:
             await self._report_unused_records()
             return None
@@ -109,17 +111,10 @@ class ProgressSaver:
         walk.rows_done_earlier = saved.rows_done
         if saved.position is not None:
             walk.tracker = CheckpointTracker(self.key.cutoff, low_water=saved.position)
-            # In key order any row may still be pending whatever its timestamp: the cutoff
-            # resumes it (with the saved key); newest first, the tracker's checkpoint does.
-            checkpoint = (
-                self.key.cutoff
-                if self.key.order is WalkOrder.KEY
-                else walk.tracker.checkpoint_timestamp
-            )
             log.info(
                 "resuming from saved progress",
                 progress_store=self.store.kind,
-                checkpoint_timestamp=format_checkpoint(checkpoint),
+                checkpoint_timestamp=format_checkpoint(self.checkpoint_timestamp),
                 rows_done_earlier_runs=saved.rows_done,
             )
         return saved.position
@@ -128,7 +123,7 @@ class ProgressSaver:
         """One log line when progress for this cache and cutoff exists only under other
         parameters: it is not used (its position means nothing for this walk)."""
         key = self.key
-        others = await self._storage(lambda: self.store.others(key))
+        others = await self.storage(lambda: self.store.others(key))
         unused = unused_records(key.identity, others)
         if not unused:
             return
@@ -151,7 +146,7 @@ class ProgressSaver:
         last save was taken. A kill then redoes at most that batch, the rows that finished
         while the next save was being written (about one upload's time: up to the uploads in
         flight) and the uploads in flight, so one batch plus twice the uploads in flight."""
-        if finished_in_order - self._saved_at >= self._batch_size:
+        if finished_in_order - self._saved_at >= self.batch_size:
             self._save_due.set()
 
     async def save_when_due(self) -> None:
@@ -168,7 +163,7 @@ class ProgressSaver:
 
     async def save(self) -> None:
         """Save the current progress unless it says nothing new."""
-        if not self._writes:
+        if not self.writes:
             return
         record, finished_in_order = self.walk.snapshot()
         if record.position == self._saved_position and not record.completed:
@@ -177,7 +172,7 @@ class ProgressSaver:
         # ask for another save at once; a failed save gives the count back.
         previous, self._saved_at = self._saved_at, finished_in_order
         try:
-            await self._storage(lambda: self.store.save(self.key, record))
+            await self.storage(lambda: self.store.save(self.key, record))
         except CacheBackfillFailed as exc:
             # Losing a save costs re-work on the next run, never data: carry on.
             log.warning("could not save backfill progress", error=str(exc.cause))

@@ -28,10 +28,9 @@ import asyncpg
 import structlog
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, StorageError, map_pg_errors
+from layer_cache.errors import ErrorKind, PreflightError, StorageError, map_pg_errors
 from layer_cache.s3 import S3Layer
 from migrations_mode.checkpoint import Position
-from migrations_mode.errors import PreflightError
 from migrations_mode.walk import WalkOrder
 
 log = structlog.get_logger(__name__)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import hashlib
 import time
+from dataclasses import dataclass
 from enum import Enum, auto
 from typing import Protocol, TypeVar
 
@@ -62,6 +63,16 @@ def known_difference(row: RowRef, stored: StoredObject | None) -> DifferenceKind
     return None
 
 
+def vouched(row: RowRef, stored: StoredObject | None) -> bool:
+    """The object has the row's size and an ETag that is the row's MD5: it holds the row's
+    bytes, with nothing read."""
+    return (
+        stored is not None
+        and known_difference(row, stored) is None
+        and stored.etag_vouches_for(row.md5)
+    )
+
+
 def body_difference(value: bytes, body: bytes | None) -> DifferenceKind | None:
     """What reading the object proves: missing, another size, other bytes, or nothing."""
     if body is None:
@@ -93,32 +104,30 @@ class RowAction(Protocol):
         (not S3's time)."""
 
 
+@dataclass(kw_only=True)
 class _Action(abc.ABC):
-    """What every mode shares: the counters, the S3 layer, the report, settled rows' counts."""
+    """What every mode shares: the counters, the S3 layer, the report, settled rows' counts, and
+    the HEAD a row needs whatever the mode when the listing cannot tell."""
 
     writes = False
     counts_extra = False
     needs_md5 = False
 
-    def __init__(
-        self,
-        *,
-        progress: CacheProgress,
-        s3: S3Layer,
-        storage: StorageCall,
-        report: DifferenceReport,
-        pacer: UploadPacer,
-    ) -> None:
-        self.progress = progress
-        self.s3 = s3
-        self.storage = storage
-        self.report = report
-        self.pacer = pacer  # uploads only: a verification PUTs nothing
+    progress: CacheProgress
+    s3: S3Layer
+    storage: StorageCall
+    report: DifferenceReport
+    pacer: UploadPacer  # uploads only: a verification PUTs nothing
+
+    @classmethod
+    def settle(cls, row: RowRef, stored: Stored) -> Decision:
+        """What the row needs, given what S3 reports for it."""
+        return Decision.NEEDS_HEAD if stored is UNKNOWN else cls.settle_known(row, stored)
 
     @staticmethod
     @abc.abstractmethod
-    def settle(row: RowRef, stored: Stored) -> Decision:
-        """What the row needs, given what S3 reports for it."""
+    def settle_known(row: RowRef, stored: StoredObject | None) -> Decision:
+        """What the row needs, given its object (None: there is none)."""
 
     @abc.abstractmethod
     async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
@@ -182,10 +191,8 @@ class Copy(_Action):
     writes = True
 
     @staticmethod
-    def settle(row: RowRef, stored: Stored) -> Decision:
+    def settle_known(row: RowRef, stored: StoredObject | None) -> Decision:
         """Skip a row whose object has its size; else its value is needed."""
-        if stored is UNKNOWN:
-            return Decision.NEEDS_HEAD
         if stored is not None and stored.size == row.size:
             return Decision.SKIPPED
         return Decision.NEEDS_VALUE
@@ -203,14 +210,10 @@ class VerifyContent(_Action):
     needs_md5 = True
 
     @staticmethod
-    def settle(row: RowRef, stored: Stored) -> Decision:
+    def settle_known(row: RowRef, stored: StoredObject | None) -> Decision:
         """A missing or other-sized object, or a vouching ETag, is the verdict; else read."""
-        if stored is UNKNOWN:
-            return Decision.NEEDS_HEAD
-        if known_difference(row, stored) is not None:
-            return Decision.VERIFIED
-        assert stored is not None
-        return Decision.VERIFIED if stored.etag_vouches_for(row.md5) else Decision.NEEDS_VALUE
+        proven = known_difference(row, stored) is not None or vouched(row, stored)
+        return Decision.VERIFIED if proven else Decision.NEEDS_VALUE
 
     async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
         """GET the object and compare it with the value."""
@@ -230,9 +233,9 @@ class VerifySize(VerifyContent):
     needs_md5 = False
 
     @staticmethod
-    def settle(row: RowRef, stored: Stored) -> Decision:
+    def settle_known(row: RowRef, stored: StoredObject | None) -> Decision:
         """A known size is the verdict."""
-        return Decision.NEEDS_HEAD if stored is UNKNOWN else Decision.VERIFIED
+        return Decision.VERIFIED
 
 
 class Repair(VerifyContent):
@@ -243,16 +246,9 @@ class Repair(VerifyContent):
     counts_extra = False
 
     @staticmethod
-    def settle(row: RowRef, stored: Stored) -> Decision:
+    def settle_known(row: RowRef, stored: StoredObject | None) -> Decision:
         """A vouching ETag settles the row; anything else needs the value (to PUT or compare)."""
-        if stored is UNKNOWN:
-            return Decision.NEEDS_HEAD
-        vouched = (
-            stored is not None
-            and known_difference(row, stored) is None
-            and stored.etag_vouches_for(row.md5)
-        )
-        return Decision.VERIFIED if vouched else Decision.NEEDS_VALUE
+        return Decision.VERIFIED if vouched(row, stored) else Decision.NEEDS_VALUE
 
     async def finish(self, row: RowRef, value: bytes, stored: Stored) -> float:
         """PUT the value where the listing already proves a difference; else read the object,

@@ -14,15 +14,15 @@ cancelled call stops in its backoff sleep.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from dataclasses import KW_ONLY, dataclass
 from typing import Protocol, TypeVar
 
 import structlog
 
 from layer_cache.cache_types import CacheType
 from layer_cache.concurrency import UploadLimit
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import CacheBackfillFailed, ErrorKind, StorageError
 from layer_cache.retry import RetryPolicy, call_with_retries
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress import CacheProgress
 
 log = structlog.get_logger(__name__)
@@ -37,21 +37,15 @@ class StorageCall(Protocol):
         """The call's result; raises ``CacheBackfillFailed`` once retries are exhausted."""
 
 
+@dataclass
 class StorageCaller:
     """Storage calls of one cache: retried within ``policy``, counted, fed to ``upload_limit``."""
 
-    def __init__(
-        self,
-        cache_type: CacheType,
-        *,
-        policy: RetryPolicy,
-        progress: CacheProgress,
-        upload_limit: UploadLimit,
-    ) -> None:
-        self.cache_type = cache_type
-        self.policy = policy
-        self.progress = progress
-        self.upload_limit = upload_limit
+    cache_type: CacheType
+    _: KW_ONLY
+    policy: RetryPolicy
+    progress: CacheProgress
+    upload_limit: UploadLimit
 
     async def __call__(self, call: Callable[[], Awaitable[T]], *, key: str | None = None) -> T:
         """``call``'s result; ``CacheBackfillFailed`` once the retries are spent."""

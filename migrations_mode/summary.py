@@ -22,7 +22,13 @@ from enum import StrEnum
 
 from migrations_mode.config import VerifyMode
 from migrations_mode.progress import CacheStats
-from migrations_mode.tables import format_bytes, format_count, format_duration, render_table
+from migrations_mode.tables import (
+    build_table,
+    format_bytes,
+    format_count,
+    format_duration,
+    render_table,
+)
 
 
 class Status(StrEnum):
@@ -261,11 +267,11 @@ def format_summary_table(
     def row(summary: Summary) -> list[str]:
         return [summary.cache_type, summary.status, *(cell(summary) for _name, cell in columns)]
 
-    table = render_table(
+    table = build_table(
         ("cache", "status", *(name for name, _cell in columns)),
         [row(outcome.summary()) for outcome in outcomes],
         total=row(total),
         left_columns=2,
         narrow=True,
     )
-    return "\n".join([table, *_notes(total)])
+    return "\n".join([render_table(table), *_notes(total)])

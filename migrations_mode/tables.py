@@ -57,19 +57,8 @@ def build_table(
     return table
 
 
-def render_table(
-    columns: Sequence[str],
-    rows: Sequence[Sequence[object]],
-    *,
-    total: Sequence[object] | None = None,
-    left_columns: int = 1,
-    title: str | None = None,
-    narrow: bool = False,
-) -> str:
-    """The table as plain text, one line per row, trailing spaces removed."""
-    table = build_table(
-        columns, rows, total=total, left_columns=left_columns, title=title, narrow=narrow
-    )
+def render_table(table: Table) -> str:
+    """``table`` as plain text, one line per row, trailing spaces removed."""
     buffer = StringIO()
     console = Console(
         file=buffer,

@@ -25,7 +25,7 @@ from aiobotocore.config import AioConfig
 from opentelemetry.sdk.metrics.export import MetricReader
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import ErrorKind, PgLayerError, map_pg_connect_errors
+from layer_cache.errors import ErrorKind, PgLayerError, SettingsError, map_pg_connect_errors
 from layer_cache.keys import bucket_name
 from layer_cache.pg import PgLayer
 from layer_cache.s3 import ConditionalPuts, S3Layer
@@ -39,12 +39,7 @@ from services.pg_tls import (
 )
 from services.s3_continue import expect_continue_only_for_large_bodies
 from services.s3_endpoints import memoize_endpoint_resolution
-from services.settings import (
-    PgPoolConfig,
-    Settings,
-    SettingsError,
-    StaticCredentialsAuth,
-)
+from services.settings import PgPoolConfig, Settings, StaticCredentialsAuth
 from services.telemetry import Telemetry, start_telemetry
 
 if TYPE_CHECKING:

@@ -27,14 +27,14 @@ from urllib.parse import urlsplit, urlunsplit
 
 import aiohttp
 
-from layer_cache.errors import ErrorKind, PgLayerError, untrusted_certificate, verify_reason
-from services.settings import (
-    CertificateKind,
-    PgPoolConfig,
-    PgSslMode,
+from layer_cache.errors import (
+    ErrorKind,
+    PgLayerError,
     SettingsError,
-    parse_ca_certificates,
+    untrusted_certificate,
+    verify_reason,
 )
+from services.settings import CertificateKind, PgPoolConfig, PgSslMode, parse_ca_certificates
 
 SslModeName = Literal["disable", "allow", "prefer", "require", "verify-ca", "verify-full"]
 

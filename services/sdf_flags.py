@@ -7,7 +7,7 @@ each of those settings this program reads, as a flag override (so ``--pg-hostnam
 ``layer_db_config.pg_pool_config.hostname``, as in sdf, and wins over the environment); the
 settings it only names for sdf (``pg.hostname``, ``nats.url``, …) and flags that write nothing
 here are named, never with their values, in the one debug line of ignored settings. The tree in
-``services.settings`` decides which is which, exactly as for environment names. Flags that make
+``services.setting_names`` decides which is which, exactly as for environment names. Flags that make
 sdf do something else entirely (generate keys instead of running) are refused with one line.
 The flags sdf reads from the environment too (``SI_MODULE_INDEX_URL``, …) are named the same way
 when set. ``--no-color``, ``--force-color``, ``--log-file-directory``, ``--log-json``, ``-v``,

@@ -6,28 +6,33 @@ names follow the tree with ``__`` between levels, e.g.
 tree (``[layer_db_config.pg_pool_config]``), found via ``--config`` or ``SI_SDF_CONFIG``.
 
 Operators run this program with upstream sdf's whole environment (its ConfigMap), so every name
-is classified against one registry before anything is validated (``classify_setting``):
+is classified against one registry before anything is validated (``services.setting_names``):
 *used* (a field of our tree, some under upstream's names such as the pg ``certificate``),
-*ignored* (``UPSTREAM_SDF_SETTINGS``: upstream sdf defines it and it means nothing here; accepted,
-and named, never with its value, in one debug line) or *unknown*: an error with a "did you mean"
-suggestion, so a typo in a name we read never runs a job on a default. The TOML file is
-classified the same way. Passwords and secret keys are ``SecretStr`` and never printed.
-Nothing here reads the environment until ``load_settings`` is called.
+*ignored* (upstream sdf defines it and it means nothing here; accepted, and named, never with its
+value, in one debug line) or *unknown*: an error with a "did you mean" suggestion, so a typo in a
+name we read never runs a job on a default (one warning instead in a section upstream's loader
+owns, as it ignores names it lacks there). The TOML file is classified the same way.
+
+``load_settings`` builds the sources on each call and hands them to pydantic-settings
+(``Settings(_build_sources=…)``), highest first: the flags, the environment as pydantic-settings'
+``EnvSettingsSource`` reads it, and the config file's tables (read here with ``tomllib``: a
+missing or invalid file is one line, where pydantic-settings' TOML source skips a missing file),
+the last two without upstream's names. Nothing passes through module or context state, so two
+loads at once each see only their own flags and file. Passwords and secret keys are
+``SecretStr`` and never printed. Nothing here reads the environment until ``load_settings`` is
+called.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import difflib
+import json
 import os
 import re
 import tomllib
-import types
-import typing
-from collections.abc import Iterable, Mapping, Sequence
-from contextvars import ContextVar
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,28 +48,34 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic.fields import FieldInfo
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
+    InitSettingsSource,
     NoDecode,
-    PydanticBaseSettingsSource,
     SettingsConfigDict,
 )
+from pydantic_settings import SettingsError as PydanticSettingsError
 
-from layer_cache.errors import LayerCacheError
+from layer_cache.errors import SettingsError
 from layer_cache.eviction import DEFAULT_POLICY, PolicyName
 from layer_cache.persister import PersisterMode
+from services.setting_names import ENV_PREFIX as ENV_PREFIX  # the tree's prefix, re-exported
+from services.setting_names import (
+    UPSTREAM_BACKFILL_PREFIX,
+    SettingNode,
+    SettingUse,
+    classify_setting,
+    env_setting_name,
+    env_setting_path,
+    setting_tree,
+    unknown_setting_message,
+)
 from services.units import ByteSize
 
-ENV_PREFIX = "SI_SDF__"
 CONFIG_FILE_ENV = "SI_SDF_CONFIG"
 
 log = structlog.get_logger("services")
-
-
-class SettingsError(LayerCacheError):
-    """A setting is missing, unknown or invalid; the message names it."""
 
 
 class MigrationMode(StrEnum):
@@ -308,21 +319,6 @@ class LayerDbConfig(_Section):
     cache_config: CacheConfig = CacheConfig()
 
 
-_config_file_tables: ContextVar[dict[str, Any] | None] = ContextVar(
-    "_config_file_tables", default=None
-)
-
-
-class _TomlFileSource(PydanticBaseSettingsSource):
-    """The optional TOML config file (read and classified by ``load_settings``), lowest."""
-
-    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
-        return None, field_name, False  # unused: __call__ returns the whole file at once
-
-    def __call__(self) -> dict[str, Any]:
-        return _config_file_tables.get() or {}
-
-
 def read_config_file(path: Path) -> dict[str, Any]:
     """The TOML config file's tables; an unreadable or invalid file is a SettingsError."""
     try:
@@ -397,9 +393,6 @@ class ServerConfig(_Section):
         return self
 
 
-UPSTREAM_BACKFILL_PREFIX = "backfill_"
-
-
 class Settings(BaseSettings):
     """The root of every service setting."""
 
@@ -425,17 +418,6 @@ class Settings(BaseSettings):
     backfill_checkpoint_interval_secs: float | None = None
     backfill_max_concurrent_uploads: int | None = None
 
-    @classmethod
-    def settings_customise_sources(
-        cls,
-        settings_cls: type[BaseSettings],
-        init_settings: PydanticBaseSettingsSource,
-        env_settings: PydanticBaseSettingsSource,
-        dotenv_settings: PydanticBaseSettingsSource,
-        file_secret_settings: PydanticBaseSettingsSource,
-    ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return init_settings, _UsedEnvSource(settings_cls), _TomlFileSource(settings_cls)
-
     def upstream_backfill_options(self) -> dict[str, Any]:
         """Upstream's backfill settings that were given, by backfill option name."""
         return {
@@ -443,255 +425,6 @@ class Settings(BaseSettings):
             for name in type(self).model_fields
             if name.startswith(UPSTREAM_BACKFILL_PREFIX) and getattr(self, name) is not None
         }
-
-
-# --------------------------------------------------------------------------------------------
-# Upstream sdf's settings, and how every name is classified
-
-
-class SettingUse(StrEnum):
-    """What a setting name means to this program."""
-
-    USED = "used"  # read here
-    IGNORED = "ignored"  # upstream sdf defines it; it means nothing here
-    UNKNOWN = "unknown"  # neither: a typo, an error
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamSetting:
-    """One name in upstream sdf's config tree (``lib/sdf-server/src/config.rs`` ConfigFile)."""
-
-    path: str  # dotted, as in the TOML file; the env var is SI_SDF__ + path with "." → "__"
-    use: SettingUse
-    note: str
-    section: bool = False  # an ignored section: every name below it is upstream's too
-
-
-def _used(path: str, note: str) -> UpstreamSetting:
-    return UpstreamSetting(path, SettingUse.USED, note)
-
-
-def _ignored(path: str, note: str, *, section: bool = False) -> UpstreamSetting:
-    return UpstreamSetting(path, SettingUse.IGNORED, note, section)
-
-
-_PG = "layer_db_config.pg_pool_config."
-_STORAGE = "layer_db_config.object_storage_config."
-_AUTH = _STORAGE + "auth"
-_CACHE = "layer_db_config.cache_config."
-
-UPSTREAM_SDF_SETTINGS: tuple[UpstreamSetting, ...] = (
-    _used("migration_mode", "what to do"),
-    _used("layer_db_config.persister_mode", "PersisterMode"),
-    *(_used(_PG + name, "the layer-db connection") for name in ("hostname", "port", "user")),
-    *(_used(_PG + name, "the layer-db connection") for name in ("password", "dbname")),
-    _used(_PG + "application_name", "the layer-db connection"),
-    _used(_PG + "pool_max_size", "asyncpg pool max_size"),
-    _used(_PG + "certificate.type", "path, base64, as_string or remote: the server's CA"),
-    _used(_PG + "certificate.source", "the CA or its URL; no SSLMODE given: verify-full"),
-    _used(_PG + "pool_timeout_create_secs", "connect timeout (CONNECT_TIMEOUT_SECS wins)"),
-    _used(_PG + "pool_idle_connection_lifetime_secs", "asyncpg max_inactive_connection_lifetime"),
-    _used(_PG + "pool_total_connection_lifetime_secs", "connections retired at this age (20 h)"),
-    _ignored(_PG + "pool_timeout_wait_secs", "a query waits for a free pooled connection"),
-    _ignored(_PG + "pool_timeout_recycle_secs", "asyncpg resets a connection on release"),
-    _ignored(_PG + "pool_lifetime_check_interval_secs", "asyncpg checks idle connections itself"),
-    _ignored(_PG + "recycling_method", "asyncpg resets a connection on release"),
-    _ignored(_PG + "certificate_path", "sdf's --pg-cert-path writes it; not a field, dropped"),
-    _ignored(_PG + "certificate_base64", "sdf's --pg-cert-base64 writes it; not a field, dropped"),
-    *(
-        _used(_STORAGE + name, "the S3 target")
-        for name in ("endpoint", "bucket_prefix", "bucket_suffix", "region", "key_prefix")
-    ),
-    _used(_AUTH, "iam_role: the standard AWS credential chain"),
-    _used(_AUTH + ".static_credentials.access_key", "S3 access key"),
-    _used(_AUTH + ".static_credentials.secret_key", "S3 secret key"),
-    _ignored(_STORAGE + "read_retry", "the backfill retries by its own policy", section=True),
-    _ignored(_STORAGE + "num_workers", "sdf's write queue; the backfill has its own concurrency"),
-    _ignored(_STORAGE + "max_parallel_per_worker", "sdf's write queue"),
-    _ignored("layer_db_config.nats_config", "NATS: not used here", section=True),
-    *(
-        _used(_CACHE + name, "the server's cache tier size")
-        for name in (
-            "memory_reserved_percent",
-            "memory_usable_max_percent",
-            "disk_reserved_percent",
-            "disk_usable_max_percent",
-        )
-    ),
-    _used(_CACHE + "disk_layer", "the disk tier on or off"),
-    _used(_CACHE + "disk_path", "the disk tier's directory"),
-    _used(_CACHE + "disk_admission_rate_limit", "bytes a second written to the disk tier"),
-    _used(_CACHE + "disk_buffer_size", "values waiting to be written to the disk tier"),
-    _ignored(_CACHE + "name", "set per cache by sdf; only in its logs"),
-    *(
-        _ignored(_CACHE + name, "foyer's disk engine internals")
-        for name in (
-            "disk_buffer_flushers",
-            "disk_indexer_shards",
-            "disk_reclaimers",
-            "disk_recover_concurrency",
-        )
-    ),
-    _ignored("layer_db_config.disk_path", "set by sdf's --layer-db-disk-path; not a field"),
-    *(
-        _used(UPSTREAM_BACKFILL_PREFIX + name, f"--backfill-{name.replace('_', '-')} (below it)")
-        for name in (
-            "cutoff_timestamp",
-            "cache_types",
-            "key_batch_size",
-            "checkpoint_interval_secs",
-            "max_concurrent_uploads",
-        )
-    ),
-    _ignored("backfill_func_runs_cutoff_id", "func runs are not backfilled here"),
-    _ignored("backfill_func_run_logs_cutoff_id", "func runs are not backfilled here"),
-    _ignored("instance_id", "sdf's instance id"),
-    _ignored("dev_mode", "sdf development mode"),
-    _ignored("pkgs_path", "sdf packages"),
-    _ignored("module_index_url", "sdf module index"),
-    _ignored("auth_api_url", "sdf auth API"),
-    _ignored("boot_feature_flags", "sdf feature flags"),
-    _ignored("create_workspace_permissions", "sdf workspaces"),
-    _ignored("create_workspace_allowlist", "sdf workspaces"),
-    *(
-        _ignored(name, note, section=True)
-        for name, note in (
-            ("pg", "sdf's main database (the layer db is layer_db_config.pg_pool_config)"),
-            ("nats", "NATS: not used here"),
-            ("crypto", "veritech encryption keys"),
-            ("symmetric_crypto_service", "sdf's symmetric crypto keys"),
-            ("jwt_signing_public_key", "sdf's JWT verification"),
-            ("jwt_secondary_signing_public_key", "sdf's JWT verification"),
-            ("posthog", "sdf's analytics"),
-            ("spicedb", "sdf's authorization"),
-            ("audit", "the audit database"),
-            ("service_endpoints", "sdf's health/config endpoints (ours: SERVER__…)"),
-            ("openai", "written by sdf's --openai-* flags"),
-            ("asset_sprayer", "written by sdf's --asset-sprayer-prompts-dir"),
-        )
-    ),
-)
-
-
-@dataclass(slots=True)
-class _Node:
-    use: SettingUse
-    children: dict[str, _Node] = field(default_factory=dict)
-    any_below: bool = False
-    upstream_section: bool = False  # upstream sdf's loader ignores names it lacks here
-
-
-# The sections of our tree that are upstream sdf's too (its config file's tables): upstream's
-# loader ignores a name it does not define there, so an unknown name below one is a warning, not
-# an error, unless it is a misspelling of a name read here. ``server`` is ours alone.
-UPSTREAM_SECTIONS: frozenset[str] = frozenset(
-    {
-        "",
-        "layer_db_config",
-        "layer_db_config.pg_pool_config",
-        "layer_db_config.pg_pool_config.certificate",
-        "layer_db_config.object_storage_config",
-        "layer_db_config.object_storage_config.auth",
-        "layer_db_config.object_storage_config.auth.static_credentials",
-        "layer_db_config.cache_config",
-    }
-)
-
-
-def _models_in(annotation: Any) -> list[type[BaseModel]]:
-    """The pydantic models an annotation admits (through Optional, unions and Annotated)."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return [annotation]
-    if typing.get_origin(annotation) in (typing.Union, types.UnionType, Annotated):
-        return [model for arg in typing.get_args(annotation) for model in _models_in(arg)]
-    return []
-
-
-def _add_model_fields(node: _Node, model: type[BaseModel]) -> None:
-    for name, info in model.model_fields.items():
-        child = node.children.setdefault(name, _Node(SettingUse.USED))
-        for inner in _models_in(info.annotation):
-            _add_model_fields(child, inner)
-
-
-def setting_tree(
-    model: type[BaseModel], upstream: Iterable[UpstreamSetting] = UPSTREAM_SDF_SETTINGS
-) -> _Node:
-    """Every name this program reads (the model's fields) plus upstream's ignored ones."""
-    root = _Node(SettingUse.USED)
-    _add_model_fields(root, model)
-    for setting in upstream:
-        if setting.use is not SettingUse.IGNORED:
-            continue
-        node = root
-        for part in setting.path.split("."):
-            node = node.children.setdefault(part, _Node(SettingUse.IGNORED))
-        node.any_below = setting.section
-    for section in UPSTREAM_SECTIONS:
-        node = root
-        for part in filter(None, section.split(".")):
-            node = node.children[part]
-        node.upstream_section = True
-    return root
-
-
-@dataclass(frozen=True, slots=True)
-class Classified:
-    """A setting name's verdict; for an unknown name, the closest known one if any, and whether
-    it is *tolerated*: below a section upstream's loader owns (which ignores names it lacks) and
-    no misspelling of a name read here."""
-
-    use: SettingUse
-    suggestion: tuple[str, ...] | None = None
-    tolerated: bool = False
-
-
-def classify_setting(tree: _Node, path: Sequence[str]) -> Classified:
-    """Used, ignored (upstream's) or unknown, with a suggestion for the first wrong part."""
-    node = tree
-    for depth, part in enumerate(path):
-        if node.any_below:
-            return Classified(SettingUse.IGNORED)
-        child = node.children.get(part)
-        if child is None:
-            suggestion = _suggest(tree, path, depth, node)
-            misspelled = (
-                suggestion is not None and classify_setting(tree, suggestion).use is SettingUse.USED
-            )
-            return Classified(
-                SettingUse.UNKNOWN, suggestion, node.upstream_section and not misspelled
-            )
-        node = child
-    return Classified(SettingUse.IGNORED if node.any_below else node.use)
-
-
-def _suggest(tree: _Node, path: Sequence[str], depth: int, node: _Node) -> tuple[str, ...] | None:
-    """The closest known name, read here ones first (the likelier intent of a typo)."""
-    known: list[tuple[SettingUse, tuple[str, ...]]] = []
-    for match in difflib.get_close_matches(path[depth], list(node.children), n=3, cutoff=0.6):
-        candidate = (*path[:depth], match, *path[depth + 1 :])
-        use = classify_setting(tree, candidate).use
-        if use is not SettingUse.UNKNOWN:
-            known.append((use, candidate))
-    used = [candidate for use, candidate in known if use is SettingUse.USED]
-    ranked = used or [candidate for _use, candidate in known]
-    return ranked[0] if ranked else None
-
-
-def env_setting_path(name: str, prefix: str = ENV_PREFIX) -> tuple[str, ...]:
-    """The tree path of an env var under ``prefix``: SI_SDF__A__B_C → ("a", "b_c")."""
-    return tuple(name[len(prefix) :].lower().split("__"))
-
-
-def env_setting_name(path: Sequence[str], prefix: str = ENV_PREFIX) -> str:
-    """The env var for a tree path."""
-    return prefix + "__".join(path).upper()
-
-
-def unknown_setting_message(name: str, suggestion: str | None) -> str:
-    """The one line for an unknown setting name."""
-    hint = f"; did you mean {suggestion}?" if suggestion else ""
-    return f"unknown setting {name}{hint}"
 
 
 Suggested = tuple[tuple[str, str | None], ...]  # names, each with the closest known one
@@ -725,7 +458,7 @@ class SourceNames:
 
 
 def classify_environment(
-    environ: Mapping[str, str], tree: _Node, prefix: str = ENV_PREFIX
+    environ: Mapping[str, str], tree: SettingNode, prefix: str = ENV_PREFIX
 ) -> SourceNames:
     """Every ``prefix`` env var, classified (names sorted, so errors are reproducible)."""
     used: list[str] = []
@@ -747,8 +480,13 @@ def classify_environment(
     return SourceNames(tuple(used), tuple(ignored), tuple(unknown), tuple(tolerated))
 
 
-def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, Any], SourceNames]:
-    """The config file's tables without upstream's ignored names, and every name classified."""
+def prune_upstream_names(
+    data: Mapping[str, Any], tree: SettingNode
+) -> tuple[dict[str, Any], SourceNames]:
+    """A source's values, nested like the tree (the config file's tables, the environment as
+    pydantic-settings reads it), without upstream's names: the ignored ones and the unknown ones
+    it tolerates. Any other unknown name stays, for validation to refuse. Every name classified,
+    dotted."""
     ignored: list[str] = []
     unknown: list[tuple[str, str | None]] = []
     tolerated: list[tuple[str, str | None]] = []
@@ -764,6 +502,8 @@ def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, A
                 suggestion = verdict.suggestion
                 entry = (".".join(here), None if suggestion is None else ".".join(suggestion))
                 (tolerated if verdict.tolerated else unknown).append(entry)
+                if not verdict.tolerated:
+                    kept[key] = value
             elif isinstance(value, Mapping):
                 kept[key] = walk(value, here)
             else:
@@ -774,26 +514,14 @@ def prune_config_file(data: Mapping[str, Any], tree: _Node) -> tuple[dict[str, A
     return kept, SourceNames((), tuple(ignored), tuple(unknown), tuple(tolerated))
 
 
-class _UsedEnvSource(EnvSettingsSource):
-    """The ``SI_SDF__`` environment without upstream's ignored names (they are not fields)."""
-
-    def _load_env_vars(self) -> Mapping[str, str | None]:
-        tree = setting_tree(Settings)
-        prefix = ENV_PREFIX.lower()
-        return {
-            name: value
-            for name, value in super()._load_env_vars().items()
-            if not name.startswith(prefix)
-            or classify_setting(tree, env_setting_path(name.upper())).use is SettingUse.USED
-        }
-
-
-def setting_env_name(loc: tuple[int | str, ...], prefix: str = ENV_PREFIX) -> str:
+def setting_env_name(loc: tuple[int | str, ...]) -> str:
     """The env var for a validation error location, e.g. SI_SDF__LAYER_DB_CONFIG__…."""
-    return prefix + "__".join(str(part).upper() for part in loc if isinstance(part, str))
+    return env_setting_name([part for part in loc if isinstance(part, str)])
 
 
-def describe_validation_error(exc: ValidationError, name_of: Any) -> str:
+def describe_validation_error(
+    exc: ValidationError, name_of: Callable[[tuple[int | str, ...]], str]
+) -> str:
     """One line for the first problem in a pydantic ``ValidationError``."""
     first = exc.errors()[0]
     where = name_of(first["loc"])
@@ -806,29 +534,29 @@ def describe_validation_error(exc: ValidationError, name_of: Any) -> str:
     return f"invalid {where}: {reason[:1].lower()}{reason[1:]}"
 
 
-def unknown_env_var(
-    environ: Mapping[str, str],
-    prefix: str,
-    fields: Iterable[str],
-    *,
-    nested: bool = True,
-    ignored: Iterable[str] = (),
-) -> str | None:
-    """The first env var under ``prefix`` that names no field nor an ``ignored`` name, as an
-    "unknown setting" line with a suggestion: pydantic-settings ignores unknown top-level
-    variables, and a typo there must not run a job on a default."""
-    known = set(fields)
-    allowed = known | set(ignored)
-    for name in sorted(environ):
-        upper = name.upper()
-        if upper.startswith(prefix):
-            rest = upper[len(prefix) :]
-            field = (rest.split("__", 1)[0] if nested else rest).lower()
-            if field not in allowed:
-                close = difflib.get_close_matches(field, sorted(known), n=1, cutoff=0.6)
-                suggestion = (prefix + close[0].upper()) if close else None
-                return unknown_setting_message(name, suggestion)
-    return None
+def _read_environment(tree: SettingNode) -> dict[str, Any]:
+    """The environment as pydantic-settings reads it; a section given as one variable that is
+    not JSON is a ``SettingsError`` naming the variable (pydantic-settings' own error names only
+    the field)."""
+    try:
+        return EnvSettingsSource(Settings)()
+    except PydanticSettingsError:
+        for name, value in sorted(os.environ.items()):
+            if not name.upper().startswith(ENV_PREFIX):
+                continue
+            node: SettingNode | None = tree
+            for part in env_setting_path(name):
+                node = None if node is None else node.children.get(part)
+            if node is None or not node.children:
+                continue
+            try:
+                json.loads(value)
+            except ValueError:
+                raise SettingsError(
+                    f"invalid {name}: a whole section in one variable must be a JSON object; "
+                    f"or set its names one by one ({name}__<NAME>)"
+                ) from None
+        raise
 
 
 def load_settings(
@@ -853,17 +581,23 @@ def load_settings(
     tables: dict[str, Any] = {}
     from_file = SourceNames()
     if config_file is not None:
-        tables, from_file = prune_config_file(read_config_file(config_file), tree)
+        tables, from_file = prune_upstream_names(read_config_file(config_file), tree)
         from_file.raise_for_unknown(f" in config file {config_file}")
     from_env.warn_of_tolerated()
     from_file.warn_of_tolerated(f" (config file {config_file})")
     ignored = [*from_env.ignored, *from_file.ignored, *ignored_flags]
     if ignored:
         log.debug("ignored upstream sdf settings", names=ignored)
-    token = _config_file_tables.set(tables)
+    flags = dict(overrides or {})
+    # The env names were classified above as given (pydantic-settings never reads the ones that
+    # name no field); its nested values lose upstream's names as the file's tables did.
+    environment, _names = prune_upstream_names(_read_environment(tree), tree)
+    sources = (
+        InitSettingsSource(Settings, flags),
+        InitSettingsSource(Settings, environment),
+        InitSettingsSource(Settings, tables),
+    )
     try:
-        return Settings(**dict(overrides or {}))
+        return Settings(_build_sources=(sources, flags))
     except ValidationError as exc:
         raise SettingsError(describe_validation_error(exc, setting_env_name)) from None
-    finally:
-        _config_file_tables.reset(token)

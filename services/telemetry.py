@@ -39,7 +39,7 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import CollectorRegistry, start_http_server
 
-from services.settings import SettingsError
+from layer_cache.errors import SettingsError
 
 DEFAULT_SERVICE_NAME = "sdf"
 SERVICE_NAMESPACE = "si"

@@ -30,20 +30,25 @@ import structlog
 from rich.console import Console
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
-from layer_cache.disk_tier import CacheTierUnavailable
-from layer_cache.errors import LayerCacheError, StorageError
-from layer_cache.schema import SchemaError, migrate_layer_db
+from layer_cache.errors import (
+    BackfillConfigError,
+    CacheTierUnavailable,
+    LayerCacheError,
+    ListenError,
+    PreflightError,
+    SchemaError,
+    SettingsError,
+    StorageError,
+    WriteQueueUnavailable,
+)
+from layer_cache.schema import migrate_layer_db
 from layer_cache.write_queue import (
     PG_RETRY_QUEUE,
     S3_WRITE_QUEUE,
-    WriteQueueUnavailable,
     queue_status,
     replay_dead_letters,
 )
-from layer_cache_server.server import (
-    ListenError,
-    serve_layer_cache,
-)
+from layer_cache_server.server import serve_layer_cache
 from migrations_mode.config import (
     BACKFILL_ENV_PREFIX,
     BackfillConfig,
@@ -55,22 +60,18 @@ from migrations_mode.config import (
 )
 from migrations_mode.coordinator import BackfillReport, resolve_cutoff, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
-from migrations_mode.errors import BackfillConfigError, PreflightError
 from migrations_mode.preflight import explain_storage_error
 from migrations_mode.summary import differences_found, format_summary_table
 from services.context import open_services_context
 from services.logging import LOG_FILE_NAME, configure_logging
 from services.sdf_flags import add_sdf_flags, sdf_flag_settings
+from services.setting_names import SettingUse, classify_setting, setting_tree
 from services.settings import (
     CONFIG_FILE_ENV,
     ENV_PREFIX,
     MigrationMode,
     Settings,
-    SettingsError,
-    SettingUse,
-    classify_setting,
     load_settings,
-    setting_tree,
 )
 from services.signals import StopRequest, capture_signals
 from services.telemetry import package_version
@@ -107,6 +108,19 @@ def _env_flag(name: str) -> bool:
 def _env_help(text: str, env: str, default: object = None) -> str:
     shown = "" if default is None else f"; default {default}"
     return f"{text} [env {env}{shown}]"
+
+
+def _add_env_switch(group: Any, flag: str, env: str, text: str) -> None:
+    """An on/off flag that the environment variable ``env`` can also turn on."""
+    group.add_argument(
+        flag, action="store_true", default=_env_flag(env), help=_env_help(text, env, "false")
+    )
+
+
+def _add_env_path(group: Any, flag: str, env: str, text: str) -> None:
+    """A path option that defaults to the environment variable ``env``."""
+    default = os.environ.get(env) or None
+    group.add_argument(flag, type=Path, default=default, help=_env_help(text, env, "none"))
 
 
 _BACKFILL_FLAGS: dict[str, str] = {
@@ -167,18 +181,8 @@ def build_parser() -> OneLineParser:
         choices=[mode.value for mode in MigrationMode],
         help=_env_help("what to do", f"{ENV_PREFIX}MIGRATION_MODE", MigrationMode.RUN.value),
     )
-    general.add_argument(
-        "--config",
-        type=Path,
-        default=os.environ.get(CONFIG_FILE_ENV) or None,
-        help=_env_help("TOML config file", CONFIG_FILE_ENV, "none"),
-    )
-    general.add_argument(
-        "--log-json",
-        action="store_true",
-        default=_env_flag("SI_LOG_JSON"),
-        help=_env_help("log JSON lines instead of console text", "SI_LOG_JSON", "false"),
-    )
+    _add_env_path(general, "--config", CONFIG_FILE_ENV, "TOML config file")
+    _add_env_switch(general, "--log-json", "SI_LOG_JSON", "log JSON lines instead of console text")
     general.add_argument(
         "--metrics-port",
         type=int,
@@ -188,28 +192,18 @@ def build_parser() -> OneLineParser:
             "off",
         ),
     )
-    general.add_argument(
+    _add_env_path(
+        general,
         "--log-file-directory",
-        type=Path,
-        default=os.environ.get(LOG_FILE_DIRECTORY_ENV) or None,
-        help=_env_help(
-            f"also append JSON log lines to {LOG_FILE_NAME} there (rotated at 128 MiB)",
-            LOG_FILE_DIRECTORY_ENV,
-            "none",
-        ),
+        LOG_FILE_DIRECTORY_ENV,
+        f"also append JSON log lines to {LOG_FILE_NAME} there (rotated at 128 MiB)",
     )
     colours = general.add_mutually_exclusive_group()
-    colours.add_argument(
-        "--no-color",
-        action="store_true",
-        default=_env_flag("SI_NO_COLOR"),
-        help=_env_help("never colour console logs (also NO_COLOR)", "SI_NO_COLOR", "false"),
+    _add_env_switch(
+        colours, "--no-color", "SI_NO_COLOR", "never colour console logs (also NO_COLOR)"
     )
-    colours.add_argument(
-        "--force-color",
-        action="store_true",
-        default=_env_flag("SI_FORCE_COLOR"),
-        help=_env_help("colour console logs even off a terminal", "SI_FORCE_COLOR", "false"),
+    _add_env_switch(
+        colours, "--force-color", "SI_FORCE_COLOR", "colour console logs even off a terminal"
     )
     general.add_argument(
         "-v", "--verbose", action="count", default=0, help="more logs (-v debug, -vv libraries)"

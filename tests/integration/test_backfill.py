@@ -13,11 +13,10 @@ from structlog.testing import capture_logs
 
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.concurrency import INITIAL_TUNED_LIMIT, ConcurrencyMode
-from layer_cache.errors import ErrorKind
+from layer_cache.errors import ErrorKind, PreflightError
 from migrations_mode.config import BackfillConfig, VerifyMode, parse_cutoff
 from migrations_mode.coordinator import BackfillReport, run_backfill
 from migrations_mode.dry_run import format_estimate_table, run_dry_run
-from migrations_mode.errors import PreflightError
 from migrations_mode.walk import Shard, WalkOrder
 from services.context import open_services_context
 from services.settings import Settings

@@ -279,3 +279,33 @@ def test_server_cache_smoke_reports_hot_reads_hit_ratios_and_the_memory_soak(
     soak = report["soak"]
     assert soak["errors"] == 0
     assert soak["samples"]
+
+
+def test_server_auth_smoke_reports_the_checks_cost_and_each_variant(tmp_path: Path) -> None:
+    """``python -m bench.server_auth --smoke``: the per-request check's cost per token count,
+    and the server open, with tokens and with tokens over HTTPS, every request answered."""
+    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
+    completed = subprocess.run(
+        [sys.executable, "-m", "bench.server_auth", "--smoke", "--results-dir", str(tmp_path)],
+        cwd=REPO_ROOT,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert completed.returncode == 0, f"{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
+    (written,) = tmp_path.glob("server-auth-*.json")
+    report = json.loads(written.read_text())
+    assert report["errors"] == 0, report["first_error"]
+    assert [cost["tokens_per_role"] for cost in report["checks"]] == [1, 2, 10]
+    assert all(cost["read_token_us"] > 0 for cost in report["checks"])
+    rows = {(row["operation"], row["variant"]): row for row in report["end_to_end"]}
+    assert set(rows) == {
+        (operation, variant)
+        for operation in ("PUT", "GET")
+        for variant in ("open", "tokens", "tokens over HTTPS")
+    }
+    assert all(row["requests"] == 100 for row in rows.values())
+    assert rows[("GET", "open")]["p50_ratio"] == 1.0

@@ -50,6 +50,7 @@ from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
 from layer_cache.keys import object_key
 from layer_cache.persister import PgStore, S3Store
+from layer_cache.retry import Backoff
 from layer_cache.write_queue import (
     PG_RETRY_QUEUE,
     S3_WRITE_QUEUE,
@@ -203,7 +204,7 @@ async def exercise_write_queue(
     cap: a PUT answered 503 and retried, then stored; a read-through write-back whose object the
     proxy refuses, a dead letter; a Postgres row refused once, then written, and one refused
     until it is a dead letter."""
-    budget = QueueBudget(max_attempts=3, base_delay_s=0.05, max_delay_s=0.1)
+    budget = QueueBudget(max_attempts=3, backoff=Backoff(base_delay_s=0.05, max_delay_s=0.1))
     store = S3Store(context.s3_layer(WRITE_QUEUE_CACHE))
     queue = WriteBehind(
         tmp_path / "write-queue",

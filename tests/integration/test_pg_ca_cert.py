@@ -34,16 +34,10 @@ from aiohttp import web
 from devenv.postgres import LocalPostgres, PostgresServer
 from devenv.process import free_port
 from devenv.tls import make_local_pki
-from layer_cache.errors import ErrorKind, PgLayerError
+from layer_cache.errors import ErrorKind, PgLayerError, SettingsError
 from services.context import open_pg_pool
 from services.pg_tls import fetch_remote_ca, pg_ssl_option
-from services.settings import (
-    CertificateKind,
-    PgCertificate,
-    PgPoolConfig,
-    PgSslMode,
-    SettingsError,
-)
+from services.settings import CertificateKind, PgCertificate, PgPoolConfig, PgSslMode
 from tests.cli_harness import CliRun, cli, run_cli
 from tests.integration.test_cli import the_error_line
 

@@ -27,10 +27,9 @@ from devenv.process import free_port
 from devenv.s3 import S3Endpoint, SeaweedS3
 from devenv.tls import LocalPki, TlsRelay, make_local_pki
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
-from layer_cache.errors import ErrorKind
+from layer_cache.errors import ErrorKind, PreflightError
 from layer_cache.retry import RetryPolicy
 from layer_cache.s3 import S3Layer
-from migrations_mode.errors import PreflightError
 from migrations_mode.preflight import check_bucket
 from services.context import CA_BUNDLE_ENV, open_services_context
 from services.settings import load_settings

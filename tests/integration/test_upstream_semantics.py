@@ -148,6 +148,52 @@ async def test_s3_primary_bulk_read_writes_back_the_keys_whose_s3_get_failed(
 
 
 # --------------------------------------------------------------------------------------------
+# Readiness through an S3 outage
+
+
+@pytest.mark.parametrize(
+    ("mode", "ready"), [("DualWrite", True), ("S3Primary", True), ("S3Only", False)]
+)
+async def test_an_s3_outage_fails_readiness_only_where_s3_is_written_directly(
+    mode: str,
+    ready: bool,
+    layer_db: LayerDb,
+    s3_server: S3Server,
+    bucket_prefix: str,
+    http: aiohttp.ClientSession,
+    tmp_path: Path,
+) -> None:
+    """DualWrite and S3Primary queue their S3 writes durably and read Postgres past a failing
+    S3, so an outage must not take every replica out of the Service: ``/readyz`` stays 200 and
+    names the failing check, and a PUT is acknowledged. S3Only cannot serve without S3: 503."""
+    async with AsyncExitStack() as stack:
+        proxy = await stack.enter_async_context(
+            FaultProxy(s3_server.endpoint.url, FaultPlan(internal_error_share=1.0))
+        )
+        config = ServerConfig(
+            write_queue_dir=tmp_path / "q", readiness_timeout_secs=5, grace_period_secs=1
+        )
+        server = await serve(
+            stack, layer_db, s3_server, bucket_prefix, proxy.url, config, mode=mode
+        )
+        async with http.get(f"{server.url}/readyz") as response:
+            body = await response.json()
+        assert body["checks"]["s3"] != "ok", body
+        if ready:
+            assert response.status == 200, body
+            assert body["status"] == "ready"
+            assert body["checks"]["postgres"] == "ok"
+            key = hex_key(random.Random(mode))
+            async with http.put(f"{server.url}/v1/cas/{key}", data=b"v" * 64) as response:
+                assert response.status == 201, await response.text()
+            assert await pg_rows(layer_db, CAS) == {key: b"v" * 64}
+        else:
+            assert response.status == 503, body
+            assert body["error"]["code"] == "not_ready"
+        assert proxy.counts["GET:internal_error"] >= 1
+
+
+# --------------------------------------------------------------------------------------------
 # A conditional PUT never deletes
 
 

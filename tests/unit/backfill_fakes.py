@@ -31,7 +31,7 @@ from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.concurrency import ConcurrencyMode
 from layer_cache.errors import ErrorKind, StorageError
 from layer_cache.pg import PgLayer, RowRef
-from layer_cache.retry import RetryPolicy
+from layer_cache.retry import Backoff, RetryPolicy
 from layer_cache.s3 import S3Layer, StoredObject
 from migrations_mode.cache_backfill import CacheBackfill
 from migrations_mode.cache_parts import CacheParts, cache_parts
@@ -50,7 +50,9 @@ T = TypeVar("T")
 
 CUTOFF = datetime(2026, 1, 13, 17, 30, tzinfo=UTC)
 # Retries that take no time worth waiting for (the retry rule itself: tests/unit/test_retry.py).
-FAST_RETRIES = RetryPolicy(max_attempts=3, max_elapsed_s=5.0, base_delay_s=0.001, max_delay_s=0.001)
+FAST_RETRIES = RetryPolicy(
+    max_attempts=3, max_elapsed_s=5.0, backoff=Backoff(base_delay_s=0.001, max_delay_s=0.001)
+)
 # Bounds every wait of a test on the walk, so a broken pipeline fails instead of hanging.
 DEADLINE_S = 5.0
 

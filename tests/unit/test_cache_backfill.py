@@ -17,9 +17,8 @@ from hypothesis import strategies as st
 from structlog.typing import EventDict
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import CacheBackfillFailed, ErrorKind, StorageError
 from migrations_mode.config import VerifyMode
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_store import SavedProgress
 from migrations_mode.walk import WalkOrder
 from tests.unit.backfill_fakes import (

@@ -28,13 +28,13 @@ from layer_cache.disk_tier import (
     BLOCK_BYTES,
     HEADER,
     TEMP_SUFFIX,
-    CacheTierUnavailable,
     DiskTier,
     capacity_for_free_space,
     charged_bytes,
     decode,
     encode,
 )
+from layer_cache.errors import CacheTierUnavailable
 from layer_cache.persister import ROUTES, Backend, CachePersister, PersisterMode
 from layer_cache.persister_metrics import PersisterMetrics
 from tests.unit.test_persister import NO_RETRY, MemoryStore, RecordingSink

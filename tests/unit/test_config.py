@@ -7,6 +7,7 @@ import pytest
 
 from layer_cache.cache_types import CacheType
 from layer_cache.concurrency import ConcurrencyMode
+from layer_cache.errors import BackfillConfigError
 from migrations_mode.config import (
     format_checkpoint,
     load_backfill_config,
@@ -14,7 +15,6 @@ from migrations_mode.config import (
     parse_cutoff,
     with_resolved_cutoff,
 )
-from migrations_mode.errors import BackfillConfigError
 
 CUTOFF = "2026-01-13T17:30:26.445817Z"
 

@@ -27,6 +27,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from grafana.dashboard import JSON_PATH, SERVICE_LABELS, main, render
 from layer_cache.cache_types import CacheType
 from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.retry import Backoff
 from layer_cache.write_queue import (
     PG_RETRY_QUEUE,
     S3_WRITE_QUEUE,
@@ -266,7 +267,7 @@ async def exercise_write_queue(directory: Path, meter: Meter) -> None:
     for kind in (S3_WRITE_QUEUE, PG_RETRY_QUEUE):
         target = MemoryStore(kind.backend)
         target.failing, target.fail_once = transient(), True
-        budget = QueueBudget(max_attempts=2, base_delay_s=0.001, max_delay_s=0.002)
+        budget = QueueBudget(max_attempts=2, backoff=Backoff(base_delay_s=0.001, max_delay_s=0.002))
         queue = WriteBehind(
             directory, {CacheType.CAS: target}, meter, workers=1, budget=budget, kind=kind
         )

@@ -54,11 +54,11 @@ import yaml
 from deploy import render
 from deploy.render import Values
 from devenv.tls import LocalPki, make_local_pki
+from layer_cache.errors import BackfillConfigError, TokenFileError
 from layer_cache.persister import PersisterMode
-from layer_cache_server.auth import Role, TokenFileError, parse_tokens, server_access
+from layer_cache_server.auth import Role, parse_tokens, server_access
 from layer_cache_server.tls import server_tls
 from migrations_mode.config import BackfillSettings, load_backfill_config
-from migrations_mode.errors import BackfillConfigError
 from services.settings import (
     ENV_PREFIX,
     MigrationMode,

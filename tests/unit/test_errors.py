@@ -1,8 +1,12 @@
 from __future__ import annotations
 
+import ast
+import importlib
+import re
 import socket
 import ssl
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, cast
 
 import aiohttp
@@ -29,6 +33,7 @@ from botocore.exceptions import (
     TokenRetrievalError,
 )
 
+from layer_cache import errors
 from layer_cache.errors import (
     ErrorKind,
     PgLayerError,
@@ -551,3 +556,113 @@ def test_a_refused_postgres_certificate_is_final_with_its_reason() -> None:
     assert str(raised.value) == (
         f"connecting to Postgres failed: the server's TLS certificate is not trusted ({reason})"
     )
+
+
+# --------------------------------------------------------------------------------------------
+# One tree, in one module, drawn in its docstring
+
+REPO = Path(__file__).resolve().parents[2]
+PRODUCT_PACKAGES = (
+    "layer_cache",
+    "services",
+    "migrations_mode",
+    "layer_cache_server",
+    "si_layer_cache",
+)
+ERRORS_MODULE = REPO / "layer_cache" / "errors.py"
+# A line of the docstring's tree: four spaces, two more per level, the class, its description.
+TREE_LINE = re.compile(r"^    (?P<indent>(?:  )*)(?P<name>[A-Z]\w*)  +\S")
+
+
+def _resolve(dotted: str) -> object:
+    """What a dotted name stands for: its longest importable module prefix, then attributes."""
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            found: object = importlib.import_module(".".join(parts[:cut]))
+        except ModuleNotFoundError:
+            continue
+        for attribute in parts[cut:]:
+            found = getattr(found, attribute)
+        return found
+    raise LookupError(dotted)
+
+
+def exception_classes(path: Path) -> set[str]:
+    """The exception classes a module defines, read from its source: each base is resolved
+    through the module's own imports (or builtins), a base defined in the module by its bases."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    imported: dict[str, str] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
+        elif isinstance(node, ast.Import):
+            for alias in node.names:
+                local = alias.asname or alias.name.partition(".")[0]
+                imported[local] = alias.name if alias.asname else local
+    classes = {node.name: node for node in ast.walk(tree) if isinstance(node, ast.ClassDef)}
+
+    def is_exception(base: ast.expr) -> bool:
+        if not isinstance(base, ast.Name | ast.Attribute):  # Generic[T], a call: not a class
+            return False
+        head, _, rest = ast.unparse(base).partition(".")
+        if head in classes and not rest:
+            return any(is_exception(grand) for grand in classes[head].bases)
+        found = _resolve(imported.get(head, f"builtins.{head}") + (f".{rest}" if rest else ""))
+        return isinstance(found, type) and issubclass(found, BaseException)
+
+    return {name for name, node in classes.items() if any(map(is_exception, node.bases))}
+
+
+def module_exceptions() -> dict[str, type[BaseException]]:
+    return {
+        name: value
+        for name, value in vars(errors).items()
+        if isinstance(value, type)
+        and issubclass(value, BaseException)
+        and value.__module__ == errors.__name__
+    }
+
+
+def documented_tree(docstring: str) -> dict[str, str | None]:
+    """Each class the docstring's tree names, and its parent in the tree (None: a root)."""
+    parents: dict[str, str | None] = {}
+    path: list[str] = []
+    for line in docstring.splitlines():
+        match = TREE_LINE.match(line)
+        if match is None:
+            continue
+        depth = len(match["indent"]) // 2
+        assert depth <= len(path), f"{line!r} is indented past its parent"
+        del path[depth:]
+        parents[match["name"]] = path[-1] if path else None
+        path.append(match["name"])
+    return parents
+
+
+def test_every_exception_class_of_the_product_is_defined_in_the_errors_module() -> None:
+    defined = {
+        (path.relative_to(REPO).as_posix(), name)
+        for package in PRODUCT_PACKAGES
+        for path in sorted((REPO / package).rglob("*.py"))
+        for name in exception_classes(path)
+    }
+    assert {entry for entry in defined if entry[0] != "layer_cache/errors.py"} == set()
+    # The scan finds what the module holds (so an empty scan cannot pass the line above).
+    assert exception_classes(ERRORS_MODULE) == set(module_exceptions())
+
+
+def test_the_errors_docstring_draws_the_module_tree_with_each_class_real_parent() -> None:
+    classes = module_exceptions()
+    assert all(len(cls.__bases__) == 1 for cls in classes.values())
+    parents = {
+        name: cls.__base__.__name__ if cls.__base__.__module__ == errors.__name__ else None
+        for name, cls in classes.items()
+        if cls.__base__ is not None
+    }
+    assert errors.__doc__ is not None
+    assert documented_tree(errors.__doc__) == parents
+    # One tree: a single root, and it is a plain Exception.
+    assert [name for name, parent in parents.items() if parent is None] == ["LayerCacheError"]
+    assert errors.LayerCacheError.__bases__ == (Exception,)

@@ -19,7 +19,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
-from layer_cache.errors import ErrorKind, StorageError
+from layer_cache.errors import ErrorKind, SettingsError, StorageError
 from layer_cache.persister import (
     ROUTES,
     S3_BULK_READ_CONCURRENCY,
@@ -33,13 +33,12 @@ from layer_cache.persister import (
 )
 from layer_cache.persister_metrics import PersisterMetrics
 from layer_cache.pg import PgLayer
-from layer_cache.retry import RetryPolicy, call_with_retries
+from layer_cache.retry import Backoff, RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
 from layer_cache_server.server import KEY_PATTERN, parse_socket_addr
-from services.settings import SettingsError
 
 NO_RETRY = RetryPolicy(max_attempts=1)
-FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.001, max_delay_s=0.002)
+FAST_RETRY = RetryPolicy(max_attempts=3, backoff=Backoff(base_delay_s=0.001, max_delay_s=0.002))
 
 
 class MemoryStore:

@@ -13,9 +13,8 @@ from typing import TypeVar
 import structlog
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import StorageError
+from layer_cache.errors import CacheBackfillFailed, StorageError
 from migrations_mode.checkpoint import CheckpointTracker, Position
-from migrations_mode.errors import CacheBackfillFailed
 from migrations_mode.progress_saver import ProgressSaver, WalkProgress
 from migrations_mode.progress_store import (
     ProgressKey,
@@ -182,6 +181,24 @@ async def test_resume_newest_first_starts_from_the_tracker_checkpoint() -> None:
     with structlog.testing.capture_logs() as logs:
         await saver.resume()
     assert logs[0]["checkpoint_timestamp"] == "2026-01-13 16:30:00.000001 UTC"
+
+
+def test_the_checkpoint_that_resumes_is_the_cutoff_in_key_order_and_the_trackers_newest_first() -> (
+    None
+):
+    walk = walk_at_start()
+    walk.tracker.finish(walk.tracker.dispatch(Position(CUTOFF - timedelta(hours=1), "ab")))
+    newest_first = ProgressSaver(
+        MemoryStore(),
+        replace(KEY, order=WalkOrder.NEWEST_FIRST),
+        walk=walk,
+        storage=direct_call,
+        writes=True,
+        restart=False,
+        batch_size=10,
+    )
+    assert saver_for(MemoryStore(), walk).checkpoint_timestamp == CUTOFF
+    assert newest_first.checkpoint_timestamp == walk.tracker.checkpoint_timestamp < CUTOFF
 
 
 async def test_a_completed_copy_stays_completed_and_a_completed_repair_starts_again() -> None:

@@ -8,9 +8,9 @@ import pytest
 import structlog
 
 from layer_cache.cache_types import CacheType
+from layer_cache.errors import PreflightError
 from layer_cache.pg import read_only_reason
 from migrations_mode.checkpoint import Position
-from migrations_mode.errors import PreflightError
 from migrations_mode.progress_store import (
     PgProgressStore,
     ProgressKey,

@@ -6,14 +6,36 @@ import random
 import pytest
 
 from layer_cache.errors import ErrorKind, StorageError
-from layer_cache.retry import AdaptiveLimit, RetryPolicy, call_with_retries
+from layer_cache.retry import AdaptiveLimit, Backoff, RetryPolicy, call_with_retries
 
 
-def test_full_jitter_delays_stay_under_the_exponential_ceiling() -> None:
-    policy = RetryPolicy(base_delay_s=0.1, max_delay_s=1.0, rng=random.Random(1))
-    for attempt in range(1, 12):
-        ceiling = min(1.0, 0.1 * 2 ** (attempt - 1))
-        assert all(0 <= policy.delay_s(attempt) <= ceiling for _ in range(50))
+def test_backoff_is_full_jitter_under_a_doubling_ceiling_and_the_cap() -> None:
+    backoff = Backoff(base_delay_s=0.5, max_delay_s=60.0, rng=random.Random(1))
+    for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (8, 60.0), (10_000, 60.0)]:
+        draws = [backoff.delay_s(attempt) for _ in range(500)]
+        assert all(0.0 <= draw <= ceiling for draw in draws)
+        assert max(draws) > ceiling * 0.9  # the whole range is used, not a fixed delay
+        assert min(draws) < ceiling * 0.1
+
+
+async def test_retries_wait_the_delays_of_the_policy_backoff() -> None:
+    policy = RetryPolicy(
+        backoff=Backoff(base_delay_s=0.001, max_delay_s=0.004, rng=random.Random(7))
+    )
+    same_draws = Backoff(base_delay_s=0.001, max_delay_s=0.004, rng=random.Random(7))
+    failures = [StorageError("reset", kind=ErrorKind.TRANSIENT) for _ in range(4)]
+    delays: list[float] = []
+
+    async def flaky() -> str:
+        if failures:
+            raise failures.pop()
+        return "ok"
+
+    result = await call_with_retries(
+        flaky, policy, on_retry=lambda _exc, _attempt, delay: delays.append(delay)
+    )
+    assert result == "ok"
+    assert delays == [same_draws.delay_s(attempt) for attempt in range(1, 5)]
 
 
 def test_budget_limits_attempts_and_total_time() -> None:
@@ -24,7 +46,9 @@ def test_budget_limits_attempts_and_total_time() -> None:
 
 
 def fast_policy(attempts: int = 5) -> RetryPolicy:
-    return RetryPolicy(max_attempts=attempts, base_delay_s=0.001, max_delay_s=0.002)
+    return RetryPolicy(
+        max_attempts=attempts, backoff=Backoff(base_delay_s=0.001, max_delay_s=0.002)
+    )
 
 
 async def test_retryable_errors_are_retried_and_reported() -> None:

@@ -33,11 +33,11 @@ from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
 
+from layer_cache.errors import SchemaError
 from layer_cache.schema import (
     CREATE_HISTORY_TABLE,
     HistoryRow,
     Migration,
-    SchemaError,
     pending_migrations,
     refinery_checksum,
     refinery_timestamp,

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from layer_cache.errors import SettingsError, TokenFileError
 from layer_cache_server.auth import (
     ALLOWED,
     FailureLimiter,
     Role,
-    TokenFileError,
     TokenFiles,
     bearer_token,
     decide,
@@ -20,7 +20,7 @@ from layer_cache_server.auth import (
     required_role,
     server_access,
 )
-from services.settings import ServerAuth, ServerConfig, SettingsError
+from services.settings import ServerAuth, ServerConfig
 
 READER = "r" * 20
 READER_NEXT = "s" * 24

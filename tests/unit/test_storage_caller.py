@@ -12,9 +12,8 @@ import pytest
 import structlog
 
 from layer_cache.cache_types import CacheType
-from layer_cache.errors import ErrorKind, StorageError
-from layer_cache.retry import RetryPolicy
-from migrations_mode.errors import CacheBackfillFailed
+from layer_cache.errors import CacheBackfillFailed, ErrorKind, StorageError
+from layer_cache.retry import Backoff, RetryPolicy
 from migrations_mode.progress import CacheProgress
 from migrations_mode.storage_caller import StorageCaller
 from tests.unit.backfill_fakes import DEADLINE_S, FAST_RETRIES, counter_values, metrics_reader
@@ -125,7 +124,7 @@ async def test_transient_failures_are_retried_counted_by_class_and_logged_with_t
         ("retrying storage call", "warning", "ab01", "transient", 2),
     ]
     assert all(log["error"] == "PutObject failed (transient)" for log in logs)
-    assert all(0 <= log["delay_s"] <= FAST_RETRIES.max_delay_s for log in logs)
+    assert all(0 <= log["delay_s"] <= FAST_RETRIES.backoff.max_delay_s for log in logs)
     assert limit.feedback == ["success"], "a transient fault is no reason to slow down"
 
 
@@ -211,7 +210,9 @@ async def test_an_error_that_is_not_a_storage_error_is_neither_retried_nor_wrapp
 async def test_a_cancelled_call_stops_in_its_backoff_without_another_attempt() -> None:
     # Every backoff is a minute: a call still running after the cancel would show.
     policy = RetryPolicy(
-        max_attempts=8, max_elapsed_s=600, base_delay_s=60, max_delay_s=60, rng=LongestDelay()
+        max_attempts=8,
+        max_elapsed_s=600,
+        backoff=Backoff(base_delay_s=60, max_delay_s=60, rng=LongestDelay()),
     )
     caller, limit, metric = make_caller(policy)
     call = Flaky(*(error(ErrorKind.TRANSIENT) for _ in range(5)))

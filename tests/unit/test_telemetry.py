@@ -23,8 +23,8 @@ from structlog.testing import capture_logs
 
 from devenv.otlp_receiver import collector_series_names
 from devenv.process import free_port
+from layer_cache.errors import SettingsError
 from services.logging import configure_logging
-from services.settings import SettingsError
 from services.telemetry import (
     DEFAULT_EXPORT_INTERVAL_MS,
     DEFAULT_EXPORT_TIMEOUT_MS,

@@ -9,23 +9,24 @@ from pathlib import Path
 import pytest
 from structlog.testing import capture_logs
 
+from layer_cache.errors import BackfillConfigError, SettingsError
 from migrations_mode.config import load_backfill_config
-from migrations_mode.errors import BackfillConfigError
 from services.context import pg_pool_tuning
-from services.settings import (
+from services.setting_names import (
     UPSTREAM_SDF_SETTINGS,
-    PgPoolConfig,
-    PgSslMode,
-    Settings,
-    SettingsError,
     SettingUse,
-    classify_environment,
     classify_setting,
     env_setting_name,
     env_setting_path,
-    load_settings,
-    prune_config_file,
     setting_tree,
+)
+from services.settings import (
+    PgPoolConfig,
+    PgSslMode,
+    Settings,
+    classify_environment,
+    load_settings,
+    prune_upstream_names,
 )
 
 PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
@@ -195,7 +196,7 @@ def test_config_file_drops_upstream_tables_and_rejects_typos() -> None:
             "object_storage_config": {"read_retry": {"max_attempts": 3}, "num_workers": 10},
         },
     }
-    kept, names = prune_config_file(data, TREE)
+    kept, names = prune_upstream_names(data, TREE)
     assert kept == {
         "layer_db_config": {
             "persister_mode": "DualWrite",
@@ -210,7 +211,7 @@ def test_config_file_drops_upstream_tables_and_rejects_typos() -> None:
         "layer_db_config.object_storage_config.read_retry",
         "layer_db_config.object_storage_config.num_workers",
     }
-    _, typo = prune_config_file({"layer_db_config": {"pg_pool_config": {"hostnam": "x"}}}, TREE)
+    _, typo = prune_upstream_names({"layer_db_config": {"pg_pool_config": {"hostnam": "x"}}}, TREE)
     assert typo.unknown == (
         (
             "layer_db_config.pg_pool_config.hostnam",
