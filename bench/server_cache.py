@@ -8,8 +8,9 @@
   backend), with the memory tier, and with values only on the disk tier (memory too small).
 * **Zipf hit ratio**: ``--zipf-keys`` values of log-normal sizes written to Postgres, then read
   with Zipf(``--alpha``) popularity through a memory tier of 1 %, 5 % and 20 % of their bytes;
-  the hit ratio is the server's own count (``layer_cache_backend_resolved``, scraped from its
-  Prometheus endpoint) over the second half of the reads.
+  the hit ratio is the server's own count (``layer_cache_backend_resolved`` hits over
+  ``layer_cache_requests_total``, scraped from its Prometheus endpoint) over the second half of
+  the reads.
 * **memory soak**: a PostgresOnly server with a ``--soak-memory`` memory tier and a disk tier
   under a mixed load (80 % Zipf reads over four times the tier's bytes, 20 % new writes) for
   ``--soak-secs``; its RSS (``/proc/<pid>/status``) is sampled every second against the budget:
@@ -65,6 +66,7 @@ SERVER = "SI_SDF__SERVER__"
 CACHE = "SI_SDF__LAYER_DB_CONFIG__CACHE_CONFIG__"
 SIZE_SHARES = (0.01, 0.05, 0.20)
 RESOLVED = "layer_cache_backend_resolved_total"
+REQUESTS = "layer_cache_requests_total"
 _SAMPLE = re.compile(r"^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(?P<labels>.*)\})? (?P<value>\S+)$")
 _LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 
@@ -161,13 +163,17 @@ async def scrape(
 
 
 def tier_counts(samples: Sequence[tuple[str, dict[str, str], float]]) -> dict[str, float]:
-    """Lookups the tier counted: ``memory`` and ``disk`` hits, and ``miss``."""
-    counts = {"memory": 0.0, "disk": 0.0, "miss": 0.0}
+    """Lookups the tier counted: ``memory`` and ``disk`` hits, and ``miss`` (the keys asked for
+    that it did not have: upstream counts no tier miss in ``…_backend_resolved``)."""
+    counts = {"memory": 0.0, "disk": 0.0}
+    requests = 0.0
     for name, labels, value in samples:
         if name == RESOLVED and labels.get("backend") == "foyer":
-            bucket = labels.get("tier", "") if labels.get("result") == "hit" else "miss"
-            counts[bucket] = counts.get(bucket, 0.0) + value
-    return counts
+            tier = labels.get("tier", "")
+            counts[tier] = counts.get(tier, 0.0) + value
+        elif name == REQUESTS:
+            requests += value
+    return counts | {"miss": requests - counts["memory"] - counts["disk"]}
 
 
 def gauge(samples: Sequence[tuple[str, dict[str, str], float]], name: str, tier: str) -> int | None:

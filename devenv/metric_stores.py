@@ -87,6 +87,18 @@ class MetricStore:
             answer: dict[str, Any] = await response.json(content_type=None)
             return answer
 
+    async def label_values(self, label: str, selector: str | None = None) -> list[str]:
+        """The values of ``label`` (on the series ``selector`` matches), as Grafana's
+        ``label_values(selector, label)`` asks for them."""
+        params = {} if selector is None else {"match[]": selector}
+        async with self.session.get(
+            f"{self.url}/api/v1/label/{label}/values", params=params
+        ) as response:
+            answer: dict[str, Any] = await response.json(content_type=None)
+        assert answer["status"] == "success", f"label_values({selector}, {label}): {answer}"
+        values: list[str] = answer["data"]
+        return values
+
     async def series(self, promql: str) -> list[tuple[dict[str, str], float]]:
         """(labels, value) of every series of a query that must succeed."""
         answer = await self.query(promql)

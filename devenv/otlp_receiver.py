@@ -4,14 +4,16 @@ No OpenTelemetry Collector binary is obtainable from the registries this project
 tests receive OTLP over gRPC with the protocol's own service definition (the
 ``opentelemetry-proto`` package's generated servicer, the same one the collector implements):
 HTTP/2, protobuf ``ExportMetricsServiceRequest``, gRPC status codes. Each request is kept as
-received; ``points`` flattens them into (resource attributes, metric name, attributes, value).
-The server listens on a free loopback port (plaintext, like a collector's default ``:4317``) on
-grpcio's thread pool, so it keeps answering while a test waits on a subprocess; ``stop`` ends it
-with a short grace period.
+received; ``points`` flattens them into (resource attributes, metric name, attributes, value),
+and ``prometheus_names`` names each metric as the collector's Prometheus exporter would
+(``collector_series_names``). The server listens on a free loopback port (plaintext, like a
+collector's default ``:4317``) on grpcio's thread pool, so it keeps answering while a test waits
+on a subprocess; ``stop`` ends it with a short grace period.
 """
 
 from __future__ import annotations
 
+import re
 import threading
 from collections.abc import Iterator
 from concurrent import futures
@@ -47,6 +49,32 @@ class Point:
     metric: str
     attributes: dict[str, Any]
     value: float
+
+
+# The OpenTelemetry collector's Prometheus exporter with its default add_metric_suffixes
+# (pkg/translator/prometheus, normalizeName): the name is split into words at every character
+# that is not a letter or a digit; the unit's word is appended unless the name has it; a monotonic
+# sum gets "total" last (any "total" word moved there); words are joined with "_". Units beyond
+# these are refused rather than guessed.
+COLLECTOR_UNIT_WORDS = {"ms": "milliseconds", "s": "seconds", "By": "bytes"}
+HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
+
+
+def collector_series_names(name: str, unit: str, kind: str, monotonic: bool) -> set[str]:
+    """The Prometheus series names of one OTLP metric (``kind``: ``sum``, ``gauge``,
+    ``histogram``) as the collector's Prometheus exporter names them."""
+    words = [word for word in re.split(r"[^A-Za-z0-9]+", name) if word]
+    if unit:
+        if unit not in COLLECTOR_UNIT_WORDS:
+            raise ValueError(f"{name}: unit {unit!r} has no translation here")
+        if COLLECTOR_UNIT_WORDS[unit] not in words:
+            words.append(COLLECTOR_UNIT_WORDS[unit])
+    if kind == "sum" and monotonic:
+        words = [word for word in words if word != "total"] + ["total"]
+    base = "_".join(words)
+    if kind == "histogram":
+        return {base + suffix for suffix in HISTOGRAM_SUFFIXES}
+    return {base}
 
 
 class _MetricsService(metrics_service_pb2_grpc.MetricsServiceServicer):
@@ -102,6 +130,19 @@ class OtlpGrpcReceiver:
                             found.append(
                                 Point(resource, metric.name, _attributes(point.attributes), value)
                             )
+        return found
+
+    def prometheus_names(self) -> set[str]:
+        """Every series name the received metrics get through the collector's Prometheus
+        exporter."""
+        found: set[str] = set()
+        for request in self.requests:
+            for resource_metrics in request.resource_metrics:
+                for scope_metrics in resource_metrics.scope_metrics:
+                    for metric in scope_metrics.metrics:
+                        kind = metric.WhichOneof("data")
+                        monotonic = kind == "sum" and metric.sum.is_monotonic
+                        found |= collector_series_names(metric.name, metric.unit, kind, monotonic)
         return found
 
     def start(self) -> None:

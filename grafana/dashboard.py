@@ -428,21 +428,25 @@ def health(m: Metrics) -> list[cogbuilder.Builder[model.Panel]]:
     ]
 
 
-def server_metric(name: str) -> str:
-    """A layer cache server metric (``layer_cache_write_queue_…``, upstream's
-    ``layer_cache_fallback_writeback_…``), filtered like the backfill's: they carry
-    ``cache_type`` besides upstream's ``cache_name`` (the table)."""
-    return f'{name}{{$job_label=~"$service", cache_type=~"$cache_type"}}'
+def server_metric(name: str, matchers: str = "") -> str:
+    """A layer cache server metric (upstream's ``s3_write_…``, ``layer_cache_retry_queue_…``,
+    ``layer_cache_fallback_writeback_…``; our ``layer_cache_write_queue_…``), filtered like the
+    backfill's: they carry ``cache_type`` besides upstream's ``cache_name`` (the table);
+    ``matchers`` are added after those two."""
+    extra = f", {matchers}" if matchers else ""
+    return f'{name}{{$job_label=~"$service", cache_type=~"$cache_type"{extra}}}'
 
 
-def server_rate(name: str) -> str:
-    return f"rate({server_metric(name)}[$__rate_interval])"
+def server_rate(name: str, matchers: str = "") -> str:
+    return f"rate({server_metric(name, matchers)}[$__rate_interval])"
 
 
 def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
     """The layer cache server's durable S3 write queue and Postgres retry queue (DualWrite,
     S3Primary)."""
     q = "layer_cache_write_queue_"
+    attempts = "s3_write_attempts_total"
+    succeeded, retried = 'result="success"', 'result="retry"'
     retry = "layer_cache_retry_queue_"
     fallback = "layer_cache_fallback_writeback_"
     return [
@@ -451,7 +455,12 @@ def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
             "S3 PUTs acknowledged to clients (Postgres has the row) and waiting in the server's "
             "durable write queue. Growing: S3 is not taking writes.",
             "short",
-            [query(f"sum by (cache_name) ({server_metric(q + 'depth')})", "{{cache_name}}")],
+            [
+                query(
+                    f"sum by (cache_name) ({server_metric('s3_write_queue_depth')})",
+                    "{{cache_name}}",
+                )
+            ],
             span=8,
         ),
         series(
@@ -468,15 +477,19 @@ def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
         ),
         series(
             "Write Queue Dead Letters",
-            "Queued PUTs moved to the dead letters: only with the opt-in caps "
+            "Queued S3 PUTs and Postgres rows in the dead letters: only with the opt-in caps "
             "(SI_SDF__SERVER__WRITE_QUEUE_MAX_ATTEMPTS, …_MAX_AGE_SECS) set. Check the log, then "
             "replay with python -m services --write-queue-replay.",
             "short",
             [
                 query(
-                    f"sum by (cache_name) ({server_metric(q + 'permanent_failure_total')})",
-                    "{{cache_name}}",
-                )
+                    f"sum by (cache_name) ({server_metric('s3_dlq_depth')})",
+                    "{{cache_name}} - S3",
+                ),
+                query(
+                    f"sum by (cache_name) ({server_metric(retry + 'dlq_depth')})",
+                    "{{cache_name}} - Postgres",
+                ),
             ],
             span=8,
         ),
@@ -491,11 +504,11 @@ def write_queue() -> list[cogbuilder.Builder[model.Panel]]:
                     "{{cache_name}} - enqueued",
                 ),
                 query(
-                    f"sum by (cache_name) ({server_rate(q + 'success_total')})",
+                    f"sum by (cache_name) ({server_rate(attempts, succeeded)})",
                     "{{cache_name}} - reached S3",
                 ),
                 query(
-                    f"sum by (cache_name) ({server_rate(q + 'retried_total')})",
+                    f"sum by (cache_name) ({server_rate(attempts, retried)})",
                     "{{cache_name}} - retried",
                 ),
             ],

@@ -19,13 +19,16 @@ started before an evict is dropped (``generation``), so an evicted value never c
 read that raced the evict. ``TieredPersister`` wraps a ``CachePersister`` with the tier: what the
 server serves. The tier owns no task but the disk tier's (``start``/``close``).
 
-Metrics (upstream's names; ``backend="foyer"`` is upstream's name for its memory/disk cache, the
-one its dashboard filters on; ``tier`` says which of ours answered):
-``layer_cache_backend_resolved{cache_name, backend="foyer", result, tier}`` per tier lookup;
-``layer_cache_evictions``, ``layer_cache_eviction_failures`` and the histogram
-``layer_cache_evict_duration_ms`` ``{cache_name, backend="foyer"|"postgres"}`` per evict; gauges
-``layer_cache_tier_bytes``, ``layer_cache_tier_entries`` and ``layer_cache_tier_capacity_bytes``
-``{tier="memory"|"disk"}``.
+Metrics (upstream's names, ``layer_cache.persister_metrics``; ``backend="foyer"`` is upstream's
+name for its memory/disk cache, the one its dashboard filters on; ``tier`` says which of ours
+answered): per lookup, ``layer_cache_read_latency_ms{cache_name, backend="foyer", result, tier}``
+and for a hit ``layer_cache_backend_resolved{cache_name, backend="foyer", result="hit", tier}``;
+``TieredPersister`` counts ``layer_cache_requests_total`` per key and, per GET,
+``layer_cache_request_latency_ms{cache_name, result}``. Per evict ``layer_cache_evictions``,
+``layer_cache_eviction_failures`` and the histogram ``layer_cache_evict_duration_ms``
+``{cache_name, backend="foyer"|"postgres"}`` (no unit: Prometheus would append
+``_milliseconds``); gauges ``layer_cache_tier_bytes``, ``layer_cache_tier_entries`` and
+``layer_cache_tier_capacity_bytes`` ``{tier="memory"|"disk"}``.
 """
 
 from __future__ import annotations
@@ -42,16 +45,16 @@ from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.disk_tier import DiskKey, DiskTier
 from layer_cache.errors import StorageError
 from layer_cache.eviction import DEFAULT_POLICY, EvictionPolicy, make_policy
+from layer_cache.instruments import ms_histogram
 from layer_cache.persister import Backend, CachePersister
+from layer_cache.persister_metrics import TIER_BACKEND, PersisterMetrics
 
-TIER_BACKEND = "foyer"
 MEMORY_ENTRY_OVERHEAD_BYTES = 700
 """Memory one entry costs beyond its value bytes and key characters: the policy's structures,
 the key tuple and string, the bytes object's header and a ghost slot (measured by
 tests/unit/test_cache_tier.py)."""
 DEFAULT_MAX_ENTRY_PERCENT = 10.0
 
-RESOLVED_METRIC = "layer_cache_backend_resolved"
 EVICTIONS_METRIC = "layer_cache_evictions"
 EVICTION_FAILURES_METRIC = "layer_cache_eviction_failures"
 EVICT_DURATION_METRIC = "layer_cache_evict_duration_ms"
@@ -138,13 +141,15 @@ class CacheTier:
         self.trimmer = HeapTrimmer(max(1, int(memory_bytes * TRIM_EVERY_SHARE)), _malloc_trim())
         self.generation = 0
         """Bumped by every evict: a fill that saw another value started before it is dropped."""
-        self._resolved = None if meter is None else meter.create_counter(RESOLVED_METRIC)
+        self.metrics = PersisterMetrics(meter)
         self._evictions = None if meter is None else meter.create_counter(EVICTIONS_METRIC)
         self._eviction_failures = (
             None if meter is None else meter.create_counter(EVICTION_FAILURES_METRIC)
         )
         self._evict_duration = (
-            None if meter is None else meter.create_histogram(EVICT_DURATION_METRIC, unit="ms")
+            None
+            if meter is None
+            else ms_histogram(meter, EVICT_DURATION_METRIC, "time of one evict, per backend")
         )
         if meter is not None:
             for name, read in (
@@ -195,6 +200,7 @@ class CacheTier:
         """Every key the tier holds, memory first; the disk's are read in one thread hop."""
         if not self.enabled:
             return {}
+        started = time.perf_counter()
         found: dict[str, bytes] = {}
         missed: list[DiskKey] = []
         for key in keys:
@@ -203,15 +209,15 @@ class CacheTier:
                 missed.append((cache_type, key))
             else:
                 found[key] = value
-        self._count(cache_type, "hit", "memory", len(found))
+        self._count(cache_type, "memory", started, hits=len(found))
         if missed and self.disk is not None:
             from_disk = await self.disk.read_many(missed)
             for (_, key), value in from_disk.items():
                 found[key] = value
                 self._hold((cache_type, key), value)
-            self._count(cache_type, "hit", "disk", len(from_disk))
+            self._count(cache_type, "disk", started, hits=len(from_disk))
         last = "memory" if self.disk is None else "disk"
-        self._count(cache_type, "miss", last, len(keys) - len(found))
+        self._count(cache_type, last, started, misses=len(keys) - len(found))
         return found
 
     # ---------------------------------------------------------------------------------------
@@ -268,17 +274,17 @@ class CacheTier:
     # ---------------------------------------------------------------------------------------
     # Metrics
 
-    def _count(self, cache_type: CacheType, result: str, tier: str, amount: int) -> None:
-        if self._resolved is not None and amount > 0:
-            self._resolved.add(
-                amount,
-                {
-                    "cache_name": CACHE_SPECS[cache_type].table,
-                    "backend": TIER_BACKEND,
-                    "result": result,
-                    "tier": tier,
-                },
-            )
+    def _count(
+        self, cache_type: CacheType, tier: str, started: float, *, hits: int = 0, misses: int = 0
+    ) -> None:
+        self.metrics.looked_up(
+            CACHE_SPECS[cache_type].table,
+            TIER_BACKEND,
+            hits=hits,
+            misses=misses,
+            elapsed_s=time.perf_counter() - started,
+            extra={"tier": tier},
+        )
 
     def _tiers(self) -> Iterator[tuple[str, int, int, int]]:
         yield "memory", self.memory_weight, len(self._memory), self.memory_bytes
@@ -305,18 +311,23 @@ class TieredPersister:
 
     async def get(self, key: str) -> bytes | None:
         """From the tier, else from the backends (and then held by the tier)."""
+        started = time.perf_counter()
+        metrics = self.persister.metrics
+        metrics.requested(self.persister.cache_name, 1)
         since = self.tier.generation
         value = await self.tier.get(self.cache_type, key)
-        if value is not None:
-            return value
-        value = await self.persister.get(key)
-        if value is not None:
-            self.tier.add(self.cache_type, key, value, since=since)
+        if value is None:
+            value = await self.persister.get(key)
+            if value is not None:
+                self.tier.add(self.cache_type, key, value, since=since)
+        elapsed_s = time.perf_counter() - started
+        metrics.answered(self.persister.cache_name, found=value is not None, elapsed_s=elapsed_s)
         return value
 
     async def get_many(self, keys: Iterable[str]) -> dict[str, bytes]:
         """The tier's values, and the rest from the backends (then held by the tier)."""
         wanted = list(dict.fromkeys(keys))
+        self.persister.metrics.requested(self.persister.cache_name, len(wanted))
         since = self.tier.generation
         found = await self.tier.get_many(self.cache_type, wanted)
         rest = [key for key in wanted if key not in found]

@@ -13,13 +13,17 @@ read returns the first hit and reports a miss only when every backend said "no s
 reads apply that per key (``Store.get_many`` reports per-key failures). A value found on a later
 backend is queued for each earlier backend that missed it or failed to read it (upstream counts a
 failed S3 GET as a miss), which only ``S3Primary`` can do. Every storage call runs under
-``call_with_retries`` with a short policy. Nothing here needs closing: the stores use the services
-context's pool and S3 client. The mode table and bulk-read rules: ``docs/server.md``.
+``call_with_retries`` with a short policy. Reads and writes are measured as upstream measures them
+(``layer_cache.persister_metrics``: each backend read's hits, misses and time, each fallback to the
+next backend, each write's outcome and time per target). Nothing here needs closing: the stores
+use the services context's pool and S3 client. The mode table and bulk-read rules:
+``docs/server.md``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -27,8 +31,9 @@ from functools import partial
 from types import MappingProxyType
 from typing import Protocol, TypeVar
 
-from layer_cache.cache_types import CacheType
+from layer_cache.cache_types import CACHE_SPECS, CacheSpec, CacheType
 from layer_cache.errors import StorageError
+from layer_cache.persister_metrics import PersisterMetrics
 from layer_cache.pg import PgLayer
 from layer_cache.retry import Backoff, RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
@@ -246,6 +251,7 @@ class CachePersister:
         *,
         policy: RetryPolicy = REQUEST_RETRY_POLICY,
         retry_later: WriteBackSink | None = None,
+        metrics: PersisterMetrics | None = None,
     ) -> None:
         missing = route.backends - stores.keys()
         if missing:
@@ -255,6 +261,10 @@ class CachePersister:
         self.write_back = write_back
         self.policy = policy
         self.retry_later = retry_later
+        self.metrics = PersisterMetrics() if metrics is None else metrics
+        first = next(iter(stores.values()))
+        self.cache_name = first.cache_name
+        self.spec: CacheSpec = CACHE_SPECS[first.cache_type]
 
     async def _call(self, call: Callable[[], Awaitable[T]]) -> T:
         return await call_with_retries(call, self.policy)
@@ -262,13 +272,15 @@ class CachePersister:
     async def put(self, key: str, value: bytes) -> bool:
         """Write to every direct target and queue the deferred ones, concurrently; True if the
         key was new to every direct target."""
+        event_kind = self.spec.write_event_kind
+        self.metrics.write_attempted(self.cache_name, self.route.reads[0], event_kind)
         direct = [
             self.stores[backend] for backend in sorted(self.route.writes - self.route.deferred)
         ]
         deferred = [self.stores[backend] for backend in sorted(self.route.deferred)]
         results = await asyncio.gather(
-            *(self._call(partial(store.put, key, value)) for store in direct),
-            *(self.write_back.enqueue(store, key, value) for store in deferred),
+            *(self._write(store, key, value) for store in direct),
+            *(self._enqueue(store, key, value) for store in deferred),
             return_exceptions=True,
         )
         for result in results[len(direct) :]:  # every target finished: a retry heals
@@ -280,6 +292,37 @@ class CachePersister:
                 result = await self._retry_later(store, key, value, result, queued=bool(deferred))
             stored.append(bool(result))
         return all(stored)
+
+    async def _write(self, store: Store, key: str, value: bytes) -> bool:
+        """One direct target's write (with the request's retries), measured."""
+        event_kind = self.spec.write_event_kind
+        began = time.perf_counter()
+        try:
+            stored = await self._call(partial(store.put, key, value))
+        except Exception as exc:
+            elapsed_s = time.perf_counter() - began
+            self.metrics.wrote(
+                self.cache_name, store.backend, event_kind, elapsed_s=elapsed_s, failure=exc
+            )
+            self.metrics.write_failed(self.cache_name, store.backend, event_kind, exc)
+            raise
+        ended = time.perf_counter()
+        self.metrics.wrote(
+            self.cache_name, store.backend, event_kind, elapsed_s=ended - began, failure=None
+        )
+        self.metrics.write_succeeded(self.cache_name, store.backend, event_kind)
+        self.metrics.persisted(self.cache_name, store.backend, "write", event_kind, ended - began)
+        return stored
+
+    async def _enqueue(self, store: Store, key: str, value: bytes) -> None:
+        """A deferred target's write: durably queued (upstream counts that as its success)."""
+        event_kind = self.spec.write_event_kind
+        try:
+            await self.write_back.enqueue(store, key, value)
+        except Exception as exc:
+            self.metrics.write_failed(self.cache_name, store.backend, event_kind, exc)
+            raise
+        self.metrics.write_succeeded(self.cache_name, store.backend, event_kind)
 
     async def _retry_later(
         self, store: Store, key: str, value: bytes, failure: BaseException, *, queued: bool
@@ -303,13 +346,24 @@ class CachePersister:
         missed: list[Backend] = []
         failure: StorageError | None = None
         for backend in self.route.reads:
+            if missed:
+                self.metrics.fell_back(self.cache_name, missed[-1], backend, 1)
             store = self.stores[backend]
+            began = time.perf_counter()
             try:
                 value = await self._call(partial(store.get, key))
             except StorageError as exc:
                 failure = failure or exc
                 missed.append(backend)  # filled like a miss, as upstream does
                 continue
+            found = value is not None
+            self.metrics.looked_up(
+                self.cache_name,
+                backend,
+                hits=int(found),
+                misses=int(not found),
+                elapsed_s=time.perf_counter() - began,
+            )
             if value is not None:
                 self._fill(missed, {key: value})
                 return value
@@ -341,10 +395,22 @@ class CachePersister:
         found: dict[str, bytes] = {}
         missed: dict[str, list[Backend]] = {key: [] for key in remaining}
         failures: dict[str, StorageError] = {}  # each key's first failure, in read order
+        previous: Backend | None = None
         for backend in self.route.reads:
             if not remaining:
                 break
+            if previous is not None:
+                self.metrics.fell_back(self.cache_name, previous, backend, len(remaining))
+            previous = backend
+            began = time.perf_counter()
             read = await self.stores[backend].get_many(remaining, self.policy)
+            self.metrics.looked_up(
+                self.cache_name,
+                backend,
+                hits=len(read.found),
+                misses=len(remaining) - len(read.found) - len(read.failed),
+                elapsed_s=time.perf_counter() - began,
+            )
             for key, value in read.found.items():
                 self._fill(missed[key], {key: value})
             found |= read.found
@@ -364,7 +430,16 @@ class CachePersister:
         store = self.stores.get(Backend.POSTGRES)
         if not isinstance(store, PgStore):
             return False
-        return await self._call(partial(store.delete, key))
+        event_kind = self.spec.evict_event_kind or ""
+        started = time.perf_counter()
+        try:
+            deleted = await self._call(partial(store.delete, key))
+        except Exception:
+            self.metrics.evict_failed(self.cache_name, event_kind)
+            raise
+        latency_s = time.perf_counter() - started
+        self.metrics.persisted(self.cache_name, Backend.POSTGRES, "evict", event_kind, latency_s)
+        return deleted
 
     def _fill(self, missed: Sequence[Backend], values: Mapping[str, bytes]) -> None:
         for backend in missed:

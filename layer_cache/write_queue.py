@@ -34,6 +34,19 @@ run until the queue is empty or time is up, then are cancelled, and what remains
 the next start. Logs: ``warning`` for a hold, a dead letter, an entry's first unexplained failure
 and a failed enqueue; ``info`` for a release and the stop; ``debug`` per attempt. Operator view
 (settings, status, replay, metrics): ``docs/server.md``.
+
+**Metrics** (attributes ``cache_name``, ``cache_type``, ``backend``), upstream's series where it
+has one: the S3 queue counts every attempt in ``s3_write_attempts{result="success"|"retry"|
+"dead_letter_queue"}`` (``s3_worker.rs``), gauges ``s3_write_queue_depth``, ``s3_dlq_depth`` and,
+per cache type, one dispatcher's ``s3_worker_queue_depth`` / ``s3_worker_active_uploads``
+(``worker_id="0"``), and times each durable enqueue in ``s3_disk_write_duration_ms{status}``; the
+Postgres queue has upstream's retry-queue series (``layer_cache_retry_queue_enqueued``,
+``…_success``, ``…_failed``, ``…_permanent_failure`` counters, also under the bare names its
+dashboard queries, and the ``…_depth`` gauge). Both time every attempt in
+``layer_cache_persister_write_duration_ms`` and each written entry's wait since its request in
+``layer_cache_persistence_latency_seconds`` (``operation`` ``write`` for S3, ``retry`` for
+Postgres). Ours where upstream has none: ``layer_cache_write_queue_enqueued``, the oldest entry's
+age and the ``…_blocked`` gauge of each queue, the Postgres queue's ``…_dlq_depth``.
 """
 
 from __future__ import annotations
@@ -60,7 +73,9 @@ from layer_cache.errors import (
     WriteQueueError,
     WriteQueueUnavailable,
 )
+from layer_cache.instruments import UpstreamCounter, ms_histogram
 from layer_cache.persister import Backend, Store
+from layer_cache.persister_metrics import FILL_EVENT_KIND, PersisterMetrics
 from layer_cache.retry import Backoff
 
 log = structlog.get_logger(__name__)
@@ -71,6 +86,22 @@ FALLBACK_ATTEMPTED_METRIC = "layer_cache_fallback_writeback_attempted"
 FALLBACK_FAILED_METRIC = "layer_cache_fallback_writeback_failed"
 
 
+class Outcome(StrEnum):
+    """How one attempt at a queued write ended."""
+
+    SUCCESS = "success"
+    RETRY = "retry"
+    DEAD_LETTER = "dead_letter"
+
+
+@dataclass(frozen=True)
+class Counted:
+    """A counter and the attributes it adds for one outcome (``result``, for S3)."""
+
+    name: str
+    attributes: Mapping[str, str] = field(default_factory=dict)
+
+
 @dataclass(frozen=True)
 class QueueMetrics:
     """The metric names of one queue."""
@@ -78,10 +109,17 @@ class QueueMetrics:
     depth: str
     oldest_age: str
     enqueued: str
-    success: str
-    retried: str
-    dead_letter: str
     blocked: str
+    dead_letters: str
+    outcomes: Mapping[Outcome, Counted]
+    operation: str
+    """``layer_cache_persistence_latency_seconds``' ``operation`` of a written entry."""
+    bare_too: bool = False
+    """The counters also under their names without ``_total`` (upstream's dashboard)."""
+    worker_depth: str | None = None
+    worker_active: str | None = None
+    disk_write: str | None = None
+    """The histogram of each durable enqueue's time, in ms."""
 
 
 @dataclass(frozen=True)
@@ -95,18 +133,28 @@ class QueueKind:
     metrics: QueueMetrics
 
 
+# Upstream's S3 workers (s3_worker.rs, s3_queue_processor.rs, s3_disk_store.rs) count every PUT
+# attempt in s3_write_attempts by result; the dashboard reads the DLQ depth as s3_dlq_depth.
+S3_ATTEMPTS_METRIC = "s3_write_attempts"
 S3_WRITE_QUEUE = QueueKind(
     Backend.S3,
     "write-queue.sqlite3",
     "write queue",
     QueueMetrics(
-        depth="layer_cache_write_queue_depth",
+        depth="s3_write_queue_depth",
         oldest_age="layer_cache_write_queue_oldest_age_seconds",
         enqueued="layer_cache_write_queue_enqueued",
-        success="layer_cache_write_queue_success",
-        retried="layer_cache_write_queue_retried",
-        dead_letter="layer_cache_write_queue_permanent_failure",
         blocked="layer_cache_write_queue_blocked",
+        dead_letters="s3_dlq_depth",
+        outcomes={
+            Outcome.SUCCESS: Counted(S3_ATTEMPTS_METRIC, {"result": "success"}),
+            Outcome.RETRY: Counted(S3_ATTEMPTS_METRIC, {"result": "retry"}),
+            Outcome.DEAD_LETTER: Counted(S3_ATTEMPTS_METRIC, {"result": "dead_letter_queue"}),
+        },
+        operation="write",
+        worker_depth="s3_worker_queue_depth",
+        worker_active="s3_worker_active_uploads",
+        disk_write="s3_disk_write_duration_ms",
     ),
 )
 
@@ -120,10 +168,15 @@ PG_RETRY_QUEUE = QueueKind(
         depth="layer_cache_retry_queue_depth",
         oldest_age="layer_cache_retry_queue_oldest_age_seconds",
         enqueued="layer_cache_retry_queue_enqueued",
-        success="layer_cache_retry_queue_success",
-        retried="layer_cache_retry_queue_failed",
-        dead_letter="layer_cache_retry_queue_permanent_failure",
         blocked="layer_cache_retry_queue_blocked",
+        dead_letters="layer_cache_retry_queue_dlq_depth",
+        outcomes={
+            Outcome.SUCCESS: Counted("layer_cache_retry_queue_success"),
+            Outcome.RETRY: Counted("layer_cache_retry_queue_failed"),
+            Outcome.DEAD_LETTER: Counted("layer_cache_retry_queue_permanent_failure"),
+        },
+        operation="retry",
+        bare_too=True,
     ),
 )
 
@@ -638,25 +691,49 @@ class WriteBehind:
         self._committer: asyncio.Task[None] | None = None
         self._dispatcher: asyncio.Task[None] | None = None
         self._closed = False
-        names = kind.metrics
-        what = "S3 PUTs" if kind.backend is Backend.S3 else "Postgres rows"
-        self._enqueued = meter.create_counter(
-            names.enqueued, description=f"{what} added to the durable queue"
+        self._active: dict[CacheType, int] = {}  # entries in flight per cache type
+        self._write_metrics = PersisterMetrics(meter)
+        self._create_instruments(meter)
+
+    def _create_instruments(self, meter: Meter) -> None:
+        names = self.kind.metrics
+        what = "S3 PUTs" if self.kind.backend is Backend.S3 else "Postgres rows"
+        self._enqueued = UpstreamCounter(
+            meter,
+            names.enqueued,
+            description=f"{what} added to the durable queue",
+            bare_too=names.bare_too,
         )
-        self._success = meter.create_counter(
-            names.success, description=f"queued {what} that were written"
-        )
-        self._retried = meter.create_counter(
-            names.retried, description=f"queued {what}: attempts that failed and wait"
-        )
-        self._dead = meter.create_counter(
-            names.dead_letter, description=f"queued {what} moved to the dead letters"
-        )
+        descriptions = {
+            Outcome.SUCCESS: f"queued {what} that were written",
+            Outcome.RETRY: f"queued {what}: attempts that failed and wait",
+            Outcome.DEAD_LETTER: f"queued {what} moved to the dead letters",
+        }
+        counters: dict[str, UpstreamCounter] = {}
+        for outcome, counted in names.outcomes.items():
+            if counted.name not in counters:  # one counter, told apart by its attributes
+                description = (
+                    f"attempts at queued {what}, by result"
+                    if counted.attributes
+                    else descriptions[outcome]
+                )
+                counters[counted.name] = UpstreamCounter(
+                    meter, counted.name, description=description, bare_too=names.bare_too
+                )
+        self._outcomes = {
+            outcome: (counters[counted.name], counted.attributes)
+            for outcome, counted in names.outcomes.items()
+        }
         self._fill_attempted = meter.create_counter(
             FALLBACK_ATTEMPTED_METRIC, description="values offered for write-back"
         )
         self._fill_failed = meter.create_counter(
             FALLBACK_FAILED_METRIC, description="write-backs that did not complete"
+        )
+        self._disk_write = (
+            None
+            if names.disk_write is None
+            else ms_histogram(meter, names.disk_write, "time to commit an entry durably")
         )
         meter.create_observable_gauge(
             names.depth, [self._observe_depth], description=f"{what} waiting in the queue"
@@ -672,6 +749,26 @@ class WriteBehind:
             [self._observe_blocked],
             description="1 while the target refuses writes until an operator acts (reason)",
         )
+        meter.create_observable_gauge(
+            names.dead_letters,
+            [self._observe_dead_letters],
+            description=f"queued {what} in the dead letters",
+        )
+        if names.worker_depth is not None and names.worker_active is not None:
+            meter.create_observable_gauge(
+                names.worker_depth,
+                [self._observe_worker_depth],
+                description=f"{what} waiting, not in flight (one dispatcher: worker_id 0)",
+            )
+            meter.create_observable_gauge(
+                names.worker_active,
+                [self._observe_worker_active],
+                description=f"{what} in flight (one dispatcher: worker_id 0)",
+            )
+
+    def _count(self, outcome: Outcome, cache_type: CacheType) -> None:
+        counter, attributes = self._outcomes[outcome]
+        counter.add(1, self._attributes(cache_type) | dict(attributes))
 
     def _attributes(self, cache_type: CacheType) -> dict[str, str]:
         return {
@@ -703,6 +800,29 @@ class WriteBehind:
             oldest = status.get(cache_type, CacheQueueStatus()).oldest_enqueued_at
             age = 0.0 if oldest is None else max(0.0, now - oldest)
             yield Observation(age, self._attributes(cache_type))
+
+    def _observe_dead_letters(self, _options: CallbackOptions) -> Iterable[Observation]:
+        status = self._status_or_empty()
+        for cache_type in self.targets:
+            dead = status.get(cache_type, CacheQueueStatus()).dead_letters
+            yield Observation(dead, self._attributes(cache_type))
+
+    def _observe_worker_depth(self, _options: CallbackOptions) -> Iterable[Observation]:
+        status = self._status_or_empty()
+        active = dict(self._active)
+        for cache_type in self.targets:
+            queued = status.get(cache_type, CacheQueueStatus()).queued
+            waiting = max(0, queued - active.get(cache_type, 0))
+            yield Observation(waiting, self._worker_attributes(cache_type))
+
+    def _observe_worker_active(self, _options: CallbackOptions) -> Iterable[Observation]:
+        active = dict(self._active)
+        for cache_type in self.targets:
+            yield Observation(active.get(cache_type, 0), self._worker_attributes(cache_type))
+
+    def _worker_attributes(self, cache_type: CacheType) -> dict[str, str]:
+        # One dispatcher drains every cache type's entries (upstream: workers per cache).
+        return self._attributes(cache_type) | {"worker_id": "0"}
 
     def _observe_blocked(self, _options: CallbackOptions) -> Iterable[Observation]:
         held = self.holds.snapshot()
@@ -744,10 +864,12 @@ class WriteBehind:
         self._waiting.append(waiting)
         if self._committer is None:
             self._committer = asyncio.create_task(self._commit_waiting())
+        started = time.perf_counter()
         try:
             # Shielded: a caller that gives up does not take the entry out of the commit.
             added = await asyncio.shield(waiting.added)
         except WriteQueueError as exc:
+            self._committed(cache_type, started, "write_error")
             log.error(
                 f"{self.kind.name} enqueue failed",
                 cache_type=cache_type.value,
@@ -756,10 +878,19 @@ class WriteBehind:
                 cause=str(exc),
             )
             raise
+        self._committed(cache_type, started, "success")
         if added:
             self._enqueued.add(1, self._attributes(cache_type))
             self._wake.set()
         return added
+
+    def _committed(self, cache_type: CacheType, started: float, status: str) -> None:
+        """An enqueue's commit ended (``success`` or ``write_error``, upstream's statuses)."""
+        if self._disk_write is not None:
+            self._disk_write.record(
+                (time.perf_counter() - started) * 1000,
+                self._attributes(cache_type) | {"status": status},
+            )
 
     async def _commit_waiting(self) -> None:
         """Commit what waits, one transaction (one fsync) per round, until nothing waits."""
@@ -827,6 +958,7 @@ class WriteBehind:
                     await asyncio.sleep(1.0)
                     continue
                 for entry in claimed:
+                    self._active[entry.cache_type] = self._active.get(entry.cache_type, 0) + 1
                     self._in_flight[entry.id] = asyncio.create_task(self._deliver(entry))
                 if claimed:
                     continue
@@ -872,6 +1004,7 @@ class WriteBehind:
             await asyncio.sleep(1.0)
         finally:
             self._in_flight.pop(entry.id, None)
+            self._active[entry.cache_type] -= 1
             probed = self._probes.pop(entry.id, None)
             if probed is not None:
                 hold = self.holds.get(probed)
@@ -881,26 +1014,46 @@ class WriteBehind:
 
     async def _attempt(self, entry: Entry) -> None:
         cache_type = entry.cache_type
-        attributes = self._attributes(cache_type)
         kind: ErrorKind | None
+        began = time.perf_counter()
         try:
             await self.targets[cache_type].put(entry.key, entry.value)
         except StorageError as exc:
+            self._measure(entry, began, exc)
             error, kind, before_retry = f"{exc.kind.value}: {exc}", exc.kind, exc.before_retry
         except Exception as exc:  # a bug must not kill the worker: the entry is kept
+            self._measure(entry, began, exc)
             if entry.id not in self._failed_before:
                 log.exception(
                     f"{self.kind.name} entry failed unexpectedly", cache_type=cache_type.value
                 )
             error, kind, before_retry = f"internal: {exc!r}", None, None
         else:
+            self._measure(entry, began, None)
             await self._db(self.store.complete, entry.id)
-            self._success.add(1, attributes)
+            self._count(Outcome.SUCCESS, cache_type)
             self._failed_before.discard(entry.id)
             log.debug(f"{self.kind.name} entry written", cache_type=cache_type.value, key=entry.key)
             await self._release(cache_type)
             return
         await self._failed(entry, error, kind, before_retry)
+
+    def _measure(self, entry: Entry, began: float, failure: BaseException | None) -> None:
+        """Upstream's write series for one attempt: its time, and a written entry's latency."""
+        spec = CACHE_SPECS[entry.cache_type]
+        event_kind = FILL_EVENT_KIND if entry.origin is Origin.FILL else spec.write_event_kind
+        backend = self.kind.backend.value
+        self._write_metrics.wrote(
+            spec.table,
+            backend,
+            event_kind,
+            elapsed_s=time.perf_counter() - began,
+            failure=failure,
+        )
+        if failure is None:
+            latency_s = time.time() - entry.enqueued_at
+            operation = self.kind.metrics.operation
+            self._write_metrics.persisted(spec.table, backend, operation, event_kind, latency_s)
 
     async def _release(self, cache_type: CacheType) -> None:
         hold = self.holds.release(cache_type)
@@ -952,7 +1105,7 @@ class WriteBehind:
         if self.budget.gives_up(attempts_made=attempts, age_s=now - entry.enqueued_at):
             await self._db(self.store.dead_letter, entry.id, attempts, error, now)
             self._failed_before.discard(entry.id)
-            self._dead.add(1, attributes)
+            self._count(Outcome.DEAD_LETTER, cache_type)
             if entry.origin is Origin.FILL:
                 self._fill_failed.add(1, attributes)
             log.warning(
@@ -968,7 +1121,7 @@ class WriteBehind:
                 await before_retry()
         delay = self.budget.backoff.delay_s(attempts)
         await self._db(self.store.retry_later, entry.id, attempts, now + delay, error)
-        self._retried.add(1, attributes)
+        self._count(Outcome.RETRY, cache_type)
         log.debug(
             f"{self.kind.name} entry retrying",
             cache_type=cache_type.value,
@@ -1022,4 +1175,5 @@ class WriteBehind:
         await asyncio.gather(*tasks, return_exceptions=True)
         self._dispatcher = None
         self._in_flight.clear()
+        self._active.clear()
         self._probes.clear()

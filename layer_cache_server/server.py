@@ -9,8 +9,11 @@ flight run to completion (one arriving on an open keep-alive connection is answe
 ``Connection: close``); idle connections close, and what still runs at the end is cancelled with
 ``CANCEL_WAIT_S`` to unwind (a cancelled PUT may be on some targets only, which a retry
 completes); the write queue and the Postgres retry queue drain with the time left; then the
-caller leaves the services context. The API, settings and stopping as operators see them:
-``docs/server.md``.
+caller leaves the services context. Metrics: upstream's layer cache series
+(``layer_cache.persister_metrics``, ``layer_cache.write_queue``, ``layer_cache.cache_tier``), and
+the server's own per request: ``layer_cache_server.requests`` (a counter) and
+``layer_cache_server.request_duration_ms`` (a histogram), both ``{method, route, status}``. The
+API, settings and stopping as operators see them: ``docs/server.md``.
 """
 
 from __future__ import annotations
@@ -32,7 +35,9 @@ from layer_cache.cache_tier import CacheTier, TieredPersister
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.disk_tier import DiskTier
 from layer_cache.errors import ApiError, ListenError, SettingsError, StorageError
+from layer_cache.instruments import ms_histogram
 from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3Store, Store
+from layer_cache.persister_metrics import PersisterMetrics
 from layer_cache.retry import Backoff
 from layer_cache.schema import check_layer_db_schema
 from layer_cache.write_queue import PG_RETRY_QUEUE, S3_WRITE_QUEUE, QueueBudget, WriteBehind
@@ -59,6 +64,7 @@ OCTET_STREAM = "application/octet-stream"
 CANCEL_WAIT_S = 0.25
 """After the grace period: how long a cancelled request gets to unwind."""
 REQUESTS_METRIC = "layer_cache_server.requests"
+REQUEST_DURATION_METRIC = "layer_cache_server.request_duration_ms"
 # Refusals answered before the body was read: the connection is closed rather than drained.
 _CLOSING_STATUSES = frozenset({401, 403, 429})
 
@@ -131,9 +137,16 @@ class LayerCacheServer:
         self.tls = tls
         self.tier = CacheTier(0) if tier is None else tier  # none: reads go to the backends
         self.auth_failures = FailureLimiter()
-        self._requests = context.telemetry.meter.create_counter(
+        meter = context.telemetry.meter
+        self._requests = meter.create_counter(
             REQUESTS_METRIC, description="HTTP requests answered, by method, route and status"
         )
+        self._request_duration = ms_histogram(
+            meter,
+            REQUEST_DURATION_METRIC,
+            "time from a request's arrival to its answer sent, by method, route and status",
+        )
+        metrics = PersisterMetrics(meter)
         self.mode = context.settings.layer_db_config.persister_mode
         self.route = ROUTES[self.mode]
         stores = {
@@ -182,6 +195,7 @@ class LayerCacheServer:
                     stores[cache_type],
                     self.write_back or _NO_QUEUE,
                     retry_later=self.retry_later if self.route.deferred else None,
+                    metrics=metrics,
                 ),
                 self.tier,
                 cache_type,
@@ -323,21 +337,21 @@ class LayerCacheServer:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
+        duration_ms = (time.perf_counter() - started) * 1000
         route = request.match_info.route.resource
-        self._requests.add(
-            1,
-            {
-                "method": request.method,
-                "route": route.canonical if route is not None else "unmatched",
-                "status": str(response.status),
-            },
-        )
+        attributes = {
+            "method": request.method,
+            "route": route.canonical if route is not None else "unmatched",
+            "status": str(response.status),
+        }
+        self._requests.add(1, attributes)
+        self._request_duration.record(duration_ms, attributes)
         log.debug(
             "request",
             method=request.method,
             path=request.path,
             status=response.status,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            duration_ms=round(duration_ms, 3),
         )
         return response
 

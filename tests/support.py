@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -101,3 +102,62 @@ async def assert_bucket_holds_exactly_rows_below(
     assert sorted(expected.keys() - stored.keys()) == [], f"{cache_type}: rows missing from S3"
     assert stored == expected, f"{cache_type}: object bytes differ from the rows"
     return stored
+
+
+# A Postgres fault for chosen rows: a trigger on the cache's table refuses an INSERT or DELETE of
+# a listed key with a chosen SQLSTATE, a chosen number of times. Each refusal counts its uses in
+# a sequence of its own: nextval() is not rolled back with the refused statement.
+_REFUSALS_DDL = """
+CREATE TABLE IF NOT EXISTS test_refusals (
+    key text NOT NULL,
+    op text NOT NULL,
+    sqlstate text NOT NULL,
+    times bigint NOT NULL,
+    uses regclass NOT NULL,
+    PRIMARY KEY (key, op)
+);
+CREATE OR REPLACE FUNCTION test_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+    row_key text := CASE WHEN TG_OP = 'DELETE' THEN OLD.key ELSE NEW.key END;
+    refusal test_refusals;
+BEGIN
+    SELECT * INTO refusal FROM test_refusals WHERE key = row_key AND op = TG_OP;
+    IF FOUND AND nextval(refusal.uses) <= refusal.times THEN
+        RAISE EXCEPTION 'refused by the test' USING ERRCODE = refusal.sqlstate;
+    END IF;
+    IF TG_OP = 'DELETE' THEN
+        RETURN OLD;
+    END IF;
+    RETURN NEW;
+END
+$$;
+"""
+
+
+async def refuse_rows(
+    pool: asyncpg.Pool,
+    cache_type: CacheType,
+    refusals: Mapping[tuple[str, str], tuple[str, int]],
+) -> None:
+    """Make Postgres refuse ``(key, "INSERT"|"DELETE")`` of the cache's table with SQLSTATE
+    ``sqlstate`` its first ``times`` times (``refusals`` maps the first to ``(sqlstate,
+    times)``). Test databases only: it adds a table, a function and a trigger."""
+    table = CACHE_SPECS[cache_type].table
+    async with pool.acquire() as connection, connection.transaction():
+        await connection.execute(_REFUSALS_DDL)
+        await connection.execute(
+            f"CREATE OR REPLACE TRIGGER test_refuse BEFORE INSERT OR DELETE ON {table} "
+            "FOR EACH ROW EXECUTE FUNCTION test_refuse()"
+        )
+        for (key, op), (sqlstate, times) in refusals.items():
+            uses = f"test_refusal_{uuid.uuid4().hex}"
+            await connection.execute(f'CREATE SEQUENCE "{uses}"')
+            await connection.execute(
+                "INSERT INTO test_refusals (key, op, sqlstate, times, uses)"
+                " VALUES ($1, $2, $3, $4, $5::regclass)",
+                key,
+                op,
+                sqlstate,
+                times,
+                f'"{uses}"',
+            )

@@ -27,7 +27,8 @@ from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
 from layer_cache_server.server import LayerCacheServer, build_cache_tier
 from services.cache_sizing import plan_tier
-from services.context import open_services_context
+from services.context import ServicesContext, open_services_context
+from services.settings import Settings
 from services.signals import StopRequest
 from tests.conftest import LayerDb
 from tests.integration.test_server import (
@@ -74,6 +75,31 @@ class Tiered:
 StartTiered = Callable[..., Awaitable[Tiered]]
 
 
+async def serve_tiered(
+    context: ServicesContext, settings: Settings, metrics: InMemoryMetricReader
+) -> RunningServer:
+    """A server with the cache tier ``serve_layer_cache`` builds, open to every client, serving
+    in a task of this loop on a free loopback port; returns once it listens."""
+    tier = build_cache_tier(plan_tier(settings), settings.server, context)
+    server = LayerCacheServer(context, settings.server, access=None, tier=tier)
+    stop = StopRequest()
+    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(
+        server.run(
+            stop,
+            socket_addr="127.0.0.1:0",
+            on_listening=lambda host, port: listening.set_result((host, port)),
+        )
+    )
+    waiters: list[asyncio.Future[Any]] = [listening, task]
+    async with asyncio.timeout(DEADLINE_S):
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
+    if task.done():
+        task.result()
+    host, port = listening.result()
+    return RunningServer(f"http://{host}:{port}", server, stop, task, metrics)
+
+
 @pytest.fixture
 async def start_tiered(
     layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
@@ -98,24 +124,7 @@ async def start_tiered(
             context = await stack.enter_async_context(
                 open_services_context(settings, metric_readers=[metrics])
             )
-            tier = build_cache_tier(plan_tier(settings), settings.server, context)
-            server = LayerCacheServer(context, settings.server, access=None, tier=tier)
-            stop = StopRequest()
-            listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-            task = asyncio.create_task(
-                server.run(
-                    stop,
-                    socket_addr="127.0.0.1:0",
-                    on_listening=lambda host, port: listening.set_result((host, port)),
-                )
-            )
-            waiters: list[asyncio.Future[Any]] = [listening, task]
-            async with asyncio.timeout(DEADLINE_S):
-                await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-            if task.done():
-                task.result()
-            host, port = listening.result()
-            running.append(RunningServer(f"http://{host}:{port}", server, stop, task, metrics))
+            running.append(await serve_tiered(context, settings, metrics))
             return Tiered(running[-1], proxy)
 
         try:

@@ -49,9 +49,15 @@ from devenv.tools import MissingTool
 from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
 from layer_cache.keys import object_key
-from layer_cache.persister import S3Store
+from layer_cache.persister import PgStore, S3Store
 from layer_cache.retry import Backoff
-from layer_cache.write_queue import QueueBudget, WriteBehind, queue_status
+from layer_cache.write_queue import (
+    PG_RETRY_QUEUE,
+    S3_WRITE_QUEUE,
+    QueueBudget,
+    WriteBehind,
+    queue_status,
+)
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
 from migrations_mode.walk import WalkOrder
@@ -59,7 +65,14 @@ from services.context import ServicesContext, open_services_context
 from services.settings import Settings, load_settings
 from services.signals import StopRequest
 from tests.conftest import LayerDb
-from tests.support import SeedRow, cache_bucket, expected_objects, insert_rows, random_key
+from tests.support import (
+    SeedRow,
+    cache_bucket,
+    expected_objects,
+    insert_rows,
+    random_key,
+    refuse_rows,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -160,20 +173,21 @@ def settings_with(env: dict[str, str], monkeypatch: pytest.MonkeyPatch, **change
     return load_settings({"metrics_port": 0})
 
 
-def scrape_jobs(targets: list[str], prometheus_address: str) -> list[ScrapeJob]:
-    """The backfill scraped directly (``job``), and its series federated back (``exported_job``)."""
+def scrape_jobs(targets: list[str], prometheus_address: str, job: str = JOB) -> list[ScrapeJob]:
+    """The targets scraped directly (``job``), and their series federated back
+    (``exported_job``, set to the OTel collector's name for the service)."""
     return [
-        ScrapeJob(JOB, targets),
+        ScrapeJob(job, targets),
         ScrapeJob(
             COLLECTOR_JOB,
             [prometheus_address],
             metrics_path="/federate",
-            params={"match[]": [f'{{job="{JOB}"}}']},
+            params={"match[]": [f'{{job="{job}"}}']},
             # What the collector's exporter would call the service.
             metric_relabel_configs=[
                 {
                     "source_labels": ["exported_job"],
-                    "regex": JOB,
+                    "regex": job,
                     "target_label": "exported_job",
                     "replacement": OTEL_SERVICE,
                 }
@@ -185,16 +199,19 @@ def scrape_jobs(targets: list[str], prometheus_address: str) -> list[ScrapeJob]:
 async def exercise_write_queue(
     stack: AsyncExitStack, context: ServicesContext, proxy: FaultProxy, tmp_path: Path
 ) -> WriteBehind:
-    """The layer cache server's write queue on one replica's meter and real S3 store (through
-    the proxy), made to count every one of its metrics: a PUT answered 503 and retried, then
-    stored; a read-through write-back whose object the proxy refuses, a dead letter."""
+    """The layer cache server's two queues on one replica's meter and real S3 store (through
+    the proxy) and Postgres, made to count every one of their metrics, with the opt-in attempt
+    cap: a PUT answered 503 and retried, then stored; a read-through write-back whose object the
+    proxy refuses, a dead letter; a Postgres row refused once, then written, and one refused
+    until it is a dead letter."""
+    budget = QueueBudget(max_attempts=3, backoff=Backoff(base_delay_s=0.05, max_delay_s=0.1))
     store = S3Store(context.s3_layer(WRITE_QUEUE_CACHE))
     queue = WriteBehind(
         tmp_path / "write-queue",
         {WRITE_QUEUE_CACHE: store},
         context.telemetry.meter,
         workers=2,
-        budget=QueueBudget(backoff=Backoff(base_delay_s=0.05, max_delay_s=0.1)),
+        budget=budget,
     )
     queue.start()
     stack.push_async_callback(queue.drain, 1.0)
@@ -206,11 +223,39 @@ async def exercise_write_queue(
     proxy.plan = FaultPlan(refused_keys=frozenset({object_key(refused)}))
     queue.offer(store, refused, b"refused")
 
-    def settled() -> bool:
-        status = queue_status(tmp_path / "write-queue").get(WRITE_QUEUE_CACHE)
-        return status is not None and status.queued == 0 and status.dead_letters == 1
+    pg = PgStore(context.pg_layer(WRITE_QUEUE_CACHE))
+    written, dead = random_key(rng), random_key(rng)
+    serialization_failure = "40001"
+    await refuse_rows(
+        context.pg_pool,
+        WRITE_QUEUE_CACHE,
+        {
+            (written, "INSERT"): (serialization_failure, 1),
+            (dead, "INSERT"): (serialization_failure, 99),
+        },
+    )
+    retries = WriteBehind(
+        tmp_path / "write-queue",
+        {WRITE_QUEUE_CACHE: pg},
+        context.telemetry.meter,
+        workers=1,
+        budget=budget,
+        kind=PG_RETRY_QUEUE,
+    )
+    retries.start()
+    stack.push_async_callback(retries.drain, 1.0)
+    await retries.enqueue(pg, written, b"written after a retry")
+    await retries.enqueue(pg, dead, b"refused")
 
-    await until(settled, "the stored PUT and one dead letter")
+    def settled() -> bool:
+        directory = tmp_path / "write-queue"
+        for kind in (S3_WRITE_QUEUE, PG_RETRY_QUEUE):
+            status = queue_status(directory, kind).get(WRITE_QUEUE_CACHE)
+            if status is None or status.queued != 0 or status.dead_letters != 1:
+                return False
+        return True
+
+    await until(settled, "the stored PUT, the written row and a dead letter in each queue")
     return queue
 
 

@@ -190,10 +190,11 @@ async def test_the_rendered_job_serves_every_series_the_dashboard_queries(
 # The write-queue series a healthy queue has after one PUT (retries, dead letters and write-backs
 # appear only when they happen).
 WRITE_QUEUE_SERIES = {
-    "layer_cache_write_queue_depth",
+    "s3_write_queue_depth",
+    "s3_dlq_depth",
     "layer_cache_write_queue_oldest_age_seconds",
     "layer_cache_write_queue_enqueued_total",
-    "layer_cache_write_queue_success_total",
+    "s3_write_attempts_total",
 }
 
 
@@ -225,7 +226,8 @@ def token_secret(statefulset: Manifest, tokens: dict[str, str]) -> dict[str, dic
 async def test_the_rendered_server_answers_its_probes_and_serves_its_queue_metrics(
     layer_db: LayerDb, env: dict[str, str], tmp_path: Path
 ) -> None:
-    assert dashboard_series(re.compile(r"\blayer_cache_write_queue_\w+")) >= WRITE_QUEUE_SERIES
+    queue_series = re.compile(r"\b(?:layer_cache_write_queue_\w+|s3_(?:write|dlq)_\w+)")
+    assert dashboard_series(queue_series) >= WRITE_QUEUE_SERIES
     (statefulset,) = [d for d in load_documents(SERVER_FILE) if d["kind"] == "StatefulSet"]
     container = the_container(statefulset)
     api_port, metrics_port = free_port(), free_port()

@@ -33,7 +33,7 @@ from devenv.process import free_port
 from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
-from layer_cache.write_queue import PG_RETRY_QUEUE, queue_status
+from layer_cache.write_queue import PG_RETRY_QUEUE, S3_ATTEMPTS_METRIC, queue_status
 from services.context import open_services_context
 from services.settings import ServerConfig
 from tests.cli_harness import Job, run_cli
@@ -165,6 +165,15 @@ def gauge_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...
     return values
 
 
+def s3_attempts(server: RunningServer) -> dict[str, int]:
+    """The write queue's ``s3_write_attempts`` by ``result`` (upstream's series)."""
+    results: dict[str, int] = {}
+    for attributes, value in counter_values(server.metrics, S3_ATTEMPTS_METRIC).items():
+        result = dict(attributes)["result"]
+        results[result] = results.get(result, 0) + value
+    return results
+
+
 def blocked(server: RunningServer, cache_type: CacheType) -> tuple[float, str | None]:
     """The write queue's blocked gauge for one cache type: (value, reason)."""
     for attributes, value in gauge_values(
@@ -260,12 +269,10 @@ async def test_every_write_during_a_30_s_s3_outage_is_acknowledged_and_reaches_s
         assert queue_status(tmp_path / "q") == {}
         await server.shut_down()
 
-    retried = counter_values(server.metrics, "layer_cache_write_queue_retried")
-    assert sum(retried.values()) > 0
-    assert sum(counter_values(server.metrics, "layer_cache_write_queue_success").values()) == len(
-        values
-    )
-    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+    results = s3_attempts(server)
+    assert results["retry"] > 0
+    assert results["success"] == len(values)
+    assert "dead_letter_queue" not in results
 
 
 # --------------------------------------------------------------------------------------------
@@ -353,8 +360,7 @@ async def test_poison_objects_end_as_dead_letters_with_the_opt_in_cap_and_reach_
         await until(settled, "3 dead letters and an empty queue", RECOVERY_DEADLINE_S)
         assert await s3_values(s3_client, bucket_prefix, CACHE) == healthy
         assert proxy.counts["refused"] == 3 * 3  # retried up to the cap, then given up
-        dead = counter_values(server.metrics, "layer_cache_write_queue_permanent_failure")
-        assert list(dead.values()) == [3]
+        assert s3_attempts(server)["dead_letter_queue"] == 3
 
         proxy.plan = FaultPlan()
         status = run_cli(["--write-queue-status"], {QUEUE_DIR_ENV: str(queue_dir)})
@@ -412,7 +418,7 @@ async def test_poison_objects_are_retried_by_default_and_never_hold_the_others(
             await server.shut_down()
     failing = [event for event in events if event["event"] == "write queue entry failing"]
     assert sorted(event["key"] for event in failing) == sorted(poison)  # once per entry
-    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+    assert "dead_letter_queue" not in s3_attempts(server)
 
 
 HELD = CacheType.WORKSPACE_SNAPSHOT
@@ -474,7 +480,7 @@ async def test_an_error_an_operator_fixes_holds_that_cache_type_until_fixed_and_
         if event["event"] in ("write queue held", "write queue resumed")
     ]
     assert said == [("write queue held", HELD.value), ("write queue resumed", HELD.value)]
-    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+    assert "dead_letter_queue" not in s3_attempts(server)
 
 
 async def test_a_server_without_conditional_writes_gets_unconditional_puts_after_one_501(
@@ -501,7 +507,7 @@ async def test_a_server_without_conditional_writes_gets_unconditional_puts_after
     # Every 501 came from PUTs sent before the switch (at most one per queue worker in flight).
     assert 1 <= proxy.counts["not_implemented"] <= ServerConfig().write_queue_workers
     assert proxy.operations["PutObject"] == len(values)
-    assert counter_values(server.metrics, "layer_cache_write_queue_permanent_failure") == {}
+    assert "dead_letter_queue" not in s3_attempts(server)
 
 
 # --------------------------------------------------------------------------------------------

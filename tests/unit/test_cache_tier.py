@@ -10,6 +10,10 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from opentelemetry.exporter.prometheus import PrometheusMetricReader
+from opentelemetry.sdk.metrics import MeterProvider
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from layer_cache.cache_tier import (
     MEMORY_ENTRY_OVERHEAD_BYTES,
@@ -32,6 +36,7 @@ from layer_cache.disk_tier import (
 )
 from layer_cache.errors import CacheTierUnavailable
 from layer_cache.persister import ROUTES, Backend, CachePersister, PersisterMode
+from layer_cache.persister_metrics import PersisterMetrics
 from tests.unit.test_persister import NO_RETRY, MemoryStore, RecordingSink
 
 CAS = CacheType.CAS
@@ -316,3 +321,55 @@ async def test_a_second_write_of_a_key_never_puts_its_bytes_in_the_tier() -> Non
     assert not await tiered.put("k", b"second")  # the key exists: the first value stays
     assert await tiered.get("k") == b"first"
     assert await tier.get(CAS, "k") == b"first"  # the read filled it with the stored bytes
+
+
+async def test_the_tier_counts_upstreams_foyer_series_and_prometheus_keeps_their_names() -> None:
+    registry = CollectorRegistry(auto_describe=True)
+    provider = MeterProvider(metric_readers=[PrometheusMetricReader(registry=registry)])
+    meter = provider.get_meter("test")
+    stores = {Backend.POSTGRES: MemoryStore(Backend.POSTGRES, SNAPSHOT)}
+    stores[Backend.POSTGRES].cache_name = "workspace_snapshots"
+    stores[Backend.POSTGRES].values["b"] = b"2"
+    persister = CachePersister(
+        ROUTES[PersisterMode.POSTGRES_ONLY],
+        stores,
+        RecordingSink(),
+        policy=NO_RETRY,
+        metrics=PersisterMetrics(meter),
+    )
+    tier = CacheTier(MIB, meter=meter)
+    tiered = TieredPersister(persister, tier, SNAPSHOT)
+    assert await tiered.put("a", b"1")
+    assert await tiered.get("a") == b"1"  # a tier hit
+    assert await tiered.get("b") == b"2"  # a tier miss, a Postgres hit
+    assert await tiered.get_many(["a", "b", "c"]) == {"a": b"1", "b": b"2"}
+    await tiered.evict("a")
+    samples = {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(generate_latest(registry).decode())
+        for sample in family.samples
+        if "otel_scope_name" in sample.labels
+    }
+    provider.shutdown()
+
+    def value(name: str, **labels: str) -> float:
+        found = {
+            key: v
+            for key, v in samples.items()
+            if key[0] == name and labels.items() <= dict(key[1]).items()
+        }
+        return sum(found.values())
+
+    table = {"cache_name": "workspace_snapshots"}
+    assert value("layer_cache_requests_total", **table) == 2 + 3
+    foyer = table | {"backend": "foyer"}
+    assert value("layer_cache_backend_resolved_total", **foyer, result="hit", tier="memory") == 3
+    # As upstream, a tier miss is no "not found": only the backends' misses are.
+    assert value("layer_cache_backend_resolved_total", **foyer, result="miss") == 0
+    assert value("layer_cache_read_latency_ms_count", **foyer, result="miss") == 2
+    assert value("layer_cache_backend_resolved_total", **table, result="miss") == 1  # "c"
+    assert value("layer_cache_request_latency_ms_count", **table, result="hit") == 2
+    # No unit on a histogram named ..._ms: Prometheus would make it ..._ms_milliseconds.
+    assert value("layer_cache_evict_duration_ms_count", **table, backend="foyer") == 1
+    assert value("layer_cache_evict_duration_ms_count", **table, backend="postgres") == 1
+    assert not [name for name, _labels in samples if "milliseconds" in name]

@@ -8,9 +8,15 @@ import asyncio
 from collections import Counter
 from collections.abc import Sequence
 from functools import partial
-from typing import cast
+from typing import Any, cast
 
 import pytest
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+)
 
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, SettingsError, StorageError
@@ -25,6 +31,7 @@ from layer_cache.persister import (
     S3Store,
     Store,
 )
+from layer_cache.persister_metrics import PersisterMetrics
 from layer_cache.pg import PgLayer
 from layer_cache.retry import Backoff, RetryPolicy, call_with_retries
 from layer_cache.s3 import S3Layer
@@ -508,3 +515,162 @@ async def test_s3_bulk_reads_are_concurrent_and_bounded() -> None:
     assert read.failed == {}
     assert layer.peak_in_flight == S3_BULK_READ_CONCURRENCY
     assert sum(layer.gets.values()) == len(keys) + len(keys[::3])
+
+
+# --------------------------------------------------------------------------------------------
+# Upstream's read and write series (layer_cache.persister_metrics)
+
+
+def measured(mode: str) -> tuple[CachePersister, dict[Backend, MemoryStore], InMemoryMetricReader]:
+    reader = InMemoryMetricReader()
+    metrics = PersisterMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    stores = {backend: MemoryStore(backend) for backend in Backend}
+    cache = CachePersister(
+        ROUTES[PersisterMode(mode)], stores, RecordingSink(), policy=NO_RETRY, metrics=metrics
+    )
+    return cache, stores, reader
+
+
+def points(reader: InMemoryMetricReader, name: str) -> dict[tuple[tuple[str, Any], ...], float]:
+    """Sorted attribute items → value (a histogram's count), for one instrument."""
+    data = reader.get_metrics_data()
+    found: dict[tuple[tuple[str, Any], ...], float] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != name:
+                    continue
+                for point in metric.data.data_points:
+                    if isinstance(point, HistogramDataPoint):
+                        value: float = point.count
+                    else:
+                        assert isinstance(point, NumberDataPoint)
+                        value = point.value
+                    found[tuple(sorted((point.attributes or {}).items()))] = value
+    return found
+
+
+def labelled(**attributes: str) -> tuple[tuple[str, str], ...]:
+    return tuple(sorted(attributes.items()))
+
+
+async def test_s3_primary_reads_count_each_backend_and_the_fallback_as_upstream() -> None:
+    cache, stores, reader = measured("S3Primary")
+    stores[Backend.POSTGRES].values.update({"a": b"1", "b": b"2"})
+    stores[Backend.S3].values["c"] = b"3"
+    assert await cache.get("a") == b"1"  # S3 miss, Postgres hit
+    assert await cache.get_many(["b", "c", "d"]) == {"b": b"2", "c": b"3"}
+
+    resolved = points(reader, "layer_cache_backend_resolved")
+    assert resolved == {
+        labelled(cache_name="cas", backend="s3", result="miss"): 1 + 2,
+        labelled(cache_name="cas", backend="s3", result="hit"): 1,
+        labelled(cache_name="cas", backend="postgres", result="hit"): 1 + 1,
+        labelled(cache_name="cas", backend="postgres", result="miss"): 1,
+    }
+    # Each read's time, once per result it had (a bulk read is one read).
+    assert points(reader, "layer_cache_read_latency_ms") == {
+        labelled(cache_name="cas", backend="s3", result="miss"): 1 + 1,
+        labelled(cache_name="cas", backend="s3", result="hit"): 1,
+        labelled(cache_name="cas", backend="postgres", result="hit"): 1 + 1,
+        labelled(cache_name="cas", backend="postgres", result="miss"): 1,
+    }
+    assert points(reader, "layer_cache_read_fallback") == {
+        labelled(cache_name="cas", from_backend="s3", to_backend="postgres"): 1 + 2
+    }
+
+
+async def test_a_failed_read_is_no_hit_or_miss_but_still_a_fallback() -> None:
+    cache, stores, reader = measured("S3Primary")
+    stores[Backend.S3].failing = transient()
+    stores[Backend.POSTGRES].values["a"] = b"1"
+    assert await cache.get("a") == b"1"
+    assert points(reader, "layer_cache_backend_resolved") == {
+        labelled(cache_name="cas", backend="postgres", result="hit"): 1
+    }
+    assert sum(points(reader, "layer_cache_read_fallback").values()) == 1
+
+
+async def test_writes_count_attempts_successes_and_failures_by_upstreams_kind() -> None:
+    cache, stores, reader = measured("S3Only")
+    assert await cache.put("a", b"1")
+    stores[Backend.S3].failing = transient()
+    with pytest.raises(StorageError):
+        await cache.put("b", b"2")
+    stores[Backend.S3].failing = StorageError("refused", kind=ErrorKind.OTHER)
+    with pytest.raises(StorageError):
+        await cache.put("c", b"3")
+
+    kind = {"cache_name": "cas", "backend": "s3", "event_kind": "cas_insertion"}
+    assert points(reader, "layer_cache_persister_write_attempted") == {labelled(**kind): 3}
+    success = {labelled(cache_name="cas", backend="s3"): 1}
+    assert points(reader, "layer_cache_persister_write_success_total") == success
+    assert points(reader, "layer_cache_persister_write_success") == success  # the bare name too
+    for name, error in (("retryable", "transient"), ("permanent", "other")):
+        failed = {labelled(**kind, error_kind=error): 1}
+        assert points(reader, f"layer_cache_persister_write_failed_{name}_total") == failed
+        assert points(reader, f"layer_cache_persister_write_failed_{name}") == failed
+    durations = points(reader, "layer_cache_persister_write_duration_ms")
+    assert durations == {
+        labelled(**kind, status="success"): 1,
+        labelled(**kind, status="error"): 2,
+    }
+    assert points(reader, "layer_cache_persistence_latency_seconds") == {
+        labelled(**kind, operation="write"): 1
+    }
+    assert points(reader, "layer_cache_persister_pg_error") == {}  # Postgres only
+
+
+async def test_a_dual_write_counts_postgres_directly_and_s3_once_queued() -> None:
+    cache, stores, reader = measured("DualWrite")
+    assert await cache.put("a", b"1")
+    stores[Backend.POSTGRES].failing = StorageError("refused", kind=ErrorKind.OTHER)
+    with pytest.raises(StorageError):
+        await cache.put("b", b"2")
+
+    assert points(reader, "layer_cache_persister_write_attempted") == {
+        labelled(cache_name="cas", backend="postgres", event_kind="cas_insertion"): 2
+    }
+    assert points(reader, "layer_cache_persister_write_success_total") == {
+        labelled(cache_name="cas", backend="postgres"): 1,
+        labelled(cache_name="cas", backend="s3"): 2,
+    }
+    written = {"cache_name": "cas", "event_kind": "cas_insertion", "backend": "postgres"}
+    assert points(reader, "layer_cache_persister_event_by_kind") == {labelled(**written): 2}
+    assert points(reader, "layer_cache_persister_pg_error") == {
+        labelled(**written, operation="write"): 1
+    }
+
+
+class DeletingLayer:
+    """What ``PgStore.delete`` calls on a workspace_snapshots layer; ``failing`` raises."""
+
+    def __init__(self) -> None:
+        self.spec = CACHE_SPECS[CacheType.WORKSPACE_SNAPSHOT]
+        self.failing: StorageError | None = None
+
+    async def delete(self, key: str) -> bool:
+        if self.failing is not None:
+            raise self.failing
+        return False
+
+
+async def test_an_evict_is_timed_and_a_failed_one_is_a_postgres_error() -> None:
+    layer = DeletingLayer()
+    reader = InMemoryMetricReader()
+    metrics = PersisterMetrics(MeterProvider(metric_readers=[reader]).get_meter("test"))
+    cache = CachePersister(
+        ROUTES[PersisterMode.POSTGRES_ONLY],
+        {Backend.POSTGRES: PgStore(cast(PgLayer, layer))},
+        RecordingSink(),
+        policy=NO_RETRY,
+        metrics=metrics,
+    )
+    assert await cache.evict("a") is False
+    layer.failing = transient()
+    with pytest.raises(StorageError):
+        await cache.evict("b")
+    evicted = {"cache_name": "workspace_snapshots", "backend": "postgres"}
+    evicted |= {"event_kind": "snapshot_evict", "operation": "evict"}
+    assert points(reader, "layer_cache_persistence_latency_seconds") == {labelled(**evicted): 1}
+    assert points(reader, "layer_cache_persister_pg_error") == {labelled(**evicted): 1}

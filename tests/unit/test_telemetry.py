@@ -21,6 +21,7 @@ from opentelemetry.sdk.metrics.export import (
 )
 from structlog.testing import capture_logs
 
+from devenv.otlp_receiver import collector_series_names
 from devenv.process import free_port
 from layer_cache.errors import SettingsError
 from services.logging import configure_logging
@@ -473,3 +474,48 @@ def test_sdk_exporter_logs_reach_the_structlog_renderer() -> None:
     assert event["event"] == "Failed to export metrics to collector:4318, error code: UNAVAILABLE"
     assert event["level"] == "error"
     assert event["logger"] == "opentelemetry.exporter.otlp.proto.grpc.exporter"
+
+
+@pytest.mark.parametrize(
+    ("name", "unit", "kind", "monotonic", "expected"),
+    [
+        # upstream's monotonic!(layer_cache_backend_resolved = 1): a counter gains _total
+        ("layer_cache_backend_resolved", "", "sum", True, {"layer_cache_backend_resolved_total"}),
+        # once: a name ending in _total keeps one
+        ("layer_cache_requests_total", "", "sum", True, {"layer_cache_requests_total"}),
+        # upstream's metric!(counter.…): an up-down counter keeps its name
+        (
+            "layer_cache_persister_write_attempted",
+            "",
+            "sum",
+            False,
+            {"layer_cache_persister_write_attempted"},
+        ),
+        # histogram!(layer_cache.read_latency_ms = …): dots become underscores
+        (
+            "layer_cache.read_latency_ms",
+            "",
+            "histogram",
+            False,
+            {f"layer_cache_read_latency_ms{suffix}" for suffix in ("_bucket", "_sum", "_count")},
+        ),
+        # a unit is appended as a word unless the name has it
+        (
+            "evict_duration_ms",
+            "ms",
+            "histogram",
+            False,
+            {f"evict_duration_ms_milliseconds{suffix}" for suffix in ("_bucket", "_sum", "_count")},
+        ),
+        ("queue_oldest_age_seconds", "s", "gauge", False, {"queue_oldest_age_seconds"}),
+    ],
+)
+def test_the_collectors_prometheus_names(
+    name: str, unit: str, kind: str, monotonic: bool, expected: set[str]
+) -> None:
+    assert collector_series_names(name, unit, kind, monotonic) == expected
+
+
+def test_a_unit_without_a_known_word_is_refused() -> None:
+    with pytest.raises(ValueError, match="unit"):
+        collector_series_names("requests", "{request}/s", "sum", True)

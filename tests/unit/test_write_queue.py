@@ -14,7 +14,11 @@ from typing import Any
 
 import pytest
 from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import (
+    HistogramDataPoint,
+    InMemoryMetricReader,
+    NumberDataPoint,
+)
 from structlog.testing import capture_logs
 
 from layer_cache.cache_types import CacheType
@@ -23,6 +27,8 @@ from layer_cache.persister import Backend
 from layer_cache.retry import Backoff
 from layer_cache.write_queue import (
     DB_FILE_NAME,
+    PG_RETRY_QUEUE,
+    S3_ATTEMPTS_METRIC,
     CacheQueueStatus,
     Holds,
     NewEntry,
@@ -221,6 +227,22 @@ def counters(reader: InMemoryMetricReader) -> dict[str, float]:
     return totals
 
 
+def attempts(reader: InMemoryMetricReader) -> dict[str, float]:
+    """``s3_write_attempts`` by ``result`` (upstream's success, retry, dead_letter_queue)."""
+    data = reader.get_metrics_data()
+    totals: dict[str, float] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name != S3_ATTEMPTS_METRIC:
+                    continue
+                for point in metric.data.data_points:
+                    assert isinstance(point, NumberDataPoint)
+                    result = str((point.attributes or {})["result"])
+                    totals[result] = totals.get(result, 0) + point.value
+    return totals
+
+
 def write_behind(
     tmp_path: Path, s3: MemoryStore, **budget: Any
 ) -> tuple[WriteBehind, InMemoryMetricReader]:
@@ -260,9 +282,8 @@ async def test_workers_put_retry_transient_faults_and_delete_on_success(tmp_path
     assert await queue.drain(1) == 0
     totals = counters(reader)
     assert totals["layer_cache_write_queue_enqueued"] == 2
-    assert totals["layer_cache_write_queue_success"] == 2
-    assert totals["layer_cache_write_queue_retried"] == 1
-    assert totals["layer_cache_write_queue_depth"] == 0
+    assert attempts(reader) == {"success": 2, "retry": 1}
+    assert totals["s3_write_queue_depth"] == 0
 
 
 class KeyedStore(MemoryStore):
@@ -369,7 +390,7 @@ async def test_an_unmapped_error_retries_that_entry_only_and_logs_it_once(tmp_pa
     failing = [event for event in events if event["event"] == "write queue entry failing"]
     assert [event["key"] for event in failing] == ["poison"]  # once, not per attempt
     assert not [event for event in events if event["event"] == "write queue held"]
-    assert counters(reader).get("layer_cache_write_queue_permanent_failure", 0) == 0
+    assert attempts(reader).get("dead_letter_queue", 0) == 0
 
 
 async def test_spent_opt_in_budgets_end_as_dead_letters(tmp_path: Path) -> None:
@@ -384,10 +405,98 @@ async def test_spent_opt_in_budgets_end_as_dead_letters(tmp_path: Path) -> None:
     await until(lambda: queue_status(tmp_path)[CAS].dead_letters == 2, "two dead letters")
     assert await queue.drain(1) == 0
     totals = counters(reader)
-    assert totals["layer_cache_write_queue_permanent_failure"] == 2
-    assert totals["layer_cache_write_queue_retried"] == 2  # attempt 1 of each retried
+    assert attempts(reader) == {"retry": 2, "dead_letter_queue": 2}  # attempt 1 of each retried
     assert totals["layer_cache_fallback_writeback_attempted"] == 1
     assert totals["layer_cache_fallback_writeback_failed"] == 1
+
+
+def histogram_points(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], int]:
+    """Sorted attribute items → count, for one histogram."""
+    data = reader.get_metrics_data()
+    points: dict[tuple[Any, ...], int] = {}
+    for resource in data.resource_metrics if data else []:
+        for scope in resource.scope_metrics:
+            for metric in scope.metrics:
+                if metric.name == name:
+                    for point in metric.data.data_points:
+                        assert isinstance(point, HistogramDataPoint)
+                        points[tuple(sorted((point.attributes or {}).items()))] = point.count
+    return points
+
+
+def one_point(points: dict[tuple[Any, ...], float]) -> tuple[dict[str, Any], float]:
+    ((attributes, value),) = points.items()
+    return dict(attributes), value
+
+
+async def test_the_s3_queue_reports_upstreams_worker_dead_letter_and_timing_series(
+    tmp_path: Path,
+) -> None:
+    s3 = MemoryStore(Backend.S3, CacheType.WORKSPACE_SNAPSHOT)
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    budget = QueueBudget(max_attempts=1, backoff=Backoff(base_delay_s=0.01, max_delay_s=0.02))
+    queue = WriteBehind(
+        tmp_path, {CacheType.WORKSPACE_SNAPSHOT: s3}, meter, workers=2, budget=budget
+    )
+    s3.release.clear()  # the first PUT waits in flight
+    queue.start()
+    await queue.enqueue(s3, "a", b"1")
+    await queue.enqueue(s3, "b", b"2")
+    queue.offer(s3, "c", b"3")
+    await until(lambda: s3.puts == 2, "two PUTs in flight")
+    labels = {"cache_name": "workspace_snapshots", "cache_type": "workspace_snapshot"}
+    worker = labels | {"backend": "s3", "worker_id": "0"}
+    assert one_point(gauge_points(reader, "s3_worker_active_uploads")) == (worker, 2)
+    assert one_point(gauge_points(reader, "s3_worker_queue_depth")) == (worker, 1)
+    assert one_point(gauge_points(reader, "s3_write_queue_depth"))[1] == 3
+
+    s3.failing = StorageError("refused", kind=ErrorKind.OTHER)
+    s3.fail_once = True
+    s3.release.set()
+    await until(lambda: queue_status(tmp_path)[CacheType.WORKSPACE_SNAPSHOT].queued == 0, "done")
+    assert one_point(gauge_points(reader, "s3_dlq_depth")) == (labels | {"backend": "s3"}, 1)
+    assert one_point(gauge_points(reader, "s3_worker_active_uploads"))[1] == 0
+    assert attempts(reader) == {"success": 2, "dead_letter_queue": 1}
+    disk_writes = histogram_points(reader, "s3_disk_write_duration_ms")
+    assert disk_writes == {
+        tuple(sorted((labels | {"backend": "s3", "status": "success"}).items())): 3
+    }
+    durations = {
+        (dict(a)["status"], dict(a)["event_kind"]): count
+        for a, count in histogram_points(reader, "layer_cache_persister_write_duration_ms").items()
+    }
+    # A write's event kind is the cache's (upstream's LayeredEventKind); a write-back's is raw.
+    assert sum(durations.values()) == 3
+    assert set(durations) <= {
+        (status, kind) for status in ("success", "error") for kind in ("snapshot_write", "raw")
+    }
+    written = histogram_points(reader, "layer_cache_persistence_latency_seconds")
+    assert {dict(a)["operation"] for a in written} == {"write"}
+    assert sum(written.values()) == 2
+    assert await queue.drain(1) == 0
+
+
+async def test_the_postgres_queue_counts_under_upstreams_names_with_and_without_total(
+    tmp_path: Path,
+) -> None:
+    pg = MemoryStore(Backend.POSTGRES)
+    pg.failing, pg.fail_once = transient(), True
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test")
+    budget = QueueBudget(backoff=Backoff(base_delay_s=0.01, max_delay_s=0.02))
+    queue = WriteBehind(tmp_path, {CAS: pg}, meter, workers=1, budget=budget, kind=PG_RETRY_QUEUE)
+    queue.start()
+    await queue.enqueue(pg, "a", b"1")
+    await until_depth(queue, 0)
+    assert await queue.drain(1) == 0
+    totals = counters(reader)
+    for name, value in (("enqueued", 1), ("success", 1), ("failed", 1)):
+        assert totals[f"layer_cache_retry_queue_{name}_total"] == value
+        assert totals[f"layer_cache_retry_queue_{name}"] == value
+    written = histogram_points(reader, "layer_cache_persistence_latency_seconds")
+    assert {dict(a)["operation"] for a in written} == {"retry"}
+    assert S3_ATTEMPTS_METRIC not in totals
 
 
 async def test_concurrent_enqueues_share_one_fsynced_commit_and_return_after_it(
