@@ -29,48 +29,21 @@ from opentelemetry.metrics import Histogram, Meter
 
 TOTAL_SUFFIX = "_total"
 
-MS_BUCKETS: tuple[float, ...] = (
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    25,
-    50,
-    100,
-    250,
-    500,
-    1_000,
-    2_500,
-    5_000,
-    10_000,
-    30_000,
-)
+
+def one_two_five(low: float, high: float) -> tuple[float, ...]:
+    """The 1-2.5-5 series from ``low`` to ``high`` (both powers of ten): 0.1, 0.25, 0.5, 1, …"""
+    bounds: list[float] = []
+    decade = low
+    while decade < high:
+        bounds.extend(round(decade * step, 12) for step in (1, 2.5, 5))
+        decade *= 10
+    return (*bounds, high)
+
+
+MS_BUCKETS: tuple[float, ...] = (0.05, *one_two_five(0.1, 10_000), 30_000)
 """Boundaries of a ``…_ms`` histogram: from an in-memory hit (tens of µs) to a 30 s stall."""
 
-SECONDS_BUCKETS: tuple[float, ...] = (
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1,
-    2.5,
-    5,
-    10,
-    30,
-    60,
-    300,
-    900,
-    3_600,
-)
+SECONDS_BUCKETS: tuple[float, ...] = (*one_two_five(0.001, 10), 30, 60, 300, 900, 3_600)
 """Boundaries of a ``…_seconds`` histogram: a write on the request path to a queued write held
 through an hour's outage."""
 

@@ -60,6 +60,7 @@ from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -374,6 +375,14 @@ class CacheQueueStatus:
     queued: int = 0
     oldest_enqueued_at: float | None = None
     dead_letters: int = 0
+
+
+def _queued(status: CacheQueueStatus) -> int:
+    return status.queued
+
+
+def _dead_letters(status: CacheQueueStatus) -> int:
+    return status.dead_letters
 
 
 def _marks(values: Sequence[object]) -> str:
@@ -736,7 +745,9 @@ class WriteBehind:
             else ms_histogram(meter, names.disk_write, "time to commit an entry durably")
         )
         meter.create_observable_gauge(
-            names.depth, [self._observe_depth], description=f"{what} waiting in the queue"
+            names.depth,
+            [partial(self._observe_count, _queued)],
+            description=f"{what} waiting in the queue",
         )
         meter.create_observable_gauge(
             names.oldest_age,
@@ -751,7 +762,7 @@ class WriteBehind:
         )
         meter.create_observable_gauge(
             names.dead_letters,
-            [self._observe_dead_letters],
+            [partial(self._observe_count, _dead_letters)],
             description=f"queued {what} in the dead letters",
         )
         if names.worker_depth is not None and names.worker_active is not None:
@@ -787,11 +798,14 @@ class WriteBehind:
         except (WriteQueueError, sqlite3.ProgrammingError):
             return {}
 
-    def _observe_depth(self, _options: CallbackOptions) -> Iterable[Observation]:
+    def _observe_count(
+        self, count: Callable[[CacheQueueStatus], int], _options: CallbackOptions
+    ) -> Iterable[Observation]:
+        """One of each cache type's ``CacheQueueStatus`` counts (queued, dead letters)."""
         status = self._status_or_empty()
         for cache_type in self.targets:
-            queued = status.get(cache_type, CacheQueueStatus()).queued
-            yield Observation(queued, self._attributes(cache_type))
+            counted = count(status.get(cache_type, CacheQueueStatus()))
+            yield Observation(counted, self._attributes(cache_type))
 
     def _observe_oldest_age(self, _options: CallbackOptions) -> Iterable[Observation]:
         status = self._status_or_empty()
@@ -800,12 +814,6 @@ class WriteBehind:
             oldest = status.get(cache_type, CacheQueueStatus()).oldest_enqueued_at
             age = 0.0 if oldest is None else max(0.0, now - oldest)
             yield Observation(age, self._attributes(cache_type))
-
-    def _observe_dead_letters(self, _options: CallbackOptions) -> Iterable[Observation]:
-        status = self._status_or_empty()
-        for cache_type in self.targets:
-            dead = status.get(cache_type, CacheQueueStatus()).dead_letters
-            yield Observation(dead, self._attributes(cache_type))
 
     def _observe_worker_depth(self, _options: CallbackOptions) -> Iterable[Observation]:
         status = self._status_or_empty()

@@ -40,7 +40,13 @@ from layer_cache.persister import ROUTES, Backend, CachePersister, PgStore, S3St
 from layer_cache.persister_metrics import PersisterMetrics
 from layer_cache.retry import Backoff
 from layer_cache.schema import check_layer_db_schema
-from layer_cache.write_queue import PG_RETRY_QUEUE, S3_WRITE_QUEUE, QueueBudget, WriteBehind
+from layer_cache.write_queue import (
+    PG_RETRY_QUEUE,
+    S3_WRITE_QUEUE,
+    QueueBudget,
+    QueueKind,
+    WriteBehind,
+)
 from layer_cache_server.auth import (
     TOO_MANY_FAILURES,
     FailureLimiter,
@@ -161,33 +167,30 @@ class LayerCacheServer:
                 max_delay_s=config.write_queue_max_delay_secs,
             ),
         )
-        self.write_back: WriteBehind | None = None
-        if self.route.deferred:  # DualWrite, S3Primary: S3 through the durable write queue
-            self.write_back = WriteBehind(
+
+        def queue(kind: QueueKind, workers: int) -> WriteBehind:
+            targets = {ct: stores[ct][kind.backend] for ct in SERVED_CACHE_TYPES}
+            return WriteBehind(
                 config.write_queue_dir,
-                {cache_type: stores[cache_type][Backend.S3] for cache_type in SERVED_CACHE_TYPES},
+                targets,
                 context.telemetry.meter,
-                workers=config.write_queue_workers,
+                workers=workers,
                 budget=budget,
-                kind=S3_WRITE_QUEUE,
+                kind=kind,
                 busy=self._busy,
                 yield_lag_s=config.write_queue_yield_lag_secs,
             )
+
+        # DualWrite, S3Primary: S3 through the durable write queue.
+        self.write_back: WriteBehind | None = None
+        if self.route.deferred:
+            self.write_back = queue(S3_WRITE_QUEUE, config.write_queue_workers)
         # Postgres rows whose INSERT failed after their S3 PUT was queued (DualWrite, S3Primary);
         # a PostgresOnly server drains what such a server left behind, and queues nothing.
         self.retry_later: WriteBehind | None = None
         leftover = (config.write_queue_dir / PG_RETRY_QUEUE.file_name).exists()
         if Backend.POSTGRES in self.route.writes and (self.route.deferred or leftover):
-            self.retry_later = WriteBehind(
-                config.write_queue_dir,
-                {ct: stores[ct][Backend.POSTGRES] for ct in SERVED_CACHE_TYPES},
-                context.telemetry.meter,
-                workers=config.retry_queue_workers,
-                budget=budget,
-                kind=PG_RETRY_QUEUE,
-                busy=self._busy,
-                yield_lag_s=config.write_queue_yield_lag_secs,
-            )
+            self.retry_later = queue(PG_RETRY_QUEUE, config.retry_queue_workers)
         self.persisters: dict[CacheType, TieredPersister] = {
             cache_type: TieredPersister(
                 CachePersister(
