@@ -10,8 +10,9 @@ Two measurements, both printed as tables and written as JSON to
 * **End to end**: the real server (``python -m services``, PostgresOnly, local PostgreSQL and an
   S3 server for its start-up checks) as a subprocess over loopback, ``--concurrency`` requests in
   flight, a PUT phase of new ``--value-bytes`` cas values then a GET phase, per variant: open
-  (``SI_SDF__SERVER__AUTH=none``, no header), tokens (a write token on PUTs, a read token on
-  GETs, two tokens per role), and tokens over HTTPS (a test CA made at run time). The variants
+  (``SI_SDF__SERVER__AUTH=none``, no header), open with a token sent (the client's own cost of
+  the header; the server ignores it), tokens (a write token on PUTs, a read token on GETs, two
+  tokens per role), and tokens over HTTPS (a test CA made at run time). The variants
   take turns for ``--rounds`` rounds, each on a fresh server, so drift in the machine's load
   falls on each alike; per variant and operation the requests of every round are pooled:
   requests/s, p50, p99, and p50/p99 over the open server's.
@@ -59,7 +60,7 @@ from layer_cache.keys import bucket_name
 from layer_cache_server.auth import Role, TokenFiles, request_decision
 from migrations_mode.tables import build_table, render_table
 
-VARIANTS = ("open", "tokens", "tokens over HTTPS")
+VARIANTS = ("open", "open, token sent", "tokens", "tokens over HTTPS")
 TOKEN_COUNTS = (1, 2, 10)
 CHECK_CALLS = 20_000
 
@@ -216,6 +217,9 @@ def _variant_env(
 ) -> tuple[dict[str, str], Client]:
     if variant == "open":
         return base, Client({role: {} for role in Role}, False)
+    if variant == "open, token sent":  # the client's cost of the header, the server ignoring it
+        header = {"Authorization": f"Bearer {_token('unchecked', 0)}"}
+        return base, Client(dict.fromkeys(Role, header), False)
     files, presented = _write_tokens(scratch, 2)
     env = base | {
         "SI_SDF__SERVER__AUTH": "tokens",

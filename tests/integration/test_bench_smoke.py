@@ -305,7 +305,7 @@ def test_server_auth_smoke_reports_the_checks_cost_and_each_variant(tmp_path: Pa
     assert set(rows) == {
         (operation, variant)
         for operation in ("PUT", "GET")
-        for variant in ("open", "tokens", "tokens over HTTPS")
+        for variant in ("open", "open, token sent", "tokens", "tokens over HTTPS")
     }
     assert all(row["requests"] == 100 for row in rows.values())
     assert rows[("GET", "open")]["p50_ratio"] == 1.0
