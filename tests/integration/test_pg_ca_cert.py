@@ -44,11 +44,10 @@ from services.settings import (
     PgSslMode,
     SettingsError,
 )
-from tests.cli_harness import CliRun, cli, run_cli
-from tests.integration.test_cli import the_error_line
+from tests.cli_harness import CliRun, cli, run_cli, the_error_line
+from tests.support import PG
 
 SSL_CA_CERT = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSL_CA_CERT"
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 
 
 def unusable_ca_files(tmp_path: Path) -> dict[str, Path]:
