@@ -166,23 +166,29 @@ async def run_backfill(
             )
             for cache_type in config.cache_types
         ]
-        return await _run_caches(
-            caches, config, stop, store, metrics, context, live_console=live_console
+        return await run_caches(
+            caches,
+            config,
+            stop,
+            store,
+            metrics,
+            metrics_destination=context.telemetry.destination,
+            live_console=live_console,
         )
 
 
-async def _run_caches(
+async def run_caches(
     caches: list[CacheBackfill],
     config: BackfillConfig,
     stop: StopRequest,
     store: ProgressStore,
     metrics: BackfillMetrics,
-    context: ServicesContext,
     *,
-    live_console: Console | None,
+    metrics_destination: str,
+    live_console: Console | None = None,
 ) -> BackfillReport:
-    """Run every cache in one task group (the first failure cancels the rest), then log the
-    summary."""
+    """Run every cache built over ``store`` in one task group (the first failure cancels the
+    rest; a stop cancels what still runs after the grace period), then log the summary."""
     for cache in caches:
         metrics.watch(cache)
         cache.log_progress = live_console is None
@@ -194,7 +200,7 @@ async def _run_caches(
         progress_store=store.kind,
         max_uploads_per_second=config.max_uploads_per_second,
         max_bytes_per_second=config.max_bytes_per_second,
-        metrics=context.telemetry.destination,
+        metrics=metrics_destination,
     )
     failure: CacheBackfillFailed | None = None
     tasks: list[asyncio.Task[object]] = []

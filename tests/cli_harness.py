@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import IO, Any, Literal, Self
 
 import pytest
 import structlog
@@ -33,11 +33,11 @@ import structlog
 from layer_cache.cache_types import CacheType
 from migrations_mode.log_fields import FIELDS, UPSTREAM_EVENTS, UPSTREAM_SYNONYMS
 from si_layer_cache.cli import main as cli_main
-from tests.support import REPO_ROOT
+from tests.support import CUTOFF_RFC3339, REPO_ROOT
 
 Event = dict[str, Any]
+OutputFormat = Literal["json", "console"]
 
-CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
 CLI_TIMEOUT_S = 60.0
 WRITE_QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
 _SERVER_ACCESS_SETTINGS = (
@@ -56,8 +56,11 @@ def backfill_args(
     cutoff: str = CUTOFF_RFC3339,
     cache_types: str | Sequence[CacheType] = "cas",
     json_logs: bool = True,
+    **flags: object,
 ) -> list[str]:
-    """The flags of a backfill of ``cache_types`` below ``cutoff``; ``extra`` is appended."""
+    """The flags of a backfill of ``cache_types`` below ``cutoff``, then ``flags`` by name
+    (``key_batch_size=50``: ``--backfill-key-batch-size 50``); ``extra`` is appended."""
+    named = [[f"--backfill-{name.replace('_', '-')}", str(value)] for name, value in flags.items()]
     return [
         "--migration-mode",
         "backfillLayerCache",
@@ -66,6 +69,7 @@ def backfill_args(
         cutoff,
         "--backfill-cache-types",
         cache_types if isinstance(cache_types, str) else ",".join(cache_types),
+        *(part for flag in named for part in flag),
         *extra,
     ]
 
@@ -146,6 +150,19 @@ class CliRun:
         [found] = self.named("backfill summary", cache_type)
         return found
 
+    def the_error(self) -> Event:
+        """The one line a refused run prints: a JSON error event on stderr, no traceback, nothing
+        on stdout."""
+        assert "Traceback" not in self.stderr, self.stderr
+        lines = self.stderr_lines
+        assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{self.stderr}"
+        assert self.non_json == [], self.stderr
+        [event] = self.events
+        assert event.get("level") == "error", event
+        assert "exception" not in event, event
+        assert self.stdout == ""
+        return event
+
     def describe(self) -> str:
         return f"exit status {self.status}\n--- stderr ---\n{self.stderr[-6000:]}"
 
@@ -161,6 +178,22 @@ class CliRun:
             for field, owner in UPSTREAM_SYNONYMS.items():
                 assert field not in fields or name == owner, f"{name!r} says {field}"
             assert set(UPSTREAM_EVENTS.get(str(name), ())) <= fields, event
+
+
+def the_error_line(run: CliRun, output: OutputFormat = "json") -> str:
+    """The single error line a refused run must print; returns its message."""
+    assert "Traceback" not in run.stderr, run.stderr
+    lines = run.stderr_lines
+    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{run.stderr}"
+    if output == "console":
+        return lines[0]
+    event = parse_event(lines[0])
+    assert event.get("level") == "error", event
+    assert "exception" not in event, event
+    message = event.get("event")
+    assert isinstance(message, str), event
+    assert message, event
+    return message
 
 
 # --------------------------------------------------------------------------------------------
@@ -413,3 +446,19 @@ class Job:
             if stream is not None and not stream.closed:
                 await asyncio.to_thread(stream.read)
                 stream.close()
+
+
+async def interrupt_backfill(
+    args: Sequence[str], env: Mapping[str, str], signum: signal.Signals, *, after_rows: int
+) -> CliRun:
+    """Start a backfill, signal it once a checkpoint shows ``after_rows`` done, let it exit."""
+    async with Job(args, env) as job:
+        progress = await job.expect(
+            lambda event: (
+                event.get("event") == "backfill checkpoint" and event["processed"] >= after_rows
+            ),
+            30.0,
+        )
+        assert isinstance(progress["active_uploads"], int), progress
+        job.send(signum)
+        return await job.finish(30.0)

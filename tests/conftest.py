@@ -95,28 +95,38 @@ def verifying_s3_server() -> Iterator[SeaweedS3]:
 
 @dataclass(frozen=True)
 class LayerDb:
-    """A fresh database with the layer-db schema, and a pool to it as the app role."""
+    """A database of the test's own, and a pool to it as the app role."""
 
     endpoint: PostgresEndpoint
     dbname: str
     pool: asyncpg.Pool
 
 
-@pytest.fixture
-async def layer_db(pg_server: PostgresServer) -> AsyncIterator[LayerDb]:
-    endpoint = pg_server.endpoint
-    dbname = f"t_{uuid.uuid4().hex[:12]}"
+@asynccontextmanager
+async def fresh_database(
+    endpoint: PostgresEndpoint, *, prefix: str = "t", pool_size: int = 10
+) -> AsyncIterator[LayerDb]:
+    """A new, empty database owned by the app role, and a pool to it as that role (closed
+    afterwards; the database goes with the session's server)."""
+    dbname = f"{prefix}_{uuid.uuid4().hex[:12]}"
     admin = await asyncpg.connect(endpoint.dsn(dbname="postgres", superuser=True))
     try:
         await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
     finally:
         await admin.close()
-    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=10)
-    await migrate_layer_db(pool)
+    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=pool_size)
     try:
         yield LayerDb(endpoint, dbname, pool)
     finally:
         await pool.close()
+
+
+@pytest.fixture
+async def layer_db(pg_server: PostgresServer) -> AsyncIterator[LayerDb]:
+    """A fresh database with the layer-db schema."""
+    async with fresh_database(pg_server.endpoint) as db:
+        await migrate_layer_db(db.pool)
+        yield db
 
 
 @pytest.fixture

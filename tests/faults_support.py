@@ -32,16 +32,10 @@ from migrations_mode.progress_store import (
     s3_progress_object_key,
 )
 from migrations_mode.walk import WalkOrder
-from tests.support import bucket_objects, cache_bucket
+from tests.support import cache_bucket, cache_objects
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
-
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
-S3_ENDPOINT = STORAGE + "ENDPOINT"
-S3_ACCESS_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY"
-S3_SECRET_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY"
 
 
 # --------------------------------------------------------------------------------------------
@@ -103,7 +97,7 @@ async def assert_s3_holds_exactly(
 ) -> None:
     """Byte for byte (GETs, not ETags): the bucket holds exactly ``rows`` and nothing else."""
     expected = {object_key_of(cache_type, key): value for key, value in rows.items()}
-    stored = await bucket_objects(client, cache_bucket(cache_type, bucket_prefix))
+    stored = await cache_objects(client, bucket_prefix, cache_type)
     extra = sorted(stored.keys() - expected.keys())
     missing = sorted(expected.keys() - stored.keys())
     assert not extra, f"{cache_type}: {len(extra)} objects without a row below the cutoff"

@@ -1,27 +1,46 @@
-"""Helpers shared by the integration tests: seeding rows and reading buckets (the CLI is run by
-``tests.cli_harness``)."""
+"""What the tests share: the recorded cutoff, the names of the settings they set, seeding rows and
+reading buckets (the CLI is run by ``tests.cli_harness``, the server by ``tests.server_support``).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import random
+import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import asyncpg
 
-from layer_cache.cache_types import CACHE_SPECS, CacheType
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from migrations_mode.progress_store import S3_PROGRESS_PREFIX
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
+    from tests.conftest import LayerDb
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+# The cutoff of the recorded sdf environment (tests/data/sdf_env.json): when DualWrite was
+# switched on. Rows are seeded around it; runs are given it as the flag's RFC 3339 text.
+CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
+CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
+
+# The settings' names, as an operator sets them.
+PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
+STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
+S3_ENDPOINT = STORAGE + "ENDPOINT"
+CACHE = "SI_SDF__LAYER_DB_CONFIG__CACHE_CONFIG__"
+SERVER = "SI_SDF__SERVER__"
+S3_ACCESS_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY"
+S3_SECRET_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY"
 
 
 @dataclass(frozen=True)
@@ -36,6 +55,22 @@ class SeedRow:
 def random_key(rng: random.Random, length: int = 64) -> str:
     """A lowercase hex key like the content hashes in production."""
     return "".join(rng.choice("0123456789abcdef") for _ in range(length))
+
+
+def rows_around_cutoff(rng: random.Random, count: int, *, tie_every: int = 1) -> list[SeedRow]:
+    """Half below the cutoff, half at or after it; ``tie_every`` rows share each created_at."""
+    rows = []
+    for index in range(count):
+        offset = timedelta(milliseconds=index // tie_every - count // (2 * tie_every))
+        value = rng.randbytes(rng.randint(1, 2048))
+        rows.append(SeedRow(random_key(rng, rng.choice((32, 64))), value, CUTOFF + offset))
+    return rows
+
+
+async def seed_every_cache(db: LayerDb, rng: random.Random, per_cache: int) -> None:
+    """``rows_around_cutoff`` (every 3 sharing a created_at) into every backfillable cache."""
+    for cache_type in BACKFILLABLE_CACHE_TYPES:
+        await insert_rows(db.pool, cache_type, rows_around_cutoff(rng, per_cache, tie_every=3))
 
 
 async def insert_rows(pool: asyncpg.Pool, cache_type: CacheType, rows: Sequence[SeedRow]) -> None:
@@ -82,6 +117,32 @@ async def bucket_objects(client: S3Client, bucket: str) -> dict[str, bytes]:
     return dict(zip(keys, bodies, strict=True))
 
 
+async def object_sizes(s3_client: S3Client, bucket: str) -> dict[str, int]:
+    """Every object in a bucket: object key → size, from the listing alone (no GETs)."""
+    sizes: dict[str, int] = {}
+    paginator = s3_client.get_paginator("list_objects_v2")
+    async for page in paginator.paginate(Bucket=bucket):
+        sizes |= {item["Key"]: item["Size"] for item in page.get("Contents", [])}
+    return sizes
+
+
+async def written_objects(s3_client: S3Client, bucket_prefix: str) -> dict[str, list[str]]:
+    """The object keys in each of the prefix's ten buckets that holds any."""
+    written = {}
+    for cache_type in CacheType:
+        stored = await object_sizes(s3_client, cache_bucket(cache_type, bucket_prefix))
+        if stored:
+            written[cache_bucket(cache_type, bucket_prefix)] = sorted(stored)
+    return written
+
+
+async def cache_objects(
+    client: S3Client, bucket_prefix: str, cache_type: CacheType
+) -> dict[str, bytes]:
+    """Every cache object in a cache type's bucket: key → bytes."""
+    return await bucket_objects(client, cache_bucket(cache_type, bucket_prefix))
+
+
 def expected_objects(rows: Mapping[str, bytes], key_prefix: str | None = None) -> dict[str, bytes]:
     """The objects a complete backfill of ``rows`` leaves: object key → bytes."""
     return {object_key(key, key_prefix=key_prefix): value for key, value in rows.items()}
@@ -92,12 +153,12 @@ async def assert_bucket_holds_exactly_rows_below(
     s3_client: S3Client,
     bucket_prefix: str,
     cache_type: CacheType,
-    cutoff: datetime,
+    cutoff: datetime = CUTOFF,
 ) -> dict[str, bytes]:
     """The cache's bucket holds one object per row below the cutoff, byte for byte, and nothing
     else (progress records aside: ``bucket_objects`` leaves them out); returns the objects."""
     expected = expected_objects(await rows_below(pool, cache_type, cutoff))
-    stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+    stored = await cache_objects(s3_client, bucket_prefix, cache_type)
     assert sorted(stored.keys() - expected.keys()) == [], f"{cache_type}: objects not in the rows"
     assert sorted(expected.keys() - stored.keys()) == [], f"{cache_type}: rows missing from S3"
     assert stored == expected, f"{cache_type}: object bytes differ from the rows"
@@ -161,3 +222,21 @@ async def refuse_rows(
                 times,
                 f'"{uses}"',
             )
+
+
+async def until(
+    condition: Callable[[], Awaitable[bool] | bool],
+    what: str,
+    within_s: float = 10.0,
+    *,
+    every_s: float = 0.02,
+) -> None:
+    """Until ``condition`` (plain or awaitable) holds, checked every ``every_s``; fails the test
+    after ``within_s``."""
+    deadline = time.monotonic() + within_s
+    while True:
+        result = condition()
+        if await result if inspect.isawaitable(result) else result:
+            return
+        assert time.monotonic() < deadline, f"timed out after {within_s} s waiting for {what}"
+        await asyncio.sleep(every_s)

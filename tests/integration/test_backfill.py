@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import pytest
@@ -23,19 +23,21 @@ from services.settings import Settings
 from services.signals import StopRequest
 from tests.conftest import LayerDb
 from tests.support import (
+    CUTOFF,
     SeedRow,
+    assert_bucket_holds_exactly_rows_below,
     bucket_objects,
     cache_bucket,
+    cache_objects,
     expected_objects,
     insert_rows,
     random_key,
+    rows_around_cutoff,
     rows_below,
 )
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
-
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 
 
 def backfill_config(
@@ -64,37 +66,12 @@ async def backfill(settings: Settings, config: BackfillConfig) -> BackfillReport
         return await run_backfill(context, config, StopRequest())
 
 
-def seed_rows(rng: random.Random, count: int, *, tie_every: int = 1) -> list[SeedRow]:
-    """Rows below, at and after the cutoff; ``tie_every`` rows share each timestamp."""
-    rows = []
-    for index in range(count):
-        offset = timedelta(milliseconds=index // tie_every - count // (2 * tie_every))
-        rows.append(
-            SeedRow(
-                random_key(rng, rng.choice((32, 64))),
-                rng.randbytes(rng.randint(1, 4096)),
-                CUTOFF + offset,
-            )
-        )
-    return rows
-
-
-async def assert_bucket_matches_rows(
-    db: LayerDb, s3_client: S3Client, bucket_prefix: str, cache_type: CacheType
-) -> dict[str, bytes]:
-    expected = expected_objects(await rows_below(db.pool, cache_type, CUTOFF))
-    stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
-    assert stored.keys() == expected.keys(), f"{cache_type}: wrong set of objects"
-    assert stored == expected, f"{cache_type}: object bytes differ from the rows"
-    return stored
-
-
 async def test_all_eight_caches_are_copied_byte_for_byte_and_nothing_else(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
     rng = random.Random(3)
     for cache_type in BACKFILLABLE_CACHE_TYPES:
-        await insert_rows(layer_db.pool, cache_type, seed_rows(rng, 60))
+        await insert_rows(layer_db.pool, cache_type, rows_around_cutoff(rng, 60))
     edge_rows = [
         SeedRow("a", b"one-char key", CUTOFF - timedelta(seconds=5)),
         SeedRow("ab", b"two", CUTOFF - timedelta(seconds=5)),
@@ -115,14 +92,16 @@ async def test_all_eight_caches_are_copied_byte_for_byte_and_nothing_else(
     assert report.complete
     assert report.failure is None
     for cache_type in BACKFILLABLE_CACHE_TYPES:
-        await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, cache_type)
-    cas = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+        await assert_bucket_holds_exactly_rows_below(
+            layer_db.pool, s3_client, bucket_prefix, cache_type
+        )
+    cas = await cache_objects(s3_client, bucket_prefix, CacheType.CAS)
     assert cas["a"] == b"one-char key"
     assert cas["ab/cd/abcde"] == b"five"
     assert b"exactly at the cutoff" not in cas.values()
     assert b"one tick before" in cas.values()
     for excluded in (CacheType.FUNC_RUN, CacheType.FUNC_RUN_LOG):
-        assert await bucket_objects(s3_client, cache_bucket(excluded, bucket_prefix)) == {}
+        assert await cache_objects(s3_client, bucket_prefix, excluded) == {}
     expected_total = 0
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         expected_total += len(await rows_below(layer_db.pool, cache_type, CUTOFF))
@@ -132,7 +111,7 @@ async def test_all_eight_caches_are_copied_byte_for_byte_and_nothing_else(
 async def test_tuned_concurrency_copies_every_row_within_its_ceiling(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
-    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(random.Random(17), 600))
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(17), 600))
     config = replace(
         backfill_config((CacheType.CAS,), key_batch_size=100, max_concurrent_uploads=32),
         concurrency=ConcurrencyMode.TUNED,
@@ -143,7 +122,9 @@ async def test_tuned_concurrency_copies_every_row_within_its_ceiling(
         report = await backfill(settings, config)
 
     assert report.complete
-    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CAS)
+    await assert_bucket_holds_exactly_rows_below(
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
+    )
     started = next(event for event in events if event["event"] == "starting backfill")
     assert (started["concurrency"], started["max_concurrent"]) == ("tuned", 32)
     limits = [
@@ -167,7 +148,7 @@ async def test_rows_sharing_created_at_across_batch_boundaries_are_all_copied(
     rng = random.Random(7)
     # 23 rows per timestamp with batches of 7: every page boundary falls inside a tie.
     await insert_rows(
-        layer_db.pool, CacheType.WORKSPACE_SNAPSHOT, seed_rows(rng, 230, tie_every=23)
+        layer_db.pool, CacheType.WORKSPACE_SNAPSHOT, rows_around_cutoff(rng, 230, tie_every=23)
     )
 
     report = await backfill(
@@ -181,8 +162,8 @@ async def test_rows_sharing_created_at_across_batch_boundaries_are_all_copied(
     )
 
     assert report.complete
-    stored = await assert_bucket_matches_rows(
-        layer_db, s3_client, bucket_prefix, CacheType.WORKSPACE_SNAPSHOT
+    stored = await assert_bucket_holds_exactly_rows_below(
+        layer_db.pool, s3_client, bucket_prefix, CacheType.WORKSPACE_SNAPSHOT
     )
     assert len(stored) == 115
 
@@ -191,7 +172,7 @@ async def test_rerun_over_a_copied_bucket_uploads_nothing(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
     rng = random.Random(11)
-    await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, seed_rows(rng, 80))
+    await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, rows_around_cutoff(rng, 80))
     config = backfill_config((CacheType.CHANGE_BATCH,), key_batch_size=9)
     first = await backfill(settings, config)
 
@@ -204,14 +185,16 @@ async def test_rerun_over_a_copied_bucket_uploads_nothing(
     stats = restarted.outcomes[0].stats
     assert restarted.complete
     assert (stats.uploaded, stats.skipped, stats.processed) == (0, 40, 40)
-    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CHANGE_BATCH)
+    await assert_bucket_holds_exactly_rows_below(
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CHANGE_BATCH
+    )
 
 
 async def test_object_of_the_wrong_size_is_reuploaded_and_counted_as_repaired(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
     rng = random.Random(13)
-    rows = seed_rows(rng, 20)
+    rows = rows_around_cutoff(rng, 20)
     await insert_rows(layer_db.pool, CacheType.REBASE_BATCH, rows)
     victim = next(row for row in rows if row.created_at < CUTOFF and len(row.value) > 1)
     bucket = cache_bucket(CacheType.REBASE_BATCH, bucket_prefix)
@@ -221,14 +204,16 @@ async def test_object_of_the_wrong_size_is_reuploaded_and_counted_as_repaired(
     report = await backfill(settings, backfill_config((CacheType.REBASE_BATCH,)))
 
     assert report.outcomes[0].stats.repaired == 1
-    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.REBASE_BATCH)
+    await assert_bucket_holds_exactly_rows_below(
+        layer_db.pool, s3_client, bucket_prefix, CacheType.REBASE_BATCH
+    )
 
 
 async def test_a_failing_cache_cancels_the_others_promptly(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
     rng = random.Random(17)
-    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(rng, 4000))
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(rng, 4000))
     doomed = SeedRow(random_key(rng), b"its bucket is deleted mid-run", CUTOFF - timedelta(hours=1))
     await insert_rows(layer_db.pool, CacheType.CHANGE_BATCH, [doomed])
     config = backfill_config((CacheType.CAS, CacheType.CHANGE_BATCH), max_concurrent_uploads=1)
@@ -259,20 +244,20 @@ async def test_a_failing_cache_cancels_the_others_promptly(
 async def test_missing_bucket_is_a_preflight_error_that_writes_nothing(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
-    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(random.Random(19), 10))
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(random.Random(19), 10))
     await s3_client.delete_bucket(Bucket=cache_bucket(CacheType.ENCRYPTED_SECRET, bucket_prefix))
 
     with pytest.raises(PreflightError, match="does not exist"):
         await backfill(settings, backfill_config((CacheType.CAS, CacheType.ENCRYPTED_SECRET)))
 
-    assert await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix)) == {}
+    assert await cache_objects(s3_client, bucket_prefix, CacheType.CAS) == {}
 
 
 async def test_verify_reports_missing_mismatched_and_extra_objects_and_writes_nothing(
     layer_db: LayerDb, settings: Settings, s3_client: S3Client, bucket_prefix: str
 ) -> None:
     rng = random.Random(29)
-    rows = [row for row in seed_rows(rng, 60) if row.created_at < CUTOFF]
+    rows = [row for row in rows_around_cutoff(rng, 60) if row.created_at < CUTOFF]
     await insert_rows(layer_db.pool, CacheType.CAS, rows)
     await backfill(settings, backfill_config((CacheType.CAS,)))
     bucket = cache_bucket(CacheType.CAS, bucket_prefix)
@@ -303,13 +288,13 @@ async def test_dry_run_counts_match_the_real_run_and_it_writes_nothing(
 ) -> None:
     rng = random.Random(31)
     for cache_type in (CacheType.CAS, CacheType.REBASE_BATCH):
-        await insert_rows(layer_db.pool, cache_type, seed_rows(rng, 150))
+        await insert_rows(layer_db.pool, cache_type, rows_around_cutoff(rng, 150))
     config = backfill_config((CacheType.CAS, CacheType.REBASE_BATCH), key_batch_size=40)
 
     async with open_services_context(settings, with_s3=True) as context:
         estimates = await run_dry_run(context, config)
     for cache_type in config.cache_types:
-        assert await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix)) == {}
+        assert await cache_objects(s3_client, bucket_prefix, cache_type) == {}
     progress_rows = await layer_db.pool.fetchval(
         "SELECT count(*) FROM pg_tables WHERE tablename = 'layer_cache_backfill_progress'"
     )
@@ -334,7 +319,7 @@ async def test_manual_resume_from_the_logged_checkpoint_loses_nothing(
     order: WalkOrder,
 ) -> None:
     rng = random.Random(37)
-    await insert_rows(layer_db.pool, CacheType.CAS, seed_rows(rng, 900, tie_every=9))
+    await insert_rows(layer_db.pool, CacheType.CAS, rows_around_cutoff(rng, 900, tie_every=9))
     config = backfill_config(
         (CacheType.CAS,), key_batch_size=20, max_concurrent_uploads=2, order=order
     )
@@ -355,4 +340,6 @@ async def test_manual_resume_from_the_logged_checkpoint_loses_nothing(
     report = await backfill(settings, resumed)
 
     assert report.complete
-    await assert_bucket_matches_rows(layer_db, s3_client, bucket_prefix, CacheType.CAS)
+    await assert_bucket_holds_exactly_rows_below(
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
+    )

@@ -9,32 +9,23 @@ settings, so the test machine's memory does not matter).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from devenv.faults import FaultPlan, FaultProxy
-from devenv.s3 import S3Server
+from devenv.faults import FaultProxy
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import object_key
-from layer_cache_server.server import LayerCacheServer, build_cache_tier
-from services.cache_sizing import plan_tier
-from services.context import ServicesContext, open_services_context
-from services.settings import Settings
-from services.signals import StopRequest
 from tests.conftest import LayerDb
-from tests.integration.test_server import (
-    DEADLINE_S,
-    STORAGE,
+from tests.server_support import (
+    MODES,
     RunningServer,
+    ServerFactory,
     counter_values,
     error_of,
     hex_key,
@@ -43,21 +34,17 @@ from tests.integration.test_server import (
     put_object,
     s3_values,
     s3_values_once_queued_writes_land,
-    settings_for,
 )
-from tests.support import cache_bucket
+from tests.support import CACHE, SERVER, cache_bucket
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-MODES = ("PostgresOnly", "DualWrite", "S3Primary", "S3Only")
 READS_PG = {"PostgresOnly", "DualWrite", "S3Primary"}
 READS_S3 = {"S3Primary", "S3Only"}
 WRITES_PG = {"PostgresOnly", "DualWrite", "S3Primary"}
 WRITES_S3 = {"DualWrite", "S3Primary", "S3Only"}
 SNAPSHOT = CacheType.WORKSPACE_SNAPSHOT
-SERVER = "SI_SDF__SERVER__"
-CACHE = "SI_SDF__LAYER_DB_CONFIG__CACHE_CONFIG__"
 
 
 class Tiered:
@@ -75,70 +62,21 @@ class Tiered:
 StartTiered = Callable[..., Awaitable[Tiered]]
 
 
-async def serve_tiered(
-    context: ServicesContext, settings: Settings, metrics: InMemoryMetricReader
-) -> RunningServer:
-    """A server with the cache tier ``serve_layer_cache`` builds, open to every client, serving
-    in a task of this loop on a free loopback port; returns once it listens."""
-    tier = build_cache_tier(plan_tier(settings), settings.server, context)
-    server = LayerCacheServer(context, settings.server, access=None, tier=tier)
-    stop = StopRequest()
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        server.run(
-            stop,
-            socket_addr="127.0.0.1:0",
-            on_listening=lambda host, port: listening.set_result((host, port)),
-        )
-    )
-    waiters: list[asyncio.Future[Any]] = [listening, task]
-    async with asyncio.timeout(DEADLINE_S):
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()
-    host, port = listening.result()
-    return RunningServer(f"http://{host}:{port}", server, stop, task, metrics)
-
-
 @pytest.fixture
-async def start_tiered(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
-) -> AsyncIterator[StartTiered]:
+def start_tiered(start_server: ServerFactory, tmp_path: Path) -> StartTiered:
     """Factory: ``await start_tiered(mode, disk_dir=None)`` → a server with an 8 MiB memory
     tier (and a 64 MiB disk tier in ``disk_dir`` when given), S3 through a fault proxy."""
-    running: list[RunningServer] = []
-    async with AsyncExitStack() as stack:
 
-        async def start(mode: str, *, disk_dir: Path | None = None) -> Tiered:
-            proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, FaultPlan()))
-            env = {
-                STORAGE + "ENDPOINT": proxy.url,
-                SERVER + "WRITE_QUEUE_DIR": str(tmp_path / f"write-queue-{len(running)}"),
-                SERVER + "CACHE_MEMORY_BYTES": "8MiB",
-                SERVER + "CACHE_DISK_BYTES": "64MiB",
-                CACHE + "DISK_LAYER": "true" if disk_dir else "false",
-                CACHE + "DISK_PATH": str(disk_dir or tmp_path / "unused"),
-            }
-            settings = settings_for(layer_db, s3_server, bucket_prefix, mode, **env)
-            metrics = InMemoryMetricReader()
-            context = await stack.enter_async_context(
-                open_services_context(settings, metric_readers=[metrics])
-            )
-            running.append(await serve_tiered(context, settings, metrics))
-            return Tiered(running[-1], proxy)
+    async def start(mode: str, *, disk_dir: Path | None = None) -> Tiered:
+        env = {
+            SERVER + "CACHE_MEMORY_BYTES": "8MiB",
+            SERVER + "CACHE_DISK_BYTES": "64MiB",
+            CACHE + "DISK_LAYER": "true" if disk_dir else "false",
+            CACHE + "DISK_PATH": str(disk_dir or tmp_path / "unused"),
+        }
+        return Tiered(*await start_server.through_proxy(mode, env=env, tier=True))
 
-        try:
-            yield start
-        finally:
-            for server in running:
-                if not server.task.done():
-                    await server.shut_down()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
+    return start
 
 
 async def take_away(

@@ -32,38 +32,43 @@ from devenv.process import free_port
 from devenv.s3 import S3Server
 from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
 from tests.cli_harness import (
-    CUTOFF_RFC3339,
     WRITE_QUEUE_DIR_ENV,
     CliRun,
-    Job,
+    OutputFormat,
     backfill_args,
     cli,
-    parse_event,
+    interrupt_backfill,
     run_cli_in_process,
     run_cli_on_a_terminal,
+    the_error_line,
 )
-from tests.conftest import LayerDb, service_env
+from tests.conftest import LayerDb, fresh_database, service_env
 from tests.support import (
+    CUTOFF,
+    CUTOFF_RFC3339,
+    PG,
+    S3_ACCESS_KEY,
+    S3_SECRET_KEY,
+    STORAGE,
     SeedRow,
     assert_bucket_holds_exactly_rows_below,
-    bucket_objects,
     cache_bucket,
+    cache_objects,
     expected_objects,
     insert_rows,
+    object_sizes,
     random_key,
+    rows_around_cutoff,
     rows_below,
+    seed_every_cache,
+    written_objects,
 )
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 LOGGED_TIMESTAMP_FORMAT = "%Y-%m-%d %H:%M:%S.%f UTC"  # how checkpoints are logged
 
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
-S3_ACCESS_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__ACCESS_KEY"
-S3_SECRET_KEY = STORAGE + "AUTH__STATIC_CREDENTIALS__SECRET_KEY"
 
 ALL_TABLES = {spec.table for spec in CACHE_SPECS.values()}
 BACKFILLABLE_TABLES = {CACHE_SPECS[cache_type].table for cache_type in BACKFILLABLE_CACHE_TYPES}
@@ -74,28 +79,11 @@ ANSI_CODES = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]|\r")
 # A console log line's ``processed=N`` (its colours removed).
 CONSOLE_PROCESSED = re.compile(r"processed=(\d+)")
 
-OutputFormat = Literal["json", "console"]
 OUTPUT_FORMATS = pytest.mark.parametrize("output", ["json", "console"])
 
 
 # --------------------------------------------------------------------------------------------
 # Reading what the CLI wrote
-
-
-def the_error_line(run: CliRun, output: OutputFormat) -> str:
-    """The single error line a refused run must print; returns its message."""
-    assert "Traceback" not in run.stderr, run.stderr
-    lines = run.stderr_lines
-    assert len(lines) == 1, f"expected exactly one line on stderr, got {len(lines)}:\n{run.stderr}"
-    if output == "console":
-        return lines[0]
-    event = parse_event(lines[0])
-    assert event.get("level") == "error", event
-    assert "exception" not in event, event
-    message = event.get("event")
-    assert isinstance(message, str), event
-    assert message, event
-    return message
 
 
 def with_output(args: Sequence[str], output: OutputFormat) -> list[str]:
@@ -114,40 +102,6 @@ def parse_logged_timestamp(text: str) -> datetime:
 # Seeding and reading back
 
 
-def rows_around_cutoff(rng: random.Random, count: int, *, tie_every: int = 1) -> list[SeedRow]:
-    """Half below the cutoff, half at or after it; ``tie_every`` rows share each created_at."""
-    rows = []
-    for index in range(count):
-        offset = timedelta(milliseconds=index // tie_every - count // (2 * tie_every))
-        value = rng.randbytes(rng.randint(1, 2048))
-        rows.append(SeedRow(random_key(rng, rng.choice((32, 64))), value, CUTOFF + offset))
-    return rows
-
-
-async def seed_every_cache(db: LayerDb, rng: random.Random, per_cache: int) -> None:
-    for cache_type in BACKFILLABLE_CACHE_TYPES:
-        await insert_rows(db.pool, cache_type, rows_around_cutoff(rng, per_cache, tie_every=3))
-
-
-async def object_sizes(s3_client: S3Client, bucket: str) -> dict[str, int]:
-    """Every object in a bucket: object key → size, from the listing alone (no GETs)."""
-    sizes: dict[str, int] = {}
-    paginator = s3_client.get_paginator("list_objects_v2")
-    async for page in paginator.paginate(Bucket=bucket):
-        sizes |= {item["Key"]: item["Size"] for item in page.get("Contents", [])}
-    return sizes
-
-
-async def written_objects(s3_client: S3Client, bucket_prefix: str) -> dict[str, list[str]]:
-    """The object keys in each of the prefix's ten buckets that holds any."""
-    written = {}
-    for cache_type in CacheType:
-        stored = await object_sizes(s3_client, cache_bucket(cache_type, bucket_prefix))
-        if stored:
-            written[cache_bucket(cache_type, bucket_prefix)] = sorted(stored)
-    return written
-
-
 # --------------------------------------------------------------------------------------------
 # 1. runAndQuit creates the schema
 
@@ -155,24 +109,8 @@ async def written_objects(s3_client: S3Client, bucket_prefix: str) -> dict[str, 
 @pytest.fixture
 async def empty_db(pg_server: PostgresServer) -> AsyncIterator[LayerDb]:
     """A brand-new database owned by the app role, without any layer-db table."""
-    endpoint = pg_server.endpoint
-    dbname = f"e_{uuid.uuid4().hex[:12]}"
-    admin_dsn = endpoint.dsn(dbname="postgres", superuser=True)
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
-    finally:
-        await admin.close()
-    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=2)
-    try:
-        yield LayerDb(endpoint, dbname, pool)
-    finally:
-        await pool.close()
-        admin = await asyncpg.connect(admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
-        finally:
-            await admin.close()
+    async with fresh_database(pg_server.endpoint, prefix="e", pool_size=2) as db:
+        yield db
 
 
 async def table_columns(pool: asyncpg.Pool) -> dict[str, list[str]]:
@@ -276,13 +214,11 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     assert first.stdout == "", "with JSON logs the summary table must not go to stdout"
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         await assert_bucket_holds_exactly_rows_below(
-            layer_db.pool, s3_client, bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, s3_client, bucket_prefix, cache_type
         )
     for excluded in (CacheType.FUNC_RUN, CacheType.FUNC_RUN_LOG):
-        assert await bucket_objects(s3_client, cache_bucket(excluded, bucket_prefix)) == {}
-    supergraphs = await bucket_objects(
-        s3_client, cache_bucket(CacheType.SPLIT_SNAPSHOT_SUPERGRAPH, bucket_prefix)
-    )
+        assert await cache_objects(s3_client, bucket_prefix, excluded) == {}
+    supergraphs = await cache_objects(s3_client, bucket_prefix, CacheType.SPLIT_SNAPSHOT_SUPERGRAPH)
     assert b"exactly at the cutoff" not in supergraphs.values()
     assert b"one tick before" in supergraphs.values()
     started = first.named("starting backfill")
@@ -320,7 +256,7 @@ async def test_backfill_configured_only_by_env_copies_rows_below_cutoff_and_a_re
     assert sorted(event["cache_type"] for event in walked) == sorted(BACKFILLABLE_CACHE_TYPES)
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         await assert_bucket_holds_exactly_rows_below(
-            layer_db.pool, s3_client, bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, s3_client, bucket_prefix, cache_type
         )
 
 
@@ -467,7 +403,7 @@ async def test_duplicate_cache_types_are_collapsed_into_one_run_of_that_cache(
     assert summaries == ["cas", "total"]
     assert run.summary()["uploaded"] == 10
     await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
     )
 
 
@@ -910,22 +846,6 @@ INTERRUPTIONS = [
 ]
 
 
-async def interrupt_backfill(
-    args: Sequence[str], env: Mapping[str, str], signum: signal.Signals, *, after_rows: int
-) -> CliRun:
-    """Start a backfill, signal it once a checkpoint shows ``after_rows`` done, let it exit."""
-    async with Job(args, env) as job:
-        progress = await job.expect(
-            lambda event: (
-                event.get("event") == "backfill checkpoint" and event["processed"] >= after_rows
-            ),
-            30.0,
-        )
-        assert isinstance(progress["active_uploads"], int), progress
-        job.send(signum)
-        return await job.finish(30.0)
-
-
 @pytest.mark.parametrize("interruption", INTERRUPTIONS)
 async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothing(
     layer_db: LayerDb,
@@ -1000,7 +920,7 @@ async def test_signal_mid_run_drains_logs_a_checkpoint_and_resuming_loses_nothin
         assert resumed.named("resuming from saved progress"), "the re-run started over"
         assert resumed.summary()["processed"] < len(expected), "the re-run started over"
     await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
     )
 
 
@@ -1101,7 +1021,7 @@ async def test_shard_processes_side_by_side_copy_every_row_exactly_once(
     assert [run.status for run in runs] == [0, 0, 0], [run.stderr[-500:] for run in runs]
     uploaded = [run.summary()["uploaded"] for run in runs]
     stored = await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
     )
     assert sum(uploaded) == len(stored), f"an object was written twice: {uploaded}"
     assert all(count > 0 for count in uploaded), uploaded

@@ -32,10 +32,9 @@ import math
 import random
 import re
 import time
-from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -66,12 +65,14 @@ from services.settings import Settings, load_settings
 from services.signals import StopRequest
 from tests.conftest import LayerDb
 from tests.support import (
+    CUTOFF,
     SeedRow,
     cache_bucket,
     expected_objects,
     insert_rows,
     random_key,
     refuse_rows,
+    until,
 )
 
 if TYPE_CHECKING:
@@ -80,7 +81,6 @@ if TYPE_CHECKING:
 pytestmark = pytest.mark.timeout(240)
 
 JOB = "layer-cache-backfill"
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 KEY_ORDER_CACHES = (CacheType.CAS, CacheType.CHANGE_BATCH)
 NEWEST_FIRST_CACHE = CacheType.WORKSPACE_SNAPSHOT
 WRITE_QUEUE_CACHE = CacheType.REBASE_BATCH  # the server's write queue panels' data
@@ -219,7 +219,7 @@ async def exercise_write_queue(
     stored, refused = random_key(rng), random_key(rng)
     proxy.plan = FaultPlan(slowdown_share=1.0, methods=frozenset({"PUT"}))
     await queue.enqueue(store, stored, b"stored after a retry")
-    await until(lambda: proxy.counts[SLOWDOWN] > 0, "a PUT answered 503")
+    await until(lambda: proxy.counts[SLOWDOWN] > 0, "a PUT answered 503", 30.0, every_s=0.05)
     proxy.plan = FaultPlan(refused_keys=frozenset({object_key(refused)}))
     queue.offer(store, refused, b"refused")
 
@@ -255,15 +255,13 @@ async def exercise_write_queue(
                 return False
         return True
 
-    await until(settled, "the stored PUT, the written row and a dead letter in each queue")
+    await until(
+        settled,
+        "the stored PUT, the written row and a dead letter in each queue",
+        30.0,
+        every_s=0.05,
+    )
     return queue
-
-
-async def until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + 30.0
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.05)
 
 
 async def test_every_dashboard_query_returns_data_with_job_and_with_exported_job(

@@ -12,13 +12,12 @@ import sys
 import pytest
 
 from tests.cli_harness import backfill_args, run_cli
-from tests.support import REPO_ROOT
+from tests.support import REPO_ROOT, S3_ENDPOINT
 
 pytestmark = pytest.mark.timeout(240)
 
 ROWS_PER_CACHE = 60
 PG_PORT = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__PORT"
-S3_ENDPOINT = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
 
 
 def refuses(port: int) -> bool:

@@ -50,7 +50,7 @@ from deploy import render
 from devenv.process import free_port
 from grafana.dashboard import JSON_PATH
 from layer_cache.cache_types import CacheType
-from tests.cli_harness import CUTOFF_RFC3339, Job
+from tests.cli_harness import Job
 from tests.conftest import LayerDb
 from tests.manifests import (
     Manifest,
@@ -62,7 +62,7 @@ from tests.manifests import (
     relocated,
     the_container,
 )
-from tests.support import SeedRow, insert_rows, random_key
+from tests.support import CUTOFF_RFC3339, PG, SeedRow, insert_rows, random_key
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -73,7 +73,6 @@ NEWEST_FIRST_ONLY = {"layer_cache_backfill_checkpoint_lag_seconds"}
 SEEDED = {CacheType.CAS: 90, CacheType.WORKSPACE_SNAPSHOT: 60, CacheType.CHANGE_BATCH: 60}
 UPLOADS_PER_SECOND = 30  # 210 rows: about 7 s of run to scrape
 METRICS_PORT = "SI_SDF__METRICS_PORT"
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 SCRAPE_EVERY_S = 0.25
 
 

@@ -11,14 +11,12 @@ back (never to delete it).
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import random
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from datetime import timedelta
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
@@ -28,20 +26,23 @@ from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.errors import ErrorKind, S3LayerError
 from layer_cache.s3 import S3Layer
-from layer_cache_server.server import LayerCacheServer
-from services.context import open_services_context
-from services.settings import ServerConfig, load_settings
-from services.signals import StopRequest
 from tests.cli_harness import backfill_args, cli
-from tests.conftest import LayerDb, open_s3_client, service_env
+from tests.conftest import LayerDb, open_s3_client
 from tests.faults_support import assert_s3_holds_exactly
-from tests.support import SeedRow, bucket_objects, cache_bucket, insert_rows, random_key, rows_below
+from tests.server_support import ServerFactory
+from tests.support import (
+    CUTOFF,
+    SeedRow,
+    cache_bucket,
+    cache_objects,
+    insert_rows,
+    random_key,
+    rows_below,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, tzinfo=UTC)
-CUTOFF_TEXT = "2026-01-13T17:30:26Z"
 ENCRYPTED = [EtagRewrite.SSE_KMS, EtagRewrite.DSSE_KMS, EtagRewrite.SSE_C]
 DEADLINE_S = 20.0
 
@@ -88,7 +89,6 @@ async def test_backfill_into_an_encrypted_bucket_completes_without_bad_digest_re
         "3",
         "--backfill-retry-max-secs",
         "5",
-        cutoff=CUTOFF_TEXT,
         cache_types=[CacheType.CAS],
     )
     storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
@@ -119,7 +119,6 @@ async def test_backfill_still_fails_on_an_etag_that_differs_without_encryption(
         "2",
         "--backfill-retry-max-secs",
         "3",
-        cutoff=CUTOFF_TEXT,
         cache_types=[CacheType.CAS],
     )
     storage = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
@@ -151,7 +150,7 @@ async def test_encrypted_put_answers_are_success_on_both_put_paths_and_nothing_i
         assert proxy.counts["PUT:etag_rewritten"] == 2, proxy.counts
         assert proxy.counts["DELETE:forwarded"] == 0, proxy.counts
 
-    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    stored = await cache_objects(s3_client, bucket_prefix, CacheType.CAS)
     assert stored == {
         layer.object_key("a" * 64): b"stored with put",
         layer.object_key("b" * 64): b"stored with put_if_absent",
@@ -169,7 +168,7 @@ async def test_an_etag_that_differs_without_encryption_is_a_bad_digest_and_delet
         assert proxy.counts["DELETE:forwarded"] == 0, proxy.counts
 
     assert (put_error.value.code, put_error.value.kind) == ("BadDigest", ErrorKind.TRANSIENT)
-    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    stored = await cache_objects(s3_client, bucket_prefix, CacheType.CAS)
     assert stored == {
         layer.object_key("c" * 64): b"damaged on the way",
         layer.object_key("d" * 64): b"intact after all",
@@ -183,65 +182,26 @@ async def test_an_etag_that_differs_without_encryption_is_a_bad_digest_and_delet
 @pytest.mark.parametrize("mode", ["DualWrite", "S3Primary"])
 @pytest.mark.parametrize("rewrite", ENCRYPTED, ids=[rewrite.name for rewrite in ENCRYPTED])
 async def test_server_put_into_an_encrypted_bucket_answers_created_and_keeps_the_object(
+    start_server: ServerFactory,
     layer_db: LayerDb,
-    s3_server: S3Server,
     s3_client: S3Client,
     bucket_prefix: str,
-    monkeypatch: pytest.MonkeyPatch,
-    tmp_path: Path,
+    http: aiohttp.ClientSession,
     mode: str,
     rewrite: EtagRewrite,
 ) -> None:
     key, value = random_key(random.Random(mode + rewrite)), b"\x00an encrypted value\xff"
-    async with FaultProxy(s3_server.endpoint.url, rewriting(rewrite)) as proxy:
-        endpoint = dataclasses.replace(s3_server.endpoint, url=proxy.url)
-        for name, setting in service_env(
-            layer_db, endpoint, bucket_prefix, persister_mode=mode
-        ).items():
-            monkeypatch.setenv(name, setting)
-        settings = load_settings()
-        async with (
-            open_services_context(settings) as context,
-            serving(
-                LayerCacheServer(context, ServerConfig(write_queue_dir=tmp_path), access=None)
-            ) as url,
-            aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=DEADLINE_S)) as http,
-        ):
-            async with http.put(f"{url}/v1/cas/{key}", data=value) as response:
-                assert response.status == 201, await response.text()
-            async with http.put(f"{url}/v1/cas/{key}", data=b"second") as response:
-                assert response.status == 200, await response.text()
-        counts = dict(proxy.counts)
+    server, proxy = await start_server.through_proxy(mode, plan=rewriting(rewrite))
+    async with http.put(server.v1("cas", key), data=value) as response:
+        assert response.status == 201, await response.text()
+    async with http.put(server.v1("cas", key), data=b"second") as response:
+        assert response.status == 200, await response.text()
+    await server.shut_down()  # the queued S3 write drained
+    counts = dict(proxy.counts)
 
     assert counts.get("PUT:etag_rewritten") == 1, counts
     assert counts.get("DELETE:forwarded", 0) == 0, counts
-    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    stored = await cache_objects(s3_client, bucket_prefix, CacheType.CAS)
     assert list(stored.values()) == [value]
     table = CACHE_SPECS[CacheType.CAS].table
     assert await layer_db.pool.fetchval(f"SELECT value FROM {table} WHERE key = $1", key) == value
-
-
-@asynccontextmanager
-async def serving(server: LayerCacheServer) -> AsyncIterator[str]:
-    """Serve on a free loopback port in a task of this loop; yields the base URL."""
-    stop = StopRequest()
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    task = asyncio.create_task(
-        server.run(
-            stop,
-            socket_addr="127.0.0.1:0",
-            on_listening=lambda host, port: listening.set_result((host, port)),
-        )
-    )
-    try:
-        async with asyncio.timeout(DEADLINE_S):
-            waiters: list[asyncio.Future[Any]] = [listening, task]
-            await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-        if task.done():
-            task.result()  # raises what stopped it
-        host, port = listening.result()
-        yield f"http://{host}:{port}"
-    finally:
-        stop.event.set()
-        async with asyncio.timeout(DEADLINE_S * 3):
-            await task

@@ -27,14 +27,18 @@ from layer_cache.cache_types import CacheType
 from tests.cli_harness import backfill_args, cli
 from tests.conftest import LayerDb
 from tests.faults_support import assert_s3_holds_exactly
-from tests.support import SeedRow, insert_rows, random_key, rows_below
+from tests.support import (
+    CUTOFF,
+    STORAGE,
+    SeedRow,
+    insert_rows,
+    random_key,
+    rows_below,
+)
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, tzinfo=UTC)
-CUTOFF_TEXT = "2026-01-13T17:30:26Z"
-STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 EXPIRED_KEY = "ASIAEXPIREDSESSION01"
 FRESH_KEY = "ASIAFRESHSESSION0001"
 
@@ -117,7 +121,7 @@ async def test_an_expired_session_token_is_refreshed_and_the_run_completes(
         FaultProxy(s3_server.endpoint.url, plan) as proxy,
     ):
         run = await cli(
-            backfill_args(cutoff=CUTOFF_TEXT, cache_types=[CacheType.CAS]),
+            backfill_args(cache_types=[CacheType.CAS]),
             iam_role_env(env, proxy.url, credentials_url),
             within_s=90,
         )
@@ -145,7 +149,6 @@ async def test_static_credentials_s3_calls_expired_fail_with_one_line(
         run = await cli(
             backfill_args(
                 *("--backfill-retry-max-attempts", "2", "--backfill-retry-max-secs", "2"),
-                cutoff=CUTOFF_TEXT,
                 cache_types=[CacheType.CAS],
             ),
             env | {STORAGE + "ENDPOINT": proxy.url},

@@ -38,11 +38,10 @@ from layer_cache.errors import ErrorKind, PgLayerError, SettingsError
 from services.context import open_pg_pool
 from services.pg_tls import fetch_remote_ca, pg_ssl_option
 from services.settings import CertificateKind, PgCertificate, PgPoolConfig, PgSslMode
-from tests.cli_harness import CliRun, cli, run_cli
-from tests.integration.test_cli import the_error_line
+from tests.cli_harness import CliRun, cli, run_cli, the_error_line
+from tests.support import PG
 
 SSL_CA_CERT = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__SSL_CA_CERT"
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
 
 
 def unusable_ca_files(tmp_path: Path) -> dict[str, Path]:

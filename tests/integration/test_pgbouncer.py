@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import random
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -27,9 +27,10 @@ from services.settings import PgPoolConfig, PgSslMode
 from tests.cli_harness import cli
 from tests.conftest import LayerDb, service_env
 from tests.support import (
+    CUTOFF,
+    CUTOFF_RFC3339,
     SeedRow,
-    bucket_objects,
-    cache_bucket,
+    cache_objects,
     expected_objects,
     insert_rows,
     random_key,
@@ -39,8 +40,6 @@ from tests.support import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
-CUTOFF_RFC3339 = "2026-01-13T17:30:26.445817Z"
 CACHES = (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT)
 STATEMENT_CACHE_SIZE = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__STATEMENT_CACHE_SIZE"
 
@@ -170,5 +169,5 @@ async def test_backfill_through_pgbouncer_in_transaction_mode(
 
     assert result.status == 0, result.stderr[-3000:]
     for cache_type, below_cutoff in expected.items():
-        objects = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+        objects = await cache_objects(s3_client, bucket_prefix, cache_type)
         assert objects == expected_objects(below_cutoff), cache_type

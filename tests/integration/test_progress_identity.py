@@ -30,20 +30,17 @@ from migrations_mode.progress_store import (
     SavedProgress,
 )
 from migrations_mode.walk import WalkOrder
-from tests.cli_harness import backfill_args, cli
+from tests.cli_harness import backfill_args, cli, interrupt_backfill
 from tests.conftest import LayerDb, service_env
-from tests.integration.test_cli import (
+from tests.support import (
     CUTOFF,
     STORAGE,
-    interrupt_backfill,
-    object_sizes,
-)
-from tests.support import (
     SeedRow,
     assert_bucket_holds_exactly_rows_below,
     cache_bucket,
     expected_objects,
     insert_rows,
+    object_sizes,
     random_key,
     rows_below,
 )
@@ -117,7 +114,7 @@ async def test_a_key_order_record_is_not_used_by_a_newest_first_run(
     assert second.named("resuming from saved progress") == []
     assert second.summary()["processed"] == len(expected)
     await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
     )
 
     # The newest-first record is complete; a third run under the same parameters knows it, and
@@ -151,7 +148,7 @@ async def test_a_record_for_other_buckets_is_not_used_when_progress_lives_in_pos
     assert bucket_prefix in not_used["saved_target"]
     assert other_prefix in not_used["target"]
     await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, s3_client, other_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, other_prefix, CacheType.CAS
     )
 
 
@@ -210,7 +207,7 @@ async def test_a_record_for_another_shard_count_is_not_used(
     [not_used] = runs[0].named(NOT_USED_EVENT)
     assert "shard" in not_used["differs"]
     await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, s3_client, bucket_prefix, CacheType.CAS
     )
 
 

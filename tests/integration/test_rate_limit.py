@@ -14,7 +14,7 @@ from __future__ import annotations
 import random
 import statistics
 from dataclasses import replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING
 
 import pytest
@@ -30,9 +30,9 @@ from services.signals import StopRequest
 from tests.cli_harness import CliRun, backfill_args, cli
 from tests.conftest import LayerDb
 from tests.support import (
+    CUTOFF,
     SeedRow,
-    bucket_objects,
-    cache_bucket,
+    cache_objects,
     expected_objects,
     insert_rows,
     random_key,
@@ -42,7 +42,6 @@ from tests.support import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 CACHES = (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT)
 MIB = 1024 * 1024
 
@@ -72,7 +71,7 @@ async def assert_every_row_copied(
     uploads = size = 0
     for cache_type in CACHES:
         expected = expected_objects(await rows_below(db.pool, cache_type, CUTOFF))
-        stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+        stored = await cache_objects(s3_client, bucket_prefix, cache_type)
         assert stored == expected, f"{cache_type}: objects differ from the rows"
         uploads += len(expected)
         size += sum(len(value) for value in expected.values())
@@ -163,7 +162,7 @@ async def test_the_tuned_limit_is_fed_s3s_time_without_the_wait_for_the_rate_lim
 
     assert report.complete
     for cache_type in CACHES:
-        stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+        stored = await cache_objects(s3_client, bucket_prefix, cache_type)
         assert stored == expected_objects(await rows_below(layer_db.pool, cache_type, CUTOFF))
     assert len(fed) == 80
     # 10 uploads in flight (5 a cache, the tuned start) at 20 a second: past the burst each

@@ -20,7 +20,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
@@ -36,10 +36,6 @@ from migrations_mode.progress_store import PROGRESS_TABLE, SavedProgress
 from tests.cli_harness import CliRun, Event, Job, backfill_args, cli
 from tests.conftest import LayerDb
 from tests.faults_support import (
-    PG,
-    S3_ACCESS_KEY,
-    S3_ENDPOINT,
-    S3_SECRET_KEY,
     ProgressReader,
     StrictMotoS3,
     assert_s3_holds_exactly,
@@ -50,9 +46,14 @@ from tests.faults_support import (
     wrong_objects,
 )
 from tests.support import (
+    CUTOFF,
+    PG,
+    S3_ACCESS_KEY,
+    S3_ENDPOINT,
+    S3_SECRET_KEY,
     SeedRow,
-    bucket_objects,
     cache_bucket,
+    cache_objects,
     insert_rows,
     random_key,
     rows_below,
@@ -61,8 +62,6 @@ from tests.support import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
-CUTOFF_TEXT = "2026-01-13T17:30:26.445817Z"
 JOB_TIMEOUT_S = 90.0
 STARTUP_TIMEOUT_S = 30.0
 
@@ -178,16 +177,11 @@ async def test_kill_9_at_random_moments_never_loses_or_corrupts_rows_and_rework_
     caches = list(counts)
     batch, (mode, concurrency) = 50, uploads
     args = backfill_args(
-        "--backfill-key-batch-size",
-        str(batch),
-        "--backfill-max-concurrent-uploads",
-        str(concurrency),
-        "--backfill-concurrency",
-        mode,
-        "--backfill-progress-store",
-        store,
-        cutoff=CUTOFF_TEXT,
         cache_types=caches,
+        key_batch_size=batch,
+        max_concurrent_uploads=concurrency,
+        concurrency=mode,
+        progress_store=store,
     )
     store_kind = "postgres" if store == "auto" else "s3"  # the owner role may create the table
     progress = ProgressReader(store_kind, layer_db.pool, s3_client, bucket_prefix, CUTOFF)
@@ -281,16 +275,7 @@ async def test_a_completed_progress_record_counts_each_row_once_even_after_kills
     layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str
 ) -> None:
     rows = (await seed(layer_db, random.Random("rows-done"), {CacheType.CAS: 400}))[CacheType.CAS]
-    args = backfill_args(
-        "--backfill-key-batch-size",
-        "20",
-        "--backfill-max-concurrent-uploads",
-        "8",
-        "--backfill-checkpoint-interval-secs",
-        "0.1",
-        cutoff=CUTOFF_TEXT,
-        cache_types=[CacheType.CAS],
-    )
+    args = backfill_args(key_batch_size=20, max_concurrent_uploads=8, checkpoint_interval_secs=0.1)
     progress = ProgressReader("postgres", layer_db.pool, s3_client, bucket_prefix, CUTOFF)
     # Kill mid-run until a saved record counts rows beyond its own position as done (rows that
     # finished out of order): those are exactly the rows a resumed run walks again. A store
@@ -377,20 +362,14 @@ async def test_s3_faults_are_retried_by_class_throttling_lowers_the_upload_limit
     )
     concurrency = 6
     args = backfill_args(
-        "--backfill-key-batch-size",
-        "40",
-        "--backfill-concurrency",
-        "fixed",  # the AIMD limit under test: at the maximum, halved by SlowDown
-        "--backfill-max-concurrent-uploads",
-        str(concurrency),
-        "--backfill-checkpoint-interval-secs",
-        "0.2",
+        cache_types=list(rows),
+        key_batch_size=40,
+        concurrency="fixed",  # the AIMD limit under test: at the maximum, halved by SlowDown
+        max_concurrent_uploads=concurrency,
+        checkpoint_interval_secs=0.2,
         # A generous budget: this test is about classification and the copy, not about giving
         # up (with 30 % faults per attempt, 25 failures in a row are out of reach).
-        "--backfill-retry-max-attempts",
-        "25",
-        cutoff=CUTOFF_TEXT,
-        cache_types=list(rows),
+        retry_max_attempts=25,
     )
 
     async with FaultProxy(s3_server.endpoint.url, FaultPlan(), stop_timeout_s=1.0) as proxy:
@@ -433,14 +412,7 @@ async def test_slowdown_past_the_retry_budget_fails_with_one_line_naming_cache_a
     bucket_prefix: str,
 ) -> None:
     await seed(layer_db, random.Random("budget"), {CacheType.CAS: 40})
-    args = backfill_args(
-        "--backfill-retry-max-attempts",
-        "3",
-        "--backfill-retry-max-secs",
-        "5",
-        cutoff=CUTOFF_TEXT,
-        cache_types=[CacheType.CAS],
-    )
+    args = backfill_args(retry_max_attempts=3, retry_max_secs=5)
     # Every write is answered SlowDown; reads pass, so the run gets past its preflight (which a
     # throttled listing fails: see the next test) and into the copy.
     every_put_throttled = FaultPlan(slowdown_share=1.0, methods=frozenset({"PUT"}))
@@ -488,7 +460,8 @@ async def test_a_throttled_preflight_bucket_listing_is_retried_like_any_other_s3
         lifter = asyncio.create_task(lift_after_the_first_slowdown())
         try:
             run = await cli(
-                backfill_args(cutoff=CUTOFF_TEXT, cache_types=[CacheType.CAS]), proxied(env, proxy)
+                backfill_args(),
+                proxied(env, proxy),
             )
         finally:
             lifter.cancel()
@@ -567,16 +540,7 @@ async def test_postgres_connections_lost_mid_run_are_retried_and_the_run_complet
     fault: PgFault,
 ) -> None:
     rows = await seed(layer_db, random.Random("pg-faults"), {CacheType.CAS: 300})
-    args = backfill_args(
-        "--backfill-key-batch-size",
-        "25",
-        "--backfill-max-concurrent-uploads",
-        "4",
-        "--backfill-checkpoint-interval-secs",
-        "0.1",
-        cutoff=CUTOFF_TEXT,
-        cache_types=[CacheType.CAS],
-    )
+    args = backfill_args(key_batch_size=25, max_concurrent_uploads=4, checkpoint_interval_secs=0.1)
     slow_puts = FaultPlan(latency_s=(0.01, 0.03), methods=frozenset({"PUT"}))  # a run of seconds
 
     try:
@@ -655,14 +619,9 @@ async def test_rows_inserted_after_the_cutoff_or_deleted_during_the_run_never_le
     deleted_any_time = rng.sample(keys[batch:-20], 20)  # page 2: deleted at random moments
     args = backfill_args(
         "-v",  # for the per-page "fetched key batch" event
-        "--backfill-key-batch-size",
-        str(batch),
-        "--backfill-max-concurrent-uploads",
-        "4",
-        "--backfill-max-inflight-bytes",
-        str(1024 * 1024),
-        cutoff=CUTOFF_TEXT,
-        cache_types=[CacheType.CAS],
+        key_batch_size=batch,
+        max_concurrent_uploads=4,
+        max_inflight_bytes=1024 * 1024,
     )
     slow_puts = FaultPlan(latency_s=(0.04, 0.06), methods=frozenset({"PUT"}))
     live_path = PgLayer(layer_db.pool, CACHE_SPECS[CacheType.CAS])
@@ -715,7 +674,7 @@ async def test_rows_inserted_after_the_cutoff_or_deleted_during_the_run_never_le
     )
     assert all(record["created_at"] > CUTOFF for record in live_created)
 
-    stored = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    stored = await cache_objects(s3_client, bucket_prefix, CacheType.CAS)
     by_key = {name.rsplit("/", 1)[-1]: body for name, body in stored.items()}
     assert not by_key.keys() & live, "a row created after the cutoff was copied"
     # The job lists and reads ahead of its uploads, so the end of page 2 may have been listed and
@@ -777,19 +736,6 @@ async def progress_table_exists(db: LayerDb) -> bool:
     return bool(await db.pool.fetchval("SELECT to_regclass($1) IS NOT NULL", PROGRESS_TABLE))
 
 
-def the_one_error_line(run: CliRun) -> Event:
-    """A refused run prints exactly one line on stderr: a JSON error event, no traceback."""
-    assert "Traceback" not in run.stderr, run.stderr
-    lines = run.stderr_lines
-    assert len(lines) == 1, f"expected one line on stderr, got {len(lines)}:\n{run.stderr}"
-    assert run.non_json == [], run.stderr
-    [event] = run.events
-    assert event.get("level") == "error", event
-    assert "exception" not in event, event
-    assert run.stdout == ""
-    return event
-
-
 async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after_a_kill(
     pg_server: PostgresServer,
     layer_db: LayerDb,
@@ -799,12 +745,6 @@ async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after
 ) -> None:
     rows = (await seed(layer_db, random.Random("least"), {CacheType.CAS: 300}))[CacheType.CAS]
     bucket = cache_bucket(CacheType.CAS, bucket_prefix)
-    common = (
-        "--backfill-key-batch-size",
-        "50",
-        "--backfill-max-concurrent-uploads",
-        "2",
-    )
     s3_progress = ProgressReader("s3", layer_db.pool, s3_client, bucket_prefix, CUTOFF)
 
     async with login_role(pg_server, layer_db, uuid.uuid4().hex, ["cas"]) as role:
@@ -812,24 +752,18 @@ async def test_a_select_only_role_keeps_progress_in_s3_and_resumes_from_it_after
 
         # Forced into Postgres, the role cannot keep progress: refused before copying anything.
         refused = await cli(
-            backfill_args(
-                *common,
-                "--backfill-progress-store",
-                "postgres",
-                cutoff=CUTOFF_TEXT,
-                cache_types=[CacheType.CAS],
-            ),
+            backfill_args(key_batch_size=50, max_concurrent_uploads=2, progress_store="postgres"),
             job_env,
         )
         assert refused.status == 3, refused.describe()
-        message = the_one_error_line(refused)["event"]
+        message = refused.the_error()["event"]
         assert "--backfill-progress-store s3" in message, message
         assert await list_objects(s3_client, bucket) == {}
         assert await progress_objects(s3_client, bucket) == []
         assert not await progress_table_exists(layer_db)
 
         # auto: falls back to S3; killed once a position has been saved there.
-        args = backfill_args(*common, cutoff=CUTOFF_TEXT, cache_types=[CacheType.CAS])
+        args = backfill_args(key_batch_size=50, max_concurrent_uploads=2)
         async with Job(args, job_env) as job:
             saved = None
             while job.running and (saved is None or saved.position is None):
@@ -990,12 +924,10 @@ async def test_a_broken_environment_exits_with_its_status_and_one_line_without_s
         broken_env = as_role(env, role) | {S3_SECRET_KEY: S3_CANARY}
         broken_env |= await breakage(Breakage(layer_db, s3_client, bucket_prefix, strict_s3))
 
-        run = await cli(
-            backfill_args(cutoff=CUTOFF_TEXT, cache_types=BROKEN_ENV_CACHES), broken_env
-        )
+        run = await cli(backfill_args(cache_types=BROKEN_ENV_CACHES), broken_env)
 
     assert run.status == status, run.describe()
-    message = the_one_error_line(run)["event"]
+    message = run.the_error()["event"]
     for fragment in says:
         assert fragment in message, f"{fragment!r} not in {message!r}"
     assert_no_canary(run)
@@ -1041,16 +973,11 @@ async def test_sigterm_drains_within_the_grace_period_says_how_to_resume_and_twi
     )
     grace_s = 5.0
     args = backfill_args(
-        "--backfill-key-batch-size",
-        "20",
-        "--backfill-max-concurrent-uploads",
-        "4",
-        "--backfill-checkpoint-interval-secs",
-        "0.2",
-        "--backfill-grace-period-secs",
-        str(grace_s),
-        cutoff=CUTOFF_TEXT,
         cache_types=list(rows),
+        key_batch_size=20,
+        max_concurrent_uploads=4,
+        checkpoint_interval_secs=0.2,
+        grace_period_secs=grace_s,
     )
     slow_s3 = FaultPlan(latency_s=(0.2, 0.3))
 

@@ -33,21 +33,19 @@ from layer_cache.s3 import S3Layer
 from migrations_mode.preflight import check_bucket
 from services.context import CA_BUNDLE_ENV, open_services_context
 from services.settings import load_settings
-from tests.cli_harness import Job, backfill_args, cli
+from tests.cli_harness import Job, backfill_args, cli, the_error_line
 from tests.conftest import LayerDb, service_env
-from tests.integration.test_cli import (
-    CUTOFF,
-    seed_every_cache,
-    the_error_line,
-    written_objects,
-)
 from tests.support import (
+    CUTOFF,
     SeedRow,
     assert_bucket_holds_exactly_rows_below,
     bucket_objects,
     cache_bucket,
+    cache_objects,
     insert_rows,
     random_key,
+    seed_every_cache,
+    written_objects,
 )
 
 if TYPE_CHECKING:
@@ -149,7 +147,7 @@ async def test_backfill_over_https_with_the_ca_bundle_copies_every_row_byte_for_
     copied = 0
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         stored = await assert_bucket_holds_exactly_rows_below(
-            layer_db.pool, verifying_s3_client, verifying_bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, verifying_s3_client, verifying_bucket_prefix, cache_type
         )
         copied += len(stored)
     assert run.summary()["uploaded"] == copied > 8 * 10
@@ -170,7 +168,7 @@ async def test_aws_ca_bundle_is_honoured_as_botocore_documents(
 
     assert run.status == 0, run.describe()
     await assert_bucket_holds_exactly_rows_below(
-        layer_db.pool, verifying_s3_client, verifying_bucket_prefix, CacheType.CAS, CUTOFF
+        layer_db.pool, verifying_s3_client, verifying_bucket_prefix, CacheType.CAS
     )
 
 
@@ -260,7 +258,5 @@ async def test_the_server_writes_to_s3_over_https_with_the_ca_bundle(
                 assert await response.read() == value
         job.kill()
 
-    stored = await bucket_objects(
-        verifying_s3_client, cache_bucket(CacheType.CAS, verifying_bucket_prefix)
-    )
+    stored = await cache_objects(verifying_s3_client, verifying_bucket_prefix, CacheType.CAS)
     assert list(stored.values()) == [value], sorted(stored)

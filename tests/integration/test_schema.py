@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import re
 import signal
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from devenv.postgres import PostgresServer
 from devenv.s3 import S3Server
 from layer_cache.schema import MIGRATION_LOCK_NUMBER, migrate_layer_db
 from tests.cli_harness import CliRun, Job, cli
-from tests.conftest import LayerDb, service_env
+from tests.conftest import LayerDb, fresh_database, service_env
 from tests.support import REPO_ROOT
 from tests.unit.test_schema import REFINERY_CHECKSUMS
 
@@ -133,71 +132,39 @@ class Database:
 
 @pytest.fixture
 async def database(pg_server: PostgresServer) -> AsyncIterator[Database]:
-    endpoint = pg_server.endpoint
-    dbname = f"s_{uuid.uuid4().hex[:12]}"
-    server_admin_dsn = endpoint.dsn(dbname="postgres", superuser=True)
-    admin = await asyncpg.connect(server_admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
-    finally:
-        await admin.close()
-    admin_dsn = endpoint.dsn(dbname=dbname, superuser=True)
-    admin = await asyncpg.connect(admin_dsn)
-    try:
-        await admin.execute(
-            """
-            CREATE SCHEMA ddl_audit;
-            CREATE TABLE ddl_audit.log (id serial PRIMARY KEY, tag text NOT NULL);
-            CREATE TABLE ddl_audit.guard (forbid boolean NOT NULL);
-            INSERT INTO ddl_audit.guard VALUES (false);
-            CREATE FUNCTION ddl_audit.record() RETURNS event_trigger
-                LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
-                BEGIN
-                    IF (SELECT forbid FROM ddl_audit.guard) THEN
-                        RAISE EXCEPTION 'ddl_audit: % refused', tg_tag;
-                    END IF;
-                    INSERT INTO ddl_audit.log (tag) VALUES (tg_tag);
-                END $$;
-            CREATE EVENT TRIGGER record_ddl ON ddl_command_start
-                EXECUTE FUNCTION ddl_audit.record();
-            """
-        )
-    finally:
-        await admin.close()
-    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=4)
-    try:
-        yield Database(LayerDb(endpoint, dbname, pool), admin_dsn)
-    finally:
-        await pool.close()
-        admin = await asyncpg.connect(server_admin_dsn)
+    async with fresh_database(pg_server.endpoint, prefix="s", pool_size=4) as db:
+        admin_dsn = db.endpoint.dsn(dbname=db.dbname, superuser=True)
+        admin = await asyncpg.connect(admin_dsn)
         try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
+            await admin.execute(
+                """
+                CREATE SCHEMA ddl_audit;
+                CREATE TABLE ddl_audit.log (id serial PRIMARY KEY, tag text NOT NULL);
+                CREATE TABLE ddl_audit.guard (forbid boolean NOT NULL);
+                INSERT INTO ddl_audit.guard VALUES (false);
+                CREATE FUNCTION ddl_audit.record() RETURNS event_trigger
+                    LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog AS $$
+                    BEGIN
+                        IF (SELECT forbid FROM ddl_audit.guard) THEN
+                            RAISE EXCEPTION 'ddl_audit: % refused', tg_tag;
+                        END IF;
+                        INSERT INTO ddl_audit.log (tag) VALUES (tg_tag);
+                    END $$;
+                CREATE EVENT TRIGGER record_ddl ON ddl_command_start
+                    EXECUTE FUNCTION ddl_audit.record();
+                """
+            )
         finally:
             await admin.close()
+        yield Database(db, admin_dsn)
 
 
 @pytest.fixture
 async def reference(pg_server: PostgresServer) -> AsyncIterator[Database]:
     """A second database, built the way upstream sdf's refinery builds it."""
-    endpoint = pg_server.endpoint
-    dbname = f"r_{uuid.uuid4().hex[:12]}"
-    server_admin_dsn = endpoint.dsn(dbname="postgres", superuser=True)
-    admin = await asyncpg.connect(server_admin_dsn)
-    try:
-        await admin.execute(f'CREATE DATABASE {dbname} OWNER "{endpoint.user}"')
-    finally:
-        await admin.close()
-    pool = await asyncpg.create_pool(endpoint.dsn(dbname=dbname), min_size=1, max_size=2)
-    try:
-        await migrate_like_refinery(pool)
-        yield Database(LayerDb(endpoint, dbname, pool), endpoint.dsn(dbname=dbname, superuser=True))
-    finally:
-        await pool.close()
-        admin = await asyncpg.connect(server_admin_dsn)
-        try:
-            await admin.execute(f"DROP DATABASE IF EXISTS {dbname} WITH (FORCE)")
-        finally:
-            await admin.close()
+    async with fresh_database(pg_server.endpoint, prefix="r", pool_size=2) as db:
+        await migrate_like_refinery(db.pool)
+        yield Database(db, db.endpoint.dsn(dbname=db.dbname, superuser=True))
 
 
 def upstream_files() -> list[Path]:
@@ -262,16 +229,6 @@ def without_applied_on(rows: list[tuple[int, str, str, str]]) -> list[tuple[int,
 
 # --------------------------------------------------------------------------------------------
 # Running the CLI
-
-
-def the_error(run: CliRun) -> str:
-    """The one error line of a refused run."""
-    assert len(run.events) == 1, run.events
-    [event] = run.events
-    assert event["level"] == "error", event
-    assert "exception" not in event, event
-    message: str = event["event"]
-    return message
 
 
 async def run_mode(mode: str, database: Database, s3_server: S3Server) -> CliRun:
@@ -430,7 +387,7 @@ async def test_run_and_quit_refuses_a_history_refinery_would_refuse_and_touches_
     run = await run_mode("runAndQuit", database, s3_server)
 
     assert run.status == 3
-    message = the_error(run)
+    message = run.the_error()["event"]
     assert expected in message
     assert message.endswith("nothing was changed")
     assert await database.ddl_log() == ddl_before
@@ -450,7 +407,7 @@ async def test_run_on_an_empty_database_exits_3_with_one_line_and_creates_nothin
     run = await run_mode("run", database, s3_server)
 
     assert run.status == 3
-    message = the_error(run)
+    message = run.the_error()["event"]
     assert "the layer-db schema is not in place (table cas does not exist;" in message
     assert "run --migration-mode runAndQuit (or upstream sdf's migrations) first" in message
     assert await database.ddl_log() == []
@@ -466,7 +423,7 @@ async def test_run_names_a_missing_column(database: Database, s3_server: S3Serve
     run = await run_mode("run", database, s3_server)
 
     assert run.status == 3
-    assert "(table change_batches has no column sort_key)" in the_error(run)
+    assert "(table change_batches has no column sort_key)" in run.the_error()["event"]
     assert await database.ddl_log() == ddl_before
 
 

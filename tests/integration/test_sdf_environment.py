@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,9 +24,9 @@ from layer_cache.cache_types import CacheType
 from tests.cli_harness import cli
 from tests.conftest import LayerDb
 from tests.support import (
+    CUTOFF,
     SeedRow,
-    bucket_objects,
-    cache_bucket,
+    cache_objects,
     expected_objects,
     insert_rows,
     random_key,
@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 DATA = Path(__file__).resolve().parent.parent / "data"
 RECORDED = json.loads((DATA / "sdf_env.json").read_text())
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)  # the recorded cutoff
 CACHES = (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT, CacheType.ENCRYPTED_SECRET)  # recorded
 HOSTNAME = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__HOSTNAME"
 
@@ -96,11 +95,9 @@ async def test_recorded_sdf_environment_runs_the_backfill_to_completion(
     assert result.status == 0, result.stderr[-3000:]
     for cache_type, rows in expected.items():
         assert rows, cache_type
-        objects = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+        objects = await cache_objects(s3_client, bucket_prefix, cache_type)
         assert objects == expected_objects(rows), cache_type
-    assert (
-        await bucket_objects(s3_client, cache_bucket(CacheType.REBASE_BATCH, bucket_prefix)) == {}
-    )
+    assert await cache_objects(s3_client, bucket_prefix, CacheType.REBASE_BATCH) == {}
     events = result.events
     [ignored] = [e for e in events if e["event"] == "ignored upstream sdf settings"]
     assert ignored["level"] == "debug"

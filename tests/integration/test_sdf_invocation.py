@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -28,6 +28,9 @@ from services.logging import LOG_FILE_NAME
 from tests.cli_harness import WRITE_QUEUE_DIR_ENV, backfill_args, cli
 from tests.conftest import LayerDb
 from tests.support import (
+    CUTOFF,
+    PG,
+    STORAGE,
     SeedRow,
     assert_bucket_holds_exactly_rows_below,
     insert_rows,
@@ -37,9 +40,6 @@ from tests.support import (
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 CACHES = (CacheType.CAS, CacheType.WORKSPACE_SNAPSHOT)
 SECRET_FLAG_VALUE = "c2VjcmV0LWtleS1tYXRlcmlhbA=="  # never to be printed
 
@@ -63,9 +63,7 @@ async def seed(db: LayerDb, rows_per_cache: int = 12) -> None:
 
 async def assert_copied(db: LayerDb, s3_client: S3Client, bucket_prefix: str) -> None:
     for cache_type in CACHES:
-        await assert_bucket_holds_exactly_rows_below(
-            db.pool, s3_client, bucket_prefix, cache_type, CUTOFF
-        )
+        await assert_bucket_holds_exactly_rows_below(db.pool, s3_client, bucket_prefix, cache_type)
 
 
 async def test_sdfs_own_flags_set_the_layer_db_connection_and_the_rest_are_named_once(

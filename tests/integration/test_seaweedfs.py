@@ -37,21 +37,18 @@ from layer_cache.s3 import S3Layer
 from services.context import LEAN_CLIENT_OPTIONS, open_services_context
 from services.s3_continue import EXPECT_CONTINUE_MIN_BYTES
 from services.settings import load_settings
-from tests.cli_harness import backfill_args, cli
+from tests.cli_harness import backfill_args, cli, the_error_line
 from tests.conftest import READ_LIST, READ_LIST_WRITE, LayerDb, open_s3_client, service_env
-from tests.integration.test_cli import (
-    CUTOFF,
-    seed_every_cache,
-    the_error_line,
-    written_objects,
-)
 from tests.support import (
+    CUTOFF,
     SeedRow,
     assert_bucket_holds_exactly_rows_below,
     cache_bucket,
     insert_rows,
     random_key,
     rows_below,
+    seed_every_cache,
+    written_objects,
 )
 
 if TYPE_CHECKING:
@@ -272,7 +269,7 @@ async def test_backfill_with_read_list_write_on_the_cache_buckets_only_copies_ev
     assert run.status == 0, run.stderr
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         await assert_bucket_holds_exactly_rows_below(
-            layer_db.pool, verifying_s3_client, verifying_bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, verifying_s3_client, verifying_bucket_prefix, cache_type
         )
 
 
@@ -423,7 +420,7 @@ async def test_all_eight_caches_arrive_byte_for_byte_and_rclone_reads_the_same_m
     reader = verifying_s3_server.endpoint_for(READ_LIST)
     for cache_type in BACKFILLABLE_CACHE_TYPES:
         await assert_bucket_holds_exactly_rows_below(
-            layer_db.pool, verifying_s3_client, verifying_bucket_prefix, cache_type, CUTOFF
+            layer_db.pool, verifying_s3_client, verifying_bucket_prefix, cache_type
         )
         rows = await rows_below(layer_db.pool, cache_type, CUTOFF)
         md5s = {object_key(key): hashlib.md5(value).hexdigest() for key, value in rows.items()}

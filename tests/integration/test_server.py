@@ -1,9 +1,10 @@
 """The layer cache server against the suite's real Postgres and S3 servers.
 
-Servers run in-process on ``127.0.0.1:0`` inside the test's event loop (one test runs the real
-``python -m services`` instead); requests go over real HTTP through ``aiohttp.ClientSession``.
-Where a value went is read directly from the Postgres table and the S3 bucket, never through the
-server, so every mode's routing is observed, not inferred.
+Servers run in-process on ``127.0.0.1:0`` inside the test's event loop (``start_server``, from
+``tests.server_support``; one test runs the real ``python -m services`` instead); requests go
+over real HTTP through ``aiohttp.ClientSession``. Where a value went is read directly from the
+Postgres table and the S3 bucket, never through the server, so every mode's routing is observed,
+not inferred.
 """
 
 from __future__ import annotations
@@ -14,228 +15,60 @@ import random
 import signal
 import socket
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import aiohttp
 import asyncpg
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
-from devenv.faults import FaultPlan, FaultProxy
+from devenv.faults import FaultPlan
 from devenv.process import free_port
 from devenv.s3 import S3Server
-from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CACHE_SPECS, CacheType
+from layer_cache.cache_types import BACKFILLABLE_CACHE_TYPES, CacheType
 from layer_cache.keys import object_key
 from layer_cache.write_queue import queue_status
-from layer_cache_server.auth import server_access
-from layer_cache_server.server import LayerCacheServer, serve_layer_cache
-from layer_cache_server.tls import server_tls
+from layer_cache_server.server import serve_layer_cache
 from migrations_mode.config import BackfillConfig
 from migrations_mode.coordinator import run_backfill
 from services.context import ServicesContext, open_services_context
-from services.settings import ServerAuth, ServerConfig, Settings, load_settings
+from services.settings import ServerAuth, ServerConfig, Settings
 from services.signals import StopRequest
 from services.telemetry import start_telemetry
 from tests.cli_harness import Job, cli
-from tests.conftest import LayerDb, service_env
+from tests.conftest import LayerDb
+from tests.server_support import (
+    DEADLINE_S,
+    MODES,
+    ServerFactory,
+    counter_values,
+    error_of,
+    hex_key,
+    insert_row,
+    pg_rows,
+    put_object,
+    s3_values,
+    s3_values_once_queued_writes_land,
+    serve_in_task,
+    settings_for,
+)
 from tests.support import (
     SeedRow,
-    bucket_objects,
-    cache_bucket,
+    cache_objects,
     expected_objects,
     insert_rows,
-    random_key,
     rows_below,
+    until,
 )
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
 T = TypeVar("T")
-MODES = ("PostgresOnly", "DualWrite", "S3Primary", "S3Only")
-DEADLINE_S = 10.0
-
-
-# --------------------------------------------------------------------------------------------
-# Running servers in-process
-
-
-@dataclass
-class RunningServer:
-    """A server serving in a task of the test's loop."""
-
-    url: str
-    server: LayerCacheServer
-    stop: StopRequest
-    task: asyncio.Task[None]
-    metrics: InMemoryMetricReader
-
-    def v1(self, cache_type: CacheType | str, key: str) -> str:
-        return f"{self.url}/v1/{cache_type}/{key}"
-
-    async def shut_down(self) -> None:
-        """What SIGTERM does: set the stop event, wait for the graceful shutdown."""
-        self.stop.event.set()
-        async with asyncio.timeout(DEADLINE_S * 3):
-            await self.task
-
-
-StartServer = Callable[..., Awaitable[RunningServer]]
-
-
-def settings_for(
-    db: LayerDb, s3_server: S3Server, bucket_prefix: str, mode: str, **overrides: str
-) -> Settings:
-    env = service_env(db, s3_server.endpoint, bucket_prefix, persister_mode=mode) | overrides
-    with pytest.MonkeyPatch.context() as patch:
-        for name, value in env.items():
-            patch.setenv(name, value)
-        return load_settings()
-
-
-async def serve_in_task(
-    context: ServicesContext, config: ServerConfig, metrics: InMemoryMetricReader
-) -> RunningServer:
-    """Start a server on a free loopback port; returns once it listens. Unless the config asks
-    for tokens (token files, or ``auth`` set explicitly), the server runs open (``AUTH=none``):
-    the tests of access control say what they want."""
-    stop = StopRequest()
-    listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-    asks_for_tokens = "auth" in config.model_fields_set or (
-        config.read_tokens_file or config.write_tokens_file
-    )
-    if not asks_for_tokens:
-        config = config.model_copy(update={"auth": ServerAuth.NONE})
-    server = LayerCacheServer(context, config, access=server_access(config), tls=server_tls(config))
-    task = asyncio.create_task(
-        server.run(
-            stop,
-            socket_addr="127.0.0.1:0",
-            on_listening=lambda host, port: listening.set_result((host, port)),
-        )
-    )
-    waiters: list[asyncio.Future[Any]] = [listening, task]
-    async with asyncio.timeout(DEADLINE_S):
-        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
-    if task.done():
-        task.result()  # raises what stopped it
-    host, port = listening.result()
-    return RunningServer(f"http://{host}:{port}", server, stop, task, metrics)
-
-
-@pytest.fixture
-async def start_server(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
-) -> AsyncIterator[StartServer]:
-    """Factory: ``await start_server(mode, config)`` → a server over this test's db and buckets
-    (and, unless the config names one, a write queue in this test's ``tmp_path``)."""
-    running: list[RunningServer] = []
-    async with AsyncExitStack() as stack:
-
-        async def start(
-            mode: str = "DualWrite", config: ServerConfig | None = None
-        ) -> RunningServer:
-            settings = settings_for(layer_db, s3_server, bucket_prefix, mode)
-            metrics = InMemoryMetricReader()
-            context = await stack.enter_async_context(
-                open_services_context(settings, metric_readers=[metrics])
-            )
-            config = config or ServerConfig()
-            if "write_queue_dir" not in config.model_fields_set:
-                config = config.model_copy(update={"write_queue_dir": tmp_path / "write-queue"})
-            server = await serve_in_task(context, config, metrics)
-            running.append(server)
-            return server
-
-        try:
-            yield start
-        finally:
-            for server in running:
-                if not server.task.done():
-                    await server.shut_down()
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-# --------------------------------------------------------------------------------------------
-# Reading what is stored, directly
-
-
-async def pg_rows(db: LayerDb, cache_type: CacheType) -> dict[str, bytes]:
-    table = CACHE_SPECS[cache_type].table
-    records = await db.pool.fetch(f"SELECT key, value FROM {table}")
-    return {record["key"]: bytes(record["value"]) for record in records}
-
-
-async def s3_values(
-    s3_client: S3Client, bucket_prefix: str, cache_type: CacheType
-) -> dict[str, bytes]:
-    """Row key → object bytes for every object in the cache's bucket."""
-    objects = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
-    return {name.rsplit("/", 1)[-1]: body for name, body in objects.items()}
-
-
-async def s3_values_once_queued_writes_land(
-    s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, expected: dict[str, bytes]
-) -> dict[str, bytes]:
-    """The bucket's values once they equal ``expected`` or ``DEADLINE_S`` has passed: a write
-    is acknowledged before its S3 PUT (the write queue), so S3 catches up a moment later."""
-    deadline = time.monotonic() + DEADLINE_S
-    while (stored := await s3_values(s3_client, bucket_prefix, cache_type)) != expected:
-        if time.monotonic() >= deadline:
-            break
-        await asyncio.sleep(0.05)
-    return stored
-
-
-async def put_object(
-    s3_client: S3Client, bucket_prefix: str, cache_type: CacheType, key: str, value: bytes
-) -> None:
-    await s3_client.put_object(
-        Bucket=cache_bucket(cache_type, bucket_prefix), Key=object_key(key), Body=value
-    )
-
-
-async def insert_row(db: LayerDb, cache_type: CacheType, key: str, value: bytes) -> None:
-    table = CACHE_SPECS[cache_type].table
-    await db.pool.execute(
-        f"INSERT INTO {table} (key, sort_key, value) VALUES ($1, $1, $2)", key, value
-    )
-
-
-def counter_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], int]:
-    """Sorted attribute items → value, for one counter."""
-    values: dict[tuple[Any, ...], int] = {}
-    data = reader.get_metrics_data()
-    for resource in data.resource_metrics if data else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        assert isinstance(point, NumberDataPoint)
-                        attributes = tuple(sorted((point.attributes or {}).items()))
-                        values[attributes] = int(point.value)
-    return values
-
-
-async def error_of(response: aiohttp.ClientResponse) -> tuple[int, str]:
-    body = await response.json()
-    assert set(body["error"]) == {"code", "message"}, body
-    assert body["error"]["message"], body
-    return response.status, body["error"]["code"]
-
-
-def hex_key(rng: random.Random) -> str:
-    return random_key(rng, 64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -252,7 +85,7 @@ WRITE_TARGETS = {  # mode → (Postgres written, S3 written)
 @pytest.mark.parametrize("mode", MODES)
 async def test_put_stores_in_exactly_the_modes_write_targets_and_the_first_write_wins(
     mode: str,
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_client: S3Client,
@@ -273,7 +106,7 @@ async def test_put_stores_in_exactly_the_modes_write_targets_and_the_first_write
         s3_client, bucket_prefix, CacheType.CAS, expected_in_s3
     )
     assert stored == expected_in_s3
-    objects = await bucket_objects(s3_client, cache_bucket(CacheType.CAS, bucket_prefix))
+    objects = await cache_objects(s3_client, bucket_prefix, CacheType.CAS)
     assert list(objects) == ([object_key(key)] if in_s3 else [])  # ab/cd/ef/<key>
     async with http.get(server.v1("cas", key)) as response:
         assert response.status == 200
@@ -292,7 +125,7 @@ READ_SOURCES = {  # mode → what a read of (pg-only, s3-only, both) returns
 @pytest.mark.parametrize("mode", MODES)
 async def test_get_head_and_bulk_read_the_backends_in_the_modes_order(
     mode: str,
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_client: S3Client,
@@ -337,7 +170,7 @@ async def test_get_head_and_bulk_read_the_backends_in_the_modes_order(
 
 
 async def test_s3_primary_writes_a_postgres_hit_back_to_s3(
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_client: S3Client,
@@ -367,7 +200,7 @@ async def test_s3_primary_writes_a_postgres_hit_back_to_s3(
 
 
 async def test_bulk_answers_base64_values_and_missing_keys_in_request_order(
-    start_server: StartServer, http: aiohttp.ClientSession
+    start_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await start_server("DualWrite")
     values = {"0a1b": b"\x00\x01binary\xfe", "01HQ3Z6V8W9X0Y1Z2A3B4C5D6E": b"", "ff": b"x" * 70}
@@ -393,43 +226,8 @@ async def test_bulk_answers_base64_values_and_missing_keys_in_request_order(
 # the single-read rules (retried, then read from the next backend in read order).
 
 
-STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
-
-StartProxiedServer = Callable[[str], Awaitable[tuple[RunningServer, FaultProxy]]]
-
-
-@pytest.fixture
-async def start_proxied_server(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
-) -> AsyncIterator[StartProxiedServer]:
-    """Factory: ``await start(mode)`` → a server whose S3 calls go through a new fault proxy."""
-    running: list[RunningServer] = []
-    async with AsyncExitStack() as stack:
-
-        async def start(mode: str) -> tuple[RunningServer, FaultProxy]:
-            proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, FaultPlan()))
-            settings = settings_for(
-                layer_db, s3_server, bucket_prefix, mode, **{STORAGE + "ENDPOINT": proxy.url}
-            )
-            metrics = InMemoryMetricReader()
-            context = await stack.enter_async_context(
-                open_services_context(settings, metric_readers=[metrics])
-            )
-            config = ServerConfig(write_queue_dir=tmp_path / f"write-queue-{len(running)}")
-            server = await serve_in_task(context, config, metrics)
-            running.append(server)
-            return server, proxy
-
-        try:
-            yield start
-        finally:
-            for server in running:
-                if not server.task.done():
-                    await server.shut_down()
-
-
 async def test_s3_primary_bulk_read_with_s3_errors_returns_every_value(
-    start_proxied_server: StartProxiedServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_client: S3Client,
@@ -444,7 +242,7 @@ async def test_s3_primary_bulk_read_with_s3_errors_returns_every_value(
         await insert_row(layer_db, CacheType.CAS, key, value)
     for key, value in in_pg.items():
         await insert_row(layer_db, CacheType.CAS, key, value)
-    server, proxy = await start_proxied_server("S3Primary")
+    server, proxy = await start_server.through_proxy("S3Primary")
     # A third of S3 GETs fail, some twice in a row: retries serve most, Postgres the rest.
     proxy.plan = FaultPlan(slowdown_share=0.35, methods=frozenset({"GET"}), seed=5)
 
@@ -461,7 +259,7 @@ async def test_s3_primary_bulk_read_with_s3_errors_returns_every_value(
 
 
 async def test_s3_only_bulk_read_with_s3_down_answers_503_storage_unavailable(
-    start_proxied_server: StartProxiedServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     s3_client: S3Client,
     bucket_prefix: str,
@@ -470,7 +268,7 @@ async def test_s3_only_bulk_read_with_s3_down_answers_503_storage_unavailable(
     stored = {hex_key(rng): rng.randbytes(50) for _ in range(20)}
     for key, value in stored.items():
         await put_object(s3_client, bucket_prefix, CacheType.CAS, key, value)
-    server, proxy = await start_proxied_server("S3Only")
+    server, proxy = await start_server.through_proxy("S3Only")
     proxy.plan = FaultPlan(slowdown_share=1.0)  # S3 is down
 
     async with http.post(server.v1("cas", "get-bulk"), json={"keys": list(stored)}) as response:
@@ -523,7 +321,7 @@ BAD_REQUESTS = [
 
 
 async def test_bad_requests_get_json_errors_with_stable_codes_and_store_nothing(
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_client: S3Client,
@@ -546,7 +344,7 @@ async def test_bad_requests_get_json_errors_with_stable_codes_and_store_nothing(
 
 
 async def test_an_oversized_streamed_body_without_length_is_refused_with_413(
-    start_server: StartServer, http: aiohttp.ClientSession, layer_db: LayerDb
+    start_server: ServerFactory, http: aiohttp.ClientSession, layer_db: LayerDb
 ) -> None:
     server = await start_server("PostgresOnly", SMALL_LIMITS)
 
@@ -564,7 +362,7 @@ async def test_an_oversized_streamed_body_without_length_is_refused_with_413(
 
 
 async def test_readyz_checks_postgres_and_s3_and_healthz_is_alive(
-    start_server: StartServer, http: aiohttp.ClientSession
+    start_server: ServerFactory, http: aiohttp.ClientSession
 ) -> None:
     server = await start_server("S3Primary")
     async with http.get(server.url + "/readyz") as response:
@@ -578,7 +376,7 @@ async def test_readyz_checks_postgres_and_s3_and_healthz_is_alive(
 
 
 async def test_readyz_is_503_while_postgres_is_unreachable(
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_server: S3Server,
@@ -634,16 +432,6 @@ class SlowBody:
         yield self.half
 
 
-async def until(condition: Callable[[], Awaitable[bool] | bool], what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
-    while True:
-        result = condition()
-        if result if isinstance(result, bool) else await result:
-            return
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
-
-
 async def refuses_connections(url: str) -> bool:
     async with aiohttp.ClientSession() as session:
         try:
@@ -660,7 +448,7 @@ async def put_status(session: aiohttp.ClientSession, url: str, body: SlowBody) -
 
 
 async def test_shutdown_stops_accepting_and_completes_requests_in_flight(
-    start_server: StartServer, http: aiohttp.ClientSession, layer_db: LayerDb
+    start_server: ServerFactory, http: aiohttp.ClientSession, layer_db: LayerDb
 ) -> None:
     server = await start_server("PostgresOnly", ServerConfig(grace_period_secs=10))
     rng = random.Random(5)
@@ -686,7 +474,7 @@ async def test_shutdown_stops_accepting_and_completes_requests_in_flight(
 
 
 async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
-    start_server: StartServer, http: aiohttp.ClientSession, layer_db: LayerDb
+    start_server: ServerFactory, http: aiohttp.ClientSession, layer_db: LayerDb
 ) -> None:
     grace = 1.0
     server = await start_server("PostgresOnly", ServerConfig(grace_period_secs=grace))
@@ -708,7 +496,7 @@ async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
 
 
 async def test_shutdown_drains_the_write_queue_of_read_through_write_backs(
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     s3_client: S3Client,
@@ -765,13 +553,11 @@ async def test_run_mode_checks_the_schema_then_serves(
 
 
 async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sigterm(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, s3_client: S3Client
+    layer_db: LayerDb, env: dict[str, str], s3_client: S3Client, bucket_prefix: str
 ) -> None:
     grace = 5.0
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
-    env["SI_SDF__SERVER__GRACE_PERIOD_SECS"] = str(grace)
     args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
-    async with Job(args, env) as job:
+    async with Job(args, env | {"SI_SDF__SERVER__GRACE_PERIOD_SECS": str(grace)}) as job:
         listening = await job.expect(
             lambda event: event["event"] == "layer cache server listening", 30.0
         )
@@ -801,9 +587,8 @@ async def test_cli_skip_mode_serves_and_exits_143_within_the_grace_period_on_sig
 
 
 async def test_cli_with_metrics_port_0_logs_the_port_it_got_and_serves_metrics_there(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+    env: dict[str, str],
 ) -> None:
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
     args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--metrics-port", "0"]
     async with Job([*args, "--log-json"], env) as job:
         endpoint = await job.expect(
@@ -826,9 +611,8 @@ async def test_cli_with_metrics_port_0_logs_the_port_it_got_and_serves_metrics_t
 
 
 async def test_cli_refuses_a_bad_address_with_2_and_a_taken_port_with_3(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str
+    env: dict[str, str],
 ) -> None:
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
     args = ["--migration-mode", "skip", "--log-json", "--socket-addr"]
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -852,7 +636,7 @@ async def test_cli_refuses_a_bad_address_with_2_and_a_taken_port_with_3(
 
 
 async def test_backfill_while_serving_dual_writes_loses_and_duplicates_nothing(
-    start_server: StartServer,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
     layer_db: LayerDb,
     settings: Settings,
@@ -916,11 +700,11 @@ async def test_backfill_while_serving_dual_writes_loses_and_duplicates_nothing(
     assert await rows_below(layer_db.pool, CacheType.CAS, cutoff) == old[CacheType.CAS]
     for cache_type in caches:
         expected = old[cache_type] | (new if cache_type is CacheType.CAS else {})
-        stored = await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix))
+        stored = await cache_objects(s3_client, bucket_prefix, cache_type)
         assert stored == expected_objects(expected), f"{cache_type}: objects differ"
     untouched = set(BACKFILLABLE_CACHE_TYPES) - set(caches)
     for cache_type in untouched:
-        assert await bucket_objects(s3_client, cache_bucket(cache_type, bucket_prefix)) == {}
+        assert await cache_objects(s3_client, bucket_prefix, cache_type) == {}
 
 
 def test_every_mode_in_the_routing_table_is_tested() -> None:

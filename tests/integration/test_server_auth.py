@@ -14,27 +14,20 @@ import os
 import signal
 import ssl
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import aiohttp
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+from opentelemetry.sdk.metrics.export import NumberDataPoint
 
-from devenv.s3 import S3Server
 from devenv.tls import LocalPki, make_local_pki
-from layer_cache_server.auth import FailureLimiter, server_access
-from layer_cache_server.server import REQUESTS_METRIC, LayerCacheServer
-from layer_cache_server.tls import server_tls
-from services.context import open_services_context
-from services.settings import ServerConfig, Settings, load_settings
-from services.signals import StopRequest
+from layer_cache_server.auth import FailureLimiter
+from layer_cache_server.server import REQUESTS_METRIC
+from services.settings import ServerConfig
 from tests.cli_harness import Job, cli
-from tests.conftest import LayerDb, service_env
+from tests.server_support import RunningServer, ServerFactory
 
-DEADLINE_S = 30.0
 READER = "reader-token-0123456789abcdef"
 READER_NEXT = "reader-token-next-fedcba9876543210"
 WRITER = "writer-token-0123456789abcdef0123"
@@ -49,48 +42,6 @@ def write_tokens(path: Path, *tokens: str) -> Path:
     return path
 
 
-@dataclass
-class Served:
-    url: str
-    server: LayerCacheServer
-    metrics: InMemoryMetricReader
-
-
-def settings_for(
-    db: LayerDb, s3: S3Server, bucket_prefix: str, monkeypatch: pytest.MonkeyPatch
-) -> Settings:
-    for name, value in service_env(db, s3.endpoint, bucket_prefix).items():
-        monkeypatch.setenv(name, value)
-    return load_settings()
-
-
-@asynccontextmanager
-async def serving(settings: Settings, config: ServerConfig) -> AsyncIterator[Served]:
-    metrics = InMemoryMetricReader()
-    async with open_services_context(settings, metric_readers=[metrics]) as context:
-        server = LayerCacheServer(
-            context, config, access=server_access(config), tls=server_tls(config)
-        )
-        stop = StopRequest()
-        listening: asyncio.Future[tuple[str, int]] = asyncio.get_running_loop().create_future()
-        task = asyncio.create_task(
-            server.run(
-                stop,
-                socket_addr="127.0.0.1:0",
-                on_listening=lambda host, port: listening.set_result((host, port)),
-            )
-        )
-        try:
-            async with asyncio.timeout(DEADLINE_S):
-                host, port = await listening
-            scheme = "http" if config.tls_cert_file is None else "https"
-            yield Served(f"{scheme}://{host}:{port}", server, metrics)
-        finally:
-            stop.event.set()
-            async with asyncio.timeout(DEADLINE_S):
-                await task
-
-
 @pytest.fixture
 def token_files(tmp_path: Path) -> tuple[Path, Path]:
     return write_tokens(tmp_path / "read-tokens", READER), write_tokens(
@@ -99,43 +50,24 @@ def token_files(tmp_path: Path) -> tuple[Path, Path]:
 
 
 @pytest.fixture
-async def served(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
-    tmp_path: Path,
-    token_files: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[Served]:
+async def served(start_server: ServerFactory, token_files: tuple[Path, Path]) -> RunningServer:
     read_file, write_file = token_files
-    config = ServerConfig(
-        read_tokens_file=read_file,
-        write_tokens_file=write_file,
-        write_queue_dir=tmp_path / "write-queue",
+    return await start_server(
+        config=ServerConfig(read_tokens_file=read_file, write_tokens_file=write_file)
     )
-    settings = settings_for(layer_db, s3_server, bucket_prefix, monkeypatch)
-    async with serving(settings, config) as running:
-        yield running
 
 
 @pytest.fixture(params=["http", "https"])
 async def served_over(
     request: pytest.FixtureRequest,
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    start_server: ServerFactory,
     tmp_path: Path,
     token_files: tuple[Path, Path],
-    monkeypatch: pytest.MonkeyPatch,
-) -> AsyncIterator[tuple[Served, aiohttp.TCPConnector]]:
+) -> tuple[RunningServer, aiohttp.TCPConnector]:
     """The server with tokens over HTTP, and over HTTPS with a CA made now; and a connector
     that trusts it."""
     read_file, write_file = token_files
-    config = ServerConfig(
-        read_tokens_file=read_file,
-        write_tokens_file=write_file,
-        write_queue_dir=tmp_path / "write-queue",
-    )
+    config = ServerConfig(read_tokens_file=read_file, write_tokens_file=write_file)
     connector = aiohttp.TCPConnector()
     if request.param == "https":
         pki = make_local_pki(tmp_path / "pki")
@@ -143,9 +75,7 @@ async def served_over(
             update={"tls_cert_file": pki.cert_file, "tls_key_file": pki.key_file}
         )
         connector = aiohttp.TCPConnector(ssl=ssl.create_default_context(cafile=pki.ca_file))
-    settings = settings_for(layer_db, s3_server, bucket_prefix, monkeypatch)
-    async with serving(settings, config) as running:
-        yield running, connector
+    return await start_server(config=config), connector
 
 
 def bearer(token: str | None) -> dict[str, str]:
@@ -217,7 +147,7 @@ EXPECTED: dict[str, dict[str, int]] = {
 
 
 async def test_every_route_answers_each_credential_as_documented(
-    served_over: tuple[Served, aiohttp.TCPConnector],
+    served_over: tuple[RunningServer, aiohttp.TCPConnector],
 ) -> None:
     served, connector = served_over
     async with aiohttp.ClientSession(connector=connector) as http:
@@ -244,7 +174,7 @@ async def test_every_route_answers_each_credential_as_documented(
 
 
 async def test_refusals_are_counted_by_status_with_no_token_in_the_labels(
-    served: Served,
+    served: RunningServer,
 ) -> None:
     async with aiohttp.ClientSession() as http:
         await get(http, served.url, {})
@@ -284,7 +214,7 @@ async def answers(request: Callable[[], Awaitable[int]], status: int) -> None:
 
 
 async def test_tokens_rotate_without_a_restart_while_requests_are_in_flight(
-    served: Served, token_files: tuple[Path, Path]
+    served: RunningServer, token_files: tuple[Path, Path]
 ) -> None:
     read_file, _write_file = token_files
     statuses: list[int] = []
@@ -320,7 +250,7 @@ async def test_tokens_rotate_without_a_restart_while_requests_are_in_flight(
 
 
 async def test_a_flood_of_bad_tokens_from_one_address_does_not_keep_others_out(
-    served: Served,
+    served: RunningServer,
 ) -> None:
     # The default burst, refilled too slowly to matter during the test however loaded the
     # machine is (at the default 10 a second, 60 slow requests earn back a few 401s).
@@ -340,9 +270,9 @@ async def test_a_flood_of_bad_tokens_from_one_address_does_not_keep_others_out(
 
 
 async def test_the_server_refuses_to_start_without_tokens_unless_told_none(
-    layer_db: LayerDb, s3_server: S3Server, bucket_prefix: str, tmp_path: Path
+    env: dict[str, str], tmp_path: Path
 ) -> None:
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix) | {
+    env = env | {
         "SI_SDF__SERVER__WRITE_QUEUE_DIR": str(tmp_path / "queue"),
     }
     args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
@@ -361,14 +291,10 @@ async def test_the_server_refuses_to_start_without_tokens_unless_told_none(
 
 
 async def test_a_whole_vv_run_logs_no_token(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
-    tmp_path: Path,
-    token_files: tuple[Path, Path],
+    env: dict[str, str], token_files: tuple[Path, Path]
 ) -> None:
     read_file, write_file = token_files
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix) | {
+    env = env | {
         "SI_SDF__SERVER__READ_TOKENS_FILE": str(read_file),
         "SI_SDF__SERVER__WRITE_TOKENS_FILE": str(write_file),
     }
@@ -412,57 +338,41 @@ def client_context(pki: LocalPki, *, certificate: bool) -> ssl.SSLContext:
 
 
 async def test_https_serves_with_tokens_and_mutual_tls_refuses_a_client_without_a_certificate(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
-    tmp_path: Path,
-    token_files: tuple[Path, Path],
-    pki: LocalPki,
-    monkeypatch: pytest.MonkeyPatch,
+    start_server: ServerFactory, token_files: tuple[Path, Path], pki: LocalPki
 ) -> None:
     read_file, write_file = token_files
     config = ServerConfig(
         read_tokens_file=read_file,
         write_tokens_file=write_file,
-        write_queue_dir=tmp_path / "queue",
         tls_cert_file=pki.cert_file,
         tls_key_file=pki.key_file,
         tls_client_ca_file=pki.ca_file,
     )
-    settings = settings_for(layer_db, s3_server, bucket_prefix, monkeypatch)
-    async with serving(settings, config) as running:
-        assert running.url.startswith("https://")
-        with_certificate = aiohttp.TCPConnector(ssl=client_context(pki, certificate=True))
-        async with aiohttp.ClientSession(connector=with_certificate) as http:
-            assert await put(http, running.url, bearer(WRITER)) == 201
-            assert await get(http, running.url, bearer(READER)) == 200
-            assert await get(http, running.url, {}) == 401  # TLS is no substitute for a token
-        without = aiohttp.TCPConnector(ssl=client_context(pki, certificate=False))
-        async with aiohttp.ClientSession(connector=without) as http:
-            with pytest.raises(aiohttp.ClientError):
-                await get(http, running.url, bearer(READER))
-        async with aiohttp.ClientSession() as http:  # plain HTTP to an HTTPS port
-            with pytest.raises(aiohttp.ClientError):
-                await get(http, running.url.replace("https://", "http://"), bearer(READER))
+    running = await start_server(config=config)
+    assert running.url.startswith("https://")
+    with_certificate = aiohttp.TCPConnector(ssl=client_context(pki, certificate=True))
+    async with aiohttp.ClientSession(connector=with_certificate) as http:
+        assert await put(http, running.url, bearer(WRITER)) == 201
+        assert await get(http, running.url, bearer(READER)) == 200
+        assert await get(http, running.url, {}) == 401  # TLS is no substitute for a token
+    without = aiohttp.TCPConnector(ssl=client_context(pki, certificate=False))
+    async with aiohttp.ClientSession(connector=without) as http:
+        with pytest.raises(aiohttp.ClientError):
+            await get(http, running.url, bearer(READER))
+    async with aiohttp.ClientSession() as http:  # plain HTTP to an HTTPS port
+        with pytest.raises(aiohttp.ClientError):
+            await get(http, running.url.replace("https://", "http://"), bearer(READER))
 
 
 async def test_a_renewed_certificate_is_served_without_a_restart(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
-    tmp_path: Path,
-    pki: LocalPki,
-    monkeypatch: pytest.MonkeyPatch,
+    start_server: ServerFactory, tmp_path: Path, pki: LocalPki
 ) -> None:
     served_dir = tmp_path / "served"
     served_dir.mkdir()
     cert, key = served_dir / "tls.crt", served_dir / "tls.key"
     cert.write_bytes(pki.cert_file.read_bytes())
     key.write_bytes(pki.key_file.read_bytes())
-    config = ServerConfig(
-        auth="none", write_queue_dir=tmp_path / "queue", tls_cert_file=cert, tls_key_file=key
-    )
-    settings = settings_for(layer_db, s3_server, bucket_prefix, monkeypatch)
+    config = ServerConfig(auth="none", tls_cert_file=cert, tls_key_file=key)
     renewed = make_local_pki(tmp_path / "renewed")
 
     async def served_issuer(ca: LocalPki, url: str) -> int:
@@ -470,19 +380,19 @@ async def test_a_renewed_certificate_is_served_without_a_restart(
         async with aiohttp.ClientSession(connector=connector) as http:
             return await healthz(http, url, {})
 
-    async with serving(settings, config) as running:
-        assert await served_issuer(pki, running.url) == 200
-        for name, source in (("tls.key", renewed.key_file), ("tls.crt", renewed.cert_file)):
-            staged = served_dir / f".{name}"
-            staged.write_bytes(source.read_bytes())
-            os.replace(staged, served_dir / name)
+    running = await start_server(config=config)
+    assert await served_issuer(pki, running.url) == 200
+    for name, source in (("tls.key", renewed.key_file), ("tls.crt", renewed.cert_file)):
+        staged = served_dir / f".{name}"
+        staged.write_bytes(source.read_bytes())
+        os.replace(staged, served_dir / name)
 
-        async def renewed_status() -> int:
-            try:
-                return await served_issuer(renewed, running.url)
-            except aiohttp.ClientError:
-                return 0  # the old certificate is still served
+    async def renewed_status() -> int:
+        try:
+            return await served_issuer(renewed, running.url)
+        except aiohttp.ClientError:
+            return 0  # the old certificate is still served
 
-        await answers(renewed_status, 200)
-        with pytest.raises(aiohttp.ClientError):  # the old CA no longer vouches for it
-            await served_issuer(pki, running.url)
+    await answers(renewed_status, 200)
+    with pytest.raises(aiohttp.ClientError):  # the old CA no longer vouches for it
+        await served_issuer(pki, running.url)

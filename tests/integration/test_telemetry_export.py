@@ -12,7 +12,7 @@ import operator
 import random
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from functools import partial
 from typing import Any
 
@@ -24,11 +24,10 @@ from devenv.tools import MissingTool
 from layer_cache.cache_types import CacheType
 from tests.cli_harness import cli
 from tests.conftest import LayerDb
-from tests.support import SeedRow, insert_rows, random_key
+from tests.support import CUTOFF, SeedRow, insert_rows, random_key
 
 pytestmark = pytest.mark.timeout(180)
 
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
 ROWS = {CacheType.CAS: 40, CacheType.CHANGE_BATCH: 25}
 CLI_TIMEOUT_S = 90.0
 PROCESSED = "layer_cache.backfill.items_processed"

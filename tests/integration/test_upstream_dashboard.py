@@ -63,18 +63,17 @@ from layer_cache.keys import object_key
 from layer_cache.write_queue import PG_RETRY_QUEUE, S3_ATTEMPTS_METRIC, S3_WRITE_QUEUE, queue_status
 from services.context import open_services_context
 from tests.conftest import LayerDb
-from tests.integration.test_cache_tier import CACHE, SERVER, serve_tiered
 from tests.integration.test_dashboard import OTEL_SERVICE, scrape_jobs
-from tests.integration.test_server import (
-    STORAGE,
+from tests.server_support import (
     RunningServer,
     counter_values,
     hex_key,
     insert_row,
     put_object,
+    serve_tiered,
     settings_for,
 )
-from tests.support import REPO_ROOT, refuse_rows
+from tests.support import CACHE, REPO_ROOT, SERVER, STORAGE, refuse_rows
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client

@@ -13,9 +13,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import random
-from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import aiohttp
@@ -31,9 +29,8 @@ from layer_cache.s3 import ConditionalPuts as ClientConditionalPuts
 from layer_cache.s3 import S3Layer
 from services.settings import ServerConfig
 from tests.conftest import LayerDb, open_s3_client
-from tests.integration.test_server import hex_key, insert_row, pg_rows, put_object, s3_values
-from tests.integration.test_write_queue import serve, until
-from tests.support import bucket_objects, cache_bucket
+from tests.server_support import ServerFactory, hex_key, insert_row, pg_rows, put_object, s3_values
+from tests.support import bucket_objects, cache_bucket, until
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
@@ -54,40 +51,21 @@ UPSTREAM_SORT_KEYS = {
 }
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
 # --------------------------------------------------------------------------------------------
 # Rows as upstream writes them
 
 
 async def test_every_cache_writes_upstreams_sort_key(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
-    http: aiohttp.ClientSession,
-    tmp_path: Path,
+    start_server: ServerFactory, layer_db: LayerDb, http: aiohttp.ClientSession
 ) -> None:
     assert set(UPSTREAM_SORT_KEYS) == set(BACKFILLABLE_CACHE_TYPES)
     rng = random.Random(23)
-    async with AsyncExitStack() as stack:
-        server = await serve(
-            stack,
-            layer_db,
-            s3_server,
-            bucket_prefix,
-            s3_server.endpoint.url,
-            ServerConfig(write_queue_dir=tmp_path / "q"),
-            mode="PostgresOnly",
-        )
-        keys = {cache_type: hex_key(rng) for cache_type in UPSTREAM_SORT_KEYS}
-        for cache_type, key in keys.items():
-            async with http.put(f"{server.url}/v1/{cache_type}/{key}", data=b"v") as response:
-                assert response.status == 201, await response.text()
-        await server.shut_down()
+    server = await start_server("PostgresOnly")
+    keys = {cache_type: hex_key(rng) for cache_type in UPSTREAM_SORT_KEYS}
+    for cache_type, key in keys.items():
+        async with http.put(f"{server.url}/v1/{cache_type}/{key}", data=b"v") as response:
+            assert response.status == 201, await response.text()
+    await server.shut_down()
 
     for cache_type, key in keys.items():
         table = CACHE_SPECS[cache_type].table
@@ -100,12 +78,11 @@ async def test_every_cache_writes_upstreams_sort_key(
 
 
 async def test_s3_primary_bulk_read_writes_back_the_keys_whose_s3_get_failed(
+    start_server: ServerFactory,
     layer_db: LayerDb,
-    s3_server: S3Server,
     bucket_prefix: str,
     s3_client: S3Client,
     http: aiohttp.ClientSession,
-    tmp_path: Path,
 ) -> None:
     rng = random.Random(24)
     in_pg = {hex_key(rng): rng.randbytes(300) for _ in range(12)}  # not in S3 (not backfilled)
@@ -114,35 +91,21 @@ async def test_s3_primary_bulk_read_writes_back_the_keys_whose_s3_get_failed(
         await insert_row(layer_db, CAS, key, value)
     for key, value in in_both.items():
         await put_object(s3_client, bucket_prefix, CAS, key, value)
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(
-            # Every S3 GET fails (after the request's retries): S3 never says "no such key".
-            FaultProxy(
-                s3_server.endpoint.url,
-                FaultPlan(internal_error_share=1.0, methods=frozenset({"GET"})),
-            )
-        )
-        server = await serve(
-            stack,
-            layer_db,
-            s3_server,
-            bucket_prefix,
-            proxy.url,
-            ServerConfig(write_queue_dir=tmp_path / "q"),
-            mode="S3Primary",
-        )
-        keys = [*in_pg, *in_both]
-        async with http.post(f"{server.url}/v1/cas/get-bulk", json={"keys": keys}) as response:
-            assert response.status == 200, await response.text()
-            bulk = await response.json()
-        assert {key: base64.b64decode(v) for key, v in bulk["values"].items()} == in_pg | in_both
-        assert proxy.counts["GET:internal_error"] >= len(keys)
+    # Every S3 GET fails (after the request's retries): S3 never says "no such key".
+    every_get_fails = FaultPlan(internal_error_share=1.0, methods=frozenset({"GET"}))
+    server, proxy = await start_server.through_proxy("S3Primary", plan=every_get_fails)
+    keys = [*in_pg, *in_both]
+    async with http.post(f"{server.url}/v1/cas/get-bulk", json={"keys": keys}) as response:
+        assert response.status == 200, await response.text()
+        bulk = await response.json()
+    assert {key: base64.b64decode(v) for key, v in bulk["values"].items()} == in_pg | in_both
+    assert proxy.counts["GET:internal_error"] >= len(keys)
 
-        async def written_back() -> bool:
-            return await s3_values(s3_client, bucket_prefix, CAS) == in_pg | in_both
+    async def written_back() -> bool:
+        return await s3_values(s3_client, bucket_prefix, CAS) == in_pg | in_both
 
-        await until(written_back, "the keys S3 failed to serve, written back", DEADLINE_S)
-        await server.shut_down()
+    await until(written_back, "the keys S3 failed to serve, written back", DEADLINE_S, every_s=0.2)
+    await server.shut_down()
     # Those S3 already had were offered too: a conditional PUT leaves them as they were.
     assert proxy.counts["PUT:forwarded"] == len(keys)
 
@@ -158,39 +121,31 @@ async def test_an_s3_outage_fails_readiness_only_where_s3_is_written_directly(
     mode: str,
     ready: bool,
     layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    start_server: ServerFactory,
     http: aiohttp.ClientSession,
-    tmp_path: Path,
 ) -> None:
     """DualWrite and S3Primary queue their S3 writes durably and read Postgres past a failing
     S3, so an outage must not take every replica out of the Service: ``/readyz`` stays 200 and
     names the failing check, and a PUT is acknowledged. S3Only cannot serve without S3: 503."""
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(
-            FaultProxy(s3_server.endpoint.url, FaultPlan(internal_error_share=1.0))
-        )
-        config = ServerConfig(
-            write_queue_dir=tmp_path / "q", readiness_timeout_secs=5, grace_period_secs=1
-        )
-        server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, proxy.url, config, mode=mode
-        )
-        async with http.get(f"{server.url}/readyz") as response:
-            body = await response.json()
-        assert body["checks"]["s3"] != "ok", body
-        if ready:
-            assert response.status == 200, body
-            assert body["status"] == "ready"
-            assert body["checks"]["postgres"] == "ok"
-            key = hex_key(random.Random(mode))
-            async with http.put(f"{server.url}/v1/cas/{key}", data=b"v" * 64) as response:
-                assert response.status == 201, await response.text()
-            assert await pg_rows(layer_db, CAS) == {key: b"v" * 64}
-        else:
-            assert response.status == 503, body
-            assert body["error"]["code"] == "not_ready"
-        assert proxy.counts["GET:internal_error"] >= 1
+    config = ServerConfig(readiness_timeout_secs=5, grace_period_secs=1)
+    server, proxy = await start_server.through_proxy(
+        mode, config, plan=FaultPlan(internal_error_share=1.0)
+    )
+    async with http.get(f"{server.url}/readyz") as response:
+        body = await response.json()
+    assert body["checks"]["s3"] != "ok", body
+    if ready:
+        assert response.status == 200, body
+        assert body["status"] == "ready"
+        assert body["checks"]["postgres"] == "ok"
+        key = hex_key(random.Random(mode))
+        async with http.put(f"{server.url}/v1/cas/{key}", data=b"v" * 64) as response:
+            assert response.status == 201, await response.text()
+        assert await pg_rows(layer_db, CAS) == {key: b"v" * 64}
+    else:
+        assert response.status == 503, body
+        assert body["error"]["code"] == "not_ready"
+    assert proxy.counts["GET:internal_error"] >= 1
 
 
 # --------------------------------------------------------------------------------------------
@@ -198,12 +153,11 @@ async def test_an_s3_outage_fails_readiness_only_where_s3_is_written_directly(
 
 
 async def test_s3_only_put_to_a_server_ignoring_the_condition_never_deletes_the_object(
+    start_server: ServerFactory,
     layer_db: LayerDb,
-    s3_server: S3Server,
     bucket_prefix: str,
     s3_client: S3Client,
     http: aiohttp.ClientSession,
-    tmp_path: Path,
 ) -> None:
     """S3Only: the object is the only copy. A server that ignores ``If-None-Match`` overwrites
     it, and its answer's ETag says the stored bytes are not the ones sent (as a damaged upload
@@ -213,23 +167,13 @@ async def test_s3_only_put_to_a_server_ignoring_the_condition_never_deletes_the_
     for key, value in existing.items():
         await put_object(s3_client, bucket_prefix, CAS, key, value)
     plan = FaultPlan(conditional_puts=ConditionalPuts.IGNORED, put_etag=EtagRewrite.PLAIN)
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
-        server = await serve(
-            stack,
-            layer_db,
-            s3_server,
-            bucket_prefix,
-            proxy.url,
-            ServerConfig(write_queue_dir=tmp_path / "q"),
-            mode="S3Only",
-        )
-        for key, value in existing.items():
-            async with http.put(f"{server.url}/v1/cas/{key}", data=value) as response:
-                assert response.status == 201, await response.text()  # the condition was ignored
-            async with http.get(f"{server.url}/v1/cas/{key}") as response:
-                assert await response.read() == value
-        await server.shut_down()
+    server, proxy = await start_server.through_proxy("S3Only", plan=plan)
+    for key, value in existing.items():
+        async with http.put(f"{server.url}/v1/cas/{key}", data=value) as response:
+            assert response.status == 201, await response.text()  # the condition was ignored
+        async with http.get(f"{server.url}/v1/cas/{key}") as response:
+            assert await response.read() == value
+    await server.shut_down()
 
     assert proxy.counts["PUT:etag_rewritten"] == len(existing), proxy.counts
     assert proxy.operations["DeleteObject"] == 0, proxy.operations

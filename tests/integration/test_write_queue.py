@@ -13,50 +13,51 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import random
 import signal
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import AsyncExitStack
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
 import pytest
-from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
 from structlog.testing import capture_logs
 
-from devenv.faults import ConditionalPuts, FaultPlan, FaultProxy
+from devenv.faults import ConditionalPuts, FaultPlan
 from devenv.process import free_port
 from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
 from layer_cache.keys import bucket_name, object_key
 from layer_cache.write_queue import PG_RETRY_QUEUE, S3_ATTEMPTS_METRIC, queue_status
-from services.context import open_services_context
 from services.settings import ServerConfig
-from tests.cli_harness import Job, run_cli
-from tests.conftest import LayerDb, service_env
-from tests.integration.test_server import (
+from tests.cli_harness import WRITE_QUEUE_DIR_ENV, Job, run_cli
+from tests.conftest import LayerDb
+from tests.server_support import (
     RunningServer,
+    ServerFactory,
     counter_values,
     hex_key,
+    metric_values,
     pg_rows,
     s3_values,
-    serve_in_task,
-    settings_for,
 )
+from tests.support import PG, S3_ENDPOINT, until
 
 if TYPE_CHECKING:
     from types_aiobotocore_s3 import S3Client
 
-ENDPOINT_ENV = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__ENDPOINT"
-PG_PORT_ENV = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__PORT"
-QUEUE_DIR_ENV = "SI_SDF__SERVER__WRITE_QUEUE_DIR"
 OUTAGE_S = 30.0
 RECOVERY_DEADLINE_S = 60.0
 CACHE = CacheType.CAS
+# The real server (``python -m services`` in skip mode), as the kill -9 tests run it.
+SERVE_ARGS = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
+
+# Each check of S3 lists and reads a bucket: five times a second is enough.
+settle = functools.partial(until, every_s=0.2)
 
 
 def fast_queue(directory: Path, max_attempts: int | None = None) -> ServerConfig:
@@ -70,48 +71,12 @@ def fast_queue(directory: Path, max_attempts: int | None = None) -> ServerConfig
     )
 
 
-async def until(condition: Callable[[], Awaitable[bool]], what: str, within_s: float) -> None:
-    deadline = time.monotonic() + within_s
-    while True:
-        if await condition():
-            return
-        assert time.monotonic() < deadline, f"timed out after {within_s} s waiting for {what}"
-        await asyncio.sleep(0.2)
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30)) as session:
-        yield session
-
-
-async def serve(
-    stack: AsyncExitStack,
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
-    s3_url: str,
-    config: ServerConfig,
-    *,
-    mode: str = "DualWrite",
-    pg_port: int | None = None,
-) -> RunningServer:
-    """A server (DualWrite unless told) in this loop whose S3 client talks to ``s3_url`` (and
-    whose Postgres pool to ``pg_port``, when given)."""
-    overrides = {ENDPOINT_ENV: s3_url} | ({PG_PORT_ENV: str(pg_port)} if pg_port else {})
-    settings = settings_for(layer_db, s3_server, bucket_prefix, mode, **overrides)
-    metrics = InMemoryMetricReader()
-    context = await stack.enter_async_context(
-        open_services_context(settings, metric_readers=[metrics])
-    )
-    server = await serve_in_task(context, config, metrics)
-    stack.push_async_callback(_stop_if_running, server)
-    return server
-
-
-async def _stop_if_running(server: RunningServer) -> None:
-    if not server.task.done():
-        await server.shut_down()
+def queue_env(env: dict[str, str], queue_dir: Path) -> dict[str, str]:
+    """The job's environment with its write queue in ``queue_dir`` and backoff capped at 2 s."""
+    return env | {
+        WRITE_QUEUE_DIR_ENV: str(queue_dir),
+        "SI_SDF__SERVER__WRITE_QUEUE_MAX_DELAY_SECS": "2",
+    }
 
 
 async def write_all(
@@ -151,20 +116,6 @@ async def s3_has(
     return await s3_values(s3_client, bucket_prefix, cache_type) == expected
 
 
-def gauge_values(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
-    """Sorted attribute items → value, for one gauge."""
-    values: dict[tuple[Any, ...], float] = {}
-    data = reader.get_metrics_data()
-    for resource in data.resource_metrics if data else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        assert isinstance(point, NumberDataPoint)
-                        values[tuple(sorted((point.attributes or {}).items()))] = point.value
-    return values
-
-
 def s3_attempts(server: RunningServer) -> dict[str, int]:
     """The write queue's ``s3_write_attempts`` by ``result`` (upstream's series)."""
     results: dict[str, int] = {}
@@ -176,7 +127,7 @@ def s3_attempts(server: RunningServer) -> dict[str, int]:
 
 def blocked(server: RunningServer, cache_type: CacheType) -> tuple[float, str | None]:
     """The write queue's blocked gauge for one cache type: (value, reason)."""
-    for attributes, value in gauge_values(
+    for attributes, value in metric_values(
         server.metrics, "layer_cache_write_queue_blocked"
     ).items():
         labels = dict(attributes)
@@ -197,6 +148,10 @@ class Relay:
         self.upstream_port = upstream_port
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     async def open(self) -> None:
         self._server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
@@ -224,9 +179,28 @@ class Relay:
         await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
 
 
+@pytest.fixture
+async def relay_to() -> AsyncIterator[Callable[[int], Relay]]:
+    """Factory: ``relay_to(port)`` → a relay, not yet open, from a free port to that loopback
+    port; every relay is closed when the test ends."""
+    relays: list[Relay] = []
+
+    def relay(upstream_port: int) -> Relay:
+        relays.append(Relay(free_port(), upstream_port))
+        return relays[-1]
+
+    try:
+        yield relay
+    finally:
+        for opened in relays:
+            await opened.close()
+
+
 @pytest.mark.parametrize("outage", ["503", "refused"])
 async def test_every_write_during_a_30_s_s3_outage_is_acknowledged_and_reaches_s3(
     outage: str,
+    start_server: ServerFactory,
+    relay_to: Callable[[int], Relay],
     layer_db: LayerDb,
     s3_server: S3Server,
     bucket_prefix: str,
@@ -235,39 +209,31 @@ async def test_every_write_during_a_30_s_s3_outage_is_acknowledged_and_reaches_s
     tmp_path: Path,
 ) -> None:
     values = random_values(11, 60)
-    async with AsyncExitStack() as stack:
-        if outage == "503":
-            proxy = await stack.enter_async_context(
-                FaultProxy(s3_server.endpoint.url, FaultPlan(slowdown_share=1.0))
-            )
-            s3_url = proxy.url
-        else:
-            upstream_port = int(s3_server.endpoint.url.rsplit(":", 1)[1])
-            relay = Relay(free_port(), upstream_port)  # not open yet: connection refused
-            stack.push_async_callback(relay.close)
-            s3_url = f"http://127.0.0.1:{relay.port}"
-        server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, s3_url, fast_queue(tmp_path / "q")
+    queue_dir = tmp_path / "q"
+    if outage == "503":
+        server, proxy = await start_server.through_proxy(
+            config=fast_queue(queue_dir), plan=FaultPlan(slowdown_share=1.0)
         )
-        started = time.monotonic()
-        statuses = await write_all(http, server.url, values, spread_s=OUTAGE_S - 5)
-        assert statuses == [201] * len(values)  # every write acknowledged while S3 is down
-        assert await pg_rows(layer_db, CACHE) == values
-        assert await s3_values(s3_client, bucket_prefix, CACHE) == {}
-        assert queue_status(tmp_path / "q")[CACHE].queued == len(values)
-        await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - started)))
+    else:
+        relay = relay_to(int(s3_server.endpoint.url.rsplit(":", 1)[1]))  # not open: refused
+        server = await start_server(config=fast_queue(queue_dir), s3_url=relay.url)
+    started = time.monotonic()
+    statuses = await write_all(http, server.url, values, spread_s=OUTAGE_S - 5)
+    assert statuses == [201] * len(values)  # every write acknowledged while S3 is down
+    assert await pg_rows(layer_db, CACHE) == values
+    assert await s3_values(s3_client, bucket_prefix, CACHE) == {}
+    assert queue_status(queue_dir)[CACHE].queued == len(values)
+    await asyncio.sleep(max(0.0, OUTAGE_S - (time.monotonic() - started)))
 
-        if outage == "503":
-            proxy.plan = FaultPlan()
-        else:
-            await relay.open()
-        await until(
-            lambda: s3_has(s3_client, bucket_prefix, values),
-            "every object in S3",
-            RECOVERY_DEADLINE_S,
-        )
-        assert queue_status(tmp_path / "q") == {}
-        await server.shut_down()
+    if outage == "503":
+        proxy.plan = FaultPlan()
+    else:
+        await relay.open()
+    await settle(
+        lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", RECOVERY_DEADLINE_S
+    )
+    assert queue_status(queue_dir) == {}
+    await server.shut_down()
 
     results = s3_attempts(server)
     assert results["retry"] > 0
@@ -285,21 +251,18 @@ async def listening_port(job: Job) -> int:
 
 
 async def test_a_server_killed_with_a_full_queue_drains_it_after_restart(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    env: dict[str, str],
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     values = random_values(12, 50)
     queue_dir = tmp_path / "q"
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
-    env |= {QUEUE_DIR_ENV: str(queue_dir), "SI_SDF__SERVER__WRITE_QUEUE_MAX_DELAY_SECS": "2"}
-    args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
+    env = queue_env(env, queue_dir)
 
-    down = env | {ENDPOINT_ENV: f"http://127.0.0.1:{free_port()}"}  # connection refused
-    async with Job(args, down) as job:
+    down = env | {S3_ENDPOINT: f"http://127.0.0.1:{free_port()}"}  # connection refused
+    async with Job(SERVE_ARGS, down) as job:
         port = await listening_port(job)
         statuses = await write_all(http, f"http://127.0.0.1:{port}", values, spread_s=1.0)
         assert statuses == [201] * len(values)
@@ -308,9 +271,9 @@ async def test_a_server_killed_with_a_full_queue_drains_it_after_restart(
     assert queue_status(queue_dir)[CACHE].queued == len(values)  # every acknowledged write
     assert await s3_values(s3_client, bucket_prefix, CACHE) == {}
 
-    async with Job(args, env) as job:  # S3 up
+    async with Job(SERVE_ARGS, env) as job:  # S3 up
         await listening_port(job)
-        await until(
+        await settle(
             lambda: s3_has(s3_client, bucket_prefix, values),
             "every object in S3",
             RECOVERY_DEADLINE_S,
@@ -328,10 +291,9 @@ async def test_a_server_killed_with_a_full_queue_drains_it_after_restart(
 
 
 async def test_poison_objects_end_as_dead_letters_with_the_opt_in_cap_and_reach_s3_after_replay(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    start_server: ServerFactory,
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
@@ -339,49 +301,41 @@ async def test_poison_objects_end_as_dead_letters_with_the_opt_in_cap_and_reach_
     poison = dict(list(values.items())[:3])
     queue_dir = tmp_path / "q"
     plan = FaultPlan(refused_keys=frozenset(object_key(key) for key in poison))
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
-        server = await serve(
-            stack,
-            layer_db,
-            s3_server,
-            bucket_prefix,
-            proxy.url,
-            fast_queue(queue_dir, max_attempts=3),
-        )
-        statuses = await write_all(http, server.url, values, spread_s=0.5)
-        assert statuses == [201] * len(values)
-        healthy = {key: value for key, value in values.items() if key not in poison}
+    server, proxy = await start_server.through_proxy(
+        config=fast_queue(queue_dir, max_attempts=3), plan=plan
+    )
+    statuses = await write_all(http, server.url, values, spread_s=0.5)
+    assert statuses == [201] * len(values)
+    healthy = {key: value for key, value in values.items() if key not in poison}
 
-        async def settled() -> bool:
-            status = queue_status(queue_dir).get(CACHE)
-            return status is not None and status.queued == 0 and status.dead_letters == 3
+    async def settled() -> bool:
+        status = queue_status(queue_dir).get(CACHE)
+        return status is not None and status.queued == 0 and status.dead_letters == 3
 
-        await until(settled, "3 dead letters and an empty queue", RECOVERY_DEADLINE_S)
-        assert await s3_values(s3_client, bucket_prefix, CACHE) == healthy
-        assert proxy.counts["refused"] == 3 * 3  # retried up to the cap, then given up
-        assert s3_attempts(server)["dead_letter_queue"] == 3
+    await settle(settled, "3 dead letters and an empty queue", RECOVERY_DEADLINE_S)
+    assert await s3_values(s3_client, bucket_prefix, CACHE) == healthy
+    assert proxy.counts["refused"] == 3 * 3  # retried up to the cap, then given up
+    assert s3_attempts(server)["dead_letter_queue"] == 3
 
-        proxy.plan = FaultPlan()
-        status = run_cli(["--write-queue-status"], {QUEUE_DIR_ENV: str(queue_dir)})
-        assert status.status == 0, status.stderr
-        assert json.loads(status.stdout)["s3"]["cas"]["dead_letters"] == 3
-        replay = run_cli(["--write-queue-replay", "cas"], {QUEUE_DIR_ENV: str(queue_dir)})
-        assert replay.status == 0, replay.stderr
-        await until(
-            lambda: s3_has(s3_client, bucket_prefix, values),
-            "the replayed objects in S3",
-            RECOVERY_DEADLINE_S,
-        )
-        assert queue_status(queue_dir) == {}  # nothing queued, no dead letters
-        await server.shut_down()
+    proxy.plan = FaultPlan()
+    status = run_cli(["--write-queue-status"], {WRITE_QUEUE_DIR_ENV: str(queue_dir)})
+    assert status.status == 0, status.stderr
+    assert json.loads(status.stdout)["s3"]["cas"]["dead_letters"] == 3
+    replay = run_cli(["--write-queue-replay", "cas"], {WRITE_QUEUE_DIR_ENV: str(queue_dir)})
+    assert replay.status == 0, replay.stderr
+    await settle(
+        lambda: s3_has(s3_client, bucket_prefix, values),
+        "the replayed objects in S3",
+        RECOVERY_DEADLINE_S,
+    )
+    assert queue_status(queue_dir) == {}  # nothing queued, no dead letters
+    await server.shut_down()
 
 
 async def test_poison_objects_are_retried_by_default_and_never_hold_the_others(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    start_server: ServerFactory,
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
@@ -389,33 +343,25 @@ async def test_poison_objects_are_retried_by_default_and_never_hold_the_others(
     poison = dict(list(values.items())[:2])
     queue_dir = tmp_path / "q"
     plan = FaultPlan(refused_keys=frozenset(object_key(key) for key in poison))
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
-        server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(queue_dir)
+    server, proxy = await start_server.through_proxy(config=fast_queue(queue_dir), plan=plan)
+    with capture_logs() as events:
+        assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
+        healthy = {key: value for key, value in values.items() if key not in poison}
+        await settle(lambda: s3_has(s3_client, bucket_prefix, healthy), "the healthy objects", 30.0)
+
+        async def retried() -> bool:
+            return proxy.counts["refused"] >= 3 * len(poison)
+
+        await settle(retried, "the poison objects retried", 30.0)
+        status = queue_status(queue_dir)[CACHE]
+        assert (status.queued, status.dead_letters) == (len(poison), 0)  # kept, not given up
+        assert blocked(server, CACHE) == (0, None)  # an unexplained 400 holds nothing
+
+        proxy.plan = FaultPlan()  # the server takes them now
+        await settle(
+            lambda: s3_has(s3_client, bucket_prefix, values), "every object", RECOVERY_DEADLINE_S
         )
-        with capture_logs() as events:
-            assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
-            healthy = {key: value for key, value in values.items() if key not in poison}
-            await until(
-                lambda: s3_has(s3_client, bucket_prefix, healthy), "the healthy objects", 30.0
-            )
-
-            async def retried() -> bool:
-                return proxy.counts["refused"] >= 3 * len(poison)
-
-            await until(retried, "the poison objects retried", 30.0)
-            status = queue_status(queue_dir)[CACHE]
-            assert (status.queued, status.dead_letters) == (len(poison), 0)  # kept, not given up
-            assert blocked(server, CACHE) == (0, None)  # an unexplained 400 holds nothing
-
-            proxy.plan = FaultPlan()  # the server takes them now
-            await until(
-                lambda: s3_has(s3_client, bucket_prefix, values),
-                "every object",
-                RECOVERY_DEADLINE_S,
-            )
-            await server.shut_down()
+        await server.shut_down()
     failing = [event for event in events if event["event"] == "write queue entry failing"]
     assert sorted(event["key"] for event in failing) == sorted(poison)  # once per entry
     assert "dead_letter_queue" not in s3_attempts(server)
@@ -427,8 +373,7 @@ HELD = CacheType.WORKSPACE_SNAPSHOT
 @pytest.mark.parametrize("refusal", ["access_denied", "missing_bucket"])
 async def test_an_error_an_operator_fixes_holds_that_cache_type_until_fixed_and_others_flow(
     refusal: str,
-    layer_db: LayerDb,
-    s3_server: S3Server,
+    start_server: ServerFactory,
     bucket_prefix: str,
     s3_client: S3Client,
     http: aiohttp.ClientSession,
@@ -442,38 +387,34 @@ async def test_an_error_an_operator_fixes_holds_that_cache_type_until_fixed_and_
         plan = FaultPlan(access_denied_buckets=frozenset({held_bucket}))
     else:  # the bucket was never created: S3's own NoSuchBucket
         await s3_client.delete_bucket(Bucket=held_bucket)
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
-        server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(queue_dir)
+    server, proxy = await start_server.through_proxy(config=fast_queue(queue_dir), plan=plan)
+    with capture_logs() as events:
+        statuses = await write_all(http, server.url, held, spread_s=0.5, cache_type=HELD)
+        statuses += await write_all(http, server.url, flowing, spread_s=0.5)
+        assert statuses == [201] * (len(held) + len(flowing))
+        await settle(
+            lambda: s3_has(s3_client, bucket_prefix, flowing), "the other bucket's objects", 30
         )
-        with capture_logs() as events:
-            statuses = await write_all(http, server.url, held, spread_s=0.5, cache_type=HELD)
-            statuses += await write_all(http, server.url, flowing, spread_s=0.5)
-            assert statuses == [201] * (len(held) + len(flowing))
-            await until(
-                lambda: s3_has(s3_client, bucket_prefix, flowing), "the other bucket's objects", 30
-            )
-            await asyncio.sleep(4.0)  # held: one probe at a time, at most every 2 s
-            status = queue_status(queue_dir)[HELD]
-            assert (status.queued, status.dead_letters) == (len(held), 0)
-            assert blocked(server, HELD) == (1, refusal)
-            assert blocked(server, CACHE) == (0, None)
-            attempts = proxy.operations["PutObject"] + proxy.counts["PUT:access_denied"]
-            assert attempts < len(flowing) + len(held) + 8, proxy.counts  # probes, not a storm
+        await asyncio.sleep(4.0)  # held: one probe at a time, at most every 2 s
+        status = queue_status(queue_dir)[HELD]
+        assert (status.queued, status.dead_letters) == (len(held), 0)
+        assert blocked(server, HELD) == (1, refusal)
+        assert blocked(server, CACHE) == (0, None)
+        attempts = proxy.operations["PutObject"] + proxy.counts["PUT:access_denied"]
+        assert attempts < len(flowing) + len(held) + 8, proxy.counts  # probes, not a storm
 
-            if refusal == "access_denied":  # the operator fixes it
-                proxy.plan = FaultPlan()
-            else:
-                await s3_client.create_bucket(Bucket=held_bucket)
-            await until(
-                lambda: s3_has(s3_client, bucket_prefix, held, HELD),
-                "the held objects once fixed",
-                RECOVERY_DEADLINE_S,
-            )
-            assert queue_status(queue_dir) == {}
-            assert blocked(server, HELD) == (0, None)
-            await server.shut_down()
+        if refusal == "access_denied":  # the operator fixes it
+            proxy.plan = FaultPlan()
+        else:
+            await s3_client.create_bucket(Bucket=held_bucket)
+        await settle(
+            lambda: s3_has(s3_client, bucket_prefix, held, HELD),
+            "the held objects once fixed",
+            RECOVERY_DEADLINE_S,
+        )
+        assert queue_status(queue_dir) == {}
+        assert blocked(server, HELD) == (0, None)
+        await server.shut_down()
     said = [
         (event["event"], event["cache_type"])
         for event in events
@@ -484,24 +425,19 @@ async def test_an_error_an_operator_fixes_holds_that_cache_type_until_fixed_and_
 
 
 async def test_a_server_without_conditional_writes_gets_unconditional_puts_after_one_501(
-    layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    start_server: ServerFactory,
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     values = random_values(17, 20)
     plan = FaultPlan(conditional_puts=ConditionalPuts.NOT_IMPLEMENTED)
-    async with AsyncExitStack() as stack:
-        proxy = await stack.enter_async_context(FaultProxy(s3_server.endpoint.url, plan))
-        server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, proxy.url, fast_queue(tmp_path / "q")
-        )
-        with capture_logs() as events:
-            assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
-            await until(lambda: s3_has(s3_client, bucket_prefix, values), "every object", 30.0)
-            await server.shut_down()
+    server, proxy = await start_server.through_proxy(config=fast_queue(tmp_path / "q"), plan=plan)
+    with capture_logs() as events:
+        assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
+        await settle(lambda: s3_has(s3_client, bucket_prefix, values), "every object", 30.0)
+        await server.shut_down()
     switched = [e for e in events if e["event"].startswith("s3 conditional writes not supported")]
     assert len(switched) == 1, switched
     # Every 501 came from PUTs sent before the switch (at most one per queue worker in flight).
@@ -514,50 +450,36 @@ async def test_a_server_without_conditional_writes_gets_unconditional_puts_after
 # Postgres down: the retry queue
 
 
-def pg_upstream_port(layer_db: LayerDb) -> int:
-    return layer_db.endpoint.port
-
-
 @pytest.mark.parametrize("mode", ["DualWrite", "S3Primary"])
 async def test_postgres_down_during_puts_acknowledges_them_and_the_rows_arrive_after_recovery(
     mode: str,
+    start_server: ServerFactory,
+    relay_to: Callable[[int], Relay],
     layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     values = random_values(18, 15)
     queue_dir = tmp_path / "q"
-    async with AsyncExitStack() as stack:
-        relay = Relay(free_port(), pg_upstream_port(layer_db))
-        await relay.open()
-        stack.push_async_callback(relay.close)
-        server = await serve(
-            stack,
-            layer_db,
-            s3_server,
-            bucket_prefix,
-            s3_server.endpoint.url,
-            fast_queue(queue_dir),
-            mode=mode,
-            pg_port=relay.port,
-        )
-        await relay.close()  # Postgres is gone: connections cut, new ones refused
-        statuses = await write_all(http, server.url, values, spread_s=0.5)
-        assert statuses == [201] * len(values)  # acknowledged: S3 has them queued
-        assert await pg_rows(layer_db, CACHE) == {}
-        assert queue_status(queue_dir, PG_RETRY_QUEUE)[CACHE].queued == len(values)
-        await until(lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", 30)
-        status = run_cli(["--write-queue-status"], {QUEUE_DIR_ENV: str(queue_dir)})
-        assert status.status == 0, status.stderr
-        assert json.loads(status.stdout)["postgres"]["cas"]["queued"] == len(values)
+    relay = relay_to(layer_db.endpoint.port)
+    await relay.open()
+    server = await start_server(mode, fast_queue(queue_dir), pg_port=relay.port)
+    await relay.close()  # Postgres is gone: connections cut, new ones refused
+    statuses = await write_all(http, server.url, values, spread_s=0.5)
+    assert statuses == [201] * len(values)  # acknowledged: S3 has them queued
+    assert await pg_rows(layer_db, CACHE) == {}
+    assert queue_status(queue_dir, PG_RETRY_QUEUE)[CACHE].queued == len(values)
+    await settle(lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", 30)
+    status = run_cli(["--write-queue-status"], {WRITE_QUEUE_DIR_ENV: str(queue_dir)})
+    assert status.status == 0, status.stderr
+    assert json.loads(status.stdout)["postgres"]["cas"]["queued"] == len(values)
 
-        await relay.open()
-        await until(lambda: pg_has(layer_db, values), "every row in Postgres", RECOVERY_DEADLINE_S)
-        assert queue_status(queue_dir, PG_RETRY_QUEUE) == {}
-        await server.shut_down()
+    await relay.open()
+    await settle(lambda: pg_has(layer_db, values), "every row in Postgres", RECOVERY_DEADLINE_S)
+    assert queue_status(queue_dir, PG_RETRY_QUEUE) == {}
+    await server.shut_down()
 
     enqueued = counter_values(server.metrics, "layer_cache_retry_queue_enqueued")
     assert sum(enqueued.values()) == len(values)
@@ -571,38 +493,34 @@ async def pg_has(layer_db: LayerDb, expected: dict[str, bytes]) -> bool:
 
 
 async def test_acknowledged_postgres_retries_survive_kill_9_and_arrive_after_restart(
+    relay_to: Callable[[int], Relay],
     layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
+    env: dict[str, str],
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
     values = random_values(19, 30)
     queue_dir = tmp_path / "q"
-    env = service_env(layer_db, s3_server.endpoint, bucket_prefix, persister_mode="DualWrite")
-    env |= {QUEUE_DIR_ENV: str(queue_dir), "SI_SDF__SERVER__WRITE_QUEUE_MAX_DELAY_SECS": "2"}
-    args = ["--migration-mode", "skip", "--socket-addr", "127.0.0.1:0", "--log-json"]
+    env = queue_env(env, queue_dir)
 
-    relay = Relay(free_port(), pg_upstream_port(layer_db))
+    relay = relay_to(layer_db.endpoint.port)
     await relay.open()
-    try:
-        async with Job(args, env | {PG_PORT_ENV: str(relay.port)}) as job:
-            port = await listening_port(job)
-            await relay.close()
-            statuses = await write_all(http, f"http://127.0.0.1:{port}", values, spread_s=1.0)
-            assert statuses == [201] * len(values)
-            job.send(signal.SIGKILL)
-            assert (await job.finish(10)).status == -signal.SIGKILL
-    finally:
+    async with Job(SERVE_ARGS, env | {PG + "PORT": str(relay.port)}) as job:
+        port = await listening_port(job)
         await relay.close()
+        statuses = await write_all(http, f"http://127.0.0.1:{port}", values, spread_s=1.0)
+        assert statuses == [201] * len(values)
+        job.send(signal.SIGKILL)
+        assert (await job.finish(10)).status == -signal.SIGKILL
     assert queue_status(queue_dir, PG_RETRY_QUEUE)[CACHE].queued == len(values)
     assert await pg_rows(layer_db, CACHE) == {}
 
-    async with Job(args, env) as job:  # Postgres reachable again
+    async with Job(SERVE_ARGS, env) as job:  # Postgres reachable again
         await listening_port(job)
-        await until(lambda: pg_has(layer_db, values), "every row in Postgres", RECOVERY_DEADLINE_S)
-        await until(lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", 30)
+        await settle(lambda: pg_has(layer_db, values), "every row in Postgres", RECOVERY_DEADLINE_S)
+        await settle(lambda: s3_has(s3_client, bucket_prefix, values), "every object in S3", 30)
         job.send(signal.SIGTERM)
         restarted = await job.finish(30)
         assert restarted.status == 143
@@ -616,42 +534,36 @@ async def test_acknowledged_postgres_retries_survive_kill_9_and_arrive_after_res
 
 
 async def test_a_write_the_queue_cannot_take_is_answered_503_and_retried_later(
+    start_server: ServerFactory,
     layer_db: LayerDb,
-    s3_server: S3Server,
-    bucket_prefix: str,
     s3_client: S3Client,
+    bucket_prefix: str,
     http: aiohttp.ClientSession,
     tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    queue_dir = tmp_path / "q"
-    async with AsyncExitStack() as stack:
-        server = await serve(
-            stack, layer_db, s3_server, bucket_prefix, s3_server.endpoint.url, fast_queue(queue_dir)
-        )
-        write_back = server.server.write_back
-        assert write_back is not None
-        store = write_back.store
-        writable = store._db
-        # What a full or read-only disk does to the commit: SQLite refuses the write.
-        read_only = sqlite3.connect(
-            f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
-        )
-        with store._lock:
-            store._db = read_only
-        key, value = "0123456789abcdef", b"value"
-        async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
-            assert response.status == 503
-            assert (await response.json())["error"]["code"] == "storage_unavailable"
-        assert "write queue enqueue failed" in capsys.readouterr().out
-        assert await pg_rows(layer_db, CACHE) == {key: value}  # kept; the retry completes it
+    server = await start_server(config=fast_queue(tmp_path / "q"))
+    write_back = server.server.write_back
+    assert write_back is not None
+    store = write_back.store
+    writable = store._db
+    # What a full or read-only disk does to the commit: SQLite refuses the write.
+    read_only = sqlite3.connect(
+        f"file:{store.path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False
+    )
+    with store._lock:
+        store._db = read_only
+    key, value = "0123456789abcdef", b"value"
+    async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
+        assert response.status == 503
+        assert (await response.json())["error"]["code"] == "storage_unavailable"
+    assert "write queue enqueue failed" in capsys.readouterr().out
+    assert await pg_rows(layer_db, CACHE) == {key: value}  # kept; the retry completes it
 
-        with store._lock:
-            store._db = writable
-        read_only.close()
-        async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
-            assert response.status == 200  # Postgres already had it; S3 is queued now
-        await until(
-            lambda: s3_has(s3_client, bucket_prefix, {key: value}), "the object in S3", 10.0
-        )
-        await server.shut_down()
+    with store._lock:
+        store._db = writable
+    read_only.close()
+    async with http.put(f"{server.url}/v1/{CACHE}/{key}", data=value) as response:
+        assert response.status == 200  # Postgres already had it; S3 is queued now
+    await settle(lambda: s3_has(s3_client, bucket_prefix, {key: value}), "the object in S3", 10.0)
+    await server.shut_down()

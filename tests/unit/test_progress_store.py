@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import cast
 
 import asyncpg
@@ -28,8 +27,7 @@ from migrations_mode.progress_store import (
     unused_records,
 )
 from migrations_mode.walk import WalkOrder
-
-CUTOFF = datetime(2026, 1, 13, 17, 30, 26, 445817, tzinfo=UTC)
+from tests.support import CUTOFF
 
 
 def test_progress_round_trips_through_json() -> None:

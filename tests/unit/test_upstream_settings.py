@@ -28,12 +28,10 @@ from services.settings import (
     load_settings,
     prune_upstream_names,
 )
+from tests.support import CUTOFF_RFC3339, PG, STORAGE
 
-PG = "SI_SDF__LAYER_DB_CONFIG__PG_POOL_CONFIG__"
-STORAGE = "SI_SDF__LAYER_DB_CONFIG__OBJECT_STORAGE_CONFIG__"
 CACHE = "SI_SDF__LAYER_DB_CONFIG__CACHE_CONFIG__"
 TREE = setting_tree(Settings)
-CUTOFF = "2026-01-13T17:30:26.445817Z"
 
 
 def verdict(name: str) -> SettingUse:
@@ -244,14 +242,14 @@ def test_config_file_with_upstream_sections_loads(
 ) -> None:
     config = tmp_path / "sdf.toml"
     config.write_text(
-        f'backfill_cutoff_timestamp = "{CUTOFF}"\n'
+        f'backfill_cutoff_timestamp = "{CUTOFF_RFC3339}"\n'
         '[pg]\nhostname = "main-db"\n[nats]\nurl = "nats://nats:4222"\n'
         '[layer_db_config.pg_pool_config]\nhostname = "layer-db"\npool_timeout_wait_secs = 5\n'
         "[layer_db_config.object_storage_config.read_retry]\nmax_attempts = 3\n"
     )
     settings = load_settings(config_file=config)
     assert settings.layer_db_config.pg_pool_config.hostname == "layer-db"
-    assert settings.upstream_backfill_options() == {"cutoff_timestamp": CUTOFF}
+    assert settings.upstream_backfill_options() == {"cutoff_timestamp": CUTOFF_RFC3339}
     config.write_text('[layer_db_config.pg_pool_config]\nhostnam = "x"\n')
     with pytest.raises(SettingsError) as raised:
         load_settings(config_file=config)
@@ -348,7 +346,7 @@ def test_empty_values_are_unset_as_upstream(clean_env: pytest.MonkeyPatch) -> No
 def test_upstream_backfill_names_sit_below_flags_and_si_backfill(
     clean_env: pytest.MonkeyPatch,
 ) -> None:
-    clean_env.setenv("SI_SDF__BACKFILL_CUTOFF_TIMESTAMP", CUTOFF)
+    clean_env.setenv("SI_SDF__BACKFILL_CUTOFF_TIMESTAMP", CUTOFF_RFC3339)
     clean_env.setenv("SI_SDF__BACKFILL_CACHE_TYPES", "cas")
     clean_env.setenv("SI_SDF__BACKFILL_KEY_BATCH_SIZE", "250")
     clean_env.setenv("SI_SDF__BACKFILL_FUNC_RUNS_CUTOFF_ID", "01JFUNCRUN")
@@ -376,7 +374,7 @@ def test_invalid_upstream_backfill_value_names_both_variables(
 def test_backfill_typo_suggests_the_option(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("SI_BACKFILL_KEY_BACH_SIZE", "5")
     with pytest.raises(BackfillConfigError, match="did you mean SI_BACKFILL_KEY_BATCH_SIZE"):
-        load_backfill_config({"cutoff_timestamp": CUTOFF, "cache_types": "cas"})
+        load_backfill_config({"cutoff_timestamp": CUTOFF_RFC3339, "cache_types": "cas"})
 
 
 def test_docs_list_every_upstream_setting_as_the_registry_does() -> None:
