@@ -171,13 +171,15 @@ class CacheProgress:
         """An upload waited this long for the rate limits before its PUT."""
         self._metrics.rate_limit_wait_seconds.add(seconds, self._attributes)
 
-    def uploaded(self, size: int, *, repaired: bool) -> None:
-        """A row was PUT (``repaired`` when it replaced a wrong-sized object)."""
+    def uploaded(self, size: int, *, repaired: bool, row_done: bool = True) -> None:
+        """A row was PUT (``repaired`` when it replaced a wrong-sized object). ``row_done``
+        False: the row is counted as processed by its comparison instead (a repair)."""
         self.stats.uploaded += 1
         self.stats.bytes_uploaded += size
         if repaired:
             self.stats.repaired += 1
-        self._processed()
+        if row_done:
+            self._processed()
 
     def skipped(self) -> None:
         """A row was already in S3 with the right size."""

@@ -171,9 +171,12 @@ class _Action(abc.ABC):
             )
         )
 
-    async def put(self, row: RowRef, value: bytes, *, repaired: bool) -> float:
-        """PUT the value once the rate limits let it go, timed (retries included) and counted;
-        returns the seconds it waited for the rate limits."""
+    async def put(
+        self, row: RowRef, value: bytes, *, repaired: bool, row_done: bool = True
+    ) -> float:
+        """PUT the value once the rate limits let it go, timed (retries included) and counted
+        (the row as processed too, unless ``row_done`` is False); returns the seconds it waited
+        for the rate limits."""
         waited = await self.pacer.acquire(len(value))
         if waited > 0:
             self.progress.rate_limited(waited)
@@ -181,7 +184,7 @@ class _Action(abc.ABC):
         await self.storage(lambda: self.s3.put(row.key, value), key=row.key)
         self.progress.upload_took(time.monotonic() - started)
         log.debug("uploaded to S3", key=row.key, row_size=len(value))
-        self.progress.uploaded(len(value), repaired=repaired)
+        self.progress.uploaded(len(value), repaired=repaired, row_done=row_done)
         return waited
 
 
@@ -262,8 +265,8 @@ class Repair(VerifyContent):
             body_md5 = None if body is None else _md5_hex(body)
             stored = _as_read(stored, body)
         waited = 0.0
-        if kind is not None:
-            waited = await self.put(row, value, repaired=True)
+        if kind is not None:  # the row is counted once, by its comparison below
+            waited = await self.put(row, value, repaired=True, row_done=False)
         self.record_verification(row, kind, stored, body_md5=body_md5, repaired=kind is not None)
         return waited
 

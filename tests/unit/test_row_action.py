@@ -229,6 +229,7 @@ async def test_a_repair_reads_compares_and_puts_only_an_object_that_differs(
     assert all(d.repaired for d in report.differences)
     stats = action.progress.stats
     assert (stats.repaired, stats.uploaded) == ((0, 0) if kind is None else (1, 1))
+    assert stats.processed == 1  # one row, whether or not it was re-uploaded
 
 
 @pytest.mark.parametrize(("stored", "kind"), [(None, "missing"), (SHORT, "size")])
@@ -243,6 +244,7 @@ async def test_a_repair_puts_what_the_listing_proves_different_without_reading_i
     assert s3.puts == [(ROW.key, VALUE)]
     [difference] = report.differences
     assert (difference.kind, difference.repaired, difference.row_md5) == (kind, True, MD5)
+    assert action.progress.stats.processed == 1
 
 
 async def test_a_content_verification_reports_a_same_size_change_with_both_digests() -> None:
