@@ -256,6 +256,29 @@ class QueueBudget:
         )
 
 
+class RequestsInFlight:
+    """The requests a server is answering: it counts them (``started``, ``finished``), its
+    shutdown waits for ``idle``, and a queue's drain yields while ``busy``."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    @property
+    def busy(self) -> bool:
+        return self.count > 0
+
+    def started(self) -> None:
+        self.count += 1
+        self.idle.clear()
+
+    def finished(self) -> None:
+        self.count -= 1
+        if self.count == 0:
+            self.idle.set()
+
+
 def drain_limit(workers: int, *, busy: bool, lag_s: float, yield_lag_s: float) -> int:
     """How many writes the queue runs at once. All its ``workers`` while the server is idle;
     while it serves requests, one, growing linearly with the lag of the oldest due entry to all
@@ -677,13 +700,13 @@ class WriteBehind:
         workers: int,
         budget: QueueBudget,
         kind: QueueKind = S3_WRITE_QUEUE,
-        busy: Callable[[], bool] | None = None,
+        requests: RequestsInFlight | None = None,
         yield_lag_s: float = 0.0,
     ) -> None:
         if workers < 1:
             raise ValueError("workers must be at least 1")
         self.kind = kind
-        self.busy = busy
+        self.requests = requests
         self.yield_lag_s = yield_lag_s
         self.store = WriteQueueStore(directory, kind.file_name)
         self.targets = targets
@@ -951,7 +974,12 @@ class WriteBehind:
             self._wake.clear()
             free = self.worker_count - len(self._in_flight)
             timeout: float | None = None
-            if free > 0 and self.busy is not None and self.yield_lag_s > 0 and self.busy():
+            if (
+                free > 0
+                and self.requests is not None
+                and self.yield_lag_s > 0
+                and self.requests.busy
+            ):
                 with contextlib.suppress(WriteQueueError):  # the claim below reports it
                     free = await self._yielding_limit() - len(self._in_flight)
                 if free <= 0:  # look again soon: the requests may be over by then

@@ -45,6 +45,7 @@ from layer_cache.write_queue import (
     S3_WRITE_QUEUE,
     QueueBudget,
     QueueKind,
+    RequestsInFlight,
     WriteBehind,
 )
 from layer_cache_server.auth import (
@@ -155,6 +156,8 @@ class LayerCacheServer:
         metrics = PersisterMetrics(meter)
         self.mode = context.settings.layer_db_config.persister_mode
         self.route = ROUTES[self.mode]
+        self.requests = RequestsInFlight()
+        """The requests being answered: shutdown waits for them, the queues yield to them."""
         stores = {
             cache_type: {b: _STORE_FACTORIES[b](context, cache_type) for b in self.route.backends}
             for cache_type in SERVED_CACHE_TYPES
@@ -177,7 +180,7 @@ class LayerCacheServer:
                 workers=workers,
                 budget=budget,
                 kind=kind,
-                busy=self._busy,
+                requests=self.requests,
                 yield_lag_s=config.write_queue_yield_lag_secs,
             )
 
@@ -208,16 +211,9 @@ class LayerCacheServer:
         # Readiness asks each backend once, through the first served cache's store.
         first = stores[SERVED_CACHE_TYPES[0]]
         self._probes = {backend: first[backend] for backend in sorted(self.route.backends)}
-        self.in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
         self._ready = False
         self._stopping = False
         self.app = self._build_app()
-
-    def _busy(self) -> bool:
-        """Requests are in flight: the queues' drain yields to them."""
-        return self.in_flight > 0
 
     def _build_app(self) -> web.Application:
         app = web.Application(
@@ -293,7 +289,7 @@ class LayerCacheServer:
             log.info(
                 "layer cache server shutting down",
                 signal=stop.signal.name if stop.signal else None,
-                in_flight_requests=self.in_flight,
+                in_flight_requests=self.requests.count,
                 queued_s3_writes=await self.write_back.depth() if self.write_back else 0,
                 queued_postgres_retries=await self.retry_later.depth() if self.retry_later else 0,
                 grace_period_s=grace,
@@ -308,8 +304,8 @@ class LayerCacheServer:
                 await site.stop()  # no new connections
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout_at(deadline):
-                    await self._idle.wait()
-            cancelled = self.in_flight
+                    await self.requests.idle.wait()
+            cancelled = self.requests.count
             await runner.cleanup()  # close idle connections, cancel what still runs
             left = await asyncio.gather(*(q.drain(deadline - loop.time()) for q in queues))
             remaining = dict(zip([q.kind.backend for q in queues], left, strict=True))
@@ -323,8 +319,7 @@ class LayerCacheServer:
 
     @web.middleware
     async def _middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        self.in_flight += 1
-        self._idle.clear()
+        self.requests.started()
         started = time.perf_counter()
         try:
             response = await self._answer(request, handler)
@@ -337,9 +332,7 @@ class LayerCacheServer:
             await response.prepare(request)
             await response.write_eof()
         finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self._idle.set()
+            self.requests.finished()
         duration_ms = (time.perf_counter() - started) * 1000
         route = request.match_info.route.resource
         attributes = {

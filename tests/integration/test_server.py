@@ -457,7 +457,7 @@ async def test_shutdown_stops_accepting_and_completes_requests_in_flight(
         asyncio.create_task(put_status(http, server.v1("cas", key), body))
         for key, body in bodies.items()
     ]
-    await until(lambda: server.server.in_flight == len(bodies), "requests in flight")
+    await until(lambda: server.server.requests.count == len(bodies), "requests in flight")
 
     server.stop.event.set()  # what SIGTERM does
     await until(lambda: refuses_connections(server.url), "the listener to close")
@@ -480,7 +480,7 @@ async def test_a_request_still_running_when_the_grace_period_ends_is_cancelled(
     server = await start_server("PostgresOnly", ServerConfig(grace_period_secs=grace))
     body = SlowBody(b"z" * 2048)
     put = asyncio.create_task(put_status(http, server.v1("cas", KEY), body))
-    await until(lambda: server.server.in_flight == 1, "the request in flight")
+    await until(lambda: server.server.requests.count == 1, "the request in flight")
 
     started = time.monotonic()
     server.stop.event.set()

@@ -34,6 +34,7 @@ from layer_cache.write_queue import (
     NewEntry,
     Origin,
     QueueBudget,
+    RequestsInFlight,
     Verdict,
     WriteBehind,
     WriteQueueStore,
@@ -577,3 +578,14 @@ async def test_nothing_due_means_no_polling_and_drain_leaves_the_rest_on_disk(
     await until_depth(restarted, 0)  # everything pending is drained on start
     assert await restarted.drain(1) == 0
     assert s3.values == {"a": b"1"}
+
+
+async def test_requests_in_flight_say_busy_until_the_last_one_finishes() -> None:
+    requests = RequestsInFlight()
+    assert (requests.busy, requests.idle.is_set()) == (False, True)
+    requests.started()
+    requests.started()
+    requests.finished()
+    assert (requests.count, requests.busy, requests.idle.is_set()) == (1, True, False)
+    requests.finished()
+    assert (requests.count, requests.busy, requests.idle.is_set()) == (0, False, True)
