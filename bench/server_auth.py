@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import platform
 import random
@@ -37,7 +36,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -50,7 +48,9 @@ from bench.server_load import (
     percentile,
     prepare_database,
     running_server,
+    save_report,
     server_env,
+    timed_report,
 )
 from devenv.postgres import PostgresEndpoint, start_postgres
 from devenv.s3 import S3Endpoint, create_buckets, start_s3
@@ -356,9 +356,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    started = time.monotonic()
-    report = asyncio.run(run(args))
-    report["wall_secs"] = round(time.monotonic() - started, 1)
+    report = timed_report(run, args)
     print(f"access control, the check alone ({args.check_calls} calls, median of 5)")
     print(format_checks([CheckCost(**cost) for cost in report["checks"]]))
     print(
@@ -369,11 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(format_end_to_end(report["end_to_end"]))
     if report["first_error"] is not None:
         print(f"{report['errors']} errors; the first: {report['first_error']}")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output = args.results_dir / f"server-auth-{stamp}.json"
-    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {output} ({report['wall_secs']} s)")
+    save_report(report, args.results_dir, "server-auth")
 
 
 if __name__ == "__main__":

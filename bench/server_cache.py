@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import math
 import os
 import platform
@@ -36,7 +35,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -51,7 +49,9 @@ from bench.server_load import (
     prepare_database,
     run_phase,
     running_server,
+    save_report,
     server_env,
+    timed_report,
 )
 from devenv.postgres import PostgresEndpoint, start_postgres
 from devenv.process import free_port
@@ -641,19 +641,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    started = time.monotonic()
-    report = asyncio.run(run(args))
-    report["wall_secs"] = round(time.monotonic() - started, 1)
+    report = timed_report(run, args)
     print(
         f"layer cache server, cache tier: {report['machine']['cpus']} CPUs, S3 server "
         f"{report['s3_server']}, {args.concurrency} in flight, {args.value_bytes}-byte values"
     )
     print(format_report(report))
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    output = args.results_dir / f"server-cache-{stamp}.json"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {output} ({report['wall_secs']} s)")
+    save_report(report, args.results_dir, "server-cache")
 
 
 if __name__ == "__main__":

@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -596,6 +596,26 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         scratch.cleanup()
 
 
+def timed_report(
+    run: Callable[[argparse.Namespace], Coroutine[Any, Any, dict[str, Any]]],
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """Run one of the server's benchmarks; its report, with the wall time it took."""
+    started = time.monotonic()
+    report = asyncio.run(run(args))
+    report["wall_secs"] = round(time.monotonic() - started, 1)
+    return report
+
+
+def save_report(report: dict[str, Any], results_dir: Path, name: str) -> None:
+    """Write the report as ``<results_dir>/<name>-<UTC time>.json`` and say where."""
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    output = results_dir / f"{name}-{stamp}.json"
+    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {output} ({report['wall_secs']} s)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.server_load", description=__doc__)
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
@@ -658,9 +678,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
-    started = time.monotonic()
-    report = asyncio.run(run(args))
-    report["wall_secs"] = round(time.monotonic() - started, 1)
+    report = timed_report(run, args)
     results = [PhaseResult(**result) for result in report["results"]]
     print(
         f"layer cache server load: {report['machine']['cpus']} CPUs, S3 server "
@@ -682,11 +700,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for result in [*results, *(r for row in rows for r in (row.postgres_only, row.dual_write))]:
         if result.first_error is not None:
             print(f"{result.mode} {result.operation} first error: {result.first_error}")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    output = args.results_dir / f"server-load-{stamp}.json"
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    output.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {output} ({report['wall_secs']} s)")
+    save_report(report, args.results_dir, "server-load")
 
 
 if __name__ == "__main__":
