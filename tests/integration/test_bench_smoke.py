@@ -36,11 +36,12 @@ HEADLINE = (
 )
 
 
-def run_bench(tmp_path: Path, *flags: str, timeout_s: float) -> str:
-    """``python -m bench`` with these flags, writing into ``tmp_path``; its stdout."""
+def run_bench(tmp_path: Path, *flags: str, timeout_s: float, module: str = "bench") -> str:
+    """``python -m <module>`` (the benchmark, or one of the server's) with these flags, writing
+    into ``tmp_path``; its stdout. Fails the test unless it exits 0."""
     environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
     completed = subprocess.run(
-        [sys.executable, "-m", "bench", *flags, "--results-dir", str(tmp_path)],
+        [sys.executable, "-m", module, *flags, "--results-dir", str(tmp_path)],
         cwd=REPO_ROOT,
         env=environment,
         stdin=subprocess.DEVNULL,
@@ -158,19 +159,7 @@ def test_server_load_smoke_reports_write_latency_with_s3_healthy_and_delayed(
     """``python -m bench.server_load --smoke``: DualWrite writes with S3 direct and behind the
     60 ms delay proxy, PostgresOnly for reference, and the write-latency rows; every request
     answered, two tables, one JSON."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.server_load", "--smoke", "--results-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    output = completed.stdout
-    assert completed.returncode == 0, f"{output[-4000:]}\n{completed.stderr[-4000:]}"
+    output = run_bench(tmp_path, "--smoke", module="bench.server_load", timeout_s=120)
     assert "p50 ms" in output
     assert "p99 ms" in output
     assert "in S3 at end" in output
@@ -248,19 +237,7 @@ def test_server_cache_smoke_reports_hot_reads_hit_ratios_and_the_memory_soak(
     """``python -m bench.server_cache --smoke``: hot-set reads with the tier off, from memory
     and from disk (the server's counts say which answered), Zipf hit ratios growing with the
     tier, and the soak's RSS samples; every request answered."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.server_cache", "--smoke", "--results-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        check=False,
-    )
-    output = completed.stdout
-    assert completed.returncode == 0, f"{output[-4000:]}\n{completed.stderr[-4000:]}"
+    output = run_bench(tmp_path, "--smoke", module="bench.server_cache", timeout_s=240)
     assert "hit ratio" in output
     (written,) = tmp_path.glob("server-cache-*.json")
     report = json.loads(written.read_text())
@@ -284,18 +261,7 @@ def test_server_cache_smoke_reports_hot_reads_hit_ratios_and_the_memory_soak(
 def test_server_auth_smoke_reports_the_checks_cost_and_each_variant(tmp_path: Path) -> None:
     """``python -m bench.server_auth --smoke``: the per-request check's cost per token count,
     and the server open, with tokens and with tokens over HTTPS, every request answered."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith("SI_")}
-    completed = subprocess.run(
-        [sys.executable, "-m", "bench.server_auth", "--smoke", "--results-dir", str(tmp_path)],
-        cwd=REPO_ROOT,
-        env=environment,
-        stdin=subprocess.DEVNULL,
-        capture_output=True,
-        text=True,
-        timeout=180,
-        check=False,
-    )
-    assert completed.returncode == 0, f"{completed.stdout[-4000:]}\n{completed.stderr[-4000:]}"
+    run_bench(tmp_path, "--smoke", module="bench.server_auth", timeout_s=180)
     (written,) = tmp_path.glob("server-auth-*.json")
     report = json.loads(written.read_text())
     assert report["errors"] == 0, report["first_error"]
