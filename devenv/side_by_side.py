@@ -11,7 +11,8 @@ resumes) except those that measure time. Scenarios: a copy in key order and newe
 copy of a complete walk, verification by size and by content and a repair of a damaged bucket
 set, a dry run, and a run killed with SIGKILL then resumed (the killed run's S3 objects and
 saved progress are restored for the other side, so both resume from one state). Prints one
-line per scenario and exits 1 on the first difference, naming it. Stops the servers and
+line per scenario and exits 1 on the first difference, naming it (``--keep-going``: after all
+of them). Stops the servers and
 removes the old tree on the way out, also on failure.
 """
 
@@ -342,18 +343,20 @@ SCENARIOS = [
 ]
 
 
-def compare(name: str, old: RunOutcome, new: RunOutcome, status: int = 0) -> None:
+def compare(name: str, old: RunOutcome, new: RunOutcome, status: int = 0) -> bool:
+    """Print the pair's verdict; True when they behaved the same."""
     found = differences(old, new)
     if new.status != status:
         found.insert(0, f"exit status {new.status}, not the scenario's {status}")
     events = sum(new.events.values())
     if found:
-        print(f"DIFFERENT  {name}:", *found[:20], sep="\n  ")
-        raise SystemExit(1)
+        print(f"DIFFERENT  {name}:", *found[:20], sep="\n  ", flush=True)
+        return False
     print(f"same       {name}: exit {new.status}, {events} events compared", flush=True)
+    return True
 
 
-def kill_and_resume(servers: Servers, old: Side, new: Side, after: int) -> None:
+def kill_and_resume(servers: Servers, old: Side, new: Side, after: int) -> bool:
     """Kill REF's run part-way, then resume both sides from the state it left."""
     # Pages of 50 rows: progress is saved a page at a time, so the kill finds some saved.
     limited = backfill(
@@ -373,7 +376,7 @@ def kill_and_resume(servers: Servers, old: Side, new: Side, after: int) -> None:
     old_resumed = old.run(resumed)
     servers.restore(killed)
     new_resumed = new.run(resumed)
-    compare(f"resume after SIGKILL at {after} rows", old_resumed, new_resumed)
+    return compare(f"resume after SIGKILL at {after} rows", old_resumed, new_resumed)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -383,6 +386,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--kill-after", type=int, default=200, help="rows of one cache")
     parser.add_argument(
         "--only", default="", help="run the scenarios whose name holds this text (default: all)"
+    )
+    parser.add_argument(
+        "--keep-going", action="store_true", help="run every scenario, then exit 1 if any differed"
     )
     options = parser.parse_args(argv)
     with (
@@ -404,15 +410,21 @@ def main(argv: Sequence[str] | None = None) -> None:
             raise SystemExit("creating the schema failed")
         asyncio.run(_seed(postgres.endpoint, options.rows_per_cache))
         print(f"old: {options.ref}  new: this checkout  ({options.rows_per_cache} rows a cache)")
+        failed = False
         for scenario in SCENARIOS:
             if options.only not in scenario.name:
                 continue
             scenario.prepare(servers, new)
             old_outcome = old.run(scenario.args)
             scenario.prepare(servers, new)
-            compare(scenario.name, old_outcome, new.run(scenario.args), scenario.status)
+            same = compare(scenario.name, old_outcome, new.run(scenario.args), scenario.status)
+            if not same and not options.keep_going:
+                raise SystemExit(1)
+            failed = failed or not same
         if options.only in "resume after SIGKILL":
-            kill_and_resume(servers, old, new, options.kill_after)
+            failed = not kill_and_resume(servers, old, new, options.kill_after) or failed
+        if failed:
+            raise SystemExit(1)
 
 
 async def _seed(pg: PostgresEndpoint, rows_per_cache: int) -> None:
