@@ -20,6 +20,7 @@ import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,7 +28,7 @@ import aiohttp
 import pytest
 from structlog.testing import capture_logs
 
-from devenv.faults import ConditionalPuts, FaultPlan
+from devenv.faults import ConditionalPuts, FaultPlan, FaultProxy
 from devenv.process import free_port
 from devenv.s3 import S3Server
 from layer_cache.cache_types import CACHE_SPECS, CacheType
@@ -290,6 +291,41 @@ async def test_a_server_killed_with_a_full_queue_drains_it_after_restart(
 # (c) poison objects: dead letters, then replay
 
 
+@dataclass
+class Poisoned:
+    """A server whose S3 refuses the first ``poison`` of ``values`` (a 400 on every PUT)."""
+
+    server: RunningServer
+    proxy: FaultProxy
+    values: dict[str, bytes]
+    poison: dict[str, bytes]
+    queue_dir: Path
+
+    @property
+    def healthy(self) -> dict[str, bytes]:
+        return {key: value for key, value in self.values.items() if key not in self.poison}
+
+
+async def poisoned(
+    start_server: ServerFactory,
+    tmp_path: Path,
+    *,
+    seed: int,
+    poison: int,
+    max_attempts: int | None = None,
+) -> Poisoned:
+    """20 values to write, the first ``poison`` of them refused by S3; a fast queue in
+    ``tmp_path / "q"`` (dead letters after ``max_attempts``, when given)."""
+    values = random_values(seed, 20)
+    refused = dict(list(values.items())[:poison])
+    queue_dir = tmp_path / "q"
+    plan = FaultPlan(refused_keys=frozenset(object_key(key) for key in refused))
+    server, proxy = await start_server.through_proxy(
+        config=fast_queue(queue_dir, max_attempts), plan=plan
+    )
+    return Poisoned(server, proxy, values, refused, queue_dir)
+
+
 async def test_poison_objects_end_as_dead_letters_with_the_opt_in_cap_and_reach_s3_after_replay(
     start_server: ServerFactory,
     s3_client: S3Client,
@@ -297,16 +333,11 @@ async def test_poison_objects_end_as_dead_letters_with_the_opt_in_cap_and_reach_
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    values = random_values(13, 20)
-    poison = dict(list(values.items())[:3])
-    queue_dir = tmp_path / "q"
-    plan = FaultPlan(refused_keys=frozenset(object_key(key) for key in poison))
-    server, proxy = await start_server.through_proxy(
-        config=fast_queue(queue_dir, max_attempts=3), plan=plan
-    )
+    run = await poisoned(start_server, tmp_path, seed=13, poison=3, max_attempts=3)
+    server, proxy, values, queue_dir = run.server, run.proxy, run.values, run.queue_dir
     statuses = await write_all(http, server.url, values, spread_s=0.5)
     assert statuses == [201] * len(values)
-    healthy = {key: value for key, value in values.items() if key not in poison}
+    healthy = run.healthy
 
     async def settled() -> bool:
         status = queue_status(queue_dir).get(CACHE)
@@ -339,14 +370,12 @@ async def test_poison_objects_are_retried_by_default_and_never_hold_the_others(
     http: aiohttp.ClientSession,
     tmp_path: Path,
 ) -> None:
-    values = random_values(14, 20)
-    poison = dict(list(values.items())[:2])
-    queue_dir = tmp_path / "q"
-    plan = FaultPlan(refused_keys=frozenset(object_key(key) for key in poison))
-    server, proxy = await start_server.through_proxy(config=fast_queue(queue_dir), plan=plan)
+    run = await poisoned(start_server, tmp_path, seed=14, poison=2)
+    server, proxy, values, queue_dir = run.server, run.proxy, run.values, run.queue_dir
+    poison = run.poison
     with capture_logs() as events:
         assert await write_all(http, server.url, values, spread_s=0.5) == [201] * len(values)
-        healthy = {key: value for key, value in values.items() if key not in poison}
+        healthy = run.healthy
         await settle(lambda: s3_has(s3_client, bucket_prefix, healthy), "the healthy objects", 30.0)
 
         async def retried() -> bool:

@@ -43,6 +43,7 @@ from layer_cache.write_queue import (
     replay_dead_letters,
     verdict,
 )
+from tests.server_support import metric_values
 from tests.unit.test_persister import MemoryStore, transient
 
 CAS = CacheType.CAS
@@ -309,24 +310,11 @@ class KeyedStore(MemoryStore):
             self.in_flight -= 1
 
 
-def gauge_points(reader: InMemoryMetricReader, name: str) -> dict[tuple[Any, ...], float]:
-    data = reader.get_metrics_data()
-    points: dict[tuple[Any, ...], float] = {}
-    for resource in data.resource_metrics if data else []:
-        for scope in resource.scope_metrics:
-            for metric in scope.metrics:
-                if metric.name == name:
-                    for point in metric.data.data_points:
-                        assert isinstance(point, NumberDataPoint)
-                        points[tuple(sorted((point.attributes or {}).items()))] = point.value
-    return points
-
-
 def blocked(reader: InMemoryMetricReader) -> dict[str, tuple[float, str | None]]:
     """cache_type → (gauge value, reason) of layer_cache_write_queue_blocked."""
     return {
         dict(attributes)["cache_type"]: (value, dict(attributes).get("reason"))
-        for attributes, value in gauge_points(reader, "layer_cache_write_queue_blocked").items()
+        for attributes, value in metric_values(reader, "layer_cache_write_queue_blocked").items()
     }
 
 
@@ -448,16 +436,16 @@ async def test_the_s3_queue_reports_upstreams_worker_dead_letter_and_timing_seri
     await until(lambda: s3.puts == 2, "two PUTs in flight")
     labels = {"cache_name": "workspace_snapshots", "cache_type": "workspace_snapshot"}
     worker = labels | {"backend": "s3", "worker_id": "0"}
-    assert one_point(gauge_points(reader, "s3_worker_active_uploads")) == (worker, 2)
-    assert one_point(gauge_points(reader, "s3_worker_queue_depth")) == (worker, 1)
-    assert one_point(gauge_points(reader, "s3_write_queue_depth"))[1] == 3
+    assert one_point(metric_values(reader, "s3_worker_active_uploads")) == (worker, 2)
+    assert one_point(metric_values(reader, "s3_worker_queue_depth")) == (worker, 1)
+    assert one_point(metric_values(reader, "s3_write_queue_depth"))[1] == 3
 
     s3.failing = StorageError("refused", kind=ErrorKind.OTHER)
     s3.fail_once = True
     s3.release.set()
     await until(lambda: queue_status(tmp_path)[CacheType.WORKSPACE_SNAPSHOT].queued == 0, "done")
-    assert one_point(gauge_points(reader, "s3_dlq_depth")) == (labels | {"backend": "s3"}, 1)
-    assert one_point(gauge_points(reader, "s3_worker_active_uploads"))[1] == 0
+    assert one_point(metric_values(reader, "s3_dlq_depth")) == (labels | {"backend": "s3"}, 1)
+    assert one_point(metric_values(reader, "s3_worker_active_uploads"))[1] == 0
     assert attempts(reader) == {"success": 2, "dead_letter_queue": 1}
     disk_writes = histogram_points(reader, "s3_disk_write_duration_ms")
     assert disk_writes == {
